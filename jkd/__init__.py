@@ -1,0 +1,3 @@
+"""jkd: knowledge distillation in JAX."""
+
+__version__ = "0.1.0"

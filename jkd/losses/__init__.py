@@ -1,0 +1,37 @@
+"""Pure distillation losses and metrics.
+
+Every function maps arrays to *per-example* values of shape ``[...]`` (the inputs' leading
+axes) and leaves the reduction to the caller; hyper-parameters are keyword-only; ``where=``
+masks examples (padding tokens, for instance). All accept bf16/f16 inputs and compute in
+float32, and work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
+"""
+
+from jkd.losses._dkd import decoupled_distillation_loss
+from jkd.losses._features import attention_map
+from jkd.losses._features import attention_transfer_loss
+from jkd.losses._features import hint_loss
+from jkd.losses._hard import cross_entropy_loss
+from jkd.losses._hard import hard_distillation_loss
+from jkd.losses._metrics import teacher_student_kl
+from jkd.losses._metrics import top1_agreement
+from jkd.losses._objective import distillation_objective
+from jkd.losses._soft import blended_soft_loss
+from jkd.losses._soft import soft_distillation_loss
+from jkd.losses._sparse import teacher_topk
+from jkd.losses._sparse import topk_soft_distillation_loss
+
+__all__ = [
+    "attention_map",
+    "attention_transfer_loss",
+    "blended_soft_loss",
+    "cross_entropy_loss",
+    "decoupled_distillation_loss",
+    "distillation_objective",
+    "hard_distillation_loss",
+    "hint_loss",
+    "soft_distillation_loss",
+    "teacher_student_kl",
+    "teacher_topk",
+    "top1_agreement",
+    "topk_soft_distillation_loss",
+]
