@@ -36,17 +36,29 @@ def check_floating(name: str, x: Any) -> Array:
     return x
 
 
+def broadcast_shape_or_none(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
+    try:
+        return tuple(jnp.broadcast_shapes(*shapes))
+    except ValueError:
+        return None
+
+
 def check_logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[Array, Array]:
-    """Check two ``[..., num_classes]`` logit arrays of equal shape; upcast both."""
+    """Check two ``[..., num_classes]`` logit arrays; broadcast their leading axes; upcast.
+
+    Broadcasting lets ``[K, B, C]`` logits of K students meet one teacher's ``[B, C]``.
+    """
     s = check_floating("student_logits", student_logits)
     t = check_floating("teacher_logits", teacher_logits)
-    if s.shape != t.shape:
+    shape = broadcast_shape_or_none(s.shape, t.shape)
+    if s.shape[-1] != t.shape[-1] or shape is None:
         raise ValueError(
-            f"student_logits and teacher_logits must have the same shape [..., num_classes]; "
-            f"got student_logits {s.shape} and teacher_logits {t.shape}."
+            "student_logits and teacher_logits must have the same shape [..., num_classes] "
+            f"(or leading axes that broadcast); got student_logits {s.shape} and "
+            f"teacher_logits {t.shape}."
         )
     dtype = compute_dtype(s, t)
-    return s.astype(dtype), t.astype(dtype)
+    return (jnp.broadcast_to(s, shape).astype(dtype), jnp.broadcast_to(t, shape).astype(dtype))
 
 
 def _is_concrete(x: Any) -> bool:
@@ -70,17 +82,17 @@ def check_in_range(name: str, value: Any, low: float, high: float) -> None:
 
 
 def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int) -> Array:
-    """Check integer labels of shape ``batch_shape`` with values in ``[0, num_classes)``."""
+    """Check integer labels broadcastable to ``batch_shape`` with values in ``[0, num_classes)``."""
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
             f"labels must be integer class indices of shape {batch_shape}; got dtype "
             f"{labels.dtype}. Pass probabilities to a *_probs argument instead."
         )
-    if labels.shape != batch_shape:
+    if broadcast_shape_or_none(labels.shape, batch_shape) != batch_shape:
         raise ValueError(
             f"labels must have shape {batch_shape} (the logits' shape without the class "
-            f"axis); got {labels.shape}."
+            f"axis) or broadcast to it; got {labels.shape}."
         )
     if _is_concrete(labels) and labels.size:
         lo, hi = int(labels.min()), int(labels.max())
@@ -89,7 +101,7 @@ def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int) ->
                 f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes; "
                 f"found values in [{lo}, {hi}]."
             )
-    return labels
+    return jnp.broadcast_to(labels, batch_shape)
 
 
 def check_where(where: Any, batch_shape: tuple[int, ...]) -> Array | None:
@@ -99,11 +111,7 @@ def check_where(where: Any, batch_shape: tuple[int, ...]) -> Array | None:
     where = jnp.asarray(where)
     if where.dtype != jnp.bool_:
         raise TypeError(f"where must be a boolean mask of shape {batch_shape}; got dtype {where.dtype}.")
-    try:
-        out_shape = jnp.broadcast_shapes(where.shape, batch_shape)
-    except ValueError:
-        out_shape = None
-    if out_shape != batch_shape:
+    if broadcast_shape_or_none(where.shape, batch_shape) != batch_shape:
         raise ValueError(
             f"where must have shape {batch_shape} (one entry per example, the logits' shape "
             f"without the class axis) or broadcast to it; got {where.shape}."
