@@ -1,0 +1,80 @@
+"""Augmentation in JAX, applied once per batch on the device: one view for teacher and student.
+
+Call :func:`augment` inside the jitted train step and feed its output to *both* models
+(big_vision's "consistent teaching"). All functions are pure: a key in, a batch out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 ``[..., H, W, C]`` -> float32 ``(x / 255 - mean) / std``, per channel."""
+    if images.shape[-1] != len(mean) or len(mean) != len(std):
+        raise ValueError(
+            f"mean/std need one value per channel ({images.shape[-1]}); got {len(mean)} and {len(std)}."
+        )
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_crop(key: jax.Array, images: jax.Array, *, padding: int) -> jax.Array:
+    """Zero-pad by ``padding`` on each side, then crop back at a random offset per image.
+
+    ``[B, H, W, C] -> [B, H, W, C]``; offsets are uniform in ``[0, 2 * padding]``.
+    """
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0; got {padding}.")
+    if padding == 0:
+        return images
+    b, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))  # noqa: E731
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Mirror each image left-right with probability 1/2. ``[B, H, W, C]``."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def mixup(
+    key: jax.Array, images: jax.Array, labels: jax.Array, *, alpha: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Mixup (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]``, ``lam ~ Beta(alpha, alpha)``.
+
+    One ``lam`` per batch. Returns ``(mixed [B,...] float32, labels, labels[perm], lam)``; the
+    label loss is ``lam * CE(labels) + (1 - lam) * CE(labels[perm])``. The teacher sees the
+    mixed images too (function matching, Beyer et al. 2022).
+    """
+    if alpha <= 0:
+        raise ValueError(f"mixup alpha must be > 0; got {alpha}.")
+    k_lam, k_perm = jax.random.split(key)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    perm = jax.random.permutation(k_perm, images.shape[0])
+    x = images.astype(jnp.float32)
+    return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
+
+
+def augment(
+    key: jax.Array,
+    images: jax.Array,
+    *,
+    mean,
+    std,
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> jax.Array:
+    """Crop, flip and normalise a uint8 batch: the one view both models see. -> float32.
+
+    Mixup is separate (:func:`mixup`) because it also changes the labels.
+    """
+    k_crop, k_flip = jax.random.split(key)
+    images = random_crop(k_crop, images, padding=crop_padding)
+    if flip:
+        images = random_flip(k_flip, images)
+    return normalize(images, mean, std)
