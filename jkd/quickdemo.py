@@ -17,7 +17,8 @@ import numpy as np
 import optax
 
 from jkd import losses
-from jkd.data import load_mnist_sample
+from jkd.data import load_dataset
+from jkd.data.pipeline import to_memory
 
 Params = list[tuple[jax.Array, jax.Array]]
 
@@ -93,7 +94,9 @@ def fit(
 
 def main(epochs: int = 40, seeds: int = 3, temperature: float = 8.0) -> dict[str, list[float]]:
     t0 = time.perf_counter()
-    (xtr, ytr), (xte, yte) = load_mnist_sample("train"), load_mnist_sample("test")
+    ds = load_dataset()  # the embedded default, prepared once as a TFDS dataset
+    train, test = to_memory(ds.split("train")), to_memory(ds.split("test"))
+    (xtr, ytr), (xte, yte) = (train.images, train.labels), (test.images, test.labels)
     flat = lambda a: (a.reshape(len(a), -1).astype(np.float32) / 255.0 - 0.1307) / 0.3081  # noqa: E731
     xtr, xte = flat(xtr), flat(xte)
     print(f"embedded MNIST sample: {len(xtr)} train / {len(xte)} test images")

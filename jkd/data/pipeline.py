@@ -113,8 +113,8 @@ def train_batches(
     start_step: int = 0,
     process_index: int = 0,
     process_count: int = 1,
-    prefetch: int = 4,
-    num_threads: int = 2,
+    prefetch: int = 2,
+    num_threads: int = 1,
 ) -> Iterator[Batch]:
     """Shuffled training batches; step ``start_step`` onwards (resume by passing the step).
 
@@ -126,7 +126,9 @@ def train_batches(
         every epoch is dropped so that all batches have one static shape.
       start_step: number of batches already consumed (the checkpointed data position).
       process_index, process_count: this process's share (``jax.process_index()``/``count()``).
-      prefetch, num_threads: grain's read-ahead buffer and reader threads.
+      prefetch, num_threads: grain's read-ahead buffer and reader threads. One thread is
+        best on a 2-core machine (2 threads compete with XLA: 0.88 vs 0.93 of the in-memory
+        speed, `benchmarks/data_pipeline.py`); raise it for on-disk reads on bigger hosts.
 
     Yields:
       ``{"image": uint8 [b,H,W,C], "label": int32 [b], "index": int64 [b]}`` with

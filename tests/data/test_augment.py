@@ -1,0 +1,63 @@
+"""Augmentations against direct numpy constructions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd.data import augment as A
+
+
+def _images(b=16, h=6, w=5, c=2, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, 256, (b, h, w, c)), jnp.uint8)
+
+
+def test_normalize_matches_formula():
+    x = _images(c=3)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    ref = (np.asarray(x, np.float64) / 255 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(A.normalize(x, mean, std), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="one value per channel"):
+        A.normalize(x, (0.1,), (0.2,))
+
+
+def test_random_crop_is_a_window_of_the_padded_image():
+    x = _images()
+    out = np.asarray(A.random_crop(jax.random.key(0), x, padding=2))
+    padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    offsets = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if np.array_equal(padded[i, dy:dy + 6, dx:dx + 5], out[i])]
+        assert hits, f"image {i} is not a crop of its padded original"
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # offsets really vary
+    np.testing.assert_array_equal(A.random_crop(jax.random.key(0), x, padding=0), x)
+
+
+def test_random_flip_mirrors_about_half():
+    x = _images(b=64)
+    out = np.asarray(A.random_flip(jax.random.key(1), x))
+    flipped = [np.array_equal(o, np.asarray(i)[:, ::-1]) for o, i in zip(out, x)]
+    same = [np.array_equal(o, np.asarray(i)) for o, i in zip(out, x)]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 16 < sum(flipped) < 48
+
+
+def test_mixup_is_a_convex_pairing():
+    x, y = _images(b=8), jnp.arange(8)
+    mixed, ya, yb, lam = A.mixup(jax.random.key(2), x, y, alpha=0.4)
+    lam = float(lam)
+    assert 0.0 <= lam <= 1.0
+    xf = np.asarray(x, np.float64)
+    perm = [int(np.flatnonzero(np.asarray(y) == v)[0]) for v in np.asarray(yb)]
+    np.testing.assert_allclose(mixed, lam * xf + (1 - lam) * xf[perm], rtol=1e-5, atol=1e-3)
+    assert sorted(np.asarray(yb).tolist()) == list(range(8))
+
+
+def test_augment_same_key_same_view_and_jits():
+    x = _images(c=1)
+    f = jax.jit(lambda k, im: A.augment(k, im, mean=(0.5,), std=(0.25,), crop_padding=2, flip=True))
+    a, b = f(jax.random.key(3), x), f(jax.random.key(3), x)
+    np.testing.assert_array_equal(a, b)  # one key -> one view, whoever consumes it
+    assert a.dtype == jnp.float32 and a.shape == x.shape
