@@ -176,3 +176,10 @@ def test_failed_preparation_leaves_nothing_complete(tmp_path, monkeypatch):
     monkeypatch.undo()
     ds = load_dataset(path, data_dir=tmp_path / "tfds")  # a later run prepares it afresh
     assert len(ds.split("train")) == 20 and len(ds.split("test")) == 5
+
+
+def test_embedded_default_is_registered_with_tfds(data_dir, embedded):
+    builder = tfds.builder("jkd_mnist_sample", data_dir=str(data_dir))
+    assert builder.is_prepared()
+    assert builder.info.splits["train"].num_examples == 4000
+    assert builder.info.splits["test"].num_examples == 1000
