@@ -1,8 +1,9 @@
 """A small, real distillation on the embedded MNIST sample, in plain JAX.
 
-This is the interim ``jkd demo`` (until the Flax models and the full report land): it trains
-a 2x1200 MLP teacher (with +-2 px jitter), then three seeds of a 784-100-10 student alone and three distilled
-from the teacher with soft KD, all students in one ``vmap``-ed step sharing the teacher's
+This is the interim ``jkd demo`` (until the Flax models and the full report land). Fed by
+the jkd pipeline from the embedded default, it trains a 2x1200 MLP teacher (random crops,
+padding 2), then three seeds of a 784-100-10 student alone and three distilled from the
+teacher with soft KD, all students of a setting in one ``vmap``-ed step sharing the teacher's
 forward pass. It prints test accuracy as mean +- std over seeds.
 """
 
@@ -17,8 +18,8 @@ import numpy as np
 import optax
 
 from jkd import losses
-from jkd.data import load_dataset
-from jkd.data.pipeline import to_memory
+from jkd.data import DatasetSpec, augment, load_dataset
+from jkd.data.pipeline import InMemory, to_memory, train_batches
 
 Params = list[tuple[jax.Array, jax.Array]]
 
@@ -40,55 +41,40 @@ def mlp(params: Params, x: jax.Array) -> jax.Array:
     return x @ w + b
 
 
-def jitter(key: jax.Array, xb: jax.Array, max_shift: int = 2) -> jax.Array:
-    """Shift each flat 28x28 image by up to ``max_shift`` pixels (zero fill). ``[B, 784]``."""
-    img = xb.reshape(-1, 28, 28)
-    pad = jnp.pad(img, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    shifts = jax.random.randint(key, (img.shape[0], 2), 0, 2 * max_shift + 1)
-    crop = jax.vmap(lambda im, s: jax.lax.dynamic_slice(im, (s[0], s[1]), (28, 28)))(pad, shifts)
-    return crop.reshape(xb.shape)
-
-
-def _batches(rng: np.random.Generator, n: int, batch: int):
-    perm = rng.permutation(n)
-    for i in range(0, n - batch + 1, batch):
-        yield perm[i : i + batch]
-
-
 def fit(
-    loss_fn: Callable, params, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int,
-    lr: float, seed: int, augment: bool, extra=(),
+    loss_fn: Callable, params, data: InMemory, spec: DatasetSpec, *, epochs: int, batch: int,
+    lr: float, seed: int, crop_padding: int, extra=(),
 ):
-    """Adam with cosine decay over ``epochs``; with ``augment``, inputs jittered by +-2 px.
+    """Adam with cosine decay over ``epochs``, fed by the jkd pipeline; returns ``params``.
 
-    ``loss_fn(params, xb, yb, *extra) -> scalar``.
-
-    ``params`` may be stacked over a leading axis of students: ``loss_fn`` then sums them.
+    ``loss_fn(params, x [B, D] float32, labels [B], *extra) -> scalar``; ``x`` is the one
+    augmented view of the batch (random crop with ``crop_padding``, normalised), which the
+    teacher inside ``loss_fn`` sees as well. ``params`` may be stacked over a leading axis of
+    students: ``loss_fn`` then sums their losses.
     """
-    steps = epochs * (len(x) // batch)
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    per_epoch = len(data) // batch
+    opt = optax.adam(optax.cosine_decay_schedule(lr, epochs * per_epoch))
     state = opt.init(params)
 
     @jax.jit
-    def step(params, state, key, xb, yb, *extra):
-        if augment:  # one augmented view, seen by teacher and students alike
-            xb = jitter(key, xb)
-        loss, g = jax.value_and_grad(loss_fn)(params, xb, yb, *extra)
+    def step(params, state, key, images, labels, *extra):
+        view = augment.augment(key, images, mean=spec.mean, std=spec.std, crop_padding=crop_padding)
+        x = view.reshape(view.shape[0], -1)
+        loss, g = jax.value_and_grad(loss_fn)(params, x, labels, *extra)
         # optax's Adam computes 1 - b1**count with an int32 count, which strict dtype
         # promotion rejects; jkd's own code stays strict-clean (see BUILD_NOTES.md).
         with jax.numpy_dtype_promotion("standard"):
             updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    rng = np.random.default_rng(seed)
-    xd, yd = jnp.asarray(x), jnp.asarray(y)
     key = jax.random.key(seed)
-    for epoch in range(epochs):
-        for idx in _batches(rng, len(x), batch):
-            key, sub = jax.random.split(key)
-            params, state, loss = step(params, state, sub, xd[idx], yd[idx], *extra)
-        if epoch % 10 == 0 or epoch == epochs - 1:
-            print(f"    epoch {epoch + 1:3d}/{epochs}  loss {float(loss):.4f}", flush=True)
+    stream = train_batches(data, batch_size=batch, seed=seed, num_epochs=epochs)
+    for i, b in enumerate(stream):
+        key, sub = jax.random.split(key)
+        params, state, loss = step(params, state, sub, b["image"], b["label"], *extra)
+        epoch, last = divmod(i + 1, per_epoch)
+        if last == 0 and (epoch % 10 == 1 or epoch == epochs):
+            print(f"    epoch {epoch:3d}/{epochs}  loss {float(loss):.4f}", flush=True)
     return params
 
 
@@ -96,17 +82,16 @@ def main(epochs: int = 40, seeds: int = 3, temperature: float = 8.0) -> dict[str
     t0 = time.perf_counter()
     ds = load_dataset()  # the embedded default, prepared once as a TFDS dataset
     train, test = to_memory(ds.split("train")), to_memory(ds.split("test"))
-    (xtr, ytr), (xte, yte) = (train.images, train.labels), (test.images, test.labels)
-    flat = lambda a: (a.reshape(len(a), -1).astype(np.float32) / 255.0 - 0.1307) / 0.3081  # noqa: E731
-    xtr, xte = flat(xtr), flat(xte)
-    print(f"embedded MNIST sample: {len(xtr)} train / {len(xte)} test images")
+    xte = augment.normalize(jnp.asarray(test.images), ds.spec.mean, ds.spec.std).reshape(len(test), -1)
+    yte = jnp.asarray(test.labels)
+    print(f"embedded MNIST sample: {len(train)} train / {len(test)} test images")
 
     print("teacher 784-1200-1200-10")
     def ce(p, xb, yb):
         return losses.cross_entropy_loss(mlp(p, xb), yb).mean()
-    teacher = fit(ce, init_mlp(jax.random.key(0), (784, 1200, 1200, 10)), xtr, ytr,
-                  epochs=epochs // 2, batch=128, lr=1e-3, seed=0, augment=True)
-    acc = lambda p, x, y: float(jnp.mean(jnp.argmax(mlp(p, jnp.asarray(x)), -1) == y))  # noqa: E731
+    teacher = fit(ce, init_mlp(jax.random.key(0), (784, 1200, 1200, 10)), train, ds.spec,
+                  epochs=max(1, epochs // 2), batch=128, lr=1e-3, seed=0, crop_padding=2)
+    acc = lambda p, x, y: float(jnp.mean(jnp.argmax(mlp(p, x), -1) == y))  # noqa: E731
     results = {"teacher": [acc(teacher, xte, yte)]}
 
     student_sizes = (784, 100, 10)
@@ -124,7 +109,8 @@ def main(epochs: int = 40, seeds: int = 3, temperature: float = 8.0) -> dict[str
 
     for name, fn, extra in [("student alone", alone, ()), (f"soft KD, T={temperature:g}", distilled, (teacher,))]:
         print(f"{name}: {seeds} seeds of 784-100-10 in one vmapped step")
-        p = fit(fn, stacked, xtr, ytr, epochs=epochs, batch=128, lr=1e-3, seed=1, augment=False, extra=extra)
+        p = fit(fn, stacked, train, ds.spec, epochs=epochs, batch=128, lr=1e-3, seed=1,
+                crop_padding=0, extra=extra)
         results[name] = [acc(jax.tree.map(lambda a: a[i], p), xte, yte) for i in range(seeds)]
 
     print(f"\n{'model':<22} {'test accuracy (%)':>20}")
