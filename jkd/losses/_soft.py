@@ -8,6 +8,12 @@ import jax.numpy as jnp
 from jkd.losses import _common as c
 
 
+def tempered_kl(s: jax.Array, t: jax.Array, temperature: jax.Array) -> jax.Array:
+    """``KL(softmax(t/T) || softmax(s/T))`` over the last axis; ``temperature`` is ``[...]``-broadcastable."""
+    temp = temperature[..., None]
+    return c.kl_from_log_probs(jax.nn.log_softmax(t / temp, axis=-1), jax.nn.log_softmax(s / temp, axis=-1))
+
+
 def soft_distillation_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -48,11 +54,7 @@ def soft_distillation_loss(
     where = c.check_where(where, s.shape[:-1])
     s, t = c.mask_inputs(where, s, t)
     temp = jnp.asarray(temperature, s.dtype)
-    temp_b = temp[..., None]
-    kl = c.kl_from_log_probs(
-        jax.nn.log_softmax(t / temp_b, axis=-1), jax.nn.log_softmax(s / temp_b, axis=-1)
-    )
-    return c.mask_output(where, temp**2 * kl)
+    return c.mask_output(where, temp**2 * tempered_kl(s, t, temp))
 
 
 def blended_soft_loss(
