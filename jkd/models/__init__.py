@@ -1,0 +1,17 @@
+"""Flax NNX teachers and students: MLPs, a small CNN, CIFAR ResNets, WRNs, MobileNetV2."""
+
+from jkd.models.cnn import SmallCNN
+from jkd.models.mlp import MLP
+from jkd.models.mobilenet import MobileNetV2
+from jkd.models.resnet import CifarResNet
+from jkd.models.resnet import WideResNet
+from jkd.models.zoo import MODELS
+from jkd.models.zoo import ModelStats
+from jkd.models.zoo import create_model
+from jkd.models.zoo import model_stats
+from jkd.models.zoo import call_with_features
+
+__all__ = [
+    "MLP", "MODELS", "CifarResNet", "MobileNetV2", "ModelStats", "SmallCNN", "WideResNet",
+    "call_with_features", "create_model", "model_stats",
+]

@@ -1,0 +1,37 @@
+"""Small shared pieces of the model zoo: initialisers, conv+BN, feature exposure."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+# He et al. (2015) normal init on fan-out, as the CIFAR ResNet/WRN reference code uses.
+he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+BN_MOMENTUM = 0.9  # = PyTorch's momentum 0.1 (flax keeps `momentum` of the old statistics)
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
+    """A bias-free ``kernel x kernel`` conv with SAME-style padding (``kernel // 2``)."""
+    pad = kernel // 2
+    return nnx.Conv(
+        cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups, use_bias=False, kernel_init=he_fan_out, rngs=rngs,
+    )
+
+
+def batch_norm(features: int, *, axis_name: str | None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm with PyTorch-equivalent momentum; ``axis_name`` averages statistics across
+    devices under ``pmap`` (under ``jit`` on a mesh the statistics are global anyway)."""
+    return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=1e-5, axis_name=axis_name, rngs=rngs)
+
+
+FEATURE_PREFIX = "feature_"  # keeps sown names apart from the module's own attributes
+
+
+def expose(module: nnx.Module, name: str, value: jax.Array) -> jax.Array:
+    """Record an intermediate feature when the call runs under ``jkd.models.call_with_features``
+    (``nnx.capture``); a plain call records nothing and costs nothing. Returns ``value``."""
+    if hasattr(module, "__captures__"):  # set by nnx.capture on the modules it traces
+        module.sow(nnx.Intermediate, FEATURE_PREFIX + name, value)
+    return value
