@@ -1,0 +1,89 @@
+"""Optimizers and schedules from a small typed config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+    """SGD with momentum and step decay, the CIFAR distillation recipe (CRD/DKD).
+
+    ``learning_rate`` is multiplied by ``decay_factor`` at each epoch in ``decay_epochs``.
+    """
+
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    decay_epochs: Sequence[int] = (150, 180, 210)
+    decay_factor: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """AdamW with linear warm-up then cosine decay to ``end_factor * learning_rate``."""
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    end_factor: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+OptimizerConfig = SGDConfig | AdamWConfig
+
+
+def decay_mask(params):
+    """Weight decay on kernels only: not on biases, BatchNorm scales and offsets (ndim < 2)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _strict_safe(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Run ``tx`` under standard dtype promotion.
+
+    optax 0.2.8 computes Adam's bias correction as ``1 - b1**count`` with an int32 ``count``,
+    which ``jax_numpy_dtype_promotion="strict"`` rejects. Only the optimizer runs under the
+    standard rules; models and losses stay strict.
+    """
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config: OptimizerConfig, *, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+    """The optax transformation for ``config``; schedules count optimizer steps."""
+    if steps_per_epoch < 1 or total_steps < 1:
+        raise ValueError(f"steps_per_epoch and total_steps must be >= 1; got {steps_per_epoch}, {total_steps}.")
+    if not isinstance(config, (SGDConfig, AdamWConfig)):
+        raise TypeError(f"config must be SGDConfig or AdamWConfig; got {type(config).__name__}.")
+    if config.learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0; got {config.learning_rate}.")
+    if isinstance(config, SGDConfig):
+        schedule = optax.piecewise_constant_schedule(
+            config.learning_rate,
+            {int(e * steps_per_epoch): config.decay_factor for e in config.decay_epochs},
+        )
+        tx = optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+        )
+    else:
+        warmup = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup, total_steps, config.end_factor * config.learning_rate
+        )
+        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    return _strict_safe(tx)

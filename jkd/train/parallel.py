@@ -1,0 +1,108 @@
+"""The same step on one device, on a ``('data',)`` mesh with ``jit``, or with ``pmap``.
+
+* ``single_device``: ``jit`` with the state donated.
+* ``on_mesh``: ``jit`` over a 1-D ``('data',)`` mesh: the batch is sharded along its first
+  axis, the state (and teacher, objective) replicated. XLA inserts the collectives; BatchNorm
+  statistics and the loss are over the global batch, exactly as on one device. Multi-host:
+  each process passes its own share of the global batch (``process_count`` shares).
+* ``with_pmap``: ``jax.pmap`` over local devices with ``axis_name="data"``: gradients and
+  metrics are averaged with ``lax.pmean``; models must be built with ``bn_axis_name="data"``
+  so BatchNorm averages its statistics across devices.
+
+All three return ``run(state, batch, objective, teacher=None) -> (state, metrics)`` on
+unreplicated states, so the fit loop does not know which one it drives.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (all by default)."""
+    devices = jax.devices()
+    n = len(devices) if num_devices is None else num_devices
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"num_devices must lie in [1, {len(devices)}] (devices available); got {n}.")
+    return Mesh(np.asarray(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
+
+
+def check_batch(batch: dict, divisor: int, what: str) -> None:
+    """A clear error when the batch cannot be split evenly."""
+    b = len(batch["label"])
+    if b % divisor:
+        raise ValueError(
+            f"batch size {b} is not divisible by the {what} ({divisor}); choose a batch size that "
+            f"is a multiple of {divisor}."
+        )
+
+
+def single_device(step: Callable) -> Callable:
+    """``jit`` the step (state buffers donated)."""
+    jitted = jax.jit(step, donate_argnums=0)
+
+    def run(state, batch, objective, teacher=None):
+        return jitted(state, batch, objective, teacher)
+
+    return run
+
+
+def on_mesh(step: Callable, mesh: Mesh) -> Callable:
+    """``jit`` over ``mesh``: batch sharded on ``'data'``, everything else replicated."""
+    replicated = NamedSharding(mesh, P())
+    sharded = NamedSharding(mesh, P(AXIS))
+    jitted = jax.jit(
+        step,
+        in_shardings=(replicated, sharded, replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    n = mesh.devices.size
+
+    def run(state, batch, objective, teacher=None):
+        check_batch(batch, n // jax.process_count(), "number of this process's devices on the mesh")
+        global_batch = {
+            k: jax.make_array_from_process_local_data(sharded, np.asarray(v)) for k, v in batch.items()
+        }
+        return jitted(state, global_batch, objective, teacher)
+
+    return run
+
+
+def replicate(tree, devices):
+    """One copy per device, stacked on a new leading axis and placed one per device
+    (the layout ``pmap`` expects for a mapped argument)."""
+    n = len(devices)
+    per_device = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
+    return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *jnp.shape(x))), per_device), tree)
+
+
+def unreplicate(tree):
+    """Device 0's copy of a pmapped tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
+    """``pmap`` the step over local devices; ``step`` must take ``axis_name`` (it gets "data")."""
+    n = jax.local_device_count() if num_devices is None else num_devices
+    devices = jax.local_devices()[:n]
+    pmapped = jax.pmap(
+        functools.partial(step, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None, None),
+        devices=devices, donate_argnums=0,
+    )
+
+    def run(state, batch, objective, teacher=None):
+        check_batch(batch, n, "number of devices")
+        shards = jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), batch)
+        new_state, metrics = pmapped(replicate(state, devices), shards, objective, teacher)
+        return unreplicate(new_state), unreplicate(metrics)
+
+    return run

@@ -1,0 +1,154 @@
+"""Pure, module-level step functions: ``step(state, batch, objective, teacher) -> (state, metrics)``.
+
+Bind the static parts (``graphdef``, ``tx``, ``view_fn``) with ``functools.partial`` and jit
+once (``jkd.train.parallel`` does this for one device, a mesh, or ``pmap``). The teacher is
+frozen data: it runs in eval mode under ``stop_gradient`` on the *same* augmented view as the
+student, and is never part of the optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jkd import losses
+from jkd.train.state import FrozenModel, TrainState, apply_model
+
+ViewFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 images) -> float32 view
+
+
+def teacher_logits(teacher_graphdef, teacher: FrozenModel, view: jax.Array) -> jax.Array:
+    """The frozen teacher's logits on ``view``: eval mode, no gradient."""
+    logits, _, _, _ = apply_model(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest, view, train=False)
+    return jax.lax.stop_gradient(logits)
+
+
+def _update(state: TrainState, view, labels, t_logits, objective, *, graphdef, tx, axis_name):
+    def loss_fn(params):
+        logits, _, stats, rest = apply_model(graphdef, params, state.batch_stats, state.rest, view, train=True)
+        loss = jnp.mean(objective(logits, t_logits, labels))
+        return loss, (logits, stats, rest)
+
+    (loss, (logits, stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        # pmap: the state is mapped (one copy per device), so these are local gradients of
+        # the local mean; equal shards make their mean the global batch's gradient.
+        grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates),
+        batch_stats=stats, rest=rest, opt_state=opt_state,
+    )
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    if t_logits is not None:
+        metrics["agreement"] = jnp.mean(losses.top1_agreement(logits, t_logits))
+    if axis_name is not None:
+        metrics = jax.lax.pmean(metrics, axis_name)
+    return new_state, metrics
+
+
+def _view(state_rng, step, images, view_fn, axis_name):
+    key = jax.random.fold_in(state_rng, step)
+    if axis_name is not None:  # each device draws its own augmentation for its shard
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return view_fn(key, images)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    objective: Callable,
+    teacher: FrozenModel | None = None,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    view_fn: ViewFn,
+    teacher_graphdef=None,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of one model.
+
+    With ``teacher=None`` this trains a teacher or the student alone (use
+    ``objectives.CrossEntropy``); with a teacher it distils (``SoftKD``, ``HardKD``, ``DKD`` or
+    any ``objective(student_logits, teacher_logits, labels) -> [B]``).
+
+    Args:
+      state: the model's :class:`TrainState`.
+      batch: ``{"image": uint8 [B, H, W, C], "label": int32 [B]}``.
+      objective: the per-example loss.
+      teacher: frozen teacher variables, or None.
+      graphdef, tx, view_fn, teacher_graphdef: static; bind them with ``functools.partial``.
+      axis_name: the ``pmap`` axis (gradients and metrics are averaged over it), else None.
+    """
+    view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
+    t_logits = None if teacher is None else teacher_logits(teacher_graphdef, teacher, view)
+    return _update(state, view, batch["label"], t_logits, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
+
+
+def train_step_many(
+    states: TrainState,
+    batch: dict[str, jax.Array],
+    objectives: Callable,
+    teacher: FrozenModel | None = None,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    view_fn: ViewFn,
+    teacher_graphdef=None,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """K students in one step: ``states`` and ``objectives`` carry a leading axis K.
+
+    The batch's view and the teacher's forward pass are computed once and shared; only the
+    students' forward and backward passes are ``vmap``-ed. Metrics have shape ``[K]``.
+    """
+    view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
+    t_logits = None if teacher is None else teacher_logits(teacher_graphdef, teacher, view)
+    update = lambda s, o: _update(s, view, batch["label"], t_logits, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
+    return jax.vmap(update)(states, objectives)
+
+
+def eval_step(
+    variables: FrozenModel | TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef,
+    view_fn: Callable[[jax.Array], jax.Array],
+) -> dict[str, jax.Array]:
+    """Logits and masked sums over one eval batch (eval mode; nothing changes).
+
+    Returns ``logits [B, C]``, ``loss_sum``, ``correct`` and ``count`` (rows where
+    ``batch["mask"]`` is True, all rows without a mask).
+    """
+    view = view_fn(batch["image"])
+    logits, _, _, _ = apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, view, train=False)
+    mask = batch.get("mask")
+    if mask is None:
+        mask = jnp.ones(logits.shape[:1], bool)
+    ce = losses.cross_entropy_loss(logits, batch["label"], where=mask)
+    correct = jnp.where(mask, jnp.argmax(logits, -1) == batch["label"], False)
+    return {
+        "logits": logits,
+        "loss_sum": jnp.sum(ce),
+        "correct": jnp.sum(correct.astype(jnp.int32)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+    }
+
+
+def stack_states(states: list[TrainState]) -> TrainState:
+    """K states (e.g. K seeds) -> one state with a leading axis K, for :func:`train_step_many`."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(states: TrainState, k: int) -> TrainState:
+    """Student ``k`` of a stacked state."""
+    return jax.tree.map(lambda x: x[k], states)
+
+

@@ -1,0 +1,57 @@
+"""One device, a 4-device mesh and 4-device pmap train to the same parameters."""
+
+import jax
+import pytest
+
+from jkd.train import objectives, parallel, train_step
+from tests.train import helpers as H
+
+STEPS = 5
+
+
+def _run(runner, state, teacher, data):
+    for b in data:
+        state, metrics = runner(state, b, objectives.SoftKD(temperature=2.0), teacher)
+    return state, metrics
+
+
+def test_four_cpu_devices():
+    assert len(jax.devices()) == 4
+
+
+@pytest.mark.parametrize("view", [H.NORMALIZE_ONLY, H.CROP_FLIP], ids=["plain", "augmented"])
+def test_mesh_equals_one_device(view):
+    data = H.batches(STEPS)
+    tg, teacher = H.teacher()
+    g, s1 = H.student()
+    one, _ = _run(parallel.single_device(H.step_fn(g, tg, view_fn=view)), s1, teacher, data)
+    _, s4 = H.student()
+    four, m = _run(parallel.on_mesh(H.step_fn(g, tg, view_fn=view), parallel.data_mesh(4)), s4, teacher, data)
+    assert H.max_abs_diff(one.params, four.params) < 1e-5
+    assert H.max_abs_diff(one.batch_stats, four.batch_stats) < 1e-5  # global-batch statistics
+
+
+def test_pmap_equals_one_device():
+    data = H.batches(STEPS)
+    tg, teacher = H.teacher()
+    g, s1 = H.student()
+    one, m1 = _run(parallel.single_device(H.step_fn(g, tg)), s1, teacher, data)
+    gp, sp = H.student(bn_axis_name=parallel.AXIS)  # BatchNorm averages across devices
+    four, m4 = _run(parallel.with_pmap(H.step_fn(gp, tg), 4), sp, teacher, data)
+    assert H.max_abs_diff(one.params, four.params) < 1e-5
+    assert H.max_abs_diff(one.batch_stats, four.batch_stats) < 1e-5
+    assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
+
+
+@pytest.mark.parametrize("wrap", ["mesh", "pmap"])
+def test_batch_not_divisible_by_devices(wrap):
+    tg, teacher = H.teacher()
+    g, s = H.student()
+    runner = parallel.on_mesh(H.step_fn(g, tg), parallel.data_mesh(4)) if wrap == "mesh" else parallel.with_pmap(H.step_fn(g, tg), 4)
+    with pytest.raises(ValueError, match="batch size 18 is not divisible"):
+        runner(s, H.batches(1, batch_size=18)[0], objectives.SoftKD(), teacher)
+
+
+def test_bad_device_count():
+    with pytest.raises(ValueError, match=r"num_devices must lie in \[1, 4\]"):
+        parallel.data_mesh(5)

@@ -1,0 +1,134 @@
+"""Steps: teacher as frozen data, one view, many students, optimizers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jkd.train import (
+    AdamWConfig, SGDConfig, make_optimizer, objectives, parallel, stack_states, train_step,
+    train_step_many, unstack_state,
+)
+from jkd.train.state import apply_model
+from tests.train import helpers as H
+
+
+def test_teacher_training_reduces_loss():
+    g, state = H.student()
+    run = parallel.single_device(H.step_fn(g))
+    data = H.batches(30)
+    losses = []
+    for b in data:
+        state, m = run(state, b, objectives.CrossEntropy())
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert int(state.step) == 30
+
+
+def test_teacher_is_frozen_data():
+    tg, teacher = H.teacher()
+    g, state = H.student()
+    # Not in the optimizer state: it has exactly the student's parameter structure.
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(H.tx().init(state.params))
+    before = jax.tree.map(np.asarray, teacher)
+    step = H.step_fn(g, tg)
+    b = H.batches(1)[0]
+    # No gradient reaches the teacher through the distillation loss.
+    def loss_wrt_teacher(t):
+        _, m = step(state, b, objectives.SoftKD(), t)
+        return m["loss"]
+    grads = jax.grad(loss_wrt_teacher)(teacher)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(grads))
+    parallel.single_device(step)(state, b, objectives.SoftKD(), teacher)
+    assert H.max_abs_diff(before, teacher) == 0.0  # untouched, BatchNorm statistics included
+
+
+def test_teacher_and_student_see_one_view():
+    calls = []
+
+    def spy_view(key, images):
+        calls.append(1)
+        return H.CROP_FLIP(key, images)
+
+    tg, teacher = H.teacher()
+    g, state = H.student()
+    jax.jit(H.step_fn(g, tg, view_fn=spy_view))(state, H.batches(1)[0], objectives.SoftKD(), teacher)
+    assert len(calls) == 1  # one augmentation per batch, consumed by both models
+
+    # And the teacher logits are those of that view: a loss of 0 weight on labels whose KD
+    # term is checked against an independent forward pass on the same view.
+    b = H.batches(1)[0]
+    key = jax.random.fold_in(state.rng, state.step)
+    view = H.CROP_FLIP(key, b["image"])
+    t_ref, _, _, _ = apply_model(tg, teacher.params, teacher.batch_stats, teacher.rest, view, train=False)
+    seen = {}
+
+    def probe(s, t, y):
+        seen["t"] = t
+        return jnp.zeros(s.shape[:-1])
+
+    H.step_fn(g, tg, view_fn=H.CROP_FLIP)(state, b, probe, teacher)
+    np.testing.assert_allclose(seen["t"], t_ref, rtol=1e-6)
+
+
+def test_many_students_equal_separate_runs():
+    tg, teacher = H.teacher()
+    seeds, temps = [1, 2, 3], [1.0, 4.0, 8.0]
+    data = H.batches(4)
+    separate = []
+    for seed, T in zip(seeds, temps):
+        g, st = H.student(seed=seed)
+        run = parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP))
+        for b in data:
+            st, _ = run(st, b, objectives.SoftKD(temperature=T), teacher)
+        separate.append(st)
+    g, _ = H.student()
+    many = stack_states([H.student(seed=s)[1] for s in seeds])
+    objs = objectives.stack([objectives.SoftKD(temperature=T) for T in temps])
+    run_many = jax.jit(H.step_fn(g, tg, view_fn=H.CROP_FLIP, step=train_step_many))
+    for b in data:
+        many, metrics = run_many(many, b, objs, teacher)
+    assert metrics["loss"].shape == (3,)
+    for k in range(3):
+        assert H.max_abs_diff(unstack_state(many, k).params, separate[k].params) < 1e-5
+
+
+def test_sgd_weight_decay_skips_biases_and_batchnorm():
+    opt = make_optimizer(SGDConfig(learning_rate=0.1, weight_decay=0.5, momentum=0.0, decay_epochs=()), steps_per_epoch=1, total_steps=1)
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "scale": jnp.ones(2)}
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["kernel"], 1 - 0.1 * 0.5)  # decayed
+    np.testing.assert_allclose(new["bias"], 1.0)
+    np.testing.assert_allclose(new["scale"], 1.0)
+
+
+def _lr_sequence(opt, n):
+    p = {"w": jnp.zeros(())}
+    state, lrs = opt.init(p), []
+    for _ in range(n):
+        u, state = opt.update({"w": jnp.ones(())}, state, p)
+        lrs.append(-float(u["w"]))
+    return np.array(lrs)
+
+
+def test_sgd_step_decay_schedule():
+    opt = make_optimizer(SGDConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0, decay_epochs=(2, 3)), steps_per_epoch=2, total_steps=8)
+    np.testing.assert_allclose(_lr_sequence(opt, 8), [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-5)
+
+
+def test_adamw_warmup_then_cosine():
+    opt = make_optimizer(AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=1.0), steps_per_epoch=4, total_steps=20)
+    lrs = _lr_sequence(opt, 20)  # Adam with a constant gradient: the step is the learning rate
+    assert lrs[0] == pytest.approx(0.0, abs=1e-6) and lrs[4] == pytest.approx(1.0, rel=1e-3)
+    assert np.all(np.diff(lrs[:5]) > 0) and np.all(np.diff(lrs[5:]) < 0)
+
+
+def test_bad_optimizer_config():
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        make_optimizer(SGDConfig(learning_rate=0.0), steps_per_epoch=1, total_steps=1)
+    with pytest.raises(TypeError, match="SGDConfig or AdamWConfig"):
+        make_optimizer(object(), steps_per_epoch=1, total_steps=1)
