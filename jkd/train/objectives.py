@@ -72,3 +72,35 @@ class DKD:
 def stack(objectives):
     """K objectives of one kind -> one objective whose leaves have a leading axis K."""
     return jax.tree.map(lambda *xs: jax.numpy.stack([jax.numpy.asarray(x, jax.numpy.float32) for x in xs]), *objectives)
+
+
+@struct.dataclass
+class FeatureKD:
+    """A logit objective plus feature matching between named intermediate features.
+
+    ``loss = base(s, t, y) + weight * sum_pairs feature_loss(student[a], teacher[b])``, with
+    ``feature_loss`` :func:`jkd.losses.attention_transfer_loss` (Zagoruyko & Komodakis: NHWC
+    maps of equal H, W, any channels; ``weight=1000`` in the paper's code) or
+    :func:`jkd.losses.hint_loss` (FitNets; needs equal shapes, e.g. resnet8x4 vs resnet32x4
+    stages — a learned regressor for unequal widths is not provided yet).
+
+    The steps see ``needs_features`` and call both models with their features exposed.
+    """
+
+    base: object
+    weight: float | jax.Array = 1000.0
+    pairs: tuple[tuple[str, str], ...] = struct.field(pytree_node=False, default=(("stage3", "stage3"),))
+    feature_loss: object = struct.field(pytree_node=False, default=losses.attention_transfer_loss)
+    needs_features: bool = struct.field(pytree_node=False, default=True)
+
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
+        total = self.base(student_logits, teacher_logits, labels)
+        for s_name, t_name in self.pairs:
+            for name, feats, who in ((s_name, student_features, "student"), (t_name, teacher_features, "teacher")):
+                if name not in feats:
+                    raise ValueError(f"the {who} exposes no feature {name!r}; it has {sorted(feats)}.")
+            fl = self.feature_loss
+            s_f, t_f = student_features[s_name], teacher_features[t_name]
+            per_example = fl(s_f, t_f, num_feature_axes=s_f.ndim - 1) if fl is losses.hint_loss else fl(s_f, t_f)
+            total = total + self.weight * per_example
+        return total

@@ -20,17 +20,41 @@ from jkd.train.state import FrozenModel, TrainState, apply_model
 ViewFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 images) -> float32 view
 
 
-def teacher_logits(teacher_graphdef, teacher: FrozenModel, view: jax.Array) -> jax.Array:
-    """The frozen teacher's logits on ``view``: eval mode, no gradient."""
-    logits, _, _, _ = apply_model(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest, view, train=False)
+def _needs_features(objective) -> bool:
+    return bool(getattr(objective, "needs_features", False))
+
+
+def teacher_logits(teacher_graphdef, teacher: FrozenModel, view: jax.Array, *, with_features: bool = False):
+    """The frozen teacher's logits on ``view`` (eval mode, no gradient); with
+    ``with_features``, ``(logits, features)``."""
+    logits, feats, _, _ = apply_model(
+        teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest, view, train=False,
+        with_features=with_features)
+    if with_features:
+        return jax.lax.stop_gradient((logits, feats))
     return jax.lax.stop_gradient(logits)
 
 
-def _update(state: TrainState, view, labels, t_logits, objective, *, graphdef, tx, axis_name):
+def _teacher_outputs(teacher_graphdef, teacher, view, objective):
+    if teacher is None:
+        return None, None
+    if _needs_features(objective):
+        return teacher_logits(teacher_graphdef, teacher, view, with_features=True)
+    return teacher_logits(teacher_graphdef, teacher, view), None
+
+
+def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, axis_name):
+    t_logits, t_feats = t_out
+    with_features = _needs_features(objective)
+
     def loss_fn(params):
-        logits, _, stats, rest = apply_model(graphdef, params, state.batch_stats, state.rest, view, train=True)
-        loss = jnp.mean(objective(logits, t_logits, labels))
-        return loss, (logits, stats, rest)
+        logits, feats, stats, rest = apply_model(
+            graphdef, params, state.batch_stats, state.rest, view, train=True, with_features=with_features)
+        if with_features:
+            per_example = objective(logits, t_logits, labels, feats, t_feats)
+        else:
+            per_example = objective(logits, t_logits, labels)
+        return jnp.mean(per_example), (logits, stats, rest)
 
     (loss, (logits, stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
@@ -88,8 +112,8 @@ def train_step(
       axis_name: the ``pmap`` axis (gradients and metrics are averaged over it), else None.
     """
     view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
-    t_logits = None if teacher is None else teacher_logits(teacher_graphdef, teacher, view)
-    return _update(state, view, batch["label"], t_logits, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
+    t_out = _teacher_outputs(teacher_graphdef, teacher, view, objective)
+    return _update(state, view, batch["label"], t_out, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
 
 
 def train_step_many(
@@ -110,8 +134,8 @@ def train_step_many(
     students' forward and backward passes are ``vmap``-ed. Metrics have shape ``[K]``.
     """
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
-    t_logits = None if teacher is None else teacher_logits(teacher_graphdef, teacher, view)
-    update = lambda s, o: _update(s, view, batch["label"], t_logits, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
+    t_out = _teacher_outputs(teacher_graphdef, teacher, view, objectives)
+    update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
     return jax.vmap(update)(states, objectives)
 
 
