@@ -170,3 +170,24 @@ def test_feature_objective_names_a_missing_feature():
     obj = objectives.FeatureKD(objectives.SoftKD(), pairs=(("stage9", "block2"),))
     with pytest.raises(ValueError, match="the student exposes no feature 'stage9'; it has"):
         H.step_fn(g, tg)(state, H.batches(1)[0], obj, teacher)
+
+
+def test_eval_step_masked_sums_match_numpy():
+    from jkd.data import augment
+    from jkd.train import eval_step
+
+    g, state = H.student()
+    b = H.batches(1, batch_size=8)[0]
+    mask = np.array([True] * 5 + [False] * 3)
+    view = functools.partial(augment.normalize, mean=(0.5,), std=(0.25,))
+    out = jax.jit(functools.partial(eval_step, graphdef=g, view_fn=view))(state, {**b, "mask": mask})
+    logits = np.asarray(out["logits"], np.float64)[mask]
+    y = b["label"][mask]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    assert int(out["count"]) == 5
+    assert int(out["correct"]) == int(np.sum(logits.argmax(-1) == y))
+    np.testing.assert_allclose(float(out["loss_sum"]), -logp[np.arange(5), y].sum(), rtol=1e-5)
+    # Eval mode: the same batch gives the same logits again, and nothing is updated.
+    again = jax.jit(functools.partial(eval_step, graphdef=g, view_fn=view))(state, {**b, "mask": mask})
+    np.testing.assert_array_equal(out["logits"], again["logits"])
