@@ -1,0 +1,7 @@
+"""Metrics (pure numpy), plots (matplotlib) and the run report."""
+
+from jkd.evaluate import metrics
+from jkd.evaluate import plots
+from jkd.evaluate import report
+
+__all__ = ["metrics", "plots", "report"]

@@ -1,0 +1,91 @@
+"""PNG figures of a run (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jkd.evaluate.metrics import roc_curve, softmax  # noqa: E402
+
+
+def curves(histories: dict[str, list[dict]], path: Path) -> None:
+    """Train and test loss and accuracy per epoch of every model on one figure.
+
+    ``histories[name]`` holds records with ``epoch`` and any of ``train_loss``,
+    ``train_accuracy``, ``test_loss``, ``test_accuracy``.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    panels = [("train_loss", "train loss"), ("test_loss", "test loss"),
+              ("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy")]
+    for ax, (key, title) in zip(axes.ravel(), panels):
+        for name, recs in histories.items():
+            pts = [(r["epoch"], r[key]) for r in recs if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion(cm: np.ndarray, path: Path, title: str) -> None:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cm, cmap="Blues")
+    if cm.shape[0] <= 20:
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def roc(logits: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
+    probs = softmax(logits)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for k in range(probs.shape[1]):
+        fpr, tpr = roc_curve(probs[:, k], np.asarray(labels) == k)
+        ax.plot(fpr, tpr, lw=1, label=str(k) if probs.shape[1] <= 10 else None)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    if probs.shape[1] <= 10:
+        ax.legend(fontsize=7, title="class (one vs rest)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_size(entries: list[dict], path: Path) -> None:
+    """Bars of mean test accuracy (+- std) per model, annotated with parameters."""
+    names = [e["name"] for e in entries]
+    means = [100 * e["test_accuracy_mean"] for e in entries]
+    stds = [100 * e["test_accuracy_std"] for e in entries]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
+    bars = ax.bar(range(len(entries)), means, yerr=stds, capsize=4,
+                  color=["#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries])
+    for b, e in zip(bars, entries):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{e['params'] / 1e6:.2f}M",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(entries)), names, rotation=20, ha="right", fontsize=8)
+    lo = min(means) - 3 * max(max(stds), 0.5)
+    ax.set_ylim(max(0.0, lo), min(100.0, max(means) + 3))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs model size (parameters above the bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,39 @@
+"""The comparison of a run: ``summary.json`` (for tools) and ``report.md`` (for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROLES = ("teacher", "student_alone", "distilled")
+
+
+def table(entries: list[dict]) -> str:
+    """A markdown table: accuracy mean +- std over seeds, parameters, FLOPs, size, latency."""
+    head = "| model | role | loss | test accuracy (%) | seeds | params | MFLOPs/example | size on disk (KB) | latency / batch (ms) |"
+    rows = [head, "|" + "---|" * 9]
+    for e in entries:
+        acc = f"{100 * e['test_accuracy_mean']:.2f}"
+        if len(e["test_accuracy_per_seed"]) > 1:
+            acc += f" +- {100 * e['test_accuracy_std']:.2f}"
+        rows.append(
+            f"| {e['name']} | {e['role']} | {e['loss']} | {acc} | {len(e['test_accuracy_per_seed'])} | "
+            f"{e['params']:,} | {e['flops'] / 1e6:.2f} | {e['size_bytes'] / 1024:.0f} | {e['latency_ms']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def write(run_dir: Path, entries: list[dict], *, title: str, notes: list[str]) -> str:
+    """Write ``summary.json`` and ``report.md``; return the table."""
+    for e in entries:
+        if e["role"] not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
+    summary = {"title": title, "models": entries, "notes": notes}
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
+    md = table(entries)
+    figures = ["curves.png", "accuracy_vs_size.png"] + sorted(p.name for p in run_dir.glob("confusion_*.png")) + sorted(p.name for p in run_dir.glob("roc_*.png"))
+    body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [""] + [f"![{f}]({f})" for f in figures]
+    (run_dir / "report.md").write_text("\n".join(body) + "\n")
+    return md
