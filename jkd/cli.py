@@ -1,24 +1,276 @@
-"""The ``jkd`` command. Thin: parses arguments and calls the library."""
+"""The ``jkd`` command. Thin: parses arguments, builds a typed config, calls the library.
+
+The only name-to-object tables of jkd live here (losses, optimizers): the library below takes
+objects, never strings.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+LOSSES = ("soft", "hard", "dkd")
+
+
+def _objective(args):
+    from jkd.train import objectives
+
+    table = {
+        "soft": lambda: objectives.SoftKD(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+        "hard": lambda: objectives.HardKD(kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+        "dkd": lambda: objectives.DKD(tckd_weight=args.tckd_weight, nckd_weight=args.nckd_weight,
+                                      temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+    }
+    return table[args.loss]()
+
+
+def _optimizer(name: str, lr: float | None, weight_decay: float | None):
+    from jkd.train import AdamWConfig, SGDConfig
+
+    cls = {"sgd": SGDConfig, "adamw": AdamWConfig}[name]
+    kw = {}
+    if lr is not None:
+        kw["learning_rate"] = lr
+    if weight_decay is not None:
+        kw["weight_decay"] = weight_decay
+    return cls(**kw)
+
+
+def _model_spec(name: str, options: list[str]):
+    from jkd.experiment import ModelSpec
+
+    return ModelSpec(name, tuple(_parse_assignment(o) for o in options or ()))
+
+
+def _parse_assignment(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise SystemExit(f"jkd: expected KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string
+    return key.strip(), value
+
+
+def apply_overrides(cfg, assignments: list[str]):
+    """``key=value`` (or ``student.name=value``) overrides of a frozen config dataclass."""
+    for text in assignments or ():
+        key, value = _parse_assignment(text)
+        path = key.split(".")
+        cfg = _replace_path(cfg, path, value, key)
+    return cfg
+
+
+def _replace_path(obj, path, value, full_key):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise SystemExit(f"jkd: unknown config field {full_key!r}; fields here: {', '.join(sorted(names))}")
+    if len(path) > 1:
+        value = _replace_path(getattr(obj, path[0]), path[1:], value, full_key)
+    elif isinstance(getattr(obj, path[0]), tuple) and isinstance(value, (int, float)):
+        value = (value,)
+    elif isinstance(getattr(obj, path[0]), tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(obj, **{path[0]: value})
+
+
+def load_config_file(path: str):
+    """``get_config()`` of an experiment's config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"jkd: no config file at {p}")
+    spec = importlib.util.spec_from_file_location(f"jkd_config_{p.parent.name}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise SystemExit(f"jkd: {p} defines no get_config()")
+    return module.get_config()
+
+
+def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
+    p.add_argument("--run-dir", default=run_dir, help=f"run folder (default {run_dir})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _data_args(p):
+    p.add_argument("--dataset", default="jkd_mnist_sample",
+                   help="TFDS name (jkd_mnist_sample, mnist, cifar10, ...), a .npz file or an image folder")
+    p.add_argument("--data-dir", default=None, help="where TFDS datasets are prepared (default: TFDS's)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--devices", type=int, default=None, help="devices to use (default: all)")
+    p.add_argument("--parallel", choices=("single", "mesh", "pmap"), default="single",
+                   help="one device, jit over a ('data',) mesh, or pmap")
+
+
+def _train_args(p, what: str, default_model: str, default_epochs: int):
+    p.add_argument("--model", default=default_model, help=f"{what} model name (see `jkd models`)")
+    p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="size option, e.g. width=0.5")
+    p.add_argument("--epochs", type=int, default=default_epochs)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--crop-padding", type=int, default=None, help="random-crop padding in pixels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jkd", description="Knowledge distillation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded MNIST sample (no network)")
+    _common(demo, run_dir="runs/demo")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_epochs=5")
+
+    run = sub.add_parser("run", help="run an experiment: jkd run experiments/<name>/config.py")
+    run.add_argument("config", help="an experiment's config.py (its get_config())")
+    _common(run, run_dir="")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+
+    teacher = sub.add_parser("train-teacher", help="train a teacher and save it")
+    _data_args(teacher)
+    _train_args(teacher, "teacher", "mlp_2x1200", 20)
+    teacher.add_argument("--seed", type=int, default=0)
+    _common(teacher, run_dir="runs/teacher")
+
+    distill = sub.add_parser("distill", help="distil a student from a saved teacher")
+    _data_args(distill)
+    _train_args(distill, "student", "mlp_100", 40)
+    distill.add_argument("--teacher-dir", required=True, help="a saved teacher, e.g. runs/teacher/teacher/model")
+    distill.add_argument("--loss", choices=LOSSES, default="soft")
+    distill.add_argument("--temperature", type=float, default=4.0)
+    distill.add_argument("--kd-weight", type=float, default=0.9)
+    distill.add_argument("--ce-weight", type=float, default=0.1)
+    distill.add_argument("--tckd-weight", type=float, default=1.0, help="DKD alpha")
+    distill.add_argument("--nckd-weight", type=float, default=8.0, help="DKD beta")
+    distill.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0,),
+                         help="comma-separated seeds, trained together in one vmapped step")
+    distill.add_argument("--no-baseline", action="store_true", help="skip the student trained alone")
+    _common(distill, run_dir="runs/distill")
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
+    ev.add_argument("model_dir", help="a saved model folder, e.g. runs/demo/soft_kd_t_8/seed0")
+    ev.add_argument("--dataset", default=None, help="default: the dataset the model was trained on")
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--out", default=None, help="write the metrics JSON here")
+
+    rep = sub.add_parser("report", help="print (and rewrite) the report of a run folder")
+    rep.add_argument("run_dir")
+
+    sub.add_parser("models", help="list the model names")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jkd", description="Knowledge distillation in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="distil a small MLP on the embedded MNIST sample (no network)")
-    demo.add_argument("--epochs", type=int, default=40, help="student epochs (teacher: half)")
-    demo.add_argument("--seeds", type=int, default=3, help="students per setting, in one vmap")
-    demo.add_argument("--temperature", type=float, default=8.0, help="soft KD temperature T > 0")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.epochs < 1 or args.seeds < 1 or args.temperature <= 0:
-            parser.error("--epochs and --seeds must be >= 1 and --temperature > 0")
-        from jkd import quickdemo
+    try:
+        return _dispatch(args, parser)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"jkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
-        quickdemo.main(epochs=args.epochs, seeds=args.seeds, temperature=args.temperature)
+
+def _dispatch(args, parser) -> int:
+    from jkd import experiment as X
+
+    if args.command == "models":
+        from jkd.models import MODELS
+
+        print("\n".join(sorted(MODELS)))
+        return 0
+    if args.command == "report":
+        run_dir = Path(args.run_dir)
+        summary = run_dir / "summary.json"
+        if not summary.exists():
+            raise FileNotFoundError(f"{summary} does not exist; is {run_dir} a finished run folder?")
+        from jkd.evaluate import report
+
+        data = json.loads(summary.read_text())
+        print(report.write(run_dir, data["models"], title=data["title"], notes=data["notes"]))
+        return 0
+    if args.command == "evaluate":
+        return _evaluate(args)
+    if args.command == "demo":
+        cfg = apply_overrides(X.demo_config(), args.set)
+        X.run(cfg, args.run_dir, resume=True, progress=not args.no_progress)
+        return 0
+    if args.command == "run":
+        cfg = apply_overrides(load_config_file(args.config), args.set)
+        run_dir = args.run_dir or str(Path("runs") / Path(args.config).resolve().parent.name)
+        X.run(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        return 0
+    common = dict(
+        dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, devices=args.devices,
+        parallel=args.parallel,
+    )
+    if args.command == "train-teacher":
+        kw = {} if args.crop_padding is None else {"teacher_crop_padding": args.crop_padding}
+        cfg = X.ExperimentConfig(
+            **common, **kw, teacher=_model_spec(args.model, args.model_option), teacher_epochs=args.epochs,
+            teacher_optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay),
+            include_students=False, distillations=(), title=f"teacher {args.model} on {args.dataset}",
+        )
+    else:  # distill
+        kw = {} if args.crop_padding is None else {"student_crop_padding": args.crop_padding}
+        cfg = X.ExperimentConfig(
+            **common, **kw, teacher_dir=args.teacher_dir, teacher=_saved_teacher_spec(args.teacher_dir),
+            student=_model_spec(args.model, args.model_option),
+            student_epochs=args.epochs, student_optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay),
+            seeds=args.seeds, include_baseline=not args.no_baseline,
+            distillations=(X.Distillation(f"{args.loss} KD", _objective(args)),),
+            title=f"{args.model} distilled ({args.loss}) on {args.dataset}",
+        )
+    X.run(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _saved_teacher_spec(teacher_dir: str):
+    """The model spec of a saved teacher (its architecture is read, not guessed)."""
+    from jkd.experiment import ModelSpec, load_saved_model
+
+    _, _, meta = load_saved_model(teacher_dir)
+    if meta["role"] != "teacher":
+        raise ValueError(f"{teacher_dir} holds a {meta['role']} model, not a teacher.")
+    return ModelSpec(meta["model"], tuple(tuple(o) for o in meta["options"]))
+
+
+def _evaluate(args) -> int:
+    import functools
+
+    import jax
+    import numpy as np
+
+    from jkd.data import augment, load_dataset
+    from jkd.data import pipeline as P
+    from jkd.evaluate import metrics as M
+    from jkd.experiment import load_saved_model
+    from jkd.train import eval_step
+
+    graphdef, variables, meta = load_saved_model(args.model_dir)
+    ds = load_dataset(args.dataset or meta["dataset"], data_dir=args.data_dir)
+    if list(ds.spec.image_shape) != meta["image_shape"] or ds.spec.num_classes != meta["num_classes"]:
+        raise ValueError(
+            f"the model expects images {tuple(meta['image_shape'])} and {meta['num_classes']} classes; "
+            f"{ds.spec.name} has {ds.spec.image_shape} and {ds.spec.num_classes}.")
+    view = functools.partial(augment.normalize, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+    fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=view))
+    logits, labels = [], []
+    for b in P.eval_batches(P.reader(ds.split("test"), ds.spec.image_shape), batch_size=args.batch_size):
+        logits.append(np.asarray(fn(variables, b)["logits"])[b["mask"]])
+        labels.append(b["label"][b["mask"]])
+    rep = M.classification_report(np.concatenate(logits), np.concatenate(labels), ds.spec.num_classes)
+    rep = {"model": meta["model"], "dataset": ds.spec.name, "test_accuracy": rep["accuracy"], "test_loss": rep["loss"], **rep}
+    print(f"{meta['model']} on {ds.spec.name}: test accuracy {100 * rep['test_accuracy']:.2f}%, "
+          f"loss {rep['test_loss']:.4f}, macro F1 {rep['macro_f1']:.4f}, ECE {rep['ece']:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rep, indent=2))
     return 0
 
 

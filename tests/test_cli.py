@@ -1,21 +1,110 @@
-import re
+"""Every subcommand has a pulse: the real entry point, tiny sizes, a temporary folder."""
+
+import json
 
 import pytest
 
 from jkd import cli
 
+TINY = ["--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "seeds=(0, 1)",
+        "--set", "eval_every_epochs=1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    assert cli.main(["demo", "--run-dir", str(run_dir), *TINY]) == 0
+    return run_dir
+
 
 @pytest.mark.slow
-def test_demo_has_a_pulse(capsys):
-    assert cli.main(["demo", "--epochs", "2", "--seeds", "2"]) == 0
-    out = capsys.readouterr().out
-    for name in ("teacher", "student alone", "soft KD, T=8"):
-        row = re.search(rf"^{re.escape(name)}\s+(\d+\.\d+)", out, re.M)
-        assert row, f"no result row for {name!r} in:\n{out}"
-        assert 10.0 < float(row.group(1)) <= 100.0  # better than chance after 2 epochs
+def test_demo_writes_the_whole_run_folder(demo_dir):
+    for f in ("config.json", "log.jsonl", "summary.json", "report.md", "curves.png", "accuracy_vs_size.png",
+              "confusion_teacher.png", "roc_soft_kd_t_8.png"):
+        assert (demo_dir / f).is_file(), f
+    assert list((demo_dir / "tb").rglob("events.out.tfevents.*"))
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    roles = {m["name"]: m["role"] for m in summary["models"]}
+    assert roles == {"teacher": "teacher", "student alone": "student_alone", "soft KD T=8": "distilled",
+                     "hard KD": "distilled", "DKD": "distilled"}
+    for m in summary["models"]:
+        assert {"name", "role", "loss", "test_accuracy_per_seed", "test_accuracy_mean", "test_accuracy_std",
+                "params", "flops", "size_bytes", "latency_ms"} <= set(m)
+        assert len(m["test_accuracy_per_seed"]) == (1 if m["role"] == "teacher" else 2)
+        assert 0.1 < m["test_accuracy_mean"] <= 1.0  # better than chance after one epoch
+    metrics = json.loads((demo_dir / "soft_kd_t_8" / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "best_test_accuracy", "last_test_accuracy", "precision", "recall",
+                "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece", "teacher_agreement", "params", "flops"):
+        assert key in metrics, key
+    assert len(metrics["f1"]) == 10
+    assert (demo_dir / "teacher" / "model").is_dir() and (demo_dir / "soft_kd_t_8" / "ckpt").is_dir()
+    assert "| teacher | teacher |" in (demo_dir / "report.md").read_text()
 
 
-def test_demo_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--temperature", "0"])
-    assert "--temperature > 0" in capsys.readouterr().err
+@pytest.mark.slow
+def test_demo_rerun_resumes_and_a_changed_config_is_refused(demo_dir, capsys):
+    assert cli.main(["demo", "--run-dir", str(demo_dir), *TINY]) == 0
+    assert "teacher mlp_2x1200: loaded from" in capsys.readouterr().out
+    assert cli.main(["demo", "--run-dir", str(demo_dir), *TINY, "--set", "student_epochs=2"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_evaluate_and_report(demo_dir, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", str(demo_dir / "soft_kd_t_8" / "seed0"), "--out", str(out)]) == 0
+    saved = json.loads((demo_dir / "soft_kd_t_8" / "metrics.json").read_text())
+    assert json.loads(out.read_text())["test_accuracy"] == pytest.approx(saved["test_accuracy_per_seed"][0])
+    assert cli.main(["report", str(demo_dir)]) == 0
+    assert "| student alone | student_alone |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_teacher_then_distill(tmp_path):
+    t_dir = tmp_path / "t"
+    assert cli.main(["train-teacher", "--model", "mlp", "--model-option", "hidden=(64,)", "--epochs", "1",
+                     "--run-dir", str(t_dir), "--no-progress"]) == 0
+    d_dir = tmp_path / "d"
+    assert cli.main(["distill", "--teacher-dir", str(t_dir / "teacher" / "model"), "--model", "mlp_30",
+                     "--epochs", "1", "--loss", "dkd", "--seeds", "0,1", "--parallel", "mesh", "--devices", "2",
+                     "--run-dir", str(d_dir), "--no-progress"]) == 0
+    summary = json.loads((d_dir / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["teacher", "student alone", "dkd KD"]
+
+
+@pytest.mark.slow
+def test_run_config_file_with_overrides(tmp_path):
+    cfg = "experiments/embedded_demo/config.py"
+    assert cli.main(["run", cfg, "--run-dir", str(tmp_path / "r"), *TINY, "--set", "student.name=mlp_30",
+                     "--set", "distillations=()"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["mlp_2x1200", "mlp_30"]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [(["demo", "--set", "no_such_field=1"], "unknown config field 'no_such_field'"),
+     (["run", "nowhere/config.py"], "no config file at"),
+     (["demo", "--set", "parallel=gpu"], "parallel must be 'single', 'mesh' or 'pmap'")],
+)
+def test_bad_arguments(argv, message, tmp_path, capsys):
+    try:
+        code = cli.main([*argv, "--run-dir", str(tmp_path / "x")])
+    except SystemExit as e:
+        code, text = e.code, str(e)
+    else:
+        text = capsys.readouterr().err
+    assert code != 0 and message in text
+
+
+def test_evaluate_refuses_a_folder_without_a_model(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path)]) == 2
+    assert "holds no saved jkd model" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    for sub in ("demo", "run", "train-teacher", "distill", "evaluate", "report", "models"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([sub, "--help"])
+        assert e.value.code == 0
+    assert "--temperature" in capsys.readouterr().out

@@ -1,0 +1,411 @@
+"""The main job: train a teacher, the student alone and distilled students, evaluate, report.
+
+One experiment is one :class:`ExperimentConfig` (an experiment's ``config.py`` returns it
+from ``get_config()``); :func:`run` carries it out in a run folder::
+
+    run_dir/config.json          the configuration (a rerun with the same one resumes)
+    run_dir/log.jsonl            every train/eval record
+    run_dir/tb/<model>/          TensorBoard event files (tensorboardX, no TensorFlow)
+    run_dir/<model>/ckpt/        checkpoints of the model's training (resumable)
+    run_dir/<model>/seed<k>/     the trained variables, saved once
+    run_dir/<model>/metrics.json per-model metrics (per seed and mean)
+    run_dir/summary.json, report.md, *.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jkd.data import augment, load_dataset
+from jkd.data import pipeline as P
+from jkd.evaluate import metrics as M
+from jkd.evaluate import plots, report
+from jkd.models import create_model, model_stats
+from jkd.train import (
+    AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
+    parallel, stack_states, train_step_many, unstack_state,
+)
+from jkd.train.checkpoint import Checkpoints, abstract_like, load_frozen, save_frozen
+from jkd.train.loop import LoopConfig, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model of the zoo by name, with its size options (``hidden``, ``width``, ``dropout``)."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    def build(self, num_classes, input_shape, seed, bn_axis_name=None):
+        return create_model(self.name, num_classes=num_classes, input_shape=input_shape, seed=seed,
+                            bn_axis_name=bn_axis_name, **dict(self.options))
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """One distilled-student setting: a display name and its objective (``objectives.SoftKD``, ...)."""
+
+    name: str
+    objective: object
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    dataset: str = "jkd_mnist_sample"
+    data_dir: str | None = None
+    teacher: ModelSpec = ModelSpec("mlp_2x1200")
+    student: ModelSpec = ModelSpec("mlp_100")
+    teacher_dir: str | None = None          # a saved teacher (skip teacher training)
+    teacher_epochs: int = 20
+    student_epochs: int = 40
+    batch_size: int = 128
+    teacher_optimizer: SGDConfig | AdamWConfig = AdamWConfig(learning_rate=1e-3, weight_decay=0.0, warmup_epochs=0.0)
+    student_optimizer: SGDConfig | AdamWConfig = AdamWConfig(learning_rate=1e-3, weight_decay=0.0, warmup_epochs=0.0)
+    teacher_crop_padding: int = 2
+    student_crop_padding: int = 0
+    flip: bool | None = None                # None: the dataset's default
+    seeds: tuple[int, ...] = (0, 1, 2)
+    distillations: tuple[Distillation, ...] = (
+        Distillation("soft KD T=8", objectives.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1)),
+    )
+    parallel: str = "single"                # "single" | "mesh" | "pmap"
+    devices: int | None = None
+    eval_every_epochs: int = 5
+    include_baseline: bool = True           # train the student alone too
+    include_students: bool = True           # False: train (and evaluate) the teacher only
+    title: str = "distillation run"
+
+    def validate(self) -> None:
+        if self.parallel not in ("single", "mesh", "pmap"):
+            raise ValueError(f"parallel must be 'single', 'mesh' or 'pmap'; got {self.parallel!r}.")
+        for field in ("teacher_epochs", "student_epochs", "batch_size", "eval_every_epochs"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed.")
+        names = [d.name for d in self.distillations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"distillation names must be distinct; got {names}.")
+
+
+def demo_config() -> ExperimentConfig:
+    """What ``make demo`` runs: the embedded MNIST sample, a 2x1200 teacher, a 784-100-10
+    student alone and distilled with soft KD, hard KD and DKD, 3 seeds each (~100 s here)."""
+    return ExperimentConfig(
+        title="jkd demo: distillation on the embedded MNIST sample",
+        distillations=(
+            Distillation("soft KD T=8", objectives.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1)),
+            Distillation("hard KD", objectives.HardKD(kd_weight=0.5, ce_weight=0.5)),
+            Distillation("DKD", objectives.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0)),
+        ),
+    )
+
+
+def config_to_json(cfg: ExperimentConfig) -> dict:
+    def enc(x):
+        if dataclasses.is_dataclass(x):
+            return {"__type__": type(x).__name__, **{f.name: enc(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, (list, tuple)):
+            return [enc(v) for v in x]
+        if callable(x):
+            return getattr(x, "__name__", repr(x))
+        return x
+    return enc(cfg)
+
+
+def model_meta(mspec: ModelSpec, spec, role: str) -> dict:
+    """What is saved beside a model's variables so that it can be rebuilt and evaluated alone."""
+    return {"model": mspec.name, "options": [list(o) for o in mspec.options], "role": role,
+            "dataset": spec.name, "num_classes": spec.num_classes, "image_shape": list(spec.image_shape),
+            "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def load_saved_model(path: str | Path):
+    """``(graphdef, variables, meta)`` of a model saved by a run (teacher or a student seed)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not (path / "meta").exists():
+        raise FileNotFoundError(f"{path} holds no saved jkd model (expected a folder written by a run, "
+                                "e.g. runs/demo/teacher/model or runs/demo/soft_kd_t_8/seed0).")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+        meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    from jkd.train import freeze_model
+
+    mspec = ModelSpec(meta["model"], tuple(tuple(o) for o in meta["options"]))
+    graphdef, template = freeze_model(mspec.build(meta["num_classes"], tuple(meta["image_shape"]), 0))
+    variables, _ = load_frozen(path, abstract_like(template))
+    return graphdef, variables, meta
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+class _Run:
+    """Shared pieces of one run: data, views, runners, logging."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, progress: bool):
+        self.cfg, self.dir, self.progress = cfg, run_dir, progress
+        self.ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+        spec = self.ds.spec
+        self.train = P.reader(self.ds.split("train"), spec.image_shape)
+        self.test = P.reader(self.ds.split("test"), spec.image_shape)
+        self.steps_per_epoch = len(self.train) // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training images.")
+        self.flip = spec.flip if cfg.flip is None else cfg.flip
+        self.eval_view = functools.partial(augment.normalize, mean=spec.mean, std=spec.std)
+        self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
+        self.log_file = (run_dir / "log.jsonl").open("a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = {}
+        self._writer_cls = SummaryWriter
+
+    def view(self, crop_padding):
+        s = self.ds.spec
+        return functools.partial(augment.augment, mean=s.mean, std=s.std, crop_padding=crop_padding, flip=self.flip)
+
+    def runner(self, step):
+        if self.cfg.parallel == "mesh":
+            return parallel.on_mesh(step, parallel.data_mesh(self.cfg.devices))
+        if self.cfg.parallel == "pmap":
+            return parallel.with_pmap(step, self.cfg.devices)
+        return parallel.single_device(step)
+
+    def log(self, model: str, record: dict) -> None:
+        self.log_file.write(json.dumps({"model": model, **record}) + "\n")
+        self.log_file.flush()
+        if model not in self._tb:
+            self._tb[model] = self._writer_cls(str(self.dir / "tb" / _slug(model)))
+        w = self._tb[model]
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                w.add_scalar(f"{record.get('event', 'x')}/{k}", v, record["step"])
+
+    def close(self):
+        self.log_file.close()
+        for w in self._tb.values():
+            w.close()
+
+    def batches(self, seed):
+        return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start)
+
+    def eval_logits(self, graphdef, variables_list) -> list[np.ndarray]:
+        """Test-set logits of each variables set (eval mode)."""
+        fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view))
+        outs = [[] for _ in variables_list]
+        labels = []
+        for b in P.eval_batches(self.test, batch_size=self.cfg.batch_size):
+            labels.append(b["label"][b["mask"]])
+            for i, v in enumerate(variables_list):
+                outs[i].append(np.asarray(fn(v, b)["logits"])[b["mask"]])
+        self.test_labels = np.concatenate(labels)
+        return [np.concatenate(o) for o in outs]
+
+
+def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
+                 teacher=None, teacher_graphdef=None):
+    """Train len(seeds) copies of ``spec`` with ``objective`` in one vmapped step; returns
+    ``(graphdef, [state per seed])``; records go to the run's log."""
+    cfg, shape, k = r.cfg, r.ds.spec.image_shape, len(seeds)
+    total = epochs * r.steps_per_epoch
+    tx = make_optimizer(optimizer, steps_per_epoch=r.steps_per_epoch, total_steps=total)
+    made = [create_train_state(spec.build(r.ds.spec.num_classes, shape, s, r.bn_axis), tx, seed=s) for s in seeds]
+    graphdef = made[0][0]
+    states = stack_states([m[1] for m in made])
+    objs = objectives.stack([objective] * k) if jax.tree.leaves(objective) else objective
+    step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
+                             teacher_graphdef=teacher_graphdef)
+    eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
+
+    def evaluate(st):
+        loss, correct, count = np.zeros(k), np.zeros(k), 0
+        for b in P.eval_batches(r.test, batch_size=cfg.batch_size):
+            out = eval_fn(st, b)
+            loss += np.asarray(out["loss_sum"])
+            correct += np.asarray(out["correct"])
+            count += int(out["count"][0])
+        acc = correct / count
+        return {"val_accuracy": float(acc.mean()), "test_accuracy_per_seed": acc.tolist(),
+                "test_loss_per_seed": (loss / count).tolist()}
+
+    def log(rec):
+        r.log(name, {**rec, "epoch": rec["step"] / r.steps_per_epoch})
+
+    ckpts = Checkpoints(r.dir / _slug(name) / "ckpt")
+    try:
+        states, _ = fit(
+            r.runner(step), states, objs, teacher, batches=r.batches(seed=seeds[0]), checkpoints=ckpts,
+            evaluate=evaluate, log=log,
+            config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
+                              eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress),
+        )
+    finally:
+        ckpts.close()
+    return graphdef, [unstack_state(states, i) for i in range(k)]
+
+
+def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
+    fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=view))
+    b = {"image": np.zeros((batch_size, *shape), np.uint8), "label": np.zeros(batch_size, np.int32)}
+    jax.block_until_ready(fn(variables, b))
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(variables, b))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def _read_log(path: Path) -> dict[str, list[dict]]:
+    """Records per model from ``log.jsonl``, across resumes: the last record of each
+    (event, step) wins (a resumed run repeats the steps after its last checkpoint)."""
+    latest: dict[tuple, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("event") in ("train", "eval"):
+                latest[(rec["model"], rec["event"], rec["step"])] = rec
+    out: dict[str, list[dict]] = {}
+    for (model, _, _), rec in sorted(latest.items(), key=lambda kv: kv[0][2]):
+        out.setdefault(model, []).append(rec)
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+        echo: Callable[[str], None] = print) -> dict:
+    """Carry out ``cfg`` in ``run_dir``; returns the summary (also in ``summary.json``)."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    cfg_json = config_to_json(cfg)
+    cfg_path = run_dir / "config.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg_path.exists():
+            raise FileExistsError(f"{run_dir} exists and is not a jkd run folder; choose another --run-dir.")
+        if not resume:
+            raise FileExistsError(f"{run_dir} holds a run already; pass --resume to continue it, or choose another --run-dir.")
+        if json.loads(cfg_path.read_text()) != cfg_json:
+            raise ValueError(f"{run_dir} holds a run with another configuration ({cfg_path}); "
+                             "choose another --run-dir to run this one.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(cfg_json, indent=2))
+    t_start = time.perf_counter()
+    r = _Run(cfg, run_dir, progress)
+    spec, shape = r.ds.spec, r.ds.spec.image_shape
+    echo(f"dataset {spec.name}: {len(r.train)} train / {len(r.test)} test images, {spec.num_classes} classes")
+    try:
+        # ---- teacher ---------------------------------------------------------------------
+        teacher_model = cfg.teacher.build(spec.num_classes, shape, 0)
+        from jkd.train import freeze_model
+
+        tg, teacher_template = freeze_model(teacher_model)
+        saved = Path(cfg.teacher_dir) if cfg.teacher_dir else run_dir / "teacher" / "model"
+        if saved.exists():
+            teacher, _ = load_frozen(saved, abstract_like(teacher_template))
+            echo(f"teacher {cfg.teacher.name}: loaded from {saved}")
+        else:
+            echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
+            tg, states = _train_group(
+                r, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
+                optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
+            teacher = freeze(states[0])
+            save_frozen(saved, teacher, model_meta(cfg.teacher, spec, "teacher"))
+
+        # ---- students -----------------------------------------------------------------------
+        groups = [("student alone", "student_alone", "cross-entropy", objectives.CrossEntropy())] if cfg.include_baseline else []
+        groups += [(d.name, "distilled", type(d.objective).__name__, d.objective) for d in cfg.distillations]
+        if not cfg.include_students:
+            groups = []
+        results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
+        for name, role, loss_name, objective in groups:
+            echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {cfg.student_epochs} epochs")
+            g, states = _train_group(
+                r, name, cfg.student, objective, seeds=cfg.seeds, epochs=cfg.student_epochs,
+                optimizer=cfg.student_optimizer, crop_padding=cfg.student_crop_padding,
+                teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg)
+            results[name] = (role, loss_name, g, [freeze(s) for s in states], cfg.student)
+
+        # ---- evaluation and report ----------------------------------------------------------------
+        teacher_logits = r.eval_logits(tg, [teacher])[0]
+        entries = []
+        for name, (role, loss_name, g, variables, mspec) in results.items():
+            logits = r.eval_logits(g, variables)
+            labels = r.test_labels
+            per_seed = [M.classification_report(lg, labels, spec.num_classes,
+                                                 None if role == "teacher" else teacher_logits) for lg in logits]
+            folder = run_dir / _slug(name)
+            for i, v in enumerate(variables):
+                target = folder / f"seed{i}"
+                if role != "teacher" and not target.exists():
+                    save_frozen(target, v, model_meta(mspec, spec, role))
+            size = _dir_bytes(saved if role == "teacher" else folder / "seed0")
+            stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
+            evals = [h for h in _read_log(run_dir / "log.jsonl").get(name, []) if h.get("event") == "eval"]
+            accs = [m["accuracy"] for m in per_seed]
+            metrics = {
+                "name": name, "role": role, "loss": loss_name, "model": mspec.name,
+                "test_accuracy": float(np.mean(accs)),
+                "test_accuracy_per_seed": accs,
+                "test_loss": float(np.mean([m["loss"] for m in per_seed])),
+                "last_test_accuracy": float(np.mean(accs)),
+                "best_test_accuracy": max([e["val_accuracy"] for e in evals] + [float(np.mean(accs))]),
+                "params": stats.params, "flops": stats.flops,
+                "per_seed": per_seed,
+                **{k: per_seed[0][k] for k in ("precision", "recall", "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece")},
+            }
+            if role != "teacher":
+                metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{_slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
+            plots.roc(logits[0], labels, run_dir / f"roc_{_slug(name)}.png", f"ROC, one vs rest: {name}")
+            entries.append({
+                "name": name, "role": role, "loss": loss_name, "model": mspec.name,
+                "test_accuracy_per_seed": accs,
+                "test_accuracy_mean": float(np.mean(accs)),
+                "test_accuracy_std": float(np.std(accs)),
+                "params": stats.params, "flops": stats.flops, "size_bytes": size,
+                "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view),
+            })
+        histories = _read_log(run_dir / "log.jsonl")
+        curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
+                  + [{"epoch": h["epoch"], "test_accuracy": h["val_accuracy"], "test_loss": float(np.mean(h["test_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
+                  for n, hs in histories.items()}
+        plots.curves(curves, run_dir / "curves.png")
+        plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
+        alone = next((e for e in entries if e["role"] == "student_alone"), None)
+        notes = [f"{len(cfg.seeds)} seeds per student setting; latency is the median of 20 eval batches of "
+                 f"{cfg.batch_size} on {jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s."]
+        for e in entries:
+            if e["role"] == "distilled" and alone is not None:
+                margin = e["test_accuracy_mean"] - alone["test_accuracy_mean"]
+                spread = max(e["test_accuracy_std"], alone["test_accuracy_std"])
+                verdict = "beats" if margin > spread else "does not beat"
+                notes.append(f"{e['name']} {verdict} the student alone by more than the seed spread: "
+                             f"{100 * margin:+.2f} points vs std {100 * spread:.2f}.")
+        md = report.write(run_dir, entries, title=cfg.title, notes=notes)
+        echo("\n" + md + "\n")
+        for n in notes:
+            echo(n)
+        echo(f"\nrun folder: {run_dir}")
+        return json.loads((run_dir / "summary.json").read_text())
+    finally:
+        r.close()
+
+
