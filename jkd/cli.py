@@ -81,7 +81,7 @@ def _replace_path(obj, path, value, full_key):
 
 
 def load_config_file(path: str):
-    """``get_config()`` of an experiment's config file."""
+    """An experiment's config module: ``get_config()`` and, for custom experiments, ``main()``."""
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"jkd: no config file at {p}")
@@ -90,7 +90,7 @@ def load_config_file(path: str):
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise SystemExit(f"jkd: {p} defines no get_config()")
-    return module.get_config()
+    return module
 
 
 def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
@@ -202,9 +202,15 @@ def _dispatch(args, parser) -> int:
         X.run(cfg, args.run_dir, resume=True, progress=not args.no_progress)
         return 0
     if args.command == "run":
-        cfg = apply_overrides(load_config_file(args.config), args.set)
-        run_dir = args.run_dir or str(Path("runs") / Path(args.config).resolve().parent.name)
-        X.run(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        module = load_config_file(args.config)
+        cfg = apply_overrides(module.get_config(), args.set)
+        cfg_path = Path(args.config).resolve()
+        default = cfg_path.parent.name + ("" if cfg_path.stem == "config" else "_" + cfg_path.stem.removeprefix("config_"))
+        run_dir = args.run_dir or str(Path("runs") / default)
+        if hasattr(module, "main"):  # experiments that are more than one comparison (sweeps, toys)
+            module.main(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+        else:
+            X.run(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
         return 0
     common = dict(
         dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, devices=args.devices,

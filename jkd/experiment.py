@@ -217,15 +217,19 @@ class _Run:
 
 def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
                  teacher=None, teacher_graphdef=None):
-    """Train len(seeds) copies of ``spec`` with ``objective`` in one vmapped step; returns
-    ``(graphdef, [state per seed])``; records go to the run's log."""
+    """Train len(seeds) copies of ``spec`` in one vmapped step; returns ``(graphdef, [state per
+    seed])``; records go to the run's log. ``objective`` is one objective for all, or a list
+    of one objective per seed (a sweep of temperatures or weights)."""
     cfg, shape, k = r.cfg, r.ds.spec.image_shape, len(seeds)
+    per_student = list(objective) if isinstance(objective, (list, tuple)) else [objective] * k
+    if len(per_student) != k:
+        raise ValueError(f"{len(per_student)} objectives for {k} students; give one per seed.")
     total = epochs * r.steps_per_epoch
     tx = make_optimizer(optimizer, steps_per_epoch=r.steps_per_epoch, total_steps=total)
     made = [create_train_state(spec.build(r.ds.spec.num_classes, shape, s, r.bn_axis), tx, seed=s) for s in seeds]
     graphdef = made[0][0]
     states = stack_states([m[1] for m in made])
-    objs = objectives.stack([objective] * k) if jax.tree.leaves(objective) else objective
+    objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
     step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
                              teacher_graphdef=teacher_graphdef)
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
@@ -255,6 +259,35 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     finally:
         ckpts.close()
     return graphdef, [unstack_state(states, i) for i in range(k)]
+
+
+def _get_teacher(r: _Run, run_dir: Path, echo):
+    """``(graphdef, variables)`` of the teacher: loaded from ``cfg.teacher_dir``, or from this
+    run folder, or trained here (and saved once)."""
+    cfg, spec = r.cfg, r.ds.spec
+    if cfg.teacher_dir:
+        tg, teacher, meta = load_saved_model(cfg.teacher_dir)
+        if meta["model"] != cfg.teacher.name:
+            raise ValueError(f"{cfg.teacher_dir} holds a {meta['model']} teacher, but the config names "
+                             f"{cfg.teacher.name}; set teacher.name={meta['model']}.")
+        if meta["num_classes"] != spec.num_classes or tuple(meta["image_shape"]) != spec.image_shape:
+            raise ValueError(f"the teacher in {cfg.teacher_dir} was trained on {meta['dataset']} "
+                             f"({meta['num_classes']} classes, images {tuple(meta['image_shape'])}); "
+                             f"{spec.name} has {spec.num_classes} classes and images {spec.image_shape}.")
+        echo(f"teacher {meta['model']}: loaded from {cfg.teacher_dir}")
+        return tg, teacher
+    saved = run_dir / "teacher" / "model"
+    if saved.exists():
+        tg, teacher, _ = load_saved_model(saved)
+        echo(f"teacher {cfg.teacher.name}: loaded from {saved}")
+        return tg, teacher
+    echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
+    tg, states = _train_group(
+        r, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
+        optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
+    teacher = freeze(states[0])
+    save_frozen(saved, teacher, model_meta(cfg.teacher, spec, "teacher"))
+    return tg, teacher
 
 
 def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
@@ -310,22 +343,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
     spec, shape = r.ds.spec, r.ds.spec.image_shape
     echo(f"dataset {spec.name}: {len(r.train)} train / {len(r.test)} test images, {spec.num_classes} classes")
     try:
-        # ---- teacher ---------------------------------------------------------------------
-        teacher_model = cfg.teacher.build(spec.num_classes, shape, 0)
-        from jkd.train import freeze_model
-
-        tg, teacher_template = freeze_model(teacher_model)
-        saved = Path(cfg.teacher_dir) if cfg.teacher_dir else run_dir / "teacher" / "model"
-        if saved.exists():
-            teacher, _ = load_frozen(saved, abstract_like(teacher_template))
-            echo(f"teacher {cfg.teacher.name}: loaded from {saved}")
-        else:
-            echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
-            tg, states = _train_group(
-                r, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
-                optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
-            teacher = freeze(states[0])
-            save_frozen(saved, teacher, model_meta(cfg.teacher, spec, "teacher"))
+        tg, teacher = _get_teacher(r, run_dir, echo)
 
         # ---- students -----------------------------------------------------------------------
         groups = [("student alone", "student_alone", "cross-entropy", objectives.CrossEntropy())] if cfg.include_baseline else []
@@ -354,7 +372,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
                 target = folder / f"seed{i}"
                 if role != "teacher" and not target.exists():
                     save_frozen(target, v, model_meta(mspec, spec, role))
-            size = _dir_bytes(saved if role == "teacher" else folder / "seed0")
+            size = _dir_bytes(Path(cfg.teacher_dir) if (role == "teacher" and cfg.teacher_dir) else
+                              run_dir / "teacher" / "model" if role == "teacher" else folder / "seed0")
             stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
             evals = [h for h in _read_log(run_dir / "log.jsonl").get(name, []) if h.get("event") == "eval"]
             accs = [m["accuracy"] for m in per_seed]
@@ -409,3 +428,55 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
         r.close()
 
 
+
+
+def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_weights, seed: int = 0,
+              progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Soft KD over a grid of temperatures x KD weights, all students in one vmapped run.
+
+    Every student starts from the same initialisation (``seed``) and sees the same batches, so
+    the grid isolates the effect of ``T`` and ``kd_weight`` (``ce_weight = 1 - kd_weight``;
+    ``kd_weight = 0`` is the student alone). Writes ``sweep.json`` and ``sweep_heatmap.png``.
+    """
+    temperatures, kd_weights = [float(t) for t in temperatures], [float(w) for w in kd_weights]
+    if not temperatures or not kd_weights:
+        raise ValueError("the grid needs at least one temperature and one kd_weight.")
+    if any(t <= 0 for t in temperatures):
+        raise ValueError(f"temperatures must be > 0; got {temperatures}.")
+    if any(not 0 <= w <= 1 for w in kd_weights):
+        raise ValueError(f"kd_weights must lie in [0, 1]; got {kd_weights}.")
+    cfg.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    r = _Run(cfg, run_dir, progress)
+    try:
+        tg, teacher = _get_teacher(r, run_dir, echo)
+        grid = [(t, w) for t in temperatures for w in kd_weights]
+        objs = [objectives.SoftKD(temperature=t, kd_weight=w, ce_weight=1.0 - w) for t, w in grid]
+        echo(f"sweep: {len(grid)} students of {cfg.student.name} ({len(temperatures)} T x {len(kd_weights)} "
+             f"KD weights) in one vmapped step, {cfg.student_epochs} epochs")
+        t0 = time.perf_counter()
+        g, states = _train_group(r, "sweep", cfg.student, objs, seeds=[seed] * len(grid), epochs=cfg.student_epochs,
+                                 optimizer=cfg.student_optimizer, crop_padding=cfg.student_crop_padding,
+                                 teacher=teacher, teacher_graphdef=tg)
+        seconds = time.perf_counter() - t0
+        logits = r.eval_logits(g, [freeze(s) for s in states])
+        acc = np.array([float((lg.argmax(1) == r.test_labels).mean()) for lg in logits]).reshape(len(temperatures), len(kd_weights))
+        plots.heatmap(100 * acc, [f"T={t:g}" for t in temperatures], [f"{w:g}" for w in kd_weights],
+                      run_dir / "sweep_heatmap.png", title=f"{cfg.student.name}: test accuracy (%) by T and KD weight",
+                      row_label="temperature", col_label="kd_weight (ce_weight = 1 - kd_weight)")
+        best = np.unravel_index(np.argmax(acc), acc.shape)
+        result = {"temperatures": temperatures, "kd_weights": kd_weights, "test_accuracy": acc.tolist(),
+                  "best": {"temperature": temperatures[best[0]], "kd_weight": kd_weights[best[1]],
+                           "test_accuracy": float(acc[best])},
+                  "students": len(grid), "train_seconds": seconds}
+        (run_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+        rows = ["| T \\ kd_weight | " + " | ".join(f"{w:g}" for w in kd_weights) + " |",
+                "|---|" + "---|" * len(kd_weights)]
+        rows += [f"| {t:g} | " + " | ".join(f"{100 * a:.2f}" for a in acc[i]) + " |" for i, t in enumerate(temperatures)]
+        echo("\n".join(rows))
+        echo(f"best: T={result['best']['temperature']:g}, kd_weight={result['best']['kd_weight']:g} "
+             f"({100 * result['best']['test_accuracy']:.2f}%); {len(grid)} students trained in {seconds:.0f} s")
+        return result
+    finally:
+        r.close()

@@ -79,14 +79,34 @@ def accuracy_vs_size(entries: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
     bars = ax.bar(range(len(entries)), means, yerr=stds, capsize=4,
                   color=["#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries])
-    for b, e in zip(bars, entries):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{e['params'] / 1e6:.2f}M",
+    for b, e, sd in zip(bars, entries, stds):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height() + sd + 0.05, f"{e['params'] / 1e6:.2f}M",
                 ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(entries)), names, rotation=20, ha="right", fontsize=8)
     lo = min(means) - 3 * max(max(stds), 0.5)
     ax.set_ylim(max(0.0, lo), min(100.0, max(means) + 3))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs model size (parameters above the bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap(values: np.ndarray, rows: list[str], cols: list[str], path: Path, *, title: str,
+            row_label: str, col_label: str) -> None:
+    """A grid of values (e.g. test accuracy in %) with each cell annotated."""
+    values = np.asarray(values, np.float64)
+    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 2))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if v < values.mean() else "black")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -95,7 +95,8 @@ def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int) ->
             f"axis) or broadcast to it; got {labels.shape}."
         )
     if _is_concrete(labels) and labels.size:
-        lo, hi = int(labels.min()), int(labels.max())
+        concrete = np.asarray(labels)  # numpy: jnp ops on a constant inside jit would trace
+        lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
                 f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes; "

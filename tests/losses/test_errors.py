@@ -49,3 +49,12 @@ def test_bad_input(call, exc, match):
 def test_shape_errors_also_raise_under_jit():
     with pytest.raises(ValueError, match="same shape"):
         jax.jit(L.soft_distillation_loss)(S, jnp.zeros((4, 6)))
+
+
+def test_constant_labels_closed_over_inside_jit_are_checked_not_traced():
+    y = jnp.array([0, 1, 2, 3])  # concrete, captured by the jitted function
+    out = jax.jit(lambda s: L.cross_entropy_loss(s, y))(S)
+    assert out.shape == (4,)
+    bad = jnp.array([0, 1, 2, 7])
+    with pytest.raises(ValueError, match="labels must lie"):
+        jax.jit(lambda s: L.cross_entropy_loss(s, bad))(S)
