@@ -5,6 +5,7 @@ from jkd.models.mlp import MLP
 from jkd.models.mobilenet import MobileNetV2
 from jkd.models.resnet import CifarResNet
 from jkd.models.resnet import WideResNet
+from jkd.models._layers import expose
 from jkd.models.zoo import MODELS
 from jkd.models.zoo import ModelStats
 from jkd.models.zoo import create_model
@@ -13,5 +14,5 @@ from jkd.models.zoo import call_with_features
 
 __all__ = [
     "MLP", "MODELS", "CifarResNet", "MobileNetV2", "ModelStats", "SmallCNN", "WideResNet",
-    "call_with_features", "create_model", "model_stats",
+    "call_with_features", "create_model", "expose", "model_stats",
 ]

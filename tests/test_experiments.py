@@ -1,0 +1,57 @@
+"""Every experiment has a pulse: its real config through `jkd run`, tiny sizes, temp folder."""
+
+import json
+
+import pytest
+import tensorflow_datasets as tfds
+
+from jkd import cli
+
+TINY = ["--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "seeds=(0,)",
+        "--set", "eval_every_epochs=1", "--no-progress"]
+
+
+def test_source_example_learns_from_the_trained_teacher(tmp_path):
+    assert cli.main(["run", "experiments/source_example/config.py", "--run-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["single_unit_grad_norm"] == 0.0 and r["single_unit_loss"] == 0.0  # the original's bug
+    assert r["teacher_accuracy"] == 1.0
+    assert r["student_kd_loss_after"] < 0.01 * r["student_kd_loss_before"]
+    assert r["student_accuracy"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["hinton_mnist/config.py", "hinton_mnist/config_30.py"])
+def test_hinton_configs_have_a_pulse(config, tmp_path):
+    assert cli.main(["run", f"experiments/{config}", "--run-dir", str(tmp_path), *TINY]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["models"][1]["model"] in ("mlp_2x800", "mlp_30")
+
+
+@pytest.mark.slow
+def test_temperature_sweep_has_a_pulse(tmp_path):
+    assert cli.main(["run", "experiments/temperature_sweep/config.py", "--run-dir", str(tmp_path), *TINY]) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["test_accuracy"]) == 4 and len(sweep["test_accuracy"][0]) == 3
+    assert sweep["students"] == 12 and (tmp_path / "sweep_heatmap.png").is_file()
+
+
+def test_sweep_refuses_a_bad_grid_before_training(tmp_path):
+    from jkd.experiment import demo_config, run_sweep
+
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        run_sweep(demo_config(), tmp_path, temperatures=[1.0, 0.0], kd_weights=[0.5])
+    with pytest.raises(ValueError, match=r"kd_weights must lie in \[0, 1\]"):
+        run_sweep(demo_config(), tmp_path, temperatures=[1.0], kd_weights=[1.5])
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.slow
+def test_cifar100_recipe_runs_a_few_steps_on_mock_data(tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        assert cli.main(["run", "experiments/cifar100_kd/config.py", "--run-dir", str(tmp_path),
+                         "--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "batch_size=32",
+                         "--set", "eval_every_epochs=1", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == ["resnet32x4"] + ["resnet8x4"] * 3
+    assert [m["name"] for m in summary["models"]] == ["teacher", "student alone", "KD", "DKD"]
