@@ -151,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0,),
                          help="comma-separated seeds, trained together in one vmapped step")
     distill.add_argument("--no-baseline", action="store_true", help="skip the student trained alone")
+    floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
+    distill.add_argument("--auto", action="store_true",
+                         help="choose loss, T and KD weight on a validation split (one vmapped run per loss), "
+                              "then train the choice and the student alone over --seeds")
+    distill.add_argument("--grid-losses", type=lambda s: tuple(s.split(",")), default=("soft", "dkd"))
+    distill.add_argument("--grid-temperatures", type=floats, default=(1.0, 2.0, 4.0, 8.0))
+    distill.add_argument("--grid-kd-weights", type=floats, default=(0.0, 0.5, 0.9))
+    distill.add_argument("--val-fraction", type=float, default=0.0, help="validation split from train (--auto: 0.1)")
+    distill.add_argument("--calibrate-teacher", action="store_true",
+                         help="--auto: temperature-scale the teacher on the validation split first")
     _common(distill, run_dir="runs/distill")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
@@ -224,15 +234,22 @@ def _dispatch(args, parser) -> int:
             include_students=False, distillations=(), title=f"teacher {args.model} on {args.dataset}",
         )
     else:  # distill
+        if args.auto:  # a bad grid is refused before anything is read or trained
+            X.AutoGrid(losses=args.grid_losses, temperatures=args.grid_temperatures, kd_weights=args.grid_kd_weights).validate()
         kw = {} if args.crop_padding is None else {"student_crop_padding": args.crop_padding}
         cfg = X.ExperimentConfig(
             **common, **kw, teacher_dir=args.teacher_dir, teacher=_saved_teacher_spec(args.teacher_dir),
             student=_model_spec(args.model, args.model_option),
             student_epochs=args.epochs, student_optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay),
-            seeds=args.seeds, include_baseline=not args.no_baseline,
+            seeds=args.seeds, include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
             distillations=(X.Distillation(f"{args.loss} KD", _objective(args)),),
             title=f"{args.model} distilled ({args.loss}) on {args.dataset}",
         )
+    if args.command == "distill" and args.auto:
+        grid = X.AutoGrid(losses=args.grid_losses, temperatures=args.grid_temperatures, kd_weights=args.grid_kd_weights)
+        X.run_auto(cfg, args.run_dir, grid=grid, calibrate=args.calibrate_teacher, resume=args.resume,
+                   progress=not args.no_progress)
+        return 0
     X.run(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
     return 0
 

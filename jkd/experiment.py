@@ -81,6 +81,8 @@ class ExperimentConfig:
     parallel: str = "single"                # "single" | "mesh" | "pmap"
     devices: int | None = None
     eval_every_epochs: int = 5
+    val_fraction: float = 0.0               # > 0: a stratified validation split carved from train
+    val_seed: int = 0
     include_baseline: bool = True           # train the student alone too
     include_students: bool = True           # False: train (and evaluate) the teacher only
     title: str = "distillation run"
@@ -93,6 +95,8 @@ class ExperimentConfig:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed.")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}.")
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
@@ -148,6 +152,12 @@ def load_saved_model(path: str | Path):
     return graphdef, variables, meta
 
 
+def _loss_name(objective) -> str:
+    if isinstance(objective, objectives.TeacherTemperature):
+        return f"{_loss_name(objective.base)} (teacher T={float(objective.temperature):.3g})"
+    return type(objective).__name__
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
@@ -161,6 +171,11 @@ class _Run:
         spec = self.ds.spec
         self.train = P.reader(self.ds.split("train"), spec.image_shape)
         self.test = P.reader(self.ds.split("test"), spec.image_shape)
+        self.val = None
+        if cfg.val_fraction > 0:  # never the test split: carved from train, stratified by class
+            tr, va = P.stratified_split(P.labels_of(self.train), fraction=cfg.val_fraction, seed=cfg.val_seed)
+            self.train, self.val = P.Subset(self.train, tr), P.Subset(self.train, va)
+        self.held_out = self.val if self.val is not None else self.test  # periodic evaluation
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training images.")
@@ -202,16 +217,19 @@ class _Run:
     def batches(self, seed):
         return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start)
 
-    def eval_logits(self, graphdef, variables_list) -> list[np.ndarray]:
-        """Test-set logits of each variables set (eval mode)."""
+    def eval_logits(self, graphdef, variables_list, split=None) -> list[np.ndarray]:
+        """Logits of each variables set (eval mode) on ``split`` (default: test); the labels
+        are left in ``self.last_labels`` (and ``self.test_labels`` for the test split)."""
         fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view))
         outs = [[] for _ in variables_list]
         labels = []
-        for b in P.eval_batches(self.test, batch_size=self.cfg.batch_size):
+        for b in P.eval_batches(self.test if split is None else split, batch_size=self.cfg.batch_size):
             labels.append(b["label"][b["mask"]])
             for i, v in enumerate(variables_list):
                 outs[i].append(np.asarray(fn(v, b)["logits"])[b["mask"]])
-        self.test_labels = np.concatenate(labels)
+        self.last_labels = np.concatenate(labels)
+        if split is None:
+            self.test_labels = self.last_labels
         return [np.concatenate(o) for o in outs]
 
 
@@ -236,7 +254,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
 
     def evaluate(st):
         loss, correct, count = np.zeros(k), np.zeros(k), 0
-        for b in P.eval_batches(r.test, batch_size=cfg.batch_size):
+        for b in P.eval_batches(r.held_out, batch_size=cfg.batch_size):
             out = eval_fn(st, b)
             loss += np.asarray(out["loss_sum"])
             correct += np.asarray(out["correct"])
@@ -341,13 +359,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
     t_start = time.perf_counter()
     r = _Run(cfg, run_dir, progress)
     spec, shape = r.ds.spec, r.ds.spec.image_shape
-    echo(f"dataset {spec.name}: {len(r.train)} train / {len(r.test)} test images, {spec.num_classes} classes")
+    val = f" ({len(r.val)} of them held out for validation)" if r.val is not None else ""
+    echo(f"dataset {spec.name}: {len(r.train) + (len(r.val) if r.val is not None else 0)} train{val} / "
+         f"{len(r.test)} test images, {spec.num_classes} classes")
     try:
         tg, teacher = _get_teacher(r, run_dir, echo)
 
         # ---- students -----------------------------------------------------------------------
         groups = [("student alone", "student_alone", "cross-entropy", objectives.CrossEntropy())] if cfg.include_baseline else []
-        groups += [(d.name, "distilled", type(d.objective).__name__, d.objective) for d in cfg.distillations]
+        groups += [(d.name, "distilled", _loss_name(d.objective), d.objective) for d in cfg.distillations]
         if not cfg.include_students:
             groups = []
         results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
@@ -383,11 +403,16 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
                 "test_accuracy_per_seed": accs,
                 "test_loss": float(np.mean([m["loss"] for m in per_seed])),
                 "last_test_accuracy": float(np.mean(accs)),
-                "best_test_accuracy": max([e["val_accuracy"] for e in evals] + [float(np.mean(accs))]),
+                # Periodic evaluations run on the validation split when there is one; then the
+                # test split is measured once, at the end, and "best" is that final figure.
+                "best_test_accuracy": (max([e["val_accuracy"] for e in evals] + [float(np.mean(accs))])
+                                       if r.val is None else float(np.mean(accs))),
                 "params": stats.params, "flops": stats.flops,
                 "per_seed": per_seed,
                 **{k: per_seed[0][k] for k in ("precision", "recall", "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece")},
             }
+            if r.val is not None and evals:
+                metrics["best_val_accuracy"] = max(e["val_accuracy"] for e in evals)
             if role != "teacher":
                 metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
             folder.mkdir(parents=True, exist_ok=True)
@@ -480,3 +505,125 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
         return result
     finally:
         r.close()
+
+
+def _auto_objective(loss: str, temperature: float, kd_weight: float):
+    """The grid's objectives; ``ce_weight = 1 - kd_weight`` for both families."""
+    if loss == "soft":
+        return objectives.SoftKD(temperature=temperature, kd_weight=kd_weight, ce_weight=1.0 - kd_weight)
+    return objectives.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=temperature, kd_weight=kd_weight, ce_weight=1.0 - kd_weight)
+
+
+AUTO_LOSSES = ("soft", "dkd")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoGrid:
+    """The settings ``run_auto`` tries: every loss x temperature x KD weight. ``kd_weight=0``
+    is the student alone, so the choice is never worse than no distillation on validation."""
+
+    losses: tuple[str, ...] = AUTO_LOSSES
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    kd_weights: tuple[float, ...] = (0.0, 0.5, 0.9)
+
+    def validate(self) -> None:
+        unknown = [l for l in self.losses if l not in AUTO_LOSSES]
+        if unknown or not self.losses:
+            raise ValueError(f"unknown loss(es) {unknown or '(none given)'} in the grid; known: {', '.join(AUTO_LOSSES)}.")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"grid temperatures must be > 0; got {list(self.temperatures)}.")
+        if not self.kd_weights or any(not 0 <= w <= 1 for w in self.kd_weights):
+            raise ValueError(f"grid kd_weights must lie in [0, 1]; got {list(self.kd_weights)}.")
+        if 0.0 not in self.kd_weights:
+            raise ValueError("grid kd_weights must include 0 (the student alone), so the choice can "
+                             "never be worse than no distillation on validation data.")
+
+
+def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = AutoGrid(), calibrate: bool = False,
+             resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Choose the distillation setting on validation data, then train it fully and report.
+
+    1. Refuse a bad grid before any training. 2. Carve a stratified validation split from
+    train (``cfg.val_fraction``, 0.1 if unset). 3. Get the teacher; optionally calibrate it by
+    temperature scaling on the validation split (ECE before/after recorded). 4. Train every
+    setting of the grid, one vmapped run per loss (first seed). 5. Pick the best by validation
+    accuracy. 6. Train the choice and the student alone over all seeds (``run``) and report test
+    accuracy of both. Writes ``auto.json`` and a heat-map per loss.
+    """
+    grid.validate()
+    cfg = dataclasses.replace(cfg, val_fraction=cfg.val_fraction or 0.1, distillations=())
+    cfg.validate()
+    run_dir = Path(run_dir)
+    search_dir = run_dir / "search"
+    search_dir.mkdir(parents=True, exist_ok=True)
+    r = _Run(cfg, search_dir, progress)
+    t_search = time.perf_counter()
+    try:
+        tg, teacher = _get_teacher(r, search_dir, echo)
+        teacher_val = r.eval_logits(tg, [teacher], r.val)[0]
+        val_labels = r.last_labels
+        calibration = {"teacher_val_ece_before": M.expected_calibration_error(M.softmax(teacher_val), val_labels)}
+        t_cal = 1.0
+        if calibrate:
+            t_cal = M.fit_temperature(teacher_val, val_labels)
+            calibration.update(temperature=t_cal, teacher_val_ece_after=M.expected_calibration_error(M.softmax(teacher_val / t_cal), val_labels))
+            echo(f"teacher calibration: T={t_cal:.3f}, validation ECE {calibration['teacher_val_ece_before']:.4f} -> "
+                 f"{calibration['teacher_val_ece_after']:.4f}")
+
+        def wrap(obj):
+            return objectives.TeacherTemperature(obj, t_cal) if calibrate else obj
+
+        settings = [(t, w) for t in grid.temperatures for w in grid.kd_weights]
+        val_acc = {}
+        for loss in grid.losses:
+            objs = [wrap(_auto_objective(loss, t, w)) for t, w in settings]
+            echo(f"search {loss}: {len(settings)} students in one vmapped step, {cfg.student_epochs} epochs")
+            g, states = _train_group(r, f"search {loss}", cfg.student, objs, seeds=[cfg.seeds[0]] * len(settings),
+                                     epochs=cfg.student_epochs, optimizer=cfg.student_optimizer,
+                                     crop_padding=cfg.student_crop_padding, teacher=teacher, teacher_graphdef=tg)
+            logits = r.eval_logits(g, [freeze(s) for s in states], r.val)
+            acc = np.array([float((lg.argmax(1) == r.last_labels).mean()) for lg in logits])
+            val_acc[loss] = acc.reshape(len(grid.temperatures), len(grid.kd_weights))
+            plots.heatmap(100 * val_acc[loss], [f"T={t:g}" for t in grid.temperatures], [f"{w:g}" for w in grid.kd_weights],
+                          run_dir / f"auto_heatmap_{loss}.png", title=f"{loss}: validation accuracy (%)",
+                          row_label="temperature", col_label="kd_weight (ce_weight = 1 - kd_weight)")
+        search_seconds = time.perf_counter() - t_search
+    finally:
+        r.close()
+    # The choice: highest validation accuracy; ties go to the smaller KD weight (kd_weight=0,
+    # the student alone, comes first in the grid).
+    best = max(((val_acc[l][i, j], -grid.kd_weights[j], l, grid.temperatures[i], grid.kd_weights[j])
+                for l in grid.losses for i in range(len(grid.temperatures)) for j in range(len(grid.kd_weights))))
+    _, _, loss, temp, weight = best
+    alone_val = float(val_acc[grid.losses[0]][:, list(grid.kd_weights).index(0.0)].max())
+    choice = {"loss": loss, "temperature": temp, "kd_weight": weight, "ce_weight": 1.0 - weight,
+              "val_accuracy": float(best[0]), "student_alone_val_accuracy": alone_val,
+              "teacher_temperature": t_cal}
+    echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * best[0]:.2f}% vs "
+         f"{100 * alone_val:.2f}% for the student alone)")
+    name = f"auto: {loss} T={temp:g} kd={weight:g}" if weight > 0 else "auto: no distillation (kd_weight=0)"
+    final_cfg = dataclasses.replace(cfg, teacher_dir=str(search_dir / "teacher" / "model") if not cfg.teacher_dir else cfg.teacher_dir,
+                                    distillations=(Distillation(name, wrap(_auto_objective(loss, temp, weight))),),
+                                    include_baseline=True, title=f"{cfg.title} (automatic settings)")
+    t_final = time.perf_counter()
+    summary = run(final_cfg, run_dir / "final", resume=resume, progress=progress, echo=echo)
+    final_seconds = time.perf_counter() - t_final
+    by_role = {m["role"]: m for m in summary["models"]}
+    chosen_metrics = run_dir / "final" / _slug(name) / "metrics.json"
+    m = json.loads(chosen_metrics.read_text())
+    m["auto_choice"] = choice
+    chosen_metrics.write_text(json.dumps(m, indent=2))
+    result = {
+        "grid": dataclasses.asdict(grid), "val_accuracy": {l: v.tolist() for l, v in val_acc.items()},
+        "choice": choice, "calibration": calibration,
+        "test_accuracy_choice": by_role["distilled"]["test_accuracy_per_seed"],
+        "test_accuracy_student_alone": by_role["student_alone"]["test_accuracy_per_seed"],
+        "settings_searched": len(settings) * len(grid.losses),
+        "search_seconds": search_seconds, "final_seconds": final_seconds,
+    }
+    (run_dir / "auto.json").write_text(json.dumps(result, indent=2))
+    a, c = np.array(result["test_accuracy_student_alone"]), np.array(result["test_accuracy_choice"])
+    echo(f"test accuracy: chosen {100 * c.mean():.2f} +- {100 * c.std():.2f}, student alone "
+         f"{100 * a.mean():.2f} +- {100 * a.std():.2f}; search of {result['settings_searched']} settings took "
+         f"{search_seconds:.0f} s (teacher included), the final {len(cfg.seeds)}-seed runs {final_seconds:.0f} s")
+    return result

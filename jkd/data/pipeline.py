@@ -164,3 +164,44 @@ def eval_batches(data: InMemory | OnDisk, *, batch_size: int) -> Iterator[Batch]
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
             idx = np.concatenate([idx, np.zeros(pad, idx.dtype)])
         yield {"image": images, "label": labels, "index": idx.astype(np.int64), "mask": mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """Examples ``indices`` of another split (a validation split carved from train)."""
+
+    data: InMemory | OnDisk
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.data.read(self.indices[np.asarray(indices)])
+
+
+def labels_of(data: InMemory | OnDisk | Subset) -> np.ndarray:
+    """All labels of a split, in order."""
+    if isinstance(data, InMemory):
+        return data.labels
+    return np.concatenate([data.read(np.arange(i, min(i + 8192, len(data))))[1] for i in range(0, len(data), 8192)])
+
+
+def stratified_split(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_indices, val_indices)``: ``fraction`` of every class (at least one example of
+    each class with two or more) goes to validation, chosen by ``seed``; both sorted."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must lie in (0, 1); got {fraction}.")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    val = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        n_val = int(round(fraction * len(idx)))
+        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val.append(rng.permutation(idx)[:n_val])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    if len(val) == 0:
+        raise ValueError("the validation split would be empty; use a larger fraction or more data.")
+    return train, val

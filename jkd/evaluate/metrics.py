@@ -114,3 +114,18 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, num_classes: i
         kl = np.sum(t_probs * (np.log(np.clip(t_probs, 1e-12, None)) - np.log(np.clip(probs, 1e-12, None))), axis=1)
         out["teacher_kl"] = float(kl.mean())
     return out
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the ``T > 0`` minimising the NLL of
+    ``softmax(logits / T)`` on held-out data; a log-spaced search then a local refinement."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+
+    def nll(t):
+        p = softmax(logits / t)
+        return -np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-300, None)))
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(50.0), 200))
+    best = grid[int(np.argmin([nll(t) for t in grid]))]
+    fine = best * np.exp(np.linspace(-0.05, 0.05, 101))
+    return float(fine[int(np.argmin([nll(t) for t in fine]))])

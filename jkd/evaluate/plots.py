@@ -20,8 +20,8 @@ def curves(histories: dict[str, list[dict]], path: Path) -> None:
     ``train_accuracy``, ``test_loss``, ``test_accuracy``.
     """
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = [("train_loss", "train loss"), ("test_loss", "test loss"),
-              ("train_accuracy", "train accuracy"), ("test_accuracy", "test accuracy")]
+    panels = [("train_loss", "train loss"), ("test_loss", "held-out loss (validation split, else test)"),
+              ("train_accuracy", "train accuracy"), ("test_accuracy", "held-out accuracy (validation split, else test)")]
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name, recs in histories.items():
             pts = [(r["epoch"], r[key]) for r in recs if key in r]

@@ -104,3 +104,15 @@ class FeatureKD:
             per_example = fl(s_f, t_f, num_feature_axes=s_f.ndim - 1) if fl is losses.hint_loss else fl(s_f, t_f)
             total = total + self.weight * per_example
         return total
+
+
+@struct.dataclass
+class TeacherTemperature:
+    """``base`` with the teacher's logits divided by ``temperature`` first: a teacher
+    calibrated by temperature scaling (fitted on validation data) before distillation."""
+
+    base: object
+    temperature: float | jax.Array = 1.0
+
+    def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
+        return self.base(student_logits, teacher_logits / self.temperature, labels)

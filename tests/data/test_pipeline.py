@@ -81,3 +81,20 @@ def test_eval_batches_cover_everything_once_with_a_mask():
 def test_bad_pipeline_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         P.train_batches(_toy(50), **kwargs)
+
+
+def test_stratified_validation_split():
+    labels = np.repeat(np.arange(4), [10, 20, 30, 40])
+    tr, va = P.stratified_split(labels, fraction=0.1, seed=0)
+    assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 100
+    np.testing.assert_array_equal(np.bincount(labels[va]), [1, 2, 3, 4])  # 10% of every class
+    tr2, va2 = P.stratified_split(labels, fraction=0.1, seed=0)
+    np.testing.assert_array_equal(va, va2)  # seeded
+    assert not np.array_equal(va, P.stratified_split(labels, fraction=0.1, seed=1)[1])
+    data = P.InMemory(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), labels.astype(np.int32))
+    sub = P.Subset(data, va)
+    x, y = sub.read(np.arange(len(sub)))
+    np.testing.assert_array_equal(x[:, 0, 0, 0], va)
+    np.testing.assert_array_equal(P.labels_of(sub), labels[va])
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\)"):
+        P.stratified_split(labels, fraction=0.0, seed=0)

@@ -60,3 +60,14 @@ def test_report_keys_and_agreement():
     assert rep["teacher_agreement"] == 1.0 and rep["teacher_kl"] == pytest.approx(0.0, abs=1e-12)
     for key in ("precision", "recall", "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece", "confusion_matrix"):
         assert key in rep
+
+
+def test_temperature_scaling_recovers_an_overconfidence_factor():
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((4000, 6)) * 1.5
+    labels = np.array([rng.choice(6, p=M.softmax(row)) for row in z])  # labels drawn from softmax(z)
+    t = M.fit_temperature(3.0 * z, labels)  # an over-confident model: logits x3
+    assert 2.6 < t < 3.4
+    before = M.expected_calibration_error(M.softmax(3.0 * z), labels)
+    after = M.expected_calibration_error(M.softmax(3.0 * z / t), labels)
+    assert after < 0.5 * before
