@@ -210,6 +210,11 @@ def _dispatch(args, parser) -> int:
     if args.command == "demo":
         cfg = apply_overrides(X.demo_config(), args.set)
         X.run(cfg, args.run_dir, resume=True, progress=not args.no_progress)
+        print("\nYour own data? `jkd distill --auto --teacher-dir runs/demo/teacher/model --dataset DATA.npz "
+              "--seeds 0,1,2` chooses the loss, T and KD weight on a validation split (never worse than the "
+              "student alone there). Measured on this sample: ~3.7x the time of one distilled run "
+              "(24 settings searched in one vmapped run per loss, then the choice and the student alone "
+              "over 3 seeds).")
         return 0
     if args.command == "run":
         module = load_config_file(args.config)

@@ -434,8 +434,9 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
         plots.curves(curves, run_dir / "curves.png")
         plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
         alone = next((e for e in entries if e["role"] == "student_alone"), None)
-        notes = [f"{len(cfg.seeds)} seeds per student setting; latency is the median of 20 eval batches of "
-                 f"{cfg.batch_size} on {jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s."]
+        seeds_note = f"{len(cfg.seeds)} seeds per student setting; " if len(entries) > 1 else ""
+        notes = [f"{seeds_note}latency is the median of 20 eval batches of {cfg.batch_size} on "
+                 f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s."]
         for e in entries:
             if e["role"] == "distilled" and alone is not None:
                 margin = e["test_accuracy_mean"] - alone["test_accuracy_mean"]
@@ -547,7 +548,8 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
     train (``cfg.val_fraction``, 0.1 if unset). 3. Get the teacher; optionally calibrate it by
     temperature scaling on the validation split (ECE before/after recorded). 4. Train every
     setting of the grid, one vmapped run per loss (first seed). 5. Pick the best by validation
-    accuracy. 6. Train the choice and the student alone over all seeds (``run``) and report test
+    accuracy; it replaces the student alone only if it gains more than one binomial standard
+    error of the alone's validation accuracy. 6. Train the choice and the student alone over all seeds (``run``) and report test
     accuracy of both. Writes ``auto.json`` and a heat-map per loss.
     """
     grid.validate()
@@ -590,17 +592,23 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
         search_seconds = time.perf_counter() - t_search
     finally:
         r.close()
-    # The choice: highest validation accuracy; ties go to the smaller KD weight (kd_weight=0,
-    # the student alone, comes first in the grid).
+    # The choice: highest validation accuracy; ties go to the smaller KD weight. A distilled
+    # setting replaces the student alone (kd_weight=0) only if it beats it by more than one
+    # binomial standard error of the alone's validation accuracy: on a small validation split a
+    # gain of a few images is noise, and "never worse than no distillation" must hold on test too.
     best = max(((val_acc[l][i, j], -grid.kd_weights[j], l, grid.temperatures[i], grid.kd_weights[j])
                 for l in grid.losses for i in range(len(grid.temperatures)) for j in range(len(grid.kd_weights))))
-    _, _, loss, temp, weight = best
     alone_val = float(val_acc[grid.losses[0]][:, list(grid.kd_weights).index(0.0)].max())
+    margin = float(np.sqrt(alone_val * (1 - alone_val) / len(val_labels)))
+    if best[0] - alone_val <= margin:
+        best = (alone_val, 0.0, grid.losses[0], grid.temperatures[0], 0.0)
+    _, _, loss, temp, weight = best
     choice = {"loss": loss, "temperature": temp, "kd_weight": weight, "ce_weight": 1.0 - weight,
               "val_accuracy": float(best[0]), "student_alone_val_accuracy": alone_val,
+              "required_gain": margin, "validation_examples": int(len(val_labels)),
               "teacher_temperature": t_cal}
     echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * best[0]:.2f}% vs "
-         f"{100 * alone_val:.2f}% for the student alone)")
+         f"{100 * alone_val:.2f}% for the student alone; a gain must exceed {100 * margin:.2f} points)")
     name = f"auto: {loss} T={temp:g} kd={weight:g}" if weight > 0 else "auto: no distillation (kd_weight=0)"
     final_cfg = dataclasses.replace(cfg, teacher_dir=str(search_dir / "teacher" / "model") if not cfg.teacher_dir else cfg.teacher_dir,
                                     distillations=(Distillation(name, wrap(_auto_objective(loss, temp, weight))),),
