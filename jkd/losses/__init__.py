@@ -6,6 +6,7 @@ masks examples (padding tokens, for instance). All accept bf16/f16 inputs and co
 float32, and work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 """
 
+from jkd.losses._chunked import chunked_soft_distillation_loss
 from jkd.losses._dkd import decoupled_distillation_loss
 from jkd.losses._features import attention_map
 from jkd.losses._features import attention_transfer_loss
@@ -24,6 +25,7 @@ __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "blended_soft_loss",
+    "chunked_soft_distillation_loss",
     "cross_entropy_loss",
     "decoupled_distillation_loss",
     "distillation_objective",

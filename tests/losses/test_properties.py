@@ -219,3 +219,26 @@ def test_sequence_model_token_distillation_with_padding():
     mean = per_token.sum() / where.sum().astype(jnp.float32)
     ref = np.mean([R.soft_kd(s[b, i], t[b, i], 2.0) for b in range(3) for i in range(int(lengths[b]))])
     np.testing.assert_allclose(float(mean), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,chunk", [((37, 50), 8), ((3, 7, 50), 4), ((5, 20), 64)])
+def test_chunked_soft_loss_equals_plain_value_and_gradient(shape, chunk):
+    s, t, _ = _pair(16, shape=shape)
+    T = 3.0
+    where = jnp.asarray(np.random.default_rng(1).random(shape[:-1]) > 0.3)
+    plain = lambda x: L.soft_distillation_loss(x, t, temperature=T, where=where)  # noqa: E731
+    chunked = lambda x: L.chunked_soft_distillation_loss(x, t, temperature=T, chunk_size=chunk, where=where)  # noqa: E731
+    np.testing.assert_allclose(chunked(s), plain(s), rtol=1e-5, atol=1e-6)
+    g_plain = jax.grad(lambda x: plain(x).sum())(s)
+    g_chunked = jax.grad(lambda x: chunked(x).sum())(s)
+    np.testing.assert_allclose(g_chunked, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_soft_loss_reference_and_bf16():
+    s, t, _ = _pair(17, shape=(10, 30))
+    ref = [R.soft_kd(a, b, 2.0) for a, b in zip(np.asarray(s), np.asarray(t))]
+    np.testing.assert_allclose(L.chunked_soft_distillation_loss(s, t, temperature=2.0, chunk_size=4), ref, rtol=1e-5)
+    out = L.chunked_soft_distillation_loss(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), temperature=2.0, chunk_size=4)
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        L.chunked_soft_distillation_loss(s, t, chunk_size=0)

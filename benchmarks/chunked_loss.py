@@ -1,0 +1,64 @@
+"""Peak memory and time of the chunked vs the plain soft-distillation loss (value and gradient),
+8,192 tokens x 32,768 classes, bf16 logits, side by side in one process.
+
+Run: `.venv/bin/python benchmarks/chunked_loss.py` (also part of `make bench`). Memory is XLA's
+compiled temporary allocation (`memory_analysis().temp_size_in_bytes`) plus the arguments;
+time is the best of 3 runs. Writes the entry "chunked_soft_loss" of runs/bench/results.json:
+`ratio` = plain peak / chunked peak (the memory saving factor, target >= 4), `time_ratio` =
+chunked time / plain time (target <= 1.2).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jkd import losses
+
+TOKENS, CLASSES, CHUNK = 8192, 32768, 1024
+
+
+def _compiled(fn, s, t):
+    """value_and_grad of the mean loss w.r.t. the student logits, compiled."""
+    return jax.jit(lambda x, y: jax.value_and_grad(lambda z: fn(z, y).mean())(x)).lower(s, t).compile()
+
+
+def run(tokens=TOKENS, classes=CLASSES, chunk=CHUNK) -> dict:
+    k1, k2 = jax.random.split(jax.random.key(0))
+    s = (3 * jax.random.normal(k1, (tokens, classes), jnp.float32)).astype(jnp.bfloat16)
+    t = (3 * jax.random.normal(k2, (tokens, classes), jnp.float32)).astype(jnp.bfloat16)
+    plain = lambda x, y: losses.soft_distillation_loss(x, y, temperature=2.0)  # noqa: E731
+    chunked = lambda x, y: losses.chunked_soft_distillation_loss(x, y, temperature=2.0, chunk_size=chunk)  # noqa: E731
+    out = {}
+    for name, fn in (("plain", plain), ("chunked", chunked)):
+        comp = _compiled(fn, s, t)
+        mem = comp.memory_analysis()
+        peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+        jax.block_until_ready(comp(s, t))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(comp(s, t))
+            times.append(time.perf_counter() - t0)
+        out[name] = {"peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes), "seconds": min(times)}
+    return {
+        "what": f"soft KD value+grad, {tokens} tokens x {classes} classes, bf16 logits, chunk {chunk}",
+        "plain": out["plain"], "chunked": out["chunked"],
+        "ratio": out["plain"]["peak_bytes"] / out["chunked"]["peak_bytes"],
+        "time_ratio": out["chunked"]["seconds"] / out["plain"]["seconds"],
+        "targets": {"ratio": ">= 4", "time_ratio": "<= 1.2"},
+    }
+
+
+if __name__ == "__main__":
+    from data_pipeline import write
+
+    r = run(*(int(a) for a in sys.argv[1:]))
+    write("chunked_soft_loss", r)
+    gib = 1 << 30
+    print(f"plain: peak {r['plain']['peak_bytes'] / gib:.2f} GiB, {r['plain']['seconds']:.2f} s; "
+          f"chunked: peak {r['chunked']['peak_bytes'] / gib:.2f} GiB, {r['chunked']['seconds']:.2f} s; "
+          f"memory saving x{r['ratio']:.2f}, time ratio {r['time_ratio']:.2f}")
