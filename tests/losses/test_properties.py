@@ -242,3 +242,16 @@ def test_chunked_soft_loss_reference_and_bf16():
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         L.chunked_soft_distillation_loss(s, t, chunk_size=0)
+
+
+def test_chunked_soft_loss_teacher_gradient_matches_plain():
+    s, t, _ = _pair(18, shape=(9, 40))
+    g_plain = jax.grad(lambda y: L.soft_distillation_loss(s, y, temperature=2.0).sum())(t)
+    g_chunked = jax.grad(lambda y: L.chunked_soft_distillation_loss(s, y, temperature=2.0, chunk_size=4).sum())(t)
+    np.testing.assert_allclose(g_chunked, g_plain, rtol=1e-5, atol=1e-6)
+    # -inf padded vocabulary stays finite in value and gradient.
+    pad = jnp.arange(40) >= 35
+    sp, tp = jnp.where(pad, -jnp.inf, s), jnp.where(pad, -jnp.inf, t)
+    val, g = jax.value_and_grad(lambda x: L.chunked_soft_distillation_loss(x, tp, chunk_size=4).sum())(sp)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(g))
+    np.testing.assert_allclose(val, L.soft_distillation_loss(sp, tp).sum(), rtol=1e-5)
