@@ -25,5 +25,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --select F,E9 jkd tests benchmarks experiments
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jkd.data import augment, load_dataset

@@ -1,6 +1,5 @@
 """Settings chosen on validation data (`jkd distill --auto`, `run_auto`)."""
 
-import dataclasses
 import json
 
 import numpy as np

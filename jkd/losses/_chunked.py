@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from jkd.losses import _common as c
-from jkd.losses._soft import tempered_kl
 
 
 def chunked_soft_distillation_loss(

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from jkd.train import objectives, parallel, train_step
+from jkd.train import objectives, parallel
 from tests.train import helpers as H
 
 STEPS = 5

@@ -9,8 +9,7 @@ import optax
 import pytest
 
 from jkd.train import (
-    AdamWConfig, SGDConfig, make_optimizer, objectives, parallel, stack_states, train_step,
-    train_step_many, unstack_state,
+    AdamWConfig, SGDConfig, make_optimizer, objectives, parallel, stack_states, train_step_many, unstack_state,
 )
 from jkd.train.state import apply_model
 from tests.train import helpers as H
