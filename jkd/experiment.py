@@ -146,7 +146,16 @@ def load_saved_model(path: str | Path):
     from jkd.train import freeze_model
 
     mspec = ModelSpec(meta["model"], tuple(tuple(o) for o in meta["options"]))
-    graphdef, template = freeze_model(mspec.build(meta["num_classes"], tuple(meta["image_shape"]), 0))
+    model = mspec.build(meta["num_classes"], tuple(meta["image_shape"]), 0)
+    if meta.get("quantization"):  # rebuild the int8 structure; the loaded values replace it
+        from jkd.compress import quantization
+
+        if meta["quantization"] not in quantization.SCHEMES:
+            raise ValueError(f"{path} holds a model quantized with {meta['quantization']!r}, unknown to this "
+                             f"jkd (known: {', '.join(quantization.SCHEMES)}).")
+        sample = jax.numpy.zeros((1, *meta["image_shape"]), jax.numpy.float32)
+        model = quantization.quantize(model, sample, quantization.SCHEMES[meta["quantization"]])
+    graphdef, template = freeze_model(model)
     variables, _ = load_frozen(path, abstract_like(template))
     return graphdef, variables, meta
 

@@ -37,3 +37,17 @@ def write(run_dir: Path, entries: list[dict], *, title: str, notes: list[str]) -
     body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [""] + [f"![{f}]({f})" for f in figures]
     (run_dir / "report.md").write_text("\n".join(body) + "\n")
     return md
+
+
+def compression_table(rows: list[dict]) -> str:
+    """A markdown table of a compression run: accuracy and its change against the float
+    student, sparsity, int8 share, size on disk and latency."""
+    head = ("| model | kind | test accuracy (%) | vs student (points) | sparsity | size (KB) | "
+            "latency / batch (ms) |")
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        sparsity = f"{r['sparsity']:.2f}" if "sparsity" in r else ""
+        lines.append(f"| {r['name']} | {r['kind']} | {100 * r['test_accuracy']:.2f} | "
+                     f"{100 * r['delta_vs_student']:+.2f} | {sparsity} | {r['size_bytes'] / 1024:.0f} | "
+                     f"{r['latency_ms']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Deployable artifacts of a trained student: StableHLO (``jax.export``) and ONNX.
+
+An artifact is one function ``uint8 images [B, H, W, C] -> float32 logits [B, num_classes]``
+with the weights inside as constants and the normalisation ``(x / 255 - mean) / std`` inside,
+so it runs on raw images; ``B`` is symbolic (any batch size). It is traced in eval mode:
+BatchNorm uses its running statistics, dropout is gone, and nothing of training (optimizer
+state, RNG counters, the teacher) goes out. ``preprocessing.json`` beside it says what the
+input and output are.
+
+StableHLO needs only JAX to run (``load_stablehlo``); ONNX needs ``onnxruntime``, and writing
+it needs ``jax2onnx`` (the ``onnx`` extra; see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STABLEHLO_FILE = "model.stablehlo"
+ONNX_FILE = "model.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+FORMATS = ("stablehlo", "onnx")
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    """The formats asked for, checked: a tuple drawn from :data:`FORMATS`."""
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown export format {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"expected one or more of: {', '.join(FORMATS)}.")
+    return formats
+
+
+def serving_function(graphdef, variables, *, mean, std) -> Callable[[jax.Array], jax.Array]:
+    """``uint8 [B, H, W, C] -> float32 [B, K]``: normalise, then the model in eval mode.
+
+    ``variables`` is a :class:`jkd.train.FrozenModel` (or anything with ``params``,
+    ``batch_stats`` and ``rest``); they are closed over, so they become constants.
+    """
+    from jkd.train.state import apply_model
+
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+
+    def serve(images: jax.Array) -> jax.Array:
+        if images.dtype != jnp.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [B, H, W, C]; got {images.dtype} {images.shape}.")
+        x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+        logits, _, _, _ = apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, x,
+                                      train=False)
+        return logits.astype(jnp.float32)
+
+    return serve
+
+
+def _input_spec(image_shape, batch) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8)
+
+
+def export_stablehlo(serve: Callable, image_shape, path: str | Path) -> Path:
+    """Serialize ``serve`` with a symbolic batch size to ``path`` (bytes of ``jax.export``)."""
+    (batch,) = jax.export.symbolic_shape("batch")
+    exported = jax.export.export(jax.jit(serve))(_input_spec(image_shape, batch))
+    path = Path(path)
+    _atomic_write(path, bytes(exported.serialize()))
+    return path
+
+
+def load_stablehlo(path: str | Path) -> Callable[[np.ndarray], jax.Array]:
+    """The function saved by :func:`export_stablehlo`: ``uint8 [B, H, W, C] -> logits``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no StableHLO artifact at {path}.")
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    return exported.call
+
+
+class _QuietPlugins:
+    """jax2onnx logs a traceback for each of its example plugins whose optional package
+    (dm_pix, equinox, ...) is absent, at import and at the first conversion; those examples
+    are not used here."""
+
+    def __enter__(self):
+        self.log = logging.getLogger("jax2onnx.plugins.plugin_system")
+        self.level = self.log.level
+        self.log.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self.log.setLevel(self.level)
+
+
+def _import_jax2onnx():
+    try:
+        with _QuietPlugins():
+            from jax2onnx import to_onnx
+    except ImportError as e:
+        raise ImportError(
+            "ONNX export needs jax2onnx and onnx: `pip install 'jkd[onnx]'` and then "
+            "`pip install --no-deps jax2onnx==0.17.1` (its own pins clash with jkd's orbax); "
+            "`make test` and `make demo` install both.") from e
+    return to_onnx
+
+
+def export_onnx(serve: Callable, image_shape, path: str | Path, *, name: str = "jkd_student") -> Path:
+    """Convert ``serve`` to ONNX (opset 23) with a symbolic batch dimension ``batch``."""
+    to_onnx = _import_jax2onnx()
+    with _QuietPlugins():
+        proto = to_onnx(serve, inputs=[_input_spec(image_shape, "batch")], model_name=name,
+                        input_names=["images"], output_names=["logits"])
+    path = Path(path)
+    _atomic_write(path, proto.SerializeToString())
+    return path
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime CPU session for an exported model (warnings about jax2onnx's
+    intermediate shape annotations are silenced: they do not change the outputs)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("running ONNX needs onnxruntime: pip install 'jkd[onnx]'.") from e
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def preprocessing(meta: dict, formats) -> dict:
+    """What a user needs to call the artifact on raw images (written as ``preprocessing.json``)."""
+    h, w, c = meta["image_shape"]
+    return {
+        "model": meta["model"], "dataset": meta["dataset"], "num_classes": meta["num_classes"],
+        "files": {f: {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}[f] for f in formats},
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", h, w, c],
+                  "range": [0, 255]},
+        "normalization": {"inside_artifact": True, "formula": "(images / 255 - mean) / std",
+                          "mean": list(meta["mean"]), "std": list(meta["std"])},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", meta["num_classes"]],
+                   "note": "unnormalised scores; softmax gives class probabilities"},
+        **({"quantization": meta["quantization"]} if meta.get("quantization") else {}),
+        **({"sparsity": meta["sparsity"]} if meta.get("sparsity") is not None else {}),
+    }
+
+
+def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
+    """Write the artifacts in ``formats`` and ``preprocessing.json`` to ``out_dir``; returns
+    ``{format: path}``. ``meta`` is a saved model's meta (image shape, mean, std, classes)."""
+    formats = check_formats(formats)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    serve = serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])
+    shape = tuple(meta["image_shape"])
+    writers = {"stablehlo": lambda: export_stablehlo(serve, shape, out / STABLEHLO_FILE),
+               "onnx": lambda: export_onnx(serve, shape, out / ONNX_FILE)}
+    paths = {f: writers[f]() for f in formats}
+    _atomic_write(out / PREPROCESSING_FILE, json.dumps(preprocessing(meta, formats), indent=2).encode())
+    return paths
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
