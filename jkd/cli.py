@@ -170,6 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--out", default=None, help="write the metrics JSON here")
 
+    comp = sub.add_parser("compress", help="prune and int8-quantize a saved student (distilling), export it, report")
+    comp.add_argument("model_dir", help="a saved student, e.g. runs/demo/soft_kd_t_8/seed0")
+    comp.add_argument("--teacher-dir", default=None,
+                      help="the teacher that keeps teaching (default: <run>/teacher/model beside the student)")
+    comp.add_argument("--out", default=None, help="output folder (default: <model_dir>_compressed)")
+    comp.add_argument("--sparsity", type=float, default=0.8, help="fraction of weights pruned, in [0, 1); 0: no pruning")
+    comp.add_argument("--per-layer", action="store_true", help="the same sparsity in every layer (default: global)")
+    comp.add_argument("--prune-epochs", type=int, default=20, help="epochs of distillation while pruning")
+    comp.add_argument("--qat-epochs", type=int, default=3, help="epochs of quantization-aware distillation; 0: none")
+    comp.add_argument("--no-quantize", action="store_true", help="skip int8 quantization")
+    comp.add_argument("--calibration-images", type=int, default=1024, help="training images for static int8 scales")
+    comp.add_argument("--format", default="stablehlo,onnx", help="export formats, comma-separated, or 'none'")
+    comp.add_argument("--temperature", type=float, default=4.0, help="soft-KD temperature while fine-tuning")
+    comp.add_argument("--kd-weight", type=float, default=0.9)
+    comp.add_argument("--ce-weight", type=float, default=0.1)
+    comp.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
+    comp.add_argument("--dataset", default=None, help="default: the dataset the student was trained on")
+    comp.add_argument("--data-dir", default=None)
+    comp.add_argument("--batch-size", type=int, default=128)
+    comp.add_argument("--no-progress", action="store_true")
+
+    exp = sub.add_parser("export", help="export a saved student to StableHLO and/or ONNX, for raw uint8 images")
+    exp.add_argument("model_dir", help="a saved student, e.g. runs/demo/soft_kd_t_8/seed0")
+    exp.add_argument("--out", default=None, help="output folder (default: <model_dir>_export)")
+    exp.add_argument("--format", default="stablehlo,onnx", help="comma-separated: stablehlo, onnx")
+
     rep = sub.add_parser("report", help="print (and rewrite) the report of a run folder")
     rep.add_argument("run_dir")
 
@@ -182,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args, parser)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
         print(f"jkd {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -207,6 +233,10 @@ def _dispatch(args, parser) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "export":
+        return _export(args)
+    if args.command == "compress":
+        return _compress(args)
     if args.command == "demo":
         cfg = apply_overrides(X.demo_config(), args.set)
         X.run(cfg, args.run_dir, resume=True, progress=not args.no_progress)
@@ -267,6 +297,73 @@ def _saved_teacher_spec(teacher_dir: str):
     if meta["role"] != "teacher":
         raise ValueError(f"{teacher_dir} holds a {meta['role']} model, not a teacher.")
     return ModelSpec(meta["model"], tuple(tuple(o) for o in meta["options"]))
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from jkd.export import check_formats
+
+    if text.strip() == "none":
+        return ()
+    return check_formats(f.strip() for f in text.split(",") if f.strip())
+
+
+def _student_dir(model_dir: str) -> Path:
+    """The folder of a saved student, or a clear error naming what was given instead."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give a saved student, e.g. runs/demo/soft_kd_t_8/seed0.")
+    if (path / "config.json").exists() and not (path / "meta").exists():
+        students = sorted(str(p.parent) for p in path.glob("*/seed*/meta"))
+        raise ValueError(f"{path} is a run folder, not a model; give one of its students: "
+                         f"{', '.join(students) or '(none saved yet)'}.")
+    return path
+
+
+def _export(args) -> int:
+    import numpy as np
+
+    from jkd import export as E
+    from jkd.experiment import load_saved_model
+
+    formats = _formats(args.format)
+    if not formats:
+        raise ValueError("no export format given; expected one or more of: stablehlo, onnx.")
+    path = _student_dir(args.model_dir)
+    graphdef, variables, meta = load_saved_model(path)
+    if meta["role"] == "teacher":
+        raise ValueError(f"{path} holds the teacher; jkd exports students only (the teacher stays with "
+                         "training). Give a student folder, e.g. runs/demo/soft_kd_t_8/seed0.")
+    out = Path(args.out) if args.out else path.parent / f"{path.name}_export"
+    paths = E.export_model(graphdef, variables, meta, out, formats)
+    # A self-check on a few random images: the artifact against the model in JAX.
+    images = np.random.default_rng(0).integers(0, 256, (8, *meta["image_shape"]), dtype=np.uint8)
+    reference = np.asarray(E.serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])(images))
+    runs = {"stablehlo": lambda p: np.asarray(E.load_stablehlo(p)(images)),
+            "onnx": lambda p: E.onnx_session(p).run(None, {"images": images})[0]}
+    for fmt, p in paths.items():
+        diff = float(np.max(np.abs(runs[fmt](p) - reference)))
+        print(f"{fmt}: {p} ({p.stat().st_size / 1024:.0f} KB); max |logit difference| vs JAX on 8 images: {diff:.1e}")
+    print(f"preprocessing: {out / E.PREPROCESSING_FILE} (inputs are raw uint8 NHWC images; normalisation is inside)")
+    return 0
+
+
+def _compress(args) -> int:
+    from jkd.compress.job import CompressConfig, run_compress
+    from jkd.train import AdamWConfig, objectives
+
+    cfg = CompressConfig(
+        sparsity=args.sparsity, per_layer=args.per_layer, prune_epochs=args.prune_epochs,
+        qat_epochs=args.qat_epochs, quantize=not args.no_quantize, calibration_images=args.calibration_images,
+        formats=_formats(args.format),
+        objective=objectives.SoftKD(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+        optimizer=AdamWConfig(learning_rate=args.lr, weight_decay=0.0, warmup_epochs=0.0),
+        batch_size=args.batch_size, dataset=args.dataset, data_dir=args.data_dir)
+    cfg.validate()  # bad settings are refused before anything is loaded
+    path = _student_dir(args.model_dir)
+    out = Path(args.out) if args.out else path.parent / f"{path.name}_compressed"
+    run_compress(path, out, teacher_dir=args.teacher_dir, config=cfg, progress=not args.no_progress)
+    print(f"\ncompression report: {out / 'compress_report.md'}")
+    return 0
 
 
 def _evaluate(args) -> int:

@@ -152,6 +152,11 @@ def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=F
     """Write the artifacts in ``formats`` and ``preprocessing.json`` to ``out_dir``; returns
     ``{format: path}``. ``meta`` is a saved model's meta (image shape, mean, std, classes)."""
     formats = check_formats(formats)
+    if "onnx" in formats and meta.get("quantization"):
+        raise ValueError(f"ONNX export of an int8 student ({meta['quantization']}) is not supported: jax2onnx "
+                         "0.17.1 converts nnx.Linear/Conv by their float definition and so drops qwix's int8 "
+                         "arithmetic. Export it with --format stablehlo (int8 weights inside), or export the "
+                         "float or pruned student to ONNX.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     serve = serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])

@@ -8,6 +8,7 @@ Out folder (rerunning the same command resumes; each stage is saved once)::
     out/pruned/ckpt              checkpoints of the pruning run (resumable)
     out/int8_weights/model, out/int8_static/model, out/int8_qat/model (+ ckpt)
     out/export/                  model.stablehlo, model.onnx, preprocessing.json of the student
+    out/export_int8/             model.stablehlo (int8 weights) and preprocessing.json
     out/compress_summary.json, out/compress_report.md
 """
 
@@ -212,6 +213,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
     student_model = nnx.merge(job.sg, job.student.params, job.student.batch_stats, job.student.rest)
     calib = None
     prune_report = None
+    int8_model = None
 
     if cfg.sparsity > 0:
         echo(f"pruning to {cfg.sparsity:.0%} sparsity ({'per layer' if cfg.per_layer else 'global'}) over "
@@ -238,6 +240,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
                                {"quantization": scheme.name})
             rows.append(job.model_row(f"PTQ {scheme.name}", "student, int8", qg, qv,
                                       int8_fraction=Q.int8_fraction(qv.params)))
+            int8_model = int8_model or (qg, qv, {**job.meta, "quantization": scheme.name})
         if cfg.qat_epochs > 0:
             echo(f"quantization-aware distillation: {cfg.qat_epochs} epochs, then {Q.INT8_WEIGHTS.name}")
 
@@ -271,6 +274,10 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
                            "path": str(path)}
             r.update(checks[fmt])
             rows.append(r)
+        if int8_model is not None and "stablehlo" in cfg.formats:  # int8 goes out as StableHLO only
+            path = E.export_model(*int8_model, out / "export_int8", ("stablehlo",))["stablehlo"]
+            rows.append(job.row("exported int8 weights (stablehlo)", "student, int8, exported",
+                                jax.jit(E.load_stablehlo(path)), path.stat().st_size))
     return _write_report(out, rows, cfg, prune_report, checks, echo)
 
 
@@ -293,7 +300,7 @@ def _write_report(out: Path, rows, cfg, prune_report, checks, echo) -> dict:
             notes.append(f"{r['name']}: {100 * r['delta_vs_student']:+.2f} points vs the student (target: lose < 1); "
                          f"real sparsity of the pruned weights {r['sparsity']:.3f}. Dense kernels: XLA does not "
                          "skip zeros, so latency does not drop; the size does.")
-        if r["kind"] == "student, int8":
+        if r["kind"].startswith("student, int8"):
             notes.append(f"{r['name']}: {100 * r['delta_vs_student']:+.2f} points vs the student (target: lose < 0.5).")
     for fmt, c in checks.items():
         notes.append(f"exported {fmt}: max |logit difference| {c['max_abs_diff']:.2e} vs JAX, same top-1 on "
