@@ -320,9 +320,8 @@ def _student_dir(model_dir: str) -> Path:
 
 
 def _export(args) -> int:
-    import numpy as np
-
     from jkd import export as E
+    from jkd.compress import quantization
     from jkd.experiment import load_saved_model
 
     formats = _formats(args.format)
@@ -334,6 +333,15 @@ def _export(args) -> int:
         raise ValueError(f"{path} holds the teacher; jkd exports students only (the teacher stays with "
                          "training). Give a student folder, e.g. runs/demo/soft_kd_t_8/seed0.")
     out = Path(args.out) if args.out else path.parent / f"{path.name}_export"
+    with quantization.qwix_promotion():  # int8 students run qwix ops; float ones are unaffected
+        _export_and_check(E, graphdef, variables, meta, out, formats)
+    print(f"preprocessing: {out / E.PREPROCESSING_FILE} (inputs are raw uint8 NHWC images; normalisation is inside)")
+    return 0
+
+
+def _export_and_check(E, graphdef, variables, meta, out, formats):
+    import numpy as np
+
     paths = E.export_model(graphdef, variables, meta, out, formats)
     # A self-check on a few random images: the artifact against the model in JAX.
     images = np.random.default_rng(0).integers(0, 256, (8, *meta["image_shape"]), dtype=np.uint8)
@@ -343,8 +351,6 @@ def _export(args) -> int:
     for fmt, p in paths.items():
         diff = float(np.max(np.abs(runs[fmt](p) - reference)))
         print(f"{fmt}: {p} ({p.stat().st_size / 1024:.0f} KB); max |logit difference| vs JAX on 8 images: {diff:.1e}")
-    print(f"preprocessing: {out / E.PREPROCESSING_FILE} (inputs are raw uint8 NHWC images; normalisation is inside)")
-    return 0
 
 
 def _compress(args) -> int:

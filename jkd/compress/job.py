@@ -211,7 +211,6 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
     rows = [job.model_row("teacher", "teacher", job.tg, job.teacher),
             job.model_row("student", "student (float32)", job.sg, job.student)]
     student_model = nnx.merge(job.sg, job.student.params, job.student.batch_stats, job.student.rest)
-    calib = None
     prune_report = None
     int8_model = None
 
@@ -233,32 +232,9 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
                                   sparsity=prune_report["prunable_sparsity"]))
 
     if cfg.quantize:
-        calib = job.calibration()
-        for stage, scheme in (("int8_weights", Q.INT8_WEIGHTS), ("int8_static", Q.INT8_STATIC)):
-            echo(f"{scheme.name}: post-training quantization ({len(calib)} calibration images)")
-            qg, qv = job.saved(stage, lambda s=scheme: freeze_model(Q.quantize(student_model, calib, s)),
-                               {"quantization": scheme.name})
-            rows.append(job.model_row(f"PTQ {scheme.name}", "student, int8", qg, qv,
-                                      int8_fraction=Q.int8_fraction(qv.params)))
-            int8_model = int8_model or (qg, qv, {**job.meta, "quantization": scheme.name})
-        if cfg.qat_epochs > 0:
-            echo(f"quantization-aware distillation: {cfg.qat_epochs} epochs, then {Q.INT8_WEIGHTS.name}")
-
-            def build_qat():
-                qat = Q.qat_model(student_model, calib[:2], Q.INT8_WEIGHTS)
-                qatg, _, _, _ = nnx.split(qat, nnx.Param, nnx.BatchStat, ...)
-                state = job.distil("int8_qat", qatg, job.student, cfg.qat_epochs)
-                trained = nnx.merge(qatg, state.params, state.batch_stats, state.rest)
-                return freeze_model(Q.quantize(trained, calib, Q.INT8_WEIGHTS))
-
-            qg, qv = job.saved("int8_qat", build_qat, {"quantization": Q.INT8_WEIGHTS.name, "qat": True})
-            rows.append(job.model_row(f"QAT {Q.INT8_WEIGHTS.name}", "student, int8", qg, qv,
-                                      int8_fraction=Q.int8_fraction(qv.params)))
-        if cfg.sparsity > 0:
-            pruned_model = nnx.merge(pg, pv.params, pv.batch_stats, pv.rest)
-            qg, qv = freeze_model(Q.quantize(pruned_model, calib, Q.INT8_WEIGHTS))
-            rows.append(job.model_row(f"pruned {cfg.sparsity:.0%} + {Q.INT8_WEIGHTS.name}", "student, pruned + int8",
-                                      qg, qv, sparsity=pruning.sparsity_report(qv.params)["prunable_sparsity"]))
+        with Q.qwix_promotion():  # qwix's int8 ops (see quantization.qwix_promotion)
+            int8_rows, int8_model = _int8_rows(job, student_model, (pg, pv) if cfg.sparsity > 0 else None)
+        rows += int8_rows
 
     checks = {}
     if cfg.formats:
@@ -275,10 +251,45 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
             r.update(checks[fmt])
             rows.append(r)
         if int8_model is not None and "stablehlo" in cfg.formats:  # int8 goes out as StableHLO only
-            path = E.export_model(*int8_model, out / "export_int8", ("stablehlo",))["stablehlo"]
-            rows.append(job.row("exported int8 weights (stablehlo)", "student, int8, exported",
-                                jax.jit(E.load_stablehlo(path)), path.stat().st_size))
+            with Q.qwix_promotion():
+                path = E.export_model(*int8_model, out / "export_int8", ("stablehlo",))["stablehlo"]
+                rows.append(job.row("exported int8 weights (stablehlo)", "student, int8, exported",
+                                    jax.jit(E.load_stablehlo(path)), path.stat().st_size))
     return _write_report(out, rows, cfg, prune_report, checks, echo)
+
+
+def _int8_rows(job: _Job, student_model, pruned):
+    """PTQ (two schemes), QAT and pruned + int8 rows; returns ``(rows, (graphdef, variables,
+    meta) of the int8-weights student, for export)``."""
+    cfg, rows = job.cfg, []
+    calib = job.calibration()
+    exported = None
+    for stage, scheme in (("int8_weights", Q.INT8_WEIGHTS), ("int8_static", Q.INT8_STATIC)):
+        job.echo(f"{scheme.name}: post-training quantization ({len(calib)} calibration images)")
+        qg, qv = job.saved(stage, lambda s=scheme: freeze_model(Q.quantize(student_model, calib, s)),
+                           {"quantization": scheme.name})
+        rows.append(job.model_row(f"PTQ {scheme.name}", "student, int8", qg, qv,
+                                  int8_fraction=Q.int8_fraction(qv.params)))
+        exported = exported or (qg, qv, {**job.meta, "quantization": scheme.name})
+    if cfg.qat_epochs > 0:
+        job.echo(f"quantization-aware distillation: {cfg.qat_epochs} epochs, then {Q.INT8_WEIGHTS.name}")
+
+        def build_qat():
+            qat = Q.qat_model(student_model, calib[:2], Q.INT8_WEIGHTS)
+            qatg, _, _, _ = nnx.split(qat, nnx.Param, nnx.BatchStat, ...)
+            state = job.distil("int8_qat", qatg, job.student, cfg.qat_epochs)
+            trained = nnx.merge(qatg, state.params, state.batch_stats, state.rest)
+            return freeze_model(Q.quantize(trained, calib, Q.INT8_WEIGHTS))
+
+        qg, qv = job.saved("int8_qat", build_qat, {"quantization": Q.INT8_WEIGHTS.name, "qat": True})
+        rows.append(job.model_row(f"QAT {Q.INT8_WEIGHTS.name}", "student, int8", qg, qv,
+                                  int8_fraction=Q.int8_fraction(qv.params)))
+    if pruned is not None:
+        pg, pv = pruned
+        qg, qv = freeze_model(Q.quantize(nnx.merge(pg, pv.params, pv.batch_stats, pv.rest), calib, Q.INT8_WEIGHTS))
+        rows.append(job.model_row(f"pruned {cfg.sparsity:.0%} + {Q.INT8_WEIGHTS.name}", "student, pruned + int8",
+                                  qg, qv, sparsity=pruning.sparsity_report(qv.params)["prunable_sparsity"]))
+    return rows, exported
 
 
 def _run_onnx(session, images):

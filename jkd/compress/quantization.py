@@ -20,6 +20,7 @@ state): :func:`jkd.train.freeze_model`, :func:`jkd.train.apply_model`, ``eval_st
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,19 @@ INT8_WEIGHTS = Int8Scheme("int8 weights", activations=False, static=False)
 INT8_STATIC = Int8Scheme("int8 weights+activations (static)", activations=True, static=True)
 INT8_DYNAMIC = Int8Scheme("int8 weights+activations (dynamic)", activations=True, static=False)
 SCHEMES = {s.name: s for s in (INT8_WEIGHTS, INT8_STATIC, INT8_DYNAMIC)}
+
+
+# qwix 0.1.8 calls flax APIs that flax 0.12.8 deprecates (``Module.iter_modules``,
+# ``Variable.value``); those warnings are qwix's to fix, not a user's, so they are hidden.
+# Only DeprecationWarnings raised from qwix's own modules are affected.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"qwix(\.|$)")
+
+
+def qwix_promotion():
+    """A context with JAX's standard dtype promotion, for tracing or running int8 models:
+    qwix's ops mix int32 and float32, which ``jax_numpy_dtype_promotion="strict"`` rejects
+    (jkd's own tests run strict). Without strict promotion set, it changes nothing."""
+    return jax.numpy_dtype_promotion("standard")
 
 
 def _require_qwix():
@@ -84,7 +98,8 @@ def quantize(model: nnx.Module, calibration: jax.Array, scheme: Int8Scheme = INT
         raise TypeError(f"scheme must be an Int8Scheme ({', '.join(SCHEMES)}); got {scheme!r}.")
     model = nnx.clone(model)
     model.eval()
-    q = qwix.quantize_model(model, qwix.PtqProvider(_rules(scheme, qwix.QuantizationRule)), calibration)
+    with qwix_promotion():
+        q = qwix.quantize_model(model, qwix.PtqProvider(_rules(scheme, qwix.QuantizationRule)), calibration)
     q.eval()
     return q
 
@@ -102,7 +117,8 @@ def qat_model(model: nnx.Module, sample: jax.Array, scheme: Int8Scheme = INT8_WE
         raise ValueError("QAT trains with dynamic activation scales; quantize the trained model with "
                          "INT8_STATIC afterwards to get static ones.")
     model = nnx.clone(model)
-    return qwix.quantize_model(model, qwix.QtProvider(_rules(scheme, qwix.QtRule)), sample)
+    with qwix_promotion():
+        return qwix.quantize_model(model, qwix.QtProvider(_rules(scheme, qwix.QtRule)), sample)
 
 
 def int8_fraction(params) -> float:
