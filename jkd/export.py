@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# jax2onnx 0.17.1's nnx plugins read flax's deprecated ``Variable.value``; that warning is
+# jax2onnx's to fix. Only DeprecationWarnings raised from jax2onnx's own modules are hidden.
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax2onnx(\.|$)")
 
 STABLEHLO_FILE = "model.stablehlo"
 ONNX_FILE = "model.onnx"
@@ -114,9 +119,34 @@ def export_onnx(serve: Callable, image_shape, path: str | Path, *, name: str = "
     with _QuietPlugins():
         proto = to_onnx(serve, inputs=[_input_spec(image_shape, "batch")], model_name=name,
                         input_names=["images"], output_names=["logits"])
+    _strip_inference_dropout(proto)
     path = Path(path)
     _atomic_write(path, proto.SerializeToString())
     return path
+
+
+def _strip_inference_dropout(proto) -> None:
+    """jax2onnx writes an ONNX ``Dropout`` for each ``nnx.Dropout`` even in eval mode (with
+    ``training_mode`` a constant False, so it passes its input through). Such nodes become
+    ``Identity``: no training-only op goes out. A Dropout that could train is refused."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "Dropout":
+            continue
+        training = node.input[2] if len(node.input) > 2 else ""
+        if (training and (training not in constants or bool(constants[training]))) or (
+                len(node.output) > 1 and node.output[1] in used):
+            raise ValueError(f"the exported graph has a Dropout ({node.name}) that may be active; export the "
+                             "model in eval mode.")
+        graph.node.remove(node)
+        graph.node.insert(index, helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+    still_used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in still_used]:
+        graph.initializer.remove(init)
 
 
 def onnx_session(path: str | Path):
