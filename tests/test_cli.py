@@ -103,8 +103,64 @@ def test_evaluate_refuses_a_folder_without_a_model(tmp_path, capsys):
 
 
 def test_every_subcommand_has_help(capsys):
-    for sub in ("demo", "run", "train-teacher", "distill", "evaluate", "report", "models"):
+    for sub in ("demo", "run", "train-teacher", "distill", "evaluate", "report", "models", "compress", "export"):
         with pytest.raises(SystemExit) as e:
             cli.main([sub, "--help"])
         assert e.value.code == 0
     assert "--temperature" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_export_a_student_and_the_clear_errors(demo_dir, tmp_path, capsys):
+    student = demo_dir / "soft_kd_t_8" / "seed0"
+    assert cli.main(["export", str(student), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "e").iterdir()} == {"model.stablehlo", "model.onnx", "preprocessing.json"}
+    assert "max |logit difference| vs JAX" in out
+    bad = [([str(demo_dir)], "is a run folder, not a model; give one of its students"),
+           ([str(demo_dir / "teacher" / "model")], "holds the teacher; jkd exports students only"),
+           ([str(student), "--format", "tflite"], "unknown export format 'tflite'"),
+           ([str(tmp_path / "nowhere")], "does not exist")]
+    for argv, message in bad:
+        assert cli.main(["export", *argv, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tmp_path, capsys):
+    student = demo_dir / "soft_kd_t_8" / "seed0"
+    out = tmp_path / "c"
+    argv = ["compress", str(student), "--out", str(out), "--prune-epochs", "2", "--qat-epochs", "1",
+            "--calibration-images", "64", "--no-progress"]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "compress_summary.json").read_text())
+    names = [m["name"] for m in summary["models"]]
+    assert names == ["teacher", "student", "pruned 80%", "PTQ int8 weights", "PTQ int8 weights+activations (static)",
+                     "QAT int8 weights", "pruned 80% + int8 weights", "exported (stablehlo)", "exported (onnx)",
+                     "exported int8 weights (stablehlo)"]
+    rows = {m["name"]: m for m in summary["models"]}
+    n = sum(v["size"] for v in summary["pruning"]["layers"].values())
+    assert summary["pruning"]["prunable_sparsity"] == pytest.approx(int(0.8 * n) / n)  # real zeros, counted
+    assert rows["pruned 80%"]["size_bytes"] < 0.5 * rows["student"]["size_bytes"]
+    assert rows["exported int8 weights (stablehlo)"]["size_bytes"] < 0.4 * rows["exported (stablehlo)"]["size_bytes"]
+    for fmt in ("stablehlo", "onnx"):
+        check = summary["export_checks"][fmt]
+        assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] >= 0.999
+    assert "| exported (onnx) | student, exported |" in (out / "compress_report.md").read_text()
+    capsys.readouterr()
+    # A rerun resumes: every stage is loaded, nothing is trained again.
+    assert cli.main(argv) == 0
+    assert "pruned: loaded from" in capsys.readouterr().out
+    # The pruned student is an ordinary saved model; an int8 one exports to StableHLO only.
+    assert cli.main(["export", str(out / "pruned" / "model"), "--out", str(tmp_path / "pe")]) == 0
+    assert cli.main(["export", str(out / "int8_static" / "model"), "--out", str(tmp_path / "qe")]) == 2
+    assert "ONNX export of an int8 student" in capsys.readouterr().err
+    assert cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")]) == 0
+    for extra, message in ((["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
+                           (["--sparsity", "0.5"], "holds a compression run with other settings"),
+                           (["--format", "tflite"], "unknown export format")):
+        assert cli.main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert cli.main(["compress", str(demo_dir / "teacher" / "model"), "--out", str(tmp_path / "t")]) == 2
+    assert "holds a teacher" in capsys.readouterr().err
