@@ -313,6 +313,9 @@ def _write_report(out: Path, rows, cfg, prune_report, checks, echo) -> dict:
                          "skip zeros, so latency does not drop; the size does.")
         if r["kind"].startswith("student, int8"):
             notes.append(f"{r['name']}: {100 * r['delta_vs_student']:+.2f} points vs the student (target: lose < 0.5).")
+    if prune_report is not None:
+        notes.append("sparsity per pruned layer: " + ", ".join(
+            f"{name} {v['sparsity']:.3f} ({v['zeros']:,}/{v['size']:,})" for name, v in prune_report["layers"].items()))
     for fmt, c in checks.items():
         notes.append(f"exported {fmt}: max |logit difference| {c['max_abs_diff']:.2e} vs JAX, same top-1 on "
                      f"{100 * c['top1_agreement']:.2f}% of test images.")
