@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0,),
                          help="comma-separated seeds, trained together in one vmapped step")
     distill.add_argument("--no-baseline", action="store_true", help="skip the student trained alone")
+    distill.add_argument("--store-teacher-topk", type=int, default=0, metavar="K",
+                         help="soft KD only, fixed views (no --crop-padding): store the teacher's top-K logits "
+                              "once and distil without its forward pass (default 0: online teacher)")
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     distill.add_argument("--auto", action="store_true",
                          help="choose loss, T and KD weight on a validation split (one vmapped run per loss), "
@@ -271,6 +274,9 @@ def _dispatch(args, parser) -> int:
             include_students=False, distillations=(), title=f"teacher {args.model} on {args.dataset}",
         )
     else:  # distill
+        if args.auto and args.store_teacher_topk:
+            raise ValueError("--store-teacher-topk is not supported with --auto (its grid includes DKD, which needs "
+                             "the online teacher).")
         if args.auto:  # a bad grid is refused before anything is read or trained
             X.AutoGrid(losses=args.grid_losses, temperatures=args.grid_temperatures, kd_weights=args.grid_kd_weights).validate()
         kw = {} if args.crop_padding is None else {"student_crop_padding": args.crop_padding}
@@ -279,6 +285,7 @@ def _dispatch(args, parser) -> int:
             student=_model_spec(args.model, args.model_option),
             student_epochs=args.epochs, student_optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay),
             seeds=args.seeds, include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
+            store_teacher_topk=args.store_teacher_topk,
             distillations=(X.Distillation(f"{args.loss} KD", _objective(args)),),
             title=f"{args.model} distilled ({args.loss}) on {args.dataset}",
         )

@@ -32,9 +32,10 @@ from jkd.evaluate import plots, report
 from jkd.models import create_model, model_stats
 from jkd.train import (
     AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
-    parallel, stack_states, train_step_many, unstack_state,
+    parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state,
 )
 from jkd.train.checkpoint import Checkpoints, abstract_like, load_frozen, save_frozen
+from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig, fit
 
 
@@ -84,6 +85,8 @@ class ExperimentConfig:
     val_seed: int = 0
     include_baseline: bool = True           # train the student alone too
     include_students: bool = True           # False: train (and evaluate) the teacher only
+    store_teacher_topk: int = 0             # > 0: the teacher's top-k logits are computed once and
+                                            # soft KD runs without the teacher (fixed views only)
     title: str = "distillation run"
 
     def validate(self) -> None:
@@ -96,6 +99,14 @@ class ExperimentConfig:
             raise ValueError("seeds must name at least one seed.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1); got {self.val_fraction}.")
+        if self.store_teacher_topk < 0:
+            raise ValueError(f"store_teacher_topk must be >= 0 (0: online teacher); got {self.store_teacher_topk}.")
+        if self.store_teacher_topk:
+            stored.check_fixed_view(crop_padding=self.student_crop_padding, flip=bool(self.flip))
+            other = [d.name for d in self.distillations if not isinstance(d.objective, objectives.SoftKD)]
+            if other:
+                raise ValueError(f"stored teacher outputs support soft KD only; {', '.join(other)} need the "
+                                 "online teacher (set store_teacher_topk=0).")
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
@@ -189,6 +200,7 @@ class _Run:
             raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training images.")
         self.flip = spec.flip if cfg.flip is None else cfg.flip
         self.eval_view = functools.partial(augment.normalize, mean=spec.mean, std=spec.std)
+        self.view_name = f"normalize(mean={spec.mean}, std={spec.std})"
         self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
         self.log_file = (run_dir / "log.jsonl").open("a")
         from tensorboardX import SummaryWriter
@@ -242,7 +254,7 @@ class _Run:
 
 
 def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
-                 teacher=None, teacher_graphdef=None):
+                 teacher=None, teacher_graphdef=None, stored_outputs=None):
     """Train len(seeds) copies of ``spec`` in one vmapped step; returns ``(graphdef, [state per
     seed])``; records go to the run's log. ``objective`` is one objective for all, or a list
     of one objective per seed (a sweep of temperatures or weights)."""
@@ -255,9 +267,17 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     made = [create_train_state(spec.build(r.ds.spec.num_classes, shape, s, r.bn_axis), tx, seed=s) for s in seeds]
     graphdef = made[0][0]
     states = stack_states([m[1] for m in made])
+    batches = r.batches(seed=seeds[0])
+    if stored_outputs is not None:  # soft KD from the stored top-k: no teacher forward pass
+        per_student = [objectives.StoredSoftKD(temperature=o.temperature, kd_weight=o.kd_weight, ce_weight=o.ce_weight)
+                       for o in per_student]
+        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding))
+        online_batches, teacher = batches, None
+        batches = lambda start: stored.with_teacher_targets(online_batches(start), stored_outputs, view=r.view_name)  # noqa: E731
+    else:
+        step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
+                                 teacher_graphdef=teacher_graphdef)
     objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
-    step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
-                             teacher_graphdef=teacher_graphdef)
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 
     def evaluate(st):
@@ -277,7 +297,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     ckpts = Checkpoints(r.dir / _slug(name) / "ckpt")
     try:
         states, _ = fit(
-            r.runner(step), states, objs, teacher, batches=r.batches(seed=seeds[0]), checkpoints=ckpts,
+            r.runner(step), states, objs, teacher, batches=batches, checkpoints=ckpts,
             evaluate=evaluate, log=log,
             config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
                               eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress),
@@ -379,12 +399,22 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
         if not cfg.include_students:
             groups = []
         results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
+        outputs = None
+        if cfg.store_teacher_topk and any(role == "distilled" for _, role, _, _ in groups):
+            stored.check_fixed_view(crop_padding=cfg.student_crop_padding, flip=r.flip)
+            forward = jax.jit(lambda images: teacher_forward(tg, teacher, r.eval_view(images)))
+            t0 = time.perf_counter()
+            outputs = stored.store_teacher_outputs(forward, r.train, k=cfg.store_teacher_topk, view=r.view_name,
+                                                   batch_size=cfg.batch_size, progress=r.progress)
+            echo(f"teacher outputs stored once: top-{cfg.store_teacher_topk} of {len(outputs)} examples in bf16 "
+                 f"({outputs.nbytes() / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s)")
         for name, role, loss_name, objective in groups:
             echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {cfg.student_epochs} epochs")
             g, states = _train_group(
                 r, name, cfg.student, objective, seeds=cfg.seeds, epochs=cfg.student_epochs,
                 optimizer=cfg.student_optimizer, crop_padding=cfg.student_crop_padding,
-                teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg)
+                teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
+                stored_outputs=outputs if role == "distilled" else None)
             results[name] = (role, loss_name, g, [freeze(s) for s in states], cfg.student)
 
         # ---- evaluation and report ----------------------------------------------------------------

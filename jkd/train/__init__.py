@@ -2,6 +2,7 @@
 
 from jkd.train import objectives
 from jkd.train import parallel
+from jkd.train import stored
 from jkd.train.optim import AdamWConfig
 from jkd.train.optim import SGDConfig
 from jkd.train.optim import make_optimizer
@@ -16,10 +17,12 @@ from jkd.train.steps import stack_states
 from jkd.train.steps import teacher_logits
 from jkd.train.steps import train_step
 from jkd.train.steps import train_step_many
+from jkd.train.steps import train_step_many_stored
+from jkd.train.steps import train_step_stored
 from jkd.train.steps import unstack_state
 
 __all__ = [
     "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",
-    "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel",
-    "stack_states", "teacher_logits", "train_step", "train_step_many", "unstack_state",
+    "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel", "stored",
+    "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored", "train_step_stored", "unstack_state",
 ]

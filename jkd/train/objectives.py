@@ -69,6 +69,26 @@ class DKD:
             student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
 
 
+@struct.dataclass
+class StoredSoftKD:
+    """Soft KD from stored top-k teacher targets (:mod:`jkd.train.stored`):
+    ``kd_weight * T^2 KL(teacher_T over its top k || student_T) + ce_weight * CE(labels)``.
+
+    ``teacher_targets`` is ``(values [B, k], indices [B, k])``; with ``k = num_classes`` this
+    equals :class:`SoftKD` (see :func:`jkd.losses.topk_soft_distillation_loss`).
+    """
+
+    temperature: float | jax.Array = 4.0
+    kd_weight: float | jax.Array = 0.9
+    ce_weight: float | jax.Array = 0.1
+
+    def __call__(self, student_logits, teacher_targets, labels) -> jax.Array:
+        values, indices = teacher_targets
+        kd = losses.topk_soft_distillation_loss(student_logits, values, indices, temperature=self.temperature)
+        return losses.distillation_objective(
+            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+
+
 def stack(objectives):
     """K objectives of one kind -> one objective whose leaves have a leading axis K."""
     return jax.tree.map(lambda *xs: jax.numpy.stack([jax.numpy.asarray(x, jax.numpy.float32) for x in xs]), *objectives)

@@ -71,7 +71,9 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
         "grad_norm": optax.tree.norm(grads),
     }
-    if t_logits is not None:
+    if isinstance(t_logits, tuple):  # stored top-k targets: the teacher's top-1 class is indices[:, 0]
+        metrics["agreement"] = jnp.mean((jnp.argmax(logits, -1) == t_logits[1][..., 0]).astype(jnp.float32))
+    elif t_logits is not None:
         metrics["agreement"] = jnp.mean(losses.top1_agreement(logits, t_logits))
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
@@ -114,6 +116,34 @@ def train_step(
     view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
     t_out = _teacher_outputs(teacher_graphdef, teacher, view, objective)
     return _update(state, view, batch["label"], t_out, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
+
+
+def train_step_stored(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    objective: Callable,
+    teacher: None = None,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    view_fn: ViewFn,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step of distillation from stored teacher outputs: no teacher forward pass.
+
+    ``teacher`` is accepted (and must be None) so the runners of :mod:`jkd.train.parallel`
+    call it like :func:`train_step`.
+
+    ``batch`` carries ``teacher_topk_values [B, k]`` and ``teacher_topk_indices [B, k]``
+    (attached and checked by :func:`jkd.train.stored.with_teacher_targets`); ``objective`` takes
+    them as ``(values, indices)`` (e.g. ``objectives.StoredSoftKD``). ``view_fn`` must be the
+    fixed view the outputs were stored on.
+    """
+    if teacher is not None:
+        raise ValueError("train_step_stored runs without the teacher; pass teacher=None (its outputs are in the batch).")
+    view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
+    targets = (batch["teacher_topk_values"], batch["teacher_topk_indices"])
+    return _update(state, view, batch["label"], (targets, None), objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
 
 
 def train_step_many(
@@ -176,3 +206,23 @@ def unstack_state(states: TrainState, k: int) -> TrainState:
     return jax.tree.map(lambda x: x[k], states)
 
 
+
+
+def train_step_many_stored(
+    states: TrainState,
+    batch: dict[str, jax.Array],
+    objectives: Callable,
+    teacher: None = None,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    view_fn: ViewFn,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
+    if teacher is not None:
+        raise ValueError("train_step_many_stored runs without the teacher; pass teacher=None.")
+    view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
+    t_out = ((batch["teacher_topk_values"], batch["teacher_topk_indices"]), None)
+    update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
+    return jax.vmap(update)(states, objectives)
