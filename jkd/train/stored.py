@@ -16,6 +16,7 @@ student's view, which changes every step (big_vision's "consistent teaching").
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -24,7 +25,7 @@ import numpy as np
 
 from jkd.data import pipeline as P
 
-_MULTIPLIER = np.uint64(2654435761)  # Knuth's multiplicative hash constant
+_MULTIPLIER = np.uint32(2654435761)  # Knuth's multiplicative hash constant
 
 
 class TeacherOutputMismatch(ValueError):
@@ -40,12 +41,16 @@ def check_fixed_view(*, crop_padding: int = 0, flip: bool = False, mixup: float 
                          "turn it off, or distil online (the teacher then sees each step's augmented view).")
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_weights(n: int) -> np.ndarray:
+    return np.arange(1, n + 1, dtype=np.uint32) * _MULTIPLIER  # wraps modulo 2^32, on purpose
+
+
 def image_fingerprints(images: np.ndarray) -> np.ndarray:
-    """``uint8 [B, ...] -> uint32 [B]``: a position-weighted hash of each image's pixels (a
-    permutation of pixels, or another image, changes it)."""
-    flat = np.asarray(images).reshape(len(images), -1).astype(np.uint64)
-    weights = (np.arange(1, flat.shape[1] + 1, dtype=np.uint64) * _MULTIPLIER) % np.uint64(2 ** 32)
-    return ((flat * weights).sum(axis=1, dtype=np.uint64) % np.uint64(2 ** 32)).astype(np.uint32)
+    """``uint8 [B, ...] -> uint32 [B]``: a position-weighted hash of each image's pixels,
+    modulo 2^32 (a permutation of pixels, or another image, changes it)."""
+    flat = np.asarray(images).reshape(len(images), -1)
+    return (flat.astype(np.uint32) * _pixel_weights(flat.shape[1])).sum(axis=1, dtype=np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
