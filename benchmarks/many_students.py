@@ -5,7 +5,7 @@ separate runs cost K (t + s) per batch and the vmapped step ideally t + K s: the
 is K (t + s) / (t + K s). t and s are measured in the same run; ``ratio`` is the measured
 speed-up, ``ideal`` the bound, higher is better.
 
-    .venv/bin/python benchmarks/many_students.py [mlp|cnn]
+    .venv/bin/python benchmarks/many_students.py [mlp|cnn] [sequential]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _seconds(fn, steps):
     return (time.perf_counter() - t0) / steps
 
 
-def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2) -> dict:
+def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequential: bool = False) -> dict:
     t_name, s_name, shape, batch = PAIRS[pair]
     tg, teacher = freeze_model(create_model(t_name, num_classes=10, input_shape=shape, seed=100))
     tx = make_optimizer(SGDConfig(learning_rate=0.05, decay_epochs=()), steps_per_epoch=100, total_steps=10_000)
@@ -42,11 +42,13 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2) -> dict:
     graphdef = made[0][0]
     view = lambda key, images: augment.normalize(images, (0.5,) * shape[-1], (0.25,) * shape[-1])  # noqa: E731
     one = parallel.single_device(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg))
-    many = parallel.single_device(functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg))
+    many = parallel.single_device(functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=view,
+                                                    teacher_graphdef=tg, sequential=sequential))
     forward = jax.jit(lambda images: teacher_logits(tg, teacher, view(None, images)))
     rng = np.random.default_rng(0)
     b = {"image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8), "label": rng.integers(0, 10, batch).astype(np.int32)}
     obj = objectives.SoftKD(temperature=4.0, kd_weight=0.9, ce_weight=0.1)
+    objs = objectives.stack([obj] * k)
     box = {"single": [m[1] for m in made], "stacked": stack_states([m[1] for m in made])}
 
     def separate():  # K runs, one after the other, each with its own teacher forward
@@ -55,7 +57,7 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2) -> dict:
         jax.block_until_ready(m["loss"])
 
     def together():
-        box["stacked"], m = many(box["stacked"], b, obj, teacher)
+        box["stacked"], m = many(box["stacked"], b, objs, teacher)
         jax.block_until_ready(m["loss"])
 
     def single():
@@ -76,6 +78,7 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2) -> dict:
     ideal = k * (t + s) / (t + k * s)
     ratio = med["separate"] / med["together"]
     return {"pair": f"{t_name} -> {k} x {s_name}", "batch": batch, "k": k, "ratio": ratio, "ideal": ideal,
+            "students": "unrolled (sequential)" if sequential else "vmap",
             "fraction_of_ideal": ratio / ideal, "teacher_forward_ms": 1000 * t, "student_step_ms": 1000 * s,
             "separate_ms": 1000 * med["separate"], "together_ms": 1000 * med["together"]}
 
@@ -84,8 +87,9 @@ if __name__ == "__main__":
     from data_pipeline import write
 
     pair = sys.argv[1] if len(sys.argv) > 1 else "cnn"
-    r = run(pair)
-    write(f"many_students_{pair}", r)
-    print(f"{r['pair']} (batch {r['batch']}): {r['together_ms']:.0f} ms vmapped vs {r['separate_ms']:.0f} ms separate, "
+    sequential = len(sys.argv) > 2 and sys.argv[2] == "sequential"
+    r = run(pair, sequential=sequential)
+    write(f"many_students_{pair}" + ("_sequential" if sequential else ""), r)
+    print(f"{r['pair']} (batch {r['batch']}, {r['students']}): {r['together_ms']:.0f} ms together vs {r['separate_ms']:.0f} ms separate, "
           f"speed-up {r['ratio']:.2f} of ideal {r['ideal']:.2f} (t {r['teacher_forward_ms']:.0f} ms, s "
           f"{r['student_step_ms']:.0f} ms) = {100 * r['fraction_of_ideal']:.0f}%")

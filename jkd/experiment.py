@@ -268,15 +268,20 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     graphdef = made[0][0]
     states = stack_states([m[1] for m in made])
     batches = r.batches(seed=seeds[0])
+    # On XLA's CPU backend vmap turns K students' convolutions into one grouped convolution,
+    # ~2.5x slower than K separate runs for resnet8x4 (benchmarks/many_students.py); K plain
+    # copies in one step share the teacher forward and run at full speed there.
+    sequential = jax.default_backend() == "cpu" and any(x.ndim == 4 for x in jax.tree.leaves(made[0][1].params))
     if stored_outputs is not None:  # soft KD from the stored top-k: no teacher forward pass
         per_student = [objectives.StoredSoftKD(temperature=o.temperature, kd_weight=o.kd_weight, ce_weight=o.ce_weight)
                        for o in per_student]
-        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding))
+        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
+                                 sequential=sequential)
         online_batches, teacher = batches, None
         batches = lambda start: stored.with_teacher_targets(online_batches(start), stored_outputs, view=r.view_name)  # noqa: E731
     else:
         step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
-                                 teacher_graphdef=teacher_graphdef)
+                                 teacher_graphdef=teacher_graphdef, sequential=sequential)
     objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 

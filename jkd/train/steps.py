@@ -157,15 +157,30 @@ def train_step_many(
     view_fn: ViewFn,
     teacher_graphdef=None,
     axis_name: str | None = None,
+    sequential: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """K students in one step: ``states`` and ``objectives`` carry a leading axis K.
 
-    The batch's view and the teacher's forward pass are computed once and shared; only the
-    students' forward and backward passes are ``vmap``-ed. Metrics have shape ``[K]``.
+    The batch's view and the teacher's forward pass are computed once and shared; the
+    students' forward and backward passes are ``vmap``-ed, or with ``sequential=True`` run one
+    after another inside the same step (unrolled: compile time grows with K). ``vmap`` turns K convolutions into one
+    grouped convolution, fast on accelerators but several times slower than K plain ones on
+    XLA's CPU backend (measured in ``benchmarks/many_students.py``): use ``sequential`` there for
+    convolutional students. Both give the same result. Metrics have shape ``[K]``.
     """
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     t_out = _teacher_outputs(teacher_graphdef, teacher, view, objectives)
     update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
+    return _each_student(update, states, objectives, sequential)
+
+
+def _each_student(update, states, objectives, sequential: bool):
+    """``update`` of each of K stacked students: ``vmap``, or K unrolled copies (a ``lax.map``
+    body runs XLA CPU's convolutions ~35x slower, measured)."""
+    if sequential:
+        k = jax.tree.leaves(states)[0].shape[0]
+        outs = [update(*jax.tree.map(lambda x: x[i], (states, objectives))) for i in range(k)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return jax.vmap(update)(states, objectives)
 
 
@@ -218,6 +233,7 @@ def train_step_many_stored(
     tx: optax.GradientTransformation,
     view_fn: ViewFn,
     axis_name: str | None = None,
+    sequential: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
     if teacher is not None:
@@ -225,4 +241,4 @@ def train_step_many_stored(
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     t_out = ((batch["teacher_topk_values"], batch["teacher_topk_indices"]), None)
     update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
-    return jax.vmap(update)(states, objectives)
+    return _each_student(update, states, objectives, sequential)

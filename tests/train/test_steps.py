@@ -73,7 +73,8 @@ def test_teacher_and_student_see_one_view():
     np.testing.assert_allclose(seen["t"], t_ref, rtol=1e-6)
 
 
-def test_many_students_equal_separate_runs():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_many_students_equal_separate_runs(sequential):
     tg, teacher = H.teacher()
     seeds, temps = [1, 2, 3], [1.0, 4.0, 8.0]
     data = H.batches(4)
@@ -87,7 +88,7 @@ def test_many_students_equal_separate_runs():
     g, _ = H.student()
     many = stack_states([H.student(seed=s)[1] for s in seeds])
     objs = objectives.stack([objectives.SoftKD(temperature=T) for T in temps])
-    run_many = jax.jit(H.step_fn(g, tg, view_fn=H.CROP_FLIP, step=train_step_many))
+    run_many = jax.jit(H.step_fn(g, tg, view_fn=H.CROP_FLIP, step=functools.partial(train_step_many, sequential=sequential)))
     for b in data:
         many, metrics = run_many(many, b, objs, teacher)
     assert metrics["loss"].shape == (3,)
