@@ -1,14 +1,31 @@
-"""`make bench`: every benchmark, results merged into runs/bench/results.json."""
+"""`make bench`: every benchmark, results merged into runs/bench/results.json (several minutes;
+the CNN comparisons dominate)."""
 
 import chunked_loss
 import data_pipeline
+import many_students
+import stored_teacher
+import vs_torch
 
 if __name__ == "__main__":
+    write = data_pipeline.write
     r = data_pipeline.run()
-    data_pipeline.write("data_pipeline", r)
+    write("data_pipeline", r)
     print(f"data_pipeline: ratio {r['ratio']:.3f} ({r['jkd_images_per_s']:.0f} vs "
           f"{r['comparison_images_per_s']:.0f} img/s; target >= {r['target']})")
     c = chunked_loss.run()
-    data_pipeline.write("chunked_soft_loss", c)
+    write("chunked_soft_loss", c)
     print(f"chunked_soft_loss: peak x{c['ratio']:.2f}, temporaries x{c['temp_ratio']:.1f}, "
           f"time ratio {c['time_ratio']:.2f}")
+    for pair in vs_torch.PAIRS:
+        v = vs_torch.run(pair)
+        write(f"vs_torch_{pair}", v)
+        print(f"vs_torch {v['pair']}: ratio {v['ratio']:.2f} ({v['jkd_images_per_s']:.0f} vs "
+              f"{v['comparison_images_per_s']:.0f} img/s), {100 * v['jkd_fraction_of_peak']:.0f}% of matmul peak")
+    s = stored_teacher.run()
+    write("stored_teacher", s)
+    print(f"stored_teacher: ratio {s['ratio']:.2f} of ideal {s['ideal']:.2f}; accuracy online "
+          f"{s['online_test_accuracy']:.4f} vs stored {s['stored_test_accuracy']:.4f}")
+    m = many_students.run("cnn", sequential=True)
+    write("many_students_cnn_sequential", m)
+    print(f"many_students {m['pair']}: ratio {m['ratio']:.2f} of ideal {m['ideal']:.2f}")

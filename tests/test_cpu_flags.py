@@ -1,0 +1,54 @@
+"""jkd's one XLA CPU flag: added only where known, never over a user's own choice."""
+
+import pytest
+
+from jkd import _cpu_flags
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("JKD_NO_XLA_FLAGS", raising=False)
+    return monkeypatch
+
+
+def _jaxlib(monkeypatch, version):
+    import jaxlib.version
+
+    monkeypatch.setattr(jaxlib.version, "__version__", version)
+
+
+def test_added_on_known_jaxlib_and_kept_with_other_flags(env):
+    import os
+
+    _jaxlib(env, "0.10.2")
+    env.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert _cpu_flags.apply()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=4 {_cpu_flags.FLAG}"
+
+
+@pytest.mark.parametrize("setup", ["user_flag", "opt_out", "unknown_jaxlib"])
+def test_not_added(env, setup):
+    import os
+
+    _jaxlib(env, "0.10.2")
+    if setup == "user_flag":
+        env.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    elif setup == "opt_out":
+        env.setenv("JKD_NO_XLA_FLAGS", "1")
+    else:
+        _jaxlib(env, "0.14.0")
+    before = os.environ.get("XLA_FLAGS")
+    assert not _cpu_flags.apply()
+    assert os.environ.get("XLA_FLAGS") == before
+
+
+def test_importing_jkd_sets_it_before_jax_starts():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JKD_NO_XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", "import os, jkd; print(os.environ['XLA_FLAGS'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == _cpu_flags.FLAG
