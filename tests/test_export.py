@@ -55,11 +55,19 @@ def test_stablehlo_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, t
         data = np.load({str(tmp_path / 'in.npz')!r})
         np.savez({str(tmp_path / 'out.npz')!r}, **{{k: np.asarray(fn.call(data[k])) for k in data.files}})
     """)  # only jax is imported there: no jkd, no flax model code
-    subprocess.run([sys.executable, "-c", script], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
-    out = np.load(tmp_path / "out.npz")
+    # Same XLA settings as here (jkd adds one CPU flag at import): bitwise identical outputs.
+    import os
+
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
+    out = dict(np.load(tmp_path / "out.npz"))
+    # JAX's default settings: other CPU kernels may round differently, by an ulp or so.
+    subprocess.run([sys.executable, "-c", script], check=True, env={**env, "XLA_FLAGS": ""})
+    default = np.load(tmp_path / "out.npz")
     here = E.load_stablehlo(paths["stablehlo"])
     for n, images in batches.items():
         np.testing.assert_array_equal(out[str(n)], np.asarray(here(images)))
+        np.testing.assert_allclose(default[str(n)], out[str(n)], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(out[str(n)], _reference(graphdef, variables, images), rtol=1e-5, atol=1e-5)
         assert out[str(n)].shape == (n, 10)
 
