@@ -4,6 +4,7 @@ the CNN comparisons dominate)."""
 import chunked_loss
 import data_pipeline
 import many_students
+import projected_loss
 import stored_teacher
 import vs_torch
 
@@ -17,6 +18,9 @@ if __name__ == "__main__":
     write("chunked_soft_loss", c)
     print(f"chunked_soft_loss: peak x{c['ratio']:.2f}, temporaries x{c['temp_ratio']:.1f}, "
           f"time ratio {c['time_ratio']:.2f}")
+    f = projected_loss.run()
+    write("projected_soft_loss", f)
+    print(f"projected_soft_loss: peak saving x{f['ratio']:.1f}, time ratio {f['time_ratio']:.2f}")
     for pair in vs_torch.PAIRS:
         v = vs_torch.run(pair)
         write(f"vs_torch_{pair}", v)

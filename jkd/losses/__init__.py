@@ -7,6 +7,7 @@ float32, and work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 """
 
 from jkd.losses._chunked import chunked_soft_distillation_loss
+from jkd.losses._chunked import projected_soft_distillation_loss
 from jkd.losses._dkd import decoupled_distillation_loss
 from jkd.losses._features import attention_map
 from jkd.losses._features import attention_transfer_loss
@@ -26,6 +27,7 @@ __all__ = [
     "attention_transfer_loss",
     "blended_soft_loss",
     "chunked_soft_distillation_loss",
+    "projected_soft_distillation_loss",
     "cross_entropy_loss",
     "decoupled_distillation_loss",
     "distillation_objective",
