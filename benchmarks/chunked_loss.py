@@ -16,11 +16,11 @@ time / plain time (target <= 1.2).
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from common import compiled_footprint
 from jkd import losses
 
 TOKENS, CLASSES, CHUNK = 8192, 32768, 512
@@ -39,16 +39,8 @@ def run(tokens=TOKENS, classes=CLASSES, chunk=CHUNK) -> dict:
     chunked = lambda x, y: losses.chunked_soft_distillation_loss(x, y, temperature=2.0, chunk_size=chunk)  # noqa: E731
     out = {}
     for name, fn in (("plain", plain), ("chunked", chunked)):
-        comp = _compiled(fn, s, t)
-        mem = comp.memory_analysis()
-        peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-        jax.block_until_ready(comp(s, t))
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(comp(s, t))
-            times.append(time.perf_counter() - t0)
-        out[name] = {"peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes), "seconds": min(times)}
+        out[name] = compiled_footprint(_compiled(fn, s, t), s, t)
+        del out[name]["output"]
     return {
         "what": f"soft KD value+grad, {tokens} tokens x {classes} classes, f32 logits, chunk {chunk}",
         "plain": out["plain"], "chunked": out["chunked"],
@@ -60,7 +52,7 @@ def run(tokens=TOKENS, classes=CLASSES, chunk=CHUNK) -> dict:
 
 
 if __name__ == "__main__":
-    from data_pipeline import write
+    from common import write
 
     r = run(*(int(a) for a in sys.argv[1:]))
     write("chunked_soft_loss", r)

@@ -7,11 +7,9 @@ Writes the entry "data_pipeline" of runs/bench/results.json.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import functools
 
@@ -78,16 +76,9 @@ def run(data_dir: str | None = None) -> dict:
     }
 
 
-def write(entry: str, result: dict, path: Path = Path("runs/bench/results.json")) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[entry] = result
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 if __name__ == "__main__":
+    from common import write
+
     r = run(sys.argv[1] if len(sys.argv) > 1 else None)
     write("data_pipeline", r)
     print(f"pipeline {r['jkd_images_per_s']:.0f} img/s, in memory {r['comparison_images_per_s']:.0f} "

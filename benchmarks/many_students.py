@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 import statistics
 import sys
-import time
 
 import jax
 import numpy as np
 
+from common import seconds_per_call
 from jkd.data import augment
 from jkd.models import create_model
 from jkd.train import SGDConfig, create_train_state, freeze_model, make_optimizer, objectives, parallel
@@ -25,13 +25,6 @@ from jkd.train import stack_states, train_step, train_step_many
 from jkd.train.steps import teacher_logits
 
 PAIRS = {"cnn": ("resnet32x4", "resnet8x4", (32, 32, 3), 64), "mlp": ("mlp_2x1200", "mlp_100", (28, 28, 1), 256)}
-
-
-def _seconds(fn, steps):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
 
 
 def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequential: bool = False) -> dict:
@@ -68,10 +61,10 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequenti
     separate(), together(), teacher_only()  # compile
     times = {"separate": [], "together": [], "single": [], "teacher": []}
     for _ in range(rounds):
-        times["separate"].append(_seconds(separate, steps))
-        times["together"].append(_seconds(together, steps))
-        times["single"].append(_seconds(single, steps))
-        times["teacher"].append(_seconds(teacher_only, steps))
+        times["separate"].append(seconds_per_call(separate, steps))
+        times["together"].append(seconds_per_call(together, steps))
+        times["single"].append(seconds_per_call(single, steps))
+        times["teacher"].append(seconds_per_call(teacher_only, steps))
     med = {name: statistics.median(v) for name, v in times.items()}
     t = med["teacher"]
     s = max(med["single"] - t, 1e-9)
@@ -84,7 +77,7 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequenti
 
 
 if __name__ == "__main__":
-    from data_pipeline import write
+    from common import write
 
     pair = sys.argv[1] if len(sys.argv) > 1 else "cnn"
     sequential = len(sys.argv) > 2 and sys.argv[2] == "sequential"

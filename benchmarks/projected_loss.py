@@ -14,11 +14,11 @@ Writes "projected_soft_loss" to runs/bench/results.json: ``ratio`` = plain peak 
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from common import compiled_footprint
 from jkd import losses
 
 TOKENS, CLASSES, HIDDEN, CHUNK, T = 8192, 32768, 512, 512, 2.0
@@ -40,16 +40,8 @@ def run(tokens=TOKENS, classes=CLASSES, hidden=HIDDEN, chunk=CHUNK) -> dict:
     out = {}
     for name, fn in (("plain", plain), ("fused", fused)):
         comp = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(hs, ws, ht, wt).compile()
-        mem = comp.memory_analysis()
-        peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-        value = jax.block_until_ready(comp(hs, ws, ht, wt))[0]
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(comp(hs, ws, ht, wt))
-            times.append(time.perf_counter() - t0)
-        out[name] = {"peak_bytes": int(peak), "temp_bytes": int(mem.temp_size_in_bytes), "seconds": min(times),
-                     "value": float(value)}
+        out[name] = compiled_footprint(comp, hs, ws, ht, wt)
+        out[name]["value"] = float(out[name].pop("output")[0])
     return {
         "what": f"soft KD from hidden states, value+grad, {tokens} tokens x {classes} classes, hidden {hidden}, "
                 f"f32, chunk {chunk}",
@@ -62,7 +54,7 @@ def run(tokens=TOKENS, classes=CLASSES, hidden=HIDDEN, chunk=CHUNK) -> dict:
 
 
 if __name__ == "__main__":
-    from data_pipeline import write
+    from common import write
 
     r = run(*(int(a) for a in sys.argv[1:]))
     write("projected_soft_loss", r)

@@ -2,6 +2,7 @@
 the CNN comparisons dominate)."""
 
 import chunked_loss
+from common import write
 import data_pipeline
 import many_students
 import projected_loss
@@ -9,7 +10,6 @@ import stored_teacher
 import vs_torch
 
 if __name__ == "__main__":
-    write = data_pipeline.write
     r = data_pipeline.run()
     write("data_pipeline", r)
     print(f"data_pipeline: ratio {r['ratio']:.3f} ({r['jkd_images_per_s']:.0f} vs "

@@ -16,6 +16,7 @@ import time
 
 import jax
 
+from common import seconds_per_call
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.experiment import load_saved_model
@@ -80,7 +81,7 @@ def run() -> dict:
     b = next(P.train_batches(train, batch_size=BATCH, seed=0))
     bt = outputs.targets(b, view=view_name)
     jax.block_until_ready(forward(b["image"]))
-    t = statistics.median(_time(lambda: jax.block_until_ready(forward(b["image"]))) for _ in range(50))
+    t = statistics.median(seconds_per_call(lambda: jax.block_until_ready(forward(b["image"]))) for _ in range(50))
     st = fresh()[1]
     box = {"s": st}
 
@@ -89,7 +90,7 @@ def run() -> dict:
         jax.block_until_ready(m["loss"])
 
     one()
-    s = statistics.median(_time(one) for _ in range(50))
+    s = statistics.median(seconds_per_call(one) for _ in range(50))
 
     def accuracy(state):
         fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=fixed))
@@ -107,14 +108,8 @@ def run() -> dict:
             "online_test_accuracy": accuracy(states["online"]), "stored_test_accuracy": accuracy(states["stored"])}
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 if __name__ == "__main__":
-    from data_pipeline import write
+    from common import write
 
     r = run()
     write("stored_teacher", r)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import functools
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import seconds_per_call
 from jkd.data import augment
 from jkd.models import create_model, model_stats
 from jkd.train import SGDConfig, create_train_state, freeze_model, make_optimizer, objectives, parallel, train_step
@@ -33,14 +33,6 @@ T, KD_WEIGHT, CE_WEIGHT, LR, MOMENTUM, WD = 4.0, 0.9, 0.1, 0.05, 0.9, 5e-4
 MEAN, STD = 0.5, 0.25
 
 
-def _timed(fn, steps: int) -> float:
-    """Seconds per call of ``fn`` (which blocks on its own result), over ``steps`` calls."""
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
-
-
 def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
     """The best float32 matmul rate of this machine, in JAX and in torch (GFLOP/s)."""
     import torch
@@ -48,10 +40,10 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
     mm = jax.jit(jnp.dot)
     jax.block_until_ready(mm(a, a))
-    t_jax = min(_timed(lambda: jax.block_until_ready(mm(a, a)), 1) for _ in range(repeats))
-    ta = torch.from_numpy(np.asarray(a))
+    t_jax = min(seconds_per_call(lambda: jax.block_until_ready(mm(a, a)), 1) for _ in range(repeats))
+    ta = torch.from_numpy(np.array(a))  # a writable copy
     torch.mm(ta, ta)
-    t_torch = min(_timed(lambda: torch.mm(ta, ta), 1) for _ in range(repeats))
+    t_torch = min(seconds_per_call(lambda: torch.mm(ta, ta), 1) for _ in range(repeats))
     flops = 2 * n ** 3
     return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9,
             "peak_gflops": max(flops / t_jax, flops / t_torch) / 1e9}
@@ -169,10 +161,10 @@ def run(pair: str, rounds: int = 7, steps: int = 5) -> dict:
     p_step, p_teacher = torch_pair(pair)
     times = {"jkd_step": [], "torch_step": [], "jkd_teacher": [], "torch_teacher": []}
     for _ in range(rounds):  # interleaved: machine noise hits both
-        times["jkd_step"].append(_timed(j_step, steps))
-        times["torch_step"].append(_timed(p_step, steps))
-        times["jkd_teacher"].append(_timed(j_teacher, steps))
-        times["torch_teacher"].append(_timed(p_teacher, steps))
+        times["jkd_step"].append(seconds_per_call(j_step, steps))
+        times["torch_step"].append(seconds_per_call(p_step, steps))
+        times["jkd_teacher"].append(seconds_per_call(j_teacher, steps))
+        times["torch_teacher"].append(seconds_per_call(p_teacher, steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = matmul_peak()
     # Model FLOPs of one step: teacher forward + student forward and backward (~3x forward).
@@ -192,7 +184,7 @@ def run(pair: str, rounds: int = 7, steps: int = 5) -> dict:
 
 
 if __name__ == "__main__":
-    from data_pipeline import write
+    from common import write
 
     for pair in sys.argv[1:] or list(PAIRS):
         r = run(pair)

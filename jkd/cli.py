@@ -343,13 +343,15 @@ def _export(args) -> int:
                          "training). Give a student folder, e.g. runs/demo/soft_kd_t_8/seed0.")
     out = Path(args.out) if args.out else path.parent / f"{path.name}_export"
     with quantization.qwix_promotion():  # int8 students run qwix ops; float ones are unaffected
-        _export_and_check(E, graphdef, variables, meta, out, formats)
+        _export_and_check(graphdef, variables, meta, out, formats)
     print(f"preprocessing: {out / E.PREPROCESSING_FILE} (inputs are raw uint8 NHWC images; normalisation is inside)")
     return 0
 
 
-def _export_and_check(E, graphdef, variables, meta, out, formats):
+def _export_and_check(graphdef, variables, meta, out, formats):
     import numpy as np
+
+    from jkd import export as E
 
     paths = E.export_model(graphdef, variables, meta, out, formats)
     # A self-check on a few random images: the artifact against the model in JAX.

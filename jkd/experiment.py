@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,7 +27,7 @@ import numpy as np
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import metrics as M
-from jkd.evaluate import plots, report
+from jkd.evaluate import latency, plots, report
 from jkd.models import create_model, model_stats
 from jkd.train import (
     AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
@@ -268,20 +267,15 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     graphdef = made[0][0]
     states = stack_states([m[1] for m in made])
     batches = r.batches(seed=seeds[0])
-    # On XLA's CPU backend vmap turns K students' convolutions into one grouped convolution,
-    # ~2.5x slower than K separate runs for resnet8x4 (benchmarks/many_students.py); K plain
-    # copies in one step share the teacher forward and run at full speed there.
-    sequential = jax.default_backend() == "cpu" and any(x.ndim == 4 for x in jax.tree.leaves(made[0][1].params))
     if stored_outputs is not None:  # soft KD from the stored top-k: no teacher forward pass
         per_student = [objectives.StoredSoftKD(temperature=o.temperature, kd_weight=o.kd_weight, ce_weight=o.ce_weight)
                        for o in per_student]
-        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
-                                 sequential=sequential)
+        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding))
         online_batches, teacher = batches, None
         batches = lambda start: stored.with_teacher_targets(online_batches(start), stored_outputs, view=r.view_name)  # noqa: E731
     else:
         step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
-                                 teacher_graphdef=teacher_graphdef, sequential=sequential)
+                                 teacher_graphdef=teacher_graphdef)
     objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 
@@ -344,13 +338,7 @@ def _get_teacher(r: _Run, run_dir: Path, echo):
 def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
     fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=view))
     b = {"image": np.zeros((batch_size, *shape), np.uint8), "label": np.zeros(batch_size, np.int32)}
-    jax.block_until_ready(fn(variables, b))
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(variables, b))
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return latency.median_ms(fn, variables, b)
 
 
 def _read_log(path: Path) -> dict[str, list[dict]]:

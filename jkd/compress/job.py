@@ -18,8 +18,6 @@ import dataclasses
 import functools
 import io
 import json
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +31,11 @@ from jkd import export as E
 from jkd.compress import pruning, quantization as Q
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
+from jkd.evaluate import latency
+from jkd.experiment import config_to_json, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
 from jkd.train.checkpoint import Checkpoints, save_frozen
+from jkd.train.state import split_model
 from jkd.train.loop import LoopConfig, fit
 
 
@@ -81,20 +82,8 @@ def _npz_bytes(variables) -> int:
     return buf.getbuffer().nbytes
 
 
-def _median_ms(fn: Callable, x, repeats: int = 20) -> float:
-    jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 class _Job:
     def __init__(self, cfg: CompressConfig, out: Path, student_dir, teacher_dir, progress, echo):
-        from jkd.experiment import load_saved_model
-
         self.cfg, self.out, self.progress, self.echo = cfg, out, progress, echo
         self.student_dir = Path(student_dir).absolute()
         self.sg, self.student, self.meta = load_saved_model(student_dir)
@@ -131,7 +120,7 @@ class _Job:
     def row(self, name: str, kind: str, fn: Callable, size_bytes: int, **extra) -> dict:
         logits = self.predict(fn)
         return {"name": name, "kind": kind, "test_accuracy": float(np.mean(np.argmax(logits, -1) == self.labels)),
-                "size_bytes": int(size_bytes), "latency_ms": _median_ms(fn, self.latency_input),
+                "size_bytes": int(size_bytes), "latency_ms": latency.median_ms(fn, self.latency_input),
                 **extra, "_logits": logits}
 
     def model_row(self, name: str, kind: str, graphdef, variables, **extra) -> dict:
@@ -174,8 +163,6 @@ class _Job:
 
     def saved(self, stage: str, build: Callable, meta_extra: dict):
         """Load ``stage/model`` if a previous run saved it, else build and save it."""
-        from jkd.experiment import load_saved_model
-
         path = self.out / stage / "model"
         if path.exists():
             self.echo(f"{stage}: loaded from {path}")
@@ -197,8 +184,6 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
         teacher_dir = student_dir.parent.parent / "teacher" / "model"
         if not teacher_dir.exists():
             raise FileNotFoundError(f"no teacher found at {teacher_dir}; pass the teacher's folder (--teacher-dir).")
-    from jkd.experiment import config_to_json
-
     settings = {"student_dir": str(student_dir.absolute()), "teacher_dir": str(Path(teacher_dir).absolute()),
                 **config_to_json(cfg)}
     cfg_path = out / "config.json"
@@ -276,7 +261,7 @@ def _int8_rows(job: _Job, student_model, pruned):
 
         def build_qat():
             qat = Q.qat_model(student_model, calib[:2], Q.INT8_WEIGHTS)
-            qatg, _, _, _ = nnx.split(qat, nnx.Param, nnx.BatchStat, ...)
+            qatg = split_model(qat)[0]
             state = job.distil("int8_qat", qatg, job.student, cfg.qat_epochs)
             trained = nnx.merge(qatg, state.params, state.batch_stats, state.rest)
             return freeze_model(Q.quantize(trained, calib, Q.INT8_WEIGHTS))

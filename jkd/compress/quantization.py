@@ -26,10 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-try:
-    import qwix
-except ImportError:  # pragma: no cover - qwix is a dependency; this names the fix
-    qwix = None
+import qwix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +58,6 @@ def qwix_promotion():
     return jax.numpy_dtype_promotion("standard")
 
 
-def _require_qwix():
-    if qwix is None:
-        raise ImportError("int8 quantization needs qwix (a jkd dependency): pip install 'qwix>=0.1.8'.")
-
-
 def _rules(scheme: Int8Scheme, rule_cls):
     int8 = jnp.int8
     conv = rule_cls(module_path=".*", op_names=("conv_general_dilated",), weight_qtype=int8, act_qtype=int8,
@@ -92,7 +84,6 @@ def quantize(model: nnx.Module, calibration: jax.Array, scheme: Int8Scheme = INT
     so pass a few hundred to a few thousand images; otherwise a handful suffice (only shapes
     matter). Weights get per-output-channel absmax scales.
     """
-    _require_qwix()
     _check_images(calibration, "calibration")
     if not isinstance(scheme, Int8Scheme):
         raise TypeError(f"scheme must be an Int8Scheme ({', '.join(SCHEMES)}); got {scheme!r}.")
@@ -111,7 +102,6 @@ def qat_model(model: nnx.Module, sample: jax.Array, scheme: Int8Scheme = INT8_WE
     steps and optimizers; gradients pass the rounding straight through. Only dynamic schemes
     are supported for QAT (static scales are calibrated after training, by :func:`quantize`).
     """
-    _require_qwix()
     _check_images(sample, "sample")
     if scheme.static:
         raise ValueError("QAT trains with dynamic activation scales; quantize the trained model with "

@@ -1,7 +1,8 @@
 """Metrics (pure numpy), plots (matplotlib) and the run report."""
 
+from jkd.evaluate import latency
 from jkd.evaluate import metrics
 from jkd.evaluate import plots
 from jkd.evaluate import report
 
-__all__ = ["metrics", "plots", "report"]
+__all__ = ["latency", "metrics", "plots", "report"]

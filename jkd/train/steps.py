@@ -139,11 +139,17 @@ def train_step_stored(
     them as ``(values, indices)`` (e.g. ``objectives.StoredSoftKD``). ``view_fn`` must be the
     fixed view the outputs were stored on.
     """
-    if teacher is not None:
-        raise ValueError("train_step_stored runs without the teacher; pass teacher=None (its outputs are in the batch).")
+    t_out = _stored_targets(batch, teacher)
     view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
-    targets = (batch["teacher_topk_values"], batch["teacher_topk_indices"])
-    return _update(state, view, batch["label"], (targets, None), objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
+    return _update(state, view, batch["label"], t_out, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
+
+
+def _stored_targets(batch, teacher):
+    """``((values, indices), None)``: the stored top-k teacher targets a batch carries."""
+    if teacher is not None:
+        raise ValueError("the stored-output steps run without the teacher; pass teacher=None (its outputs are "
+                         "in the batch).")
+    return (batch["teacher_topk_values"], batch["teacher_topk_indices"]), None
 
 
 def train_step_many(
@@ -157,16 +163,17 @@ def train_step_many(
     view_fn: ViewFn,
     teacher_graphdef=None,
     axis_name: str | None = None,
-    sequential: bool = False,
+    sequential: bool | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """K students in one step: ``states`` and ``objectives`` carry a leading axis K.
 
     The batch's view and the teacher's forward pass are computed once and shared; the
     students' forward and backward passes are ``vmap``-ed, or with ``sequential=True`` run one
-    after another inside the same step (unrolled: compile time grows with K). ``vmap`` turns K convolutions into one
-    grouped convolution, fast on accelerators but several times slower than K plain ones on
-    XLA's CPU backend (measured in ``benchmarks/many_students.py``): use ``sequential`` there for
-    convolutional students. Both give the same result. Metrics have shape ``[K]``.
+    after another inside the same step (unrolled: compile time grows with K). ``vmap`` turns K
+    convolutions into one grouped convolution, fast on accelerators but ~2.5x slower than K
+    separate runs on XLA's CPU backend (``benchmarks/many_students.py``). ``sequential=None``
+    (the default) chooses: unrolled for convolutional students on the CPU, ``vmap`` otherwise.
+    Both give the same result. Metrics have shape ``[K]``.
     """
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     t_out = _teacher_outputs(teacher_graphdef, teacher, view, objectives)
@@ -174,13 +181,33 @@ def train_step_many(
     return _each_student(update, states, objectives, sequential)
 
 
-def _each_student(update, states, objectives, sequential: bool):
-    """``update`` of each of K stacked students: ``vmap``, or K unrolled copies (a ``lax.map``
-    body runs XLA CPU's convolutions ~35x slower, measured)."""
+def train_step_many_stored(
+    states: TrainState,
+    batch: dict[str, jax.Array],
+    objectives: Callable,
+    teacher: None = None,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    view_fn: ViewFn,
+    axis_name: str | None = None,
+    sequential: bool | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
+    t_out = _stored_targets(batch, teacher)
+    view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
+    update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
+    return _each_student(update, states, objectives, sequential)
+
+
+def _each_student(update, states: TrainState, objectives, sequential: bool | None):
+    """``update`` of each of K stacked students: ``vmap``, or K unrolled copies in one step
+    (a ``lax.map`` body ran XLA CPU's convolutions ~35x slower, measured)."""
+    if sequential is None:  # stacked conv kernels are [K, kh, kw, cin, cout]
+        sequential = jax.default_backend() == "cpu" and any(x.ndim == 5 for x in jax.tree.leaves(states.params))
     if sequential:
-        k = jax.tree.leaves(states)[0].shape[0]
-        outs = [update(*jax.tree.map(lambda x: x[i], (states, objectives))) for i in range(k)]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+        k = states.step.shape[0]
+        return stack_states([update(unstack_state(states, i), unstack_state(objectives, i)) for i in range(k)])
     return jax.vmap(update)(states, objectives)
 
 
@@ -219,26 +246,3 @@ def stack_states(states: list[TrainState]) -> TrainState:
 def unstack_state(states: TrainState, k: int) -> TrainState:
     """Student ``k`` of a stacked state."""
     return jax.tree.map(lambda x: x[k], states)
-
-
-
-
-def train_step_many_stored(
-    states: TrainState,
-    batch: dict[str, jax.Array],
-    objectives: Callable,
-    teacher: None = None,
-    *,
-    graphdef,
-    tx: optax.GradientTransformation,
-    view_fn: ViewFn,
-    axis_name: str | None = None,
-    sequential: bool = False,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
-    if teacher is not None:
-        raise ValueError("train_step_many_stored runs without the teacher; pass teacher=None.")
-    view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
-    t_out = ((batch["teacher_topk_values"], batch["teacher_topk_indices"]), None)
-    update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
-    return _each_student(update, states, objectives, sequential)

@@ -37,9 +37,9 @@ def test_fingerprints_tell_images_apart():
     assert fp.dtype == np.uint32 and len(np.unique(fp)) == len(fp)
     np.testing.assert_array_equal(stored.image_fingerprints(data.images.copy()), fp)
     swapped = data.images[:1].copy().reshape(1, -1)
-    swapped[0, [0, 1]] = swapped[0, [1, 0]]  # two pixels exchanged
-    if swapped[0, 0] != swapped[0, 1]:
-        assert stored.image_fingerprints(swapped.reshape(1, *SHAPE))[0] != fp[0]
+    i, j = 0, int(np.flatnonzero(swapped[0] != swapped[0, 0])[0])  # two pixels that differ
+    swapped[0, [i, j]] = swapped[0, [j, i]]  # exchanged: the same pixel values, in other places
+    assert stored.image_fingerprints(swapped.reshape(1, *SHAPE))[0] != fp[0]
 
 
 def test_stored_outputs_are_the_teachers_top_k_by_example_id():

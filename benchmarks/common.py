@@ -1,0 +1,40 @@
+"""What the benchmarks share: timing, XLA's memory figures, and the results file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+RESULTS = Path("runs/bench/results.json")
+
+
+def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
+    """Mean wall seconds of ``fn()`` over ``calls`` calls (``fn`` blocks on its own result)."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def compiled_footprint(compiled, *args, repeats: int = 3) -> dict:
+    """Peak bytes (temporaries + arguments + outputs, from XLA's memory analysis), temporary
+    bytes, the best of ``repeats`` timed calls, and the first call's output."""
+    mem = compiled.memory_analysis()
+    output = jax.block_until_ready(compiled(*args))
+    best = min(seconds_per_call(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats))
+    return {"peak_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes),
+            "temp_bytes": int(mem.temp_size_in_bytes), "seconds": best, "output": output}
+
+
+def write(entry: str, result: dict, path: Path = RESULTS) -> None:
+    """Merge ``result`` as ``entry`` into the results file (written atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[entry] = result
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
