@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from jkd.models.batchnorm import BatchNorm
+
 # He et al. (2015) normal init on fan-out, as the CIFAR ResNet/WRN reference code uses.
 he_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -20,10 +22,11 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1, 
     )
 
 
-def batch_norm(features: int, *, axis_name: str | None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(features: int, *, axis_name: str | None, rngs: nnx.Rngs) -> BatchNorm:
     """BatchNorm with PyTorch-equivalent momentum; ``axis_name`` averages statistics across
-    devices under ``pmap`` (under ``jit`` on a mesh the statistics are global anyway)."""
-    return nnx.BatchNorm(features, momentum=BN_MOMENTUM, epsilon=1e-5, axis_name=axis_name, rngs=rngs)
+    devices under ``pmap`` (under ``jit`` on a mesh the statistics are global anyway). jkd's
+    :class:`~jkd.models.batchnorm.BatchNorm`: flax's, with CPU-fast training reductions."""
+    return BatchNorm(features, momentum=BN_MOMENTUM, epsilon=1e-5, axis_name=axis_name, rngs=rngs)
 
 
 FEATURE_PREFIX = "feature_"  # keeps sown names apart from the module's own attributes
