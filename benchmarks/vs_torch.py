@@ -6,7 +6,7 @@ eval mode without gradients. Timed side by side in one process, interleaved in r
 are medians over rounds and ratios (jkd over PyTorch; higher is better).
 
     .venv/bin/pip install -e '.[bench]'      # torch==2.13.0, the CPU build
-    .venv/bin/python benchmarks/vs_torch.py [mlp|cnn ...]
+    .venv/bin/python benchmarks/vs_torch.py [mlp|cnn ...] [--batch N]   # N: another batch size
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> dict:
 
 
 # ---- jkd -------------------------------------------------------------------------------------------
-def jkd_pair(pair: str, seed: int = 0):
-    t_name, s_name, shape, batch = PAIRS[pair]
+def jkd_pair(pair: str, batch: int, seed: int = 0):
+    t_name, s_name, shape, _ = PAIRS[pair]
     tg, teacher = freeze_model(create_model(t_name, num_classes=10, input_shape=shape, seed=seed + 1))
     tx = make_optimizer(SGDConfig(learning_rate=LR, momentum=MOMENTUM, weight_decay=WD, decay_epochs=()),
                         steps_per_epoch=100, total_steps=10_000)
@@ -76,13 +76,13 @@ def jkd_pair(pair: str, seed: int = 0):
 
 
 # ---- PyTorch eager -----------------------------------------------------------------------------------
-def torch_pair(pair: str, seed: int = 0):
+def torch_pair(pair: str, batch: int, seed: int = 0):
     import torch
     from torch import nn
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    t_name, s_name, shape, batch = PAIRS[pair]
+    t_name, s_name, shape, _ = PAIRS[pair]
 
     def mlp(hidden):
         layers, cin = [nn.Flatten()], int(np.prod(shape))
@@ -153,12 +153,13 @@ def torch_pair(pair: str, seed: int = 0):
     return one_step, teacher_forward
 
 
-def run(pair: str, rounds: int = 7, steps: int = 5) -> dict:
+def run(pair: str, rounds: int = 7, steps: int = 5, batch: int | None = None) -> dict:
     import torch
 
-    t_name, s_name, shape, batch = PAIRS[pair]
-    j_step, j_teacher, flops = jkd_pair(pair)
-    p_step, p_teacher = torch_pair(pair)
+    t_name, s_name, shape, default_batch = PAIRS[pair]
+    batch = batch or default_batch
+    j_step, j_teacher, flops = jkd_pair(pair, batch)
+    p_step, p_teacher = torch_pair(pair, batch)
     times = {"jkd_step": [], "torch_step": [], "jkd_teacher": [], "torch_teacher": []}
     for _ in range(rounds):  # interleaved: machine noise hits both
         times["jkd_step"].append(seconds_per_call(j_step, steps))
@@ -184,11 +185,19 @@ def run(pair: str, rounds: int = 7, steps: int = 5) -> dict:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from common import write
 
-    for pair in sys.argv[1:] or list(PAIRS):
-        r = run(pair)
-        write(f"vs_torch_{pair}", r)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", nargs="*", metavar="|".join(PAIRS), help="the pairs to time (default: all)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the pair's)")
+    args = parser.parse_args()
+    if unknown := set(args.pairs) - set(PAIRS):
+        parser.error(f"unknown pair(s) {sorted(unknown)}; expected some of {list(PAIRS)}")
+    for pair in args.pairs or list(PAIRS):
+        r = run(pair, batch=args.batch)
+        write(f"vs_torch_{pair}" + (f"_batch{args.batch}" if args.batch else ""), r)
         print(f"{r['pair']} (batch {r['batch']}): jkd {r['jkd_images_per_s']:.0f} img/s, torch "
               f"{r['comparison_images_per_s']:.0f} img/s, ratio {r['ratio']:.2f}; jkd {r['jkd_gflops']:.1f} GFLOP/s "
               f"= {100 * r['jkd_fraction_of_peak']:.0f}% of the measured matmul peak {r['matmul_peak_gflops']:.1f}; "

@@ -1,5 +1,6 @@
 """Flax NNX teachers and students: MLPs, a small CNN, CIFAR ResNets, WRNs, MobileNetV2."""
 
+from jkd.models.batchnorm import BatchNorm
 from jkd.models.cnn import SmallCNN
 from jkd.models.mlp import MLP
 from jkd.models.mobilenet import MobileNetV2
@@ -13,6 +14,6 @@ from jkd.models.zoo import model_stats
 from jkd.models.zoo import call_with_features
 
 __all__ = [
-    "MLP", "MODELS", "CifarResNet", "MobileNetV2", "ModelStats", "SmallCNN", "WideResNet",
+    "BatchNorm", "MLP", "MODELS", "CifarResNet", "MobileNetV2", "ModelStats", "SmallCNN", "WideResNet",
     "call_with_features", "create_model", "expose", "model_stats",
 ]
