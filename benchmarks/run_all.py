@@ -1,6 +1,7 @@
 """`make bench`: every benchmark, results merged into runs/bench/results.json (several minutes;
 the CNN comparisons dominate)."""
 
+import batchnorm
 import chunked_loss
 from common import write
 import data_pipeline
@@ -21,6 +22,10 @@ if __name__ == "__main__":
     f = projected_loss.run()
     write("projected_soft_loss", f)
     print(f"projected_soft_loss: peak saving x{f['ratio']:.1f}, time ratio {f['time_ratio']:.2f}")
+    n = batchnorm.run()
+    write("batchnorm", n)
+    print(f"batchnorm: jkd {n['ms']['jkd_batchnorm']:.1f} ms vs flax {n['ms']['flax_batchnorm']:.1f} ms "
+          f"(ratio {n['ratio']:.2f})")
     for pair in vs_torch.PAIRS:
         v = vs_torch.run(pair)
         write(f"vs_torch_{pair}", v)
