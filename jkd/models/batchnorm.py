@@ -28,11 +28,16 @@ def _dot_sum(x2d: jax.Array) -> jax.Array:
     # Rows folded into columns first (a free reshape): ones [R/k] @ x [R/k, k*C], then the k
     # partial sums of each channel added. A wider product runs ~2x faster than k = 1 for C <= 256
     # (65536 x 64: 0.52 ms vs 1.15 ms at k = 64).
+    # Rows sharded explicitly over devices (explicit mesh axes) are not refolded: a split of a
+    # sharded axis need not divide evenly into the shards.
     rows, c = x2d.shape
-    k = next(k for k in (64, 32, 16, 8, 4, 2, 1) if rows % k == 0)
+    spec = getattr(jax.typeof(x2d).sharding, "spec", None)
+    explicit = spec is not None and len(spec) > 0 and spec[0] is not None
+    k = 1 if explicit else next(k for k in (64, 32, 16, 8, 4, 2, 1) if rows % k == 0)
     ones = jnp.ones((rows // k,), x2d.dtype)
-    partial = jnp.dot(ones, x2d.reshape(rows // k, k * c), precision=jax.lax.Precision.HIGHEST)
-    return partial.reshape(k, c).sum(axis=0)
+    partial = jax.lax.dot_general(ones, x2d.reshape(rows // k, k, c), (((0,), (0,)), ((), ())),
+                                  precision=jax.lax.Precision.HIGHEST)
+    return partial.sum(axis=0)
 
 
 def _reduce_sum(x2d: jax.Array) -> jax.Array:

@@ -137,10 +137,38 @@ def test_uncovered_settings_fall_back_to_flax():
 
 
 def test_vmapped_students_normalise_each_student_on_its_own():
-    x, gamma, beta, _ = _data((3, 16, 4), seed=5)  # 3 students' batches
-    y = jax.vmap(batch_norm_train, in_axes=(0, None, None, None))(x, gamma, beta, EPS)[0]
+    """vmap over students (``train_step_many``): each student's statistics and gradients are its
+    own, forward and backward (float64 reference per student)."""
+    x, _, _, dy = _data((3, 16, 4), seed=5)  # 3 students' batches
+    gammas = np.stack([_data((16, 4), seed=10 + k)[1] for k in range(3)])
+    betas = np.stack([_data((16, 4), seed=10 + k)[2] for k in range(3)])
+    bn = jax.vmap(batch_norm_train, in_axes=(0, 0, 0, None))
+    y = bn(x, gammas, betas, EPS)[0]
+    loss = lambda x, g, b: jnp.sum(bn(x, g, b, EPS)[0] * dy)  # noqa: E731
+    dx, dgamma, dbeta = jax.grad(loss, argnums=(0, 1, 2))(x, gammas, betas)
     for k in range(3):
-        np.testing.assert_allclose(y[k], _reference(x[k], gamma, beta, x[k])[0], rtol=1e-5, atol=1e-5)
+        y_ref, _, _, dx_ref, dgamma_ref, dbeta_ref = _reference(x[k], gammas[k], betas[k], dy[k])
+        np.testing.assert_allclose(y[k], y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx[k], dx_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dgamma[k], dgamma_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dbeta[k], dbeta_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rematerialised_and_sharded_calls_agree():
+    """Under ``jax.checkpoint`` and with the batch sharded over the 4 test devices (``jit`` on a
+    mesh, automatic and explicit axes) the values and gradients are the plain ones."""
+    x, gamma, beta, dy = _data((32, 3, 3, 5), seed=6)
+    loss = lambda x, g, b: jnp.sum(batch_norm_train(x, g, b, EPS)[0] * dy)  # noqa: E731
+    plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, gamma, beta)
+    remat = jax.jit(jax.value_and_grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(x, gamma, beta)
+    results = [remat]
+    for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):  # jkd's mesh is Auto
+        mesh = jax.make_mesh((len(jax.devices()),), ("batch",), axis_types=(axis_type,))
+        sharded_x = jax.device_put(x, jax.NamedSharding(mesh, jax.P("batch")))
+        results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(sharded_x, gamma, beta))
+    for other in results:
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(other)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_zoo_models_use_it():
