@@ -1,8 +1,8 @@
-"""Training-mode BatchNorm on the CPU: flax's, jkd's (reductions as ``ones @ x``) and torch's.
+"""Training-mode BatchNorm on the CPU: flax's, jkd's (sums as ``ones @ x``) and torch's.
 
 Times, in one process and interleaved, the per-channel sum of one activation (``jnp.sum`` over
-the major axes, as flax's BatchNorm does, against ``ones @ x``) and BatchNorm's forward + backward for the largest
-activation of resnet8x4 at batch 64. ``ratio`` is flax's time over jkd's (higher is better).
+the major axes, as flax's BatchNorm does, against ``ones @ x``) and BatchNorm's forward +
+backward, for the largest activation of resnet8x4 at batch 64. ``ratio`` is flax's time over jkd's (higher is better).
 
     .venv/bin/python benchmarks/batchnorm.py
 """
@@ -78,5 +78,6 @@ if __name__ == "__main__":
 
     r = run()
     write("batchnorm", r)
-    print(f"BatchNorm train forward+backward {tuple(r['shape'])}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
-          + f"; flax / jkd {r['ratio']:.2f}, 4-D sum / dot {r['sum_ratio']:.1f}")
+    timings = ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
+    print(f"BatchNorm train forward+backward {tuple(r['shape'])}: {timings}; flax / jkd "
+          f"{r['ratio']:.2f}, 4-D sum / dot {r['sum_ratio']:.1f}")

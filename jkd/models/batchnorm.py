@@ -4,9 +4,10 @@ XLA's CPU backend reduces an activation over its batch and spatial axes ~20x slo
 multiplies it by a vector of ones (64 x 32 x 32 x 64 floats: 11.5 ms against 0.5 ms on a 2-core
 machine; no XLA flag changes that; ``benchmarks/batchnorm.py``, BUILD_NOTES "issue 6").
 Training-mode BatchNorm does four such reductions per layer (mean and variance forward; the sums
-of ``g`` and ``g * x_hat`` backward), which made them 40% of a resnet8x4 train step. :func:`batch_norm_train` computes the
-same function with a hand-written backward whose every reduction is :func:`channel_sum`: a
-``ones @ x`` product on the CPU, a plain ``jnp.sum`` on every other platform
+of ``g`` and ``g * x_hat`` backward), which made them 40% of a resnet8x4 train step.
+:func:`batch_norm_train` computes the same function with a hand-written backward whose every
+reduction is :func:`channel_sum`: a ``ones @ x`` product on the CPU, a plain ``jnp.sum`` on every
+other platform
 (``lax.platform_dependent`` picks at lowering time, so one jitted function serves all).
 
 :class:`BatchNorm` is ``flax.nnx.BatchNorm`` with that training path. Its variables, running
