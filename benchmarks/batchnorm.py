@@ -31,12 +31,12 @@ def _train_fwd_bwd(cls, x, g):
         m.train()
         return m(x), nnx.state(m)
 
-    def f(x, state):
+    def f(x, g, state):  # g an argument: a closed-over array would be folded in as a constant
         _, vjp, new_state = jax.vjp(forward, x, state, has_aux=True)
         return vjp(g), new_state  # gradients w.r.t. the input and the scale and bias
 
     fn = jax.jit(f)
-    return lambda: jax.block_until_ready(fn(x, state))
+    return lambda: jax.block_until_ready(fn(x, g, state))
 
 
 def run(rounds: int = 7, calls: int = 10) -> dict:
@@ -57,8 +57,8 @@ def run(rounds: int = 7, calls: int = 10) -> dict:
         import torch
 
         bn = torch.nn.BatchNorm2d(SHAPE[-1]).train()
-        xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-        gt = torch.from_numpy(np.asarray(g)).permute(0, 3, 1, 2).contiguous()
+        xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+        gt = torch.from_numpy(np.array(g)).permute(0, 3, 1, 2).contiguous()
         cases["torch_batchnorm"] = lambda: torch.autograd.grad(bn(xt), xt, gt)
     except ImportError:  # torch is in the `bench` extra
         pass
