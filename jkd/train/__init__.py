@@ -24,5 +24,6 @@ from jkd.train.steps import unstack_state
 __all__ = [
     "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",
     "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel", "stored",
-    "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored", "train_step_stored", "unstack_state",
+    "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored",
+    "train_step_stored", "unstack_state",
 ]
