@@ -93,9 +93,28 @@ def load_config_file(path: str):
     return module
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct; got {text!r}")
+    return seeds
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
     p.add_argument("--run-dir", default=run_dir, help=f"run folder (default {run_dir})")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same config)")
+    p.add_argument("--force", action="store_true",
+                   help="delete the run in --run-dir (another config) and start this one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -103,6 +122,8 @@ def _data_args(p):
     p.add_argument("--dataset", default="jkd_mnist_sample",
                    help="TFDS name (jkd_mnist_sample, mnist, cifar10, ...), a .npz file or an image folder")
     p.add_argument("--data-dir", default=None, help="where TFDS datasets are prepared (default: TFDS's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="user data: the number of classes (default: max label + 1, each with training images)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--devices", type=int, default=None, help="devices to use (default: all)")
     p.add_argument("--parallel", choices=("single", "mesh", "pmap"), default="single",
@@ -148,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--ce-weight", type=float, default=0.1)
     distill.add_argument("--tckd-weight", type=float, default=1.0, help="DKD alpha")
     distill.add_argument("--nckd-weight", type=float, default=8.0, help="DKD beta")
-    distill.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0,),
+    distill.add_argument("--seeds", type=_seeds, default=(0,),
                          help="comma-separated seeds, trained together in one vmapped step")
     distill.add_argument("--no-baseline", action="store_true", help="skip the student trained alone")
     distill.add_argument("--store-teacher-topk", type=int, default=0, metavar="K",
                          help="soft KD only, fixed views (no --crop-padding): store the teacher's top-K logits "
                               "once and distil without its forward pass (default 0: online teacher)")
-    floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
+    floats = _floats
     distill.add_argument("--auto", action="store_true",
                          help="choose loss, T and KD weight on a validation split (one vmapped run per loss), "
                               "then train the choice and the student alone over --seeds")
@@ -206,14 +227,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user (or the machine) got wrong: one line and exit 2. Anything else is a bug of jkd's
+# and keeps its traceback. ImportError counts only when jkd raised it with an install hint.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                NotADirectoryError, FloatingPointError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    import errno
+
+    from jkd.faults import is_disk_full
+
+    if isinstance(e, _USER_ERRORS) or is_disk_full(e):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return True
+    return isinstance(e, ImportError) and "pip install" in str(e)
+
+
+class _DropDiskFullLogs:
+    """orbax's writer threads log a full disk as ERROR records with tracebacks before the
+    main thread sees the error; jkd then reports it once, plainly, so those are dropped."""
+
+    def filter(self, record) -> bool:
+        from jkd.faults import is_disk_full
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropDiskFullLogs) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropDiskFullLogs())
     try:
         return _dispatch(args, parser)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, ImportError) as e:
-        print(f"jkd {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = str(e) if str(e) else "interrupted"  # RunInterrupted says at which step
+        run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
+        saved = f" Saved progress is kept in {run_dir}:" if run_dir else ""
+        print(f"\njkd {args.command}: {what}.{saved} rerun the same command with --resume to continue "
+              "from the last checkpoint.", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs just below
+        if not _is_user_error(e):
+            import traceback
+
+            traceback.print_exc()
+            print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
+                  "your input: please report it with the command and the traceback above.", file=sys.stderr)
+            return 1
+        from jkd.faults import disk_full, is_disk_full
+
+        if is_disk_full(e) and not isinstance(e, OSError):
+            e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
+        print(f"jkd {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: BaseException) -> str:
+    """One line: an OSError without its ``[Errno N]`` prefix, with its file and a hint."""
+    if not isinstance(e, OSError) or not e.strerror:
+        return str(e)
+    text = e.strerror + (f": {e.filename}" if e.filename and str(e.filename) not in e.strerror else "")
+    if isinstance(e, OSError) and e.errno in (13, 30) and "read-only" not in text:
+        text += " (a read-only folder? choose another --run-dir or --out)"
+    return text
 
 
 def _dispatch(args, parser) -> int:
@@ -242,7 +325,7 @@ def _dispatch(args, parser) -> int:
         return _compress(args)
     if args.command == "demo":
         cfg = apply_overrides(X.demo_config(), args.set)
-        X.run(cfg, args.run_dir, resume=True, progress=not args.no_progress)
+        X.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
         print("\nYour own data? `jkd distill --auto --teacher-dir runs/demo/teacher/model --dataset DATA.npz "
               "--seeds 0,1,2` chooses the loss, T and KD weight on a validation split (never worse than the "
               "student alone there). Measured on this sample: ~3.7x the time of one distilled run "
@@ -258,13 +341,13 @@ def _dispatch(args, parser) -> int:
         default = cfg_path.parent.name + ("" if cfg_path.stem == "config" else "_" + cfg_path.stem.removeprefix("config_"))
         run_dir = args.run_dir or str(Path("runs") / default)
         if hasattr(module, "main"):  # experiments that are more than one comparison (sweeps, toys)
-            module.main(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+            module.main(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
         else:
-            X.run(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+            X.run(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
         return 0
     common = dict(
-        dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, devices=args.devices,
-        parallel=args.parallel,
+        dataset=args.dataset, data_dir=args.data_dir, num_classes=args.num_classes, batch_size=args.batch_size,
+        devices=args.devices, parallel=args.parallel,
     )
     if args.command == "train-teacher":
         kw = {} if args.crop_padding is None else {"teacher_crop_padding": args.crop_padding}
@@ -292,9 +375,9 @@ def _dispatch(args, parser) -> int:
     if args.command == "distill" and args.auto:
         grid = X.AutoGrid(losses=args.grid_losses, temperatures=args.grid_temperatures, kd_weights=args.grid_kd_weights)
         X.run_auto(cfg, args.run_dir, grid=grid, calibrate=args.calibrate_teacher, resume=args.resume,
-                   progress=not args.no_progress)
+                   force=args.force, progress=not args.no_progress)
         return 0
-    X.run(cfg, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    X.run(cfg, args.run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     return 0
 
 

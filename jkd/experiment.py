@@ -29,13 +29,16 @@ from jkd.data import pipeline as P
 from jkd.evaluate import metrics as M
 from jkd.evaluate import latency, plots, report
 from jkd.models import create_model, model_stats
+from jkd.models.zoo import check_model
 from jkd.train import (
     AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
     parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state,
 )
+from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import Checkpoints, abstract_like, load_frozen, save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig, fit
+from jkd.run_folder import RunFolder, read_log, slug
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Distillation:
 class ExperimentConfig:
     dataset: str = "jkd_mnist_sample"
     data_dir: str | None = None
+    num_classes: int | None = None          # user data: the class count (default: max label + 1,
+                                            # every class present in train)
     teacher: ModelSpec = ModelSpec("mlp_2x1200")
     student: ModelSpec = ModelSpec("mlp_100")
     teacher_dir: str | None = None          # a saved teacher (skip teacher training)
@@ -109,6 +114,24 @@ class ExperimentConfig:
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
+        if self.devices is not None:
+            if self.parallel == "single":
+                raise ValueError(f"devices={self.devices} (--devices) needs parallel 'mesh' or 'pmap' "
+                                 "(--parallel); 'single' runs on one device.")
+            available = jax.local_device_count() if self.parallel == "pmap" else jax.device_count()
+            if not 1 <= self.devices <= available:
+                raise ValueError(f"devices (--devices) must lie in [1, {available}]: this machine has "
+                                 f"{available} device(s) for parallel={self.parallel!r}; got {self.devices}.")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes (--num-classes) must be >= 2; got {self.num_classes}.")
+        if self.teacher_dir is None:
+            check_model(self.teacher.name, dict(self.teacher.options))
+            check_optimizer(self.teacher_optimizer)
+        if self.include_students:
+            check_model(self.student.name, dict(self.student.options))
+            check_optimizer(self.student_optimizer)
+            for d in self.distillations:
+                objectives.check_objective(d.objective)
 
 
 def demo_config() -> ExperimentConfig:
@@ -141,6 +164,25 @@ def model_meta(mspec: ModelSpec, spec, role: str) -> dict:
     return {"model": mspec.name, "options": [list(o) for o in mspec.options], "role": role,
             "dataset": spec.name, "num_classes": spec.num_classes, "image_shape": list(spec.image_shape),
             "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def check_saved_model(meta: dict, mspec: ModelSpec, spec, *, where: str, role: str | None = None) -> None:
+    """Refuse a saved model that is not the configured one: role, model name, size options,
+    classes and image shape are compared; the error names what was saved and what is wanted."""
+    saved_options = sorted((str(k), v) for k, v in meta["options"])
+    wanted_options = sorted((str(k), list(v) if isinstance(v, tuple) else v) for k, v in mspec.options)
+    problems = []
+    if role is not None and meta.get("role") != role:
+        problems.append(f"it holds a {meta.get('role')} model, not a {role}")
+    if meta["model"] != mspec.name or saved_options != wanted_options:
+        problems.append(f"it holds {meta['model']} {dict(saved_options) or ''} but the config names "
+                        f"{mspec.name} {dict(wanted_options) or ''}".replace("  ", " "))
+    if meta["num_classes"] != spec.num_classes or tuple(meta["image_shape"]) != tuple(spec.image_shape):
+        problems.append(f"it was trained on {meta['dataset']} ({meta['num_classes']} classes, images "
+                        f"{tuple(meta['image_shape'])}) but {spec.name} has {spec.num_classes} classes and "
+                        f"images {tuple(spec.image_shape)}")
+    if problems:
+        raise ValueError(f"{where} is not the configured model: {'; '.join(problems)}.")
 
 
 def load_saved_model(path: str | Path):
@@ -176,16 +218,12 @@ def _loss_name(objective) -> str:
     return type(objective).__name__
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-
-
 class _Run:
-    """Shared pieces of one run: data, views, runners, logging."""
+    """Shared pieces of one run: data, views, runners; its folder does the writing."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, progress: bool):
-        self.cfg, self.dir, self.progress = cfg, run_dir, progress
-        self.ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
+    def __init__(self, cfg: ExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None] = print):
+        self.cfg, self.folder, self.dir, self.progress, self.echo = cfg, folder, folder.path, progress, echo
+        self.ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, num_classes=cfg.num_classes)
         spec = self.ds.spec
         self.train = P.reader(self.ds.split("train"), spec.image_shape)
         self.test = P.reader(self.ds.split("test"), spec.image_shape)
@@ -201,11 +239,6 @@ class _Run:
         self.eval_view = functools.partial(augment.normalize, mean=spec.mean, std=spec.std)
         self.view_name = f"normalize(mean={spec.mean}, std={spec.std})"
         self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
-        self.log_file = (run_dir / "log.jsonl").open("a")
-        from tensorboardX import SummaryWriter
-
-        self._tb = {}
-        self._writer_cls = SummaryWriter
 
     def view(self, crop_padding):
         s = self.ds.spec
@@ -219,19 +252,12 @@ class _Run:
         return parallel.single_device(step)
 
     def log(self, model: str, record: dict) -> None:
-        self.log_file.write(json.dumps({"model": model, **record}) + "\n")
-        self.log_file.flush()
-        if model not in self._tb:
-            self._tb[model] = self._writer_cls(str(self.dir / "tb" / _slug(model)))
-        w = self._tb[model]
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                w.add_scalar(f"{record.get('event', 'x')}/{k}", v, record["step"])
+        self.folder.log(model, record)
+        if record.get("event") == "resumed":
+            self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
 
     def close(self):
-        self.log_file.close()
-        for w in self._tb.values():
-            w.close()
+        self.folder.close()
 
     def batches(self, seed):
         return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start)
@@ -293,13 +319,15 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     def log(rec):
         r.log(name, {**rec, "epoch": rec["step"] / r.steps_per_epoch})
 
-    ckpts = Checkpoints(r.dir / _slug(name) / "ckpt")
+    r.folder.mark_started()
+    ckpts = Checkpoints(r.dir / slug(name) / "ckpt")
     try:
         states, _ = fit(
             r.runner(step), states, objs, teacher, batches=batches, checkpoints=ckpts,
             evaluate=evaluate, log=log,
             config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
-                              eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress),
+                              eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress,
+                              label=name),
         )
     finally:
         ckpts.close()
@@ -310,21 +338,12 @@ def _get_teacher(r: _Run, run_dir: Path, echo):
     """``(graphdef, variables)`` of the teacher: loaded from ``cfg.teacher_dir``, or from this
     run folder, or trained here (and saved once)."""
     cfg, spec = r.cfg, r.ds.spec
-    if cfg.teacher_dir:
-        tg, teacher, meta = load_saved_model(cfg.teacher_dir)
-        if meta["model"] != cfg.teacher.name:
-            raise ValueError(f"{cfg.teacher_dir} holds a {meta['model']} teacher, but the config names "
-                             f"{cfg.teacher.name}; set teacher.name={meta['model']}.")
-        if meta["num_classes"] != spec.num_classes or tuple(meta["image_shape"]) != spec.image_shape:
-            raise ValueError(f"the teacher in {cfg.teacher_dir} was trained on {meta['dataset']} "
-                             f"({meta['num_classes']} classes, images {tuple(meta['image_shape'])}); "
-                             f"{spec.name} has {spec.num_classes} classes and images {spec.image_shape}.")
-        echo(f"teacher {meta['model']}: loaded from {cfg.teacher_dir}")
-        return tg, teacher
     saved = run_dir / "teacher" / "model"
-    if saved.exists():
-        tg, teacher, _ = load_saved_model(saved)
-        echo(f"teacher {cfg.teacher.name}: loaded from {saved}")
+    source = cfg.teacher_dir or (saved if saved.exists() else None)
+    if source:
+        tg, teacher, meta = load_saved_model(source)
+        check_saved_model(meta, cfg.teacher, spec, where=str(source), role="teacher")
+        echo(f"teacher {meta['model']}: loaded from {source}")
         return tg, teacher
     echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
     tg, states = _train_group(
@@ -341,44 +360,24 @@ def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
     return latency.median_ms(fn, variables, b)
 
 
-def _read_log(path: Path) -> dict[str, list[dict]]:
-    """Records per model from ``log.jsonl``, across resumes: the last record of each
-    (event, step) wins (a resumed run repeats the steps after its last checkpoint)."""
-    latest: dict[tuple, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("event") in ("train", "eval"):
-                latest[(rec["model"], rec["event"], rec["step"])] = rec
-    out: dict[str, list[dict]] = {}
-    for (model, _, _), rec in sorted(latest.items(), key=lambda kv: kv[0][2]):
-        out.setdefault(model, []).append(rec)
-    return out
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-        echo: Callable[[str], None] = print) -> dict:
-    """Carry out ``cfg`` in ``run_dir``; returns the summary (also in ``summary.json``)."""
+def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Carry out ``cfg`` in ``run_dir``; returns the summary (also in ``summary.json``).
+
+    The run folder's rule (:mod:`jkd.run_folder`): the same configuration resumes with
+    ``resume=True``; another one is refused, naming the keys that differ (``force=True``
+    deletes the old run first); a run that failed before training began is simply rerun.
+    """
     cfg.validate()
     run_dir = Path(run_dir)
-    cfg_json = config_to_json(cfg)
-    cfg_path = run_dir / "config.json"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg_path.exists():
-            raise FileExistsError(f"{run_dir} exists and is not a jkd run folder; choose another --run-dir.")
-        if not resume:
-            raise FileExistsError(f"{run_dir} holds a run already; pass --resume to continue it, or choose another --run-dir.")
-        if json.loads(cfg_path.read_text()) != cfg_json:
-            raise ValueError(f"{run_dir} holds a run with another configuration ({cfg_path}); "
-                             "choose another --run-dir to run this one.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(cfg_json, indent=2))
+    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force)
     t_start = time.perf_counter()
-    r = _Run(cfg, run_dir, progress)
+    r = _Run(cfg, folder, progress, echo)  # reads and checks the data before anything is written
+    folder.begin()
     spec, shape = r.ds.spec, r.ds.spec.image_shape
     val = f" ({len(r.val)} of them held out for validation)" if r.val is not None else ""
     echo(f"dataset {spec.name}: {len(r.train) + (len(r.val) if r.val is not None else 0)} train{val} / "
@@ -418,7 +417,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
             labels = r.test_labels
             per_seed = [M.classification_report(lg, labels, spec.num_classes,
                                                  None if role == "teacher" else teacher_logits) for lg in logits]
-            folder = run_dir / _slug(name)
+            folder = run_dir / slug(name)
             for i, v in enumerate(variables):
                 target = folder / f"seed{i}"
                 if role != "teacher" and not target.exists():
@@ -426,7 +425,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
             size = _dir_bytes(Path(cfg.teacher_dir) if (role == "teacher" and cfg.teacher_dir) else
                               run_dir / "teacher" / "model" if role == "teacher" else folder / "seed0")
             stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
-            evals = [h for h in _read_log(run_dir / "log.jsonl").get(name, []) if h.get("event") == "eval"]
+            evals = [h for h in read_log(run_dir / "log.jsonl").get(name, []) if h.get("event") == "eval"]
             accs = [m["accuracy"] for m in per_seed]
             metrics = {
                 "name": name, "role": role, "loss": loss_name, "model": mspec.name,
@@ -448,8 +447,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
                 metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{_slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
-            plots.roc(logits[0], labels, run_dir / f"roc_{_slug(name)}.png", f"ROC, one vs rest: {name}")
+            plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
+            plots.roc(logits[0], labels, run_dir / f"roc_{slug(name)}.png", f"ROC, one vs rest: {name}")
             entries.append({
                 "name": name, "role": role, "loss": loss_name, "model": mspec.name,
                 "test_accuracy_per_seed": accs,
@@ -458,7 +457,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
                 "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view),
             })
-        histories = _read_log(run_dir / "log.jsonl")
+        histories = read_log(run_dir / "log.jsonl")
         curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
                   + [{"epoch": h["epoch"], "test_accuracy": h["val_accuracy"], "test_loss": float(np.mean(h["test_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
                   for n, hs in histories.items()}
@@ -488,7 +487,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, pro
 
 
 def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_weights, seed: int = 0,
-              progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+              resume: bool = False, force: bool = False, progress: bool = True,
+              echo: Callable[[str], None] = print) -> dict:
     """Soft KD over a grid of temperatures x KD weights, all students in one vmapped run.
 
     Every student starts from the same initialisation (``seed``) and sees the same batches, so
@@ -504,8 +504,10 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
         raise ValueError(f"kd_weights must lie in [0, 1]; got {kd_weights}.")
     cfg.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    r = _Run(cfg, run_dir, progress)
+    sweep = {"temperatures": temperatures, "kd_weights": kd_weights, "seed": seed}
+    folder = RunFolder(run_dir, {**config_to_json(cfg), "sweep": sweep}, resume=resume, force=force)
+    r = _Run(cfg, folder, progress, echo)
+    folder.begin()
     try:
         tg, teacher = _get_teacher(r, run_dir, echo)
         grid = [(t, w) for t in temperatures for w in kd_weights]
@@ -572,7 +574,8 @@ class AutoGrid:
 
 
 def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = AutoGrid(), calibrate: bool = False,
-             resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+             resume: bool = False, force: bool = False, progress: bool = True,
+             echo: Callable[[str], None] = print) -> dict:
     """Choose the distillation setting on validation data, then train it fully and report.
 
     1. Refuse a bad grid before any training. 2. Carve a stratified validation split from
@@ -588,8 +591,13 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
     cfg.validate()
     run_dir = Path(run_dir)
     search_dir = run_dir / "search"
-    search_dir.mkdir(parents=True, exist_ok=True)
-    r = _Run(cfg, search_dir, progress)
+    auto = {"grid": dataclasses.asdict(grid), "calibrate": calibrate}
+    top = RunFolder(run_dir, {**config_to_json(cfg), "auto": auto}, resume=resume, force=force)
+    # The top folder's guard covers what is below it: the search and the final runs resume.
+    search = RunFolder(search_dir, config_to_json(cfg), resume=True)
+    r = _Run(cfg, search, progress, echo)
+    top.begin()
+    search.begin()
     t_search = time.perf_counter()
     try:
         tg, teacher = _get_teacher(r, search_dir, echo)
@@ -645,10 +653,10 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
                                     distillations=(Distillation(name, wrap(_auto_objective(loss, temp, weight))),),
                                     include_baseline=True, title=f"{cfg.title} (automatic settings)")
     t_final = time.perf_counter()
-    summary = run(final_cfg, run_dir / "final", resume=resume, progress=progress, echo=echo)
+    summary = run(final_cfg, run_dir / "final", resume=True, progress=progress, echo=echo)
     final_seconds = time.perf_counter() - t_final
     by_role = {m["role"]: m for m in summary["models"]}
-    chosen_metrics = run_dir / "final" / _slug(name) / "metrics.json"
+    chosen_metrics = run_dir / "final" / slug(name) / "metrics.json"
     m = json.loads(chosen_metrics.read_text())
     m["auto_choice"] = choice
     chosen_metrics.write_text(json.dumps(m, indent=2))

@@ -158,7 +158,7 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     assert "ONNX export of an int8 student" in capsys.readouterr().err
     assert cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")]) == 0
     for extra, message in ((["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
-                           (["--sparsity", "0.5"], "holds a compression run with other settings"),
+                           (["--sparsity", "0.5"], "holds a run with another configuration (sparsity: 0.8 -> 0.5)"),
                            (["--format", "tflite"], "unknown export format")):
         assert cli.main([*argv, *extra]) == 2
         assert message in capsys.readouterr().err

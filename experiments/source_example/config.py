@@ -62,7 +62,7 @@ def train(params, loss_fn, steps, lr):
     return params, float(loss)
 
 
-def main(cfg: ToyConfig, run_dir, *, resume=False, progress=True):
+def main(cfg: ToyConfig, run_dir, *, resume=False, force=False, progress=True):
     k_bug, k_teacher, k_student = jax.random.split(jax.random.key(cfg.seed), 3)
     T = cfg.temperature
 

@@ -18,5 +18,6 @@ def get_config():
     return dataclasses.replace(demo_config(), title="temperature x KD-weight sweep", distillations=())
 
 
-def main(cfg, run_dir, *, resume=False, progress=True):
-    return run_sweep(cfg, run_dir, temperatures=TEMPERATURES, kd_weights=KD_WEIGHTS, progress=progress)
+def main(cfg, run_dir, *, resume=False, force=False, progress=True):
+    return run_sweep(cfg, run_dir, temperatures=TEMPERATURES, kd_weights=KD_WEIGHTS, resume=resume, force=force,
+                     progress=progress)

@@ -33,6 +33,7 @@ from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import latency
 from jkd.experiment import config_to_json, load_saved_model
+from jkd.run_folder import RunFolder
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
 from jkd.train.checkpoint import Checkpoints, save_frozen
 from jkd.train.state import split_model
@@ -144,13 +145,15 @@ class _Job:
         view = functools.partial(augment.augment, mean=self.mean, std=self.std, crop_padding=cfg.crop_padding,
                                  flip=self.spec.flip)
         step = functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=self.tg)
+        self.folder.mark_started()
         ckpts = Checkpoints(self.out / stage / "ckpt")
         try:
             state, _ = fit(parallel.single_device(step), state, cfg.objective, self.teacher,
                            batches=lambda start: P.train_batches(self.train, batch_size=cfg.batch_size,
                                                                  seed=cfg.seed, start_step=start),
                            checkpoints=ckpts,
-                           config=LoopConfig(num_steps=total, save_every=self.steps_per_epoch, progress=self.progress))
+                           config=LoopConfig(num_steps=total, save_every=self.steps_per_epoch, progress=self.progress,
+                                             label=stage))
         finally:
             ckpts.close()
         return state
@@ -186,12 +189,11 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
             raise FileNotFoundError(f"no teacher found at {teacher_dir}; pass the teacher's folder (--teacher-dir).")
     settings = {"student_dir": str(student_dir.absolute()), "teacher_dir": str(Path(teacher_dir).absolute()),
                 **config_to_json(cfg)}
-    cfg_path = out / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(json.dumps(settings)):
-        raise ValueError(f"{out} holds a compression run with other settings ({cfg_path}); choose another --out.")
+    # The run folder's rule; a compression run always continues where it stopped.
+    folder = RunFolder(out, settings, resume=True)
     job = _Job(cfg, out, student_dir, teacher_dir, progress, echo)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(json.dumps(settings, indent=2))
+    folder.begin()
+    job.folder = folder
 
     rows = [job.model_row("teacher", "teacher", job.tg, job.teacher),
             job.model_row("student", "student (float32)", job.sg, job.student)]

@@ -8,6 +8,7 @@ expected, and runs before anything is written.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
     if np.issubdtype(x.dtype, np.floating):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise ValueError(
+                f"{what} holds {bad} NaN or infinite pixel value(s) of {x.size}; expected finite "
+                "values in [0, 1] (or uint8 images in 0..255). Fix or drop those images."
+            )
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
@@ -40,7 +47,7 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
         if x.size and (x.min() < 0 or x.max() > 255):
             raise ValueError(f"{what} has integer values in [{x.min()}, {x.max()}]; expected 0..255.")
         return x.astype(np.uint8)
-    raise TypeError(f"{what} must hold uint8 or float images; got dtype {x.dtype}.")
+    raise ValueError(f"{what} must hold uint8 or float images; got dtype {x.dtype}.")
 
 
 def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "data") -> tuple[Arrays, int]:
@@ -65,7 +72,7 @@ def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "d
             if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
                 y = y.astype(np.int64)
             else:
-                raise TypeError(f"{source}: y_{split} must hold integer class labels; got dtype {y.dtype}.")
+                raise ValueError(f"{source}: y_{split} must hold integer class labels; got dtype {y.dtype}.")
         if shape is None:
             shape = x.shape[1:]
         elif x.shape[1:] != shape:
@@ -75,7 +82,28 @@ def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "d
             )
         out[split] = (x, y.astype(np.int32))
     if num_classes is None:
+        # Inferred: max + 1, and then every class must have training images (labels 1..10
+        # would otherwise silently give an 11th class that is never seen).
         num_classes = int(out["train"][1].max()) + 1
+        missing = sorted(set(range(num_classes)) - set(np.unique(out["train"][1]).tolist()))
+        if missing and int(out["train"][1].min()) >= 0:
+            raise ValueError(
+                f"{source}: the training labels lie in [{int(out['train'][1].min())}, {num_classes - 1}], "
+                f"which makes {num_classes} classes, but classes {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} have no training image. Labels must be "
+                f"0..K-1 with every class in train; if classes really have no training images, give "
+                f"the class count explicitly (num_classes, --num-classes)."
+            )
+        if "test" in out and int(out["test"][1].min()) >= 0:
+            train_counts = np.bincount(out["train"][1], minlength=num_classes)
+            untested = sorted(set(range(num_classes)) - set(np.unique(out["test"][1]).tolist()))
+            if untested:
+                shown = ", ".join(f"{c} ({train_counts[c]} train images)" for c in untested[:10])
+                raise ValueError(
+                    f"{source}: classes {shown} have no test image, so the test split cannot measure "
+                    "them (a stray label?). Fix the labels, or give the class count explicitly "
+                    "(num_classes, --num-classes) to accept classes without test images."
+                )
     for split, (_, y) in out.items():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= num_classes:
@@ -93,17 +121,33 @@ def read_npz(path: os.PathLike | str) -> Arrays:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no .npz file at {path}.")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz file (numpy.savez/savez_compressed output with "
+                         f"{', '.join(NPZ_KEYS)}): {type(e).__name__}.") from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not a .npz archive; save the splits with "
+                         f"numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...).")
+    with f:
         missing = [k for k in NPZ_KEYS if k not in f.files]
         if missing:
             raise ValueError(
                 f"{path} lacks the keys {missing}; found {sorted(f.files)}, expected "
                 f"{list(NPZ_KEYS)} (images [N, H, W(, C)] and integer labels [N])."
             )
-        return {"train": (f["x_train"], f["y_train"]), "test": (f["x_test"], f["y_test"])}
+        arrays = {}
+        for key in NPZ_KEYS:
+            try:
+                arrays[key] = f[key]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                kind = ("holds Python objects (dtype=object); jkd needs numeric arrays"
+                        if "pickle" in str(e) or "Object arrays" in str(e) else f"cannot be read ({e})")
+                raise ValueError(f"{path}: {key} {kind}: images as uint8 or float, labels as integers.") from e
+        return {"train": (arrays["x_train"], arrays["y_train"]), "test": (arrays["x_test"], arrays["y_test"])}
 
 
-def _read_class_folders(root: Path) -> tuple[list[np.ndarray], list[int], list[str]]:
+def _read_class_folders(root: Path) -> tuple[list[np.ndarray], list[int], list[str], list[str]]:
     from PIL import Image
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -114,12 +158,21 @@ def _read_class_folders(root: Path) -> tuple[list[np.ndarray], list[int], list[s
     images, labels, names = [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(
+                f"class folder {root / name} holds no images ({', '.join(IMAGE_SUFFIXES)}); every class "
+                "sub-folder needs images (remove the empty folder, or add its images)."
+            )
         for p in files:
-            with Image.open(p) as im:
-                images.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+            try:
+                with Image.open(p) as im:
+                    images.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, broken
+                raise ValueError(f"cannot read the image {p} ({type(e).__name__}: {e}); fix or remove "
+                                 "that file.") from e
             labels.append(label)
             names.append(str(p))
-    return images, labels, classes
+    return images, labels, classes, names
 
 
 def read_image_folder(path: os.PathLike | str) -> tuple[Arrays, list[str]]:
@@ -145,9 +198,9 @@ def read_image_folder(path: os.PathLike | str) -> tuple[Arrays, list[str]]:
                 f"{groups['train'][2]} and {groups['test'][2]}."
             )
         class_names = groups["train"][2]
-        lists = {s: (g[0], g[1]) for s, g in groups.items()}
+        lists = {s: (g[0], g[1], g[3]) for s, g in groups.items()}
     else:
-        images, labels, class_names = _read_class_folders(root)
+        images, labels, class_names, files = _read_class_folders(root)
         labels = np.asarray(labels)
         rank = np.zeros(len(labels), int)
         for k in range(len(class_names)):
@@ -155,11 +208,19 @@ def read_image_folder(path: os.PathLike | str) -> tuple[Arrays, list[str]]:
             rank[idx] = np.arange(len(idx))
         is_test = rank % 5 == 4
         lists = {
-            "train": ([im for im, t in zip(images, is_test) if not t], labels[~is_test]),
-            "test": ([im for im, t in zip(images, is_test) if t], labels[is_test]),
+            "train": ([im for im, t in zip(images, is_test) if not t], labels[~is_test],
+                      [f for f, t in zip(files, is_test) if not t]),
+            "test": ([im for im, t in zip(images, is_test) if t], labels[is_test], [f for f, t in zip(files, is_test) if t]),
         }
     arrays = {}
-    for split, (images, labels) in lists.items():
+    for split, (images, labels, files) in lists.items():
+        grey = [f for im, f in zip(images, files) if im.ndim == 2]
+        if grey and len(grey) < len(images):
+            colour = [f for im, f in zip(images, files) if im.ndim == 3]
+            raise ValueError(
+                f"images in {root} mix greyscale and colour: {len(grey)} greyscale (e.g. {grey[0]}) and "
+                f"{len(colour)} colour (e.g. {colour[0]}); convert them to one mode (all greyscale or all RGB)."
+            )
         shapes = sorted({im.shape for im in images})
         if len(shapes) > 1:
             raise ValueError(

@@ -53,6 +53,40 @@ MODELS: dict[str, Factory] = {
 }
 
 
+_NOT_OPTIONS = {"num_classes", "input_shape", "rngs", "bn_axis_name"}
+
+
+def _option_problem(key: str, value) -> str | None:
+    if key == "hidden":
+        ok = isinstance(value, (tuple, list)) and value and all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value)
+        return None if ok else "a tuple of positive integers, e.g. hidden=(256,) or hidden=(512,256)"
+    if key == "dropout":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        return None if ok else "a number in [0, 1), e.g. dropout=0.2"
+    if key == "width":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return None if ok else "a positive number, e.g. width=0.5 or width=32"
+    return None
+
+
+def check_model(name: str, options: dict) -> None:
+    """Refuse an unknown model name or a size option it does not take (or of the wrong type),
+    naming what it takes; runs before anything is built or trained."""
+    import inspect
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}.")
+    accepted = [p for p in inspect.signature(MODELS[name]).parameters if p not in _NOT_OPTIONS]
+    for key, value in options.items():
+        if key not in accepted:
+            raise ValueError(f"model {name!r} takes no option {key!r}; its options: "
+                             f"{', '.join(accepted) or '(none)'}.")
+        problem = _option_problem(key, value)
+        if problem:
+            raise ValueError(f"model option {key}={value!r} for {name!r}: expected {problem}.")
+
+
 def create_model(
     name: str, *, num_classes: int, input_shape: tuple[int, int, int], seed: int = 0,
     bn_axis_name: str | None = None, **options,
@@ -60,8 +94,7 @@ def create_model(
     """Build a model of the zoo by name, e.g. ``create_model("resnet8x4", num_classes=100,
     input_shape=(32, 32, 3))``. ``options`` are the family's size options (``hidden``,
     ``dropout``, ``width``). ``bn_axis_name`` is needed under ``pmap`` only."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}.")
+    check_model(name, options)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
     if len(input_shape) != 3:

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jkd.train.checkpoint import Checkpoints, abstract_like
 
+_CAUSES = (
+    "Likely causes: a learning rate too high (lower it or add warm-up), a temperature too small "
+    "for the logits' scale, or bad input data (NaN/inf pixels, labels out of range)."
+)
+
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradient became NaN or infinite."""
+    """The loss, the gradient or the updated state became NaN or infinite."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`fit`: ``step`` reached, ``saved_step`` the last checkpoint."""
+
+    def __init__(self, step: int, saved_step: int | None):
+        super().__init__(step, saved_step)
+        self.step, self.saved_step = step, saved_step
+
+    def __str__(self) -> str:
+        saved = (f"the last checkpoint is step {self.saved_step}" if self.saved_step
+                 else "no checkpoint had been saved yet")
+        return f"interrupted at step {self.step}; {saved}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,17 +46,77 @@ class LoopConfig:
     sync_every: int = 10         # block on the device at least this often (CPU collectives
                                  # hang when >~30 steps are queued, see BUILD_NOTES)
     progress: bool = True
+    label: str = ""              # shown before the progress line
+    progress_every_s: float = 10.0  # when the output is not a terminal: one line this often
+
+
+def _describe(value) -> str:
+    """A metric for an error message: a number, or per-student values when several train."""
+    v = np.asarray(value, np.float64)
+    if v.ndim == 0:
+        return f"{float(v):g}"
+    bad = np.flatnonzero(~np.isfinite(v.reshape(-1)))
+    return f"non-finite for students {bad.tolist()} of {v.size} ({np.array2string(v.reshape(-1), precision=4)})"
 
 
 def _check_finite(step: int, metrics: dict) -> None:
-    bad = {k: float(v) for k, v in metrics.items() if k in ("loss", "grad_norm") and not np.all(np.isfinite(np.asarray(v)))}
+    bad = {k: _describe(v) for k, v in metrics.items()
+           if k in ("loss", "grad_norm") and not np.all(np.isfinite(np.asarray(v)))}
     if bad:
+        detail = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise NonFiniteError(
-            f"non-finite values detected at step {step} (checked every few steps): {bad}. Likely causes: a learning rate too high "
-            "(lower it or add warm-up), a temperature too small for the logits' scale, or bad "
-            "input data (NaN/inf pixels, labels out of range). The last checkpoint before this "
-            "step is intact; fix the cause and resume with --resume."
+            f"non-finite values at step {step} (checked every few steps): {detail}. {_CAUSES} "
+            "Nothing of this step was saved: the last checkpoint is intact; fix the cause and "
+            "rerun with --resume."
         )
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_state_finite(step: int, state) -> None:
+    """What is saved must be finite: an update can overflow with a finite loss and gradient."""
+    if not bool(_all_finite(state)):
+        raise NonFiniteError(
+            f"the update at step {step} made the model's parameters, optimizer state or BatchNorm "
+            f"statistics non-finite, so step {step} was not saved. {_CAUSES} The last checkpoint "
+            "is intact; fix the cause and rerun with --resume."
+        )
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, CI, notebooks saved to files) one short line
+    every ``every_s`` seconds and at the end, never carriage-return refreshes."""
+
+    def __init__(self, total: int, initial: int, label: str, every_s: float, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.label, self.every_s = total, label, every_s
+        self.bar, self._last = None, time.perf_counter()
+        if getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=label or None,
+                            file=self.stream)
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+            self.bar.update(step - self.bar.n)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.every_s or step == self.total:
+            self._last = now
+            label = f"{self.label}: " if self.label else ""
+            print(f"{label}step {step}/{self.total} ({100 * step / self.total:.0f}%), loss {loss:.4f}, "
+                  f"{rate:.0f} img/s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fit(
@@ -81,14 +161,12 @@ def fit(
             state, meta = restored
             start = int(meta["data_position"])
             emit({"event": "resumed", "step": start})
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.num_steps, initial=start, unit="step", dynamic_ncols=True)
+    bar = _Progress(config.num_steps, start, config.label, config.progress_every_s) if config.progress else None
     step, t0, n_images = start, time.perf_counter(), 0
+    saved_step = start or None
     stream = batches(start)
     last_metrics = None
+    failed = False
     try:
         while step < config.num_steps:
             batch = next(stream)
@@ -106,8 +184,7 @@ def fit(
                           **{k: float(np.mean(v)) for k, v in metrics.items()}}
                 emit(record)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
-                    bar.update(step - bar.n)
+                    bar.update(step, record["loss"], rate)
                 t0, n_images = time.perf_counter(), 0
             meta = {"data_position": step}
             if due_eval:
@@ -115,12 +192,28 @@ def fit(
                 emit({"event": "eval", "step": step, **results})
                 meta.update({k: float(v) for k, v in results.items() if np.ndim(v) == 0})
             if due_save:
+                _check_state_finite(step, state)
                 checkpoints.save(step, state, meta=meta)
+                saved_step = step
+    except KeyboardInterrupt as e:
+        failed = True
+        if checkpoints is not None:
+            checkpoints.wait()  # a save in flight is finished, not left half-written
+            done = checkpoints.steps()
+            saved_step = done[-1] if done else None
+        raise RunInterrupted(step, saved_step) from e
+    except BaseException:
+        failed = True
+        raise
     finally:
         if bar is not None:
             bar.close()
         if checkpoints is not None:
-            checkpoints.wait()
+            try:
+                checkpoints.wait()
+            except Exception:
+                if not failed:  # else the first error is the one to report
+                    raise
     if last_metrics is not None:
         _check_finite(step, jax.device_get(last_metrics))
     return state, history

@@ -136,3 +136,34 @@ class TeacherTemperature:
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         return self.base(student_logits, teacher_logits / self.temperature, labels)
+
+
+
+_FLAGS = {"temperature": "--temperature", "kd_weight": "--kd-weight", "ce_weight": "--ce-weight",
+          "tckd_weight": "--tckd-weight", "nckd_weight": "--nckd-weight"}
+
+
+def check_objective(objective) -> None:
+    """Refuse hyper-parameters that cannot train, naming the field and its CLI flag.
+
+    Temperatures must be finite and > 0; weights finite and >= 0; a KD objective needs a
+    positive ``kd_weight`` or ``ce_weight``. Only plain numbers are checked (how configs and
+    the CLI build objectives); stacked per-student arrays are built from checked ones.
+    """
+    import math
+
+    name = type(objective).__name__
+    if isinstance(objective, (TeacherTemperature, FeatureKD)):
+        check_objective(objective.base)
+    for field in ("temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "weight", "label_smoothing"):
+        v = getattr(objective, field, None)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        ok = v > 0 if field == "temperature" else v >= 0
+        if not (math.isfinite(v) and ok):
+            flag = f" ({_FLAGS[field]})" if field in _FLAGS else ""
+            expected = "> 0" if field == "temperature" else ">= 0"
+            raise ValueError(f"{name}.{field}{flag} must be a finite number {expected}; got {v:g}.")
+    if getattr(objective, "kd_weight", None) == 0 and getattr(objective, "ce_weight", None) == 0:
+        raise ValueError(f"{name}: kd_weight and ce_weight are both 0, so nothing would be learned; give "
+                         "one of them (--kd-weight, --ce-weight) a positive value.")

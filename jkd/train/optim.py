@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -39,6 +40,28 @@ class AdamWConfig:
 OptimizerConfig = SGDConfig | AdamWConfig
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_optimizer(config: OptimizerConfig) -> None:
+    """Refuse settings that cannot train (NaN, negative or out-of-range values), naming them."""
+    if not isinstance(config, (SGDConfig, AdamWConfig)):
+        raise TypeError(f"optimizer config must be SGDConfig or AdamWConfig; got {type(config).__name__}.")
+    name = type(config).__name__
+    rules = {"learning_rate": (lambda v: v > 0, "> 0"), "weight_decay": (lambda v: v >= 0, ">= 0")}
+    if isinstance(config, SGDConfig):
+        rules.update(momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), decay_factor=(lambda v: v > 0, "> 0"))
+    else:
+        rules.update(warmup_epochs=(lambda v: v >= 0, ">= 0"), end_factor=(lambda v: v >= 0, ">= 0"),
+                     b1=(lambda v: 0 <= v < 1, "in [0, 1)"), b2=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    for field, (ok, expected) in rules.items():
+        v = getattr(config, field)
+        if not (_finite(v) and ok(v)):
+            flag = {"learning_rate": " (--lr)", "weight_decay": " (--weight-decay)"}.get(field, "")
+            raise ValueError(f"{name}.{field}{flag} must be a finite number {expected}; got {v!r}.")
+
+
 def decay_mask(params):
     """Weight decay on kernels only: not on biases, BatchNorm scales and offsets (ndim < 2)."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
@@ -67,10 +90,7 @@ def make_optimizer(config: OptimizerConfig, *, steps_per_epoch: int, total_steps
     """The optax transformation for ``config``; schedules count optimizer steps."""
     if steps_per_epoch < 1 or total_steps < 1:
         raise ValueError(f"steps_per_epoch and total_steps must be >= 1; got {steps_per_epoch}, {total_steps}.")
-    if not isinstance(config, (SGDConfig, AdamWConfig)):
-        raise TypeError(f"config must be SGDConfig or AdamWConfig; got {type(config).__name__}.")
-    if config.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0; got {config.learning_rate}.")
+    check_optimizer(config)
     if isinstance(config, SGDConfig):
         schedule = optax.piecewise_constant_schedule(
             config.learning_rate,

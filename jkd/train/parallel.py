@@ -93,6 +93,9 @@ def unreplicate(tree):
 def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
     """``pmap`` the step over local devices; ``step`` must take ``axis_name`` (it gets "data")."""
     n = jax.local_device_count() if num_devices is None else num_devices
+    if not 1 <= n <= jax.local_device_count():
+        raise ValueError(f"num_devices must lie in [1, {jax.local_device_count()}] (local devices available); "
+                         f"got {n}.")
     devices = jax.local_devices()[:n]
     pmapped = jax.pmap(
         functools.partial(step, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None, None),

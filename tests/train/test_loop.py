@@ -8,13 +8,17 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jkd.data import pipeline as P
-from jkd.train import SGDConfig, make_optimizer, objectives, parallel
-from jkd.train.checkpoint import Checkpoints, abstract_like, load_frozen, save_frozen
-from jkd.train.loop import LoopConfig, NonFiniteError, fit
+from jkd.models import create_model
+from jkd.train import SGDConfig, create_train_state, make_optimizer, objectives, parallel
+from jkd.train.checkpoint import Checkpoints, IncompatibleCheckpointError, abstract_like, load_frozen, save_frozen
+from jkd.train.optim import _strict_safe
+from jkd.train.loop import LoopConfig, NonFiniteError, RunInterrupted, _check_finite, _Progress, fit
 from tests.train import helpers as H
 from tests.train.killable_run import dataset
 
@@ -83,9 +87,39 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
         if f.is_file():
             f.write_bytes(b"\x00garbage")
     g, template = H.student()
-    with pytest.warns(RuntimeWarning, match="step 8 .* could not be restored"):
+    with pytest.warns(RuntimeWarning, match="step 8 .* could not be restored.*moved to"):
         state, meta = ckpts.restore(abstract_like(template))
     assert meta["data_position"] == 4 and int(state.step) == 4
+    # Set aside for inspection, out of the way of the run that writes step 8 again.
+    assert ckpts.steps() == [4] and (ckpts.unreadable_directory / "8" / "state").is_dir()
+    ckpts.close()
+
+
+def test_a_run_with_a_corrupt_newest_checkpoint_finishes(tmp_path):
+    """Once blocked for good: the rerun reached the corrupt step again and orbax refused to
+    overwrite it ("Checkpoint for step 8 already exists")."""
+    reference, _ = _fit(None, 12, save_every=4)
+    ckpt = tmp_path / "ckpt"
+    _fit(ckpt, 8, save_every=4)
+    victim = max((f for f in (ckpt / "8" / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
+    with pytest.warns(RuntimeWarning, match="step 8"):
+        state, history = _fit(ckpt, 12, save_every=4)
+    assert history[0] == {"event": "resumed", "step": 4}
+    assert H.max_abs_diff(reference.params, state.params) == 0.0
+    ckpts = Checkpoints(ckpt)
+    assert ckpts.steps() == [8, 12] and (tmp_path / "ckpt_unreadable" / "8").is_dir()
+    ckpts.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_skipped(tmp_path):
+    _fit(tmp_path, 4, save_every=4)
+    ckpts = Checkpoints(tmp_path)
+    wider = create_model("cnn", num_classes=4, input_shape=H.SHAPE, seed=1, width=6)
+    _, other = create_train_state(wider, H.tx(), seed=0)
+    with pytest.raises(IncompatibleCheckpointError, match=r"shapes differ: params\.bn1\.bias\.value: saved \(4,\), config \(6,\);.*\(\+14 more\)"):
+        ckpts.restore(abstract_like(other))
+    assert ckpts.steps() == [4] and not ckpts.unreadable_directory.exists()  # nothing was moved
     ckpts.close()
 
 
@@ -96,9 +130,79 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpts = Checkpoints(tmp_path)
     g, template = H.student(optimizer=huge)
     restored = ckpts.restore(abstract_like(template))
-    if restored is not None:  # every saved state is finite
-        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored[0].params))
+    # The first update (lr 1e30) is still finite and saved; the loss of the next is not.
+    assert restored is not None and restored[1]["data_position"] < 40
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored[0].params))
     ckpts.close()
+
+
+def _overflow_at(step: int):
+    """SGD whose update number ``step`` (1-based) overflows float32: the loss and the gradient
+    of that step are finite (computed before the update), the updated parameters are not."""
+    return _strict_safe(optax.sgd(lambda count: jnp.where(count < step - 1, jnp.float32(0.01), jnp.float32(jnp.inf))))
+
+
+def test_an_update_that_overflows_is_never_saved(tmp_path):
+    with pytest.raises(NonFiniteError, match="update at step 8 made the model's parameters"):
+        _fit(tmp_path, 12, optimizer=_overflow_at(8), save_every=4)
+    ckpts = Checkpoints(tmp_path)
+    assert ckpts.steps() == [4]  # the last good step stays the newest
+    g, template = H.student(optimizer=_overflow_at(8))
+    state, meta = ckpts.restore(abstract_like(template))
+    assert meta["data_position"] == 4
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((state.params, state.opt_state)))
+    ckpts.close()
+    # --resume works: with the cause fixed (a sane learning rate), the run continues from step 4.
+    state, history = _fit(tmp_path, 12, optimizer=_overflow_at(100), save_every=4)
+    assert history[0] == {"event": "resumed", "step": 4} and int(state.step) == 12
+
+
+def test_non_finite_metrics_of_many_students_are_explained():
+    """Several students give metric arrays; float() on them once hid the helpful error."""
+    with pytest.raises(NonFiniteError, match=r"loss non-finite for students \[1\] of 3.*learning rate"):
+        _check_finite(7, {"loss": np.array([0.5, np.nan, 0.4]), "grad_norm": np.ones(3)})
+    with pytest.raises(NonFiniteError, match=r"step 7.*grad_norm inf"):
+        _check_finite(7, {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)})
+    _check_finite(7, {"loss": np.ones(3), "grad_norm": np.ones(3), "accuracy": np.full(3, np.nan)})
+
+
+def test_ctrl_c_finishes_the_save_in_flight_and_says_where_it_stopped(tmp_path):
+    data = dataset()
+    tg, teacher = H.teacher()
+    g, state = H.student()
+    run = parallel.single_device(H.step_fn(g, tg))
+
+    def batches(start):
+        for i, b in enumerate(P.train_batches(data, batch_size=16, seed=3, start_step=start)):
+            if start + i == 10:
+                raise KeyboardInterrupt
+            yield b
+
+    ckpts = Checkpoints(tmp_path)
+    with pytest.raises(RunInterrupted) as e:
+        fit(run, state, objectives.SoftKD(), teacher, batches=batches, checkpoints=ckpts,
+            config=LoopConfig(num_steps=20, save_every=4, sync_every=2, progress=False))
+    assert (e.value.step, e.value.saved_step) == (10, 8) and "interrupted at step 10" in str(e.value)
+    assert ckpts.steps() == [4, 8]
+    ckpts.close()
+
+
+def test_progress_without_a_terminal_writes_short_lines():
+    """`make demo > demo.log` once wrote every bar refresh (carriage returns) into the file."""
+    import io
+
+    out = io.StringIO()
+    bar = _Progress(total=100, initial=0, label="student", every_s=3600.0, stream=out)
+    for step in range(1, 101):
+        bar.update(step, loss=1.0 / step, rate=1000.0)
+    bar.close()
+    assert "\r" not in out.getvalue()
+    assert out.getvalue().splitlines() == ["student: step 100/100 (100%), loss 0.0100, 1000 img/s"]
+    out = io.StringIO()
+    bar = _Progress(total=3, initial=0, label="", every_s=0.0, stream=out)
+    for step in (1, 2, 3):
+        bar.update(step, loss=0.5, rate=10.0)
+    assert out.getvalue().splitlines()[0] == "step 1/3 (33%), loss 0.5000, 10 img/s"
 
 
 def test_best_checkpoint_is_kept_with_the_latest(tmp_path):

@@ -128,8 +128,11 @@ def test_adamw_warmup_then_cosine():
 
 
 def test_bad_optimizer_config():
-    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    with pytest.raises(ValueError, match=r"SGDConfig.learning_rate \(--lr\) must be a finite number > 0; got 0.0"):
         make_optimizer(SGDConfig(learning_rate=0.0), steps_per_epoch=1, total_steps=1)
+    for bad in (dict(learning_rate=float("nan")), dict(weight_decay=-1.0), dict(momentum=1.0)):
+        with pytest.raises(ValueError, match=f"SGDConfig.{next(iter(bad))}"):
+            make_optimizer(SGDConfig(**bad), steps_per_epoch=1, total_steps=1)
     with pytest.raises(TypeError, match="SGDConfig or AdamWConfig"):
         make_optimizer(object(), steps_per_epoch=1, total_steps=1)
 
