@@ -7,7 +7,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import jax
+import jkd
+
+jkd.initialize()  # the settings jkd's commands run with, before JAX starts its CPU backend
+
+import jax  # noqa: E402
 
 RESULTS = Path("runs/bench/results.json")
 

@@ -1,4 +1,4 @@
-"""One XLA CPU setting, applied when jkd is imported before JAX starts its CPU backend.
+"""One XLA CPU setting, applied by ``jkd.initialize()`` before JAX starts its CPU backend.
 
 jaxlib 0.10 lets YNNPACK take over convolutions and element-wise fusions on the CPU; for the
 CIFAR ResNets that makes a forward pass ~1.45x slower than XLA's own kernels (resnet32x4,

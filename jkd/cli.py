@@ -259,6 +259,9 @@ class _DropDiskFullLogs:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    import jkd
+
+    jkd.initialize()  # before any JAX computation of this process
     parser = build_parser()
     args = parser.parse_args(argv)
     absl_logger = logging.getLogger("absl")

@@ -573,6 +573,27 @@ class AutoGrid:
                              "never be worse than no distillation on validation data.")
 
 
+def choose_setting(val_acc: dict[str, np.ndarray], grid: AutoGrid, validation_examples: int) -> dict:
+    """``--auto``'s rule, on validation accuracies ``val_acc[loss][i_temperature, j_kd_weight]``.
+
+    The highest validation accuracy wins; ties go to the smaller KD weight. A distilled
+    setting replaces the student alone (``kd_weight=0``) only if it beats it by more than one
+    binomial standard error of the alone's accuracy, ``sqrt(a (1 - a) / n)``: on a small
+    validation split a gain of a few images is noise, and "never worse than no distillation"
+    must hold on test too.
+    """
+    best = max(((float(val_acc[l][i, j]), -grid.kd_weights[j], l, grid.temperatures[i], grid.kd_weights[j])
+                for l in grid.losses for i in range(len(grid.temperatures)) for j in range(len(grid.kd_weights))))
+    alone_val = float(val_acc[grid.losses[0]][:, list(grid.kd_weights).index(0.0)].max())
+    margin = float(np.sqrt(alone_val * (1 - alone_val) / validation_examples))
+    if best[0] - alone_val <= margin:
+        best = (alone_val, 0.0, grid.losses[0], grid.temperatures[0], 0.0)
+    acc, _, loss, temp, weight = best
+    return {"loss": loss, "temperature": temp, "kd_weight": weight, "ce_weight": 1.0 - weight,
+            "val_accuracy": acc, "student_alone_val_accuracy": alone_val, "required_gain": margin,
+            "validation_examples": int(validation_examples)}
+
+
 def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = AutoGrid(), calibrate: bool = False,
              resume: bool = False, force: bool = False, progress: bool = True,
              echo: Callable[[str], None] = print) -> dict:
@@ -631,21 +652,10 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
         search_seconds = time.perf_counter() - t_search
     finally:
         r.close()
-    # The choice: highest validation accuracy; ties go to the smaller KD weight. A distilled
-    # setting replaces the student alone (kd_weight=0) only if it beats it by more than one
-    # binomial standard error of the alone's validation accuracy: on a small validation split a
-    # gain of a few images is noise, and "never worse than no distillation" must hold on test too.
-    best = max(((val_acc[l][i, j], -grid.kd_weights[j], l, grid.temperatures[i], grid.kd_weights[j])
-                for l in grid.losses for i in range(len(grid.temperatures)) for j in range(len(grid.kd_weights))))
-    alone_val = float(val_acc[grid.losses[0]][:, list(grid.kd_weights).index(0.0)].max())
-    margin = float(np.sqrt(alone_val * (1 - alone_val) / len(val_labels)))
-    if best[0] - alone_val <= margin:
-        best = (alone_val, 0.0, grid.losses[0], grid.temperatures[0], 0.0)
-    _, _, loss, temp, weight = best
-    choice = {"loss": loss, "temperature": temp, "kd_weight": weight, "ce_weight": 1.0 - weight,
-              "val_accuracy": float(best[0]), "student_alone_val_accuracy": alone_val,
-              "required_gain": margin, "validation_examples": int(len(val_labels)),
-              "teacher_temperature": t_cal}
+    choice = {**choose_setting(val_acc, grid, len(val_labels)), "teacher_temperature": t_cal}
+    loss, temp, weight, alone_val = choice["loss"], choice["temperature"], choice["kd_weight"], choice["student_alone_val_accuracy"]
+    best = (choice["val_accuracy"],)
+    margin = choice["required_gain"]
     echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * best[0]:.2f}% vs "
          f"{100 * alone_val:.2f}% for the student alone; a gain must exceed {100 * margin:.2f} points)")
     name = f"auto: {loss} T={temp:g} kd={weight:g}" if weight > 0 else "auto: no distillation (kd_weight=0)"

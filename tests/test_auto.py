@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jkd import cli
-from jkd.experiment import AutoGrid, ExperimentConfig, ModelSpec, run_auto
+from jkd.experiment import AutoGrid, ExperimentConfig, ModelSpec, choose_setting, run_auto
 
 
 def _digits_npz(path):
@@ -46,7 +46,10 @@ def test_auto_on_an_npz_dataset(tmp_path):
                            seeds=(0, 1), eval_every_epochs=1)
     result = run_auto(cfg, tmp_path / "auto", grid=AutoGrid(temperatures=(1.0, 4.0)), calibrate=True, progress=False)
     choice = result["choice"]
-    assert choice["val_accuracy"] >= choice["student_alone_val_accuracy"]  # kd_weight 0 is in the grid
+    # The reported choice is the rule applied to the reported validation accuracies.
+    val = {k: np.asarray(v) for k, v in result["val_accuracy"].items()}
+    expected = choose_setting(val, AutoGrid(temperatures=(1.0, 4.0)), choice["validation_examples"])
+    assert {k: choice[k] for k in expected} == expected
     assert result["calibration"]["temperature"] > 0 and "teacher_val_ece_after" in result["calibration"]
     assert len(result["test_accuracy_choice"]) == 2 and len(result["test_accuracy_student_alone"]) == 2
     for loss in ("soft", "dkd"):
@@ -55,3 +58,33 @@ def test_auto_on_an_npz_dataset(tmp_path):
     chosen = [m for m in metrics if "auto_choice" in m]
     assert len(chosen) == 1 and chosen[0]["auto_choice"]["loss"] == choice["loss"]
     assert chosen[0]["best_val_accuracy"] > 0.1  # periodic evaluation ran on the validation split
+
+
+GRID = AutoGrid(losses=("soft", "dkd"), temperatures=(1.0, 4.0), kd_weights=(0.0, 0.5, 0.9))
+
+
+def _val(soft, dkd):
+    return {"soft": np.asarray(soft, float), "dkd": np.asarray(dkd, float)}
+
+
+def test_a_gain_within_one_standard_error_keeps_the_student_alone():
+    # alone 0.80 on 400 examples: one standard error is sqrt(0.8 * 0.2 / 400) = 0.02.
+    val = _val([[0.80, 0.815, 0.81], [0.79, 0.80, 0.819]], [[0.80, 0.80, 0.80], [0.80, 0.80, 0.80]])
+    c = choose_setting(val, GRID, 400)
+    assert c["required_gain"] == pytest.approx(0.02)
+    assert (c["kd_weight"], c["val_accuracy"], c["student_alone_val_accuracy"]) == (0.0, 0.80, 0.80)
+
+
+def test_a_gain_beyond_one_standard_error_is_chosen_with_its_setting():
+    val = _val([[0.80, 0.815, 0.81], [0.79, 0.80, 0.819]], [[0.80, 0.80, 0.80], [0.80, 0.83, 0.80]])
+    c = choose_setting(val, GRID, 400)
+    assert (c["loss"], c["temperature"], c["kd_weight"], c["ce_weight"]) == ("dkd", 4.0, 0.5, 0.5)
+    assert c["val_accuracy"] == 0.83
+    # The same gain on 40 examples (standard error 0.063) is noise.
+    assert choose_setting(val, GRID, 40)["kd_weight"] == 0.0
+
+
+def test_ties_go_to_the_smaller_kd_weight():
+    val = _val([[0.70, 0.90, 0.90], [0.70, 0.80, 0.80]], [[0.70, 0.85, 0.85], [0.70, 0.80, 0.90]])
+    c = choose_setting(val, GRID, 1000)
+    assert c["kd_weight"] == 0.5 and c["val_accuracy"] == 0.90

@@ -43,12 +43,22 @@ def test_not_added(env, setup):
     assert os.environ.get("XLA_FLAGS") == before
 
 
-def test_importing_jkd_sets_it_before_jax_starts():
+def _fresh_python(code: str) -> str:
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JKD_NO_XLA_FLAGS")}
-    out = subprocess.run([sys.executable, "-c", "import os, jkd; print(os.environ['XLA_FLAGS'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == _cpu_flags.FLAG
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_importing_jkd_changes_nothing_process_wide():
+    code = ("import os, sys, jkd, jkd.losses, jkd.train, jkd.experiment; "
+            "print(os.environ.get('XLA_FLAGS'), 'matplotlib.pyplot' in sys.modules)")
+    assert _fresh_python(code) == "None False"
+
+
+def test_initialize_sets_the_flag_before_jax_starts():
+    assert _fresh_python("import os, jkd; print(jkd.initialize(), os.environ['XLA_FLAGS'])") == (
+        f"{{'xla_cpu_flags': True}} {_cpu_flags.FLAG}")

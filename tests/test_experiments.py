@@ -34,6 +34,16 @@ def test_temperature_sweep_has_a_pulse(tmp_path):
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["test_accuracy"]) == 4 and len(sweep["test_accuracy"][0]) == 3
     assert sweep["students"] == 12 and (tmp_path / "sweep_heatmap.png").is_file()
+    # Edited temperatures never get the finished students' results: the rerun is refused.
+    import dataclasses
+
+    from jkd.experiment import run_sweep
+    from jkd.run_folder import ConfigMismatchError
+
+    cfg = cli.load_config_file("experiments/temperature_sweep/config.py").get_config()
+    cfg = dataclasses.replace(cfg, teacher_epochs=1, student_epochs=1, seeds=(0,), eval_every_epochs=1)
+    with pytest.raises(ConfigMismatchError, match=r"sweep.temperatures\[0\]: 1.0 -> 0.5"):
+        run_sweep(cfg, tmp_path, temperatures=(0.5, 2.0, 4.0, 8.0), kd_weights=(0.0, 0.5, 0.9), resume=True)
 
 
 def test_sweep_refuses_a_bad_grid_before_training(tmp_path):

@@ -1,16 +1,19 @@
-"""PNG figures of a run (matplotlib, Agg backend: no display needed)."""
+"""PNG figures of a run (matplotlib ``Figure`` objects saved directly: no display, no pyplot,
+and no process-wide backend choice, so importing jkd leaves a notebook's matplotlib alone)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from jkd.evaluate.metrics import roc_curve, softmax
 
-from jkd.evaluate.metrics import roc_curve, softmax  # noqa: E402
+
+def _subplots(*args, **kwargs):
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def curves(histories: dict[str, list[dict]], path: Path) -> None:
@@ -19,7 +22,7 @@ def curves(histories: dict[str, list[dict]], path: Path) -> None:
     ``histories[name]`` holds records with ``epoch`` and any of ``train_loss``,
     ``train_accuracy``, ``test_loss``, ``test_accuracy``.
     """
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    fig, axes = _subplots(2, 2, figsize=(11, 7), sharex=True)
     panels = [("train_loss", "train loss"), ("test_loss", "held-out loss (validation split, else test)"),
               ("train_accuracy", "train accuracy"), ("test_accuracy", "held-out accuracy (validation split, else test)")]
     for ax, (key, title) in zip(axes.ravel(), panels):
@@ -35,12 +38,11 @@ def curves(histories: dict[str, list[dict]], path: Path) -> None:
         axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def confusion(cm: np.ndarray, path: Path, title: str) -> None:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     ax.imshow(cm, cmap="Blues")
     if cm.shape[0] <= 20:
         for (i, j), v in np.ndenumerate(cm):
@@ -51,12 +53,11 @@ def confusion(cm: np.ndarray, path: Path, title: str) -> None:
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def roc(logits: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
     probs = softmax(logits)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = _subplots(figsize=(5.5, 5))
     for k in range(probs.shape[1]):
         fpr, tpr = roc_curve(probs[:, k], np.asarray(labels) == k)
         ax.plot(fpr, tpr, lw=1, label=str(k) if probs.shape[1] <= 10 else None)
@@ -68,7 +69,6 @@ def roc(logits: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
         ax.legend(fontsize=7, title="class (one vs rest)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def accuracy_vs_size(entries: list[dict], path: Path) -> None:
@@ -76,7 +76,7 @@ def accuracy_vs_size(entries: list[dict], path: Path) -> None:
     names = [e["name"] for e in entries]
     means = [100 * e["test_accuracy_mean"] for e in entries]
     stds = [100 * e["test_accuracy_std"] for e in entries]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
+    fig, ax = _subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
     bars = ax.bar(range(len(entries)), means, yerr=stds, capsize=4,
                   color=["#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries])
     for b, e, sd in zip(bars, entries, stds):
@@ -89,14 +89,13 @@ def accuracy_vs_size(entries: list[dict], path: Path) -> None:
     ax.set_title("accuracy vs model size (parameters above the bars)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def heatmap(values: np.ndarray, rows: list[str], cols: list[str], path: Path, *, title: str,
             row_label: str, col_label: str) -> None:
     """A grid of values (e.g. test accuracy in %) with each cell annotated."""
     values = np.asarray(values, np.float64)
-    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 2))
+    fig, ax = _subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 2))
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     for (i, j), v in np.ndenumerate(values):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
@@ -109,4 +108,3 @@ def heatmap(values: np.ndarray, rows: list[str], cols: list[str], path: Path, *,
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jkd.models import MODELS, call_with_features, create_model, model_stats
 
@@ -86,7 +87,12 @@ def test_resnet_features_are_nhwc_stage_maps():
 def test_every_registered_name_builds():
     for name in MODELS:
         shape = (28, 28, 1) if name.startswith("mlp") else CIFAR
-        assert create_model(name, num_classes=10, input_shape=shape) is not None
+        model = create_model(name, num_classes=10, input_shape=shape)
+        model.eval()
+        graphdef, state = nnx.split(model)
+        logits = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state,
+                                jax.ShapeDtypeStruct((2, *shape), jnp.float32))
+        assert logits.shape == (2, 10) and logits.dtype == jnp.float32, name
 
 
 @pytest.mark.parametrize(
@@ -94,7 +100,9 @@ def test_every_registered_name_builds():
     [(dict(name="resnet9"), "unknown model 'resnet9'"),
      (dict(name="resnet8", num_classes=1), "num_classes must be >= 2"),
      (dict(name="resnet8", input_shape=(32, 32)), r"input_shape must be \(H, W, C\)"),
-     (dict(name="cnn", depth=3), "bad size options")],
+     (dict(name="cnn", depth=3), "model 'cnn' takes no option 'depth'; its options: width"),
+     (dict(name="mlp", hidden=64), r"model option hidden=64 for 'mlp': expected a tuple of positive integers"),
+     (dict(name="mlp", dropout=1.5), r"model option dropout=1.5 for 'mlp': expected a number in \[0, 1\)")],
 )
 def test_bad_model_arguments(kwargs, match):
     args = dict(num_classes=10, input_shape=CIFAR) | kwargs

@@ -55,25 +55,47 @@ def test_stop_and_resume_gives_the_uninterrupted_parameters(tmp_path):
     assert H.max_abs_diff(full.opt_state, resumed.opt_state) == 0.0
 
 
+def _steps(ckpt):
+    return [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+
+
+def _kill_when(cmd, env, ckpt, ready, log):
+    """Start a run, SIGKILL it once ``ready()`` holds; return the step it said it resumed from."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out)
+        deadline = time.time() + 240
+        while time.time() < deadline and not ready() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    said = [int(line.split()[1]) for line in Path(log).read_text().splitlines() if line.startswith("resumed")]
+    return said[0] if said else 0
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume(tmp_path):
+    """Killed twice (once while an asynchronous save is being written), each rerun resumes
+    from the newest complete checkpoint, which it says, and the end equals an uninterrupted run."""
     ref = tmp_path / "ref.npz"
     cmd = [sys.executable, "-m", "tests.train.killable_run"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd + [str(tmp_path / "ref_ckpt"), str(ref)], check=True, cwd=ROOT, env=env, timeout=300)
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen(cmd + [str(ckpt), str(tmp_path / "never.npz"), "0.15"], cwd=ROOT, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once a few checkpoints exist, mid-run
-        steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
-        if steps and max(steps) >= 12:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not (tmp_path / "never.npz").exists(), "the run finished before it was killed"
+    never = tmp_path / "never.npz"
+    run = cmd + [str(ckpt), str(never), "0.15"]
+    # 1. during a save: an unfinished (temporary) step folder exists.
+    saving = lambda: bool(ckpt.exists() and any("tmp" in p.name for p in ckpt.iterdir()) and _steps(ckpt))  # noqa: E731
+    assert _kill_when(run, env, ckpt, saving, tmp_path / "1.log") == 0
+    first = max(_steps(ckpt))
+    # 2. mid-run, once a few more checkpoints exist.
+    resumed = _kill_when(run, env, ckpt, lambda: max(_steps(ckpt)) >= first + 8, tmp_path / "2.log")
+    assert resumed == first, "the second run did not resume from the first run's newest checkpoint"
+    assert not never.exists(), "the run finished before it was killed"
+    second = max(_steps(ckpt))
     out = tmp_path / "resumed.npz"
-    subprocess.run(cmd + [str(ckpt), str(out)], check=True, cwd=ROOT, env=env, timeout=300)
+    done = subprocess.run(cmd + [str(ckpt), str(out)], check=True, cwd=ROOT, env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert f"resumed {second}" in done.stdout and second >= first + 8
     a, b = np.load(ref), np.load(out)
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
