@@ -11,6 +11,12 @@ import stored_teacher
 import vs_torch
 
 if __name__ == "__main__":
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # Its own process: it sets 4 CPU devices before JAX starts, which the others must not see.
+    subprocess.run([sys.executable, str(Path(__file__).with_name("runners.py"))], check=True)
     r = data_pipeline.run()
     write("data_pipeline", r)
     print(f"data_pipeline: ratio {r['ratio']:.3f} ({r['jkd_images_per_s']:.0f} vs "

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--nckd-weight", type=float, default=8.0, help="DKD beta")
     distill.add_argument("--seeds", type=_seeds, default=(0,),
                          help="comma-separated seeds, trained together in one vmapped step")
+    distill.add_argument("--share-teacher-forward", action="store_true",
+                         help="the seeds share one data order, augmented view and teacher forward pass (faster; "
+                              "the seed spread then measures initialisation only)")
     distill.add_argument("--no-baseline", action="store_true", help="skip the student trained alone")
     distill.add_argument("--store-teacher-topk", type=int, default=0, metavar="K",
                          help="soft KD only, fixed views (no --crop-padding): store the teacher's top-K logits "
@@ -370,7 +373,8 @@ def _dispatch(args, parser) -> int:
             **common, **kw, teacher_dir=args.teacher_dir, teacher=_saved_teacher_spec(args.teacher_dir),
             student=_model_spec(args.model, args.model_option),
             student_epochs=args.epochs, student_optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay),
-            seeds=args.seeds, include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
+            seeds=args.seeds, share_teacher_forward=args.share_teacher_forward,
+            include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
             store_teacher_topk=args.store_teacher_topk,
             distillations=(X.Distillation(f"{args.loss} KD", _objective(args)),),
             title=f"{args.model} distilled ({args.loss}) on {args.dataset}",

@@ -79,6 +79,9 @@ class ExperimentConfig:
     student_crop_padding: int = 0
     flip: bool | None = None                # None: the dataset's default
     seeds: tuple[int, ...] = (0, 1, 2)
+    share_teacher_forward: bool = False     # True: the seeds of a setting share one data order,
+                                            # one augmented view and one teacher forward pass
+                                            # (faster; the spread is then over initialisation only)
     distillations: tuple[Distillation, ...] = (
         Distillation("soft KD T=8", objectives.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1)),
     )
@@ -111,6 +114,8 @@ class ExperimentConfig:
             if other:
                 raise ValueError(f"stored teacher outputs support soft KD only; {', '.join(other)} need the "
                                  "online teacher (set store_teacher_topk=0).")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct; got {list(self.seeds)}.")
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
@@ -278,11 +283,21 @@ class _Run:
         return [np.concatenate(o) for o in outs]
 
 
+def _columns(streams):
+    """K batch streams -> one stream of ``[B, K, ...]`` batches (student k's batch in column k)."""
+    for batches in zip(*streams):
+        yield {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
+
+
 def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
-                 teacher=None, teacher_graphdef=None, stored_outputs=None):
+                 teacher=None, teacher_graphdef=None, stored_outputs=None, shared: bool = True):
     """Train len(seeds) copies of ``spec`` in one vmapped step; returns ``(graphdef, [state per
     seed])``; records go to the run's log. ``objective`` is one objective for all, or a list
-    of one objective per seed (a sweep of temperatures or weights)."""
+    of one objective per seed (a sweep of temperatures or weights).
+
+    ``shared``: the students see one data order (the first seed's), one augmented view and one
+    teacher forward pass (fast; they differ only in initialisation and objective). Otherwise each
+    seed has its own order, view and teacher pass: K independent runs in one step."""
     cfg, shape, k = r.cfg, r.ds.spec.image_shape, len(seeds)
     per_student = list(objective) if isinstance(objective, (list, tuple)) else [objective] * k
     if len(per_student) != k:
@@ -292,16 +307,22 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     made = [create_train_state(spec.build(r.ds.spec.num_classes, shape, s, r.bn_axis), tx, seed=s) for s in seeds]
     graphdef = made[0][0]
     states = stack_states([m[1] for m in made])
-    batches = r.batches(seed=seeds[0])
+    shared = shared or k == 1
+    attach = ((lambda stream: stored.with_teacher_targets(stream, stored_outputs, view=r.view_name))
+              if stored_outputs is not None else (lambda stream: stream))
+    if shared:
+        batches = lambda start: attach(r.batches(seed=seeds[0])(start))  # noqa: E731
+    else:
+        batches = lambda start: _columns([attach(r.batches(seed=s)(start)) for s in seeds])  # noqa: E731
     if stored_outputs is not None:  # soft KD from the stored top-k: no teacher forward pass
         per_student = [objectives.StoredSoftKD(temperature=o.temperature, kd_weight=o.kd_weight, ce_weight=o.ce_weight)
                        for o in per_student]
-        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding))
-        online_batches, teacher = batches, None
-        batches = lambda start: stored.with_teacher_targets(online_batches(start), stored_outputs, view=r.view_name)  # noqa: E731
+        step = functools.partial(train_step_many_stored, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
+                                 per_student_batches=not shared)
+        teacher = None
     else:
         step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
-                                 teacher_graphdef=teacher_graphdef)
+                                 teacher_graphdef=teacher_graphdef, per_student_batches=not shared)
     objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 
@@ -313,8 +334,11 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
             correct += np.asarray(out["correct"])
             count += int(out["count"][0])
         acc = correct / count
-        return {"val_accuracy": float(acc.mean()), "test_accuracy_per_seed": acc.tolist(),
-                "test_loss_per_seed": (loss / count).tolist()}
+        # Named for the split measured: "val_*" only for a validation split (and only then does
+        # the checkpoint policy keep a "best" step; on test it keeps the latest only).
+        split = "val" if r.val is not None else "test"
+        return {f"{split}_accuracy": float(acc.mean()), f"{split}_accuracy_per_seed": acc.tolist(),
+                f"{split}_loss_per_seed": (loss / count).tolist()}
 
     def log(rec):
         r.log(name, {**rec, "epoch": rec["step"] / r.steps_per_epoch})
@@ -406,7 +430,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 r, name, cfg.student, objective, seeds=cfg.seeds, epochs=cfg.student_epochs,
                 optimizer=cfg.student_optimizer, crop_padding=cfg.student_crop_padding,
                 teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
-                stored_outputs=outputs if role == "distilled" else None)
+                stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)
             results[name] = (role, loss_name, g, [freeze(s) for s in states], cfg.student)
 
         # ---- evaluation and report ----------------------------------------------------------------
@@ -435,7 +459,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "last_test_accuracy": float(np.mean(accs)),
                 # Periodic evaluations run on the validation split when there is one; then the
                 # test split is measured once, at the end, and "best" is that final figure.
-                "best_test_accuracy": (max([e["val_accuracy"] for e in evals] + [float(np.mean(accs))])
+                "best_test_accuracy": (max([e["test_accuracy"] for e in evals] + [float(np.mean(accs))])
                                        if r.val is None else float(np.mean(accs))),
                 "params": stats.params, "flops": stats.flops,
                 "per_seed": per_seed,
@@ -458,13 +482,18 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view),
             })
         histories = read_log(run_dir / "log.jsonl")
+        held = "val" if r.val is not None else "test"
         curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
-                  + [{"epoch": h["epoch"], "test_accuracy": h["val_accuracy"], "test_loss": float(np.mean(h["test_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
+                  + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
+                      "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
                   for n, hs in histories.items()}
-        plots.curves(curves, run_dir / "curves.png")
+        plots.curves(curves, run_dir / "curves.png", held_out="validation" if r.val is not None else "test")
         plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
         alone = next((e for e in entries if e["role"] == "student_alone"), None)
-        seeds_note = f"{len(cfg.seeds)} seeds per student setting; " if len(entries) > 1 else ""
+        protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
+                    "initialisation only" if cfg.share_teacher_forward else
+                    "each seed has its own initialisation, data order and augmentation")
+        seeds_note = f"{len(cfg.seeds)} seeds per student setting ({protocol}); " if len(entries) > 1 else ""
         notes = [f"{seeds_note}latency is the median of 20 eval batches of {cfg.batch_size} on "
                  f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s."]
         for e in entries:

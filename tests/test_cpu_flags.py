@@ -62,3 +62,14 @@ def test_importing_jkd_changes_nothing_process_wide():
 def test_initialize_sets_the_flag_before_jax_starts():
     assert _fresh_python("import os, jkd; print(jkd.initialize(), os.environ['XLA_FLAGS'])") == (
         f"{{'xla_cpu_flags': True}} {_cpu_flags.FLAG}")
+
+
+def test_initialize_after_jax_started_changes_nothing(env):
+    import os
+
+    import jax
+    import jkd
+
+    jax.numpy.zeros(1).block_until_ready()  # the backend runs (as in every test process)
+    _jaxlib(env, "0.10.2")
+    assert jkd.initialize() == {"xla_cpu_flags": False} and "XLA_FLAGS" not in os.environ

@@ -2,6 +2,12 @@
 
 Call :func:`augment` inside the jitted train step and feed its output to *both* models
 (big_vision's "consistent teaching"). All functions are pure: a key in, a batch out.
+
+**One random stream whatever the device count.** Every random choice is made per example from
+that example's own key. ``key`` is either one key (example ``i`` then draws from
+``fold_in(key, i)``) or a batch of keys ``[B]``, one per example. The train steps pass
+``fold_in(fold_in(rng, step), global_position)`` for each example, so one device, a mesh and
+``pmap`` over any number of devices draw exactly the same views.
 """
 
 from __future__ import annotations
@@ -20,10 +26,28 @@ def normalize(images: jax.Array, mean, std) -> jax.Array:
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def example_keys(key: jax.Array, batch_size: int, first_index: jax.Array | int = 0) -> jax.Array:
+    """``[batch_size]`` keys: ``fold_in(key, first_index + i)`` for each example ``i``."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(first_index + jnp.arange(batch_size))
+
+
+def _per_example(key: jax.Array, batch_size: int) -> jax.Array:
+    if key.ndim == 0:
+        return example_keys(key, batch_size)
+    if key.shape != (batch_size,):
+        raise ValueError(f"key must be one key or one key per example ({batch_size},); got shape {key.shape}.")
+    return key
+
+
+def _salted(keys: jax.Array, salt: int) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, salt))(keys)
+
+
 def random_crop(key: jax.Array, images: jax.Array, *, padding: int) -> jax.Array:
     """Zero-pad by ``padding`` on each side, then crop back at a random offset per image.
 
-    ``[B, H, W, C] -> [B, H, W, C]``; offsets are uniform in ``[0, 2 * padding]``.
+    ``[B, H, W, C] -> [B, H, W, C]``; offsets are uniform in ``[0, 2 * padding]``, drawn from
+    each example's key (see the module docstring).
     """
     if padding < 0:
         raise ValueError(f"padding must be >= 0; got {padding}.")
@@ -31,14 +55,15 @@ def random_crop(key: jax.Array, images: jax.Array, *, padding: int) -> jax.Array
         return images
     b, h, w, _ = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+    keys = _per_example(key, b)
+    offsets = jax.vmap(lambda k: jax.random.randint(k, (2,), 0, 2 * padding + 1))(keys)
     crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))  # noqa: E731
     return jax.vmap(crop)(padded, offsets)
 
 
 def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
-    """Mirror each image left-right with probability 1/2. ``[B, H, W, C]``."""
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    """Mirror each image left-right with probability 1/2 (each example's key). ``[B, H, W, C]``."""
+    flip = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(_per_example(key, images.shape[0]))
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
@@ -73,8 +98,8 @@ def augment(
 
     Mixup is separate (:func:`mixup`) because it also changes the labels.
     """
-    k_crop, k_flip = jax.random.split(key)
-    images = random_crop(k_crop, images, padding=crop_padding)
+    keys = _per_example(key, images.shape[0])
+    images = random_crop(_salted(keys, 0), images, padding=crop_padding)
     if flip:
-        images = random_flip(k_flip, images)
+        images = random_flip(_salted(keys, 1), images)
     return normalize(images, mean, std)

@@ -16,15 +16,16 @@ def _subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
-def curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Train and test loss and accuracy per epoch of every model on one figure.
+def curves(histories: dict[str, list[dict]], path: Path, *, held_out: str = "test") -> None:
+    """Train and held-out loss and accuracy per epoch of every model on one figure.
 
     ``histories[name]`` holds records with ``epoch`` and any of ``train_loss``,
-    ``train_accuracy``, ``test_loss``, ``test_accuracy``.
+    ``train_accuracy``, ``held_out_loss``, ``held_out_accuracy``; ``held_out`` names the split
+    those were measured on ("validation" or "test").
     """
     fig, axes = _subplots(2, 2, figsize=(11, 7), sharex=True)
-    panels = [("train_loss", "train loss"), ("test_loss", "held-out loss (validation split, else test)"),
-              ("train_accuracy", "train accuracy"), ("test_accuracy", "held-out accuracy (validation split, else test)")]
+    panels = [("train_loss", "train loss"), ("held_out_loss", f"{held_out} loss"),
+              ("train_accuracy", "train accuracy"), ("held_out_accuracy", f"{held_out} accuracy")]
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name, recs in histories.items():
             pts = [(r["epoch"], r[key]) for r in recs if key in r]

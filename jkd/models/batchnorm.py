@@ -12,8 +12,9 @@ other platform
 
 :class:`BatchNorm` is ``flax.nnx.BatchNorm`` with that training path. Its variables, running
 statistics update and evaluation path are flax's own, so checkpoints and exports are unchanged;
-configurations the fast path does not cover (a mask, an ``axis_name`` under ``pmap``, features
-on another axis, a non-float32 dtype, no scale or bias) fall back to flax's implementation.
+configurations the fast path does not cover (a mask, ``axis_index_groups``, features on another
+axis, a non-float32 dtype, no scale or bias) fall back to flax's implementation. Under ``pmap``
+(an ``axis_name``) the fast path ``psum``-s its statistics and backward reductions.
 """
 
 from __future__ import annotations
@@ -49,41 +50,50 @@ def channel_sum(x2d: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x2d, cpu=_dot_sum, default=_reduce_sum)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+def _total(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                     axis_name: str | None = None):
     """Training-mode batch normalisation over every axis but the last.
 
     ``x [..., C]``, ``scale [C]``, ``bias [C]`` -> ``(y [..., C], mean [C], var [C])`` with
     ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``; ``mean`` and the biased ``var``
-    are the batch's (two-pass). Differentiable in all three outputs.
+    are the batch's (two-pass). Differentiable in all three outputs. Under ``pmap``, with
+    ``axis_name``, the statistics are over the global batch (every device's rows, ``psum``-ed)
+    and the backward pass sums its two channel reductions the same way.
     """
-    return _forward(x, scale, bias, epsilon)[0]
+    return _forward(x, scale, bias, epsilon, axis_name)[0]
 
 
-def _forward(x, scale, bias, epsilon):
+def _forward(x, scale, bias, epsilon, axis_name):
     c = x.shape[-1]
     x2 = x.reshape(-1, c)
-    rows = x2.shape[0]
-    mean = channel_sum(x2) / rows
+    rows = _total(jnp.asarray(x2.shape[0], x.dtype), axis_name)
+    mean = _total(channel_sum(x2), axis_name) / rows
     centred = x2 - mean
-    var = channel_sum(centred * centred) / rows
+    var = _total(channel_sum(centred * centred), axis_name) / rows
     inv = jax.lax.rsqrt(var + epsilon)
     y = centred * (inv * scale) + bias
-    return (y.reshape(x.shape), mean, var), (x, mean, inv, scale)
+    return (y.reshape(x.shape), mean, var), (x, mean, inv, scale, rows)
 
 
-def _backward(epsilon, residuals, cotangents):
+def _backward(epsilon, axis_name, residuals, cotangents):
     del epsilon
-    x, mean, inv, scale = residuals
+    x, mean, inv, scale, rows = residuals
     g_y, g_mean, g_var = cotangents
     c = x.shape[-1]
     x2, g2 = x.reshape(-1, c), g_y.reshape(-1, c)
-    rows = x2.shape[0]
     x_hat = (x2 - mean) * inv
     d_bias = channel_sum(g2)
     d_scale = channel_sum(g2 * x_hat)
     # dL/dx through y (the standard BatchNorm backward), plus the direct uses of mean and var.
-    dx = (inv * scale) * (g2 - (d_bias + x_hat * d_scale) / rows)
+    # Under pmap every device's rows moved the statistics: their sums are global.
+    total_bias, total_scale = _total(d_bias, axis_name), _total(d_scale, axis_name)
+    g_mean, g_var = _total(g_mean, axis_name), _total(g_var, axis_name)
+    dx = (inv * scale) * (g2 - (total_bias + x_hat * total_scale) / rows)
     dx = dx + g_mean / rows + (2.0 / rows) * g_var * (x2 - mean)
     return dx.reshape(x.shape), d_scale, d_bias
 
@@ -97,7 +107,7 @@ class BatchNorm(nnx.BatchNorm):
 
     def _fast(self, x: jax.Array, mask) -> bool:
         return (
-            mask is None and self.axis_name is None and self.axis_index_groups is None
+            mask is None and self.axis_index_groups is None
             and self.axis in (-1, x.ndim - 1) and self.dtype in (None, jnp.float32)
             and x.dtype == jnp.float32 and self.scale is not None and self.bias is not None
             and self.scale[...].dtype == jnp.float32
@@ -107,7 +117,7 @@ class BatchNorm(nnx.BatchNorm):
         running = self.use_running_average if use_running_average is None else use_running_average
         if running is None or running or not self._fast(x, mask):
             return super().__call__(x, use_running_average, mask=mask)
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, self.axis_name)
         m = self.momentum
         self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
         self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd.train import parallel
 from jkd.train.checkpoint import Checkpoints, abstract_like
 
 _CAUSES = (
@@ -138,8 +139,9 @@ def fit(
         :mod:`jkd.train.parallel`.
       state: the initial state (also the template for restoring).
       batches: ``batches(start_step)`` yields batches from that data position on.
-      evaluate: ``evaluate(state) -> {"val_accuracy": ..., ...}``, run every ``eval_every``
-        steps and at the end; its ``val_accuracy`` selects the best checkpoint.
+      evaluate: ``evaluate(state) -> {...}``, run every ``eval_every`` steps and at the end; a
+        ``val_accuracy`` entry (a validation split's, never the test split's) makes the step a
+        candidate for the kept best checkpoint.
       log: called with each record (train metrics every ``sync_every`` steps, eval results).
 
     Returns:
@@ -161,6 +163,7 @@ def fit(
             state, meta = restored
             start = int(meta["data_position"])
             emit({"event": "resumed", "step": start})
+    placed = parallel.place(run, state)  # e.g. replicated onto pmap's devices once, not every step
     bar = _Progress(config.num_steps, start, config.label, config.progress_every_s) if config.progress else None
     step, t0, n_images = start, time.perf_counter(), 0
     saved_step = start or None
@@ -170,7 +173,7 @@ def fit(
     try:
         while step < config.num_steps:
             batch = next(stream)
-            state, metrics = run(state, batch, objective, teacher)
+            placed, metrics = run(placed, batch, objective, teacher)
             step += 1
             n_images += len(batch["label"])
             last_metrics = metrics
@@ -187,6 +190,8 @@ def fit(
                     bar.update(step, record["loss"], rate)
                 t0, n_images = time.perf_counter(), 0
             meta = {"data_position": step}
+            if due_eval or due_save:
+                state = parallel.fetch(run, placed)
             if due_eval:
                 results = evaluate(state)
                 emit({"event": "eval", "step": step, **results})
@@ -216,6 +221,6 @@ def fit(
                     raise
     if last_metrics is not None:
         _check_finite(step, jax.device_get(last_metrics))
-    return state, history
+    return parallel.fetch(run, placed), history
 
 

@@ -10,7 +10,12 @@
   so BatchNorm averages its statistics across devices.
 
 All three return ``run(state, batch, objective, teacher=None) -> (state, metrics)`` on
-unreplicated states, so the fit loop does not know which one it drives.
+unreplicated states, so the fit loop does not know which one it drives. Each ``run`` also has
+``run.place(state)`` and ``run.fetch(placed)``: the fit loop places the state once, steps the
+placed state, and fetches it only to evaluate and save. For one device and the mesh both are
+the identity; for ``pmap`` they replicate onto the devices and take device 0's copy back, so a
+pmapped state stays on the devices between steps instead of being re-replicated every step.
+Random views are the same on every runner and device count (see :func:`jkd.train.steps._view`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXIS = "data"
 
@@ -45,6 +50,25 @@ def check_batch(batch: dict, divisor: int, what: str) -> None:
         )
 
 
+def _identity(tree):
+    return tree
+
+
+def _with_placement(run: Callable, place: Callable = _identity, fetch: Callable = _identity) -> Callable:
+    run.place, run.fetch = place, fetch
+    return run
+
+
+def place(run: Callable, state):
+    """``run.place(state)`` if the runner has it (any plain callable works on states as they are)."""
+    return getattr(run, "place", _identity)(state)
+
+
+def fetch(run: Callable, state):
+    """``run.fetch(state)`` if the runner has it."""
+    return getattr(run, "fetch", _identity)(state)
+
+
 def single_device(step: Callable) -> Callable:
     """``jit`` the step (state buffers donated)."""
     jitted = jax.jit(step, donate_argnums=0)
@@ -52,13 +76,13 @@ def single_device(step: Callable) -> Callable:
     def run(state, batch, objective, teacher=None):
         return jitted(state, batch, objective, teacher)
 
-    return run
+    return _with_placement(run)
 
 
 def on_mesh(step: Callable, mesh: Mesh) -> Callable:
     """``jit`` over ``mesh``: batch sharded on ``'data'``, everything else replicated."""
-    replicated = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(AXIS))
     jitted = jax.jit(
         step,
         in_shardings=(replicated, sharded, replicated, replicated),
@@ -74,14 +98,14 @@ def on_mesh(step: Callable, mesh: Mesh) -> Callable:
         }
         return jitted(state, global_batch, objective, teacher)
 
-    return run
+    return _with_placement(run)
 
 
 def replicate(tree, devices):
     """One copy per device, stacked on a new leading axis and placed one per device
     (the layout ``pmap`` expects for a mapped argument)."""
     n = len(devices)
-    per_device = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
+    per_device = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), PartitionSpec(AXIS))
     return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *jnp.shape(x))), per_device), tree)
 
 
@@ -90,8 +114,21 @@ def unreplicate(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
 
+class Replicated:
+    """A state placed on the devices of a ``pmap`` runner: one copy per device. Opaque on purpose:
+    only its runner steps it, and ``run.fetch`` turns it back into a state."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+
 def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
-    """``pmap`` the step over local devices; ``step`` must take ``axis_name`` (it gets "data")."""
+    """``pmap`` the step over local devices; ``step`` must take ``axis_name`` (it gets "data").
+
+    ``run(state, ...)`` on a plain state replicates it, steps, and returns device 0's copy;
+    ``run(run.place(state), ...)`` steps a placed state and returns it placed, with the metrics
+    of every device (``[devices, ...]``, equal after ``pmean``), so nothing is copied per step.
+    """
     n = jax.local_device_count() if num_devices is None else num_devices
     if not 1 <= n <= jax.local_device_count():
         raise ValueError(f"num_devices must lie in [1, {jax.local_device_count()}] (local devices available); "
@@ -105,7 +142,11 @@ def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
     def run(state, batch, objective, teacher=None):
         check_batch(batch, n, "number of devices")
         shards = jax.tree.map(lambda x: np.asarray(x).reshape(n, -1, *np.shape(x)[1:]), batch)
+        if isinstance(state, Replicated):
+            new_state, metrics = pmapped(state.tree, shards, objective, teacher)
+            return Replicated(new_state), metrics
         new_state, metrics = pmapped(replicate(state, devices), shards, objective, teacher)
         return unreplicate(new_state), unreplicate(metrics)
 
-    return run
+    return _with_placement(run, place=lambda state: Replicated(replicate(state, devices)),
+                           fetch=lambda placed: unreplicate(placed.tree))

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from jkd import losses
+from jkd.data import augment
 from jkd.train.state import FrozenModel, TrainState, apply_model
 
-ViewFn = Callable[[jax.Array, jax.Array], jax.Array]  # (key, uint8 images) -> float32 view
+ViewFn = Callable[[jax.Array, jax.Array], jax.Array]  # (keys [B], uint8 images [B, ...]) -> float32 view
 
 
 def _needs_features(objective) -> bool:
@@ -81,10 +82,11 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
 
 
 def _view(state_rng, step, images, view_fn, axis_name):
+    """The view of a batch: each example draws from ``fold_in(fold_in(rng, step), position)``,
+    its position in the *global* batch, so every device count draws the same views."""
     key = jax.random.fold_in(state_rng, step)
-    if axis_name is not None:  # each device draws its own augmentation for its shard
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return view_fn(key, images)
+    first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * images.shape[0]  # pmap shard
+    return view_fn(augment.example_keys(key, images.shape[0], first), images)
 
 
 def train_step(
@@ -164,6 +166,7 @@ def train_step_many(
     teacher_graphdef=None,
     axis_name: str | None = None,
     sequential: bool | None = None,
+    per_student_batches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """K students in one step: ``states`` and ``objectives`` carry a leading axis K.
 
@@ -174,7 +177,18 @@ def train_step_many(
     separate runs on XLA's CPU backend (``benchmarks/many_students.py``). ``sequential=None``
     (the default) chooses: unrolled for convolutional students on the CPU, ``vmap`` otherwise.
     Both give the same result. Metrics have shape ``[K]``.
+
+    With ``per_student_batches=True`` the students share nothing: the batch's leaves are
+    ``[B, K, ...]`` (student ``k``'s own batch in column ``k``, so the batch axis stays first
+    for the mesh and ``pmap`` runners), each student draws its own view from its own key and
+    the teacher runs on each view: exactly K separate :func:`train_step` runs (independent
+    seeds: initialisation, data order and augmentation), at K teacher forward passes a step.
     """
+    if per_student_batches:
+        columns = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)  # [K, B, ...]
+        one = lambda s, b, o: train_step(s, b, o, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,  # noqa: E731
+                                         teacher_graphdef=teacher_graphdef, axis_name=axis_name)
+        return _each_student(one, states, objectives, sequential, columns)
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     t_out = _teacher_outputs(teacher_graphdef, teacher, view, objectives)
     update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
@@ -192,23 +206,31 @@ def train_step_many_stored(
     view_fn: ViewFn,
     axis_name: str | None = None,
     sequential: bool | None = None,
+    per_student_batches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
+    if per_student_batches:
+        columns = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)
+        one = lambda s, b, o: train_step_stored(s, b, o, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,  # noqa: E731
+                                                axis_name=axis_name)
+        return _each_student(one, states, objectives, sequential, columns)
     t_out = _stored_targets(batch, teacher)
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
     return _each_student(update, states, objectives, sequential)
 
 
-def _each_student(update, states: TrainState, objectives, sequential: bool | None):
-    """``update`` of each of K stacked students: ``vmap``, or K unrolled copies in one step
-    (a ``lax.map`` body ran XLA CPU's convolutions ~35x slower, measured)."""
+def _each_student(update, states: TrainState, objectives, sequential: bool | None, batches=None):
+    """``update`` of each of K stacked students (with its own column of ``batches`` if given):
+    ``vmap``, or K unrolled copies in one step (a ``lax.map`` body ran XLA CPU's convolutions
+    ~35x slower, measured)."""
     if sequential is None:  # stacked conv kernels are [K, kh, kw, cin, cout]
         sequential = jax.default_backend() == "cpu" and any(x.ndim == 5 for x in jax.tree.leaves(states.params))
+    args = (states, objectives) if batches is None else (states, batches, objectives)
     if sequential:
         k = states.step.shape[0]
-        return stack_states([update(unstack_state(states, i), unstack_state(objectives, i)) for i in range(k)])
-    return jax.vmap(update)(states, objectives)
+        return stack_states([update(*(unstack_state(a, i) for a in args)) for i in range(k)])
+    return jax.vmap(update)(*args)
 
 
 def eval_step(

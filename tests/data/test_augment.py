@@ -61,3 +61,16 @@ def test_augment_same_key_same_view_and_jits():
     a, b = f(jax.random.key(3), x), f(jax.random.key(3), x)
     np.testing.assert_array_equal(a, b)  # one key -> one view, whoever consumes it
     assert a.dtype == jnp.float32 and a.shape == x.shape
+
+
+def test_views_do_not_depend_on_how_the_batch_is_split():
+    """Example i draws from fold_in(key, i): a batch augmented whole equals its shards
+    augmented with their global positions (what pmap's devices do)."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (8, 6, 6, 3)), jnp.uint8)
+    key = jax.random.key(5)
+    view = lambda keys, im: A.augment(keys, im, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=2, flip=True)  # noqa: E731
+    whole = view(A.example_keys(key, 8), x)
+    shards = [view(A.example_keys(key, 2, first), x[first:first + 2]) for first in (0, 2, 4, 6)]
+    np.testing.assert_array_equal(np.asarray(whole), np.concatenate([np.asarray(v) for v in shards]))
+    np.testing.assert_array_equal(np.asarray(view(key, x)), np.asarray(whole))  # one key = positions 0..B-1
+    assert not np.array_equal(np.asarray(whole[0]), np.asarray(view(A.example_keys(key, 1, 3), x[:1])[0]))

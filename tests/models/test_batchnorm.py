@@ -177,3 +177,42 @@ def test_zoo_models_use_it():
     model = create_model("resnet8", num_classes=10, input_shape=(32, 32, 3))
     kinds = {type(m) for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)}
     assert kinds == {BatchNorm}
+
+
+def test_under_pmap_the_fast_path_uses_the_global_batch(monkeypatch):
+    """With an axis_name (pmap), the statistics and the backward reductions are over every
+    device's rows: outputs and gradients equal Ioffe & Szegedy's on the whole batch, and flax's
+    BatchNorm under the same pmap."""
+    import jkd.models.batchnorm as B
+
+    x, gamma, beta, dy = _data((16, 3, 3, 5), seed=3)
+    shard = lambda a: a.reshape(4, 4, *a.shape[1:])  # noqa: E731
+    calls = []
+    real = B.batch_norm_train
+    monkeypatch.setattr(B, "batch_norm_train", lambda *a: calls.append(a[-1]) or real(*a))
+
+    def run(cls):
+        def loss(x, scale, bias, dy):
+            bn = cls(5, axis_name="data", rngs=nnx.Rngs(0))
+            bn.scale[...], bn.bias[...] = scale, bias
+            y = bn(x, use_running_average=False)
+            return jnp.sum(dy * y), (y, bn.mean[...], bn.var[...])
+
+        grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+        return jax.pmap(grad, axis_name="data", in_axes=(0, None, None, 0))(shard(x), gamma, beta, shard(dy))
+
+    (dx, dscale, dbias), (y, mean, var) = run(BatchNorm)
+    assert calls == ["data"]  # the fast path ran, with the axis name
+    ry, rmu, rvar, rdx, rdscale, rdbias = _reference(x, gamma, beta, dy)
+    np.testing.assert_allclose(np.asarray(y).reshape(ry.shape), ry, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx).reshape(rdx.shape), rdx, rtol=1e-4, atol=1e-5)
+    # Each device's copy of scale/bias gets its own rows' share; the shares sum to the whole.
+    np.testing.assert_allclose(np.asarray(dscale).sum(0), rdscale, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dbias).sum(0), rdbias, rtol=1e-4, atol=1e-5)
+    for device in range(4):  # running statistics (momentum 0.99, from 0 and 1) of the global batch
+        np.testing.assert_allclose(np.asarray(mean[device]), 0.01 * rmu, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(var[device]), 0.99 + 0.01 * rvar, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(B, "batch_norm_train", real)
+    flax_out = run(nnx.BatchNorm)
+    for ours, theirs in zip(jax.tree.leaves(((dx, dscale, dbias), (y, mean, var))), jax.tree.leaves(flax_out)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-4, atol=2e-5)

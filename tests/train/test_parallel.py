@@ -19,6 +19,10 @@ def test_four_cpu_devices():
     assert len(jax.devices()) == 4
 
 
+def _devices_of(tree) -> set:
+    return set().union(*(leaf.sharding.device_set for leaf in jax.tree.leaves(tree)))
+
+
 @pytest.mark.parametrize("view", [H.NORMALIZE_ONLY, H.CROP_FLIP], ids=["plain", "augmented"])
 def test_mesh_equals_one_device(view):
     data = H.batches(STEPS)
@@ -27,20 +31,34 @@ def test_mesh_equals_one_device(view):
     one, _ = _run(parallel.single_device(H.step_fn(g, tg, view_fn=view)), s1, teacher, data)
     _, s4 = H.student()
     four, m = _run(parallel.on_mesh(H.step_fn(g, tg, view_fn=view), parallel.data_mesh(4)), s4, teacher, data)
+    assert len(_devices_of(four.params)) == 4  # the step really ran on the 4-device mesh
     assert H.max_abs_diff(one.params, four.params) < 1e-5
     assert H.max_abs_diff(one.batch_stats, four.batch_stats) < 1e-5  # global-batch statistics
 
 
-def test_pmap_equals_one_device():
+@pytest.mark.parametrize("view", [H.NORMALIZE_ONLY, H.CROP_FLIP], ids=["plain", "augmented"])
+def test_pmap_equals_one_device(view):
+    """With random crops and flips too: each example's view is keyed by its global position,
+    not by the device it lands on (each device once folded in its own index)."""
     data = H.batches(STEPS)
     tg, teacher = H.teacher()
     g, s1 = H.student()
-    one, m1 = _run(parallel.single_device(H.step_fn(g, tg)), s1, teacher, data)
+    one, m1 = _run(parallel.single_device(H.step_fn(g, tg, view_fn=view)), s1, teacher, data)
     gp, sp = H.student(bn_axis_name=parallel.AXIS)  # BatchNorm averages across devices
-    four, m4 = _run(parallel.with_pmap(H.step_fn(gp, tg), 4), sp, teacher, data)
+    run = parallel.with_pmap(H.step_fn(gp, tg, view_fn=view), 4)
+    placed = run.place(sp)  # replicated once; the steps keep it on the devices
+    for b in data:
+        placed, m4 = run(placed, b, objectives.SoftKD(temperature=2.0), teacher)
+    assert isinstance(placed, parallel.Replicated) and len(_devices_of(placed.tree.params)) == 4
+    assert m4["loss"].shape == (4,)  # one (equal, pmean-ed) value per device
+    four = run.fetch(placed)
     assert H.max_abs_diff(one.params, four.params) < 1e-5
     assert H.max_abs_diff(one.batch_stats, four.batch_stats) < 1e-5
-    assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
+    assert abs(float(m1["loss"]) - float(m4["loss"][0])) < 1e-5
+    # The unplaced call (replicate, step, take device 0's copy) gives the same state.
+    _, sp = H.student(bn_axis_name=parallel.AXIS)
+    again, _ = _run(parallel.with_pmap(H.step_fn(gp, tg, view_fn=view), 4), sp, teacher, data)
+    assert H.max_abs_diff(again.params, four.params) == 0.0
 
 
 @pytest.mark.parametrize("wrap", ["mesh", "pmap"])
