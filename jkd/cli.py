@@ -42,7 +42,7 @@ def _optimizer(name: str, lr: float | None, weight_decay: float | None):
 
 
 def _model_spec(name: str, options: list[str]):
-    from jkd.experiment import ModelSpec
+    from jkd.saved import ModelSpec
 
     return ModelSpec(name, tuple(_parse_assignment(o) for o in options or ()))
 
@@ -292,7 +292,19 @@ def main(argv: list[str] | None = None) -> int:
         if is_disk_full(e) and not isinstance(e, OSError):
             e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
         print(f"jkd {args.command}: error: {_message(e)}", file=sys.stderr)
+        _quiet_on_the_way_out()
         return 2
+
+
+def _quiet_on_the_way_out() -> None:
+    """After a reported error (a full disk above all), orbax's writer threads and event loop may
+    still fail while the process exits; their tracebacks would bury the one line that matters."""
+    import logging
+    import threading
+
+    threading.excepthook = lambda args: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def _message(e: BaseException) -> str:
@@ -390,7 +402,7 @@ def _dispatch(args, parser) -> int:
 
 def _saved_teacher_spec(teacher_dir: str):
     """The model spec of a saved teacher (its architecture is read, not guessed)."""
-    from jkd.experiment import ModelSpec, load_saved_model
+    from jkd.saved import ModelSpec, load_saved_model
 
     _, _, meta = load_saved_model(teacher_dir)
     if meta["role"] != "teacher":
@@ -421,7 +433,7 @@ def _student_dir(model_dir: str) -> Path:
 def _export(args) -> int:
     from jkd import export as E
     from jkd.compress import quantization
-    from jkd.experiment import load_saved_model
+    from jkd.saved import load_saved_model
 
     formats = _formats(args.format)
     if not formats:
@@ -477,27 +489,22 @@ def _evaluate(args) -> int:
     import functools
 
     import jax
-    import numpy as np
 
     from jkd.data import augment, load_dataset
     from jkd.data import pipeline as P
     from jkd.evaluate import metrics as M
-    from jkd.experiment import load_saved_model
+    from jkd.evaluate.predict import predict
+    from jkd.saved import check_dataset, load_saved_model
     from jkd.train import eval_step
 
     graphdef, variables, meta = load_saved_model(args.model_dir)
     ds = load_dataset(args.dataset or meta["dataset"], data_dir=args.data_dir)
-    if list(ds.spec.image_shape) != meta["image_shape"] or ds.spec.num_classes != meta["num_classes"]:
-        raise ValueError(
-            f"the model expects images {tuple(meta['image_shape'])} and {meta['num_classes']} classes; "
-            f"{ds.spec.name} has {ds.spec.image_shape} and {ds.spec.num_classes}.")
+    check_dataset(meta, ds.spec, where=f"the model in {args.model_dir}")
     view = functools.partial(augment.normalize, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=view))
-    logits, labels = [], []
-    for b in P.eval_batches(P.reader(ds.split("test"), ds.spec.image_shape), batch_size=args.batch_size):
-        logits.append(np.asarray(fn(variables, b)["logits"])[b["mask"]])
-        labels.append(b["label"][b["mask"]])
-    rep = M.classification_report(np.concatenate(logits), np.concatenate(labels), ds.spec.num_classes)
+    logits, labels = predict(lambda b: fn(variables, b)["logits"], P.reader(ds.split("test"), ds.spec.image_shape),
+                             batch_size=args.batch_size)
+    rep = M.classification_report(logits, labels, ds.spec.num_classes)
     rep = {"model": meta["model"], "dataset": ds.spec.name, "test_accuracy": rep["accuracy"], "test_loss": rep["loss"], **rep}
     print(f"{meta['model']} on {ds.spec.name}: test accuracy {100 * rep['test_accuracy']:.2f}%, "
           f"loss {rep['test_loss']:.4f}, macro F1 {rep['macro_f1']:.4f}, ECE {rep['ece']:.4f}")

@@ -28,29 +28,19 @@ from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import metrics as M
 from jkd.evaluate import latency, plots, report
-from jkd.models import create_model, model_stats
+from jkd.evaluate.predict import accuracy_and_loss, predict
+from jkd.models import model_stats
 from jkd.models.zoo import check_model
 from jkd.train import (
     AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
     parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state,
 )
 from jkd.train.optim import check_optimizer
-from jkd.train.checkpoint import Checkpoints, abstract_like, load_frozen, save_frozen
+from jkd.train.checkpoint import Checkpoints, save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig, fit
-from jkd.run_folder import RunFolder, read_log, slug
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """A model of the zoo by name, with its size options (``hidden``, ``width``, ``dropout``)."""
-
-    name: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    def build(self, num_classes, input_shape, seed, bn_axis_name=None):
-        return create_model(self.name, num_classes=num_classes, input_shape=input_shape, seed=seed,
-                            bn_axis_name=bn_axis_name, **dict(self.options))
+from jkd.run_folder import RunFolder, config_to_json, read_log, slug
+from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,71 +142,6 @@ def demo_config() -> ExperimentConfig:
     )
 
 
-def config_to_json(cfg: ExperimentConfig) -> dict:
-    def enc(x):
-        if dataclasses.is_dataclass(x):
-            return {"__type__": type(x).__name__, **{f.name: enc(getattr(x, f.name)) for f in dataclasses.fields(x)}}
-        if isinstance(x, (list, tuple)):
-            return [enc(v) for v in x]
-        if callable(x):
-            return getattr(x, "__name__", repr(x))
-        return x
-    return enc(cfg)
-
-
-def model_meta(mspec: ModelSpec, spec, role: str) -> dict:
-    """What is saved beside a model's variables so that it can be rebuilt and evaluated alone."""
-    return {"model": mspec.name, "options": [list(o) for o in mspec.options], "role": role,
-            "dataset": spec.name, "num_classes": spec.num_classes, "image_shape": list(spec.image_shape),
-            "mean": list(spec.mean), "std": list(spec.std)}
-
-
-def check_saved_model(meta: dict, mspec: ModelSpec, spec, *, where: str, role: str | None = None) -> None:
-    """Refuse a saved model that is not the configured one: role, model name, size options,
-    classes and image shape are compared; the error names what was saved and what is wanted."""
-    saved_options = sorted((str(k), v) for k, v in meta["options"])
-    wanted_options = sorted((str(k), list(v) if isinstance(v, tuple) else v) for k, v in mspec.options)
-    problems = []
-    if role is not None and meta.get("role") != role:
-        problems.append(f"it holds a {meta.get('role')} model, not a {role}")
-    if meta["model"] != mspec.name or saved_options != wanted_options:
-        problems.append(f"it holds {meta['model']} {dict(saved_options) or ''} but the config names "
-                        f"{mspec.name} {dict(wanted_options) or ''}".replace("  ", " "))
-    if meta["num_classes"] != spec.num_classes or tuple(meta["image_shape"]) != tuple(spec.image_shape):
-        problems.append(f"it was trained on {meta['dataset']} ({meta['num_classes']} classes, images "
-                        f"{tuple(meta['image_shape'])}) but {spec.name} has {spec.num_classes} classes and "
-                        f"images {tuple(spec.image_shape)}")
-    if problems:
-        raise ValueError(f"{where} is not the configured model: {'; '.join(problems)}.")
-
-
-def load_saved_model(path: str | Path):
-    """``(graphdef, variables, meta)`` of a model saved by a run (teacher or a student seed)."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    if not (path / "meta").exists():
-        raise FileNotFoundError(f"{path} holds no saved jkd model (expected a folder written by a run, "
-                                "e.g. runs/demo/teacher/model or runs/demo/soft_kd_t_8/seed0).")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    from jkd.train import freeze_model
-
-    mspec = ModelSpec(meta["model"], tuple(tuple(o) for o in meta["options"]))
-    model = mspec.build(meta["num_classes"], tuple(meta["image_shape"]), 0)
-    if meta.get("quantization"):  # rebuild the int8 structure; the loaded values replace it
-        from jkd.compress import quantization
-
-        if meta["quantization"] not in quantization.SCHEMES:
-            raise ValueError(f"{path} holds a model quantized with {meta['quantization']!r}, unknown to this "
-                             f"jkd (known: {', '.join(quantization.SCHEMES)}).")
-        sample = jax.numpy.zeros((1, *meta["image_shape"]), jax.numpy.float32)
-        model = quantization.quantize(model, sample, quantization.SCHEMES[meta["quantization"]])
-    graphdef, template = freeze_model(model)
-    variables, _ = load_frozen(path, abstract_like(template))
-    return graphdef, variables, meta
-
-
 def _loss_name(objective) -> str:
     if isinstance(objective, objectives.TeacherTemperature):
         return f"{_loss_name(objective.base)} (teacher T={float(objective.temperature):.3g})"
@@ -271,16 +196,14 @@ class _Run:
         """Logits of each variables set (eval mode) on ``split`` (default: test); the labels
         are left in ``self.last_labels`` (and ``self.test_labels`` for the test split)."""
         fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view))
-        outs = [[] for _ in variables_list]
-        labels = []
-        for b in P.eval_batches(self.test if split is None else split, batch_size=self.cfg.batch_size):
-            labels.append(b["label"][b["mask"]])
-            for i, v in enumerate(variables_list):
-                outs[i].append(np.asarray(fn(v, b)["logits"])[b["mask"]])
-        self.last_labels = np.concatenate(labels)
+        outs = []
+        for v in variables_list:
+            logits, self.last_labels = predict(lambda b: fn(v, b)["logits"], self.test if split is None else split,  # noqa: B023
+                                               batch_size=self.cfg.batch_size)
+            outs.append(logits)
         if split is None:
             self.test_labels = self.last_labels
-        return [np.concatenate(o) for o in outs]
+        return outs
 
 
 def _columns(streams):
@@ -327,18 +250,13 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 
     def evaluate(st):
-        loss, correct, count = np.zeros(k), np.zeros(k), 0
-        for b in P.eval_batches(r.held_out, batch_size=cfg.batch_size):
-            out = eval_fn(st, b)
-            loss += np.asarray(out["loss_sum"])
-            correct += np.asarray(out["correct"])
-            count += int(out["count"][0])
-        acc = correct / count
+        logits, labels = predict(lambda b: eval_fn(st, b)["logits"], r.held_out, batch_size=cfg.batch_size)
+        acc, loss = accuracy_and_loss(logits, labels)  # [K] each
         # Named for the split measured: "val_*" only for a validation split (and only then does
         # the checkpoint policy keep a "best" step; on test it keeps the latest only).
         split = "val" if r.val is not None else "test"
         return {f"{split}_accuracy": float(acc.mean()), f"{split}_accuracy_per_seed": acc.tolist(),
-                f"{split}_loss_per_seed": (loss / count).tolist()}
+                f"{split}_loss_per_seed": loss.tolist()}
 
     def log(rec):
         r.log(name, {**rec, "epoch": rec["step"] / r.steps_per_epoch})

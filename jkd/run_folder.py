@@ -19,6 +19,7 @@ inputs; :meth:`RunFolder.mark_started` marks the first training step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +32,19 @@ from jkd.faults import disk_full, is_disk_full
 CONFIG_FILE = "config.json"
 STARTED_FILE = ".started"
 LOG_FILE = "log.jsonl"
+
+
+def config_to_json(cfg) -> dict:
+    """A config dataclass (nested dataclasses, tuples, callables) as JSON, for the guard."""
+    def enc(x):
+        if dataclasses.is_dataclass(x):
+            return {"__type__": type(x).__name__, **{f.name: enc(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, (list, tuple)):
+            return [enc(v) for v in x]
+        if callable(x):
+            return getattr(x, "__name__", repr(x))
+        return x
+    return enc(cfg)
 
 
 class ConfigMismatchError(ValueError):

@@ -168,9 +168,9 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
 
 @pytest.mark.slow
 def test_one_run_on_any_runner_and_device_count(tmp_path):
-    """The README's promise, through the CLI with random crops on: single, mesh and pmap on
-    1, 2 and 4 devices end with the 1-device parameters (pmap once ended 0.042 away: each
-    device drew its own crops)."""
+    """The README's promise, through the CLI with random crops on: one device, a 2-device mesh
+    and pmap over 4 devices end with the same parameters (pmap once ended 0.042 away: each
+    device drew its own crops). tests/train/test_parallel.py covers 4-device meshes."""
     import numpy as np
 
     from jkd.experiment import load_saved_model
@@ -179,12 +179,10 @@ def test_one_run_on_any_runner_and_device_count(tmp_path):
             "--crop-padding", "2", "--no-progress"]
     params = {}
     for name, extra in {"single": [], "mesh2": ["--parallel", "mesh", "--devices", "2"],
-                        "mesh4": ["--parallel", "mesh", "--devices", "4"],
-                        "pmap2": ["--parallel", "pmap", "--devices", "2"],
                         "pmap4": ["--parallel", "pmap", "--devices", "4"]}.items():
         assert cli.main([*base, *extra, "--run-dir", str(tmp_path / name)]) == 0
         _, variables, _ = load_saved_model(tmp_path / name / "teacher" / "model")
         params[name] = [np.asarray(x) for x in __import__("jax").tree.leaves(variables.params)]
-    for name in ("mesh2", "mesh4", "pmap2", "pmap4"):
+    for name in ("mesh2", "pmap4"):
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params["single"], params[name]))
         assert diff < 1e-4, (name, diff)

@@ -32,8 +32,9 @@ from jkd.compress import pruning, quantization as Q
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import latency
-from jkd.experiment import config_to_json, load_saved_model
-from jkd.run_folder import RunFolder
+from jkd.evaluate.predict import predict
+from jkd.run_folder import RunFolder, config_to_json
+from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
 from jkd.train.checkpoint import Checkpoints, save_frozen
 from jkd.train.state import split_model
@@ -97,10 +98,8 @@ class _Job:
         if tmeta["role"] != "teacher":
             raise ValueError(f"{teacher_dir} holds a {tmeta['role']} model, not a teacher.")
         ds = load_dataset(cfg.dataset or self.meta["dataset"], data_dir=cfg.data_dir)
-        if list(ds.spec.image_shape) != self.meta["image_shape"] or ds.spec.num_classes != self.meta["num_classes"]:
-            raise ValueError(f"the student expects images {tuple(self.meta['image_shape'])} and "
-                             f"{self.meta['num_classes']} classes; {ds.spec.name} has {ds.spec.image_shape} "
-                             f"and {ds.spec.num_classes}.")
+        check_dataset(self.meta, ds.spec, where=f"the student in {student_dir}")
+        check_dataset(tmeta, ds.spec, where=f"the teacher in {teacher_dir}")
         self.spec = ds.spec
         self.train = P.reader(ds.split("train"), ds.spec.image_shape)
         self.test = P.reader(ds.split("test"), ds.spec.image_shape)
@@ -109,14 +108,13 @@ class _Job:
         self.steps_per_epoch = len(self.train) // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(self.train)} training images.")
-        self.test_batches = list(P.eval_batches(self.test, batch_size=cfg.batch_size))
-        self.labels = np.concatenate([b["label"][b["mask"]] for b in self.test_batches])
+        self.labels = P.labels_of(self.test)
         self.latency_input = np.zeros((cfg.batch_size, *self.spec.image_shape), np.uint8)
 
     # ---- measuring ------------------------------------------------------------------------
     def predict(self, fn: Callable) -> np.ndarray:
         """Test-split logits of ``fn: uint8 [B, H, W, C] -> logits``."""
-        return np.concatenate([np.asarray(fn(b["image"]))[b["mask"]] for b in self.test_batches])
+        return predict(lambda b: fn(b["image"]), self.test, batch_size=self.cfg.batch_size)[0]
 
     def row(self, name: str, kind: str, fn: Callable, size_bytes: int, **extra) -> dict:
         logits = self.predict(fn)

@@ -1,12 +1,11 @@
-"""Checkpoints (orbax): the student's train state every N steps, the latest and the best kept.
+"""Checkpoints (orbax): the student's train state every N steps, the latest ones kept.
 
 * Saves are asynchronous; every save goes to a new step folder, written to a temporary
   name and renamed when complete (orbax's atomic finalisation), so nothing is overwritten in
   place and a kill mid-save leaves only an unfinished temporary folder, which is ignored.
-* Kept: the two latest steps (resume, and a fallback should the newest be corrupt) and the
-  best by validation accuracy (orbax ``AnyPreservationPolicy([LatestN(2), BestN(1)])``;
-  ``max_to_keep`` with ``best_fn`` could delete the latest). The best step is read from the
-  steps' own metadata.
+* Kept: the two latest steps (resume, and a fallback should the newest be corrupt). No "best"
+  step is kept: nothing restores one (the run's models are its last steps), so it only cost
+  disk; choosing a step on validation data would be early stopping, a feature of its own.
 * Restore tries the newest step first. A step that cannot be read (corrupt, truncated) is
   set aside into ``<directory>_unreadable/<step>`` (kept for inspection), reported with a
   warning, and the previous one is used; training then writes that step afresh. A step that
@@ -32,9 +31,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from jkd.faults import disk_full, is_disk_full
-
-BEST_METRIC = "val_accuracy"
-
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint that reads fine but holds another model or optimizer than the one asked for."""
@@ -102,10 +98,7 @@ class Checkpoints:
         if keep_latest < 1:
             raise ValueError(f"keep_latest must be >= 1; got {keep_latest}.")
         self.directory = Path(directory).absolute()
-        policy = cm.AnyPreservationPolicy([
-            cm.LatestN(n=keep_latest),
-            cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
-        ])
+        policy = cm.LatestN(n=keep_latest)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True,
@@ -134,16 +127,13 @@ class Checkpoints:
         return None
 
     def save(self, step: int, state, *, meta: dict[str, Any]) -> None:
-        """Start saving ``state`` at ``step`` (async). ``meta`` is JSON (data position, metrics);
-        a ``val_accuracy`` entry makes the step a candidate for "best"."""
-        metrics = {BEST_METRIC: float(meta[BEST_METRIC])} if BEST_METRIC in meta else None
+        """Start saving ``state`` at ``step`` (async). ``meta`` is JSON (data position, metrics)."""
         # The kept steps, one being written and the one being replaced.
         self._need_bytes = state_bytes(state) * (self.keep_latest + 2)
         try:
             self._manager.save(
                 int(step),
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                metrics=metrics,
                 force=True,
             )
         except Exception as e:
@@ -169,18 +159,6 @@ class Checkpoints:
 
     def meta(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-    def best_step(self) -> int | None:
-        """The kept step with the highest validation accuracy, if any step has one."""
-        scored = []
-        for s in self.steps():
-            try:
-                m = self.meta(s)
-            except Exception:  # noqa: BLE001 - an unreadable step cannot be best
-                continue
-            if BEST_METRIC in m:
-                scored.append((m[BEST_METRIC], s))
-        return max(scored)[1] if scored else None
 
     def check_compatible(self, step: int, abstract_state) -> None:
         """Raise :class:`IncompatibleCheckpointError` if ``step`` holds other arrays than

@@ -139,9 +139,8 @@ def fit(
         :mod:`jkd.train.parallel`.
       state: the initial state (also the template for restoring).
       batches: ``batches(start_step)`` yields batches from that data position on.
-      evaluate: ``evaluate(state) -> {...}``, run every ``eval_every`` steps and at the end; a
-        ``val_accuracy`` entry (a validation split's, never the test split's) makes the step a
-        candidate for the kept best checkpoint.
+      evaluate: ``evaluate(state) -> {...}``, run every ``eval_every`` steps and at the end;
+        its scalar results are logged and stored in the step's checkpoint metadata.
       log: called with each record (train metrics every ``sync_every`` steps, eval results).
 
     Returns:

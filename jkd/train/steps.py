@@ -89,6 +89,24 @@ def _view(state_rng, step, images, view_fn, axis_name):
     return view_fn(augment.example_keys(key, images.shape[0], first), images)
 
 
+# Where the teacher's targets come from: the one thing the step variants differ in.
+# ``targets(view, batch, teacher, objective) -> (teacher logits or (values, indices), features)``.
+Targets = Callable[[jax.Array, dict, object, Callable], tuple]
+
+
+def online_targets(teacher_graphdef) -> Targets:
+    """The frozen teacher run on the step's view (``(None, None)`` without a teacher)."""
+    return lambda view, batch, teacher, objective: _teacher_outputs(teacher_graphdef, teacher, view, objective)
+
+
+def stored_targets(view, batch, teacher, objective):
+    """``((values, indices), None)``: the stored top-k teacher targets a batch carries."""
+    if teacher is not None:
+        raise ValueError("the stored-output steps run without the teacher; pass teacher=None (its outputs are "
+                         "in the batch).")
+    return (batch["teacher_topk_values"], batch["teacher_topk_indices"]), None
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -100,8 +118,9 @@ def train_step(
     view_fn: ViewFn,
     teacher_graphdef=None,
     axis_name: str | None = None,
+    targets: Targets | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step of one model.
+    """One optimizer step of one model: the step body every variant below shares.
 
     With ``teacher=None`` this trains a teacher or the student alone (use
     ``objectives.CrossEntropy``); with a teacher it distils (``SoftKD``, ``HardKD``, ``DKD`` or
@@ -114,9 +133,11 @@ def train_step(
       teacher: frozen teacher variables, or None.
       graphdef, tx, view_fn, teacher_graphdef: static; bind them with ``functools.partial``.
       axis_name: the ``pmap`` axis (gradients and metrics are averaged over it), else None.
+      targets: where the teacher's targets come from (default :func:`online_targets`).
     """
+    targets = online_targets(teacher_graphdef) if targets is None else targets
     view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
-    t_out = _teacher_outputs(teacher_graphdef, teacher, view, objective)
+    t_out = targets(view, batch, teacher, objective)
     return _update(state, view, batch["label"], t_out, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
 
 
@@ -131,27 +152,15 @@ def train_step_stored(
     view_fn: ViewFn,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One step of distillation from stored teacher outputs: no teacher forward pass.
-
-    ``teacher`` is accepted (and must be None) so the runners of :mod:`jkd.train.parallel`
-    call it like :func:`train_step`.
+    """:func:`train_step` from stored teacher outputs: no teacher forward pass.
 
     ``batch`` carries ``teacher_topk_values [B, k]`` and ``teacher_topk_indices [B, k]``
     (attached and checked by :func:`jkd.train.stored.with_teacher_targets`); ``objective`` takes
     them as ``(values, indices)`` (e.g. ``objectives.StoredSoftKD``). ``view_fn`` must be the
-    fixed view the outputs were stored on.
+    fixed view the outputs were stored on; ``teacher`` must be None.
     """
-    t_out = _stored_targets(batch, teacher)
-    view = _view(state.rng, state.step, batch["image"], view_fn, axis_name)
-    return _update(state, view, batch["label"], t_out, objective, graphdef=graphdef, tx=tx, axis_name=axis_name)
-
-
-def _stored_targets(batch, teacher):
-    """``((values, indices), None)``: the stored top-k teacher targets a batch carries."""
-    if teacher is not None:
-        raise ValueError("the stored-output steps run without the teacher; pass teacher=None (its outputs are "
-                         "in the batch).")
-    return (batch["teacher_topk_values"], batch["teacher_topk_indices"]), None
+    return train_step(state, batch, objective, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,
+                      axis_name=axis_name, targets=stored_targets)
 
 
 def train_step_many(
@@ -167,6 +176,7 @@ def train_step_many(
     axis_name: str | None = None,
     sequential: bool | None = None,
     per_student_batches: bool = False,
+    targets: Targets | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """K students in one step: ``states`` and ``objectives`` carry a leading axis K.
 
@@ -184,13 +194,14 @@ def train_step_many(
     the teacher runs on each view: exactly K separate :func:`train_step` runs (independent
     seeds: initialisation, data order and augmentation), at K teacher forward passes a step.
     """
+    targets = online_targets(teacher_graphdef) if targets is None else targets
     if per_student_batches:
         columns = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)  # [K, B, ...]
         one = lambda s, b, o: train_step(s, b, o, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,  # noqa: E731
-                                         teacher_graphdef=teacher_graphdef, axis_name=axis_name)
+                                         axis_name=axis_name, targets=targets)
         return _each_student(one, states, objectives, sequential, columns)
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
-    t_out = _teacher_outputs(teacher_graphdef, teacher, view, objectives)
+    t_out = targets(view, batch, teacher, objectives)
     update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
     return _each_student(update, states, objectives, sequential)
 
@@ -209,15 +220,9 @@ def train_step_many_stored(
     per_student_batches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
-    if per_student_batches:
-        columns = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)
-        one = lambda s, b, o: train_step_stored(s, b, o, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,  # noqa: E731
-                                                axis_name=axis_name)
-        return _each_student(one, states, objectives, sequential, columns)
-    t_out = _stored_targets(batch, teacher)
-    view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
-    update = lambda s, o: _update(s, view, batch["label"], t_out, o, graphdef=graphdef, tx=tx, axis_name=axis_name)  # noqa: E731
-    return _each_student(update, states, objectives, sequential)
+    return train_step_many(states, batch, objectives, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,
+                           axis_name=axis_name, sequential=sequential, per_student_batches=per_student_batches,
+                           targets=stored_targets)
 
 
 def _each_student(update, states: TrainState, objectives, sequential: bool | None, batches=None):

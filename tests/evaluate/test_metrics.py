@@ -71,3 +71,28 @@ def test_temperature_scaling_recovers_an_overconfidence_factor():
     before = M.expected_calibration_error(M.softmax(3.0 * z), labels)
     after = M.expected_calibration_error(M.softmax(3.0 * z / t), labels)
     assert after < 0.5 * before
+
+
+def test_accuracy_and_loss_of_many_students_by_hand():
+    from jkd.evaluate.predict import accuracy_and_loss
+
+    labels = np.array([0, 1])
+    logits = np.array([[[2.0, 0.0], [0.0, 0.0]],      # student 0: right, a tie (argmax 0: wrong)
+                       [[0.0, 1.0], [-1.0, 3.0]]])    # student 1: wrong, right
+    acc, loss = accuracy_and_loss(logits, labels)
+    np.testing.assert_array_equal(acc, [0.5, 0.5])
+    ce = lambda z, y: -(z[y] - np.log(np.exp(z).sum()))  # noqa: E731
+    np.testing.assert_allclose(loss, [(ce(logits[0, 0], 0) + np.log(2)) / 2,
+                                      (ce(logits[1, 0], 0) + ce(logits[1, 1], 1)) / 2], rtol=1e-12)
+
+
+def test_predict_drops_the_padding_of_the_last_batch():
+    from jkd.data import pipeline as P
+    from jkd.evaluate.predict import predict
+
+    images = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
+    data = P.InMemory(images, np.arange(5, dtype=np.int32) % 3)
+    logits, labels = predict(lambda b: np.stack([b["image"][:, 0, 0, 0]] * 3, -1).astype(np.float32), data,
+                             batch_size=2)
+    assert logits.shape == (5, 3) and labels.tolist() == [0, 1, 2, 0, 1]
+    np.testing.assert_array_equal(logits[:, 0], images[:, 0, 0, 0])
