@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jkd.models._layers import expose
+from jkd.models.dropout import Dropout
 
 
 class MLP(nnx.Module):
@@ -20,12 +21,13 @@ class MLP(nnx.Module):
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], num_classes: int, *,
-        dropout: float = 0.0, rngs: nnx.Rngs,
+        dropout: float = 0.0, axis_name: str | None = None, rngs: nnx.Rngs,
     ):
         sizes = (in_features, *hidden)
         self.layers = nnx.List([nnx.Linear(m, n, rngs=rngs) for m, n in zip(sizes[:-1], sizes[1:])])
         self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        # axis_name: the pmap axis, so that masks do not depend on the device count.
+        self.dropout = Dropout(dropout, axis_name=axis_name, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.reshape(x, (x.shape[0], -1))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jkd.models.dropout import Dropout
+
 from jkd.models._layers import batch_norm, conv, expose
 
 
@@ -81,7 +83,7 @@ class WideBlock(nnx.Module):
         self.conv1 = conv(cin, cout, 3, stride, rngs=rngs)
         self.bn2 = batch_norm(cout, axis_name=bn_axis_name, rngs=rngs)
         self.conv2 = conv(cout, cout, 3, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.dropout = Dropout(dropout, axis_name=bn_axis_name, rngs=rngs) if dropout > 0 else None
         self.short_conv = conv(cin, cout, 1, stride, rngs=rngs) if (stride != 1 or cin != cout) else None
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -31,7 +31,8 @@ def _wrn(depth: int, widen: int) -> Factory:
 
 def _mlp(hidden: tuple[int, ...], dropout: float = 0.0) -> Factory:
     def make(num_classes, input_shape, rngs, bn_axis_name=None, hidden=hidden, dropout=dropout):
-        return MLP(math.prod(input_shape), tuple(hidden), num_classes, dropout=dropout, rngs=rngs)
+        return MLP(math.prod(input_shape), tuple(hidden), num_classes, dropout=dropout, axis_name=bn_axis_name,
+                   rngs=rngs)
     return make
 
 
