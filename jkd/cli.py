@@ -312,7 +312,7 @@ def _message(e: BaseException) -> str:
     if not isinstance(e, OSError) or not e.strerror:
         return str(e)
     text = e.strerror + (f": {e.filename}" if e.filename and str(e.filename) not in e.strerror else "")
-    if isinstance(e, OSError) and e.errno in (13, 30) and "read-only" not in text:
+    if e.errno in (13, 30) and "read-only" not in text:
         text += " (a read-only folder? choose another --run-dir or --out)"
     return text
 

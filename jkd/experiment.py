@@ -39,7 +39,7 @@ from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import Checkpoints, save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig, fit
-from jkd.run_folder import RunFolder, config_to_json, read_log, slug
+from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
 
@@ -193,17 +193,16 @@ class _Run:
         return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start)
 
     def eval_logits(self, graphdef, variables_list, split=None) -> list[np.ndarray]:
-        """Logits of each variables set (eval mode) on ``split`` (default: test); the labels
-        are left in ``self.last_labels`` (and ``self.test_labels`` for the test split)."""
-        fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view))
-        outs = []
-        for v in variables_list:
-            logits, self.last_labels = predict(lambda b: fn(v, b)["logits"], self.test if split is None else split,  # noqa: B023
-                                               batch_size=self.cfg.batch_size)
-            outs.append(logits)
+        """Logits of each variables set (eval mode) on ``split`` (default: test), all in one pass
+        over the data; the labels are left in ``self.last_labels`` (and ``self.test_labels``
+        for the test split)."""
+        fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view), in_axes=(0, None)))
+        stacked = stack_states(list(variables_list))
+        logits, self.last_labels = predict(lambda b: fn(stacked, b)["logits"], self.test if split is None else split,
+                                           batch_size=self.cfg.batch_size)
         if split is None:
             self.test_labels = self.last_labels
-        return outs
+        return list(logits)
 
 
 def _columns(streams):
@@ -252,8 +251,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     def evaluate(st):
         logits, labels = predict(lambda b: eval_fn(st, b)["logits"], r.held_out, batch_size=cfg.batch_size)
         acc, loss = accuracy_and_loss(logits, labels)  # [K] each
-        # Named for the split measured: "val_*" only for a validation split (and only then does
-        # the checkpoint policy keep a "best" step; on test it keeps the latest only).
+        # Named for the split measured: "val_*" only for a validation split, "test_*" otherwise.
         split = "val" if r.val is not None else "test"
         return {f"{split}_accuracy": float(acc.mean()), f"{split}_accuracy_per_seed": acc.tolist(),
                 f"{split}_loss_per_seed": loss.tolist()}
@@ -353,21 +351,22 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
 
         # ---- evaluation and report ----------------------------------------------------------------
         teacher_logits = r.eval_logits(tg, [teacher])[0]
+        histories = folder.read_log()
         entries = []
         for name, (role, loss_name, g, variables, mspec) in results.items():
             logits = r.eval_logits(g, variables)
             labels = r.test_labels
             per_seed = [M.classification_report(lg, labels, spec.num_classes,
                                                  None if role == "teacher" else teacher_logits) for lg in logits]
-            folder = run_dir / slug(name)
+            model_dir = run_dir / slug(name)
             for i, v in enumerate(variables):
-                target = folder / f"seed{i}"
+                target = model_dir / f"seed{i}"
                 if role != "teacher" and not target.exists():
                     save_frozen(target, v, model_meta(mspec, spec, role))
             size = _dir_bytes(Path(cfg.teacher_dir) if (role == "teacher" and cfg.teacher_dir) else
-                              run_dir / "teacher" / "model" if role == "teacher" else folder / "seed0")
+                              run_dir / "teacher" / "model" if role == "teacher" else model_dir / "seed0")
             stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
-            evals = [h for h in read_log(run_dir / "log.jsonl").get(name, []) if h.get("event") == "eval"]
+            evals = [h for h in histories.get(name, []) if h.get("event") == "eval"]
             accs = [m["accuracy"] for m in per_seed]
             metrics = {
                 "name": name, "role": role, "loss": loss_name, "model": mspec.name,
@@ -387,8 +386,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 metrics["best_val_accuracy"] = max(e["val_accuracy"] for e in evals)
             if role != "teacher":
                 metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            model_dir.mkdir(parents=True, exist_ok=True)
+            (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
             plots.roc(logits[0], labels, run_dir / f"roc_{slug(name)}.png", f"ROC, one vs rest: {name}")
             entries.append({
@@ -399,7 +398,6 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
                 "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view),
             })
-        histories = read_log(run_dir / "log.jsonl")
         held = "val" if r.val is not None else "test"
         curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
                   + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
@@ -600,11 +598,10 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
     finally:
         r.close()
     choice = {**choose_setting(val_acc, grid, len(val_labels)), "teacher_temperature": t_cal}
-    loss, temp, weight, alone_val = choice["loss"], choice["temperature"], choice["kd_weight"], choice["student_alone_val_accuracy"]
-    best = (choice["val_accuracy"],)
-    margin = choice["required_gain"]
-    echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * best[0]:.2f}% vs "
-         f"{100 * alone_val:.2f}% for the student alone; a gain must exceed {100 * margin:.2f} points)")
+    loss, temp, weight = choice["loss"], choice["temperature"], choice["kd_weight"]
+    echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * choice['val_accuracy']:.2f}% vs "
+         f"{100 * choice['student_alone_val_accuracy']:.2f}% for the student alone; a gain must exceed "
+         f"{100 * choice['required_gain']:.2f} points)")
     name = f"auto: {loss} T={temp:g} kd={weight:g}" if weight > 0 else "auto: no distillation (kd_weight=0)"
     final_cfg = dataclasses.replace(cfg, teacher_dir=str(search_dir / "teacher" / "model") if not cfg.teacher_dir else cfg.teacher_dir,
                                     distillations=(Distillation(name, wrap(_auto_objective(loss, temp, weight))),),

@@ -95,7 +95,6 @@ class RunFolder:
     def __init__(self, path: str | Path, config: dict, *, resume: bool = False, force: bool = False):
         self.path = Path(path)
         self.config = config = json.loads(json.dumps(config))  # tuples -> lists, as read back
-        self.resumed = False
         cfg_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file; --run-dir must be a folder.")
@@ -117,8 +116,6 @@ class RunFolder:
                 elif not resume:
                     raise FileExistsError(f"{self.path} holds a run already; pass --resume to continue it, "
                                           "--force to start it again, or choose another --run-dir.")
-                else:
-                    self.resumed = True
         self._log_file = None
         self._tb: dict[str, Any] = {}
 

@@ -57,3 +57,20 @@ def test_projected_soft_loss_in_the_student_hidden_states_and_projection(rows, c
     check_grads(f, (hs, ws), order=1, modes=("rev",), eps=1e-5, atol=1e-7, rtol=1e-6)
     grads = jax.grad(lambda ht, wt: losses.projected_soft_distillation_loss(hs, ws, ht, wt), argnums=(0, 1))(ht, wt)
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in grads)
+
+
+def test_batch_norm_train_under_pmap_in_all_three_outputs():
+    """The axis_name path (psum-ed statistics and backward sums): the gradient of the sum over
+    devices of each device's output, against central differences of that same sum."""
+    x, scale, bias = _normal(5, (4, 3, 2, 3), (3,), (3,))  # 4 devices x 3 rows x 2 x 3 channels
+    wy, wm, wv = _normal(6, (4, 3, 2, 3), (4, 3), (4, 3))
+
+    def per_device(x, scale, bias, wy, wm, wv):
+        y, mean, var = batch_norm_train(x, scale, bias, 1e-3, "d")
+        return jnp.sum(wy * y) + jnp.sum(wm * mean) + jnp.sum(wv * jnp.sin(var))
+
+    def f(x, scale, bias):
+        out = jax.pmap(per_device, axis_name="d", in_axes=(0, None, None, 0, 0, 0))(x, scale, bias, wy, wm, wv)
+        return jnp.sum(out)
+
+    check_grads(f, (x, scale, bias), order=1, modes=("rev",), eps=1e-5, atol=1e-7, rtol=1e-6)

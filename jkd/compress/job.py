@@ -85,8 +85,8 @@ def _npz_bytes(variables) -> int:
 
 
 class _Job:
-    def __init__(self, cfg: CompressConfig, out: Path, student_dir, teacher_dir, progress, echo):
-        self.cfg, self.out, self.progress, self.echo = cfg, out, progress, echo
+    def __init__(self, cfg: CompressConfig, out: Path, student_dir, teacher_dir, progress, echo, folder: RunFolder):
+        self.cfg, self.out, self.progress, self.echo, self.folder = cfg, out, progress, echo, folder
         self.student_dir = Path(student_dir).absolute()
         self.sg, self.student, self.meta = load_saved_model(student_dir)
         if self.meta["role"] == "teacher":
@@ -189,9 +189,8 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
                 **config_to_json(cfg)}
     # The run folder's rule; a compression run always continues where it stopped.
     folder = RunFolder(out, settings, resume=True)
-    job = _Job(cfg, out, student_dir, teacher_dir, progress, echo)
+    job = _Job(cfg, out, student_dir, teacher_dir, progress, echo, folder)
     folder.begin()
-    job.folder = folder
 
     rows = [job.model_row("teacher", "teacher", job.tg, job.teacher),
             job.model_row("student", "student (float32)", job.sg, job.student)]

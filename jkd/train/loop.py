@@ -165,7 +165,6 @@ def fit(
     placed = parallel.place(run, state)  # e.g. replicated onto pmap's devices once, not every step
     bar = _Progress(config.num_steps, start, config.label, config.progress_every_s) if config.progress else None
     step, t0, n_images = start, time.perf_counter(), 0
-    saved_step = start or None
     stream = batches(start)
     last_metrics = None
     failed = False
@@ -198,14 +197,13 @@ def fit(
             if due_save:
                 _check_state_finite(step, state)
                 checkpoints.save(step, state, meta=meta)
-                saved_step = step
     except KeyboardInterrupt as e:
         failed = True
+        done = []
         if checkpoints is not None:
             checkpoints.wait()  # a save in flight is finished, not left half-written
             done = checkpoints.steps()
-            saved_step = done[-1] if done else None
-        raise RunInterrupted(step, saved_step) from e
+        raise RunInterrupted(step, done[-1] if done else None) from e
     except BaseException:
         failed = True
         raise
