@@ -1,0 +1,78 @@
+"""Where a decoder's parameters live on a ``('data', 'model')`` device mesh.
+
+Every matrix is split over both axes: its "wide" side (heads, MLP features, vocabulary) over
+``'model'`` (tensor parallelism, Megatron's split: q/k/v/gate/up by output, o/down by input) and
+its hidden-size side over ``'data'`` (fully sharded data parallelism), so each of ``N`` devices
+holds ``1/N`` of every matrix whose sides divide. A side that does not divide its axis is kept
+whole on that axis (never an error). Norm weights are replicated. Batches are split over
+``'data'``; jit (GSPMD) inserts the gathers. The same rules serve one host and a multi-host slice
+after ``jax.distributed.initialize()``.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# HF-style parameter name suffix -> mesh axis of each dimension.
+_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    ("embed_tokens.weight", (MODEL, DATA)),
+    ("lm_head.weight", (MODEL, DATA)),
+    ("q_proj.weight", (MODEL, DATA)), ("k_proj.weight", (MODEL, DATA)), ("v_proj.weight", (MODEL, DATA)),
+    ("gate_proj.weight", (MODEL, DATA)), ("up_proj.weight", (MODEL, DATA)),
+    ("o_proj.weight", (DATA, MODEL)), ("down_proj.weight", (DATA, MODEL)),
+    ("q_proj.bias", (MODEL,)), ("k_proj.bias", (MODEL,)), ("v_proj.bias", (MODEL,)),
+    ("gate_proj.bias", (MODEL,)), ("up_proj.bias", (MODEL,)),
+)
+
+
+def make_mesh(data: int | None = None, model: int = 1, *, devices=None) -> Mesh:
+    """A ``('data', 'model')`` mesh over ``devices`` (default: all); ``data`` defaults to what is
+    left after ``model``."""
+    devices = list(jax.devices() if devices is None else devices)
+    if model < 1 or len(devices) % model:
+        raise ValueError(f"make_mesh: model={model} must divide the {len(devices)} devices")
+    data = len(devices) // model if data is None else data
+    if data * model != len(devices):
+        raise ValueError(f"make_mesh: data={data} x model={model} != {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+
+
+def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """The ``PartitionSpec`` of the parameter called ``name`` (HF naming) on ``mesh``."""
+    for suffix, axes in _RULES:
+        if name.endswith(suffix) and len(axes) == len(shape):
+            spec = [a if a in mesh.shape and size % mesh.shape[a] == 0 else None
+                    for a, size in zip(axes, shape)]
+            return P(*spec)
+    return P()
+
+
+def hf_name(path: tuple) -> str:
+    """The Hugging Face tensor name of a decoder parameter's nnx path."""
+    name = ".".join(str(p) for p in path)
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def decoder_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """The ``NamedSharding`` of every leaf of a decoder's (abstract) state."""
+    flat = [(path, NamedSharding(mesh, partition_spec(hf_name(path), tuple(v.shape), mesh)))
+            for path, v in nnx.to_flat_state(state)]
+    return nnx.from_flat_state(flat)
+
+
+def shard_decoder(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """Place ``model``'s parameters on ``mesh`` by the rules above (in place; returns it)."""
+    state = nnx.state(model)
+    shardings = decoder_shardings(state, mesh)
+    nnx.update(model, jax.tree.map(jax.device_put, state, shardings))
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[B, ...]`` inputs split over ``'data'``."""
+    return NamedSharding(mesh, P(DATA))
