@@ -295,6 +295,14 @@ class Decoder(nnx.Module):
         ``positions`` default to each row's count of real tokens so far. Returns ``logits
         [B, T, V]`` and the updated cache.
         """
+        hidden, cache = self.decode_hidden(tokens, cache, attention_mask=attention_mask, positions=positions)
+        return self.logits(hidden), cache
+
+    def decode_hidden(
+        self, tokens: jax.Array, cache: KVCache, *, attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """:meth:`decode` before the output projection: ``[B, T, D]`` hidden states and the cache."""
         b, t = tokens.shape
         am = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if positions is None:
@@ -305,5 +313,4 @@ class Decoder(nnx.Module):
         q_slot = cache.index + jnp.arange(t)
         mask = (slot[None, None, :] <= q_slot[None, :, None]) & valid[:, None, :]
         hidden, (keys, values) = self._run(tokens, positions, mask, cache)
-        new = KVCache(keys=keys, values=values, valid=valid, index=cache.index + t)
-        return self.logits(hidden), new
+        return hidden, KVCache(keys=keys, values=values, valid=valid, index=cache.index + t)
