@@ -58,18 +58,23 @@ def hf_name(path: tuple) -> str:
     return name if name.startswith("lm_head") else "model." + name
 
 
+def parameter_sharding(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """The ``NamedSharding`` of the decoder parameter at nnx ``path``."""
+    return NamedSharding(mesh, partition_spec(hf_name(path), shape, mesh))
+
+
 def decoder_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """The ``NamedSharding`` of every leaf of a decoder's (abstract) state."""
-    flat = [(path, NamedSharding(mesh, partition_spec(hf_name(path), tuple(v.shape), mesh)))
-            for path, v in nnx.to_flat_state(state)]
-    return nnx.from_flat_state(flat)
+    """A decoder's (abstract) state with each variable's value replaced by its ``NamedSharding``
+    (the form ``jax.jit``'s ``out_shardings`` and orbax's restore take)."""
+    return nnx.from_flat_state([(path, v.replace(parameter_sharding(path, tuple(v.shape), mesh)))
+                                for path, v in nnx.to_flat_state(state)])
 
 
 def shard_decoder(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place ``model``'s parameters on ``mesh`` by the rules above (in place; returns it)."""
-    state = nnx.state(model)
-    shardings = decoder_shardings(state, mesh)
-    nnx.update(model, jax.tree.map(jax.device_put, state, shardings))
+    flat = [(path, v.replace(jax.device_put(v[...], parameter_sharding(path, tuple(v.shape), mesh))))
+            for path, v in nnx.to_flat_state(nnx.state(model))]
+    nnx.update(model, nnx.from_flat_state(flat))
     return model
 
 

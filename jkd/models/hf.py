@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jkd.models import safetensors_io as st
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig, from_hf_config, to_hf_config
-from jkd.models.decoder_sharding import hf_name, partition_spec
+from jkd.models.decoder_sharding import hf_name, parameter_sharding
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -138,7 +138,7 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) 
         if mesh is None:
             value = jax.device_put(host)
         else:
-            sharding = NamedSharding(mesh, partition_spec(name, host.shape, mesh))
+            sharding = parameter_sharding(path, host.shape, mesh)
             value = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
         del host
         leaves.append((path, var.replace(value)))
