@@ -5,22 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jkd.data import builders, user
-from jkd.data.spec import DEFAULT_IMAGE_SIZE, KNOWN, DatasetSpec
+from jkd.data.spec import DEFAULT_IMAGE_SIZE, KNOWN, DatasetSpec, RandomAccessSource
 
 DEFAULT = "jkd_mnist_sample"
-
-
-class RandomAccessSource(Protocol):
-    """What TFDS's ``as_data_source`` returns: ``len`` and batched reads of dict records."""
-
-    def __len__(self) -> int: ...
-    def __getitems__(self, indices) -> list[dict[str, Any]]: ...
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Iterator
 import grain
 import numpy as np
 
-from jkd.data.load import RandomAccessSource
+from jkd.data.spec import RandomAccessSource
 
 Batch = dict[str, np.ndarray]  # image uint8 [B,H,W,C], label int32 [B], index int64 [B], mask bool [B]
 

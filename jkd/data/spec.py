@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol
+
+
+class RandomAccessSource(Protocol):
+    """What TFDS's ``as_data_source`` returns: ``len`` and batched reads of dict records."""
+
+    def __len__(self) -> int: ...
+    def __getitems__(self, indices) -> list[dict[str, Any]]: ...
 
 
 @dataclasses.dataclass(frozen=True)

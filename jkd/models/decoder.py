@@ -94,15 +94,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention: ``q [B, T, H, hd]``, ``k, v [B, S, Hkv, hd]``, ``mask [B, T, S]``
-    (True where a query sees a key) -> ``[B, T, H, hd]``. Scores and softmax in float32."""
+    """Grouped-query attention: ``q [B, T, H, hd]``, ``k, v [B, Hkv, S, hd]`` (head-major, the KV
+    cache's layout: no transpose of the cache per step), ``mask [B, T, S]`` (True where a query
+    sees a key) -> ``[B, T, H, hd]``. Scores and softmax in float32."""
     b, t, h, hd = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
 
 
 class Attention(nnx.Module):
@@ -127,9 +128,10 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, hd]
         if kv_cache is not None:
             ck, cv = kv_cache
-            start = (0, index, 0, 0)
+            start = (0, 0, index, 0)
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             kv_cache = (k, v)
@@ -169,14 +171,14 @@ class KVCache:
     next slot to write. Slots are written in order for the whole batch; each row's positions are
     its own, so prompts of different lengths share one cache (padding slots stay invalid)."""
 
-    keys: tuple[jax.Array, ...]  # per layer [B, S, Hkv, hd]
+    keys: tuple[jax.Array, ...]  # per layer [B, Hkv, S, hd]
     values: tuple[jax.Array, ...]
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def create(cls, config: DecoderConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-        shape = (batch, slots, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, slots, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                    valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
