@@ -5,6 +5,8 @@ import batchnorm
 import chunked_loss
 from common import write
 import data_pipeline
+import lm_loading
+import lm_sampler
 import many_students
 import projected_loss
 import stored_teacher
@@ -41,6 +43,13 @@ if __name__ == "__main__":
     write("stored_teacher", s)
     print(f"stored_teacher: ratio {s['ratio']:.2f} of ideal {s['ideal']:.2f}; accuracy online "
           f"{s['online_test_accuracy']:.4f} vs stored {s['stored_test_accuracy']:.4f}")
+    for name in lm_sampler.CONFIGS:
+        r = lm_sampler.run(name)
+        write(f"lm_sampler_{name}", r)
+        print(lm_sampler.report(r))
+    r = lm_loading.run()
+    write("lm_loading", r)
+    print(lm_loading.report(r))
     m = many_students.run("cnn", sequential=True)
     write("many_students_cnn_sequential", m)
     print(f"many_students {m['pair']}: ratio {m['ratio']:.2f} of ideal {m['ideal']:.2f}")

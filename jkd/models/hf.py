@@ -130,7 +130,9 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) 
     _match(config, expected, tensors)
     target = np.dtype(jnp.dtype(dtype))
     leaves = []
-    for path, var in flat:
+    # Largest first: the one host tensor held beside the model is large only while little of
+    # the model is loaded (peak ~ model + the smallest late tensor, not model + the largest).
+    for path, var in sorted(flat, key=lambda pv: -tensors[hf_name(pv[0])].nbytes):
         name = hf_name(path)
         host = st.read_tensor(tensors[name])
         if host.dtype != target:
@@ -140,6 +142,9 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, mesh: Mesh | None = None) 
         else:
             sharding = parameter_sharding(path, host.shape, mesh)
             value = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+        # Wait for the copy, then drop the host array before the next read: at most one
+        # checkpoint tensor is held beside the model.
+        value.block_until_ready()
         del host
         leaves.append((path, var.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))

@@ -1,0 +1,26 @@
+"""The README's language-model example runs as written (offline, in a temporary folder)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _lm_block() -> str:
+    text = README.read_text()
+    start = text.index("## Language models:")
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+def test_readme_language_model_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_lm_block(), "README.md", "exec"), scope)
+    assert (tmp_path / "runs/lm/tiny/model.safetensors").is_file()
+    assert (tmp_path / "runs/lm/tiny/chat_template.jinja").is_file()
+    assert scope["logits"].shape == (1, len(scope["chat"].ids), scope["tok"].vocab_size)
+    learned = scope["tok"].decode(scope["chat"].ids[scope["learn"]])
+    assert "get_weather" in learned and "18 °C." in learned and "temp_c" not in learned
+    assert 1 <= scope["out"].lengths[0] <= 32
