@@ -21,8 +21,28 @@ from jkd.losses._soft import blended_soft_loss
 from jkd.losses._soft import soft_distillation_loss
 from jkd.losses._sparse import teacher_topk
 from jkd.losses._sparse import topk_soft_distillation_loss
+from jkd.losses._token import Divergence
+from jkd.losses._token import ForwardKL
+from jkd.losses._token import GeneralizedJSD
+from jkd.losses._token import ReverseKL
+from jkd.losses._token import SkewForwardKL
+from jkd.losses._token import SkewReverseKL
+from jkd.losses._token import TotalVariation
+from jkd.losses._token import token_divergence
+from jkd.losses._token import projected_token_divergence
+from jkd.losses._token import token_mean
 
 __all__ = [
+    "Divergence",
+    "ForwardKL",
+    "GeneralizedJSD",
+    "ReverseKL",
+    "SkewForwardKL",
+    "SkewReverseKL",
+    "TotalVariation",
+    "token_divergence",
+    "projected_token_divergence",
+    "token_mean",
     "attention_map",
     "attention_transfer_loss",
     "blended_soft_loss",

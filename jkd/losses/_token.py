@@ -1,0 +1,356 @@
+"""Token-level divergences for distilling language models, and the token mean that is right.
+
+Conventions: ``p = softmax(teacher_logits / T)``, ``q = softmax(student_logits / T)``, one
+distribution per token over the vocabulary (last axis). Values are *not* rescaled by ``T^2``
+(the usual LM setting is ``T = 1``; multiply by ``T^2`` for Hinton's scaling). Vocabulary entries
+that are ``-inf`` in both (padding rows) contribute exactly 0, in value and gradient.
+
+A divergence is a small frozen dataclass (``ForwardKL()``, ``GeneralizedJSD(beta=0.5)``, ...)
+mapping log-probabilities to a per-token value; the public functions and the fused large-vocabulary
+loss (:func:`~jkd.losses.projected_token_divergence`) take one, so the choice is a typed value, not
+a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jkd.losses import _common as c
+
+
+def _log_safe(x):
+    """``log(x)`` where ``x > 0``, 0 elsewhere (callers mask those entries), gradient-safe."""
+    pos = x > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, x, jnp.ones((), x.dtype))), jnp.zeros((), x.dtype))
+
+
+def _kl(w, log_w, log_v):
+    """``sum_i w_i (log w_i - log v_i)`` over the last axis, terms with ``w_i = 0`` exactly 0.
+
+    ``log_w``/``log_v`` may hold ``-inf`` where ``w = 0``; both are replaced before the
+    subtraction so that neither the value nor the gradient sees ``inf - inf`` or ``0 * inf``.
+    """
+    pos = w > 0
+    zero = jnp.zeros((), w.dtype)
+    diff = jnp.where(pos, log_w, zero) - jnp.where(pos, log_v, zero)
+    return jnp.sum(jnp.where(pos, w * diff, zero), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardKL:
+    r"""``KL(p || q)``: mass-covering (Hinton et al.; torchtune's KD recipe)."""
+
+    def __call__(self, log_p, log_q):
+        return _kl(jnp.exp(log_p), log_p, log_q)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseKL:
+    r"""``KL(q || p)``: mode-seeking (MiniLLM, Gu et al. 2024)."""
+
+    def __call__(self, log_p, log_q):
+        return _kl(jnp.exp(log_q), log_q, log_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneralizedJSD:
+    r"""Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024), as TRL computes it:
+
+    .. math::
+        \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(p \,\|\, m) + (1-\beta)\,\mathrm{KL}(q \,\|\, m),
+        \quad m = \beta p + (1 - \beta) q
+
+    ``beta = 0.5`` is the symmetric JSD. Both ends are defined by their scaled limits, as TRL
+    does: ``beta = 0`` is ``KL(p || q)`` (the limit of ``JSD_beta / beta``) and ``beta = 1`` is
+    ``KL(q || p)`` (of ``JSD_beta / (1 - beta)``); in between the value is not rescaled.
+    """
+
+    beta: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.beta, (int, float)) or not 0 <= self.beta <= 1:
+            raise ValueError(f"GeneralizedJSD.beta must be a number in [0, 1]; got {self.beta!r}.")
+
+    def __call__(self, log_p, log_q):
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
+        if self.beta == 0:
+            return _kl(p, log_p, log_q)
+        if self.beta == 1:
+            return _kl(q, log_q, log_p)
+        log_m = _log_safe(self.beta * p + (1 - self.beta) * q)
+        return self.beta * _kl(p, log_p, log_m) + (1 - self.beta) * _kl(q, log_q, log_m)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkewForwardKL:
+    r"""DistiLLM's skew KL (Ko et al. 2024): ``KL(p || alpha p + (1 - alpha) q)``; ``alpha = 0``
+    is the forward KL, ``alpha = 1`` gives 0. DistiLLM uses ``alpha = 0.1``."""
+
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"SkewForwardKL.alpha must be a number in [0, 1]; got {self.alpha!r}.")
+
+    def __call__(self, log_p, log_q):
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
+        return _kl(p, log_p, _log_safe(self.alpha * p + (1 - self.alpha) * q))
+
+
+@dataclasses.dataclass(frozen=True)
+class SkewReverseKL:
+    r"""DistiLLM's skew reverse KL: ``KL(q || (1 - alpha) p + alpha q)``; ``alpha = 0`` is the
+    reverse KL, ``alpha = 1`` gives 0."""
+
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"SkewReverseKL.alpha must be a number in [0, 1]; got {self.alpha!r}.")
+
+    def __call__(self, log_p, log_q):
+        p, q = jnp.exp(log_p), jnp.exp(log_q)
+        return _kl(q, log_q, _log_safe((1 - self.alpha) * p + self.alpha * q))
+
+
+@dataclasses.dataclass(frozen=True)
+class TotalVariation:
+    r"""``(1/2) sum_i |p_i - q_i|``, in [0, 1]."""
+
+    def __call__(self, log_p, log_q):
+        return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+
+
+Divergence = ForwardKL | ReverseKL | GeneralizedJSD | SkewForwardKL | SkewReverseKL | TotalVariation
+
+
+def token_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    divergence: Divergence = ForwardKL(),
+    temperature: float | jax.Array = 1.0,
+    where: jax.Array | None = None,
+) -> jax.Array:
+    r"""A divergence between the teacher's and the student's next-token distributions, per token.
+
+    .. math::
+        \ell_n = D\big(\mathrm{softmax}(t_n / T),\ \mathrm{softmax}(s_n / T)\big)
+
+    with ``D`` one of :class:`ForwardKL`, :class:`ReverseKL`, :class:`GeneralizedJSD`,
+    :class:`SkewForwardKL`, :class:`SkewReverseKL`, :class:`TotalVariation` (first argument the
+    teacher's distribution ``p``, second the student's ``q``).
+
+    Args:
+      student_logits: ``[..., vocab]`` floating point (bf16/f16 upcast to f32).
+      teacher_logits: ``[..., vocab]``, the same vocabulary (align padded vocabularies first with
+        :func:`~jkd.losses.align_vocabularies`). Entries ``-inf`` in both contribute 0.
+      divergence: the divergence (a frozen dataclass instance).
+      temperature: ``T > 0``, a scalar or broadcastable to ``[...]``.
+      where: optional boolean ``[...]``: the tokens to count (e.g. assistant tokens); masked
+        tokens give 0 loss and exactly 0 gradient, whatever their logits hold.
+
+    Returns:
+      ``[...]`` float32 per-token values (not reduced: see :func:`token_mean`).
+
+    Example:
+      >>> s, t = jnp.zeros((2, 5, 11)), jnp.ones((2, 5, 11)).at[..., 0].set(3.0)
+      >>> token_divergence(s, t, divergence=GeneralizedJSD(beta=0.5)).shape
+      (2, 5)
+
+    References:
+      Agarwal et al. On-Policy Distillation of Language Models (GKD). ICLR 2024.
+      https://arxiv.org/abs/2306.13649; Ko et al. DistiLLM. ICML 2024.
+      https://arxiv.org/abs/2402.03898; Gu et al. MiniLLM. ICLR 2024.
+      https://arxiv.org/abs/2306.08543
+    """
+    if not callable(divergence) or not dataclasses.is_dataclass(divergence):
+        raise TypeError(f"divergence must be one of ForwardKL(), ReverseKL(), GeneralizedJSD(beta), "
+                        f"SkewForwardKL(alpha), SkewReverseKL(alpha), TotalVariation(); got {divergence!r}.")
+    s, t = c.check_logits_pair(student_logits, teacher_logits)
+    c.check_positive("temperature", temperature)
+    where = c.check_where(where, s.shape[:-1])
+    s, t = c.mask_inputs(where, s, t)
+    temp = jnp.asarray(temperature, s.dtype)[..., None]
+    log_q = jax.nn.log_softmax(s / temp, axis=-1)
+    log_p = jax.nn.log_softmax(t / temp, axis=-1)
+    return c.mask_output(where, divergence(log_p, log_q))
+
+
+def token_mean(values: jax.Array, where: jax.Array | None = None, *, num_tokens: jax.Array | int | None = None) -> jax.Array:
+    r"""The token-weighted mean: ``sum(values[where]) / num_tokens``.
+
+    .. math::
+        L = \frac{1}{\max(N, 1)} \sum_{n\,:\,\mathrm{where}_n} \ell_n
+
+    ``num_tokens`` defaults to ``where.sum()`` (all tokens without a mask). Under gradient
+    accumulation or data parallelism pass the number of valid tokens of the *whole* step (every
+    micro-batch, every device), so that the step's loss is the mean over its tokens and not a
+    mean of per-batch or per-sequence means; masked or empty batches then contribute 0 (never
+    ``0 / 0``).
+
+    Args:
+      values: ``[...]`` per-token values.
+      where: optional boolean ``[...]``, the tokens to count.
+      num_tokens: the denominator (>= 1 is enforced, so an all-masked step gives 0).
+
+    Returns:
+      ``[]`` float32: the mean over the counted tokens.
+
+    Example:
+      >>> token_mean(jnp.array([[1.0, 3.0], [5.0, 7.0]]), jnp.array([[True, True], [True, False]]))
+      Array(3., dtype=float32)
+
+    References:
+      The normalisation issue it avoids: TRL's GKD and SFT trainers' per-batch means under gradient
+      accumulation (huggingface/trl issues on loss normalisation with variable lengths).
+    """
+    values = jnp.asarray(values)
+    dtype = c.compute_dtype(values)
+    if where is None:
+        total = jnp.sum(values.astype(dtype))
+        count = values.size
+    else:
+        where = c.check_where(where, values.shape)
+        total = jnp.sum(jnp.where(where, values.astype(dtype), jnp.zeros((), dtype)))
+        count = jnp.sum(where, dtype=jnp.int32)
+    n = count if num_tokens is None else num_tokens
+    return total / jnp.maximum(jnp.asarray(n, dtype), 1)
+
+
+def projected_token_divergence(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_weight: jax.Array,
+    *,
+    divergence: Divergence = ForwardKL(),
+    temperature: float = 1.0,
+    where: jax.Array | None = None,
+    num_tokens: jax.Array | int | None = None,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    r"""The token mean of a divergence with both output projections fused in: ``[tokens, vocab]``
+    logits exist for one chunk of tokens at a time, in the forward and the backward pass.
+
+    .. math::
+        L = \frac{1}{N} \sum_{n\,:\,\mathrm{where}_n} D\big(\mathrm{softmax}(W^t h^t_n / T),\
+        \mathrm{softmax}(W^s h^s_n / T)\big)
+
+    The gradients with respect to the student's hidden states and output weight are formed in the
+    same pass as the value (per chunk, by differentiating that chunk alone), so the backward pass
+    only scales them: the plain loss's matrix products, no recomputation, no ``[tokens, vocab]``
+    residual. The teacher is frozen: its inputs get zero gradients.
+
+    Args:
+      student_hidden: ``[..., d_s]`` the student's final hidden states (``Decoder.hidden_states``).
+      student_weight: ``[vocab, d_s]`` its output projection (``Decoder.output_weight()``).
+      teacher_hidden: ``[..., d_t]``, the same leading shape.
+      teacher_weight: ``[vocab, d_t]``, the same vocabulary.
+      divergence: as in :func:`token_divergence`.
+      temperature: ``T > 0`` (a Python number).
+      where: optional boolean ``[...]``: the tokens that count; the others give exactly 0 gradient.
+      num_tokens: the denominator ``N`` (default ``where.sum()``; pass the whole step's count
+        under gradient accumulation or across devices, see :func:`token_mean`).
+      chunk_size: tokens per chunk (the last chunk is padded and masked).
+
+    Returns:
+      ``[]`` float32: the mean over the counted tokens.
+
+    Example:
+      >>> h, w = jnp.ones((2, 6, 4)), jnp.zeros((50, 4)).at[0].set(1.0)
+      >>> projected_token_divergence(h, w, h, 2 * w, divergence=ReverseKL(), chunk_size=4).shape
+      ()
+
+    References:
+      Agarwal et al. 2024 (GKD), https://arxiv.org/abs/2306.13649. Fusing the output projection into
+      a chunked loss: Hsu et al. Liger Kernel, 2024, https://arxiv.org/abs/2410.10989; Levanter's
+      blockwise cross-entropy.
+    """
+    hs = c.check_floating("student_hidden", student_hidden)
+    ws = c.check_floating("student_weight", student_weight)
+    ht = c.check_floating("teacher_hidden", teacher_hidden)
+    wt = c.check_floating("teacher_weight", teacher_weight)
+    if ws.ndim != 2 or wt.ndim != 2 or ws.shape[1] != hs.shape[-1] or wt.shape[1] != ht.shape[-1]:
+        raise ValueError(
+            "weights must be [vocab, d] with d the hidden size; got student hidden "
+            f"{hs.shape} with weight {ws.shape}, teacher hidden {ht.shape} with weight {wt.shape}.")
+    if ws.shape[0] != wt.shape[0]:
+        raise ValueError(f"student and teacher vocabularies differ ({ws.shape[0]} vs {wt.shape[0]}); align "
+                         "them first with jkd.losses.align_vocabularies.")
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}.")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+    if not isinstance(temperature, (int, float)) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive Python number; got {temperature!r}.")
+    if not dataclasses.is_dataclass(divergence):
+        raise TypeError(f"divergence must be a divergence instance such as ForwardKL(); got {divergence!r}.")
+    batch_shape = hs.shape[:-1]
+    where = c.check_where(where, batch_shape)
+    rows = max(1, math.prod(batch_shape))
+    n_chunks = -(-rows // chunk_size)
+    pad = n_chunks * chunk_size - rows
+    mask = jnp.ones((rows,), bool) if where is None else where.reshape(rows)
+    count = jnp.sum(mask, dtype=jnp.int32) if num_tokens is None else num_tokens
+    dtype = c.compute_dtype(hs, ws)
+    denom = jnp.maximum(jnp.asarray(count, dtype), 1)
+
+    def prep(x, fill=0):
+        x = x.reshape((rows,) + x.shape[len(batch_shape):])
+        if pad:
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape((n_chunks, chunk_size) + x.shape[1:])
+
+    loss, _ = _fused(prep(hs), ws, prep(ht), wt, prep(mask, False), denom, divergence, float(temperature), dtype)
+    return loss
+
+
+def _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
+    """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan."""
+    zero = jnp.zeros((), dtype)
+    ws32, wt32 = ws.astype(dtype), wt.astype(dtype)
+
+    def one(dws, args):
+        hc, htc, mc = args
+        hc32 = jnp.where(mc[:, None], hc.astype(dtype), zero)  # garbage in masked rows never enters
+        htc32 = jnp.where(mc[:, None], htc.astype(dtype), zero)
+        log_p = jax.nn.log_softmax(htc32 @ wt32.T / temp, axis=-1)
+
+        def chunk_loss(s_logits):
+            per_row = divergence(log_p, jax.nn.log_softmax(s_logits, axis=-1))
+            return jnp.sum(jnp.where(mc, per_row, zero)) / denom
+
+        value, vjp = jax.vjp(chunk_loss, hc32 @ ws32.T / temp)
+        (ds,) = vjp(jnp.ones((), dtype))
+        ds = ds / temp  # d loss / d (h W^T) for the un-tempered logits
+        return dws + ds.T @ hc32, (value, (ds @ ws32).astype(hc.dtype))
+
+    dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, ht, mask))
+    return jnp.sum(values), dhs, dws.astype(ws.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _fused(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype)
+    return loss, (dhs, dws)
+
+
+def _fused_fwd(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype)
+    return (loss, (dhs, dws)), (dhs, dws, ht, wt, mask, denom)
+
+
+def _fused_bwd(divergence, temp, dtype, res, cotangents):
+    dhs, dws, ht, wt, mask, denom = res
+    g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
+    return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), jnp.zeros_like(ht), jnp.zeros_like(wt),
+            None, jnp.zeros_like(denom))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,205 @@
+"""Token-level divergences against float64 numpy formulas written from the papers; limits of
+beta and alpha; NaN safety; masks; the token mean."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd import losses
+from jkd.losses import (ForwardKL, GeneralizedJSD, ReverseKL, SkewForwardKL, SkewReverseKL, TotalVariation,
+                        token_divergence, token_mean)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _kl(log_a, log_b):
+    """sum a (log a - log b) with 0 log 0 = 0 (numpy, float64, from log-probabilities)."""
+    a = np.exp(log_a)
+    with np.errstate(invalid="ignore"):
+        return np.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+
+
+def reference(name, s, t, T=1.0, beta=0.5, alpha=0.1):
+    """The papers' definitions: p = teacher, q = student.
+
+    GKD (Agarwal et al. 2024, eq. 4 with TRL's mixture): beta KL(p||m) + (1-beta) KL(q||m),
+    m = beta p + (1-beta) q. DistiLLM (Ko et al. 2024, eq. 3-4): KL(p || a p + (1-a) q) and
+    KL(q || (1-a) p + a q). Total variation: half the L1 distance.
+    """
+    lp, lq = _log_softmax(np.asarray(t, np.float64) / T), _log_softmax(np.asarray(s, np.float64) / T)
+    p, q = np.exp(lp), np.exp(lq)
+    log = lambda x: np.log(np.where(x > 0, x, 1.0))  # noqa: E731  (entries with x = 0 are never weighted)
+    if name == "forward":
+        return _kl(lp, lq)
+    if name == "reverse":
+        return _kl(lq, lp)
+    if name == "jsd":
+        lm = log(beta * p + (1 - beta) * q)
+        return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
+    if name == "skew_forward":
+        return _kl(lp, log(alpha * p + (1 - alpha) * q))
+    if name == "skew_reverse":
+        return _kl(lq, log((1 - alpha) * p + alpha * q))
+    if name == "tv":
+        return 0.5 * np.abs(p - q).sum(-1)
+    raise ValueError(name)
+
+
+CASES = [("forward", ForwardKL()), ("reverse", ReverseKL()), ("jsd", GeneralizedJSD(beta=0.5)),
+         ("skew_forward", SkewForwardKL(alpha=0.1)), ("skew_reverse", SkewReverseKL(alpha=0.1)),
+         ("tv", TotalVariation())]
+
+
+def _logits(seed, shape=(3, 4, 17), scale=3.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * scale).astype(np.float32), (rng.normal(size=shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("name, div", CASES)
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_against_float64_reference(name, div, T):
+    s, t = _logits(0)
+    got = np.asarray(token_divergence(jnp.asarray(s), jnp.asarray(t), divergence=div, temperature=T))
+    np.testing.assert_allclose(got, reference(name, s, t, T), rtol=2e-5, atol=2e-6)
+    assert got.shape == (3, 4) and (got >= -1e-6).all()
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.9, 0.37])
+def test_jsd_other_betas(beta):
+    s, t = _logits(1)
+    got = token_divergence(jnp.asarray(s), jnp.asarray(t), divergence=GeneralizedJSD(beta=beta))
+    np.testing.assert_allclose(np.asarray(got), reference("jsd", s, t, beta=beta), rtol=2e-5, atol=2e-6)
+
+
+def test_jsd_limits_are_forward_and_reverse_kl():
+    """beta = 0 / 1 are the scaled limits: JSD_beta / beta -> KL(p||q), JSD_beta / (1-beta) -> KL(q||p)."""
+    s, t = _logits(2, scale=1.0)
+    fwd, rev = reference("forward", s, t), reference("reverse", s, t)
+    at0 = np.asarray(token_divergence(s, t, divergence=GeneralizedJSD(beta=0.0)))
+    at1 = np.asarray(token_divergence(s, t, divergence=GeneralizedJSD(beta=1.0)))
+    np.testing.assert_allclose(at0, fwd, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(at1, rev, rtol=2e-5, atol=1e-6)
+    eps = 1e-4  # the float64 formula approaches the limits continuously
+    np.testing.assert_allclose(reference("jsd", s, t, beta=eps) / eps, fwd, rtol=2e-3)
+    np.testing.assert_allclose(reference("jsd", s, t, beta=1 - eps) / eps, rev, rtol=2e-3)
+
+
+def test_skew_limits():
+    s, t = _logits(3)
+    for div, at0 in ((SkewForwardKL, "forward"), (SkewReverseKL, "reverse")):
+        np.testing.assert_allclose(np.asarray(token_divergence(s, t, divergence=div(alpha=0.0))),
+                                   reference(at0, s, t), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(token_divergence(s, t, divergence=div(alpha=1.0))), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, div", CASES)
+def test_padded_vocabulary_and_masked_tokens_are_safe(name, div):
+    """-inf in padded vocabulary entries (both models), a fully masked sequence, NaN/inf in
+    masked tokens: finite values and gradients; masked tokens get exactly zero gradient."""
+    s, t = _logits(4, shape=(2, 3, 12))
+    s[..., 9:] = -np.inf
+    t[..., 9:] = -np.inf  # three padded vocabulary rows
+    t[0, 0, 0] = -1e4  # a zero-probability entry under p (reverse KL's weak spot)
+    where = np.array([[True, True, False], [False, False, False]])
+    s[0, 2] = np.nan
+    t[0, 2] = np.inf
+    s[1] = np.inf  # the fully masked sequence is garbage
+
+    def f(s_, t_):
+        return jnp.sum(token_divergence(s_, t_, divergence=div, where=jnp.asarray(where)))
+
+    value = f(jnp.asarray(s), jnp.asarray(t))
+    gs, gt = jax.grad(f, argnums=(0, 1))(jnp.asarray(s), jnp.asarray(t))
+    assert np.isfinite(float(value))
+    assert np.isfinite(np.asarray(gs)).all() and np.isfinite(np.asarray(gt)).all()
+    assert (np.asarray(gs)[~where] == 0).all() and (np.asarray(gt)[~where] == 0).all()
+    assert (np.asarray(gs)[..., 9:] == 0).all()
+    expected = reference(name, s[0, :2, :9], t[0, :2, :9]).sum()
+    np.testing.assert_allclose(float(value), expected, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, div", CASES)
+def test_gradients_numerically(name, div):
+    """The divergences use plain autodiff; check it against finite differences anyway (float64),
+    away from TV's kinks."""
+    from jax.test_util import check_grads
+    s, t = _logits(5, shape=(2, 7), scale=1.0)
+    with jax.enable_x64():
+        f = lambda a, b: token_divergence(a, b, divergence=div, temperature=1.5)  # noqa: E731
+        check_grads(f, (jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)), order=1,
+                    modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def test_token_mean_counts_tokens_not_sequences():
+    values = jnp.array([[1.0, 1.0, 1.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    where = jnp.array([[True, True, True, True], [True, False, False, False]])
+    assert float(token_mean(values, where)) == pytest.approx(9.0 / 5)  # not (1 + 5) / 2
+    assert float(token_mean(values, where, num_tokens=10)) == pytest.approx(0.9)
+    assert float(token_mean(values, jnp.zeros_like(where))) == 0.0  # never 0 / 0
+
+
+def test_bad_arguments():
+    s, t = _logits(6)
+    with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\]"):
+        GeneralizedJSD(beta=1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        SkewForwardKL(alpha=-0.1)
+    with pytest.raises(TypeError, match="divergence must be one of"):
+        token_divergence(s, t, divergence="forward_kl")
+    with pytest.raises(ValueError, match="same shape"):
+        token_divergence(s, t[..., :5])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_divergence(s, t, temperature=0.0)
+
+
+def test_exported():
+    for name in ("token_divergence", "token_mean", "ForwardKL", "GeneralizedJSD"):
+        assert hasattr(losses, name)
+
+
+def _hidden(seed, rows=(3, 5)):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(*rows, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32),
+            rng.normal(size=(*rows, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name, div", CASES)
+def test_projected_against_float64_reference(name, div):
+    hs, ws, ht, wt = _hidden(7)
+    where = (np.arange(15).reshape(3, 5) % 4) != 0
+    hs[~where] = np.nan  # what masked rows hold must not matter
+    got = losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, temperature=2.0, where=where,
+                                            chunk_size=4)
+    s = np.asarray(hs, np.float64) @ ws.T.astype(np.float64)
+    t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
+    want = reference(name, s[where], t[where], T=2.0).sum() / where.sum()
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+    halved = losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, temperature=2.0, where=where,
+                                               chunk_size=4, num_tokens=2 * int(where.sum()))
+    np.testing.assert_allclose(float(halved), want / 2, rtol=2e-5)
+
+
+@pytest.mark.parametrize("div", [ForwardKL(), ReverseKL(), GeneralizedJSD(beta=0.3), SkewForwardKL(alpha=0.2)],
+                         ids=lambda d: type(d).__name__)
+def test_projected_custom_gradient_numerically(div):
+    """The fused loss's custom VJP against finite differences (float64), teacher frozen."""
+    from jax.test_util import check_grads
+    hs, ws, ht, wt = _hidden(8, rows=(2, 3))
+    where = np.array([[True, False, True], [True, True, False]])
+    with jax.enable_x64():
+        args = [jnp.asarray(x, jnp.float64) for x in (hs, ws)]
+        f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
+            a, b, jnp.asarray(ht, jnp.float64), jnp.asarray(wt, jnp.float64), divergence=div,
+            temperature=1.5, where=jnp.asarray(where), chunk_size=4)
+        check_grads(f, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+        gt = jax.grad(lambda c_: losses.projected_token_divergence(
+            args[0], args[1], c_, jnp.asarray(wt, jnp.float64), divergence=div, chunk_size=4))(
+            jnp.asarray(ht, jnp.float64))
+        assert (np.asarray(gt) == 0).all()  # the teacher is frozen
