@@ -287,9 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
                   "your input: please report it with the command and the traceback above.", file=sys.stderr)
             return 1
-        from jkd.faults import disk_full, is_disk_full
+        from jkd.faults import DiskFullError, disk_full, is_disk_full
 
-        if is_disk_full(e) and not isinstance(e, OSError):
+        # Any full disk that reaches here unexplained (a plain ENOSPC OSError from a write jkd does
+        # not wrap, or orbax's RESOURCE_EXHAUSTED) still gets the one line with the folder and
+        # --resume: CI once saw a bare "No space left on device" from the tmpfs test.
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
             e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
         print(f"jkd {args.command}: error: {_message(e)}", file=sys.stderr)
         _quiet_on_the_way_out()

@@ -111,6 +111,20 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monk
     assert "Traceback" not in err
 
 
+
+def test_a_bare_enospc_from_any_write_still_says_disk_full_and_resume(tmp_path, monkeypatch, capsys):
+    """A plain OSError(ENOSPC) from a write jkd does not wrap itself (here: saving the trained
+    teacher) reaches the CLI as the same one line (CI once printed a bare 'No space left')."""
+    from jkd import experiment
+
+    def save_frozen(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(experiment, "save_frozen", save_frozen)
+    assert cli.main(["train-teacher", *M, "--run-dir", str(tmp_path / "run")]) == 2
+    err = _err(capsys)
+    assert "disk full while writing in" in err and "free" in err and "--resume" in err
+
 # ---- 2. NaN pixels are refused like inf ----------------------------------------------------
 
 def test_nan_pixels_are_refused_naming_the_split_and_count(tmp_path):
