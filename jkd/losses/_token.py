@@ -233,14 +233,20 @@ def projected_token_divergence(
     temperature: float = 1.0,
     where: jax.Array | None = None,
     num_tokens: jax.Array | int | None = None,
+    labels: jax.Array | None = None,
+    divergence_weight: float = 1.0,
+    label_weight: float = 0.0,
     chunk_size: int = 1024,
 ) -> jax.Array:
     r"""The token mean of a divergence with both output projections fused in: ``[tokens, vocab]``
     logits exist for one chunk of tokens at a time, in the forward and the backward pass.
 
     .. math::
-        L = \frac{1}{N} \sum_{n\,:\,\mathrm{where}_n} D\big(\mathrm{softmax}(W^t h^t_n / T),\
-        \mathrm{softmax}(W^s h^s_n / T)\big)
+        L = \frac{1}{N} \sum_{n\,:\,\mathrm{where}_n} \Big[ w_D\, D\big(\mathrm{softmax}(W^t h^t_n / T),\
+        \mathrm{softmax}(W^s h^s_n / T)\big) - w_y \log \mathrm{softmax}(W^s h^s_n)_{y_n} \Big]
+
+    With ``labels`` and ``label_weight > 0``, the student's cross-entropy on the labels (at
+    temperature 1) is mixed in within the same pass, as a token-KD step needs.
 
     The gradients with respect to the student's hidden states and output weight are formed in the
     same pass as the value (per chunk, by differentiating that chunk alone), so the backward pass
@@ -257,6 +263,8 @@ def projected_token_divergence(
       where: optional boolean ``[...]``: the tokens that count; the others give exactly 0 gradient.
       num_tokens: the denominator ``N`` (default ``where.sum()``; pass the whole step's count
         under gradient accumulation or across devices, see :func:`token_mean`).
+      labels: optional int ``[...]``: the next tokens, for the cross-entropy term.
+      divergence_weight, label_weight: ``w_D`` and ``w_y`` (Python numbers).
       chunk_size: tokens per chunk (the last chunk is padded and masked).
 
     Returns:
@@ -293,6 +301,15 @@ def projected_token_divergence(
         raise TypeError(f"divergence must be a divergence instance such as ForwardKL(); got {divergence!r}.")
     batch_shape = hs.shape[:-1]
     where = c.check_where(where, batch_shape)
+    for name, w in (("divergence_weight", divergence_weight), ("label_weight", label_weight)):
+        if not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"{name} must be a non-negative Python number; got {w!r}.")
+    if label_weight > 0:
+        if labels is None:
+            raise ValueError("label_weight > 0 needs labels (the next tokens, int [...]).")
+        labels = c.check_labels(labels, batch_shape, ws.shape[0])
+    else:
+        labels = jnp.zeros(batch_shape, jnp.int32)
     rows = max(1, math.prod(batch_shape))
     n_chunks = -(-rows // chunk_size)
     pad = n_chunks * chunk_size - rows
@@ -307,50 +324,59 @@ def projected_token_divergence(
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
         return x.reshape((n_chunks, chunk_size) + x.shape[1:])
 
-    loss, _ = _fused(prep(hs), ws, prep(ht), wt, prep(mask, False), denom, divergence, float(temperature), dtype)
+    weights = (float(divergence_weight), float(label_weight))
+    loss, _ = _fused(prep(hs), ws, prep(ht), wt, prep(mask, False), prep(labels), denom, divergence,
+                     float(temperature), weights, dtype)
     return loss
 
 
-def _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
+def _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
     """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan."""
     zero = jnp.zeros((), dtype)
     ws32, wt32 = ws.astype(dtype), wt.astype(dtype)
+    w_div, w_label = weights
 
     def one(dws, args):
-        hc, htc, mc = args
+        hc, htc, mc, yc = args
         hc32 = jnp.where(mc[:, None], hc.astype(dtype), zero)  # garbage in masked rows never enters
-        htc32 = jnp.where(mc[:, None], htc.astype(dtype), zero)
-        log_p = jax.nn.log_softmax(htc32 @ wt32.T / temp, axis=-1)
+        log_p = None
+        if w_div > 0:
+            htc32 = jnp.where(mc[:, None], htc.astype(dtype), zero)
+            log_p = jax.nn.log_softmax(htc32 @ wt32.T / temp, axis=-1)
 
-        def chunk_loss(s_logits):
-            per_row = divergence(log_p, jax.nn.log_softmax(s_logits, axis=-1))
+        def chunk_loss(z):  # z: the student's un-tempered logits of the chunk
+            per_row = jnp.zeros(z.shape[:1], dtype)
+            if w_div > 0:
+                per_row = per_row + w_div * divergence(log_p, jax.nn.log_softmax(z / temp, axis=-1))
+            if w_label > 0:
+                log_q1 = jax.nn.log_softmax(z, axis=-1)
+                per_row = per_row - w_label * jnp.take_along_axis(log_q1, yc[:, None], axis=-1)[:, 0]
             return jnp.sum(jnp.where(mc, per_row, zero)) / denom
 
-        value, vjp = jax.vjp(chunk_loss, hc32 @ ws32.T / temp)
-        (ds,) = vjp(jnp.ones((), dtype))
-        ds = ds / temp  # d loss / d (h W^T) for the un-tempered logits
-        return dws + ds.T @ hc32, (value, (ds @ ws32).astype(hc.dtype))
+        value, vjp = jax.vjp(chunk_loss, hc32 @ ws32.T)
+        (dz,) = vjp(jnp.ones((), dtype))
+        return dws + dz.T @ hc32, (value, (dz @ ws32).astype(hc.dtype))
 
-    dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, ht, mask))
+    dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, ht, mask, labels))
     return jnp.sum(values), dhs, dws.astype(ws.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _fused(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
-    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _fused(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype)
     return loss, (dhs, dws)
 
 
-def _fused_fwd(hs, ws, ht, wt, mask, denom, divergence, temp, dtype):
-    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, denom, divergence, temp, dtype)
-    return (loss, (dhs, dws)), (dhs, dws, ht, wt, mask, denom)
+def _fused_fwd(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype)
+    return (loss, (dhs, dws)), (dhs, dws, ht, wt, denom)
 
 
-def _fused_bwd(divergence, temp, dtype, res, cotangents):
-    dhs, dws, ht, wt, mask, denom = res
+def _fused_bwd(divergence, temp, weights, dtype, res, cotangents):
+    dhs, dws, ht, wt, denom = res
     g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
     return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), jnp.zeros_like(ht), jnp.zeros_like(wt),
-            None, jnp.zeros_like(denom))
+            None, None, jnp.zeros_like(denom))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

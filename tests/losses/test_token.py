@@ -203,3 +203,25 @@ def test_projected_custom_gradient_numerically(div):
             args[0], args[1], c_, jnp.asarray(wt, jnp.float64), divergence=div, chunk_size=4))(
             jnp.asarray(ht, jnp.float64))
         assert (np.asarray(gt) == 0).all()  # the teacher is frozen
+
+
+def test_projected_with_labels_mixes_in_the_cross_entropy():
+    hs, ws, ht, wt = _hidden(9)
+    labels = np.random.default_rng(9).integers(0, 40, (3, 5))
+    where = np.ones((3, 5), bool)
+    where[2, 3:] = False
+    got = losses.projected_token_divergence(hs, ws, ht, wt, divergence=ReverseKL(), temperature=2.0, where=where,
+                                            labels=labels, divergence_weight=0.7, label_weight=0.3, chunk_size=4)
+    s = np.asarray(hs, np.float64) @ ws.T.astype(np.float64)
+    t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
+    ce = -np.take_along_axis(_log_softmax(s), labels[..., None], -1)[..., 0]  # temperature 1
+    want = (0.7 * reference("reverse", s, t, T=2.0) + 0.3 * ce)[where].sum() / where.sum()
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+    from jax.test_util import check_grads
+    with jax.enable_x64():
+        f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
+            a, b, jnp.asarray(ht, jnp.float64), jnp.asarray(wt, jnp.float64), divergence=ReverseKL(),
+            temperature=2.0, where=jnp.asarray(where), labels=jnp.asarray(labels), divergence_weight=0.7,
+            label_weight=0.3, chunk_size=4)
+        check_grads(f, [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)], order=1, modes=["rev"],
+                    atol=1e-6, rtol=1e-6)

@@ -1,0 +1,143 @@
+"""Token-level distillation steps: the token mean of the whole step (gradient accumulation and
+devices), the loss against an independent float64 computation, and learning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jkd.losses import ForwardKL, GeneralizedJSD
+from jkd.models.decoder import Decoder
+from jkd.models.decoder_config import DecoderConfig
+from jkd.models.decoder_sharding import batch_sharding, make_mesh
+from jkd.train import optim
+from jkd.train.lm_steps import TokenKD, learned_positions, token_kd_step
+from jkd.train.state import create_train_state, freeze_model
+
+VOCAB = 48  # the shared vocabulary; the teacher's embedding has 4 padding rows beyond it
+TEACHER = DecoderConfig(vocab_size=VOCAB + 4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, family="qwen2", max_position_embeddings=64)
+STUDENT = DecoderConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, family="llama", max_position_embeddings=64)
+
+
+def _batch(seed=0, b=8, t=24):
+    """Sequences of very different lengths (3..24), right-padded; the first third of each is a
+    prompt that is not learned."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([3, 24, 7, 16, 24, 5, 11, 20])[:b]
+    tokens = rng.integers(0, VOCAB, (b, t)).astype(np.int32)
+    attention = np.arange(t)[None] < lengths[:, None]
+    loss_mask = attention & (np.arange(t)[None] >= lengths[:, None] // 3)
+    tokens[~attention] = 0
+    return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention),
+            "loss_mask": jnp.asarray(loss_mask)}
+
+
+def _setup(tx, seed=0):
+    teacher = Decoder(TEACHER, rngs=nnx.Rngs(seed + 1))
+    # a peaked teacher: larger weights than the 0.02 initialisation
+    nnx.update(teacher, jax.tree.map(lambda x: x * 20 if x.ndim == 2 else x, nnx.state(teacher)))
+    tg, frozen = freeze_model(teacher)
+    g, state = create_train_state(Decoder(STUDENT, rngs=nnx.Rngs(seed)), tx, seed=0)
+    return g, state, tg, frozen
+
+
+def _step(tx, objective, micro_batches=1):
+    def step(state, batch, frozen, g, tg):
+        return token_kd_step(state, batch, frozen, graphdef=g, teacher_graphdef=tg, tx=tx, objective=objective,
+                             micro_batches=micro_batches)
+    return jax.jit(step, static_argnums=(3, 4))
+
+
+def _log_softmax64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def test_loss_is_the_token_mean_of_the_whole_batch():
+    """The step's loss equals the mean over every learned token of the batch, computed in float64
+    numpy from the two models' logits (not a mean of per-sequence means)."""
+    tx = optax.sgd(0.1)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch()
+    objective = TokenKD(divergence=ForwardKL(), temperature=2.0, kd_weight=0.8, ce_weight=0.2, vocab_size=VOCAB,
+                        chunk_size=16)
+    _, metrics = _step(tx, objective)(state, batch, frozen, g, tg)
+    student = nnx.merge(g, state.params, state.batch_stats, state.rest)
+    teacher = nnx.merge(tg, frozen.params, frozen.batch_stats, frozen.rest)
+    am = batch["attention_mask"]
+    s = np.asarray(student(batch["tokens"], attention_mask=am))[:, :-1, :VOCAB]
+    t = np.asarray(teacher(batch["tokens"], attention_mask=am))[:, :-1, :VOCAB]
+    lq, lp = _log_softmax64(s / 2.0), _log_softmax64(t / 2.0)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    ce = -np.take_along_axis(_log_softmax64(s), np.asarray(batch["tokens"])[:, 1:, None], -1)[..., 0]
+    where = np.asarray(learned_positions(batch))
+    want = (0.8 * kl + 0.2 * ce)[where].mean()
+    per_sequence_means = np.mean([(0.8 * kl + 0.2 * ce)[i][where[i]].mean() for i in range(8)])
+    assert int(metrics["tokens"]) == where.sum()
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=2e-5)
+    assert abs(per_sequence_means - want) > 1e-3 * abs(want)  # the two means really differ here
+
+
+@pytest.mark.parametrize("objective", [
+    TokenKD(divergence=ForwardKL(), vocab_size=VOCAB, ce_weight=0.5, chunk_size=16),
+    TokenKD(divergence=GeneralizedJSD(beta=0.3), vocab_size=VOCAB, chunk_size=64),
+], ids=["forward_kl+ce", "jsd"])
+def test_four_micro_batches_equal_one_batch(objective):
+    tx = optax.sgd(0.5)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch(1)
+    one, m1 = _step(tx, objective, 1)(state, batch, frozen, g, tg)
+    four, m4 = _step(tx, objective, 4)(state, batch, frozen, g, tg)
+    np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params)))
+    assert moved > 1e-4
+    for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_four_devices_equal_one():
+    tx = optax.sgd(0.5)
+    objective = TokenKD(vocab_size=VOCAB, ce_weight=0.1, chunk_size=16)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch(2)
+    one, _ = _step(tx, objective)(state, batch, frozen, g, tg)
+    mesh = make_mesh(4, 1)
+    sharded = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+    four, _ = _step(tx, objective)(state, sharded, frozen, g, tg)
+    assert len(sharded["tokens"].sharding.device_set) == 4
+    for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_distillation_moves_the_student_toward_the_teacher():
+    tx = optim._strict_safe(optax.adam(3e-3))  # optax's bias correction mixes int and float
+    objective = TokenKD(vocab_size=VOCAB, chunk_size=64)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch(3)
+    step = _step(tx, objective)
+    first = None
+    for _ in range(40):
+        state, metrics = step(state, batch, frozen, g, tg)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < 0.5 * first
+
+
+def test_bad_objectives():
+    with pytest.raises(ValueError, match="both 0"):
+        TokenKD(kd_weight=0.0, ce_weight=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        TokenKD(temperature=0.0)
+    tx = optax.sgd(0.1)
+    g, state, _, _ = _setup(tx)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        token_kd_step(state, _batch(), None, graphdef=g, teacher_graphdef=None, tx=tx, objective=TokenKD())
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+        token_kd_step(state, _batch(), None, graphdef=g, teacher_graphdef=None, tx=tx,
+                      objective=TokenKD(kd_weight=0.0, ce_weight=1.0), micro_batches=3)
