@@ -30,6 +30,7 @@ from jkd.losses._token import SkewReverseKL
 from jkd.losses._token import TotalVariation
 from jkd.losses._token import token_divergence
 from jkd.losses._token import projected_token_divergence
+from jkd.losses._token import projected_topk_kl
 from jkd.losses._token import token_mean
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "TotalVariation",
     "token_divergence",
     "projected_token_divergence",
+    "projected_topk_kl",
     "token_mean",
     "attention_map",
     "attention_transfer_loss",

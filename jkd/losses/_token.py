@@ -293,12 +293,19 @@ def projected_token_divergence(
                          "them first with jkd.losses.align_vocabularies.")
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}.")
+    if not dataclasses.is_dataclass(divergence):
+        raise TypeError(f"divergence must be a divergence instance such as ForwardKL(); got {divergence!r}.")
+    return _fused_entry(hs, ws, (ht,), (wt,), _DenseTeacher(divergence), temperature, where, num_tokens, labels,
+                        divergence_weight, label_weight, chunk_size)
+
+
+def _fused_entry(hs, ws, t_rows, t_globs, teacher, temperature, where, num_tokens, labels, divergence_weight,
+                 label_weight, chunk_size):
+    """Checks shared by the fused losses, rows flattened into chunks, then the custom-VJP pass."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(f"temperature must be a positive Python number; got {temperature!r}.")
-    if not dataclasses.is_dataclass(divergence):
-        raise TypeError(f"divergence must be a divergence instance such as ForwardKL(); got {divergence!r}.")
     batch_shape = hs.shape[:-1]
     where = c.check_where(where, batch_shape)
     for name, w in (("divergence_weight", divergence_weight), ("label_weight", label_weight)):
@@ -325,29 +332,57 @@ def projected_token_divergence(
         return x.reshape((n_chunks, chunk_size) + x.shape[1:])
 
     weights = (float(divergence_weight), float(label_weight))
-    loss, _ = _fused(prep(hs), ws, prep(ht), wt, prep(mask, False), prep(labels), denom, divergence,
-                     float(temperature), weights, dtype)
+    loss, _ = _fused(prep(hs), ws, tuple(prep(x) for x in t_rows), t_globs, prep(mask, False), prep(labels), denom,
+                     teacher, float(temperature), weights, dtype)
     return loss
 
 
-def _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
+@dataclasses.dataclass(frozen=True)
+class _DenseTeacher:
+    """The teacher as hidden states ``(h,)`` per row and its output weight ``(W,)``."""
+
+    divergence: Divergence
+
+    def prepare(self, rows, globs, mask, temp, dtype):
+        (ht,), (wt,) = rows, globs
+        ht = jnp.where(mask[:, None], ht.astype(dtype), jnp.zeros((), dtype))
+        return jax.nn.log_softmax(ht @ wt.astype(dtype).T / temp, axis=-1)
+
+    def term(self, log_p, z, temp):
+        return self.divergence(log_p, jax.nn.log_softmax(z / temp, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopKTeacher:
+    """The teacher as its top-k log-probabilities and their ids per row (stored outputs): the
+    forward KL from the teacher's distribution renormalised over its k tokens."""
+
+    def prepare(self, rows, globs, mask, temp, dtype):
+        values, ids = rows
+        values = jnp.where(mask[:, None], values.astype(dtype), jnp.zeros((), dtype))
+        return jax.nn.log_softmax(values / temp, axis=-1), ids
+
+    def term(self, aux, z, temp):
+        log_p, ids = aux
+        log_q = jnp.take_along_axis(jax.nn.log_softmax(z / temp, axis=-1), ids, axis=-1)
+        return _kl(jnp.exp(log_p), log_p, log_q)
+
+
+def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype):
     """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan."""
     zero = jnp.zeros((), dtype)
-    ws32, wt32 = ws.astype(dtype), wt.astype(dtype)
+    ws32 = ws.astype(dtype)
     w_div, w_label = weights
 
     def one(dws, args):
-        hc, htc, mc, yc = args
+        hc, mc, yc, rows = args
         hc32 = jnp.where(mc[:, None], hc.astype(dtype), zero)  # garbage in masked rows never enters
-        log_p = None
-        if w_div > 0:
-            htc32 = jnp.where(mc[:, None], htc.astype(dtype), zero)
-            log_p = jax.nn.log_softmax(htc32 @ wt32.T / temp, axis=-1)
+        aux = teacher.prepare(rows, t_globs, mc, temp, dtype) if w_div > 0 else None
 
         def chunk_loss(z):  # z: the student's un-tempered logits of the chunk
             per_row = jnp.zeros(z.shape[:1], dtype)
             if w_div > 0:
-                per_row = per_row + w_div * divergence(log_p, jax.nn.log_softmax(z / temp, axis=-1))
+                per_row = per_row + w_div * teacher.term(aux, z, temp)
             if w_label > 0:
                 log_q1 = jax.nn.log_softmax(z, axis=-1)
                 per_row = per_row - w_label * jnp.take_along_axis(log_q1, yc[:, None], axis=-1)[:, 0]
@@ -357,26 +392,93 @@ def _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, 
         (dz,) = vjp(jnp.ones((), dtype))
         return dws + dz.T @ hc32, (value, (dz @ ws32).astype(hc.dtype))
 
-    dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, ht, mask, labels))
+    dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, mask, labels, t_rows))
     return jnp.sum(values), dhs, dws.astype(ws.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _fused(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
-    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype)
+def _fused(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype)
     return loss, (dhs, dws)
 
 
-def _fused_fwd(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype):
-    loss, dhs, dws = _fused_pass(hs, ws, ht, wt, mask, labels, denom, divergence, temp, weights, dtype)
-    return (loss, (dhs, dws)), (dhs, dws, ht, wt, denom)
+def _fused_fwd(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype):
+    loss, dhs, dws = _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype)
+    return (loss, (dhs, dws)), (dhs, dws, t_rows, t_globs, denom)
 
 
-def _fused_bwd(divergence, temp, weights, dtype, res, cotangents):
-    dhs, dws, ht, wt, denom = res
+def _no_gradient(tree):
+    """Zero cotangents for the teacher's float arrays, none for integer ids."""
+    return jax.tree.map(lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else None, tree)
+
+
+def _fused_bwd(teacher, temp, weights, dtype, res, cotangents):
+    dhs, dws, t_rows, t_globs, denom = res
     g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
-    return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), jnp.zeros_like(ht), jnp.zeros_like(wt),
+    return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), _no_gradient(t_rows), _no_gradient(t_globs),
             None, None, jnp.zeros_like(denom))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def projected_topk_kl(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_topk_logprobs: jax.Array,
+    teacher_topk_ids: jax.Array,
+    *,
+    temperature: float = 1.0,
+    where: jax.Array | None = None,
+    num_tokens: jax.Array | int | None = None,
+    labels: jax.Array | None = None,
+    divergence_weight: float = 1.0,
+    label_weight: float = 0.0,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    r"""The token mean of the forward KL from a *stored* teacher (its top-k log-probabilities per
+    token) to the student, with the student's output projection fused in (bounded memory).
+
+    .. math::
+        L = \frac{1}{N} \sum_{n\,:\,\mathrm{where}_n} \Big[ w_D \sum_{j=1}^{k} \tilde p_{nj}
+        \big(\log \tilde p_{nj} - \log q_{n, i_{nj}}\big) - w_y \log \mathrm{softmax}(W^s h^s_n)_{y_n} \Big]
+
+    where ``p~`` is the teacher's distribution renormalised over its ``k`` stored tokens (at
+    temperature ``T``: ``softmax(logprobs / T)``) and ``q = softmax(W^s h^s / T)`` over the whole
+    vocabulary, so mass the student puts outside the teacher's top-k is penalised. With ``k`` equal
+    to the vocabulary it is :func:`projected_token_divergence` with ``ForwardKL()``.
+
+    Args:
+      student_hidden: ``[..., d]``; student_weight: ``[vocab, d]``.
+      teacher_topk_logprobs: ``[..., k]`` floating point (bfloat16 storage is fine).
+      teacher_topk_ids: ``[..., k]`` int, ids into the student's vocabulary.
+      temperature, where, num_tokens, labels, divergence_weight, label_weight, chunk_size: as in
+        :func:`projected_token_divergence`.
+
+    Returns:
+      ``[]`` float32: the mean over the counted tokens.
+
+    Example:
+      >>> h, w = jnp.ones((2, 6, 4)), jnp.zeros((50, 4)).at[0].set(1.0)
+      >>> lp, ids = jnp.log(jnp.full((2, 6, 3), 1 / 3)), jnp.tile(jnp.arange(3), (2, 6, 1))
+      >>> projected_topk_kl(h, w, lp, ids, chunk_size=4).shape
+      ()
+
+    References:
+      Storing a teacher's top-k outputs: Raman et al. 2023, "For distillation, tokens are not all
+      you need"; sparse logit sampling, Anshumann et al. 2025, https://arxiv.org/abs/2503.16870.
+    """
+    hs = c.check_floating("student_hidden", student_hidden)
+    ws = c.check_floating("student_weight", student_weight)
+    vals = c.check_floating("teacher_topk_logprobs", teacher_topk_logprobs)
+    ids = jnp.asarray(teacher_topk_ids)
+    if ws.ndim != 2 or ws.shape[1] != hs.shape[-1]:
+        raise ValueError(f"student_weight must be [vocab, d] with d = {hs.shape[-1]}; got {ws.shape}.")
+    if vals.shape != ids.shape or vals.shape[:-1] != hs.shape[:-1]:
+        raise ValueError(f"teacher_topk_logprobs {vals.shape} and teacher_topk_ids {ids.shape} must both be "
+                         f"[..., k] with [...] = {hs.shape[:-1]} (the student's tokens).")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"teacher_topk_ids must be integer ids; got dtype {ids.dtype}.")
+    c.check_labels(ids, ids.shape, ws.shape[0])  # ids inside the student's vocabulary (when concrete)
+    return _fused_entry(hs, ws, (vals, ids.astype(jnp.int32)), (), _TopKTeacher(), temperature, where,
+                        num_tokens, labels, divergence_weight, label_weight, chunk_size)

@@ -96,12 +96,14 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 
 
 def token_kd_step(
-    state: TrainState, batch: Batch, teacher: FrozenModel | None, *, graphdef: nnx.GraphDef,
-    teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation, objective: TokenKD,
+    state: TrainState, batch: Batch, objective: TokenKD, teacher: FrozenModel | None = None, *,
+    graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
     micro_batches: int = 1,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of token-level distillation on ``batch`` (``[B, T]`` arrays), with
-    ``micro_batches`` rounds of gradient accumulation.
+    ``micro_batches`` rounds of gradient accumulation. The signature of the image steps, so the
+    runners of :mod:`jkd.train.parallel` and the fit loop (checkpoints, resume) drive it as they
+    are: ``run = parallel.single_device(functools.partial(token_kd_step, graphdef=..., ...))``.
 
     Returns the new state and ``{"loss", "tokens"}`` (the step's token mean and its count).
     """

@@ -173,7 +173,7 @@ def fit(
             batch = next(stream)
             placed, metrics = run(placed, batch, objective, teacher)
             step += 1
-            n_images += len(batch["label"])
+            n_images += parallel.batch_size(batch)
             last_metrics = metrics
             due_save = checkpoints is not None and (step % config.save_every == 0 or step == config.num_steps)
             due_eval = evaluate is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.num_steps)

@@ -40,9 +40,14 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
 
 
+def batch_size(batch: dict) -> int:
+    """Examples in a batch: images (``label``) or sequences (``tokens``)."""
+    return len(batch["label"] if "label" in batch else batch["tokens"])
+
+
 def check_batch(batch: dict, divisor: int, what: str) -> None:
     """A clear error when the batch cannot be split evenly."""
-    b = len(batch["label"])
+    b = batch_size(batch)
     if b % divisor:
         raise ValueError(
             f"batch size {b} is not divisible by the {what} ({divisor}); choose a batch size that "

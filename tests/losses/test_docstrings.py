@@ -13,7 +13,7 @@ PUBLIC = [getattr(L, n) for n in L.__all__
           if inspect.isfunction(getattr(L, n)) and n not in ("attention_map", "teacher_topk")]
 # The one loss that returns the mean, by design: its gradients are formed in the same pass
 # as the value, which needs the reduction inside (see its docstring).
-REDUCED = ("projected_soft_distillation_loss", "projected_token_divergence", "token_mean")
+REDUCED = ("projected_soft_distillation_loss", "projected_token_divergence", "projected_topk_kl", "token_mean")
 
 
 @pytest.mark.parametrize("fn", PUBLIC, ids=lambda f: f.__name__)

@@ -225,3 +225,41 @@ def test_projected_with_labels_mixes_in_the_cross_entropy():
             label_weight=0.3, chunk_size=4)
         check_grads(f, [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)], order=1, modes=["rev"],
                     atol=1e-6, rtol=1e-6)
+
+
+def test_projected_topk_against_float64_reference():
+    hs, ws, ht, wt = _hidden(10)
+    t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
+    lp_full = _log_softmax(t)
+    k = 5
+    ids = np.argsort(-lp_full, axis=-1)[..., :k]
+    vals = np.take_along_axis(lp_full, ids, -1).astype(np.float32)
+    where = np.ones((3, 5), bool)
+    where[1, :2] = False
+    T = 1.5
+    got = losses.projected_topk_kl(hs, ws, jnp.asarray(vals, jnp.bfloat16).astype(jnp.float32), ids, temperature=T,
+                                   where=where, chunk_size=4)
+    # reference: p~ = softmax(vals / T) over the k ids, q = softmax(s / T) over the vocabulary
+    vals_b = np.asarray(jnp.asarray(vals, jnp.bfloat16).astype(jnp.float32), np.float64)
+    lp = _log_softmax(vals_b / T)
+    lq = _log_softmax(np.asarray(hs, np.float64) @ ws.T.astype(np.float64) / T)
+    kl = (np.exp(lp) * (lp - np.take_along_axis(lq, ids, -1))).sum(-1)
+    np.testing.assert_allclose(float(got), kl[where].mean(), rtol=2e-5)
+
+
+def test_projected_topk_with_the_whole_vocabulary_is_the_forward_kl():
+    hs, ws, ht, wt = _hidden(11)
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(ht) @ jnp.asarray(wt).T, axis=-1))
+    ids = np.tile(np.arange(40), (3, 5, 1))
+    full = losses.projected_topk_kl(hs, ws, lp, ids, temperature=2.0, chunk_size=4)
+    dense = losses.projected_token_divergence(hs, ws, ht, wt, divergence=ForwardKL(), temperature=2.0, chunk_size=4)
+    np.testing.assert_allclose(float(full), float(dense), rtol=1e-5)
+    from jax.test_util import check_grads
+    with jax.enable_x64():
+        f = lambda a, b: losses.projected_topk_kl(  # noqa: E731
+            a, b, jnp.asarray(lp[..., :7], jnp.float64), jnp.asarray(ids[..., :7]), temperature=2.0,
+            labels=jnp.asarray(ids[..., 3]), label_weight=0.5, chunk_size=4)
+        check_grads(f, [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)], order=1, modes=["rev"],
+                    atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 39\]"):
+        losses.projected_topk_kl(hs, ws, lp[..., :3], ids[..., :3] + 38)

@@ -49,7 +49,7 @@ def _setup(tx, seed=0):
 
 def _step(tx, objective, micro_batches=1):
     def step(state, batch, frozen, g, tg):
-        return token_kd_step(state, batch, frozen, graphdef=g, teacher_graphdef=tg, tx=tx, objective=objective,
+        return token_kd_step(state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx,
                              micro_batches=micro_batches)
     return jax.jit(step, static_argnums=(3, 4))
 
@@ -137,7 +137,7 @@ def test_bad_objectives():
     tx = optax.sgd(0.1)
     g, state, _, _ = _setup(tx)
     with pytest.raises(ValueError, match="needs the teacher"):
-        token_kd_step(state, _batch(), None, graphdef=g, teacher_graphdef=None, tx=tx, objective=TokenKD())
+        token_kd_step(state, _batch(), TokenKD(), None, graphdef=g, teacher_graphdef=None, tx=tx)
     with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
-        token_kd_step(state, _batch(), None, graphdef=g, teacher_graphdef=None, tx=tx,
-                      objective=TokenKD(kd_weight=0.0, ce_weight=1.0), micro_batches=3)
+        token_kd_step(state, _batch(), TokenKD(kd_weight=0.0, ce_weight=1.0), None, graphdef=g,
+                      teacher_graphdef=None, tx=tx, micro_batches=3)
