@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jkd.losses import Divergence, ForwardKL, projected_token_divergence
+from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence
+from jkd.train.sampler import MAX_STOP_TOKENS, SamplingConfig, generate_tokens
 from jkd.train.state import FrozenModel, TrainState
 
 Batch = dict[str, jax.Array]
@@ -133,3 +134,94 @@ def token_kd_step(
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, {"loss": loss, "tokens": num_tokens}
+
+
+@struct.dataclass
+class OnPolicyKD:
+    """Generalised knowledge distillation (Agarwal et al. 2024, GKD): with probability
+    ``student_fraction`` (their lambda) a step trains on the student's own continuations of the
+    batch's prompts, sampled inside the step by the jitted sampler and scored by the teacher;
+    otherwise on the batch's given completions. ``divergence`` defaults to the symmetric JSD
+    (their beta = 0.5). The draw is keyed by the state's RNG and step: a resumed run makes the same
+    choices and samples the same tokens.
+    """
+
+    divergence: Divergence = struct.field(pytree_node=False, default=GeneralizedJSD(beta=0.5))
+    temperature: float = struct.field(pytree_node=False, default=1.0)
+    student_fraction: float = struct.field(pytree_node=False, default=0.5)
+    max_new_tokens: int = struct.field(pytree_node=False, default=32)
+    sampling: SamplingConfig = struct.field(pytree_node=False, default=SamplingConfig(temperature=1.0))
+    vocab_size: int | None = struct.field(pytree_node=False, default=None)
+    chunk_size: int = struct.field(pytree_node=False, default=1024)
+
+    def __post_init__(self):
+        if not 0 <= self.student_fraction <= 1:
+            raise ValueError(f"OnPolicyKD.student_fraction must lie in [0, 1]; got {self.student_fraction!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"OnPolicyKD.max_new_tokens must be a positive int; got {self.max_new_tokens!r}")
+
+    def token_kd(self) -> TokenKD:
+        return TokenKD(divergence=self.divergence, temperature=self.temperature, vocab_size=self.vocab_size,
+                       chunk_size=self.chunk_size)
+
+
+def prompt_and_completion(prompts: jax.Array, prompt_lengths: jax.Array, completions: jax.Array,
+                          completion_lengths: jax.Array, *, pad_id: int = 0) -> Batch:
+    """Join right-padded ``prompts [B, P]`` and ``completions [B, N]`` row by row into a
+    ``[B, P + N]`` batch whose ``loss_mask`` marks the completion tokens."""
+    b, p = prompts.shape
+    n = completions.shape[1]
+    j = jnp.arange(p + n)[None, :]
+    lp, lc = prompt_lengths[:, None], completion_lengths[:, None]
+    from_prompt = jnp.take_along_axis(prompts, jnp.clip(j, 0, p - 1).repeat(b, 0), axis=1)
+    from_completion = jnp.take_along_axis(completions, jnp.clip(j - lp, 0, n - 1), axis=1)
+    tokens = jnp.where(j < lp, from_prompt, jnp.where(j < lp + lc, from_completion, pad_id))
+    return {"tokens": tokens.astype(jnp.int32), "attention_mask": j < lp + lc, "loss_mask": (j >= lp) & (j < lp + lc)}
+
+
+def on_policy_step(
+    state: TrainState, batch: Batch, objective: OnPolicyKD, teacher: FrozenModel, *, graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One GKD step. ``batch`` holds the given sequences (``tokens``, ``loss_mask``,
+    ``attention_mask``) and their prompts (``prompt_tokens [B, P]`` right-padded,
+    ``prompt_lengths [B]``). Metrics: ``loss``, ``tokens``, ``on_policy`` (1 when the step
+    trained on the student's samples)."""
+    key = jax.random.fold_in(state.rng, state.step)
+    draw, sample_key = jax.random.split(key)
+    use_student = jax.random.bernoulli(draw, objective.student_fraction)
+    kd = objective.token_kd()
+    teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
+
+    def grads_on(seqs: Batch):
+        n = jnp.sum(learned_positions(seqs), dtype=jnp.int32)
+
+        def loss_fn(params):
+            student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
+            return token_kd_loss(student, teacher_model, seqs, kd, num_tokens=n)
+
+        loss, g = jax.value_and_grad(loss_fn)(state.params)
+        return loss, g, n
+
+    def on_student_samples(_):
+        student = nnx.merge(graphdef, state.params, state.batch_stats, state.rest)
+        stops = jnp.asarray((list(student.config.eos_token_ids) + [-1] * MAX_STOP_TOKENS)[:MAX_STOP_TOKENS], jnp.int32)
+        pad = student.config.pad_token_id or 0
+        new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key, stops,
+                                     max_new_tokens=objective.max_new_tokens, sampling=objective.sampling, pad_id=pad)
+        seqs = prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], jax.lax.stop_gradient(new),
+                                     n_new, pad_id=pad)
+        return grads_on(seqs)
+
+    def on_given(_):
+        return grads_on({k: batch[k] for k in ("tokens", "loss_mask", "attention_mask") if k in batch})
+
+    if objective.student_fraction == 1:
+        loss, grads, n = on_student_samples(None)
+    elif objective.student_fraction == 0:
+        loss, grads, n = on_given(None)
+    else:
+        loss, grads, n = jax.lax.cond(use_student, on_student_samples, on_given, None)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return new, {"loss": loss, "tokens": n, "on_policy": use_student.astype(jnp.int32)}

@@ -15,7 +15,9 @@ from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import batch_sharding, make_mesh
 from jkd.train import optim
-from jkd.train.lm_steps import TokenKD, learned_positions, token_kd_step
+from jkd.train.lm_steps import (OnPolicyKD, TokenKD, learned_positions, on_policy_step, prompt_and_completion,
+                                token_kd_loss, token_kd_step)
+from jkd.train.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
 VOCAB = 48  # the shared vocabulary; the teacher's embedding has 4 padding rows beyond it
@@ -141,3 +143,85 @@ def test_bad_objectives():
     with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
         token_kd_step(state, _batch(), TokenKD(kd_weight=0.0, ce_weight=1.0), None, graphdef=g,
                       teacher_graphdef=None, tx=tx, micro_batches=3)
+
+
+# ---- on-policy distillation (GKD) -----------------------------------------------------------
+
+def _with_prompts(batch):
+    """The batch plus its prompts: each row's tokens before its first learned token."""
+    loss_mask = np.asarray(batch["loss_mask"])
+    lengths = np.argmax(loss_mask, axis=1).astype(np.int32)
+    p = int(lengths.max())
+    prompts = np.where(np.arange(p)[None] < lengths[:, None], np.asarray(batch["tokens"])[:, :p], 0)
+    return {**batch, "prompt_tokens": jnp.asarray(prompts, jnp.int32), "prompt_lengths": jnp.asarray(lengths)}
+
+
+def test_prompt_and_completion_join_rows():
+    out = prompt_and_completion(jnp.array([[5, 6, 0], [7, 0, 0]]), jnp.array([2, 1]),
+                                jnp.array([[1, 2], [3, 4]]), jnp.array([1, 2]), pad_id=9)
+    assert np.asarray(out["tokens"]).tolist() == [[5, 6, 1, 9, 9], [7, 3, 4, 9, 9]]
+    assert np.asarray(out["loss_mask"]).tolist() == [[False, False, True, False, False], [False, True, True, False, False]]
+    assert np.asarray(out["attention_mask"]).sum(1).tolist() == [3, 3]
+
+
+def _on_policy(tx, objective, g, tg):
+    return jax.jit(lambda s, b, f: on_policy_step(s, b, objective, f, graphdef=g, teacher_graphdef=tg, tx=tx))
+
+
+def test_on_policy_with_fraction_0_is_token_kd():
+    tx = optax.sgd(0.5)
+    g, state, tg, frozen = _setup(tx)
+    batch = _with_prompts(_batch(4))
+    obj = OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.0, vocab_size=VOCAB, chunk_size=32)
+    a, ma = _on_policy(tx, obj, g, tg)(state, batch, frozen)
+    b, _ = _step(tx, TokenKD(divergence=GeneralizedJSD(beta=0.5), vocab_size=VOCAB, chunk_size=32))(
+        state, {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")}, frozen, g, tg)
+    assert int(ma["on_policy"]) == 0
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_on_policy_with_fraction_1_trains_on_the_students_greedy_continuations():
+    """With greedy sampling the student's continuations are known independently (the public
+    sampler, itself checked against full forward passes): the step's loss is token KD on them."""
+    tx = optax.sgd(0.5)
+    g, state, tg, frozen = _setup(tx)
+    batch = _with_prompts(_batch(5))
+    obj = OnPolicyKD(divergence=ForwardKL(), student_fraction=1.0, max_new_tokens=6,
+                     sampling=SamplingConfig(temperature=0.0), vocab_size=VOCAB, chunk_size=32)
+    _, metrics = _on_policy(tx, obj, g, tg)(state, batch, frozen)
+    student = nnx.merge(g, state.params, state.batch_stats, state.rest)
+    prompts = [np.asarray(batch["prompt_tokens"])[i, :n].tolist() for i, n in enumerate(np.asarray(batch["prompt_lengths"]))]
+    gen = generate(student, prompts, max_new_tokens=6, stop_tokens=[], pad_id=0)
+    rows = [p + r.tolist() for p, r in zip(prompts, gen.rows())]
+    width = max(map(len, rows))
+    tokens = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+    attention = np.array([[j < len(r) for j in range(width)] for r in rows])
+    learn = np.array([[len(p) <= j < len(r) for j in range(width)] for p, r in zip(prompts, rows)])
+    seqs = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention), "loss_mask": jnp.asarray(learn)}
+    teacher = nnx.merge(tg, frozen.params, frozen.batch_stats, frozen.rest)
+    want = token_kd_loss(student, teacher, seqs, obj.token_kd(), num_tokens=jnp.sum(learned_positions(seqs)))
+    assert int(metrics["on_policy"]) == 1 and int(metrics["tokens"]) == 8 * 6
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
+
+
+def test_on_policy_fraction_and_resumable_choices():
+    tx = optax.sgd(0.1)
+    g, state, tg, frozen = _setup(tx)
+    batch = _with_prompts(_batch(6))
+    obj = OnPolicyKD(student_fraction=0.5, max_new_tokens=4, vocab_size=VOCAB, chunk_size=64)
+    step = _on_policy(tx, obj, g, tg)
+    choices, s = [], state
+    for _ in range(16):
+        s, m = step(s, batch, frozen)
+        choices.append(int(m["on_policy"]))
+    assert 3 <= sum(choices) <= 13
+    # a run resumed at step 8 makes the same choices (keyed by the state's RNG and step)
+    s8 = state
+    for _ in range(8):
+        s8, _ = step(s8, batch, frozen)
+    again = []
+    for _ in range(8):
+        s8, m = step(s8, batch, frozen)
+        again.append(int(m["on_policy"]))
+    assert again == choices[8:]
