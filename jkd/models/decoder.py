@@ -96,14 +96,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention: ``q [B, T, H, hd]``, ``k, v [B, Hkv, S, hd]`` (head-major, the KV
     cache's layout: no transpose of the cache per step), ``mask [B, T, S]`` (True where a query
-    sees a key) -> ``[B, T, H, hd]``. Scores and softmax in float32."""
+    sees a key) -> ``[B, T, H, hd]``. Scores and softmax in float32.
+
+    The ``G = H / Hkv`` query heads that share a key/value head are stacked into one
+    ``[B, Hkv, G*T, hd]`` operand, so both products are plain batched matrix products (1.4x faster
+    forward and backward on the CPU than a 5-d einsum, BUILD_NOTES).
+    """
     b, t, h, hd = q.shape
     kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
+    g = h // kv
+    qh = q.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores.reshape(b, kv, g, t, -1), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
 class Attention(nnx.Module):

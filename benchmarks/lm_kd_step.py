@@ -1,0 +1,163 @@
+"""A token-level distillation step, jkd against PyTorch eager, and the cost of an on-policy step.
+
+1. Token KD: the same random Llama teacher (~29M parameters) and student (~7M), built by
+   ``transformers`` and loaded by jkd, batch 8 x 256 tokens, float32, AdamW. PyTorch: teacher
+   forward under ``no_grad``, student forward, the KD loss as torchtune's
+   ``ForwardKLWithChunkedOutputLoss`` computes it (8 chunks along the sequence, float32 upcast,
+   ``-sum p log q`` over non-masked tokens) mixed 50/50 with the cross-entropy as torchtune's KD
+   recipe mixes them, backward, ``AdamW.step``. jkd: :func:`jkd.train.lm_steps.token_kd_step`
+   (fused forward KL + cross-entropy), jitted with the state donated. Tokens per second, best of 3
+   timings of 3 steps after a warm-up, side by side. Target: jkd >= 1.2x.
+2. On-policy: :func:`jkd.train.lm_steps.on_policy_step` with ``student_fraction=1`` (every step
+   samples 128 new tokens for 8 prompts of 128 tokens with the KV-cache sampler, then scores them
+   with the teacher) against a token-KD step on sequences of the same 256 tokens. Target: <= 2x.
+
+Writes "lm_kd_step" to runs/bench/results.json.
+
+    .venv/bin/python benchmarks/lm_kd_step.py
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from common import write
+from jkd.models.hf import load_hf
+from jkd.train import optim, parallel
+from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
+from jkd.train.sampler import SamplingConfig
+from jkd.train.state import create_train_state, freeze_model
+
+B, T, VOCAB = 8, 256, 8192
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
+               pad_token_id=None, tie_word_embeddings=False)
+TEACHER = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=7, num_attention_heads=8,
+               num_key_value_heads=4, **_COMMON)
+STUDENT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, **_COMMON)
+LR, KD_RATIO, CHUNKS = 1e-4, 0.5, 8
+
+
+def _best(fn, steps=3, repeats=3) -> float:
+    fn()  # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def _torch_step_fn(teacher, student, tokens, mask):
+    import torch
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(student.parameters(), lr=LR)
+    labels = tokens[:, 1:].clone()
+    labels[~mask[:, 1:]] = -100
+
+    def kd_chunked(student_chunks, teacher_chunks, labels):
+        # torchtune's ForwardKLWithChunkedOutputLoss: per chunk, -sum p log q over the vocabulary,
+        # summed over non-masked tokens, divided by their number.
+        label_chunks = labels.chunk(len(student_chunks), dim=1)
+        total = 0.0
+        for s, t, y in zip(student_chunks, teacher_chunks, label_chunks):
+            p = F.softmax(t.float(), dim=-1)
+            log_q = F.log_softmax(s.float(), dim=-1)
+            prod = torch.masked_fill(p * log_q, torch.isinf(log_q), 0)
+            x = torch.sum(prod, dim=-1).view(-1)
+            m = (y != -100).view(-1).int()
+            total = total + torch.sum(x * m)
+        return -total / torch.sum((labels != -100).int())
+
+    def step():
+        with torch.no_grad():
+            th = teacher.model(input_ids=tokens).last_hidden_state[:, :-1]
+            t_chunks = [teacher.lm_head(c) for c in th.chunk(CHUNKS, dim=1)]
+        sh = student.model(input_ids=tokens).last_hidden_state[:, :-1]
+        s_chunks = [student.lm_head(c) for c in sh.chunk(CHUNKS, dim=1)]
+        ce = sum(F.cross_entropy(c.float().reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100, reduction="sum")
+                 for c, y in zip(s_chunks, labels.chunk(CHUNKS, dim=1))) / torch.sum(labels != -100)
+        loss = (1 - KD_RATIO) * ce + KD_RATIO * kd_chunked(s_chunks, t_chunks, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def run() -> dict:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    teacher_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEACHER)).eval()
+    student_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(**STUDENT)).train()
+    n_teacher = sum(p.numel() for p in teacher_t.parameters())
+    n_student = sum(p.numel() for p in student_t.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_t.save_pretrained(f"{tmp}/t")
+        student_t.save_pretrained(f"{tmp}/s")
+        teacher, student = load_hf(f"{tmp}/t"), load_hf(f"{tmp}/s")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
+    mask = np.ones((B, T), bool)
+    mask[:, : T // 4] = False  # the prompt quarter is not learned
+
+    torch_s = _best(_torch_step_fn(teacher_t, student_t, torch.tensor(tokens, dtype=torch.long),
+                                   torch.tensor(mask)))
+
+    tx = optim._strict_safe(optax.adamw(LR, weight_decay=0.01))
+    tg, frozen = freeze_model(teacher)
+    g, state = create_train_state(student, tx, seed=0)
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    kd = TokenKD(kd_weight=KD_RATIO, ce_weight=1 - KD_RATIO, chunk_size=512)
+    run_kd = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
+    holder = {"state": state}
+
+    def jkd_step():
+        holder["state"], m = run_kd(holder["state"], batch, kd, frozen)
+        jax.block_until_ready(m["loss"])
+
+    jkd_s = _best(jkd_step)
+
+    # on-policy: 8 prompts of 128 tokens, 128 sampled tokens each (256-token sequences, as above)
+    prompt_len = T // 2
+    op_batch = {**batch, "prompt_tokens": jnp.asarray(tokens[:, :prompt_len]),
+                "prompt_lengths": jnp.full((B,), prompt_len, jnp.int32)}
+    op = OnPolicyKD(divergence=kd.divergence, student_fraction=1.0, max_new_tokens=T - prompt_len,
+                    sampling=SamplingConfig(temperature=1.0), chunk_size=512)
+    run_op = parallel.single_device(functools.partial(on_policy_step, graphdef=g, teacher_graphdef=tg, tx=tx))
+
+    def op_step():
+        holder["state"], m = run_op(holder["state"], op_batch, op, frozen)
+        jax.block_until_ready(m["loss"])
+
+    op_s = _best(op_step)
+    tok = B * T
+    return {"teacher_parameters": int(n_teacher), "student_parameters": int(n_student), "batch": B, "tokens": T,
+            "jkd_tokens_per_s": tok / jkd_s, "torch_tokens_per_s": tok / torch_s, "ratio": torch_s / jkd_s,
+            "target": 1.2, "on_policy_s": op_s, "token_kd_s": jkd_s, "on_policy_cost": op_s / jkd_s,
+            "on_policy_target": 2.0, "torch_threads": torch.get_num_threads()}
+
+
+def report(r: dict) -> str:
+    return (f"lm_kd_step (teacher {r['teacher_parameters'] / 1e6:.1f}M, student {r['student_parameters'] / 1e6:.1f}M, "
+            f"{r['batch']}x{r['tokens']}): jkd {r['jkd_tokens_per_s']:.0f} tok/s vs PyTorch eager "
+            f"{r['torch_tokens_per_s']:.0f} tok/s: ratio {r['ratio']:.2f} (target >= 1.2); on-policy step "
+            f"{r['on_policy_s']:.2f} s = {r['on_policy_cost']:.2f}x a token-KD step (target <= 2)")
+
+
+if __name__ == "__main__":
+    r = run()
+    write("lm_kd_step", r)
+    print(report(r))
