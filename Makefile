@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run_all.py
+
+# Where a GPU is lent: its image already holds JAX with CUDA, flax, optax, orbax, transformers and
+# PyTorch (no venv, no network); grain travels as a wheel (BUILD_NOTES). Under 8 minutes on an H200.
+gpu-check:
+	cd benchmarks && python3 lm_gpu_check.py && python3 lm_fused_loss.py && python3 lm_sampler.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --select F,E9 jkd tests benchmarks experiments

@@ -1,0 +1,110 @@
+"""The prepared accelerator check for language-model distillation (run where a GPU is lent).
+
+Runs with what the GPU image holds (JAX with CUDA, flax, optax, orbax; the project's own files;
+grain's wheel carried, see BUILD_NOTES) and reports:
+
+1. The token-KD step's model FLOPs utilisation in bfloat16: a random Llama teacher of ~0.9B
+   parameters and a student of ~125M, batch 16 x 1024 tokens, forward KL + cross-entropy (fused),
+   AdamW. Model FLOPs = 2 N_teacher + 6 N_student per token (matrix products; attention's
+   ``4 T d`` per layer and token added for both), over the measured step time and the chip's
+   peak bf16 rate (``--peak-tflops``, default 989 for an H100/H200 SXM). Target: >= 40%.
+2. The sampler's tokens per second for the student: 64 prompts of 128 tokens, 256 new tokens.
+
+``--tiny`` shrinks everything to check the script itself on a CPU.
+
+    python benchmarks/lm_gpu_check.py [--tiny] [--peak-tflops 989]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jkd.models.decoder import Decoder
+from jkd.models.decoder_config import DecoderConfig
+from jkd.train import optim, parallel
+from jkd.train.lm_steps import TokenKD, token_kd_step
+from jkd.train.sampler import SamplingConfig, generate
+from jkd.train.state import create_train_state, freeze_model
+
+FULL = {
+    "teacher": DecoderConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16,
+                             num_heads=16, num_kv_heads=8, max_position_embeddings=4096),
+    "student": DecoderConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+                             num_heads=12, num_kv_heads=4, max_position_embeddings=4096),
+    "batch": 16, "tokens": 1024, "sample_batch": 64, "prompt": 128, "new": 256,
+}
+TINY = {
+    "teacher": DecoderConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2, max_position_embeddings=512),
+    "student": DecoderConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=1, max_position_embeddings=512),
+    "batch": 4, "tokens": 64, "sample_batch": 4, "prompt": 16, "new": 16,
+}
+
+
+def _flops_per_token(cfg: DecoderConfig, tokens: int, factor: int) -> float:
+    attention = 4 * tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers  # QK^T and PV, causal not halved
+    return factor * (cfg.num_parameters() + attention / 2)
+
+
+def main(tiny: bool, peak_tflops: float) -> dict:
+    s = TINY if tiny else FULL
+    tcfg, scfg, b, t = s["teacher"], s["student"], s["batch"], s["tokens"]
+    t0 = time.perf_counter()
+    teacher = Decoder(tcfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    student = Decoder(scfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    tg, frozen = freeze_model(teacher)
+    tx = optim._strict_safe(optax.adamw(1e-4, weight_decay=0.01))
+    g, state = create_train_state(student, tx, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, scfg.vocab_size, (b, t)), jnp.int32)
+    mask = jnp.ones((b, t), bool).at[:, : t // 8].set(False)
+    batch = {"tokens": tokens, "loss_mask": mask}
+    kd = TokenKD(kd_weight=0.5, ce_weight=0.5, chunk_size=2048)
+    run = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
+    state, m = run(state, batch, kd, frozen)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    steps = 3 if tiny else 10
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = run(state, batch, kd, frozen)
+    jax.block_until_ready(m["loss"])
+    step_s = (time.perf_counter() - t0) / steps
+    flops = b * t * (_flops_per_token(tcfg, t, 2) + _flops_per_token(scfg, t, 6))
+    achieved = flops / step_s / 1e12
+    out = {"device": jax.devices()[0].device_kind, "teacher_parameters": tcfg.num_parameters(),
+           "student_parameters": scfg.num_parameters(), "batch": b, "tokens": t, "step_s": step_s,
+           "first_step_s": compile_s, "model_tflops_per_step": flops / 1e12, "achieved_tflops": achieved,
+           "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops, "target_mfu": 0.4,
+           "loss": float(m["loss"])}
+    student = nnx.merge(g, state.params, state.batch_stats, state.rest)
+    prompts = rng.integers(0, scfg.vocab_size, (s["sample_batch"], s["prompt"])).tolist()
+    gen = functools.partial(generate, student, prompts, max_new_tokens=s["new"], stop_tokens=[],
+                            sampling=SamplingConfig(temperature=1.0))
+    gen(key=0)
+    t0 = time.perf_counter()
+    gen(key=1)
+    gen_s = time.perf_counter() - t0
+    out["sampler_tokens_per_s"] = s["sample_batch"] * s["new"] / gen_s
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    a = p.parse_args()
+    r = main(a.tiny, a.peak_tflops)
+    print(json.dumps(r, indent=2))
+    print(f"lm_gpu_check on {r['device']}: token-KD step {r['step_s'] * 1e3:.1f} ms, {r['achieved_tflops']:.1f} TFLOP/s "
+          f"= {100 * r['mfu']:.1f}% MFU (target >= 40%); sampler {r['sampler_tokens_per_s']:.0f} tok/s")
