@@ -345,8 +345,8 @@ class _DenseTeacher:
 
     def prepare(self, rows, globs, mask, temp, dtype):
         (ht,), (wt,) = rows, globs
-        ht = jnp.where(mask[:, None], ht.astype(dtype), jnp.zeros((), dtype))
-        return jax.nn.log_softmax(ht @ wt.astype(dtype).T / temp, axis=-1)
+        ht = jnp.where(mask[:, None], ht, jnp.zeros((), ht.dtype)).astype(wt.dtype)
+        return jax.nn.log_softmax(_mm(ht, wt, "td,vd->tv", dtype) / temp, axis=-1)
 
     def term(self, log_p, z, temp):
         return self.divergence(log_p, jax.nn.log_softmax(z / temp, axis=-1))
@@ -368,15 +368,24 @@ class _TopKTeacher:
         return _kl(jnp.exp(log_p), log_p, log_q)
 
 
+def _mm(a, b, spec, dtype):
+    """A product in the operands' own dtype (bfloat16 stays bfloat16 on the MXU / tensor cores)
+    with ``dtype`` (float32) accumulation and result."""
+    return jnp.einsum(spec, a, b, preferred_element_type=dtype)
+
+
 def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype):
-    """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan."""
+    """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan.
+
+    The products run in the inputs' dtype with float32 accumulation; the softmaxes, the
+    divergence and the accumulated weight gradient are float32.
+    """
     zero = jnp.zeros((), dtype)
-    ws32 = ws.astype(dtype)
     w_div, w_label = weights
 
     def one(dws, args):
         hc, mc, yc, rows = args
-        hc32 = jnp.where(mc[:, None], hc.astype(dtype), zero)  # garbage in masked rows never enters
+        hc = jnp.where(mc[:, None], hc, jnp.zeros((), hc.dtype))  # garbage in masked rows never enters
         aux = teacher.prepare(rows, t_globs, mc, temp, dtype) if w_div > 0 else None
 
         def chunk_loss(z):  # z: the student's un-tempered logits of the chunk
@@ -388,9 +397,10 @@ def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, wei
                 per_row = per_row - w_label * jnp.take_along_axis(log_q1, yc[:, None], axis=-1)[:, 0]
             return jnp.sum(jnp.where(mc, per_row, zero)) / denom
 
-        value, vjp = jax.vjp(chunk_loss, hc32 @ ws32.T)
+        value, vjp = jax.vjp(chunk_loss, _mm(hc, ws, "td,vd->tv", dtype))
         (dz,) = vjp(jnp.ones((), dtype))
-        return dws + dz.T @ hc32, (value, (dz @ ws32).astype(hc.dtype))
+        dh = _mm(dz.astype(ws.dtype), ws, "tv,vd->td", dtype)
+        return dws + _mm(dz.astype(hc.dtype), hc, "tv,td->vd", dtype), (value, dh.astype(hc.dtype))
 
     dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, mask, labels, t_rows))
     return jnp.sum(values), dhs, dws.astype(ws.dtype)

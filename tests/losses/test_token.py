@@ -263,3 +263,16 @@ def test_projected_topk_with_the_whole_vocabulary_is_the_forward_kl():
                     atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match=r"must lie in \[0, 39\]"):
         losses.projected_topk_kl(hs, ws, lp[..., :3], ids[..., :3] + 38)
+
+
+def test_projected_in_bfloat16_stays_close_to_float32():
+    """bfloat16 inputs: products in bfloat16 with float32 accumulation, softmax in float32."""
+    hs, ws, ht, wt = _hidden(12)
+    f32 = losses.projected_token_divergence(hs, ws, ht, wt, divergence=GeneralizedJSD(beta=0.5), chunk_size=4)
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (hs, ws, ht, wt)]
+    bf16 = losses.projected_token_divergence(*args, divergence=GeneralizedJSD(beta=0.5), chunk_size=4)
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(float(bf16), float(f32), rtol=3e-2)
+    g = jax.grad(lambda a, b: losses.projected_token_divergence(a, b, args[2], args[3], chunk_size=4), (0, 1))(*args[:2])
+    assert g[0].dtype == jnp.bfloat16 and g[1].dtype == jnp.bfloat16
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in g)
