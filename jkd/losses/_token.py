@@ -425,8 +425,8 @@ def _no_gradient(tree):
 def _fused_bwd(teacher, temp, weights, dtype, res, cotangents):
     dhs, dws, t_rows, t_globs, denom = res
     g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
-    return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), _no_gradient(t_rows), _no_gradient(t_globs),
-            None, None, jnp.zeros_like(denom))
+    return ((dhs.astype(dtype) * g).astype(dhs.dtype), (dws.astype(dtype) * g).astype(dws.dtype),
+            _no_gradient(t_rows), _no_gradient(t_globs), None, None, jnp.zeros_like(denom))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
