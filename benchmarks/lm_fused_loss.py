@@ -31,13 +31,13 @@ DIVERGENCES = {"forward_kl": losses.ForwardKL(), "reverse_kl": losses.ReverseKL(
                "jsd": losses.GeneralizedJSD(beta=0.5)}
 
 
-def _fns(div):
+def _fns(div, chunk=CHUNK):
     def plain(hs, ws, ht, wt):
         per_token = losses.token_divergence(hs @ ws.T, jax.lax.stop_gradient(ht @ wt.T), divergence=div)
         return losses.token_mean(per_token)
 
     def fused(hs, ws, ht, wt):
-        return losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, chunk_size=CHUNK)
+        return losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, chunk_size=chunk)
 
     return {"plain": jax.jit(jax.value_and_grad(plain, argnums=(0, 1))),
             "fused": jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))}
@@ -54,16 +54,16 @@ def _peak(compiled) -> int:
     return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
-def run(timed=None) -> dict:
+def run(timed=None, chunk: int = CHUNK) -> dict:
     on_cpu = jax.devices()[0].platform == "cpu"
     timed = timed or (CPU_TIMED if on_cpu else FULL)
-    out = {"full_size": FULL, "timed_size": timed, "chunk": CHUNK, "device": jax.devices()[0].device_kind}
+    out = {"full_size": FULL, "timed_size": timed, "chunk": chunk, "device": jax.devices()[0].device_kind}
     k = jax.random.split(jax.random.key(0), 4)
     t, v, d = timed
     args = (jax.random.normal(k[0], (t, d)), jax.random.normal(k[1], (v, d)) / d ** 0.5,
             jax.random.normal(k[2], (t, d)), jax.random.normal(k[3], (v, d)) / d ** 0.5)
     for name, div in DIVERGENCES.items():
-        fns = _fns(div)
+        fns = _fns(div, chunk)
         r = {}
         for way, fn in fns.items():
             r[f"{way}_peak_gb"] = _peak(fn.lower(*_shapes(*FULL)).compile()) / 1e9
@@ -84,7 +84,7 @@ def run(timed=None) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"lm_fused_loss (peak at {r['full_size']}, time at {r['timed_size']}, {r['device']}):"]
+    lines = [f"lm_fused_loss (chunk {r['chunk']}; peak at {r['full_size']}, time at {r['timed_size']}, {r['device']}):"]
     for name in DIVERGENCES:
         x = r[name]
         lines.append(f"  {name}: peak {x['fused_peak_gb']:.2f} GB vs {x['plain_peak_gb']:.2f} GB (ratio "
@@ -94,6 +94,9 @@ def report(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    r = run()
-    write("lm_fused_loss", r)
+    import sys
+
+    chunk = int(sys.argv[1]) if len(sys.argv) > 1 else CHUNK
+    r = run(chunk=chunk)
+    write("lm_fused_loss" if chunk == CHUNK else f"lm_fused_loss_chunk{chunk}", r)
     print(report(r))

@@ -5,6 +5,8 @@ import batchnorm
 import chunked_loss
 from common import write
 import data_pipeline
+import lm_fused_loss
+import lm_kd_step
 import lm_loading
 import lm_sampler
 import many_students
@@ -50,6 +52,12 @@ if __name__ == "__main__":
     r = lm_loading.run()
     write("lm_loading", r)
     print(lm_loading.report(r))
+    r = lm_fused_loss.run()
+    write("lm_fused_loss", r)
+    print(lm_fused_loss.report(r))
+    r = lm_kd_step.run()
+    write("lm_kd_step", r)
+    print(lm_kd_step.report(r))
     m = many_students.run("cnn", sequential=True)
     write("many_students_cnn_sequential", m)
     print(f"many_students {m['pair']}: ratio {m['ratio']:.2f} of ideal {m['ideal']:.2f}")
