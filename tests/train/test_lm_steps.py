@@ -225,3 +225,25 @@ def test_on_policy_fraction_and_resumable_choices():
         s8, m = step(s8, batch, frozen)
         again.append(int(m["on_policy"]))
     assert again == choices[8:]
+
+
+def test_sharded_teacher_and_student_on_a_2x2_mesh_equal_one_device():
+    """Teacher and student split by the decoder's partition rules over ('data', 'model'), the
+    batch over 'data': the step's parameters equal one device's."""
+    from jkd.models.decoder_sharding import shard_decoder
+    tx = optax.sgd(0.5)
+    objective = TokenKD(vocab_size=VOCAB, ce_weight=0.2, chunk_size=16)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch(7)
+    one, _ = _step(tx, objective)(state, batch, frozen, g, tg)
+    mesh = make_mesh(2, 2)
+    teacher = shard_decoder(nnx.merge(tg, frozen.params, frozen.batch_stats, frozen.rest), mesh)
+    student = shard_decoder(nnx.merge(g, state.params, state.batch_stats, state.rest), mesh)
+    tg2, frozen2 = freeze_model(teacher)
+    g2, state2 = create_train_state(student, tx, seed=0)
+    w = state2.params["layers"][0]["mlp"]["up_proj"]["weight"][...]
+    assert all(s.data.size * 4 == w.size for s in w.addressable_shards)  # really split four ways
+    sharded = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+    four, _ = _step(tx, objective)(state2, sharded, frozen2, g2, tg2)
+    for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
