@@ -41,6 +41,12 @@ def _kl(w, log_w, log_v):
     return jnp.sum(jnp.where(pos, w * diff, zero), axis=-1)
 
 
+def _check_unit_interval(divergence, field: str) -> None:
+    value = getattr(divergence, field)
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{type(divergence).__name__}.{field} must be a number in [0, 1]; got {value!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ForwardKL:
     r"""``KL(p || q)``: mass-covering (Hinton et al.; torchtune's KD recipe)."""
@@ -73,8 +79,7 @@ class GeneralizedJSD:
     beta: float = 0.5
 
     def __post_init__(self):
-        if not isinstance(self.beta, (int, float)) or not 0 <= self.beta <= 1:
-            raise ValueError(f"GeneralizedJSD.beta must be a number in [0, 1]; got {self.beta!r}.")
+        _check_unit_interval(self, "beta")
 
     def __call__(self, log_p, log_q):
         p, q = jnp.exp(log_p), jnp.exp(log_q)
@@ -94,8 +99,7 @@ class SkewForwardKL:
     alpha: float = 0.1
 
     def __post_init__(self):
-        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"SkewForwardKL.alpha must be a number in [0, 1]; got {self.alpha!r}.")
+        _check_unit_interval(self, "alpha")
 
     def __call__(self, log_p, log_q):
         p, q = jnp.exp(log_p), jnp.exp(log_q)
@@ -110,8 +114,7 @@ class SkewReverseKL:
     alpha: float = 0.1
 
     def __post_init__(self):
-        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"SkewReverseKL.alpha must be a number in [0, 1]; got {self.alpha!r}.")
+        _check_unit_interval(self, "alpha")
 
     def __call__(self, log_p, log_q):
         p, q = jnp.exp(log_p), jnp.exp(log_q)
