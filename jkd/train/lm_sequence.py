@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 from jkd.models.decoder import Decoder
+from jkd.train.lm_stored import teacher_identity
 from jkd.train.sampler import SamplingConfig, generate
+from jkd.train.state import freeze_model
 
 
 def _digest(*parts) -> str:
@@ -41,7 +43,7 @@ def _prompts_key(prompts: Sequence[Sequence[int]]) -> str:
 
 
 def teacher_answers(
-    teacher: Decoder, prompts: Sequence[Sequence[int]], *, cache_dir: str | Path, teacher_id: str,
+    teacher: Decoder, prompts: Sequence[Sequence[int]], *, cache_dir: str | Path, teacher_id: str | None = None,
     max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(temperature=1.0), seed: int = 0,
     batch_size: int = 16, stop_tokens: Sequence[int] | None = None, progress: bool = False,
 ) -> list[np.ndarray]:
@@ -51,12 +53,15 @@ def teacher_answers(
       teacher: the teacher decoder (sharded or not).
       prompts: token-id sequences (e.g. ``encode_chat(..., add_generation_prompt=True).ids``).
       cache_dir: where answers are kept; one sub-folder per (teacher, settings).
-      teacher_id: names the teacher's weights (e.g. :func:`jkd.train.lm_stored.teacher_identity`):
-        another teacher never reads these answers.
+      teacher_id: names the teacher's weights; default :func:`jkd.train.lm_stored.teacher_identity`
+        of its parameters and config (one pass over the weights), so changed weights never read
+        another teacher's answers. Pass a name you keep stable yourself to skip that pass.
       max_new_tokens, sampling, stop_tokens: as :func:`jkd.train.sampler.generate`.
       seed: batch ``i`` samples with ``fold_in(key(seed), i)``.
       batch_size: prompts per generation call (and per file).
     """
+    if teacher_id is None:
+        teacher_id = teacher_identity(freeze_model(teacher)[1], teacher.config)
     settings = _digest(teacher_id, max_new_tokens, sampling, seed, batch_size,
                        None if stop_tokens is None else tuple(stop_tokens))
     folder = Path(cache_dir) / f"answers-{settings}"
@@ -87,7 +92,7 @@ def teacher_answers(
                      tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32))
         tmp.replace(path)
         answers.extend(rows)
-        if progress:
+        if progress and i + 1 < n_batches:  # the last line comes below, with the cache count
             done = i + 1
             rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)
             print(f"teacher answers: batch {done}/{n_batches} ({cached} from the cache, {rate:.2f} batches/s)",

@@ -25,7 +25,7 @@ import optax
 from flax import nnx, struct
 
 from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence
-from jkd.train.sampler import MAX_STOP_TOKENS, SamplingConfig, generate_tokens
+from jkd.train.sampler import SamplingConfig, default_pad_id, generate_tokens, stop_token_array
 from jkd.train.state import FrozenModel, TrainState
 
 Batch = dict[str, jax.Array]
@@ -67,9 +67,16 @@ def learned_positions(batch: Batch) -> jax.Array:
     return where
 
 
-def _hidden(model, batch: Batch) -> jax.Array:
+def next_token_hidden(model, batch: Batch) -> jax.Array:
+    """``[B, T-1, D]``: the final hidden states of the positions that predict a next token."""
     kwargs = {k: batch[k] for k in ("attention_mask", "segment_ids", "positions") if k in batch}
     return model.hidden_states(batch["tokens"], **kwargs)[:, :-1]
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
+    """One optimizer update of the student; the step count advances (it is the data position)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
 
 
 def token_kd_loss(student, teacher, batch: Batch, objective: TokenKD, *, num_tokens: jax.Array) -> jax.Array:
@@ -77,12 +84,12 @@ def token_kd_loss(student, teacher, batch: Batch, objective: TokenKD, *, num_tok
     vocab = objective.vocab_size
     ws = student.output_weight()
     vocab = ws.shape[0] if vocab is None else vocab
-    hs = _hidden(student, batch)
+    hs = next_token_hidden(student, batch)
     if objective.kd_weight > 0:
-        ht = jax.lax.stop_gradient(_hidden(teacher, batch))
+        ht = jax.lax.stop_gradient(next_token_hidden(teacher, batch))
         wt = jax.lax.stop_gradient(teacher.output_weight())[:vocab]
-    else:  # no teacher forward pass: any array of the right rank serves
-        ht, wt = hs, ws[:vocab]
+    else:  # no teacher forward pass: width-1 placeholders of the right rank, never read
+        ht, wt = jnp.zeros(hs.shape[:-1] + (1,), hs.dtype), jnp.zeros((vocab, 1), ws.dtype)
     return projected_token_divergence(
         hs, ws[:vocab], ht, wt, divergence=objective.divergence, temperature=objective.temperature,
         where=learned_positions(batch), num_tokens=num_tokens, labels=batch["tokens"][:, 1:],
@@ -130,10 +137,7 @@ def token_kd_step(
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, losses = jax.lax.scan(accumulate, zeros, _split_micro(batch, micro_batches))
         loss = jnp.sum(losses)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "tokens": num_tokens}
+    return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens}
 
 
 @struct.dataclass
@@ -205,12 +209,11 @@ def on_policy_step(
 
     def on_student_samples(_):
         student = nnx.merge(graphdef, state.params, state.batch_stats, state.rest)
-        stops = jnp.asarray((list(student.config.eos_token_ids) + [-1] * MAX_STOP_TOKENS)[:MAX_STOP_TOKENS], jnp.int32)
-        pad = student.config.pad_token_id or 0
-        new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key, stops,
+        pad = default_pad_id(student.config)
+        new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key,
+                                     stop_token_array(student.config.eos_token_ids),
                                      max_new_tokens=objective.max_new_tokens, sampling=objective.sampling, pad_id=pad)
-        seqs = prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], jax.lax.stop_gradient(new),
-                                     n_new, pad_id=pad)
+        seqs = prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], new, n_new, pad_id=pad)
         return grads_on(seqs)
 
     def on_given(_):
@@ -222,6 +225,4 @@ def on_policy_step(
         loss, grads, n = on_given(None)
     else:
         loss, grads, n = jax.lax.cond(use_student, on_student_samples, on_given, None)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return new, {"loss": loss, "tokens": n, "on_policy": use_student.astype(jnp.int32)}
+    return apply_gradients(state, grads, tx), {"loss": loss, "tokens": n, "on_policy": use_student.astype(jnp.int32)}

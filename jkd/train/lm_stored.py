@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +25,7 @@ import optax
 from flax import nnx, struct
 
 from jkd.losses import projected_topk_kl
-from jkd.train.lm_steps import Batch, learned_positions
+from jkd.train.lm_steps import Batch, apply_gradients, learned_positions, next_token_hidden
 from jkd.train.state import FrozenModel, TrainState
 
 
@@ -45,12 +44,14 @@ def sequence_fingerprints(tokens: np.ndarray, attention_mask: np.ndarray | None 
     return out
 
 
-def teacher_identity(teacher: FrozenModel, config: Any) -> str:
-    """A name for a teacher: its config and a hash of its parameters."""
+def teacher_identity(teacher: FrozenModel, config: Any = None) -> str:
+    """A name for a teacher: a hash of its parameters (shapes, dtypes, values) and its config."""
     h = hashlib.blake2b(digest_size=8)
     h.update(repr(config).encode())
     for leaf in jax.tree.leaves(teacher.params):
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+        a = np.asarray(jax.device_get(leaf))
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -115,10 +116,11 @@ class StoredTopK:
 
 
 def store_topk(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, data: dict[str, np.ndarray], *, k: int,
-               vocab_size: int | None = None, batch_size: int = 32, identity: str = "") -> StoredTopK:
+               vocab_size: int | None = None, batch_size: int = 32, identity: str | None = None) -> StoredTopK:
     """Run the teacher once over ``data`` (``tokens [N, T]``, optional ``attention_mask``) and keep
     its top-``k`` next-token log-probabilities over the first ``vocab_size`` ids (the shared
-    vocabulary) at every position."""
+    vocabulary) at every position. ``identity`` names the teacher (default:
+    :func:`teacher_identity` of its parameters), checked where the outputs are used."""
     tokens = np.asarray(data["tokens"])
     mask = data.get("attention_mask")
     n, t = tokens.shape
@@ -148,7 +150,7 @@ def store_topk(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, data: dict[
         logprobs[sl] = np.asarray(v)[:batch_size - pad]
         ids[sl] = np.asarray(i)[:batch_size - pad]
     return StoredTopK(logprobs=logprobs, ids=ids, fingerprints=sequence_fingerprints(tokens, mask),
-                      teacher=identity)
+                      teacher=teacher_identity(teacher) if identity is None else identity)
 
 
 def with_stored_targets(batches: Iterator[dict], stored: StoredTopK, *, teacher: str | None = None) -> Iterator[dict]:
@@ -178,19 +180,10 @@ def stored_topk_step(
 
     def loss_fn(params):
         student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
-        kwargs = {k: batch[k] for k in ("attention_mask", "segment_ids") if k in batch}
-        hs = student.hidden_states(batch["tokens"], **kwargs)[:, :-1]
-        return projected_topk_kl(hs, student.output_weight(), batch["teacher_logprobs"], batch["teacher_ids"],
+        return projected_topk_kl(next_token_hidden(student, batch), student.output_weight(), batch["teacher_logprobs"], batch["teacher_ids"],
                                  temperature=objective.temperature, where=where, num_tokens=num_tokens,
                                  labels=batch["tokens"][:, 1:], divergence_weight=objective.kd_weight,
                                  label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return new, {"loss": loss, "tokens": num_tokens}
-
-
-def describe(stored: StoredTopK) -> str:
-    return json.dumps({"sequences": len(stored), "k": int(stored.logprobs.shape[-1]),
-                       "megabytes": round(stored.nbytes() / 1e6, 2), "teacher": stored.teacher})
+    return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens}

@@ -119,6 +119,20 @@ def _generate_jit(graphdef, state, tokens, lengths, key, stop_tokens, *, max_new
                            sampling=sampling, pad_id=pad_id)
 
 
+def stop_token_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """``[MAX_STOP_TOKENS]`` int32 stop ids padded with ``-1`` (a fixed shape: no recompilation
+    when the number of stop tokens changes)."""
+    stops = tuple(int(t) for t in stop_tokens)
+    if len(stops) > MAX_STOP_TOKENS:
+        raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
+    return jnp.asarray(stops + (-1,) * (MAX_STOP_TOKENS - len(stops)), jnp.int32)
+
+
+def default_pad_id(config) -> int:
+    """The id that fills positions past a row's end: the config's pad id, else 0."""
+    return 0 if config.pad_token_id is None else int(config.pad_token_id)
+
+
 def compiled_programs() -> int:
     """How many programs :func:`generate` has compiled in this process (for tests and benchmarks)."""
     return _generate_jit._cache_size()
@@ -174,20 +188,16 @@ def generate(
     if p + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"generate: {p} prompt slots + {max_new_tokens} new tokens exceed the model's "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
-    pad = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_id is None else pad_id
+    pad = default_pad_id(cfg) if pad_id is None else pad_id
     tokens = np.full((len(prompts), p), pad, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, :len(prompt)] = np.asarray(prompt)
     check_token_ids(tokens, cfg.vocab_size, "generate: prompts")
-    stops = cfg.eos_token_ids if stop_tokens is None else tuple(int(t) for t in stop_tokens)
-    if len(stops) > MAX_STOP_TOKENS:
-        raise ValueError(f"generate: at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
-    stop_arr = np.full((MAX_STOP_TOKENS,), -1, np.int32)
-    stop_arr[:len(stops)] = stops
+    stop_arr = stop_token_array(cfg.eos_token_ids if stop_tokens is None else stop_tokens)
     if isinstance(key, int):
         key = jax.random.key(key)
     graphdef, state = nnx.split(model)
     out, n = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                           jnp.asarray(stop_arr), max_new_tokens=max_new_tokens, sampling=sampling,
+                           stop_arr, max_new_tokens=max_new_tokens, sampling=sampling,
                            pad_id=int(pad))
     return Generation(tokens=np.asarray(out), lengths=np.asarray(n))
