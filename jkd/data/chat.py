@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 from typing import Any, Sequence
 
@@ -88,7 +89,9 @@ def _environment() -> jinja2.Environment:
     return _ENV
 
 
+@functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
+    """The compiled template (cached: compiling costs milliseconds, rendering microseconds)."""
     try:
         return _environment().from_string(template)
     except jinja2.TemplateSyntaxError as e:

@@ -214,3 +214,25 @@ def byte_tokenizer() -> Tokenizer:
     backend.add_special_tokens(list(BYTE_SPECIALS))
     return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                      chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})
+
+
+def train_bpe_tokenizer(texts, *, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of ``vocab_size`` ids (added tokens included) learned from ``texts``, with
+    the specials and chat template of :func:`byte_tokenizer`. Digits are split one by one (any
+    number is spelled the same way), so numbers never meet unseen merges. Deterministic: the same
+    texts give the same vocabulary."""
+    from tokenizers import trainers
+
+    if vocab_size < 256 + len(BYTE_SPECIALS) + 1:
+        raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the {256 + len(BYTE_SPECIALS)} byte and "
+                         f"special tokens; got {vocab_size}")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BYTE_SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                     chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})

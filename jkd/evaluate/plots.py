@@ -16,25 +16,28 @@ def _subplots(*args, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
-def curves(histories: dict[str, list[dict]], path: Path, *, held_out: str = "test") -> None:
+def curves(histories: dict[str, list[dict]], path: Path, *, held_out: str = "test", x: str = "epoch") -> None:
     """Train and held-out loss and accuracy per epoch of every model on one figure.
 
-    ``histories[name]`` holds records with ``epoch`` and any of ``train_loss``,
+    ``histories[name]`` holds records with ``x`` (``epoch`` or ``step``) and any of ``train_loss``,
     ``train_accuracy``, ``held_out_loss``, ``held_out_accuracy``; ``held_out`` names the split
-    those were measured on ("validation" or "test").
+    those were measured on ("validation" or "test"). Panels with no data are left out.
     """
-    fig, axes = _subplots(2, 2, figsize=(11, 7), sharex=True)
     panels = [("train_loss", "train loss"), ("held_out_loss", f"{held_out} loss"),
               ("train_accuracy", "train accuracy"), ("held_out_accuracy", f"{held_out} accuracy")]
+    panels = [p for p in panels if any(p[0] in r for recs in histories.values() for r in recs)] or panels[:1]
+    rows = 2 if len(panels) > 2 else 1
+    cols = 2 if len(panels) > 1 else 1
+    fig, axes = _subplots(rows, cols, figsize=(5.5 * cols + 0.5, 3.5 * rows + 0.5), sharex=True, squeeze=False)
     for ax, (key, title) in zip(axes.ravel(), panels):
         for name, recs in histories.items():
-            pts = [(r["epoch"], r[key]) for r in recs if key in r]
+            pts = [(r[x], r[key]) for r in recs if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
+    for ax in axes[-1]:
+        ax.set_xlabel(x)
     if axes[0, 0].get_legend_handles_labels()[0]:
         axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
@@ -72,11 +75,12 @@ def roc(logits: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def accuracy_vs_size(entries: list[dict], path: Path) -> None:
-    """Bars of mean test accuracy (+- std) per model, annotated with parameters."""
+def accuracy_vs_size(entries: list[dict], path: Path, *, key: str = "test_accuracy",
+                     label: str = "test accuracy (%)") -> None:
+    """Bars of a mean metric in [0, 1] (+- std over seeds, in %) per model, annotated with parameters."""
     names = [e["name"] for e in entries]
-    means = [100 * e["test_accuracy_mean"] for e in entries]
-    stds = [100 * e["test_accuracy_std"] for e in entries]
+    means = [100 * e[f"{key}_mean"] for e in entries]
+    stds = [100 * e[f"{key}_std"] for e in entries]
     fig, ax = _subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
     bars = ax.bar(range(len(entries)), means, yerr=stds, capsize=4,
                   color=["#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries])
@@ -86,8 +90,8 @@ def accuracy_vs_size(entries: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(entries)), names, rotation=20, ha="right", fontsize=8)
     lo = min(means) - 3 * max(max(stds), 0.5)
     ax.set_ylim(max(0.0, lo), min(100.0, max(means) + 3))
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs model size (parameters above the bars)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label.split(' (')[0]} vs model size (parameters above the bars)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1,0 +1,163 @@
+"""Conversations from ``.jsonl`` files: read and checked, tokenised with roles, batched.
+
+One line per conversation, ``{"messages": [...], "tools": [...]?}`` in the chat format Hugging Face
+chat templates take (``system`` / ``user`` / ``assistant`` / ``tool`` roles; assistant
+``tool_calls`` whose ``arguments`` are a dict or a JSON string). Labelled data needs an assistant
+turn in every conversation; unlabelled requests (prompts) must end before an assistant turn.
+
+The truncation rule: a conversation longer than ``max_length`` tokens keeps its first
+``max_length`` tokens (what is cut is never trained on); one with no assistant token left is
+dropped. Both are counted (:attr:`Encoded.truncated`, :attr:`Encoded.dropped`) for the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jkd.data.chat import ROLE_NAMES, encode_chat
+from jkd.data.tokenizer import Tokenizer
+
+
+class ConversationError(ValueError):
+    """A line of a conversations file that cannot be used, named by file and line number."""
+
+
+def _check_message(m, where: str) -> None:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ConversationError(f"{where}: a message must be an object with a 'role'; got {json.dumps(m)[:80]}")
+    if m["role"] not in ROLE_NAMES:
+        raise ConversationError(f"{where}: role {m['role']!r} is not one of system, user, assistant, tool")
+    content = m.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ConversationError(f"{where}: 'content' must be a string (or absent); got {type(content).__name__}")
+    for j, call in enumerate(m.get("tool_calls") or []):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ConversationError(f"{where}, tool call {j}: expected {{'function': {{'name': ..., 'arguments': ...}}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise ConversationError(f"{where}, tool call {j} ({fn['name']}): arguments are not JSON ({e.msg}): "
+                                        f"{fn['arguments'][:60]!r}") from None
+        if not isinstance(args, dict):
+            raise ConversationError(f"{where}, tool call {j} ({fn['name']}): arguments must be a JSON object")
+
+
+def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]:
+    """Every conversation of a ``.jsonl`` file, checked; a bad line raises
+    :class:`ConversationError` naming the file, the line and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such conversations file (expected .jsonl, one conversation per line)")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                conv = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConversationError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            msgs = conv.get("messages") if isinstance(conv, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise ConversationError(f"{where}: expected an object with a non-empty 'messages' list")
+            for i, m in enumerate(msgs):
+                _check_message(m, f"{where}, message {i}")
+            roles = [m["role"] for m in msgs]
+            if labelled and "assistant" not in roles:
+                raise ConversationError(f"{where}: no assistant turn; labelled data needs at least one "
+                                        "(unlabelled requests go in --unlabelled)")
+            if not labelled and roles[-1] == "assistant":
+                raise ConversationError(f"{where}: an unlabelled request must end before the assistant's answer")
+            out.append(conv)
+    if not out:
+        raise ConversationError(f"{path}: no conversations (the file is empty)")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Tokenised conversations: ``ids[i]`` int32 and ``learn[i]`` bool (assistant tokens)."""
+
+    ids: list[np.ndarray]
+    learn: list[np.ndarray]
+    truncated: int
+    dropped: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[dict], *, max_length: int) -> Encoded:
+    """Token ids and assistant masks under the truncation rule of the module docstring."""
+    ids, learn, truncated, dropped = [], [], 0, 0
+    for conv in conversations:
+        enc = encode_chat(tokenizer, conv["messages"], tools=conv.get("tools"))
+        mask = enc.assistant_mask
+        if len(enc.ids) > max_length:
+            truncated += 1
+            if not mask[:max_length].any():
+                dropped += 1
+                continue
+        ids.append(enc.ids[:max_length])
+        learn.append(mask[:max_length])
+    return Encoded(ids, learn, truncated, dropped)
+
+
+def request_prompts(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list[np.ndarray]:
+    """Each request (a conversation ending before the assistant's answer) as prompt ids."""
+    return [encode_chat(tokenizer, c["messages"], tools=c.get("tools"), add_generation_prompt=True).ids
+            for c in conversations]
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One assistant turn to predict: the prompt before it and the reference message."""
+
+    conversation: int
+    prompt: np.ndarray
+    reference: dict
+    context: list[dict]
+
+
+def assistant_turns(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list[Turn]:
+    """Every assistant turn of every conversation, with the conversation before it as the prompt."""
+    out = []
+    for c, conv in enumerate(conversations):
+        msgs = conv["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant" and i > 0:
+                prompt = encode_chat(tokenizer, msgs[:i], tools=conv.get("tools"), add_generation_prompt=True).ids
+                out.append(Turn(c, prompt, m, msgs[:i]))
+    return out
+
+
+def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, batch_size: int, length: int,
+                     pad_id: int, seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless ``[batch_size, length]`` batches (``tokens``, ``loss_mask``, ``attention_mask``) in a
+    shuffled order that depends on ``seed`` and the epoch; ``start`` is the data position in batches
+    (the step the fit loop resumes from)."""
+    n = len(ids)
+    if n < batch_size:
+        raise ValueError(f"{n} sequences do not fill one batch of {batch_size}; lower the batch size")
+    per_epoch = n // batch_size
+    step = start
+    while True:
+        epoch, j = divmod(step, per_epoch)
+        rows = np.random.default_rng([seed, epoch]).permutation(n)[j * batch_size:(j + 1) * batch_size]
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        loss_mask = np.zeros((batch_size, length), bool)
+        attention = np.zeros((batch_size, length), bool)
+        for r, i in enumerate(rows):
+            m = min(len(ids[i]), length)
+            tokens[r, :m], loss_mask[r, :m], attention[r, :m] = ids[i][:m], learn[i][:m], True
+        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention}
+        step += 1

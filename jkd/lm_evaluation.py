@@ -1,0 +1,91 @@
+"""A language model measured as an agent on held-out conversations.
+
+:func:`evaluate_model` answers every assistant turn of the test conversations greedily (the
+conversation before the turn is the prompt) and scores the answers with
+:func:`jkd.evaluate.toolcalls.tool_metrics`, plus agreement with reference answers (the teacher's)
+and generation speed. :func:`test_cross_entropy` is the teacher-forced cross-entropy per assistant
+token (perplexity is its exponential).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jkd.data.conversations import Encoded, Turn
+from jkd.data.tokenizer import Tokenizer
+from jkd.evaluate.toolcalls import tool_metrics
+from jkd.models.decoder import Decoder
+from jkd.train.sampler import generate
+
+GENERATE_BATCH = 128
+BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by tens of tokens
+
+
+def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tokenizer, *, max_new_tokens: int,
+                   batch_size: int = GENERATE_BATCH) -> tuple[list[str], float]:
+    """Greedy answers to ``prompts`` (decoded, special tokens dropped) and the generation speed in
+    new tokens per second (the batches after the first, which compiles)."""
+    order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
+    texts: list[str] = [""] * len(prompts)
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        chunk = [prompts[i] for i in idx]
+        chunk += [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compiled program
+        t0 = time.perf_counter()
+        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS)
+        dt = time.perf_counter() - t0
+        if start > 0:
+            tokens, seconds = tokens + int(out.lengths.sum()), seconds + dt
+        for i, row in zip(idx, out.rows()):
+            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+    if seconds == 0:  # one batch only: time it again, compiled
+        t0 = time.perf_counter()
+        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS)
+        tokens, seconds = int(out.lengths.sum()), time.perf_counter() - t0
+    return texts, tokens / seconds
+
+
+def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, *, max_new_tokens: int,
+                   reference_texts: Sequence[str] | None = None) -> tuple[dict, list[str]]:
+    """Tool-use metrics of ``model`` on ``turns``; ``agreement`` with ``reference_texts`` (the
+    teacher's answers) when given. Returns ``(metrics, generated texts)``."""
+    texts, speed = generate_texts(model, [t.prompt for t in turns], tokenizer, max_new_tokens=max_new_tokens)
+    metrics = tool_metrics([(t.reference, t.context, text) for t, text in zip(turns, texts)])
+    metrics["generation_tokens_per_s"] = speed
+    if reference_texts is not None:
+        metrics["agreement_with_teacher"] = float(np.mean([a.strip() == b.strip() for a, b in zip(texts, reference_texts)]))
+    return metrics, texts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _nll(graphdef, state, tokens, attention, learn):
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, attention_mask=attention)[:, :-1].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    where = learn[:, 1:] & attention[:, 1:]
+    return jnp.sum(jnp.where(where, nll, 0.0)), jnp.sum(where)
+
+
+def test_cross_entropy(model: Decoder, data: Encoded, length: int, pad_id: int, *, batch_size: int = 32) -> float:
+    """Mean cross-entropy (nats) per assistant token of ``data``, teacher-forced."""
+    graphdef, state = nnx.split(model)
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        ids, learn = data.ids[start:start + batch_size], data.learn[start:start + batch_size]
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        attention = np.zeros((batch_size, length), bool)
+        mask = np.zeros((batch_size, length), bool)
+        for r, (i, m) in enumerate(zip(ids, learn)):
+            tokens[r, :len(i)], attention[r, :len(i)], mask[r, :len(m)] = i, True, m
+        s, n = _nll(graphdef, state, jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(mask))
+        total, count = total + float(s), count + int(n)
+    return total / max(count, 1)

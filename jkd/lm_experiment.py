@@ -1,0 +1,401 @@
+"""The language-model job: a teacher, students alone and distilled, measured as agents, reported.
+
+One run is one :class:`LMExperimentConfig`; :func:`run` carries it out in a run folder with the
+image side's conventions (:mod:`jkd.run_folder`: the config guard, ``--resume``, ``log.jsonl``,
+TensorBoard events; checkpoints per trained group; ``summary.json`` and ``report.md``)::
+
+    run_dir/data/                 the embedded conversations (when no data is given)
+    run_dir/tokenizer/            the tokenizer (trained here for the embedded data)
+    run_dir/teacher/model/        the teacher as a Hugging Face folder (trained here once, or given)
+    run_dir/answers/              the teacher's answers to the unlabelled requests (cached, resumable)
+    run_dir/<group>/ckpt/         checkpoints of a group's training (all seeds in one vmapped state)
+    run_dir/<group>/seed<k>/      each trained student as a Hugging Face folder
+    run_dir/<group>/metrics.json  its test metrics per seed
+    run_dir/summary.json, report.md, *.png, samples.md
+
+The ways to distil (:class:`LMDistillation`): token-level KD on the labelled conversations
+(``TokenKD``), sequence-level KD (``teacher_answers=True``: the unlabelled requests answered by
+the teacher join the training data) and on-policy distillation (``OnPolicyKD``: the student's
+own samples of the requests, scored by the teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jkd.data import conversations as C
+from jkd.data import toolchat
+from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
+from jkd.data.chat import render_chat
+from jkd.data.vocab import shared_vocabulary
+from jkd.lm_evaluation import evaluate_model, test_cross_entropy
+from jkd.lm_report import write_report
+from jkd.losses import ForwardKL, GeneralizedJSD
+from jkd.models.decoder import Decoder
+from jkd.models.decoder_config import DecoderConfig
+from jkd.models.hf import load_hf, save_hf
+from jkd.run_folder import RunFolder, config_to_json, slug
+from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
+from jkd.train.checkpoint import Checkpoints
+from jkd.train.lm_sequence import teacher_answers
+from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
+from jkd.train.loop import LoopConfig, fit
+from jkd.train.sampler import SamplingConfig
+from jkd.train.steps import unstack_state
+
+
+@dataclasses.dataclass(frozen=True)
+class LMDistillation:
+    """One distilled-student setting: a display name, its objective and its data.
+
+    ``objective``: :class:`~jkd.train.lm_steps.TokenKD` or :class:`~jkd.train.lm_steps.OnPolicyKD`.
+    ``teacher_answers``: the unlabelled requests, answered by the teacher, join the labelled
+    conversations (sequence-level KD; with ``TokenKD(kd_weight > 0)`` the student also matches the
+    teacher's distributions on them). On-policy distillation always samples the requests.
+    """
+
+    name: str
+    objective: TokenKD | OnPolicyKD
+    teacher_answers: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LMStudent:
+    """A student size: a display name and its decoder config (vocabulary set from the tokenizer)."""
+
+    name: str
+    config: DecoderConfig
+
+
+def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
+    return DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp * hidden, num_layers=layers,
+                         num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=256, tie_embeddings=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMExperimentConfig:
+    data_dir: str | None = None              # train.jsonl, test.jsonl, unlabelled.jsonl (None: embedded)
+    data_seed: int = 0                       # the embedded generator's seed
+    data_sizes: tuple[tuple[str, int], ...] = ()  # embedded split sizes overriding toolchat.SPLITS
+    teacher_dir: str | None = None           # a Hugging Face teacher folder (skip teacher training)
+    teacher: DecoderConfig = _decoder(1024, 128, 4)
+    students: tuple[LMStudent, ...] = (LMStudent("student 64x2", _decoder(1024, 64, 2)),)
+    vocab_size: int = 1024                   # the BPE trained on the embedded data
+    max_length: int = 160                    # tokens per training sequence (the truncation rule: jkd.data.conversations)
+    batch_size: int = 32
+    teacher_steps: int = 200
+    student_steps: int = 100
+    teacher_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
+    student_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
+    labelled_subset: int | None = 300        # labelled conversations the students see (None: all)
+    unlabelled_limit: int | None = None      # unlabelled requests used (None: all)
+    test_limit: int | None = None            # test conversations measured (None: all)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    include_baseline: bool = True
+    distillations: tuple[LMDistillation, ...] = ()
+    max_new_tokens: int = 64
+    answer_temperature: float = 0.0          # the teacher's answers: 0 greedy
+    title: str = "language-model distillation"
+
+    def validate(self) -> None:
+        for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must name distinct seeds; got {list(self.seeds)}.")
+        names = [d.name for d in self.distillations] + [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"student and distillation names must be distinct; got {names}.")
+        for d in self.distillations:
+            if not isinstance(d.objective, (TokenKD, OnPolicyKD)):
+                raise TypeError(f"{d.name}: objective must be TokenKD or OnPolicyKD; got {type(d.objective).__name__}.")
+        if not self.students:
+            raise ValueError("students must name at least one student.")
+
+
+def demo_config() -> LMExperimentConfig:
+    """What ``jkd lm demo`` runs: the embedded tool-use conversations; a teacher trained on all
+    3,000 labelled ones; students that see 300 of them, alone and distilled four ways."""
+    return LMExperimentConfig(
+        title="jkd lm demo: distilling a tool-using model on the embedded conversations",
+        distillations=(
+            LMDistillation("token KD fkl", TokenKD(divergence=ForwardKL(), kd_weight=1.0, ce_weight=0.0)),
+            LMDistillation("token KD jsd", TokenKD(divergence=GeneralizedJSD(beta=0.5), kd_weight=1.0, ce_weight=0.0)),
+            LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
+            LMDistillation("sequence + token KD", TokenKD(divergence=ForwardKL(), kd_weight=1.0), teacher_answers=True),
+            LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
+                                                       max_new_tokens=48)),
+        ),
+    )
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Data:
+    tokenizer: Tokenizer
+    train: list[dict]
+    labelled: list[dict]
+    test: list[dict]
+    unlabelled: list[dict]
+    counts: dict
+
+
+def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
+    if cfg.data_dir is None:
+        folder = run_dir / "data"
+        toolchat.write_dataset(folder, seed=cfg.data_seed, sizes=dict(cfg.data_sizes) or None)
+    else:
+        folder = Path(cfg.data_dir)
+    train = C.read_conversations(folder / "train.jsonl")
+    test = C.read_conversations(folder / "test.jsonl")
+    unl_path = folder / "unlabelled.jsonl"
+    unlabelled = C.read_conversations(unl_path, labelled=False) if unl_path.exists() else []
+    if cfg.unlabelled_limit is not None:
+        unlabelled = unlabelled[:cfg.unlabelled_limit]
+    if cfg.test_limit is not None:
+        test = test[:cfg.test_limit]
+    order = np.random.default_rng([cfg.data_seed, 17]).permutation(len(train))
+    labelled = [train[i] for i in order[:cfg.labelled_subset]] if cfg.labelled_subset else train
+    tok_dir = run_dir / "tokenizer"
+    if cfg.teacher_dir is not None:
+        tokenizer = Tokenizer.from_folder(cfg.teacher_dir)
+    elif (tok_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_folder(tok_dir)
+    else:
+        from jkd.data.tokenizer import byte_tokenizer
+
+        plain = byte_tokenizer()
+        tokenizer = train_bpe_tokenizer([render_chat(plain, c["messages"]) for c in train], vocab_size=cfg.vocab_size)
+    counts = {"train": len(train), "labelled_subset": len(labelled), "test": len(test), "unlabelled": len(unlabelled)}
+    echo(f"conversations: {len(train)} labelled for the teacher, {len(labelled)} for the students, "
+         f"{len(unlabelled)} unlabelled requests, {len(test)} test")
+    return _Data(tokenizer, train, labelled, test, unlabelled, counts)
+
+
+def _rows_with_prompts(ids, learn):
+    """The prompt of each row: the tokens before its first learned token."""
+    return [int(np.argmax(m)) if m.any() else len(m) for m in learn]
+
+
+def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, prompts: int | None):
+    """Batches for the fit loop; with ``prompts`` (on-policy) each row also carries its prompt."""
+    firsts = _rows_with_prompts(ids, learn)
+
+    def stream(start):
+        for b in C.sequence_batches(ids, learn, batch_size=cfg.batch_size, length=cfg.max_length, pad_id=pad_id,
+                                    seed=seed, start=start):
+            if prompts is not None:
+                b = dict(b)
+                first = np.argmax(b["loss_mask"], axis=1)
+                lengths = np.clip(first, 1, prompts).astype(np.int32)
+                j = np.arange(prompts)[None]
+                b["prompt_tokens"] = np.where(j < lengths[:, None], b["tokens"][:, :prompts], pad_id).astype(np.int32)
+                b["prompt_lengths"] = lengths
+            yield b
+    del firsts
+    return stream
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+class _Run:
+    def __init__(self, cfg, folder: RunFolder, data: _Data, progress: bool, echo):
+        self.cfg, self.folder, self.dir, self.data, self.progress, self.echo = cfg, folder, folder.path, data, progress, echo
+        tok = data.tokenizer
+        self.pad_id = tok.pad_id if tok.pad_id is not None else 0
+        self.eos_id = tok.eos_id
+        enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
+        self.train_enc, self.labelled_enc, self.test_enc = enc(data.train), enc(data.labelled), enc(data.test)
+        turns = C.assistant_turns(tok, data.test)
+        self.test_turns = [t for t in turns if len(t.prompt) <= cfg.max_length]
+        self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length
+        self.request_prompts = C.request_prompts(tok, data.unlabelled) if data.unlabelled else []
+
+    def log(self, model: str, record: dict) -> None:
+        self.folder.log(model, record)
+        if record.get("event") == "resumed":
+            self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
+
+    def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
+        return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
+                                   pad_token_id=self.pad_id)
+
+    def train_group(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
+                    optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None):
+        """Train ``len(seeds)`` students of ``config`` in one vmapped step; returns ``(graphdef, [params])``."""
+        cfg = self.cfg
+        per_epoch = max(len(ids) // cfg.batch_size, 1)
+        tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
+        made = [create_train_state(Decoder(config, rngs=nnx.Rngs(s)), tx, seed=s) for s in seeds]
+        graphdef, states = made[0][0], stack_states([m[1] for m in made])
+        tg, tvars = teacher if teacher is not None else (None, None)
+        if isinstance(objective, OnPolicyKD):
+            step = functools.partial(on_policy_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
+        else:
+            step = functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
+        run = parallel.single_device(jax.vmap(step, in_axes=(0, None, None, None)))
+        batches = _batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=seeds[0], prompts=on_policy_prompts)
+        self.folder.mark_started()
+        ckpts = Checkpoints(self.dir / slug(name) / "ckpt")
+        try:
+            states, _ = fit(run, states, objective, tvars, batches=batches, checkpoints=ckpts,
+                            log=lambda rec: self.log(name, rec),
+                            config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress,
+                                              label=name, sync_every=5))
+        finally:
+            ckpts.close()
+        return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]
+
+
+def _as_decoder(graphdef, params) -> Decoder:
+    model = nnx.merge(graphdef, params, nnx.State({}), nnx.State({}))
+    return model
+
+
+def _get_teacher(r: _Run, echo) -> Decoder:
+    cfg = r.cfg
+    saved = r.dir / "teacher" / "model"
+    source = cfg.teacher_dir or (saved if (saved / "config.json").exists() else None)
+    if source:
+        teacher = load_hf(source)
+        echo(f"teacher: loaded from {source}")
+        return teacher
+    config = r.with_vocab(cfg.teacher)
+    echo(f"teacher: training {cfg.teacher_steps} steps on {len(r.train_enc)} conversations")
+    g, params = r.train_group("teacher", config, TokenKD(kd_weight=0.0, ce_weight=1.0), ids=r.train_enc.ids,
+                              learn=r.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
+                              optimizer=cfg.teacher_optimizer)
+    teacher = _as_decoder(g, params[0])
+    save_hf(teacher, saved, tokenizer=r.data.tokenizer, overwrite=True)
+    return teacher
+
+
+def _answered(r: _Run, teacher: Decoder, echo):
+    """The unlabelled requests with the teacher's answers, as training rows."""
+    cfg = r.cfg
+    sampling = SamplingConfig(temperature=cfg.answer_temperature) if cfg.answer_temperature > 0 else SamplingConfig()
+    t0 = time.perf_counter()
+    answers = teacher_answers(teacher, r.request_prompts, cache_dir=r.dir / "answers", max_new_tokens=cfg.max_new_tokens,
+                              sampling=sampling, batch_size=64, progress=r.progress)
+    ids, learn, cut = [], [], 0
+    for p, a in zip(r.request_prompts, answers):
+        seq = np.concatenate([p, a]).astype(np.int32)[:cfg.max_length]
+        cut += len(p) + len(a) > cfg.max_length
+        m = np.zeros(len(seq), bool)
+        m[len(p):] = True
+        if m.any():
+            ids.append(seq)
+            learn.append(m)
+    echo(f"teacher answers: {len(answers)} requests answered ({time.perf_counter() - t0:.0f} s; {cut} cut to "
+         f"{cfg.max_length} tokens)")
+    return ids, learn
+
+
+def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+        progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Carry out ``cfg`` in ``run_dir`` (the run folder's rule of :mod:`jkd.run_folder`); returns the
+    summary (also in ``summary.json``)."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force)
+    t_start = time.perf_counter()
+    folder.begin()
+    data = _read_data(cfg, run_dir, echo)
+    if not (run_dir / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
+        data.tokenizer.save(run_dir / "tokenizer")
+    r = _Run(cfg, folder, data, progress, echo)
+    try:
+        teacher = _get_teacher(r, echo)
+        tg, tvars = freeze_model(teacher)
+        results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [freeze_model(teacher)[1].params], teacher.config)}
+        answered = None
+        for student in cfg.students:
+            scfg = r.with_vocab(student.config)
+            vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
+                                      student_rows=scfg.vocab_size)
+            groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
+                      if cfg.include_baseline else [])
+            groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
+                       for d in cfg.distillations]
+            for name, role, loss_name, objective, with_answers in groups:
+                ids, learn = list(r.labelled_enc.ids), list(r.labelled_enc.learn)
+                on_policy = isinstance(objective, OnPolicyKD)
+                if (with_answers or on_policy) and r.request_prompts:
+                    if answered is None:
+                        answered = _answered(r, teacher, echo)
+                    ids, learn = ids + answered[0], learn + answered[1]
+                if getattr(objective, "vocab_size", None) is None and role == "distilled":
+                    objective = dataclasses.replace(objective, vocab_size=vocab)
+                echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
+                uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
+                g, params = r.train_group(
+                    name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
+                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
+                    on_policy_prompts=_prompt_slots(r) if on_policy else None)
+                results[name] = (role, loss_name, g, params, scfg)
+        entries, samples = [], {}
+        teacher_texts = None
+        for name, (role, loss_name, g, params_list, mcfg) in results.items():
+            per_seed = []
+            for k, params in enumerate(params_list):
+                model = _as_decoder(g, params)
+                m, texts = evaluate_model(model, r.test_turns, data.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                          reference_texts=teacher_texts)
+                m["test_cross_entropy"] = test_cross_entropy(model, r.test_enc, cfg.max_length, r.pad_id)
+                per_seed.append(m)
+                if k == 0:
+                    samples[name] = texts
+                if role == "teacher":
+                    teacher_texts = texts
+                elif not (r.dir / slug(name) / f"seed{k}" / "config.json").exists():
+                    save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
+            entries.append(_entry(name, role, loss_name, mcfg, per_seed, r))
+            echo(f"{name}: test exact match {entries[-1]['tool_call_exact_match_mean']:.3f}, "
+                 f"cross-entropy {entries[-1]['test_cross_entropy_mean']:.3f}")
+        return write_report(run_dir, entries, samples, r.test_turns, histories=folder.read_log(), title=cfg.title,
+                            counts={**data.counts, "train_truncated": r.train_enc.truncated,
+                                    "train_dropped": r.train_enc.dropped, "test_truncated": r.test_enc.truncated,
+                                    "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns},
+                            seconds=time.perf_counter() - t_start, echo=echo)
+    finally:
+        folder.close()
+
+
+def _prompt_slots(r: _Run) -> int:
+    longest = max(len(p) for p in r.request_prompts) if r.request_prompts else 64
+    return int(min(r.cfg.max_length, -(-longest // 16) * 16))
+
+
+def _describe(d: LMDistillation) -> str:
+    o = d.objective
+    div = type(o.divergence).__name__
+    if isinstance(o, OnPolicyKD):
+        return f"on-policy {div} (lambda={o.student_fraction:g})"
+    parts = []
+    if o.kd_weight:
+        parts.append(div if o.kd_weight == 1 else f"{o.kd_weight:g} {div}")
+    if o.ce_weight:
+        parts.append("CE" if o.ce_weight == 1 else f"{o.ce_weight:g} CE")
+    return " + ".join(parts) + (" on teacher answers" if d.teacher_answers else "")
+
+
+def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], r: _Run) -> dict:
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)))
+    e = {"name": name, "role": role, "loss": loss_name, "params": params, "size_bytes": params * 4,
+         "seeds": len(per_seed), "per_seed": per_seed}
+    for key in per_seed[0]:
+        vals = [m[key] for m in per_seed if isinstance(m.get(key), (int, float))]
+        if vals and len(vals) == len(per_seed):
+            e[f"{key}_mean"], e[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
+    return e

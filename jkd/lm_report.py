@@ -1,0 +1,115 @@
+"""The report of a language-model run: ``summary.json``, ``report.md``, figures, ``samples.md``.
+
+Roles are the image side's (``teacher``, ``student_alone``, ``distilled``); every metric is given as
+mean +- std over seeds. The verdict lines compare the best distilled student with the student
+alone by more than the seed spread, on tool-call exact match and on test cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+from jkd.data.conversations import Turn
+from jkd.evaluate import plots
+from jkd.evaluate.report import ROLES
+
+COLUMNS = (
+    ("tool_call_exact_match", "exact match", 100), ("tool_name_accuracy", "tool name", 100),
+    ("argument_accuracy", "arguments", 100), ("valid_json_rate", "valid JSON", 100),
+    ("tool_call_precision", "precision", 100), ("tool_call_recall", "recall", 100),
+    ("final_answer_correct", "final answer", 100), ("no_tool_accuracy", "no-tool", 100),
+    ("test_cross_entropy", "test CE (nats)", 1), ("agreement_with_teacher", "agrees w/ teacher", 100),
+)
+
+
+def _cell(e: dict, key: str, scale: float) -> str:
+    if f"{key}_mean" not in e:
+        return "-"
+    mean, std = scale * e[f"{key}_mean"], scale * e[f"{key}_std"]
+    digits = 1 if scale == 100 else 3
+    return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if e["seeds"] > 1 else "")
+
+
+def table(entries: Sequence[dict]) -> str:
+    head = ["model", "role", "loss", "params"] + [c[1] for c in COLUMNS] + ["perplexity", "gen tok/s"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        ppl = f"{math.exp(e['test_cross_entropy_mean']):.3f}" if "test_cross_entropy_mean" in e else "-"
+        speed = e.get("generation_tokens_per_s_mean", float("nan"))
+        rows.append("| " + " | ".join([e["name"], e["role"], e["loss"], f"{e['params']:,}"]
+                                      + [_cell(e, k, s) for k, _, s in COLUMNS] + [ppl, f"{speed:.0f}"]) + " |")
+    return "\n".join(rows)
+
+
+def verdicts(entries: Sequence[dict]) -> list[str]:
+    """For each student size: does its best distilled setting beat it alone by more than the seed
+    spread on exact match (higher is better) and on test cross-entropy (lower is better)?"""
+    notes = []
+    for alone in [e for e in entries if e["role"] == "student_alone"]:
+        size = alone["name"][:-len(" alone")] if alone["name"].endswith(" alone") else alone["name"]
+        distilled = [e for e in entries if e["role"] == "distilled" and e["name"].startswith(size)]
+        if not distilled:
+            continue
+        best = max(distilled, key=lambda e: e.get("tool_call_exact_match_mean", -1))
+        for key, better, label in (("tool_call_exact_match", 1, "tool-call exact match"),
+                                   ("test_cross_entropy", -1, "test cross-entropy")):
+            if f"{key}_mean" not in best or f"{key}_mean" not in alone:
+                continue
+            margin = better * (best[f"{key}_mean"] - alone[f"{key}_mean"])
+            spread = max(best[f"{key}_std"], alone[f"{key}_std"])
+            verdict = "beats" if margin > spread else "does not beat"
+            notes.append(f"{best['name']} {verdict} {alone['name']} on {label} by more than the seed spread: "
+                         f"{best[f'{key}_mean']:.4f} vs {alone[f'{key}_mean']:.4f} (margin {margin:+.4f}, std {spread:.4f}).")
+        for e in distilled:
+            margin = e.get("tool_call_exact_match_mean", 0) - alone.get("tool_call_exact_match_mean", 0)
+            if margin <= max(e.get("tool_call_exact_match_std", 0), alone.get("tool_call_exact_match_std", 0)):
+                notes.append(f"{e['name']} does not help on exact match ({margin:+.4f}); its test cross-entropy is "
+                             f"{e.get('test_cross_entropy_mean', float('nan')):.4f} vs {alone.get('test_cross_entropy_mean', float('nan')):.4f} alone.")
+    return notes
+
+
+def _samples_md(samples: dict[str, list[str]], turns: Sequence[Turn], count: int = 6) -> str:
+    picks = list(range(0, len(turns), max(1, len(turns) // count)))[:count]
+    out = ["# Generated turns, side by side", ""]
+    for i in picks:
+        t = turns[i]
+        last_user = next((m.get("content", "") for m in reversed(t.context) if m["role"] in ("user", "tool")), "")
+        out += [f"## test turn {i}: after `{last_user}`", "", "| model | answer |", "|---|---|"]
+        ref = t.reference.get("content") or json.dumps([c.get("function", c) for c in t.reference.get("tool_calls", [])])
+        out.append(f"| reference | `{ref}` |")
+        for name, texts in samples.items():
+            out.append(f"| {name} | `{' '.join(texts[i].split())}` |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str]], turns: Sequence[Turn], *,
+                 histories: dict, title: str, counts: dict, seconds: float, echo: Callable[[str], None]) -> dict:
+    for e in entries:
+        if e["role"] not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
+    notes = verdicts(entries)
+    notes.append(f"data: {counts}; each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
+    summary = {"title": title, "models": entries, "notes": notes, "counts": counts}
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
+    curves = {n: [{"step": h["step"], "train_loss": h["loss"]} for h in hs if h.get("event") == "train"]
+              for n, hs in histories.items()}
+    plots.curves(curves, run_dir / "curves.png", x="step")
+    plots.accuracy_vs_size(entries, run_dir / "exact_match_vs_size.png", key="tool_call_exact_match",
+                           label="tool-call exact match (%)")
+    (run_dir / "samples.md").write_text(_samples_md(samples, turns))
+    md = table(entries)
+    body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [
+        "", "![curves](curves.png)", "![exact match vs size](exact_match_vs_size.png)", "",
+        "Generated turns of every model side by side: [samples.md](samples.md)."]
+    (run_dir / "report.md").write_text("\n".join(body) + "\n")
+    echo("\n" + md + "\n")
+    for n in notes:
+        echo(n)
+    echo(f"\nrun folder: {run_dir}")
+    return summary
