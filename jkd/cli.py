@@ -15,6 +15,50 @@ import sys
 from pathlib import Path
 
 LOSSES = ("soft", "hard", "dkd")
+LM_MODES = ("token", "sequence", "on-policy")
+LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "skew-fkl": "SkewForwardKL",
+             "skew-rkl": "SkewReverseKL", "tv": "TotalVariation"}
+
+
+def _lm_config(args):
+    """``jkd lm distill``'s flags as an :class:`~jkd.lm_experiment.LMExperimentConfig`."""
+    import jkd.losses as losses
+    from jkd import lm_experiment as LX
+    from jkd.models.hf import read_config
+    from jkd.train.lm_steps import OnPolicyKD, TokenKD
+
+    cls = getattr(losses, LM_LOSSES[args.loss])
+    kw = {"beta": args.beta} if args.loss == "jsd" else {"alpha": args.alpha} if args.loss.startswith("skew") else {}
+    divergence = cls(**kw)
+    if args.mode == "on-policy":
+        objective = OnPolicyKD(divergence=divergence, temperature=args.temperature,
+                               student_fraction=args.student_fraction, max_new_tokens=args.max_new_tokens)
+    else:
+        objective = TokenKD(divergence=divergence, temperature=args.temperature, kd_weight=args.kd_weight,
+                            ce_weight=args.ce_weight)
+    if args.mode != "token" and not args.unlabelled:
+        raise ValueError(f"--mode {args.mode} needs --unlabelled (requests the teacher answers or the student samples).")
+    if Path(args.student).is_dir():
+        student = read_config(args.student)
+    else:
+        try:
+            width, layers = (int(x) for x in args.student.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--student must be WIDTHxLAYERS (e.g. 64x2) or a folder with config.json; "
+                             f"got {args.student!r}.") from None
+        student = LX._decoder(1024, width, layers)
+    from jkd.train import AdamWConfig
+
+    opt = AdamWConfig(learning_rate=args.lr, weight_decay=0.0, warmup_epochs=0.1)
+    return LX.LMExperimentConfig(
+        train_file=args.data, test_file=args.test, unlabelled_file=args.unlabelled, teacher_dir=args.teacher,
+        students=(LX.LMStudent(f"student {args.student}", student),), max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, student_steps=args.steps,
+        teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
+        seeds=args.seeds, include_baseline=not args.no_baseline,
+        distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
+                                         teacher_answers=args.mode == "sequence"),),
+        title=f"{args.mode} distillation ({args.loss}) of {args.data}")
 
 
 def _objective(args):
@@ -68,6 +112,14 @@ def apply_overrides(cfg, assignments: list[str]):
 
 
 def _replace_path(obj, path, value, full_key):
+    if "[" in path[0]:  # students[0].config.hidden_size: one element of a tuple field
+        name, index = path[0].rstrip("]").split("[")
+        items = getattr(obj, name, None)
+        if not isinstance(items, tuple) or not index.isdigit() or int(index) >= len(items):
+            raise SystemExit(f"jkd: {full_key!r}: {name} has no element {index}")
+        items = list(items)
+        items[int(index)] = _replace_path(items[int(index)], path[1:], value, full_key) if len(path) > 1 else value
+        return dataclasses.replace(obj, **{name: tuple(items)})
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
         raise SystemExit(f"jkd: unknown config field {full_key!r}; fields here: {', '.join(sorted(names))}")
@@ -223,6 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", default=None, help="output folder (default: <model_dir>_export)")
     exp.add_argument("--format", default="stablehlo,onnx", help="comma-separated: stablehlo, onnx")
 
+    lm = sub.add_parser("lm", help="language models: distil a tool-using model into a small one")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    lm_demo = lm_sub.add_parser("demo", help="the agent demo on the embedded tool-use conversations (no network)")
+    _common(lm_demo, run_dir="runs/lm_demo")
+    lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
+
+    lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
+                                "Hugging Face folder) into a small student, measured against the student alone")
+    _common(lm_dist, run_dir="runs/lm")
+    lm_dist.add_argument("--data", required=True, help="labelled conversations, .jsonl (chat messages per line)")
+    lm_dist.add_argument("--test", required=True, help="held-out conversations, .jsonl")
+    lm_dist.add_argument("--unlabelled", help="requests without answers, .jsonl (sequence-level and on-policy modes)")
+    lm_dist.add_argument("--teacher", help="a Hugging Face model folder (Llama / Qwen2 / Qwen3) with its "
+                         "tokenizer; default: train a teacher here on --data")
+    lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (default 64x2), or a folder "
+                         "with a config.json to copy the architecture from")
+    lm_dist.add_argument("--mode", choices=LM_MODES, default="token")
+    lm_dist.add_argument("--loss", choices=sorted(LM_LOSSES), default="fkl")
+    lm_dist.add_argument("--temperature", type=float, default=1.0)
+    lm_dist.add_argument("--beta", type=float, default=0.5, help="JSD interpolation (jsd)")
+    lm_dist.add_argument("--alpha", type=float, default=0.1, help="skew of skew-fkl / skew-rkl")
+    lm_dist.add_argument("--lambda", dest="student_fraction", type=float, default=0.5,
+                         help="on-policy: the share of steps on the student's own samples")
+    lm_dist.add_argument("--kd-weight", type=float, default=1.0)
+    lm_dist.add_argument("--ce-weight", type=float, default=0.0)
+    lm_dist.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
+    lm_dist.add_argument("--max-new-tokens", type=int, default=64)
+    lm_dist.add_argument("--batch-size", type=int, default=16)
+    lm_dist.add_argument("--steps", type=int, default=200, help="student optimizer steps")
+    lm_dist.add_argument("--teacher-steps", type=int, default=400, help="teacher steps (when trained here)")
+    lm_dist.add_argument("--lr", type=float, default=3e-3)
+    lm_dist.add_argument("--seeds", type=_seeds, default=(0,))
+    lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
+
     rep = sub.add_parser("report", help="print (and rewrite) the report of a run folder")
     rep.add_argument("run_dir")
 
@@ -344,6 +430,15 @@ def _dispatch(args, parser) -> int:
         return _export(args)
     if args.command == "compress":
         return _compress(args)
+    if args.command == "lm":
+        from jkd import lm_experiment as LX
+
+        if args.lm_command == "demo":
+            cfg = apply_overrides(LX.demo_config(), args.set)
+            LX.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
+            return 0
+        LX.run(_lm_config(args), args.run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+        return 0
     if args.command == "demo":
         cfg = apply_overrides(X.demo_config(), args.set)
         X.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -84,7 +82,9 @@ def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int
 
 @dataclasses.dataclass(frozen=True)
 class LMExperimentConfig:
-    data_dir: str | None = None              # train.jsonl, test.jsonl, unlabelled.jsonl (None: embedded)
+    train_file: str | None = None            # labelled conversations (.jsonl); None: the embedded ones
+    test_file: str | None = None             # held-out conversations (.jsonl), needed with train_file
+    unlabelled_file: str | None = None       # requests without answers (.jsonl), optional
     data_seed: int = 0                       # the embedded generator's seed
     data_sizes: tuple[tuple[str, int], ...] = ()  # embedded split sizes overriding toolchat.SPLITS
     teacher_dir: str | None = None           # a Hugging Face teacher folder (skip teacher training)
@@ -121,6 +121,12 @@ class LMExperimentConfig:
                 raise TypeError(f"{d.name}: objective must be TokenKD or OnPolicyKD; got {type(d.objective).__name__}.")
         if not self.students:
             raise ValueError("students must name at least one student.")
+        if self.train_file is not None and self.test_file is None:
+            raise ValueError("test_file (--test) is needed with train_file (--data): the metrics are measured "
+                             "on held-out conversations.")
+        if self.labelled_subset is not None and self.labelled_subset < self.batch_size:
+            raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
+                             f"({self.batch_size}).")
 
 
 def demo_config() -> LMExperimentConfig:
@@ -152,15 +158,14 @@ class _Data:
 
 
 def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
-    if cfg.data_dir is None:
-        folder = run_dir / "data"
-        toolchat.write_dataset(folder, seed=cfg.data_seed, sizes=dict(cfg.data_sizes) or None)
+    if cfg.train_file is None:
+        paths = toolchat.write_dataset(run_dir / "data", seed=cfg.data_seed, sizes=dict(cfg.data_sizes) or None)
+        train_file, test_file, unl_file = paths["train"], paths["test"], paths["unlabelled"]
     else:
-        folder = Path(cfg.data_dir)
-    train = C.read_conversations(folder / "train.jsonl")
-    test = C.read_conversations(folder / "test.jsonl")
-    unl_path = folder / "unlabelled.jsonl"
-    unlabelled = C.read_conversations(unl_path, labelled=False) if unl_path.exists() else []
+        train_file, test_file, unl_file = cfg.train_file, cfg.test_file, cfg.unlabelled_file
+    train = C.read_conversations(train_file)
+    test = C.read_conversations(test_file)
+    unlabelled = C.read_conversations(unl_file, labelled=False) if unl_file else []
     if cfg.unlabelled_limit is not None:
         unlabelled = unlabelled[:cfg.unlabelled_limit]
     if cfg.test_limit is not None:
@@ -183,14 +188,9 @@ def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
     return _Data(tokenizer, train, labelled, test, unlabelled, counts)
 
 
-def _rows_with_prompts(ids, learn):
-    """The prompt of each row: the tokens before its first learned token."""
-    return [int(np.argmax(m)) if m.any() else len(m) for m in learn]
-
-
 def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, prompts: int | None):
-    """Batches for the fit loop; with ``prompts`` (on-policy) each row also carries its prompt."""
-    firsts = _rows_with_prompts(ids, learn)
+    """Batches for the fit loop; with ``prompts`` (on-policy) each row also carries its prompt: the
+    tokens before its first learned token, in ``prompts`` right-padded slots."""
 
     def stream(start):
         for b in C.sequence_batches(ids, learn, batch_size=cfg.batch_size, length=cfg.max_length, pad_id=pad_id,
@@ -203,7 +203,6 @@ def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, pro
                 b["prompt_tokens"] = np.where(j < lengths[:, None], b["tokens"][:, :prompts], pad_id).astype(np.int32)
                 b["prompt_lengths"] = lengths
             yield b
-    del firsts
     return stream
 
 
@@ -228,8 +227,9 @@ class _Run:
             self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
 
     def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
+        slots = max(config.max_position_embeddings, self.cfg.max_length + self.cfg.max_new_tokens)
         return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
-                                   pad_token_id=self.pad_id)
+                                   pad_token_id=self.pad_id, max_position_embeddings=slots)
 
     def train_group(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                     optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None):
@@ -252,7 +252,7 @@ class _Run:
             states, _ = fit(run, states, objective, tvars, batches=batches, checkpoints=ckpts,
                             log=lambda rec: self.log(name, rec),
                             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress,
-                                              label=name, sync_every=5))
+                                              label=name, sync_every=5, unit="seq"))
         finally:
             ckpts.close()
         return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]
@@ -310,8 +310,10 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force)
     t_start = time.perf_counter()
+    if cfg.train_file is None:
+        folder.begin()  # the embedded conversations are written into the run folder
+    data = _read_data(cfg, run_dir, echo)  # a user's files are read and checked before anything is written
     folder.begin()
-    data = _read_data(cfg, run_dir, echo)
     if not (run_dir / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
         data.tokenizer.save(run_dir / "tokenizer")
     r = _Run(cfg, folder, data, progress, echo)

@@ -72,7 +72,7 @@ def teacher_answers(
     n_batches = -(-len(prompts) // batch_size)
     answers: list[np.ndarray] = []
     cached = 0
-    t0 = time.perf_counter()
+    t0 = shown = time.perf_counter()
     for i in range(n_batches):
         chunk = prompts[i * batch_size:(i + 1) * batch_size]
         path = folder / f"batch-{i:05d}.npz"
@@ -92,7 +92,8 @@ def teacher_answers(
                      tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32))
         tmp.replace(path)
         answers.extend(rows)
-        if progress and i + 1 < n_batches:  # the last line comes below, with the cache count
+        if progress and i + 1 < n_batches and time.perf_counter() - shown >= 10.0:  # a line every 10 s
+            shown = time.perf_counter()
             done = i + 1
             rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)
             print(f"teacher answers: batch {done}/{n_batches} ({cached} from the cache, {rate:.2f} batches/s)",

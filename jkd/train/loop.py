@@ -49,6 +49,7 @@ class LoopConfig:
     progress: bool = True
     label: str = ""              # shown before the progress line
     progress_every_s: float = 10.0  # when the output is not a terminal: one line this often
+    unit: str = "img"            # what a batch's rows are, for the rate shown ("img", "seq")
 
 
 def _describe(value) -> str:
@@ -93,9 +94,9 @@ class _Progress:
     """A tqdm bar on a terminal; elsewhere (logs, CI, notebooks saved to files) one short line
     every ``every_s`` seconds and at the end, never carriage-return refreshes."""
 
-    def __init__(self, total: int, initial: int, label: str, every_s: float, stream=None):
+    def __init__(self, total: int, initial: int, label: str, every_s: float, stream=None, unit: str = "img"):
         self.stream = stream if stream is not None else sys.stderr
-        self.total, self.label, self.every_s = total, label, every_s
+        self.total, self.label, self.every_s, self.unit = total, label, every_s, unit
         self.bar, self._last = None, time.perf_counter()
         if getattr(self.stream, "isatty", lambda: False)():
             from tqdm.auto import tqdm
@@ -105,7 +106,7 @@ class _Progress:
 
     def update(self, step: int, loss: float, rate: float) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", **{f"{self.unit}_s": f"{rate:.0f}"})
             self.bar.update(step - self.bar.n)
             return
         now = time.perf_counter()
@@ -113,7 +114,7 @@ class _Progress:
             self._last = now
             label = f"{self.label}: " if self.label else ""
             print(f"{label}step {step}/{self.total} ({100 * step / self.total:.0f}%), loss {loss:.4f}, "
-                  f"{rate:.0f} img/s", file=self.stream, flush=True)
+                  f"{rate:.0f} {self.unit}/s", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -163,7 +164,7 @@ def fit(
             start = int(meta["data_position"])
             emit({"event": "resumed", "step": start})
     placed = parallel.place(run, state)  # e.g. replicated onto pmap's devices once, not every step
-    bar = _Progress(config.num_steps, start, config.label, config.progress_every_s) if config.progress else None
+    bar = _Progress(config.num_steps, start, config.label, config.progress_every_s, unit=config.unit) if config.progress else None
     step, t0, n_images = start, time.perf_counter(), 0
     stream = batches(start)
     last_metrics = None

@@ -1,0 +1,168 @@
+"""The language-model job end to end on tiny models: `jkd lm demo` and `jkd lm distill`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jkd import cli
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--no-progress", "--set", "data_sizes=(('train', 96), ('validation', 4), ('test', 12), ('unlabelled', 32))",
+        "--set", "vocab_size=512", "--set", "teacher_steps=3", "--set", "student_steps=2",
+        "--set", "labelled_subset=16", "--set", "batch_size=8", "--set", "seeds=(0, 1)", "--set", "max_new_tokens=8"]
+for _key, _value in (("teacher", (32, 1)), ("students[0].config", (16, 1))):
+    TINY += ["--set", f"{_key}.hidden_size={_value[0]}", "--set", f"{_key}.head_dim=8",
+             "--set", f"{_key}.intermediate_size={3 * _value[0]}", "--set", f"{_key}.num_layers={_value[1]}"]
+TINY += ["--set", "students[0].name=s"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lm") / "demo"
+    assert cli.main(["lm", "demo", "--run-dir", str(run_dir), *TINY]) == 0
+    return run_dir
+
+
+def test_demo_writes_the_whole_run_folder(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    roles = [m["role"] for m in summary["models"]]
+    assert roles == ["teacher", "student_alone"] + ["distilled"] * 5
+    for m in summary["models"][1:]:
+        assert m["seeds"] == 2 and len(m["per_seed"]) == 2
+        assert 0 <= m["tool_call_exact_match_mean"] <= 1 and math.isfinite(m["test_cross_entropy_mean"])
+        assert "agreement_with_teacher_mean" in m and m["generation_tokens_per_s_mean"] > 0
+    for name in ("config.json", "log.jsonl", "report.md", "samples.md", "curves.png", "exact_match_vs_size.png",
+                 "teacher/model/config.json", "teacher/model/tokenizer.json", "tokenizer/tokenizer.json",
+                 "data/train.jsonl", "data/unlabelled.jsonl", "s_alone/seed1/model.safetensors",
+                 "s_on_policy_jsd/seed0/config.json"):
+        assert (demo_dir / name).exists(), name
+    assert list((demo_dir / "answers").glob("answers-*/batch-*.npz"))  # the teacher's cached answers
+    report = (demo_dir / "report.md").read_text()
+    assert "| s sequence KD | distilled |" in report and "by more than the seed spread" in report
+    assert list((demo_dir / "tb").iterdir())
+
+
+def test_cross_entropy_matches_transformers(demo_dir):
+    """The report's test cross-entropy of the teacher, recomputed by transformers' Llama."""
+    import torch
+    import transformers
+
+    from jkd.data import conversations as C
+    from jkd.data.tokenizer import Tokenizer
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    reported = summary["models"][0]["test_cross_entropy_mean"]
+    tok = Tokenizer.from_folder(demo_dir / "tokenizer")
+    enc = C.encode_conversations(tok, C.read_conversations(demo_dir / "data" / "test.jsonl"), max_length=160)
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo_dir / "teacher" / "model", dtype=torch.float64)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, learn in zip(enc.ids, enc.learn):
+            logits = model(torch.tensor(ids[None].astype(np.int64))).logits[0, :-1]
+            nll = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:, None].astype(np.int64)))[:, 0]
+            total += float(nll[torch.tensor(learn[1:])].sum())
+            count += int(learn[1:].sum())
+    assert reported == pytest.approx(total / count, rel=1e-4)
+
+
+def test_rerun_resumes_and_a_changed_config_is_refused(demo_dir, capsys):
+    assert cli.main(["lm", "demo", "--run-dir", str(demo_dir), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: loaded from" in out  # saved once, not retrained
+    assert "s alone: resumed from the checkpoint of step 2" in out  # the final checkpoint, not step 0
+    assert cli.main(["lm", "demo", "--run-dir", str(demo_dir), *TINY, "--set", "student_steps=3"]) == 2
+    assert "student_steps: 2 -> 3" in capsys.readouterr().err
+
+
+def _conversations(n, seed):
+    """Short tool-use conversations of a user's own: "double N" calls a tool, "hi" needs none."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(1, 9))
+        if rng.random() < 0.7:
+            out.append({"messages": [
+                {"role": "user", "content": f"double {k}"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "double", "arguments": json.dumps({"x": k})}}]},
+                {"role": "tool", "content": json.dumps({"y": 2 * k})},
+                {"role": "assistant", "content": f"It is {2 * k}."}]})
+        else:
+            out.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]})
+    return out
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def user_pair(tmp_path_factory):
+    """A teacher folder as `transformers` writes it (random tiny Llama) with jkd's byte tokenizer."""
+    import torch
+    import transformers
+
+    from jkd.data.tokenizer import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("user")
+    tok = byte_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    tok.save(root / "teacher")
+    files = {"train": _jsonl(root / "train.jsonl", _conversations(24, 0)),
+             "test": _jsonl(root / "test.jsonl", _conversations(6, 1)),
+             "unlabelled": _jsonl(root / "u.jsonl", [{"messages": c["messages"][:1]} for c in _conversations(8, 2)])}
+    return root, files
+
+
+def test_distill_a_users_pair(user_pair, capsys):
+    root, f = user_pair
+    run_dir = root / "run"
+    argv = ["lm", "distill", "--teacher", str(root / "teacher"), "--data", f["train"], "--test", f["test"],
+            "--unlabelled", f["unlabelled"], "--mode", "sequence", "--loss", "rkl", "--kd-weight", "0.5",
+            "--ce-weight", "0.5", "--student", "16x1", "--steps", "2", "--batch-size", "4", "--max-length", "160",
+            "--max-new-tokens", "8", "--seeds", "0,1", "--run-dir", str(run_dir), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "teacher: loaded from" in out and "8 requests answered" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["teacher", "student 16x1 alone", "student 16x1 sequence rkl"]
+    assert summary["models"][2]["loss"] == "0.5 ReverseKL + 0.5 CE on teacher answers"
+    assert summary["counts"]["test_turns"] == sum(
+        1 for c in _conversations(6, 1) for m in c["messages"] if m["role"] == "assistant")
+    from jkd.models.hf import load_hf
+
+    student = load_hf(run_dir / "student_16x1_sequence_rkl" / "seed1")
+    assert student.config.hidden_size == 16 and student.config.vocab_size == 259
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda rows: rows[:3] + ["{not json"], "train.jsonl:4: not valid JSON"),
+    (lambda rows: rows[:2] + [json.dumps({"messages": [{"role": "user", "content": "x"}]})], "train.jsonl:3: no assistant turn"),
+])
+def test_distill_refuses_bad_files_before_writing(user_pair, tmp_path, capsys, mutate, message):
+    root, f = user_pair
+    rows = mutate([json.dumps(c) for c in _conversations(5, 3)])
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    code = cli.main(["lm", "distill", "--teacher", str(root / "teacher"), "--data", str(bad), "--test", f["test"],
+                     "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not run_dir.exists()  # nothing written half-way
+
+
+def test_distill_flags_are_checked(user_pair, capsys):
+    root, f = user_pair
+    base = ["lm", "distill", "--data", f["train"], "--test", f["test"], "--run-dir", str(root / "x"), "--no-progress"]
+    assert cli.main([*base, "--mode", "on-policy"]) == 2
+    assert "--mode on-policy needs --unlabelled" in capsys.readouterr().err
+    assert cli.main([*base, "--student", "wide"]) == 2
+    assert "--student must be WIDTHxLAYERS" in capsys.readouterr().err
