@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench gpu-check lint clean
+.PHONY: demo demo-lm test test-fast bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/jkd demo
+
+# The agent demo: a tool-using language model distilled into small ones, on conversations jkd
+# generates itself (no network).
+demo-lm: $(STAMP)
+	$(VENV)/bin/jkd lm demo
 
 # Test files are spread over worker processes (-n: one per core, at most 4); a file's tests stay
 # together (--dist loadfile) so module-scoped fixtures are built once.

@@ -91,10 +91,10 @@ class LMExperimentConfig:
     teacher: DecoderConfig = _decoder(1024, 128, 4)
     students: tuple[LMStudent, ...] = (LMStudent("student 64x2", _decoder(1024, 64, 2)),)
     vocab_size: int = 1024                   # the BPE trained on the embedded data
-    max_length: int = 160                    # tokens per training sequence (the truncation rule: jkd.data.conversations)
-    batch_size: int = 32
-    teacher_steps: int = 200
-    student_steps: int = 100
+    max_length: int = 128                    # tokens per training sequence (the truncation rule: jkd.data.conversations)
+    batch_size: int = 16
+    teacher_steps: int = 1000
+    student_steps: int = 150
     teacher_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
     student_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
     labelled_subset: int | None = 300        # labelled conversations the students see (None: all)

@@ -141,6 +141,7 @@ class Tokenizer:
 # The byte-level tokenizer
 
 BYTE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TOOL_CALL_TAGS = ("<tool_call>", "</tool_call>")
 
 # ChatML with tools, as Qwen2.5's template writes them; assistant turns in {% generation %}
 # blocks so that transformers' assistant mask and jkd's agree.
@@ -216,23 +217,27 @@ def byte_tokenizer() -> Tokenizer:
                      chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})
 
 
-def train_bpe_tokenizer(texts, *, vocab_size: int) -> Tokenizer:
+def train_bpe_tokenizer(texts, *, vocab_size: int, split_digits: bool = False) -> Tokenizer:
     """A byte-level BPE of ``vocab_size`` ids (added tokens included) learned from ``texts``, with
-    the specials and chat template of :func:`byte_tokenizer`. Digits are split one by one (any
-    number is spelled the same way), so numbers never meet unseen merges. Deterministic: the same
-    texts give the same vocabulary."""
+    the specials and chat template of :func:`byte_tokenizer`. ``split_digits``: one token per digit
+    (any number spelled the same way; longer sequences); otherwise frequent numbers become single
+    tokens. Deterministic: the same texts give the same vocabulary."""
     from tokenizers import trainers
 
-    if vocab_size < 256 + len(BYTE_SPECIALS) + 1:
-        raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the {256 + len(BYTE_SPECIALS)} byte and "
-                         f"special tokens; got {vocab_size}")
+    reserved = 256 + len(BYTE_SPECIALS) + len(TOOL_CALL_TAGS)
+    if vocab_size <= reserved:
+        raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the {reserved} byte, special and tool-call "
+                         f"tokens; got {vocab_size}")
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    byte_level = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), *byte_level] if split_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BYTE_SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TOOL_CALL_TAGS), special_tokens=list(BYTE_SPECIALS),
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
+    # <tool_call> and </tool_call> as whole tokens, as Qwen's tokenizers have them (not special, so
+    # decoding keeps them).
+    backend.add_tokens(list(TOOL_CALL_TAGS))
     return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                      chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})

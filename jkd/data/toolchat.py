@@ -14,7 +14,7 @@ distribution. Conversations are in the chat format Hugging Face chat templates t
      "meta": {"kind": "tool" | "no_tool" | "ambiguous", "intent": "..."}}
 
 :func:`write_dataset` writes ``train`` / ``validation`` / ``test`` splits and a pool of
-*unlabelled* requests (a system and user message, no answer) as ``.jsonl``, plus ``tools.json``:
+*unlabelled* requests (a user message, no answer) as ``.jsonl``, plus ``tools.json``:
 the demo reads them back through the same loader as a user's own data.
 
 "Today" is fixed (:data:`TODAY`), so "tomorrow" or "on Friday" name one date in every split.
@@ -31,18 +31,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-VERSION = 1
-TODAY = datetime.date(2026, 12, 1)
-HOME = "Berlin"
-SYSTEM_PROMPT = f"Today is {TODAY:%A} {TODAY.isoformat()}. The user lives in {HOME}."
+VERSION = 2
+TODAY = datetime.date(2026, 12, 1)  # every conversation's "today": "tomorrow" is always 2026-12-02
+HOME = "Berlin"                     # the user's city: a flight with no origin starts here
 
 CITIES = ("Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Prague", "Dublin",
           "Athens", "Warsaw")
-CURRENCIES = ("USD", "EUR", "GBP", "JPY", "CHF")
+CURRENCIES = ("USD", "EUR", "GBP", "CHF", "CAD")
 CURRENCY_NAMES = {"USD": ("dollars", "USD", "US dollars"), "EUR": ("euros", "EUR", "euro"),
-                  "GBP": ("pounds", "GBP", "british pounds"), "JPY": ("yen", "JPY", "japanese yen"),
-                  "CHF": ("swiss francs", "CHF", "francs")}
-RATES = {"USD": 1.0, "EUR": 1.08, "GBP": 1.27, "JPY": 0.0067, "CHF": 1.13}  # value of one unit in USD
+                  "GBP": ("pounds", "GBP", "british pounds"), "CHF": ("swiss francs", "CHF", "francs"),
+                  "CAD": ("canadian dollars", "CAD", "loonies")}
+RATES = {"USD": 1.0, "EUR": 1.08, "GBP": 1.27, "CHF": 1.13, "CAD": 0.72}  # value of one unit in USD
+AMOUNTS = (5, 10, 12, 15, 20, 25, 30, 40, 45, 50, 60, 75, 80, 90, 100, 120, 150, 200, 250, 300, 400, 500,
+           600, 750, 800, 1000, 1200, 1500, 2000)
 CONTACTS = ("Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Hugo", "Mum", "Dad")
 MESSAGES = ("I am running late", "see you at eight", "call me back", "dinner is ready", "happy birthday",
             "I will be home soon", "the meeting moved", "thanks for today", "can you buy milk",
@@ -105,7 +106,7 @@ def execute(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"temperature_c": h % 30 - 5, "condition": CONDITIONS[(h // 30) % len(CONDITIONS)]}
     if name == "convert_currency":
         value = float(a["amount"]) * RATES[a["source"]] / RATES[a["target"]]
-        return {"amount": round(value, 2)}
+        return {"amount": int(round(value))}
     if name == "set_timer":
         minutes = 9 * 60 + int(a["minutes"])
         return {"ends_at": f"{minutes // 60:02d}:{minutes % 60:02d}"}
@@ -197,8 +198,8 @@ def _minutes(rng: np.random.Generator) -> tuple[str, int]:
     return _pick(rng, [f"{m} minutes", f"{m} min", f"{m} mins"]) if m > 1 else "1 minute", m
 
 
-def _amount(rng: np.random.Generator) -> int | float:
-    return int(rng.integers(1, 2000)) if rng.random() < 0.7 else float(int(rng.integers(2, 400)) + 0.5)
+def _amount(rng: np.random.Generator) -> int:
+    return int(_pick(rng, AMOUNTS))
 
 
 def _weather(rng):
@@ -251,7 +252,7 @@ def _flights(rng):
     origin = HOME if rng.random() < 0.5 else _pick(rng, CITIES)
     while origin == dst:
         dst = _pick(rng, CITIES)
-    if origin == HOME and rng.random() < 0.6:  # the origin left to the system prompt's home city
+    if origin == HOME and rng.random() < 0.6:  # the origin left implicit: the user's HOME
         t = _pick(rng, ["find flights to {d} {w}", "any flights to {d} {w}?", "I want to fly to {d} {w}",
                         "search a flight to {d} {w}"])
     else:
@@ -306,32 +307,30 @@ def _tool_turns(name: str, args: dict) -> list[dict]:
 def conversation(rng: np.random.Generator) -> dict:
     """One conversation: 70% one tool call and its answer, 15% no tool, 15% ambiguous."""
     u = rng.random()
-    system = {"role": "system", "content": SYSTEM_PROMPT}
     if u < 0.70:
         intent = _pick(rng, list(INTENTS))
         text, (name, args), protect = INTENTS[intent](rng)
         text = _typos(rng, text, protect)
-        return {"messages": [system, {"role": "user", "content": text}, *_tool_turns(name, args)],
+        return {"messages": [{"role": "user", "content": text}, *_tool_turns(name, args)],
                 "meta": {"kind": "tool", "intent": intent}}
     if u < 0.85:
         intent = _pick(rng, list(NO_TOOL))
         asks, reply = NO_TOOL[intent]
-        return {"messages": [system, {"role": "user", "content": _pick(rng, asks)},
-                             {"role": "assistant", "content": reply}],
+        return {"messages": [{"role": "user", "content": _pick(rng, asks)}, {"role": "assistant", "content": reply}],
                 "meta": {"kind": "no_tool", "intent": intent}}
     intent, text, (name, args), protect = _ambiguous(rng)
-    return {"messages": [system, {"role": "user", "content": _typos(rng, text, protect)}, *_tool_turns(name, args)],
+    return {"messages": [{"role": "user", "content": _typos(rng, text, protect)}, *_tool_turns(name, args)],
             "meta": {"kind": "ambiguous", "intent": intent}}
 
 
 def generate_split(split: str, n: int, *, seed: int = 0) -> list[dict]:
-    """``n`` conversations of ``split``; the unlabelled split keeps only the system and user turns."""
+    """``n`` conversations of ``split``; the unlabelled split keeps only the user's request."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; the splits are {', '.join(SPLITS)}")
     rng = np.random.default_rng([seed, VERSION, list(SPLITS).index(split)])
     out = [conversation(rng) for _ in range(n)]
     if split == "unlabelled":
-        out = [{"messages": c["messages"][:2], "meta": c["meta"]} for c in out]
+        out = [{"messages": c["messages"][:1], "meta": c["meta"]} for c in out]
     return out
 
 

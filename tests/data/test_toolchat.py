@@ -46,14 +46,14 @@ def test_conversations_are_typed_and_consistent():
         kinds[c["meta"]["kind"]] += 1
         roles = [m["role"] for m in c["messages"]]
         if c["meta"]["kind"] == "no_tool":
-            assert roles == ["system", "user", "assistant"]
+            assert roles == ["user", "assistant"]
             continue
-        assert roles == ["system", "user", "assistant", "tool", "assistant"]
-        call = c["messages"][2]["tool_calls"][0]["function"]
+        assert roles == ["user", "assistant", "tool", "assistant"]
+        call = c["messages"][1]["tool_calls"][0]["function"]
         _check_arguments(call["name"], call["arguments"])
-        result = json.loads(c["messages"][3]["content"])
+        result = json.loads(c["messages"][2]["content"])
         assert result == toolchat.execute(call["name"], call["arguments"])
-        answer = c["messages"][4]["content"]
+        answer = c["messages"][3]["content"]
         for v in result.values():  # the final answer states the tool's result
             if not isinstance(v, bool):
                 assert str(v) in answer, (answer, result)
@@ -62,7 +62,7 @@ def test_conversations_are_typed_and_consistent():
     by_tool = {}
     for c in convs:
         if c["meta"]["kind"] == "tool":
-            by_tool.setdefault(c["meta"]["intent"], set()).add(c["messages"][1]["content"])
+            by_tool.setdefault(c["meta"]["intent"], set()).add(c["messages"][0]["content"])
     assert set(by_tool) == set(toolchat.TOOL_NAMES) and len(toolchat.TOOL_NAMES) >= 6
     assert all(len(texts) >= 30 for texts in by_tool.values())
 
@@ -72,21 +72,22 @@ def test_known_dates_and_amounts():
     assert toolchat.TODAY.weekday() == 1
     seen = {}
     for c in toolchat.generate_split("train", 2000):
-        text = c["messages"][1]["content"]
+        text = c["messages"][0]["content"]
         for phrase in ("on Friday", "on Tuesday", "the day after tomorrow"):
             if c["meta"]["intent"] == "get_weather" and text.endswith(phrase + "?") is False and phrase in text:
-                seen.setdefault(phrase, set()).add(c["messages"][2]["tool_calls"][0]["function"]["arguments"]["date"])
+                seen.setdefault(phrase, set()).add(c["messages"][1]["tool_calls"][0]["function"]["arguments"]["date"])
     assert seen["on Friday"] == {"2026-12-04"}
     assert seen["on Tuesday"] == {"2026-12-08"}
     assert seen["the day after tomorrow"] == {"2026-12-03"}
-    assert toolchat.execute("convert_currency", {"amount": 100, "source": "EUR", "target": "USD"}) == {"amount": 108.0}
+    assert toolchat.execute("convert_currency", {"amount": 100, "source": "EUR", "target": "USD"}) == {"amount": 108}
+    assert toolchat.execute("convert_currency", {"amount": 50, "source": "USD", "target": "GBP"}) == {"amount": 39}
 
 
 def test_ambiguous_requests_have_two_answers():
     names = {}
     for c in toolchat.generate_split("train", 3000):
         if c["meta"]["kind"] == "ambiguous":
-            names.setdefault(c["meta"]["intent"], []).append(c["messages"][2]["tool_calls"][0]["function"]["name"])
+            names.setdefault(c["meta"]["intent"], []).append(c["messages"][1]["tool_calls"][0]["function"]["name"])
     weather = names["check_city"].count("get_weather") / len(names["check_city"])
     assert 0.45 < weather < 0.75  # drawn with probability 0.6
     assert set(names["event_or_message"]) == {"create_event", "send_message"}
@@ -94,7 +95,7 @@ def test_ambiguous_requests_have_two_answers():
 
 def test_unlabelled_requests_end_before_the_answer(tmp_path):
     pool = toolchat.generate_split("unlabelled", 20)
-    assert all([m["role"] for m in c["messages"]] == ["system", "user"] for c in pool)
+    assert all([m["role"] for m in c["messages"]] == ["user"] for c in pool)
     paths = toolchat.write_dataset(tmp_path, sizes={"train": 10, "validation": 2, "test": 3, "unlabelled": 4})
     assert len(paths["unlabelled"].read_text().splitlines()) == 4
     stamp = paths["train"].stat().st_mtime_ns
@@ -113,8 +114,11 @@ def test_trained_bpe_is_deterministic_and_lossless(tmp_path):
     assert a.vocab_size == 400 and a.backend.get_vocab() == b.backend.get_vocab()
     sample = texts[0] + " 12345 Zürich?"
     assert a.decode(a.encode(sample)) == sample
-    digits = [a.decode([i]) for i in a.encode("amount 20261201")]
+    split = train_bpe_tokenizer(texts, vocab_size=400, split_digits=True)
+    digits = [split.decode([i]) for i in split.encode("amount 20261201")]
     assert digits[-8:] == list("20261201")  # one token per digit
+    assert len(a.encode("amount 20261201")) < len(split.encode("amount 20261201"))
+    assert len(a.encode("<tool_call>")) == 1 and a.decode(a.encode("x</tool_call>"), skip_special_tokens=True) == "x</tool_call>"
     a.save(tmp_path)
     again = Tokenizer.from_folder(tmp_path)
     assert list(again.encode(texts[1])) == list(a.encode(texts[1])) and again.eos_token == "<|im_end|>"
