@@ -309,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     lm_dist.add_argument("--seeds", type=_seeds, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
 
+    lm_eval = lm_sub.add_parser("evaluate", help="tool-use metrics and cross-entropy of a Hugging Face model "
+                                "folder on test conversations")
+    lm_eval.add_argument("model", help="a Hugging Face model folder with its tokenizer (e.g. runs/lm_demo/<group>/seed0)")
+    lm_eval.add_argument("--test", required=True, help="conversations, .jsonl")
+    lm_eval.add_argument("--max-length", type=int, default=256)
+    lm_eval.add_argument("--max-new-tokens", type=int, default=64)
+    lm_eval.add_argument("--out", help="also write the metrics to this JSON file")
+    lm_gen = lm_sub.add_parser("generate", help="answer requests with a Hugging Face model folder")
+    lm_gen.add_argument("model", help="a Hugging Face model folder with its tokenizer")
+    lm_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    lm_gen.add_argument("--max-new-tokens", type=int, default=64)
+    lm_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    lm_gen.add_argument("--seed", type=int, default=0)
+
     rep = sub.add_parser("report", help="print (and rewrite) the report of a run folder")
     rep.add_argument("run_dir")
 
@@ -433,6 +447,10 @@ def _dispatch(args, parser) -> int:
     if args.command == "lm":
         from jkd import lm_experiment as LX
 
+        if args.lm_command == "evaluate":
+            return _lm_evaluate(args)
+        if args.lm_command == "generate":
+            return _lm_generate(args)
         if args.lm_command == "demo":
             cfg = apply_overrides(LX.demo_config(), args.set)
             LX.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
@@ -613,3 +631,45 @@ def _evaluate(args) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _lm_model(folder: str):
+    from jkd.data.tokenizer import Tokenizer
+    from jkd.models.hf import load_hf
+
+    return load_hf(folder), Tokenizer.from_folder(folder)
+
+
+def _lm_evaluate(args) -> int:
+    from jkd.data import conversations as C
+    from jkd.lm_evaluation import evaluate_model, test_cross_entropy
+
+    convs = C.read_conversations(args.test)
+    model, tok = _lm_model(args.model)
+    turns = C.assistant_turns(tok, convs)
+    kept = [t for t in turns if len(t.prompt) <= args.max_length]
+    if not kept:
+        raise ValueError(f"every test turn's prompt is longer than --max-length {args.max_length}; raise it.")
+    metrics, _ = evaluate_model(model, kept, tok, max_new_tokens=args.max_new_tokens)
+    enc = C.encode_conversations(tok, convs, max_length=args.max_length)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    metrics.update(test_cross_entropy=test_cross_entropy(model, enc, args.max_length, pad),
+                   test_turns_skipped=len(turns) - len(kept), conversations_truncated=enc.truncated)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _lm_generate(args) -> int:
+    from jkd.data.chat import encode_chat
+    from jkd.train.sampler import SamplingConfig, generate
+
+    model, tok = _lm_model(args.model)
+    prompts = [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids for p in args.prompt]
+    sampling = SamplingConfig(temperature=args.temperature) if args.temperature > 0 else SamplingConfig()
+    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, key=args.seed)
+    for prompt, row in zip(args.prompt, out.rows()):
+        print(f"> {prompt}\n{tok.decode(row, skip_special_tokens=True)}\n")
+    return 0

@@ -41,6 +41,7 @@ from jkd.lm_report import write_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
+from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, save_hf
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
@@ -69,10 +70,21 @@ class LMDistillation:
 
 @dataclasses.dataclass(frozen=True)
 class LMStudent:
-    """A student size: a display name and its decoder config (vocabulary set from the tokenizer)."""
+    """A student size: a display name and its decoder config (vocabulary set from the tokenizer).
+
+    ``teacher_layers``: the student is the teacher's architecture with these of its blocks
+    (``config`` is then ignored); distilled students start from those blocks of the trained teacher
+    and its embeddings (:func:`jkd.models.decoder_surgery.select_layers`, as DistilBERT starts),
+    the student alone from a random initialisation of the same architecture (no teacher).
+    """
 
     name: str
-    config: DecoderConfig
+    config: DecoderConfig | None = None
+    teacher_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if (self.config is None) == (self.teacher_layers is None):
+            raise ValueError(f"LMStudent {self.name!r}: give either config or teacher_layers")
 
 
 def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
@@ -130,15 +142,20 @@ class LMExperimentConfig:
 
 
 def demo_config() -> LMExperimentConfig:
-    """What ``jkd lm demo`` runs: the embedded tool-use conversations; a teacher trained on all
-    3,000 labelled ones; students that see 300 of them, alone and distilled four ways."""
+    """What ``jkd lm demo`` runs: the embedded tool-use conversations; a 4-layer teacher trained on
+    all 3,000 labelled ones; students of 2 and 1 of its layers that see 300 labelled conversations
+    (and the 3,000 unlabelled requests), alone and distilled four ways, 3 seeds each."""
     return LMExperimentConfig(
         title="jkd lm demo: distilling a tool-using model on the embedded conversations",
+        students=(LMStudent("student 2 layers", teacher_layers=(0, 3)), LMStudent("student 1 layer", teacher_layers=(0,))),
+        student_steps=60,
+        test_limit=200,
         distillations=(
+            # the teacher's layers with the labels alone: what the initialisation gives without a KD loss
+            LMDistillation("teacher layers + labels", TokenKD(kd_weight=0.0, ce_weight=1.0)),
             LMDistillation("token KD fkl", TokenKD(divergence=ForwardKL(), kd_weight=1.0, ce_weight=0.0)),
             LMDistillation("token KD jsd", TokenKD(divergence=GeneralizedJSD(beta=0.5), kd_weight=1.0, ce_weight=0.0)),
             LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
-            LMDistillation("sequence + token KD", TokenKD(divergence=ForwardKL(), kd_weight=1.0), teacher_answers=True),
             LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
                                                        max_new_tokens=48)),
         ),
@@ -232,20 +249,28 @@ class _Run:
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
 
     def train_group(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
-                    optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None):
-        """Train ``len(seeds)`` students of ``config`` in one vmapped step; returns ``(graphdef, [params])``."""
+                    optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
+                    init: Decoder | None = None):
+        """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
+        initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``."""
         cfg = self.cfg
         per_epoch = max(len(ids) // cfg.batch_size, 1)
         tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
-        made = [create_train_state(Decoder(config, rngs=nnx.Rngs(s)), tx, seed=s) for s in seeds]
+        model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
+        made = [create_train_state(model(s), tx, seed=s) for s in seeds]
         graphdef, states = made[0][0], stack_states([m[1] for m in made])
         tg, tvars = teacher if teacher is not None else (None, None)
         if isinstance(objective, OnPolicyKD):
             step = functools.partial(on_policy_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
         else:
             step = functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
-        run = parallel.single_device(jax.vmap(step, in_axes=(0, None, None, None)))
-        batches = _batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=seeds[0], prompts=on_policy_prompts)
+        # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
+        run = parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
+        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
+
+        def batches(start):
+            for bs in zip(*(stream(start) for stream in streams)):
+                yield {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
         self.folder.mark_started()
         ckpts = Checkpoints(self.dir / slug(name) / "ckpt")
         try:
@@ -323,7 +348,12 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
         results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [freeze_model(teacher)[1].params], teacher.config)}
         answered = None
         for student in cfg.students:
-            scfg = r.with_vocab(student.config)
+            init = None
+            if student.teacher_layers is not None:
+                init = select_layers(teacher, student.teacher_layers)
+                scfg = init.config
+            else:
+                scfg = r.with_vocab(student.config)
             vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
                                       student_rows=scfg.vocab_size)
             groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
@@ -344,7 +374,8 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                 g, params = r.train_group(
                     name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
                     optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
-                    on_policy_prompts=_prompt_slots(r) if on_policy else None)
+                    on_policy_prompts=_prompt_slots(r) if on_policy else None,
+                    init=init if role == "distilled" else None)
                 results[name] = (role, loss_name, g, params, scfg)
         entries, samples = [], {}
         teacher_texts = None

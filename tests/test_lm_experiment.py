@@ -13,10 +13,9 @@ pytestmark = pytest.mark.slow
 TINY = ["--no-progress", "--set", "data_sizes=(('train', 96), ('validation', 4), ('test', 12), ('unlabelled', 32))",
         "--set", "vocab_size=512", "--set", "teacher_steps=3", "--set", "student_steps=2",
         "--set", "labelled_subset=16", "--set", "batch_size=8", "--set", "seeds=(0, 1)", "--set", "max_new_tokens=8"]
-for _key, _value in (("teacher", (32, 1)), ("students[0].config", (16, 1))):
-    TINY += ["--set", f"{_key}.hidden_size={_value[0]}", "--set", f"{_key}.head_dim=8",
-             "--set", f"{_key}.intermediate_size={3 * _value[0]}", "--set", f"{_key}.num_layers={_value[1]}"]
-TINY += ["--set", "students[0].name=s"]
+TINY += ["--set", "teacher.hidden_size=32", "--set", "teacher.head_dim=8", "--set", "teacher.intermediate_size=64",
+         "--set", "teacher.num_layers=2", "--set", "students[0].teacher_layers=(0, 1)",
+         "--set", "students[1].teacher_layers=(1,)"]
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +28,19 @@ def demo_dir(tmp_path_factory):
 def test_demo_writes_the_whole_run_folder(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     roles = [m["role"] for m in summary["models"]]
-    assert roles == ["teacher", "student_alone"] + ["distilled"] * 5
+    assert roles == ["teacher"] + (["student_alone"] + ["distilled"] * 5) * 2
     for m in summary["models"][1:]:
         assert m["seeds"] == 2 and len(m["per_seed"]) == 2
         assert 0 <= m["tool_call_exact_match_mean"] <= 1 and math.isfinite(m["test_cross_entropy_mean"])
         assert "agreement_with_teacher_mean" in m and m["generation_tokens_per_s_mean"] > 0
     for name in ("config.json", "log.jsonl", "report.md", "samples.md", "curves.png", "exact_match_vs_size.png",
                  "teacher/model/config.json", "teacher/model/tokenizer.json", "tokenizer/tokenizer.json",
-                 "data/train.jsonl", "data/unlabelled.jsonl", "s_alone/seed1/model.safetensors",
-                 "s_on_policy_jsd/seed0/config.json"):
+                 "data/train.jsonl", "data/unlabelled.jsonl", "student_2_layers_alone/seed1/model.safetensors",
+                 "student_1_layer_on_policy_jsd/seed0/config.json"):
         assert (demo_dir / name).exists(), name
     assert list((demo_dir / "answers").glob("answers-*/batch-*.npz"))  # the teacher's cached answers
     report = (demo_dir / "report.md").read_text()
-    assert "| s sequence KD | distilled |" in report and "by more than the seed spread" in report
+    assert "| student 1 layer sequence KD | distilled |" in report and "by more than the seed spread" in report
     assert list((demo_dir / "tb").iterdir())
 
 
@@ -56,7 +55,7 @@ def test_cross_entropy_matches_transformers(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     reported = summary["models"][0]["test_cross_entropy_mean"]
     tok = Tokenizer.from_folder(demo_dir / "tokenizer")
-    enc = C.encode_conversations(tok, C.read_conversations(demo_dir / "data" / "test.jsonl"), max_length=160)
+    enc = C.encode_conversations(tok, C.read_conversations(demo_dir / "data" / "test.jsonl"), max_length=128)
     model = transformers.AutoModelForCausalLM.from_pretrained(demo_dir / "teacher" / "model", dtype=torch.float64)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -72,7 +71,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(demo_dir, capsys):
     assert cli.main(["lm", "demo", "--run-dir", str(demo_dir), *TINY]) == 0
     out = capsys.readouterr().out
     assert "teacher: loaded from" in out  # saved once, not retrained
-    assert "s alone: resumed from the checkpoint of step 2" in out  # the final checkpoint, not step 0
+    assert "student 2 layers alone: resumed from the checkpoint of step 2" in out  # the final one, not step 0
     assert cli.main(["lm", "demo", "--run-dir", str(demo_dir), *TINY, "--set", "student_steps=3"]) == 2
     assert "student_steps: 2 -> 3" in capsys.readouterr().err
 
@@ -166,3 +165,23 @@ def test_distill_flags_are_checked(user_pair, capsys):
     assert "--mode on-policy needs --unlabelled" in capsys.readouterr().err
     assert cli.main([*base, "--student", "wide"]) == 2
     assert "--student must be WIDTHxLAYERS" in capsys.readouterr().err
+
+
+def test_evaluate_and_generate_a_saved_student(demo_dir, tmp_path, capsys):
+    """`jkd lm evaluate` on a saved student reproduces the run's own figures for that seed."""
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    seed0 = next(m for m in summary["models"] if m["name"] == "student 1 layer sequence KD")["per_seed"][0]
+    out = tmp_path / "m.json"
+    assert cli.main(["lm", "evaluate", str(demo_dir / "student_1_layer_sequence_kd" / "seed0"), "--test",
+                     str(demo_dir / "data" / "test.jsonl"), "--max-length", "128", "--max-new-tokens", "8",
+                     "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    for key in ("tool_call_exact_match", "tool_name_accuracy", "no_tool_accuracy", "turns"):
+        assert got[key] == seed0[key], key
+    assert got["test_cross_entropy"] == pytest.approx(seed0["test_cross_entropy"], rel=1e-5)
+    capsys.readouterr()
+    assert cli.main(["lm", "generate", str(demo_dir / "teacher" / "model"), "--prompt", "weather in Oslo tomorrow",
+                     "--prompt", "hi", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "> weather in Oslo tomorrow\n" in text and "> hi\n" in text
+    assert cli.main(["lm", "evaluate", str(tmp_path), "--test", str(demo_dir / "data" / "test.jsonl")]) == 2
