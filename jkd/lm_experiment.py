@@ -236,7 +236,9 @@ class _Run:
         turns = C.assistant_turns(tok, data.test)
         self.test_turns = [t for t in turns if len(t.prompt) <= cfg.max_length]
         self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length
-        self.request_prompts = C.request_prompts(tok, data.unlabelled) if data.unlabelled else []
+        requests = C.request_prompts(tok, data.unlabelled) if data.unlabelled else []
+        self.request_prompts = [p for p in requests if len(p) < cfg.max_length]  # room for an answer
+        self.skipped_requests = len(requests) - len(self.request_prompts)
 
     def log(self, model: str, record: dict) -> None:
         self.folder.log(model, record)
@@ -347,6 +349,7 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
         tg, tvars = freeze_model(teacher)
         results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [freeze_model(teacher)[1].params], teacher.config)}
         answered = None
+        setup = {"teacher": {"student": None, "initialisation": "random", "teacher_signal": False}}
         for student in cfg.students:
             init = None
             if student.teacher_layers is not None:
@@ -354,6 +357,7 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                 scfg = init.config
             else:
                 scfg = r.with_vocab(student.config)
+            # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
             vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
                                       student_rows=scfg.vocab_size)
             groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
@@ -377,6 +381,9 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                     on_policy_prompts=_prompt_slots(r) if on_policy else None,
                     init=init if role == "distilled" else None)
                 results[name] = (role, loss_name, g, params, scfg)
+                setup[name] = {"student": student.name,
+                               "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
+                               "teacher_signal": uses_teacher or bool(with_answers)}
         entries, samples = [], {}
         teacher_texts = None
         for name, (role, loss_name, g, params_list, mcfg) in results.items():
@@ -393,13 +400,17 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                     teacher_texts = texts
                 elif not (r.dir / slug(name) / f"seed{k}" / "config.json").exists():
                     save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
-            entries.append(_entry(name, role, loss_name, mcfg, per_seed, r))
-            echo(f"{name}: test exact match {entries[-1]['tool_call_exact_match_mean']:.3f}, "
+            saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / "teacher" / "model") if role == "teacher" \
+                else r.dir / slug(name) / "seed0"
+            entries.append({**_entry(name, role, loss_name, mcfg, per_seed, saved), **setup[name]})
+            exact = entries[-1].get("tool_call_exact_match_mean")
+            echo(f"{name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
                  f"cross-entropy {entries[-1]['test_cross_entropy_mean']:.3f}")
         return write_report(run_dir, entries, samples, r.test_turns, histories=folder.read_log(), title=cfg.title,
                             counts={**data.counts, "train_truncated": r.train_enc.truncated,
                                     "train_dropped": r.train_enc.dropped, "test_truncated": r.test_enc.truncated,
-                                    "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns},
+                                    "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns,
+                                    "unlabelled_skipped": r.skipped_requests},
                             seconds=time.perf_counter() - t_start, echo=echo)
     finally:
         folder.close()
@@ -423,9 +434,10 @@ def _describe(d: LMDistillation) -> str:
     return " + ".join(parts) + (" on teacher answers" if d.teacher_answers else "")
 
 
-def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], r: _Run) -> dict:
+def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], saved: Path) -> dict:
     params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)))
-    e = {"name": name, "role": role, "loss": loss_name, "params": params, "size_bytes": params * 4,
+    weights = sum(p.stat().st_size for p in saved.glob("*.safetensors"))  # on disk, tokenizer aside
+    e = {"name": name, "role": role, "loss": loss_name, "params": params, "size_bytes": weights,
          "seeds": len(per_seed), "per_seed": per_seed}
     for key in per_seed[0]:
         vals = [m[key] for m in per_seed if isinstance(m.get(key), (int, float))]

@@ -34,40 +34,62 @@ def _cell(e: dict, key: str, scale: float) -> str:
 
 
 def table(entries: Sequence[dict]) -> str:
-    head = ["model", "role", "loss", "params"] + [c[1] for c in COLUMNS] + ["perplexity", "gen tok/s"]
+    head = ["model", "role", "loss", "params", "weights (KB)"] + [c[1] for c in COLUMNS] + ["perplexity", "gen tok/s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         ppl = f"{math.exp(e['test_cross_entropy_mean']):.3f}" if "test_cross_entropy_mean" in e else "-"
         speed = e.get("generation_tokens_per_s_mean", float("nan"))
-        rows.append("| " + " | ".join([e["name"], e["role"], e["loss"], f"{e['params']:,}"]
+        rows.append("| " + " | ".join([e["name"], e["role"], e["loss"], f"{e['params']:,}", f"{e['size_bytes'] / 1024:.0f}"]
                                       + [_cell(e, k, s) for k, _, s in COLUMNS] + [ppl, f"{speed:.0f}"]) + " |")
     return "\n".join(rows)
 
 
+def _compare(best: dict, other: dict, key: str, better: int, label: str) -> str | None:
+    if f"{key}_mean" not in best or f"{key}_mean" not in other:
+        return None
+    margin = better * (best[f"{key}_mean"] - other[f"{key}_mean"])
+    spread = max(best[f"{key}_std"], other[f"{key}_std"])
+    verdict = "beats" if margin > spread else "does not beat"
+    return (f"{best['name']} {verdict} {other['name']} on {label} by more than the seed spread: "
+            f"{best[f'{key}_mean']:.4f} vs {other[f'{key}_mean']:.4f} (margin {margin:+.4f}, std {spread:.4f}).")
+
+
+METRICS = (("tool_call_exact_match", 1, "tool-call exact match"), ("test_cross_entropy", -1, "test cross-entropy"))
+
+
 def verdicts(entries: Sequence[dict]) -> list[str]:
     """For each student size: does its best distilled setting beat it alone by more than the seed
-    spread on exact match (higher is better) and on test cross-entropy (lower is better)?"""
+    spread, on exact match (higher is better) and on test cross-entropy (lower is better)? And, where
+    distilled students start from the teacher's layers, does a setting with the teacher's signal (KD
+    losses, its answers, on-policy scoring) beat the same start trained on the labels alone?"""
     notes = []
-    for alone in [e for e in entries if e["role"] == "student_alone"]:
-        size = alone["name"][:-len(" alone")] if alone["name"].endswith(" alone") else alone["name"]
-        distilled = [e for e in entries if e["role"] == "distilled" and e["name"].startswith(size)]
-        if not distilled:
+    by_student: dict = {}
+    for e in entries:
+        if e["role"] != "teacher":
+            by_student.setdefault(e.get("student"), []).append(e)
+    for group in by_student.values():
+        alone = next((e for e in group if e["role"] == "student_alone"), None)
+        distilled = [e for e in group if e["role"] == "distilled"]
+        if alone is None or not distilled:
             continue
         best = max(distilled, key=lambda e: e.get("tool_call_exact_match_mean", -1))
-        for key, better, label in (("tool_call_exact_match", 1, "tool-call exact match"),
-                                   ("test_cross_entropy", -1, "test cross-entropy")):
-            if f"{key}_mean" not in best or f"{key}_mean" not in alone:
-                continue
-            margin = better * (best[f"{key}_mean"] - alone[f"{key}_mean"])
-            spread = max(best[f"{key}_std"], alone[f"{key}_std"])
-            verdict = "beats" if margin > spread else "does not beat"
-            notes.append(f"{best['name']} {verdict} {alone['name']} on {label} by more than the seed spread: "
-                         f"{best[f'{key}_mean']:.4f} vs {alone[f'{key}_mean']:.4f} (margin {margin:+.4f}, std {spread:.4f}).")
-        for e in distilled:
-            margin = e.get("tool_call_exact_match_mean", 0) - alone.get("tool_call_exact_match_mean", 0)
-            if margin <= max(e.get("tool_call_exact_match_std", 0), alone.get("tool_call_exact_match_std", 0)):
-                notes.append(f"{e['name']} does not help on exact match ({margin:+.4f}); its test cross-entropy is "
-                             f"{e.get('test_cross_entropy_mean', float('nan')):.4f} vs {alone.get('test_cross_entropy_mean', float('nan')):.4f} alone.")
+        notes += [n for key, better, label in METRICS if (n := _compare(best, alone, key, better, label))]
+        labels_only = [e for e in distilled if not e.get("teacher_signal", True)]
+        with_signal = [e for e in distilled if e.get("teacher_signal", True)]
+        for base in labels_only:
+            for e in with_signal:
+                parts, wins = [], 0
+                for key, better, label in METRICS:
+                    if f"{key}_mean" not in e or f"{key}_mean" not in base:
+                        continue
+                    margin = better * (e[f"{key}_mean"] - base[f"{key}_mean"])
+                    spread = max(e[f"{key}_std"], base[f"{key}_std"])
+                    wins += margin > spread
+                    parts.append(f"{label} {e[f'{key}_mean']:.4f} vs {base[f'{key}_mean']:.4f} "
+                                 f"({'better' if margin > spread else 'worse' if -margin > spread else 'within the spread'}, "
+                                 f"margin {margin:+.4f}, std {spread:.4f})")
+                tail = "" if wins else " From the same start, the teacher's signal adds nothing measurable here."
+                notes.append(f"{e['name']} against {base['name']}: " + "; ".join(parts) + "." + tail)
     return notes
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jkd import cli
+from jkd.run_folder import slug
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,7 @@ def test_demo_writes_the_whole_run_folder(demo_dir):
         assert m["seeds"] == 2 and len(m["per_seed"]) == 2
         assert 0 <= m["tool_call_exact_match_mean"] <= 1 and math.isfinite(m["test_cross_entropy_mean"])
         assert "agreement_with_teacher_mean" in m and m["generation_tokens_per_s_mean"] > 0
+        assert m["size_bytes"] == (demo_dir / slug(m["name"]) / "seed0" / "model.safetensors").stat().st_size
     for name in ("config.json", "log.jsonl", "report.md", "samples.md", "curves.png", "exact_match_vs_size.png",
                  "teacher/model/config.json", "teacher/model/tokenizer.json", "tokenizer/tokenizer.json",
                  "data/train.jsonl", "data/unlabelled.jsonl", "student_2_layers_alone/seed1/model.safetensors",
