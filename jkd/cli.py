@@ -323,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     lm_gen.add_argument("--seed", type=int, default=0)
 
+    lm_exp = lm_sub.add_parser("export", help="a Hugging Face model folder's forward pass as StableHLO "
+                               "(tokens -> logits, any batch and length), with its tokenizer")
+    lm_exp.add_argument("model", help="a Hugging Face model folder with its tokenizer")
+    lm_exp.add_argument("--out", required=True, help="the folder to write (model.stablehlo, serving.json, tokenizer)")
+
     rep = sub.add_parser("report", help="print (and rewrite) the report of a run folder")
     rep.add_argument("run_dir")
 
@@ -451,6 +456,17 @@ def _dispatch(args, parser) -> int:
             return _lm_evaluate(args)
         if args.lm_command == "generate":
             return _lm_generate(args)
+        if args.lm_command == "export":
+            from jkd.export import export_lm_stablehlo
+
+            model, tok = _lm_model(args.model)
+            out = Path(args.out)
+            if out.exists() and any(out.iterdir()):
+                raise FileExistsError(f"{out} exists and is not empty; choose another --out.")
+            export_lm_stablehlo(model, out)
+            tok.save(out)
+            print(f"wrote {out}/model.stablehlo (tokens, attention_mask -> logits) and the tokenizer")
+            return 0
         if args.lm_command == "demo":
             cfg = apply_overrides(LX.demo_config(), args.set)
             LX.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)

@@ -202,3 +202,36 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)
+
+
+# ---- language models ------------------------------------------------------------------------------
+
+LM_SERVING_FILE = "serving.json"
+
+
+def export_lm_stablehlo(model, folder: str | Path) -> Path:
+    """A decoder's forward pass as StableHLO: ``tokens int32 [B, T], attention_mask bool [B, T] ->
+    logits float32 [B, T, V]`` with ``B`` and ``T`` symbolic and the weights inside as constants;
+    ``serving.json`` beside it says so. Returns the folder."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def forward(tokens: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(tokens, attention_mask=attention_mask)
+
+    batch, length = jax.export.symbolic_shape("batch, length")
+    exported = jax.export.export(jax.jit(forward))(
+        jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / STABLEHLO_FILE, bytes(exported.serialize()))
+    cfg = model.config
+    _atomic_write(folder / LM_SERVING_FILE, json.dumps({
+        "inputs": {"tokens": "int32 [batch, length]", "attention_mask": "bool [batch, length] (True: a real token)"},
+        "output": f"float32 logits [batch, length, {cfg.vocab_size}]",
+        "positions": "counted over the real tokens of each row (right or left padding both work)",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "load": "jax.export.deserialize(open('model.stablehlo', 'rb').read()).call(tokens, attention_mask)",
+    }, indent=2).encode())
+    return folder

@@ -187,3 +187,61 @@ def test_evaluate_and_generate_a_saved_student(demo_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "> weather in Oslo tomorrow\n" in text and "> hi\n" in text
     assert cli.main(["lm", "evaluate", str(tmp_path), "--test", str(demo_dir / "data" / "test.jsonl")]) == 2
+
+
+def test_export_a_student_as_stablehlo(demo_dir, tmp_path):
+    """The exported forward pass equals the student's logits, at two batch sizes and lengths."""
+    import jax
+    import jax.numpy as jnp
+
+    from jkd.data.tokenizer import Tokenizer
+    from jkd.models.hf import load_hf
+
+    folder = demo_dir / "student_2_layers_token_kd_fkl" / "seed0"
+    out = tmp_path / "export"
+    assert cli.main(["lm", "export", str(folder), "--out", str(out)]) == 0
+    exported = jax.export.deserialize((out / "model.stablehlo").read_bytes())
+    model, tok = load_hf(folder), Tokenizer.from_folder(out)
+    rng = np.random.default_rng(0)
+    for b, t in ((1, 7), (3, 20)):
+        tokens = rng.integers(0, tok.vocab_size, (b, t)).astype(np.int32)
+        mask = np.ones((b, t), bool)
+        mask[-1, t // 2:] = False  # a right-padded row
+        got = np.asarray(exported.call(jnp.asarray(tokens), jnp.asarray(mask)))
+        want = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+        np.testing.assert_allclose(got[mask], want[mask], atol=1e-5)
+    assert json.loads((out / "serving.json").read_text())["output"].startswith("float32 logits")
+    assert cli.main(["lm", "export", str(folder), "--out", str(out)]) == 2  # not over an existing export
+
+
+def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL during the teacher's training; the rerun continues from the checkpoint it finds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    argv = [a for a in TINY if a != "--no-progress"]
+    argv = [*argv, "--set", "teacher_steps=400", "--set", "distillations=()"]
+    cmd = [sys.executable, "-m", "jkd.cli", "lm", "demo", "--run-dir", str(run_dir), "--no-progress", *argv]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ckpt = run_dir / "teacher" / "ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.isdigit() and int(p.name) >= 100 for p in ckpt.glob("*")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (run_dir / "teacher" / "model").exists()  # killed before the teacher was saved
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    resumed = [ln for ln in second.stdout.splitlines() if ln.startswith("teacher: resumed from the checkpoint of step")]
+    assert resumed and 100 <= int(resumed[0].rsplit(" ", 1)[1]) < 400, second.stdout  # neither 0 nor the end
+    assert json.loads((run_dir / "summary.json").read_text())["models"][0]["role"] == "teacher"

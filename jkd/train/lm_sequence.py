@@ -46,6 +46,7 @@ def teacher_answers(
     teacher: Decoder, prompts: Sequence[Sequence[int]], *, cache_dir: str | Path, teacher_id: str | None = None,
     max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(temperature=1.0), seed: int = 0,
     batch_size: int = 16, stop_tokens: Sequence[int] | None = None, progress: bool = False,
+    progress_every_s: float = 10.0,
 ) -> list[np.ndarray]:
     """The teacher's answer to every prompt (token ids, stop token included), cached on disk.
 
@@ -59,6 +60,7 @@ def teacher_answers(
       max_new_tokens, sampling, stop_tokens: as :func:`jkd.train.sampler.generate`.
       seed: batch ``i`` samples with ``fold_in(key(seed), i)``.
       batch_size: prompts per generation call (and per file).
+      progress: a line on stderr every ``progress_every_s`` seconds (0: every batch) and at the end.
     """
     if teacher_id is None:
         teacher_id = teacher_identity(freeze_model(teacher)[1], teacher.config)
@@ -92,7 +94,7 @@ def teacher_answers(
                      tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32))
         tmp.replace(path)
         answers.extend(rows)
-        if progress and i + 1 < n_batches and time.perf_counter() - shown >= 10.0:  # a line every 10 s
+        if progress and i + 1 < n_batches and time.perf_counter() - shown >= progress_every_s:
             shown = time.perf_counter()
             done = i + 1
             rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)

@@ -48,7 +48,7 @@ def main(mode: str, run_dir: Path) -> None:
     prompts = [rng.integers(2, VOCAB, int(n)).tolist() for n in rng.integers(3, 9, 48)]
     if mode == "sequence":
         answers = teacher_answers(teacher, prompts, cache_dir=run_dir / "answers", teacher_id="script-teacher",
-                                  max_new_tokens=12, batch_size=8, progress=True)
+                                  max_new_tokens=12, batch_size=8, progress=True, progress_every_s=0.0)
         step = functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx)
         objective = TokenKD(kd_weight=0.0, ce_weight=1.0, chunk_size=64)
 
