@@ -142,9 +142,10 @@ def assistant_turns(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list
 
 def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, batch_size: int, length: int,
                      pad_id: int, seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless ``[batch_size, length]`` batches (``tokens``, ``loss_mask``, ``attention_mask``) in a
-    shuffled order that depends on ``seed`` and the epoch; ``start`` is the data position in batches
-    (the step the fit loop resumes from)."""
+    """Endless ``[batch_size, length]`` batches (``tokens``, ``loss_mask``, ``attention_mask``, and
+    ``index [batch_size]``: the rows' positions in ``ids``) in a shuffled order that depends on
+    ``seed`` and the epoch; ``start`` is the data position in batches (the step the fit loop resumes
+    from). Rows longer than ``length`` are cut."""
     n = len(ids)
     if n < batch_size:
         raise ValueError(f"{n} sequences do not fill one batch of {batch_size}; lower the batch size")
@@ -159,5 +160,5 @@ def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, 
         for r, i in enumerate(rows):
             m = min(len(ids[i]), length)
             tokens[r, :m], loss_mask[r, :m], attention[r, :m] = ids[i][:m], learn[i][:m], True
-        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention}
+        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention, "index": rows.astype(np.int32)}
         step += 1

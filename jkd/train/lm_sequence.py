@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
+from jkd.data.conversations import sequence_batches
 from jkd.models.decoder import Decoder
 from jkd.train.lm_stored import teacher_identity
 from jkd.train.sampler import SamplingConfig, generate
@@ -112,23 +113,6 @@ def answer_batches(
     """Endless ``[batch_size, length]`` batches of prompt + answer, ``loss_mask`` on the answer
     tokens, in a shuffled order that depends on ``seed`` and the epoch; ``start`` is the data
     position in batches (what the fit loop resumes from). Rows longer than ``length`` are cut."""
-    n = len(prompts)
-    if n < batch_size:
-        raise ValueError(f"{n} prompts do not fill one batch of {batch_size}")
-    per_epoch = n // batch_size
-    step = start
-    while True:
-        epoch, j = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        rows = order[j * batch_size:(j + 1) * batch_size]
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        loss_mask = np.zeros((batch_size, length), bool)
-        attention = np.zeros((batch_size, length), bool)
-        for r, i in enumerate(rows):
-            seq = list(prompts[i]) + list(answers[i])
-            m = min(len(seq), length)
-            tokens[r, :m] = seq[:m]
-            attention[r, :m] = True
-            loss_mask[r, len(prompts[i]):m] = True
-        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention, "index": rows.astype(np.int32)}
-        step += 1
+    ids = [np.concatenate([np.asarray(p, np.int32), np.asarray(a, np.int32)]) for p, a in zip(prompts, answers)]
+    learn = [np.arange(len(i)) >= len(p) for i, p in zip(ids, prompts)]
+    return sequence_batches(ids, learn, batch_size=batch_size, length=length, pad_id=pad_id, seed=seed, start=start)
