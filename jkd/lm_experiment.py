@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -237,8 +238,10 @@ class _Run:
         self.test_turns = [t for t in turns if len(t.prompt) <= cfg.max_length]
         self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length
         requests = C.request_prompts(tok, data.unlabelled) if data.unlabelled else []
-        self.request_prompts = [p for p in requests if len(p) < cfg.max_length]  # room for an answer
-        self.skipped_requests = len(requests) - len(self.request_prompts)
+        kept = [i for i, p in enumerate(requests) if len(p) < cfg.max_length]  # room for an answer
+        self.request_prompts = [requests[i] for i in kept]
+        self.request_conversations = [data.unlabelled[i] for i in kept]
+        self.skipped_requests = len(requests) - len(kept)
 
     def log(self, model: str, record: dict) -> None:
         self.folder.log(model, record)
@@ -308,24 +311,75 @@ def _get_teacher(r: _Run, echo) -> Decoder:
     return teacher
 
 
+def agent_rows(tokenizer: Tokenizer, requests: list[dict], prompts: list[np.ndarray], answers: list[np.ndarray], *,
+               execute: Callable[[str, dict], dict] | None, answer: Callable[[list[np.ndarray]], list[np.ndarray]],
+               max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Training rows from the teacher's answers to requests, carried through the agent loop.
+
+    A first answer that calls tools ``execute`` can run (valid JSON, known tool, arguments it
+    accepts) gets the tools' results as ``tool`` messages and the teacher's answer to them
+    (``answer(prompts) -> answers``); its row is the whole exchange, learned on both assistant turns
+    and never on the tool results. Other answers (no call, a call that fails, no ``execute``, a
+    second prompt of ``max_length`` tokens or more) stay one turn. Returns ``(ids, learn,
+    continued)``, ``continued`` counting the rows that went through a tool.
+    """
+    from jkd.data.chat import encode_chat
+    from jkd.evaluate.toolcalls import parse_turn
+
+    second: list[tuple[int, object]] = []
+    if execute is not None:
+        for i, (req, a) in enumerate(zip(requests, answers)):
+            calls = parse_turn(tokenizer.decode(a, skip_special_tokens=True))["calls"]
+            if not calls:
+                continue
+            try:
+                results = [execute(name, args) for name, args in calls]
+            except (KeyError, TypeError, ValueError):
+                continue  # the teacher's call is one the tool refuses: its answer stays one turn
+            msgs = list(req["messages"]) + [
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": n, "arguments": args}} for n, args in calls]},
+                *({"role": "tool", "name": n, "content": json.dumps(res)} for (n, _), res in zip(calls, results))]
+            enc = encode_chat(tokenizer, msgs, tools=req.get("tools"), add_generation_prompt=True)
+            if len(enc.ids) < max_length:
+                second.append((i, enc))
+    finals = dict(zip((i for i, _ in second), answer([enc.ids for _, enc in second]))) if second else {}
+    encs = dict(second)
+    ids, learn = [], []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        if i in finals:
+            seq = np.concatenate([encs[i].ids, finals[i]]).astype(np.int32)
+            mask = np.concatenate([encs[i].assistant_mask, np.ones(len(finals[i]), bool)])
+        else:
+            seq = np.concatenate([p, a]).astype(np.int32)
+            mask = np.arange(len(seq)) >= len(p)
+        seq, mask = seq[:max_length], mask[:max_length]
+        if mask.any():
+            ids.append(seq)
+            learn.append(mask)
+    return ids, learn, len(finals)
+
+
 def _answered(r: _Run, teacher: Decoder, echo):
-    """The unlabelled requests with the teacher's answers, as training rows."""
+    """The unlabelled requests with the teacher's answers, as training rows; with the embedded data,
+    through the agent loop (the simulated tools run the teacher's calls, the teacher answers their
+    results)."""
     cfg = r.cfg
     sampling = SamplingConfig(temperature=cfg.answer_temperature) if cfg.answer_temperature > 0 else SamplingConfig()
     t0 = time.perf_counter()
-    answers = teacher_answers(teacher, r.request_prompts, cache_dir=r.dir / "answers", max_new_tokens=cfg.max_new_tokens,
-                              sampling=sampling, batch_size=64, progress=r.progress)
-    ids, learn, cut = [], [], 0
-    for p, a in zip(r.request_prompts, answers):
-        seq = np.concatenate([p, a]).astype(np.int32)[:cfg.max_length]
-        cut += len(p) + len(a) > cfg.max_length
-        m = np.zeros(len(seq), bool)
-        m[len(p):] = True
-        if m.any():
-            ids.append(seq)
-            learn.append(m)
-    echo(f"teacher answers: {len(answers)} requests answered ({time.perf_counter() - t0:.0f} s; {cut} cut to "
-         f"{cfg.max_length} tokens)")
+
+    def answer(prompts, cache):
+        return teacher_answers(teacher, prompts, cache_dir=r.dir / cache, max_new_tokens=cfg.max_new_tokens,
+                               sampling=sampling, batch_size=64, progress=r.progress)
+
+    first = answer(r.request_prompts, "answers")
+    ids, learn, continued = agent_rows(
+        r.data.tokenizer, r.request_conversations, r.request_prompts, first,
+        execute=toolchat.execute if cfg.train_file is None else None,
+        answer=lambda prompts: answer(prompts, "answers_after_tools"), max_length=cfg.max_length)
+    cut = sum(len(i) >= cfg.max_length for i in ids)
+    echo(f"teacher answers: {len(first)} requests answered, {continued} of them carried on after the tools' "
+         f"results ({time.perf_counter() - t0:.0f} s; {cut} rows cut to {cfg.max_length} tokens)")
     return ids, learn
 
 

@@ -98,8 +98,33 @@ def _hash(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
 
 
+def check_call(name: str, arguments: dict[str, Any]) -> None:
+    """Refuse a call its tool's schema does not accept, as an agent runtime would: an unknown tool
+    (``KeyError``), missing or unknown arguments, a value outside its enum or of the wrong type
+    (``ValueError``)."""
+    schema = next((t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name), None)
+    if schema is None:
+        raise KeyError(f"unknown tool {name!r}; the tools are {', '.join(TOOL_NAMES)}")
+    if not isinstance(arguments, dict) or set(arguments) != set(schema["required"]):
+        got = sorted(arguments) if isinstance(arguments, dict) else type(arguments).__name__
+        raise ValueError(f"{name}: expected the arguments {sorted(schema['required'])}; got {got}")
+    for key, value in arguments.items():
+        prop = schema["properties"][key]
+        kind = {"string": str, "integer": int, "number": (int, float)}[prop["type"]]
+        if not isinstance(value, kind) or isinstance(value, bool) or ("enum" in prop and value not in prop["enum"]):
+            raise ValueError(f"{name}: argument {key}={value!r} is not a valid {prop['type']}"
+                             + (f" in {prop['enum']}" if "enum" in prop else ""))
+        if prop.get("format") == "date":
+            try:
+                datetime.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"{name}: argument {key}={value!r} is not a YYYY-MM-DD date") from None
+
+
 def execute(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    """The simulated tool's result (a deterministic function of its arguments)."""
+    """The simulated tool's result (a deterministic function of its arguments); a call the tool's
+    schema refuses raises (:func:`check_call`)."""
+    check_call(name, arguments)
     a = arguments
     if name == "get_weather":
         h = _hash(a["city"], a["date"])
@@ -114,10 +139,8 @@ def execute(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"event_id": _hash(a["title"], a["date"], a["time"]) % 900 + 100}
     if name == "send_message":
         return {"delivered": True}
-    if name == "search_flights":
-        h = _hash(a["origin"], a["destination"], a["date"])
-        return {"flights": h % 9 + 1, "cheapest_eur": 40 + (h // 9) % 300}
-    raise KeyError(f"unknown tool {name!r}; the tools are {', '.join(TOOL_NAMES)}")
+    h = _hash(a["origin"], a["destination"], a["date"])  # search_flights
+    return {"flights": h % 9 + 1, "cheapest_eur": 40 + (h // 9) % 300}
 
 
 def final_answer(name: str, arguments: dict[str, Any], result: dict[str, Any]) -> str:

@@ -125,3 +125,19 @@ def test_trained_bpe_is_deterministic_and_lossless(tmp_path):
     assert len(a.encode(texts[0])) < len(plain.encode(texts[0])) / 1.5  # merges shorten the sequences
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe_tokenizer(texts, vocab_size=100)
+
+
+def test_the_simulated_tools_refuse_bad_calls():
+    ok = {"minutes": 5, "label": "tea"}
+    assert toolchat.execute("set_timer", ok) == {"ends_at": "09:05"}
+    with pytest.raises(KeyError, match="unknown tool 'order_pizza'"):
+        toolchat.execute("order_pizza", {})
+    for bad, message in [({"minutes": 5}, "expected the arguments"), ({**ok, "x": 1}, "expected the arguments"),
+                         ({"minutes": "5", "label": "tea"}, "minutes='5' is not a valid integer"),
+                         ({"minutes": True, "label": "tea"}, "not a valid integer")]:
+        with pytest.raises(ValueError, match=message):
+            toolchat.execute("set_timer", bad)
+    with pytest.raises(ValueError, match="not a valid string in"):
+        toolchat.execute("get_weather", {"city": "Atlantis", "date": "2026-12-02"})
+    with pytest.raises(ValueError, match="not a YYYY-MM-DD date"):
+        toolchat.execute("get_weather", {"city": "Oslo", "date": "tomorrow"})
