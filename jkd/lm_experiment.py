@@ -150,7 +150,7 @@ def demo_config() -> LMExperimentConfig:
         title="jkd lm demo: distilling a tool-using model on the embedded conversations",
         students=(LMStudent("student 2 layers", teacher_layers=(0, 3)), LMStudent("student 1 layer", teacher_layers=(0,))),
         student_steps=60,
-        test_limit=200,
+        test_limit=150,
         distillations=(
             # the teacher's layers with the labels alone: what the initialisation gives without a KD loss
             LMDistillation("teacher layers + labels", TokenKD(kd_weight=0.0, ce_weight=1.0)),
@@ -370,7 +370,7 @@ def _answered(r: _Run, teacher: Decoder, echo):
 
     def answer(prompts, cache):
         return teacher_answers(teacher, prompts, cache_dir=r.dir / cache, max_new_tokens=cfg.max_new_tokens,
-                               sampling=sampling, batch_size=64, progress=r.progress)
+                               sampling=sampling, batch_size=128, progress=r.progress)
 
     first = answer(r.request_prompts, "answers")
     ids, learn, continued = agent_rows(
