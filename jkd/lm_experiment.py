@@ -370,7 +370,7 @@ def _answered(r: _Run, teacher: Decoder, echo):
 
     def answer(prompts, cache):
         return teacher_answers(teacher, prompts, cache_dir=r.dir / cache, max_new_tokens=cfg.max_new_tokens,
-                               sampling=sampling, batch_size=128, progress=r.progress)
+                               sampling=sampling, batch_size=64, progress=r.progress)
 
     first = answer(r.request_prompts, "answers")
     ids, learn, continued = agent_rows(
