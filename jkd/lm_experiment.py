@@ -389,7 +389,12 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
     summary (also in ``summary.json``)."""
     cfg.validate()
     run_dir = Path(run_dir)
-    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force)
+    # A user's files are named by path in the config: their contents' hash joins the guard, so an
+    # edited file never reuses the teacher, answers or results of the old one.
+    files = {k: _file_digest(getattr(cfg, k)) for k in ("train_file", "test_file", "unlabelled_file")
+             if getattr(cfg, k) is not None}
+    folder = RunFolder(run_dir, {**config_to_json(cfg), **({"file_digests": files} if files else {})},
+                       resume=resume, force=force)
     t_start = time.perf_counter()
     if cfg.train_file is None:
         folder.begin()  # the embedded conversations are written into the run folder
@@ -401,7 +406,7 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
     try:
         teacher = _get_teacher(r, echo)
         tg, tvars = freeze_model(teacher)
-        results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [freeze_model(teacher)[1].params], teacher.config)}
+        results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [tvars.params], teacher.config)}
         answered = None
         setup = {"teacher": {"student": None, "initialisation": "random", "teacher_signal": False}}
         for student in cfg.students:
@@ -468,6 +473,14 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                             seconds=time.perf_counter() - t_start, echo=echo)
     finally:
         folder.close()
+
+
+def _file_digest(path: str) -> str | None:
+    """A short hash of a file's bytes (None when it is missing: reading it reports that clearly)."""
+    import hashlib
+
+    p = Path(path)
+    return hashlib.blake2b(p.read_bytes(), digest_size=8).hexdigest() if p.is_file() else None
 
 
 def _prompt_slots(r: _Run) -> int:

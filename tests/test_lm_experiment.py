@@ -142,6 +142,12 @@ def test_distill_a_users_pair(user_pair, capsys):
 
     student = load_hf(run_dir / "student_16x1_sequence_rkl" / "seed1")
     assert student.config.hidden_size == 16 and student.config.vocab_size == 259
+    # the same path with other contents is another run, never the old results
+    from pathlib import Path
+
+    Path(f["test"]).write_text(Path(f["test"]).read_text() + json.dumps(_conversations(1, 9)[0]) + "\n")
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "file_digests.test_file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mutate, message", [
