@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -168,6 +169,15 @@ def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
     p.add_argument("--force", action="store_true",
                    help="delete the run in --run-dir (another config) and start this one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    hosts = p.add_argument_group(
+        "several hosts", "one process per host, the same command on each (a TPU slice, SLURM and Open MPI are "
+        "detected without these flags); --batch-size stays the global batch")
+    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address (or $JAX_COORDINATOR_ADDRESS)")
+    hosts.add_argument("--num-processes", type=int, default=None, help="processes in the run (or $JAX_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
+    hosts.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="stop with an error when another process is silent this long (default 30)")
 
 
 def _data_args(p):
@@ -338,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 # What a user (or the machine) got wrong: one line and exit 2. Anything else is a bug of jkd's
 # and keeps its traceback. ImportError counts only when jkd raised it with an install hint.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                NotADirectoryError, FloatingPointError)
+                NotADirectoryError, FloatingPointError, ConnectionError)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     import jkd
+    from jkd import hosts
 
     jkd.initialize()  # before any JAX computation of this process
     parser = build_parser()
@@ -375,15 +386,28 @@ def main(argv: list[str] | None = None) -> int:
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _DropDiskFullLogs) for f in absl_logger.filters):
         absl_logger.addFilter(_DropDiskFullLogs())
+    code, failure = _run_command(args, parser)
+    if hosts.active():  # a run over several processes: the others learn how this one ended
+        hosts.finish(failure)
+        if failure is not None:  # no shutdown barrier: the peers are stopping, not arriving
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _run_command(args, parser) -> tuple[int, str | None]:
+    """``(exit code, None)`` on success, else ``(code, the one-line reason)`` (already printed)."""
     try:
-        return _dispatch(args, parser)
+        _join_processes(args)
+        return _dispatch(args, parser), None
     except KeyboardInterrupt as e:
         what = str(e) if str(e) else "interrupted"  # RunInterrupted says at which step
         run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
         saved = f" Saved progress is kept in {run_dir}:" if run_dir else ""
         print(f"\njkd {args.command}: {what}.{saved} rerun the same command with --resume to continue "
               "from the last checkpoint.", file=sys.stderr)
-        return 130
+        return 130, what
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs just below
         if not _is_user_error(e):
             import traceback
@@ -391,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
                   "your input: please report it with the command and the traceback above.", file=sys.stderr)
-            return 1
+            return 1, f"internal error ({type(e).__name__}: {str(e)[:200]})"
         from jkd.faults import DiskFullError, disk_full, is_disk_full
 
         # Any full disk that reaches here unexplained (a plain ENOSPC OSError from a write jkd does
@@ -401,7 +425,29 @@ def main(argv: list[str] | None = None) -> int:
             e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
         print(f"jkd {args.command}: error: {_message(e)}", file=sys.stderr)
         _quiet_on_the_way_out()
-        return 2
+        return 2, _message(e)
+
+
+# The commands that run over several processes (one per host); the others run on one.
+_MULTI_PROCESS = ("demo", "run", "train-teacher", "distill")
+
+
+def _join_processes(args) -> None:
+    """Join the run's other processes when launched as one of several (see :mod:`jkd.hosts`)."""
+    from jkd import hosts
+
+    if not hasattr(args, "peer_timeout"):
+        return  # a command without a run folder: one process
+    launch = hosts.detect(coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    if launch is None:
+        return
+    command = args.command + (f" {args.lm_command}" if args.command == "lm" else "")
+    if args.command not in _MULTI_PROCESS or getattr(args, "auto", False):
+        what = "jkd distill --auto" if getattr(args, "auto", False) else f"jkd {command}"
+        raise ValueError(f"{what} runs on one process, but this one was launched as one of several "
+                         f"({launch.source}); run it on one host, without --coordinator/--num-processes/--process-id. "
+                         f"Commands that run over several hosts: {', '.join('jkd ' + c for c in _MULTI_PROCESS)}.")
+    hosts.start(launch, peer_timeout_s=args.peer_timeout, echo=print)
 
 
 def _quiet_on_the_way_out() -> None:
@@ -491,6 +537,11 @@ def _dispatch(args, parser) -> int:
         default = cfg_path.parent.name + ("" if cfg_path.stem == "config" else "_" + cfg_path.stem.removeprefix("config_"))
         run_dir = args.run_dir or str(Path("runs") / default)
         if hasattr(module, "main"):  # experiments that are more than one comparison (sweeps, toys)
+            from jkd import hosts
+
+            if hosts.active():
+                raise ValueError(f"{args.config} is a custom experiment (its own main()), which runs on one "
+                                 "process; run it on one host, without --coordinator/--num-processes/--process-id.")
             module.main(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
         else:
             X.run(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)

@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jkd import hosts
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import metrics as M
@@ -109,7 +110,14 @@ class ExperimentConfig:
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
-        if self.devices is not None:
+        if jax.process_count() > 1:  # a run over several processes (jkd.hosts): one mesh over all devices
+            if self.parallel == "pmap":
+                raise ValueError(f"parallel 'pmap' runs on one process's devices; this run has {jax.process_count()} "
+                                 "processes: use parallel 'mesh' (--parallel mesh), which spans every host.")
+            if self.devices not in (None, jax.device_count()):
+                raise ValueError(f"devices={self.devices} (--devices): a run over {jax.process_count()} processes uses "
+                                 f"all {jax.device_count()} devices of its hosts; leave --devices out.")
+        elif self.devices is not None:
             if self.parallel == "single":
                 raise ValueError(f"devices={self.devices} (--devices) needs parallel 'mesh' or 'pmap' "
                                  "(--parallel); 'single' runs on one device.")
@@ -152,8 +160,13 @@ class _Run:
     """Shared pieces of one run: data, views, runners; its folder does the writing."""
 
     def __init__(self, cfg: ExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None] = print):
-        self.cfg, self.folder, self.dir, self.progress, self.echo = cfg, folder, folder.path, progress, echo
-        self.ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, num_classes=cfg.num_classes)
+        # Several processes (jkd.hosts): process 0 alone prints, shows progress and writes files.
+        self.primary = hosts.is_primary()
+        self.cfg, self.folder, self.dir = cfg, folder, folder.path
+        self.progress, self.echo = progress and self.primary, echo if self.primary else (lambda *_: None)
+        # Process 0 prepares a dataset first (TFDS writes a shared cache), the others then read it.
+        self.ds = hosts.primary_first(lambda: load_dataset(cfg.dataset, data_dir=cfg.data_dir, num_classes=cfg.num_classes),
+                                      "jkd: dataset prepared")
         spec = self.ds.spec
         self.train = P.reader(self.ds.split("train"), spec.image_shape)
         self.test = P.reader(self.ds.split("test"), spec.image_shape)
@@ -175,7 +188,7 @@ class _Run:
         return functools.partial(augment.augment, mean=s.mean, std=s.std, crop_padding=crop_padding, flip=self.flip)
 
     def runner(self, step):
-        if self.cfg.parallel == "mesh":
+        if self.cfg.parallel == "mesh" or jax.process_count() > 1:
             return parallel.on_mesh(step, parallel.data_mesh(self.cfg.devices))
         if self.cfg.parallel == "pmap":
             return parallel.with_pmap(step, self.cfg.devices)
@@ -190,16 +203,18 @@ class _Run:
         self.folder.close()
 
     def batches(self, seed):
-        return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start)
+        # Each process reads its share of every global batch; the order is the global one.
+        return lambda start: P.train_batches(self.train, batch_size=self.cfg.batch_size, seed=seed, start_step=start,
+                                             process_index=jax.process_index(), process_count=jax.process_count())
 
     def eval_logits(self, graphdef, variables_list, split=None) -> list[np.ndarray]:
         """Logits of each variables set (eval mode) on ``split`` (default: test), all in one pass
         over the data; the labels are left in ``self.last_labels`` (and ``self.test_labels``
-        for the test split)."""
+        for the test split). Several processes share the split and gather the logits."""
         fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=self.eval_view), in_axes=(0, None)))
-        stacked = stack_states(list(variables_list))
+        stacked = stack_states([hosts.local(v) for v in variables_list])
         logits, self.last_labels = predict(lambda b: fn(stacked, b)["logits"], self.test if split is None else split,
-                                           batch_size=self.cfg.batch_size)
+                                           batch_size=self.cfg.batch_size, split=True)
         if split is None:
             self.test_labels = self.last_labels
         return list(logits)
@@ -249,7 +264,8 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
 
     def evaluate(st):
-        logits, labels = predict(lambda b: eval_fn(st, b)["logits"], r.held_out, batch_size=cfg.batch_size)
+        st = hosts.local(st)  # each process evaluates its share of the split, locally, then all gather
+        logits, labels = predict(lambda b: eval_fn(st, b)["logits"], r.held_out, batch_size=cfg.batch_size, split=True)
         acc, loss = accuracy_and_loss(logits, labels)  # [K] each
         # Named for the split measured: "val_*" only for a validation split, "test_*" otherwise.
         split = "val" if r.val is not None else "test"
@@ -271,7 +287,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
         )
     finally:
         ckpts.close()
-    return graphdef, [unstack_state(states, i) for i in range(k)]
+    return graphdef, [hosts.local(unstack_state(states, i)) for i in range(k)]
 
 
 def _get_teacher(r: _Run, run_dir: Path, echo):
@@ -314,9 +330,11 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
     """
     cfg.validate()
     run_dir = Path(run_dir)
-    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force)
+    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force, writer=hosts.is_primary())
+    hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
     t_start = time.perf_counter()
     r = _Run(cfg, folder, progress, echo)  # reads and checks the data before anything is written
+    echo = r.echo  # process 0 alone prints
     folder.begin()
     spec, shape = r.ds.spec, r.ds.spec.image_shape
     val = f" ({len(r.val)} of them held out for validation)" if r.val is not None else ""
@@ -386,10 +404,11 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 metrics["best_val_accuracy"] = max(e["val_accuracy"] for e in evals)
             if role != "teacher":
                 metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
-            model_dir.mkdir(parents=True, exist_ok=True)
-            (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
-            plots.roc(logits[0], labels, run_dir / f"roc_{slug(name)}.png", f"ROC, one vs rest: {name}")
+            if r.primary:  # one metrics file and one set of plots, whatever the number of processes
+                model_dir.mkdir(parents=True, exist_ok=True)
+                (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
+                plots.roc(logits[0], labels, run_dir / f"roc_{slug(name)}.png", f"ROC, one vs rest: {name}")
             entries.append({
                 "name": name, "role": role, "loss": loss_name, "model": mspec.name,
                 "test_accuracy_per_seed": accs,
@@ -403,15 +422,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                   + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
                       "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
                   for n, hs in histories.items()}
-        plots.curves(curves, run_dir / "curves.png", held_out="validation" if r.val is not None else "test")
-        plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
         alone = next((e for e in entries if e["role"] == "student_alone"), None)
         protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
                     "initialisation only" if cfg.share_teacher_forward else
                     "each seed has its own initialisation, data order and augmentation")
         seeds_note = f"{len(cfg.seeds)} seeds per student setting ({protocol}); " if len(entries) > 1 else ""
+        hosts_note = (f"; trained by {jax.process_count()} processes on {jax.device_count()} devices, the latency "
+                      "measured on process 0" if jax.process_count() > 1 else "")
         notes = [f"{seeds_note}latency is the median of 20 eval batches of {cfg.batch_size} on "
-                 f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s."]
+                 f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s{hosts_note}."]
         for e in entries:
             if e["role"] == "distilled" and alone is not None:
                 margin = e["test_accuracy_mean"] - alone["test_accuracy_mean"]
@@ -419,11 +438,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 verdict = "beats" if margin > spread else "does not beat"
                 notes.append(f"{e['name']} {verdict} the student alone by more than the seed spread: "
                              f"{100 * margin:+.2f} points vs std {100 * spread:.2f}.")
-        md = report.write(run_dir, entries, title=cfg.title, notes=notes)
-        echo("\n" + md + "\n")
-        for n in notes:
-            echo(n)
-        echo(f"\nrun folder: {run_dir}")
+        if r.primary:
+            plots.curves(curves, run_dir / "curves.png", held_out="validation" if r.val is not None else "test")
+            plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
+            md = report.write(run_dir, entries, title=cfg.title, notes=notes)
+            echo("\n" + md + "\n")
+            for n in notes:
+                echo(n)
+            echo(f"\nrun folder: {run_dir}")
+        hosts.barrier("jkd: report written")  # the others return process 0's summary
         return json.loads((run_dir / "summary.json").read_text())
     finally:
         r.close()

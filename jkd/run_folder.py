@@ -15,6 +15,9 @@ The rule, the same for every command that writes a run folder (``jkd demo``, ``r
 
 ``config.json`` is written only by :meth:`RunFolder.begin`, after the caller has checked its
 inputs; :meth:`RunFolder.mark_started` marks the first training step.
+
+In a run of several processes (:mod:`jkd.hosts`) every process checks the rule, and only the
+*writer* (process 0) deletes, writes the config, the mark, the log and TensorBoard events.
 """
 
 from __future__ import annotations
@@ -92,8 +95,10 @@ def _write_atomic(path: Path, text: str) -> None:
 class RunFolder:
     """A claimed run folder (see the module docstring for the rule)."""
 
-    def __init__(self, path: str | Path, config: dict, *, resume: bool = False, force: bool = False):
+    def __init__(self, path: str | Path, config: dict, *, resume: bool = False, force: bool = False,
+                 writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
         self.config = config = json.loads(json.dumps(config))  # tuples -> lists, as read back
         cfg_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
@@ -106,7 +111,8 @@ class RunFolder:
                 old = json.loads(cfg_path.read_text())
                 diff = config_diff(old, config)
                 if force:
-                    shutil.rmtree(self.path)
+                    if writer:  # the others wait at the caller's barrier
+                        shutil.rmtree(self.path)
                 elif diff:
                     shown = "; ".join(diff[:8]) + (f"; (+{len(diff) - 8} more)" if len(diff) > 8 else "")
                     raise ConfigMismatchError(
@@ -123,6 +129,8 @@ class RunFolder:
 
     def begin(self) -> None:
         """Write ``config.json`` (call once the inputs are checked); creates the folder."""
+        if not self.writer:
+            return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -131,7 +139,7 @@ class RunFolder:
 
     def mark_started(self) -> None:
         """Training is about to change the folder: from now on the config guard applies."""
-        if not (self.path / STARTED_FILE).exists():
+        if self.writer and not (self.path / STARTED_FILE).exists():
             _write_atomic(self.path / STARTED_FILE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
     def _os_error(self, e: OSError, what: str) -> OSError:
@@ -145,6 +153,8 @@ class RunFolder:
     def log(self, model: str, record: dict) -> None:
         """Append ``record`` to ``log.jsonl`` and its numbers to TensorBoard (synchronously:
         a full disk raises here, in the caller's thread, and never hangs a writer thread)."""
+        if not self.writer:
+            return
         try:
             if self._log_file is None:
                 self._log_file = (self.path / LOG_FILE).open("a")

@@ -13,7 +13,8 @@ import numpy as np
 from jkd.data import pipeline as P
 
 
-def predict(fn: Callable[[dict], object], source, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict(fn: Callable[[dict], object], source, *, batch_size: int,
+            split: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(logits [..., N, C], labels [N])`` of ``fn`` on every example of ``source``.
 
     Args:
@@ -21,7 +22,20 @@ def predict(fn: Callable[[dict], object], source, *, batch_size: int) -> tuple[n
         (a leading axis, e.g. K students, is kept).
       source: a random-access split (``pipeline.reader(...)``, a ``Subset``).
       batch_size: rows per call; the last batch is padded and its padding dropped here.
+      split: in a run of several processes (:mod:`jkd.hosts`), each evaluates its contiguous
+        share of ``source`` and the shares are gathered, so every process returns the whole
+        split's logits, computed once. ``fn`` must then be a local computation (variables from
+        :func:`jkd.hosts.local`). A collective: every process calls it.
     """
+    from jkd import hosts
+
+    count = hosts.process_count() if split else 1
+    if count > 1:
+        if len(source) < count:
+            raise ValueError(f"{len(source)} examples cannot be shared by {count} processes; evaluate on one.")
+        sizes = [len(s) for s in np.array_split(np.arange(len(source)), count)]
+        logits, labels = predict(fn, P.Subset(source, hosts.share(len(source))), batch_size=batch_size)
+        return hosts.allgather_rows(logits, axis=-2, sizes=sizes), hosts.allgather_rows(labels, axis=0, sizes=sizes)
     logits, labels = [], []
     for b in P.eval_batches(source, batch_size=batch_size):
         mask = np.asarray(b["mask"])

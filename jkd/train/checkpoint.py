@@ -219,10 +219,17 @@ class Checkpoints:
 
 
 def save_frozen(directory: str | Path, variables, meta: dict[str, Any]) -> None:
-    """Save frozen model variables (the teacher) once, synchronously, to ``directory``."""
+    """Save frozen model variables (the teacher) once, synchronously, to ``directory``.
+
+    In a run of several processes every process calls it with the same variables; they are
+    replicated over all devices first, so orbax writes each array once (not once per host)."""
     path = Path(directory).absolute()
     if path.exists():
         raise FileExistsError(f"{path} exists; a frozen model is written once and never overwritten.")
+    if jax.process_count() > 1:
+        from jkd.train import parallel
+
+        variables = parallel.replicated(variables, parallel.data_mesh())
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
         ckpt.save(path, args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))

@@ -158,12 +158,14 @@ def fit(
 
     start = 0
     if checkpoints is not None:
-        restored = checkpoints.restore(abstract_like(state))
+        restored = checkpoints.restore(abstract_like(state, getattr(run, "state_sharding", None)))
         if restored is not None:
             state, meta = restored
             start = int(meta["data_position"])
             emit({"event": "resumed", "step": start})
     placed = parallel.place(run, state)  # e.g. replicated onto pmap's devices once, not every step
+    teacher = parallel.place_frozen(run, teacher)  # e.g. replicated on the mesh once, not every step
+    processes = jax.process_count()  # each process feeds its share of the global batch
     bar = _Progress(config.num_steps, start, config.label, config.progress_every_s, unit=config.unit) if config.progress else None
     step, t0, n_images = start, time.perf_counter(), 0
     stream = batches(start)
@@ -174,7 +176,7 @@ def fit(
             batch = next(stream)
             placed, metrics = run(placed, batch, objective, teacher)
             step += 1
-            n_images += parallel.batch_size(batch)
+            n_images += parallel.batch_size(batch) * processes
             last_metrics = metrics
             due_save = checkpoints is not None and (step % config.save_every == 0 or step == config.num_steps)
             due_eval = evaluate is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.num_steps)

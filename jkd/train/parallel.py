@@ -74,6 +74,31 @@ def fetch(run: Callable, state):
     return getattr(run, "fetch", _identity)(state)
 
 
+def replicated(tree, mesh: Mesh):
+    """``tree`` as arrays replicated on every device of ``mesh``, across processes too (each
+    process passes the same values; PRNG keys included). Arrays already so placed are kept."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            return x
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        # Through host memory: a device's array cannot be sent to other processes' devices, and
+        # device_put takes no PRNG keys across processes.
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)), sharding),
+                                            impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def place_frozen(run: Callable, tree):
+    """``run.place_frozen(tree)`` if the runner has it: the teacher placed once for all steps."""
+    return getattr(run, "place_frozen", _identity)(tree)
+
+
 def single_device(step: Callable) -> Callable:
     """``jit`` the step (state buffers donated)."""
     jitted = jax.jit(step, donate_argnums=0)
@@ -86,12 +111,12 @@ def single_device(step: Callable) -> Callable:
 
 def on_mesh(step: Callable, mesh: Mesh) -> Callable:
     """``jit`` over ``mesh``: batch sharded on ``'data'``, everything else replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated_sharding = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(AXIS))
     jitted = jax.jit(
         step,
-        in_shardings=(replicated, sharded, replicated, replicated),
-        out_shardings=(replicated, replicated),
+        in_shardings=(replicated_sharding, sharded, replicated_sharding, replicated_sharding),
+        out_shardings=(replicated_sharding, replicated_sharding),
         donate_argnums=0,
     )
     n = mesh.devices.size
@@ -103,7 +128,12 @@ def on_mesh(step: Callable, mesh: Mesh) -> Callable:
         }
         return jitted(state, global_batch, objective, teacher)
 
-    return _with_placement(run)
+    run = _with_placement(run)
+    # The teacher is placed once (replicated), not copied onto the mesh at every step; so is a
+    # restored state, which in a run of several processes must span all their devices.
+    run.place_frozen = functools.partial(replicated, mesh=mesh)
+    run.state_sharding = replicated_sharding
+    return run
 
 
 def replicate(tree, devices):
