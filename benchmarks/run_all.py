@@ -10,6 +10,7 @@ import lm_kd_step
 import lm_loading
 import lm_sampler
 import many_students
+import multihost
 import projected_loss
 import stored_teacher
 import vs_torch
@@ -61,3 +62,6 @@ if __name__ == "__main__":
     m = many_students.run("cnn", sequential=True)
     write("many_students_cnn_sequential", m)
     print(f"many_students {m['pair']}: ratio {m['ratio']:.2f} of ideal {m['ideal']:.2f}")
+    r = multihost.run()
+    write("multihost", r)
+    print(multihost.report(r))
