@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default=None, help="output folder (default: <model_dir>_compressed)")
     comp.add_argument("--sparsity", type=float, default=0.8, help="fraction of weights pruned, in [0, 1); 0: no pruning")
     comp.add_argument("--per-layer", action="store_true", help="the same sparsity in every layer (default: global)")
+    comp.add_argument("--structured-width", type=float, default=0.5,
+                      help="structured pruning: the fraction of neurons / channels kept in every layer, in (0, 1), "
+                           "giving a smaller dense student that runs faster; 0: none (MLPs and cnn)")
     comp.add_argument("--prune-epochs", type=int, default=20, help="epochs of distillation while pruning")
     comp.add_argument("--qat-epochs", type=int, default=3, help="epochs of quantization-aware distillation; 0: none")
     comp.add_argument("--no-quantize", action="store_true", help="skip int8 quantization")
@@ -284,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("model_dir", help="a saved student, e.g. runs/demo/soft_kd_t_8/seed0")
     exp.add_argument("--out", default=None, help="output folder (default: <model_dir>_export)")
     exp.add_argument("--format", default="stablehlo,onnx", help="comma-separated: stablehlo, onnx")
+    exp.add_argument("--int8", action="store_true",
+                     help="also write model_int8.onnx: int8 in the QDQ form onnxruntime runs with integer kernels, "
+                          "scales calibrated on training images of the model's dataset")
+    exp.add_argument("--calibration-images", type=int, default=1024, help="--int8: training images for the scales")
+    exp.add_argument("--data-dir", default=None, help="--int8: where the model's TFDS dataset is prepared")
 
     lm = sub.add_parser("lm", help="language models: distil a tool-using model into a small one")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True)
@@ -627,10 +635,44 @@ def _export(args) -> int:
         raise ValueError(f"{path} holds the teacher; jkd exports students only (the teacher stays with "
                          "training). Give a student folder, e.g. runs/demo/soft_kd_t_8/seed0.")
     out = Path(args.out) if args.out else path.parent / f"{path.name}_export"
+    if args.int8:
+        if "onnx" not in formats:
+            raise ValueError("--int8 writes an int8 ONNX model: include onnx in --format.")
+        from jkd.compress.job import MIN_CALIBRATION_IMAGES
+
+        if args.calibration_images < MIN_CALIBRATION_IMAGES:
+            raise ValueError(f"--calibration-images must be >= {MIN_CALIBRATION_IMAGES} for static int8 scales; "
+                             f"got {args.calibration_images}.")
+        calibration = _calibration_images(meta, args.calibration_images, args.data_dir)  # before anything is written
     with quantization.qwix_promotion():  # int8 students run qwix ops; float ones are unaffected
-        _export_and_check(graphdef, variables, meta, out, formats)
+        paths = _export_and_check(graphdef, variables, meta, out, formats)
+    if args.int8:
+        import numpy as np
+
+        q = E.quantize_onnx_int8(paths["onnx"], calibration, out / "model_int8.onnx")
+        images = np.random.default_rng(0).integers(0, 256, (64, *meta["image_shape"]), dtype=np.uint8)
+        ref = E.onnx_session(paths["onnx"]).run(None, {"images": images})[0]
+        got = E.onnx_session(q).run(None, {"images": images})[0]
+        print(f"onnx int8 (QDQ): {q} ({q.stat().st_size / 1024:.0f} KB); the same top-1 as the float ONNX on "
+              f"{100 * float(np.mean(ref.argmax(1) == got.argmax(1))):.0f}% of 64 random images "
+              f"({len(calibration)} calibration images)")
     print(f"preprocessing: {out / E.PREPROCESSING_FILE} (inputs are raw uint8 NHWC images; normalisation is inside)")
     return 0
+
+
+def _calibration_images(meta: dict, n: int, data_dir):
+    """``n`` training images (raw uint8) of a saved model's dataset, chosen with seed 0."""
+    import numpy as np
+
+    from jkd.data import load_dataset
+    from jkd.data import pipeline as P
+    from jkd.saved import check_dataset
+
+    ds = load_dataset(meta["dataset"], data_dir=data_dir)
+    check_dataset(meta, ds.spec, where="the model")
+    train = P.reader(ds.split("train"), ds.spec.image_shape)
+    n = min(n, len(train))
+    return train.read(np.sort(np.random.default_rng(0).choice(len(train), n, replace=False)))[0]
 
 
 def _export_and_check(graphdef, variables, meta, out, formats):
@@ -647,6 +689,7 @@ def _export_and_check(graphdef, variables, meta, out, formats):
     for fmt, p in paths.items():
         diff = float(np.max(np.abs(runs[fmt](p) - reference)))
         print(f"{fmt}: {p} ({p.stat().st_size / 1024:.0f} KB); max |logit difference| vs JAX on 8 images: {diff:.1e}")
+    return paths
 
 
 def _compress(args) -> int:
@@ -654,7 +697,8 @@ def _compress(args) -> int:
     from jkd.train import AdamWConfig, objectives
 
     cfg = CompressConfig(
-        sparsity=args.sparsity, per_layer=args.per_layer, prune_epochs=args.prune_epochs,
+        sparsity=args.sparsity, per_layer=args.per_layer, structured_width=args.structured_width,
+        prune_epochs=args.prune_epochs,
         qat_epochs=args.qat_epochs, quantize=not args.no_quantize, calibration_images=args.calibration_images,
         formats=_formats(args.format),
         objective=objectives.SoftKD(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),

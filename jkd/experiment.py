@@ -429,7 +429,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         seeds_note = f"{len(cfg.seeds)} seeds per student setting ({protocol}); " if len(entries) > 1 else ""
         hosts_note = (f"; trained by {jax.process_count()} processes on {jax.device_count()} devices, the latency "
                       "measured on process 0" if jax.process_count() > 1 else "")
-        notes = [f"{seeds_note}latency is the median of 20 eval batches of {cfg.batch_size} on "
+        notes = [f"{seeds_note}latency is the median of up to 20 eval batches of {cfg.batch_size} (2 s per model at most) on "
                  f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s{hosts_note}."]
         for e in entries:
             if e["role"] == "distilled" and alone is not None:

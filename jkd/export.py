@@ -161,6 +161,77 @@ def onnx_session(path: str | Path):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+# The ONNX ops that carry a layer's arithmetic: each must read int8 weights and uint8 activations
+# (through DequantizeLinear) for onnxruntime to run it with its integer kernels.
+_INT8_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, path: str | Path, *,
+                       min_images: int = 32) -> Path:
+    """An int8 copy of an exported float ONNX model, in the QDQ form onnxruntime runs with its
+    integer kernels: weights int8 per output channel (symmetric), activations uint8 with static
+    scales from ``calibration_images`` (raw ``uint8 [N, H, W, C]``, the artifact's own input;
+    onnxruntime's MinMax calibration over them). Every MatMul / Gemm / Conv must come out reading
+    quantized inputs, else the export is refused naming the layer; the file is written whole or
+    not at all."""
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    except ImportError as e:
+        raise ImportError("int8 ONNX export needs onnxruntime: pip install 'jkd[onnx]'.") from e
+    import onnx
+
+    images = np.asarray(calibration_images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"calibration images must be raw uint8 [N, H, W, C]; got {images.dtype} {images.shape}.")
+    if len(images) < min_images:
+        raise ValueError(f"{len(images)} calibration images are too few for static int8 scales; give at least "
+                         f"{min_images} (--calibration-images).")
+
+    class _Batches(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{"images": images[i:i + 128]} for i in range(0, len(images), 128)])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.ERROR)  # its advice to pre-process is logged on the root logger at every call
+        try:
+            quantize_static(str(float_path), str(tmp), _Batches(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
+        graph = onnx.load(str(tmp)).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        float_layers = [n.name or n.op_type for n in graph.node if n.op_type in _INT8_OPS
+                        and not all(i in dequantized for i in n.input[:2])]
+        if float_layers:
+            raise ValueError(f"onnxruntime cannot run these layers of {float_path} in integer form: "
+                             f"{', '.join(float_layers)} (their inputs stay float after quantization); "
+                             "export this model as float ONNX or int8 StableHLO instead.")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def cpu_integer_instructions() -> list[str]:
+    """The CPU's integer dot-product instructions that onnxruntime's int8 kernels use, as Linux
+    reports them (``/proc/cpuinfo``): AVX2, AVX-VNNI, AVX512-VNNI, AMX-INT8 (empty elsewhere)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    names = {"avx2": "AVX2", "avx_vnni": "AVX-VNNI", "avx512_vnni": "AVX512-VNNI", "avx512_bw": "AVX512-BW",
+             "avx512bw": "AVX512-BW", "amx_int8": "AMX-INT8", "asimddp": "ARM dot product (SDOT)"}
+    return sorted({v for k, v in names.items() if k in flags})
+
+
 def preprocessing(meta: dict, formats) -> dict:
     """What a user needs to call the artifact on raw images (written as ``preprocessing.json``)."""
     h, w, c = meta["image_shape"]
@@ -186,7 +257,7 @@ def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=F
         raise ValueError(f"ONNX export of an int8 student ({meta['quantization']}) is not supported: jax2onnx "
                          "0.17.1 converts nnx.Linear/Conv by their float definition and so drops qwix's int8 "
                          "arithmetic. Export it with --format stablehlo (int8 weights inside), or export the "
-                         "float or pruned student to ONNX.")
+                         "float student with --int8: int8 ONNX (QDQ) that onnxruntime runs with integer kernels.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     serve = serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])

@@ -136,9 +136,10 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     assert cli.main(argv) == 0
     summary = json.loads((out / "compress_summary.json").read_text())
     names = [m["name"] for m in summary["models"]]
-    assert names == ["teacher", "student", "pruned 80%", "PTQ int8 weights", "PTQ int8 weights+activations (static)",
-                     "QAT int8 weights", "pruned 80% + int8 weights", "exported (stablehlo)", "exported (onnx)",
-                     "exported int8 weights (stablehlo)"]
+    assert names == ["teacher", "student", "pruned 80%", "structured 50%", "PTQ int8 weights",
+                     "PTQ int8 weights+activations (static)", "QAT int8 weights", "pruned 80% + int8 weights",
+                     "exported (stablehlo)", "exported (onnx)", "exported int8 weights (stablehlo)",
+                     "exported int8 (onnx, QDQ)", "structured 50% (onnx)", "structured 50% + int8 (onnx, QDQ)"]
     rows = {m["name"]: m for m in summary["models"]}
     n = sum(v["size"] for v in summary["pruning"]["layers"].values())
     assert summary["pruning"]["prunable_sparsity"] == pytest.approx(int(0.8 * n) / n)  # real zeros, counted
@@ -157,7 +158,12 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     assert cli.main(["export", str(out / "int8_static" / "model"), "--out", str(tmp_path / "qe")]) == 2
     assert "ONNX export of an int8 student" in capsys.readouterr().err
     assert cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")]) == 0
+    # The structured student is a smaller model of the same family, saved like any other.
+    assert cli.main(["evaluate", str(out / "structured" / "model")]) == 0
+    assert "mlp_100 on jkd_mnist_sample: test accuracy" in capsys.readouterr().out
     for extra, message in ((["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
+                           (["--structured-width", "1.5"], "the structured width must lie in (0, 1)"),
+                           (["--calibration-images", "8"], "calibration_images must be >= 32"),
                            (["--sparsity", "0.5"], "holds a run with another configuration (sparsity: 0.8 -> 0.5)"),
                            (["--format", "tflite"], "unknown export format")):
         assert cli.main([*argv, *extra]) == 2

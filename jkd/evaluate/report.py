@@ -41,13 +41,18 @@ def write(run_dir: Path, entries: list[dict], *, title: str, notes: list[str]) -
 
 def compression_table(rows: list[dict]) -> str:
     """A markdown table of a compression run: accuracy and its change against the float
-    student, sparsity, int8 share, size on disk and latency."""
-    head = ("| model | kind | test accuracy (%) | vs student (points) | sparsity | size (KB) | "
-            "latency / batch (ms) |")
-    lines = [head, "|" + "---|" * 7]
+    student, sparsity, parameters and FLOPs, size on disk, and latency at batch 1 and 128 in the
+    runtime each row is deployed with."""
+    head = ("| model | kind | test accuracy (%) | vs student (points) | sparsity | params | MFLOPs / image | "
+            "size (KB) | runtime | latency batch 1 (ms) | latency batch 128 (ms) |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         sparsity = f"{r['sparsity']:.2f}" if "sparsity" in r else ""
+        params = f"{r['params']:,}" if "params" in r else ""
+        flops = f"{r['flops'] / 1e6:.2f}" if "flops" in r else ""
+        b1 = f"{r['latency_ms_batch1']:.3f}" if "latency_ms_batch1" in r else ""
+        b128 = f"{r['latency_ms_batch128']:.2f}" if "latency_ms_batch128" in r else f"{r['latency_ms']:.2f}"
         lines.append(f"| {r['name']} | {r['kind']} | {100 * r['test_accuracy']:.2f} | "
-                     f"{100 * r['delta_vs_student']:+.2f} | {sparsity} | {r['size_bytes'] / 1024:.0f} | "
-                     f"{r['latency_ms']:.2f} |")
+                     f"{100 * r['delta_vs_student']:+.2f} | {sparsity} | {params} | {flops} | "
+                     f"{r['size_bytes'] / 1024:.0f} | {r.get('runtime', 'jax')} | {b1} | {b128} |")
     return "\n".join(lines)

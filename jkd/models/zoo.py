@@ -43,8 +43,8 @@ MODELS: dict[str, Factory] = {
     "mlp_100": _mlp((100,)),
     "mlp_30": _mlp((30,)),
     "mlp": _mlp((256,)),  # options: hidden=(...), dropout=...
-    "cnn": lambda num_classes, input_shape, rngs, bn_axis_name=None, width=32: SmallCNN(
-        input_shape[-1], num_classes, width=width, bn_axis_name=bn_axis_name, rngs=rngs),
+    "cnn": lambda num_classes, input_shape, rngs, bn_axis_name=None, width=32, channels=None: SmallCNN(
+        input_shape[-1], num_classes, width=width, channels=channels, bn_axis_name=bn_axis_name, rngs=rngs),
     **{f"resnet{d}": _resnet(d) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _resnet(8, (32, 64, 128, 256)),
     "resnet32x4": _resnet(32, (32, 64, 128, 256)),
@@ -65,6 +65,10 @@ def _option_problem(key: str, value) -> str | None:
     if key == "dropout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
         return None if ok else "a number in [0, 1), e.g. dropout=0.2"
+    if key == "channels":
+        ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
+        return None if ok else "two positive integers, e.g. channels=(16, 32)"
     if key == "width":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return None if ok else "a positive number, e.g. width=0.5 or width=32"
