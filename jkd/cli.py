@@ -420,6 +420,9 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         if not _is_user_error(e):
             import traceback
 
+            from jkd import hosts
+
+            hosts.await_lost_peer()  # a collective broken by a dead peer is reported as that peer's loss
             traceback.print_exc()
             print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
                   "your input: please report it with the command and the traceback above.", file=sys.stderr)
@@ -535,8 +538,9 @@ def _dispatch(args, parser) -> int:
               "student alone there). Measured on this sample: ~3.7x the time of one distilled run "
               "(24 settings searched in one vmapped run per loss, then the choice and the student alone "
               "over 3 seeds).")
-        print(f"Ship a student: `jkd compress {args.run_dir}/soft_kd_t_8/seed0` prunes and int8-quantizes it while "
-              f"the teacher keeps teaching (~25 s), and `jkd export ...` writes StableHLO/ONNX for raw images.")
+        print(f"Ship a student: `jkd compress {args.run_dir}/soft_kd_t_8/seed0` prunes it (into a smaller dense "
+              f"student too) and int8-quantizes it while the teacher keeps teaching (~35 s), and `jkd export ... --int8` "
+              f"writes StableHLO/ONNX (and int8 ONNX) for raw images.")
         return 0
     if args.command == "run":
         module = load_config_file(args.config)

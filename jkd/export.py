@@ -176,6 +176,7 @@ def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, p
     not at all."""
     try:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:
         raise ImportError("int8 ONNX export needs onnxruntime: pip install 'jkd[onnx]'.") from e
     import onnx
@@ -196,13 +197,17 @@ def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, p
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, pre = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".pre.tmp")
     root = logging.getLogger()
     level = root.level
     try:
         root.setLevel(logging.ERROR)  # its advice to pre-process is logged on the root logger at every call
         try:
-            quantize_static(str(float_path), str(tmp), _Batches(), quant_format=QuantFormat.QDQ,
+            # onnxruntime's own pre-processing first: BatchNormalization folded into the convolution
+            # before it, so that the quantized Conv runs as QLinearConv (without it, measured 0.27x
+            # the float model's speed for the cnn: every Conv ran in float between DequantizeLinear).
+            quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(tmp), _Batches(), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root.setLevel(level)
@@ -217,6 +222,7 @@ def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, p
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+        pre.unlink(missing_ok=True)
     return path
 
 

@@ -182,6 +182,16 @@ def finish(error: str | None = None) -> None:
         jax.distributed.shutdown()
 
 
+def await_lost_peer() -> None:
+    """After an unexpected error in a run of several processes: a collective that failed because a
+    peer died (gloo may see the closed connection before the watchdog sees the silence) is the
+    peer's loss, so give the watchdog its timeout to say so (it then exits this process with the
+    clear message); return if every peer is still alive."""
+    watchdog = _watchdog
+    if watchdog is not None and watchdog.is_alive():
+        watchdog.join(timeout=watchdog.timeout_s + 3 * watchdog.interval_s)
+
+
 def active() -> bool:
     """Several processes joined by :func:`start` (the CLI's own runs)."""
     return _watchdog is not None

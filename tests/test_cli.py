@@ -158,6 +158,11 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     assert cli.main(["export", str(out / "int8_static" / "model"), "--out", str(tmp_path / "qe")]) == 2
     assert "ONNX export of an int8 student" in capsys.readouterr().err
     assert cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")]) == 0
+    # int8 ONNX from the float student, for onnxruntime: QDQ, calibrated on training images.
+    assert cli.main(["export", str(student), "--out", str(tmp_path / "q8"), "--int8", "--calibration-images", "64"]) == 0
+    assert "onnx int8 (QDQ):" in capsys.readouterr().out and (tmp_path / "q8" / "model_int8.onnx").is_file()
+    assert cli.main(["export", str(student), "--out", str(tmp_path / "q9"), "--int8", "--format", "stablehlo"]) == 2
+    assert "--int8 writes an int8 ONNX model" in capsys.readouterr().err and not (tmp_path / "q9").exists()
     # The structured student is a smaller model of the same family, saved like any other.
     assert cli.main(["evaluate", str(out / "structured" / "model")]) == 0
     assert "mlp_100 on jkd_mnist_sample: test accuracy" in capsys.readouterr().out

@@ -167,3 +167,14 @@ def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(argv, ma
 def test_a_partial_launch_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["demo", "--run-dir", str(tmp_path / "r"), "--num-processes", "2"]) == 2
     assert "error: a multi-process run needs all of --coordinator, --num-processes, --process-id" in capsys.readouterr().err
+
+
+def test_an_unexpected_error_waits_for_the_watchdog_to_name_a_lost_peer(monkeypatch):
+    """A collective broken by a dead peer may raise before the peer's silence is noticed: the
+    error path waits for the watchdog (which exits the process with its message in a real run)."""
+    lost = []
+    dog = Watchdog(_Store(), 0, 2, timeout_s=0.3, interval_s=0.05, on_lost=lost.append)
+    monkeypatch.setattr(hosts, "_watchdog", dog)
+    dog.start()
+    hosts.await_lost_peer()
+    assert lost and lost[0].startswith("process 1 of 2 stopped responding")

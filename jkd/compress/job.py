@@ -263,7 +263,8 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
         runners = {"stablehlo": lambda p: jax.jit(E.load_stablehlo(p)),
                    "onnx": lambda p: functools.partial(_run_onnx, E.onnx_session(p))}
         for fmt, path in paths.items():
-            r = job.row(f"exported ({fmt})", "student, exported", runners[fmt](path), path.stat().st_size)
+            r = job.row(f"exported ({fmt})", "student, exported", runners[fmt](path), path.stat().st_size,
+                        runtime={"stablehlo": "jax (StableHLO)", "onnx": "onnxruntime"}[fmt])
             checks[fmt] = {"max_abs_diff": float(np.max(np.abs(r["_logits"] - reference))),
                            "top1_agreement": float(np.mean(np.argmax(r["_logits"], -1) == np.argmax(reference, -1))),
                            "path": str(path)}
@@ -273,7 +274,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
             with Q.qwix_promotion():
                 path = E.export_model(*int8_model, out / "export_int8", ("stablehlo",))["stablehlo"]
                 rows.append(job.row("exported int8 weights (stablehlo)", "student, int8, exported",
-                                    jax.jit(E.load_stablehlo(path)), path.stat().st_size))
+                                    jax.jit(E.load_stablehlo(path)), path.stat().st_size, runtime="jax (StableHLO)"))
         if cfg.quantize and "onnx" in paths:  # int8 for onnxruntime: QDQ with jkd's calibration images
             echo("int8 ONNX (QDQ): onnxruntime's static quantization on the calibration images")
             path = E.quantize_onnx_int8(paths["onnx"], job.calibration_raw, out / "export_int8" / E.ONNX_FILE)
