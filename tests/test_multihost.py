@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 JKD = [sys.executable, "-c", "import sys; from jkd.cli import main; sys.exit(main())"]
 TEST_IMAGES = 397
 TEACHER = ["train-teacher", "--model", "mlp", "--model-option", "hidden=(64,)", "--epochs", "2", "--lr", "3e-3"]
-STUDENT = ["distill", "--model", "mlp", "--model-option", "hidden=(32,)", "--epochs", "6", "--lr", "3e-3",
+STUDENT = ["distill", "--model", "mlp", "--model-option", "hidden=(32,)", "--epochs", "4", "--lr", "3e-3",
            "--seeds", "0", "--no-baseline", "--loss", "soft", "--temperature", "2"]
 
 
@@ -123,7 +123,7 @@ def test_two_processes_are_one_run_and_survive_a_lost_peer(tmp_path):
 
     _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path, "resumed")
     resumed = [r for r in map(json.loads, (two / "distill/log.jsonl").read_text().splitlines()) if r["event"] == "resumed"]
-    assert [r["step"] for r in resumed] and 21 <= resumed[-1]["step"] < 126  # not from step 0, not the end
+    assert [r["step"] for r in resumed] and 21 <= resumed[-1]["step"] < 84  # not from step 0, not the end
     for a, b in zip(_leaves(ref / "distill/soft_kd/seed0"), _leaves(two / "distill/soft_kd/seed0")):
         np.testing.assert_allclose(b, a, atol=1e-5)
     assert _summary(two / "distill")["soft KD"]["test_accuracy_per_seed"] == \

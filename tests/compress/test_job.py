@@ -15,7 +15,7 @@ def test_pruned_and_int8_students_keep_their_accuracy_on_the_embedded_default(tm
                               teacher_epochs=10, student_epochs=20, eval_every_epochs=20)
     X.run(cfg, tmp_path / "run", progress=False, echo=lambda m: None)
     summary = run_compress(tmp_path / "run" / "soft_kd_t_8" / "seed0", tmp_path / "c",
-                           config=CompressConfig(formats=("onnx",)), progress=False, echo=lambda m: None)
+                           config=CompressConfig(formats=("onnx",), calibration_images=256), progress=False, echo=lambda m: None)
     rows = {m["name"]: m for m in summary["models"]}
     student = rows["student"]["test_accuracy"]
     assert student > 0.93  # a real student, not an untrained one
