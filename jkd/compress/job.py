@@ -55,6 +55,7 @@ class CompressConfig:
     sparsity: float = 0.8
     per_layer: bool = False
     structured_width: float = 0.5   # neurons / channels kept per layer by structured pruning; 0: none
+    structured_multiple: int = 8    # kept units rounded up to a multiple of this (the kernels' vector width)
     prune_epochs: int = 20
     qat_epochs: int = 3
     quantize: bool = True
@@ -73,6 +74,8 @@ class CompressConfig:
             raise ValueError(f"sparsity must lie in [0, 1) (the fraction of weights set to zero); got {self.sparsity}.")
         if self.structured_width != 0:  # 0: no structured pruning
             structured.check_width(self.structured_width)
+            if self.structured_multiple < 1:
+                raise ValueError(f"structured_multiple must be >= 1; got {self.structured_multiple}.")
         if self.quantize and self.calibration_images < MIN_CALIBRATION_IMAGES:
             raise ValueError(f"calibration_images must be >= {MIN_CALIBRATION_IMAGES} for static int8 scales; "
                              f"got {self.calibration_images}.")
@@ -310,11 +313,12 @@ def _structured_row(job: _Job, rows: list, student_options: dict):
     cfg, plan = job.cfg, job.plan
     before = structured.group_sizes(job.student.params, plan)
     job.echo(f"structured pruning: keeping {cfg.structured_width:.0%} of the units of {', '.join(g.name for g in plan.groups)} "
-             f"{before} over {cfg.prune_epochs} epochs of distillation")
+             f"{before} (rounded up to multiples of {cfg.structured_multiple}) over {cfg.prune_epochs} epochs of distillation")
 
     def unit_tx(total):
         schedule = pruning.polynomial_sparsity(1.0 - cfg.structured_width, begin_step=0, end_step=max(1, int(0.7 * total)))
-        return structured.unit_pruning(plan, schedule, update_every=max(1, job.steps_per_epoch // 4))
+        return structured.unit_pruning(plan, schedule, update_every=max(1, job.steps_per_epoch // 4),
+                                       multiple=cfg.structured_multiple)
 
     path = job.out / "structured" / "model"
     if path.exists():

@@ -24,10 +24,11 @@ def test_pruned_and_int8_students_keep_their_accuracy_on_the_embedded_default(tm
     for name in ("PTQ int8 weights", "PTQ int8 weights+activations (static)", "QAT int8 weights"):
         assert rows[name]["test_accuracy"] > student - 0.005, name
         assert rows[name]["int8_fraction"] > 0.95
-    # Structured pruning: a smaller dense student (half the hidden units), within a point.
+    # Structured pruning: a smaller dense student (half the hidden units, rounded up to a multiple
+    # of 8), within a point.
     small = rows["structured 50%"]
-    assert small["units"] == {"hidden1": {"before": 100, "after": 50}}
-    assert small["params"] < 0.51 * rows["student"]["params"] and small["flops"] < 0.51 * rows["student"]["flops"]
+    assert small["units"] == {"hidden1": {"before": 100, "after": 56}}
+    assert small["params"] < 0.57 * rows["student"]["params"] and small["flops"] < 0.57 * rows["student"]["flops"]
     assert small["test_accuracy"] > student - 0.01
     # int8 that onnxruntime runs as int8 (QDQ), checked against jkd's own static int8 student
     # (qwix, an independent implementation of the same scheme) on the whole test split.

@@ -145,3 +145,15 @@ def test_compress_refuses_a_family_without_a_plan_before_writing_anything(tmp_pa
         run_compress(tmp_path / "s", tmp_path / "out", teacher_dir=tmp_path / "t", config=CompressConfig(),
                      progress=False, echo=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("units,width,multiple,kept", [
+    (100, 0.5, 8, 56), (64, 0.7, 8, 48), (32, 0.5, 8, 16), (7, 0.5, 8, 7), (100, 0.5, 1, 50), (10, 0.01, 1, 1)])
+def test_kept_units_round_up_to_a_multiple_and_never_exceed_the_layer(units, width, multiple, kept):
+    assert int(S.kept_count(units, width, multiple)) == kept
+
+
+def test_masks_with_a_multiple_keep_the_rounded_count():
+    _, v = _model("cnn", width=16)  # 16 and 32 channels
+    masks = S.unit_masks(v.params, S.plan_for("cnn", v), 0.3, multiple=8)
+    assert S.kept_sizes(masks) == (8, 16)  # ceil(4.8) -> 8, ceil(9.6) -> 16
