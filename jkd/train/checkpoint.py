@@ -172,6 +172,10 @@ class Checkpoints:
                 "changed? Use another --run-dir for the new configuration.")
 
     def _set_aside(self, step: int) -> Path:
+        if jax.process_index() != 0:
+            # Several processes share the folder: process 0 moves the step (each process found it
+            # unreadable and falls back the same way); a second move would race with it.
+            return self.unreadable_directory / str(step)
         target = self.unreadable_directory / str(step)
         n = 1
         while target.exists():

@@ -117,6 +117,24 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(tmp_path):
     ckpts.close()
 
 
+def test_in_a_run_of_several_processes_only_process_0_sets_a_corrupt_step_aside(tmp_path, monkeypatch):
+    _fit(tmp_path, 8, save_every=4)
+    for f in (tmp_path / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\x00garbage")
+    g, template = H.student()
+    ckpts = Checkpoints(tmp_path)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # another process finds the same corrupt step
+    with pytest.warns(RuntimeWarning, match="step 8 .* could not be restored"):
+        _, meta = ckpts.restore(abstract_like(template))
+    assert meta["data_position"] == 4 and (tmp_path / "8").is_dir()  # it falls back, and leaves the move to process 0
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="step 8 .* could not be restored.*moved to"):
+        ckpts.restore(abstract_like(template))
+    assert not (tmp_path / "8").exists() and (ckpts.unreadable_directory / "8").is_dir()
+    ckpts.close()
+
+
 def test_a_run_with_a_corrupt_newest_checkpoint_finishes(tmp_path):
     """Once blocked for good: the rerun reached the corrupt step again and orbax refused to
     overwrite it ("Checkpoint for step 8 already exists")."""
