@@ -141,3 +141,28 @@ def test_bad_input_is_refused(tmp_path):
         serve(np.zeros((2, 28, 28, 1), np.float32))
     with pytest.raises(FileNotFoundError):
         E.load_stablehlo(tmp_path / "missing.stablehlo")
+
+
+def test_int8_onnx_runs_integer_kernels_and_a_layer_left_in_float_is_refused(tmp_path, monkeypatch):
+    g, v = _model("mlp_30")
+    float_path = E.export_onnx(E.serving_function(g, v, mean=MEAN, std=STD), (28, 28, 1), tmp_path / "f.onnx")
+    images = load_mnist_sample("train")[0][:64]
+    with pytest.raises(ValueError, match="at least 32"):
+        E.quantize_onnx_int8(float_path, images[:8], tmp_path / "few.onnx")
+    q = E.quantize_onnx_int8(float_path, images, tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(str(q)).graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    test = load_mnist_sample("test")[0][:200]
+    ref = E.onnx_session(float_path).run(None, {"images": test})[0]
+    got = E.onnx_session(q).run(None, {"images": test})[0]
+    assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.97  # int8 of the same function
+    # A quantizer that leaves a layer float (as it would for an op it cannot run in integer form)
+    # is caught, the layer named, and nothing is written.
+    import shutil
+
+    import onnxruntime.quantization as ortq
+
+    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, *a, **k: shutil.copy(src, dst))
+    with pytest.raises(ValueError, match=r"cannot run these layers .* in integer form: .*Gemm"):
+        E.quantize_onnx_int8(float_path, images, tmp_path / "bad.onnx")
+    assert not list(tmp_path.glob("bad.onnx*"))
