@@ -676,10 +676,10 @@ def _calibration_images(meta: dict, n: int, data_dir):
 
     ds = load_dataset(meta["dataset"], data_dir=data_dir)
     check_dataset(meta, ds.spec, where="the model")
-    train = P.reader(ds.split("train"), ds.spec.image_shape)
+    from jkd.compress.job import calibration_images
+
     test = P.reader(ds.split("test"), ds.spec.image_shape)
-    n = min(n, len(train))
-    return (train.read(np.sort(np.random.default_rng(0).choice(len(train), n, replace=False)))[0],
+    return (calibration_images(P.reader(ds.split("train"), ds.spec.image_shape), n),
             test.read(np.arange(len(test))))
 
 

@@ -415,7 +415,8 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "test_accuracy_mean": float(np.mean(accs)),
                 "test_accuracy_std": float(np.std(accs)),
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
-                "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view),
+                # Timed on process 0 only: it alone writes the report.
+                "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view) if r.primary else None,
             })
         held = "val" if r.val is not None else "test"
         curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]

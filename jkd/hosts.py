@@ -234,7 +234,6 @@ class Watchdog(threading.Thread):
         now = clock()
         self._seen = {p: (None, now) for p in range(num_processes) if p != process_id}
         self._reachable_at = now
-        self._reported = False
 
     def _key(self, kind: str, pid: int) -> str:
         return f"{self.PREFIX}{kind}/{pid}"
@@ -254,7 +253,7 @@ class Watchdog(threading.Thread):
                         "from the last checkpoint they all completed.")
             return None
         self._reachable_at = now
-        entries = {k.rsplit("/", 2)[-2] + "/" + k.rsplit("/", 1)[-1]: v for k, v in entries.items()}
+        entries = {"/".join(k.split("/")[-2:]): v for k, v in entries.items()}  # "alive/1", "done/0", ...
         for p in list(self._seen):
             failed = entries.get(f"failed/{p}")
             if failed is not None:
@@ -277,8 +276,7 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             message = self.check_once()
-            if message is not None and not self._reported and not self._stop_event.is_set():
-                self._reported = True
+            if message is not None and not self._stop_event.is_set():
                 self.on_lost(message)
                 return
 
@@ -330,11 +328,10 @@ def local(tree):
     return jax.tree.map(one, tree)
 
 
-def share(n: int, index: int | None = None, count: int | None = None) -> np.ndarray:
-    """The positions ``[0, n)`` this process evaluates: contiguous, in process order."""
-    index = process_index() if index is None else index
-    count = process_count() if count is None else count
-    return np.array_split(np.arange(n), count)[index]
+def shares(n: int, count: int | None = None) -> list[np.ndarray]:
+    """Positions ``[0, n)`` split into ``count`` (default: the processes) contiguous shares, in
+    process order: process ``i`` evaluates ``shares(n)[i]``."""
+    return np.array_split(np.arange(n), process_count() if count is None else count)
 
 
 def allgather_rows(x: np.ndarray, *, axis: int, sizes: list[int]) -> np.ndarray:

@@ -377,9 +377,9 @@ def _answered(r: _Run, teacher: Decoder, echo):
         r.data.tokenizer, r.request_conversations, r.request_prompts, first,
         execute=toolchat.execute if cfg.train_file is None else None,
         answer=lambda prompts: answer(prompts, "answers_after_tools"), max_length=cfg.max_length)
-    cut = sum(len(i) >= cfg.max_length for i in ids)
+    full = sum(len(i) >= cfg.max_length for i in ids)
     echo(f"teacher answers: {len(first)} requests answered, {continued} of them carried on after the tools' "
-         f"results ({time.perf_counter() - t0:.0f} s; {cut} rows cut to {cfg.max_length} tokens)")
+         f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)")
     return ids, learn
 
 

@@ -141,7 +141,7 @@ def test_the_watchdog_thread_calls_on_lost_once():
 
 
 def test_share_is_contiguous_and_covers_every_example_once():
-    parts = [hosts.share(10, i, 3) for i in range(3)]
+    parts = hosts.shares(10, 3)
     assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     np.testing.assert_array_equal(np.concatenate(parts), np.arange(10))
 

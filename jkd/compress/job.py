@@ -89,6 +89,13 @@ class CompressConfig:
 
 
 MIN_CALIBRATION_IMAGES = 32
+
+
+def calibration_images(train, n: int, seed: int = 0) -> np.ndarray:
+    """``min(n, len(train))`` raw uint8 training images for static int8 scales, chosen by ``seed``
+    (the same ones for jkd's int8 student and the int8 ONNX)."""
+    n = min(n, len(train))
+    return train.read(np.sort(np.random.default_rng(seed).choice(len(train), n, replace=False)))[0]
 LATENCY_BATCHES = (1, 128)  # an edge request, and a batch
 
 
@@ -131,9 +138,8 @@ class _Job:
         self.latency_inputs = {b: np.zeros((b, *self.spec.image_shape), np.uint8) for b in LATENCY_BATCHES}
         # A family that cannot be pruned structurally is refused here, before anything is written.
         self.plan = structured.plan_for(self.meta["model"], self.student) if cfg.structured_width else None
-        n = min(cfg.calibration_images, len(self.train))
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(len(self.train), n, replace=False))
-        self.calibration_raw = self.train.read(idx)[0]  # uint8: the exported artifacts' own input
+        # uint8: the exported artifacts' own input (normalised for jkd's own int8 by calibration())
+        self.calibration_raw = calibration_images(self.train, cfg.calibration_images, cfg.seed) if cfg.quantize else None
 
     # ---- measuring ------------------------------------------------------------------------
     def predict(self, fn: Callable) -> np.ndarray:

@@ -62,7 +62,6 @@ class Plan:
     """A family's prunable groups and how to name the smaller model: ``options(kept)`` are the
     size options of the model with ``kept[i]`` units in group ``i``."""
 
-    family: str
     groups: tuple[Group, ...]
     options: Callable[[tuple[int, ...]], dict]
 
@@ -74,7 +73,7 @@ def _mlp_plan(num_hidden: int) -> Plan:
         groups.append(Group(f"hidden{i + 1}",
                             produce=(Slice("params", f"layers/{i}/kernel", 1), Slice("params", f"layers/{i}/bias", 0)),
                             consume=(Slice("params", nxt, 0),)))
-    return Plan("mlp", tuple(groups), lambda kept: {"hidden": tuple(int(k) for k in kept)})
+    return Plan(tuple(groups), lambda kept: {"hidden": tuple(int(k) for k in kept)})
 
 
 def _cnn_plan() -> Plan:
@@ -82,7 +81,7 @@ def _cnn_plan() -> Plan:
         return (Slice("params", f"bn{i}/scale", 0), Slice("params", f"bn{i}/bias", 0),
                 Slice("batch_stats", f"bn{i}/mean", 0), Slice("batch_stats", f"bn{i}/var", 0))
 
-    return Plan("cnn", (
+    return Plan((
         Group("conv1", produce=(Slice("params", "conv1/kernel", 3), *bn(1)),
               consume=(Slice("params", "conv2/kernel", 2),), scale=Slice("params", "bn1/scale", 0)),
         Group("conv2", produce=(Slice("params", "conv2/kernel", 3), *bn(2)),
@@ -120,35 +119,27 @@ def check_width(width: float) -> None:
 
 # ---- the arrays of a group -----------------------------------------------------------------
 
-def _get(trees: dict, s: Slice):
-    leaves = {layer_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(trees[s.collection])[0]}
-    return leaves[s.leaf]
+def _named(params) -> dict[str, jax.Array]:
+    """The ``params`` leaves by layer name (``layers/0/kernel``), flattened once per call."""
+    return {layer_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _rows(x, axis: int):
-    """``x`` as ``[units, everything else]`` for the units on ``axis``."""
-    return jnp.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+def _norms(named: dict, slices) -> jax.Array:
+    """Per unit, the L2 norm of all its weights in the ``params`` slices."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.moveaxis(named[s.leaf], s.axis, 0).reshape(
+        named[s.leaf].shape[s.axis], -1).astype(jnp.float32)), axis=1) for s in slices if s.collection == "params"))
 
 
 def group_sizes(params, plan: Plan) -> tuple[int, ...]:
-    trees = {"params": params}
-    return tuple(int(_get(trees, g.produce[0]).shape[g.produce[0].axis]) for g in plan.groups)
+    named = _named(params)
+    return tuple(int(named[g.produce[0].leaf].shape[g.produce[0].axis]) for g in plan.groups)
 
 
 def unit_scores(params, plan: Plan) -> tuple[jax.Array, ...]:
     """One score per unit of each group (``[units]`` float32): what the unit passes on."""
-    trees = {"params": params}
-    out = []
-    for g in plan.groups:
-        if g.scale is not None:
-            produced = jnp.abs(_get(trees, g.scale).astype(jnp.float32))
-        else:
-            produced = jnp.sqrt(sum(jnp.sum(jnp.square(_rows(_get(trees, s), s.axis).astype(jnp.float32)), axis=1)
-                                    for s in g.produce if s.collection == "params"))
-        consumed = jnp.sqrt(sum(jnp.sum(jnp.square(_rows(_get(trees, s), s.axis).astype(jnp.float32)), axis=1)
-                                for s in g.consume))
-        out.append(produced * consumed)
-    return tuple(out)
+    named = _named(params)
+    return tuple((jnp.abs(named[g.scale.leaf].astype(jnp.float32)) if g.scale is not None else _norms(named, g.produce))
+                 * _norms(named, g.consume) for g in plan.groups)
 
 
 def kept_count(units: int, width, multiple: int = 1) -> jax.Array:
@@ -161,7 +152,8 @@ def kept_count(units: int, width, multiple: int = 1) -> jax.Array:
 def unit_masks(params, plan: Plan, width, previous: tuple[jax.Array, ...] | None = None,
                multiple: int = 1) -> tuple[jax.Array, ...]:
     """Bool ``[units]`` per group (True: kept): the ``kept_count(units, width, multiple)`` best scores.
-    Units pruned in ``previous`` score 0, so with a non-increasing width they stay pruned."""
+    Units pruned in ``previous`` rank below every other, so with a non-increasing width they stay
+    pruned."""
     masks = []
     for i, score in enumerate(unit_scores(params, plan)):
         if previous is not None:
@@ -174,12 +166,12 @@ def unit_masks(params, plan: Plan, width, previous: tuple[jax.Array, ...] | None
 
 def _leaf_masks(params, plan: Plan, masks) -> dict[str, jax.Array]:
     """Per producing ``params`` leaf (by name): a bool mask broadcast along its units' axis."""
-    trees, out = {"params": params}, {}
+    named, out = _named(params), {}
     for g, m in zip(plan.groups, masks):
         for s in g.produce:
             if s.collection != "params":
                 continue
-            x = _get(trees, s)
+            x = named[s.leaf]
             shape = [1] * x.ndim
             shape[s.axis] = x.shape[s.axis]
             out[s.leaf] = jnp.reshape(m, shape)
@@ -247,14 +239,3 @@ def shrink(variables, plan: Plan, masks) -> tuple[dict, object]:
 
 def kept_sizes(masks) -> tuple[int, ...]:
     return tuple(int(np.sum(np.asarray(m))) for m in masks)
-
-
-def describe(plan: Plan, masks, before: tuple[int, ...]) -> dict:
-    """Per group: units before and after (for the report)."""
-    return {g.name: {"units": int(b), "kept": int(k)} for g, b, k in zip(plan.groups, before, kept_sizes(masks))}
-
-
-def ideal_flops_ratio(flops_before: float, flops_after: float) -> float:
-    """The speed-up the FLOP reduction allows (for the report beside the measured one)."""
-    return float(flops_before) / max(float(flops_after), 1.0)
-

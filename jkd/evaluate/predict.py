@@ -33,8 +33,9 @@ def predict(fn: Callable[[dict], object], source, *, batch_size: int,
     if count > 1:
         if len(source) < count:
             raise ValueError(f"{len(source)} examples cannot be shared by {count} processes; evaluate on one.")
-        sizes = [len(s) for s in np.array_split(np.arange(len(source)), count)]
-        logits, labels = predict(fn, P.Subset(source, hosts.share(len(source))), batch_size=batch_size)
+        parts = hosts.shares(len(source), count)
+        sizes = [len(s) for s in parts]
+        logits, labels = predict(fn, P.Subset(source, parts[hosts.process_index()]), batch_size=batch_size)
         return hosts.allgather_rows(logits, axis=-2, sizes=sizes), hosts.allgather_rows(labels, axis=0, sizes=sizes)
     logits, labels = [], []
     for b in P.eval_batches(source, batch_size=batch_size):
