@@ -34,7 +34,7 @@ from jkd.models import model_stats
 from jkd.models.zoo import check_model
 from jkd.train import (
     AdamWConfig, SGDConfig, create_train_state, eval_step, freeze, make_optimizer, objectives,
-    parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state,
+    parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state, with_objective_aux,
 )
 from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import Checkpoints, save_frozen
@@ -46,10 +46,20 @@ from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta
 
 @dataclasses.dataclass(frozen=True)
 class Distillation:
-    """One distilled-student setting: a display name and its objective (``objectives.SoftKD``, ...)."""
+    """One distilled-student setting: a display name and its objective (``objectives.SoftKD``, ...).
+
+    ``crop_padding`` (default: the config's ``student_crop_padding``) and ``mixup_alpha`` (> 0:
+    each view is mixed with the next example's, :func:`jkd.data.augment.mix_with_next`) set the
+    view that this setting's students and the teacher see together; ``epochs`` (default: the
+    config's ``student_epochs``) its schedule. Mixed views need an objective that does not read
+    the labels (``objectives.FunctionMatching``).
+    """
 
     name: str
     objective: object
+    crop_padding: int | None = None
+    mixup_alpha: float = 0.0
+    epochs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +117,22 @@ class ExperimentConfig:
                                  "online teacher (set store_teacher_topk=0).")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct; got {list(self.seeds)}.")
+        for d in self.distillations:
+            if d.crop_padding is not None and d.crop_padding < 0:
+                raise ValueError(f"{d.name}: crop_padding must be >= 0; got {d.crop_padding}.")
+            if d.epochs is not None and d.epochs < 1:
+                raise ValueError(f"{d.name}: epochs must be >= 1; got {d.epochs}.")
+            if not (d.mixup_alpha >= 0 and np.isfinite(d.mixup_alpha)):
+                raise ValueError(f"{d.name}: mixup_alpha must be a finite number >= 0 (0: no mixup); got {d.mixup_alpha}.")
+            if d.mixup_alpha > 0 and getattr(d.objective, "reads_labels", True):
+                raise ValueError(f"{d.name}: a mixed view has no single label, and {type(d.objective).__name__} reads "
+                                 "the labels; use objectives.FunctionMatching (--loss fm) or mixup_alpha=0.")
+            if d.mixup_alpha > 0 and self.parallel == "pmap":
+                raise ValueError(f"{d.name}: mixup pairs each example with the next of the global batch, which pmap "
+                                 "splits over devices; use parallel 'mesh' (--parallel mesh).")
+            if self.store_teacher_topk and (d.mixup_alpha > 0 or (d.crop_padding or 0) > 0):
+                raise ValueError(f"{d.name}: stored teacher outputs need fixed views (no crop, no mixup); set "
+                                 "store_teacher_topk=0.")
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
@@ -183,9 +209,10 @@ class _Run:
         self.view_name = f"normalize(mean={spec.mean}, std={spec.std})"
         self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
 
-    def view(self, crop_padding):
+    def view(self, crop_padding, mixup_alpha=0.0):
         s = self.ds.spec
-        return functools.partial(augment.augment, mean=s.mean, std=s.std, crop_padding=crop_padding, flip=self.flip)
+        return functools.partial(augment.augment, mean=s.mean, std=s.std, crop_padding=crop_padding, flip=self.flip,
+                                 mixup_alpha=mixup_alpha)
 
     def runner(self, step):
         if self.cfg.parallel == "mesh" or jax.process_count() > 1:
@@ -227,7 +254,7 @@ def _columns(streams):
 
 
 def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
-                 teacher=None, teacher_graphdef=None, stored_outputs=None, shared: bool = True):
+                 mixup_alpha=0.0, teacher=None, teacher_graphdef=None, stored_outputs=None, shared: bool = True):
     """Train len(seeds) copies of ``spec`` in one vmapped step; returns ``(graphdef, [state per
     seed])``; records go to the run's log. ``objective`` is one objective for all, or a list
     of one objective per seed (a sweep of temperatures or weights).
@@ -239,11 +266,15 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
     per_student = list(objective) if isinstance(objective, (list, tuple)) else [objective] * k
     if len(per_student) != k:
         raise ValueError(f"{len(per_student)} objectives for {k} students; give one per seed.")
+    per_student = [objectives.per_epoch(o, r.steps_per_epoch) for o in per_student]  # e.g. DKD's warm-up
     total = epochs * r.steps_per_epoch
     tx = make_optimizer(optimizer, steps_per_epoch=r.steps_per_epoch, total_steps=total)
     made = [create_train_state(spec.build(r.ds.spec.num_classes, shape, s, r.bn_axis), tx, seed=s) for s in seeds]
     graphdef = made[0][0]
-    states = stack_states([m[1] for m in made])
+    example = r.eval_view(np.zeros((2, *shape), np.uint8))
+    states = stack_states([with_objective_aux(st, o, tx, graphdef=graphdef, teacher_graphdef=teacher_graphdef,
+                                              teacher=teacher, example=example, seed=s)  # CRD's heads and memory
+                           for (_, st), o, s in zip(made, per_student, seeds)])
     shared = shared or k == 1
     attach = ((lambda stream: stored.with_teacher_targets(stream, stored_outputs, view=r.view_name))
               if stored_outputs is not None else (lambda stream: stream))
@@ -258,7 +289,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
                                  per_student_batches=not shared)
         teacher = None
     else:
-        step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding),
+        step = functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=r.view(crop_padding, mixup_alpha),
                                  teacher_graphdef=teacher_graphdef, per_student_batches=not shared)
     objs = objectives.stack(per_student) if jax.tree.leaves(per_student[0]) else per_student[0]
     eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef=graphdef, view_fn=r.eval_view), in_axes=(0, None)))
@@ -316,6 +347,13 @@ def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
     return latency.median_ms(fn, variables, b)
 
 
+def _seconds_per_epoch(history: list[dict], train_examples: int) -> float | None:
+    """Training time of one epoch from the log's throughput (the median record: compilation and
+    a resume do not count), or None (a saved teacher, no records)."""
+    rates = [h["images_per_s"] for h in history if h.get("event") == "train" and h.get("images_per_s")]
+    return float(train_examples / np.median(rates)) if rates else None
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -344,13 +382,14 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         tg, teacher = _get_teacher(r, run_dir, echo)
 
         # ---- students -----------------------------------------------------------------------
-        groups = [("student alone", "student_alone", "cross-entropy", objectives.CrossEntropy())] if cfg.include_baseline else []
-        groups += [(d.name, "distilled", _loss_name(d.objective), d.objective) for d in cfg.distillations]
+        groups = [("student alone", "student_alone", Distillation("student alone", objectives.CrossEntropy()))
+                  ] if cfg.include_baseline else []
+        groups += [(d.name, "distilled", d) for d in cfg.distillations]
         if not cfg.include_students:
             groups = []
         results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
         outputs = None
-        if cfg.store_teacher_topk and any(role == "distilled" for _, role, _, _ in groups):
+        if cfg.store_teacher_topk and any(role == "distilled" for _, role, _ in groups):
             stored.check_fixed_view(crop_padding=cfg.student_crop_padding, flip=r.flip)
             forward = jax.jit(lambda images: teacher_forward(tg, teacher, r.eval_view(images)))
             t0 = time.perf_counter()
@@ -358,14 +397,16 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                                                    batch_size=cfg.batch_size, progress=r.progress)
             echo(f"teacher outputs stored once: top-{cfg.store_teacher_topk} of {len(outputs)} examples in bf16 "
                  f"({outputs.nbytes() / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s)")
-        for name, role, loss_name, objective in groups:
-            echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {cfg.student_epochs} epochs")
+        for name, role, d in groups:
+            epochs = d.epochs or cfg.student_epochs
+            echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {epochs} epochs")
             g, states = _train_group(
-                r, name, cfg.student, objective, seeds=cfg.seeds, epochs=cfg.student_epochs,
-                optimizer=cfg.student_optimizer, crop_padding=cfg.student_crop_padding,
-                teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
+                r, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,
+                optimizer=cfg.student_optimizer,
+                crop_padding=cfg.student_crop_padding if d.crop_padding is None else d.crop_padding,
+                mixup_alpha=d.mixup_alpha, teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
                 stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)
-            results[name] = (role, loss_name, g, [freeze(s) for s in states], cfg.student)
+            results[name] = (role, _loss_name(d.objective), g, [freeze(s) for s in states], cfg.student)
 
         # ---- evaluation and report ----------------------------------------------------------------
         teacher_logits = r.eval_logits(tg, [teacher])[0]
@@ -415,6 +456,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "test_accuracy_mean": float(np.mean(accs)),
                 "test_accuracy_std": float(np.std(accs)),
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
+                "seconds_per_epoch": _seconds_per_epoch(histories.get(name, []), len(r.train)),
                 # Timed on process 0 only: it alone writes the report.
                 "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view) if r.primary else None,
             })

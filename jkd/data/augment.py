@@ -67,22 +67,20 @@ def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-def mixup(
-    key: jax.Array, images: jax.Array, labels: jax.Array, *, alpha: float
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Mixup (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]``, ``lam ~ Beta(alpha, alpha)``.
+def mix_with_next(keys: jax.Array, views: jax.Array, *, alpha: float) -> jax.Array:
+    """Mixup (Zhang et al. 2018) for function matching: ``lam_i x_i + (1 - lam_i) x_{i+1}``.
 
-    One ``lam`` per batch. Returns ``(mixed [B,...] float32, labels, labels[perm], lam)``; the
-    label loss is ``lam * CE(labels) + (1 - lam) * CE(labels[perm])``. The teacher sees the
-    mixed images too (function matching, Beyer et al. 2022).
+    Each example is mixed with the next one of the batch (the last with the first), with its
+    own ``lam_i ~ Beta(alpha, alpha)`` drawn from its own key, so the view does not depend on
+    the device count (the data order is shuffled, so the partners are random). There is no
+    label to mix: under function matching (Beyer et al. 2022) the teacher, which sees the same
+    mixed view, gives the only target. ``views`` float ``[B, ...]``, ``keys`` ``[B]``.
     """
-    if alpha <= 0:
+    if not alpha > 0:
         raise ValueError(f"mixup alpha must be > 0; got {alpha}.")
-    k_lam, k_perm = jax.random.split(key)
-    lam = jax.random.beta(k_lam, alpha, alpha)
-    perm = jax.random.permutation(k_perm, images.shape[0])
-    x = images.astype(jnp.float32)
-    return lam * x + (1 - lam) * x[perm], labels, labels[perm], lam
+    lam = jax.vmap(lambda k: jax.random.beta(k, alpha, alpha))(keys).astype(views.dtype)
+    lam = lam.reshape((-1,) + (1,) * (views.ndim - 1))
+    return lam * views + (1 - lam) * jnp.roll(views, -1, axis=0)
 
 
 def augment(
@@ -93,13 +91,19 @@ def augment(
     std,
     crop_padding: int = 0,
     flip: bool = False,
+    mixup_alpha: float = 0.0,
 ) -> jax.Array:
-    """Crop, flip and normalise a uint8 batch: the one view both models see. -> float32.
+    """Crop, flip, normalise and (``mixup_alpha > 0``) mix a uint8 batch: the one view both
+    models see. -> float32.
 
-    Mixup is separate (:func:`mixup`) because it also changes the labels.
+    Mixed views (:func:`mix_with_next`) have no single label: use them with an objective that
+    reads the teacher only (``objectives.FunctionMatching``); the experiment refuses others.
     """
     keys = _per_example(key, images.shape[0])
     images = random_crop(_salted(keys, 0), images, padding=crop_padding)
     if flip:
         images = random_flip(_salted(keys, 1), images)
-    return normalize(images, mean, std)
+    views = normalize(images, mean, std)
+    if mixup_alpha:
+        views = mix_with_next(_salted(keys, 2), views, alpha=mixup_alpha)
+    return views

@@ -19,6 +19,11 @@ from jkd.losses._metrics import top1_agreement
 from jkd.losses._objective import distillation_objective
 from jkd.losses._soft import blended_soft_loss
 from jkd.losses._soft import soft_distillation_loss
+from jkd.losses._relational import contrastive_representation_loss
+from jkd.losses._relational import rkd_angle_loss
+from jkd.losses._relational import rkd_distance_loss
+from jkd.losses._relational import similarity_preserving_loss
+from jkd.losses._relational import standardize_logits
 from jkd.losses._sparse import teacher_topk
 from jkd.losses._sparse import topk_soft_distillation_loss
 from jkd.losses._token import Divergence
@@ -46,6 +51,11 @@ __all__ = [
     "projected_topk_kl",
     "token_mean",
     "attention_map",
+    "contrastive_representation_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
+    "standardize_logits",
     "attention_transfer_loss",
     "blended_soft_loss",
     "chunked_soft_distillation_loss",

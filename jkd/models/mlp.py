@@ -15,7 +15,7 @@ from jkd.models.dropout import Dropout
 class MLP(nnx.Module):
     """``[B, H, W, C] -> [B, num_classes]``: flatten, ``hidden`` ReLU layers, linear head.
 
-    Features: ``hidden1``, ``hidden2``, ... (post-ReLU). ``dropout`` applies after each
+    Features: ``hidden1``, ``hidden2``, ... (post-ReLU) and ``pooled`` (what the head reads). ``dropout`` applies after each
     hidden layer in train mode (Hinton et al. trained the 2x1200 teacher with dropout).
     """
 
@@ -35,4 +35,4 @@ class MLP(nnx.Module):
             x = expose(self, f"hidden{i + 1}", jax.nn.relu(layer(x)))
             if self.dropout is not None:
                 x = self.dropout(x)
-        return self.head(x)
+        return self.head(expose(self, "pooled", x))

@@ -10,6 +10,7 @@ from jkd.train.state import FrozenModel
 from jkd.train.state import TrainState
 from jkd.train.state import apply_model
 from jkd.train.state import create_train_state
+from jkd.train.steps import with_objective_aux
 from jkd.train.state import freeze
 from jkd.train.state import freeze_model
 from jkd.train.steps import eval_step
@@ -23,6 +24,7 @@ from jkd.train.steps import unstack_state
 
 __all__ = [
     "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",
+    "with_objective_aux",
     "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel", "stored",
     "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored",
     "train_step_stored", "unstack_state",

@@ -8,6 +8,7 @@ per-example loss ``[B]``; any callable with that signature can be passed to the 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from jkd import losses
@@ -30,11 +31,36 @@ class SoftKD:
     temperature: float | jax.Array = 4.0
     kd_weight: float | jax.Array = 0.9
     ce_weight: float | jax.Array = 0.1
+    standardize: bool = struct.field(pytree_node=False, default=False)  # logit standardisation (Sun et al. 2024)
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
-        kd = losses.soft_distillation_loss(student_logits, teacher_logits, temperature=self.temperature)
+        s, t = _standardized(self.standardize, student_logits, teacher_logits)
+        kd = losses.soft_distillation_loss(s, t, temperature=self.temperature)
         return losses.distillation_objective(
             student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+
+
+def _standardized(on: bool, student_logits, teacher_logits):
+    """Both models' logits z-scored (the KD term only; the label term reads the raw logits)."""
+    if not on:
+        return student_logits, teacher_logits
+    return losses.standardize_logits(student_logits), losses.standardize_logits(teacher_logits)
+
+
+@struct.dataclass
+class FunctionMatching:
+    """Beyer et al. 2022, "consistent and patient" teaching: ``T^2 KL(teacher_T || student_T)``
+    on the view both models see, with no label term (the paper's ``T = 1``).
+
+    The labels are never read, so the view may mix images (``mixup_alpha`` of a
+    :class:`~jkd.experiment.Distillation`): the teacher's output on the mixed image is the target.
+    """
+
+    temperature: float | jax.Array = 1.0
+    reads_labels: bool = struct.field(pytree_node=False, default=False)
+
+    def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
+        return losses.soft_distillation_loss(student_logits, teacher_logits, temperature=self.temperature)
 
 
 @struct.dataclass
@@ -53,20 +79,46 @@ class HardKD:
 
 @struct.dataclass
 class DKD:
-    """Zhao et al. 2022: ``kd_weight * DKD(alpha, beta, T) + ce_weight * CE(labels)``."""
+    """Zhao et al. 2022: ``kd_weight * ramp * DKD(alpha, beta, T) + ce_weight * CE(labels)``.
+
+    ``ramp = min(step / warmup_steps, 1)``: the paper's warm-up of the distillation weight
+    (20 epochs in its CIFAR recipe; 0: none). The experiment converts ``warmup_epochs`` to
+    steps (:func:`per_epoch`); the step passes its ``step`` (``takes_step``).
+    """
 
     tckd_weight: float | jax.Array = 1.0
     nckd_weight: float | jax.Array = 8.0
     temperature: float | jax.Array = 4.0
     kd_weight: float | jax.Array = 1.0
     ce_weight: float | jax.Array = 1.0
+    warmup_epochs: float | jax.Array = 0.0
+    steps_per_epoch: int = struct.field(pytree_node=False, default=0)
+    standardize: bool = struct.field(pytree_node=False, default=False)  # logit standardisation (Sun et al. 2024)
+    takes_step: bool = struct.field(pytree_node=False, default=True)
 
-    def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
+    def __call__(self, student_logits, teacher_logits, labels, *, step=None) -> jax.Array:
+        s, t = _standardized(self.standardize, student_logits, teacher_logits)
         kd = losses.decoupled_distillation_loss(
-            student_logits, teacher_logits, labels, tckd_weight=self.tckd_weight,
-            nckd_weight=self.nckd_weight, temperature=self.temperature)
-        return losses.distillation_objective(
-            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+            s, t, labels, tckd_weight=self.tckd_weight, nckd_weight=self.nckd_weight, temperature=self.temperature)
+        weight = self.kd_weight
+        w = self.warmup_epochs
+        if isinstance(w, (int, float)) and w > 0 and not (self.steps_per_epoch and step is not None):
+            raise ValueError(f"DKD.warmup_epochs={w:g} needs the epoch length (objectives.per_epoch(objective, "
+                             "steps_per_epoch)) and the train step's `step`.")
+        if step is not None and self.steps_per_epoch:
+            warmup = jnp.asarray(w, jnp.float32) * self.steps_per_epoch
+            ramp = jnp.where(warmup > 0, jnp.minimum(step / jnp.maximum(warmup, 1.0), 1.0), 1.0)
+            weight = weight * ramp
+        return losses.distillation_objective(student_logits, labels, kd, kd_weight=weight, ce_weight=self.ce_weight)
+
+
+def per_epoch(objective, steps_per_epoch: int):
+    """``objective`` told the epoch length (objectives with a schedule in epochs: DKD's warm-up)."""
+    if hasattr(objective, "steps_per_epoch"):
+        objective = objective.replace(steps_per_epoch=int(steps_per_epoch))
+    if hasattr(objective, "base"):
+        objective = objective.replace(base=per_epoch(objective.base, steps_per_epoch))
+    return objective
 
 
 @struct.dataclass
@@ -126,6 +178,102 @@ class FeatureKD:
         return total
 
 
+def _feature(features: dict, name: str, who: str):
+    if name not in features:
+        raise ValueError(f"the {who} exposes no feature {name!r}; it has {sorted(features)}.")
+    return features[name]
+
+
+@struct.dataclass
+class RKD:
+    """Park et al. 2019: ``base + distance_weight * RKD-D + angle_weight * RKD-A`` on a pair of
+    features (default: what each model's head reads, ``pooled``; widths may differ)."""
+
+    base: object = CrossEntropy()
+    distance_weight: float | jax.Array = 25.0
+    angle_weight: float | jax.Array = 50.0
+    pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    needs_features: bool = struct.field(pytree_node=False, default=True)
+
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
+        s = _feature(student_features, self.pair[0], "student")
+        t = _feature(teacher_features, self.pair[1], "teacher")
+        return (self.base(student_logits, teacher_logits, labels)
+                + self.distance_weight * losses.rkd_distance_loss(s, t)
+                + self.angle_weight * losses.rkd_angle_loss(s, t))
+
+
+@struct.dataclass
+class SP:
+    """Tung & Mori 2019: ``base + weight * SP`` on a pair of features (any shapes)."""
+
+    base: object = CrossEntropy()
+    weight: float | jax.Array = 3000.0
+    pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    needs_features: bool = struct.field(pytree_node=False, default=True)
+
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
+        s = _feature(student_features, self.pair[0], "student")
+        t = _feature(teacher_features, self.pair[1], "teacher")
+        return self.base(student_logits, teacher_logits, labels) + self.weight * losses.similarity_preserving_loss(s, t)
+
+
+@struct.dataclass
+class CRD:
+    """Tian et al. 2020: ``base + weight * CRD`` with learned heads and a memory of negatives.
+
+    Two linear heads (trained with the student, never exported) map the student's and the
+    teacher's ``pair`` features to ``embed_dim``; :func:`jkd.losses.contrastive_representation_loss`
+    contrasts them against the rest of the (global) batch and a first-in-first-out memory of
+    the last ``memory_size`` embeddings of each model. The heads and the memory live in the
+    train state's ``aux`` (:meth:`init_aux`); the step returns the memory with this batch added.
+    """
+
+    base: object = CrossEntropy()
+    weight: float | jax.Array = 0.8
+    temperature: float | jax.Array = 0.07
+    embed_dim: int = struct.field(pytree_node=False, default=128)
+    memory_size: int = struct.field(pytree_node=False, default=4096)
+    pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    needs_features: bool = struct.field(pytree_node=False, default=True)
+    has_aux: bool = struct.field(pytree_node=False, default=True)
+
+    def init_aux(self, key: jax.Array, student_features: dict, teacher_features: dict) -> dict:
+        """``{"params": heads, "state": memory}`` for features shaped like these (arrays or
+        ``ShapeDtypeStruct``), heads initialised as flax's ``Linear`` (LeCun normal)."""
+        init = jax.nn.initializers.lecun_normal()
+        widths = {}
+        for who, feats, name in (("student", student_features, self.pair[0]), ("teacher", teacher_features, self.pair[1])):
+            shape = _feature(feats, name, who).shape
+            widths[who] = int(jnp.prod(jnp.asarray(shape[1:])))
+        keys = dict(zip(("student", "teacher"), jax.random.split(key)))
+        params = {w: {"kernel": init(keys[w], (widths[w], self.embed_dim), jnp.float32),
+                      "bias": jnp.zeros((self.embed_dim,), jnp.float32)} for w in widths}
+        memory = {"student": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
+                  "teacher": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
+                  "valid": jnp.zeros((self.memory_size,), bool), "next": jnp.zeros((), jnp.int32)}
+        return {"params": params, "state": memory}
+
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, aux_params,
+                 aux_state):
+        def embed(who, feats, name):
+            x = _feature(feats, name, who)
+            x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+            return x @ aux_params[who]["kernel"] + aux_params[who]["bias"]
+
+        s = embed("student", student_features, self.pair[0])
+        t = embed("teacher", teacher_features, self.pair[1])
+        crd = losses.contrastive_representation_loss(
+            s, t, student_memory=aux_state["student"], teacher_memory=aux_state["teacher"],
+            memory_valid=aux_state["valid"], temperature=self.temperature)
+        rows = (aux_state["next"] + jnp.arange(s.shape[0])) % self.memory_size
+        new_state = {"student": aux_state["student"].at[rows].set(jax.lax.stop_gradient(s)),
+                     "teacher": aux_state["teacher"].at[rows].set(jax.lax.stop_gradient(t)),
+                     "valid": aux_state["valid"].at[rows].set(True),
+                     "next": (aux_state["next"] + s.shape[0]) % self.memory_size}
+        return self.base(student_logits, teacher_logits, labels) + self.weight * crd, new_state
+
+
 @struct.dataclass
 class TeacherTemperature:
     """``base`` with the teacher's logits divided by ``temperature`` first: a teacher
@@ -140,7 +288,8 @@ class TeacherTemperature:
 
 
 _FLAGS = {"temperature": "--temperature", "kd_weight": "--kd-weight", "ce_weight": "--ce-weight",
-          "tckd_weight": "--tckd-weight", "nckd_weight": "--nckd-weight"}
+          "tckd_weight": "--tckd-weight", "nckd_weight": "--nckd-weight", "warmup_epochs": "--kd-warmup-epochs",
+          "weight": "--feature-weight"}
 
 
 def check_objective(objective) -> None:
@@ -153,9 +302,10 @@ def check_objective(objective) -> None:
     import math
 
     name = type(objective).__name__
-    if isinstance(objective, (TeacherTemperature, FeatureKD)):
+    if hasattr(objective, "base"):
         check_objective(objective.base)
-    for field in ("temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "weight", "label_smoothing"):
+    for field in ("temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "weight", "label_smoothing",
+                  "distance_weight", "angle_weight", "warmup_epochs"):
         v = getattr(objective, field, None)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue

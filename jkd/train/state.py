@@ -20,7 +20,9 @@ from jkd.models import call_with_features
 class TrainState:
     """Everything a student (or a teacher in training) carries from step to step.
 
-    ``step`` also is the data position: the number of batches consumed.
+    ``step`` also is the data position: the number of batches consumed. ``aux`` holds what an
+    objective trains or carries beside the model (CRD's heads and memory: ``{"params", "state"}``,
+    :func:`jkd.train.steps.with_objective_aux`), None for most objectives; it is never exported.
     """
 
     step: jax.Array
@@ -29,6 +31,7 @@ class TrainState:
     rest: Any
     opt_state: Any
     rng: jax.Array
+    aux: Any = None
 
 
 @struct.dataclass

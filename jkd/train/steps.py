@@ -47,25 +47,33 @@ def _teacher_outputs(teacher_graphdef, teacher, view, objective):
 def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, axis_name):
     t_logits, t_feats = t_out
     with_features = _needs_features(objective)
+    has_aux = bool(getattr(objective, "has_aux", False))  # the objective trains heads and carries state
+    extra = {"step": state.step} if getattr(objective, "takes_step", False) else {}
 
-    def loss_fn(params):
+    def loss_fn(trainable):
+        params, heads = trainable if has_aux else (trainable, None)
         logits, feats, stats, rest = apply_model(
             graphdef, params, state.batch_stats, state.rest, view, train=True, with_features=with_features)
-        if with_features:
-            per_example = objective(logits, t_logits, labels, feats, t_feats)
+        aux_state = None
+        if has_aux:
+            per_example, aux_state = objective(logits, t_logits, labels, feats, t_feats, heads, state.aux["state"])
+        elif with_features:
+            per_example = objective(logits, t_logits, labels, feats, t_feats, **extra)
         else:
-            per_example = objective(logits, t_logits, labels)
-        return jnp.mean(per_example), (logits, stats, rest)
+            per_example = objective(logits, t_logits, labels, **extra)
+        return jnp.mean(per_example), (logits, stats, rest, aux_state)
 
-    (loss, (logits, stats, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    trainable = (state.params, state.aux["params"]) if has_aux else state.params
+    (loss, (logits, stats, rest, aux_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     if axis_name is not None:
         # pmap: the state is mapped (one copy per device), so these are local gradients of
         # the local mean; equal shards make their mean the global batch's gradient.
         grads = jax.lax.pmean(grads, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trained = optax.apply_updates(trainable, updates)
+    params, aux = ((trained[0], {"params": trained[1], "state": aux_state}) if has_aux else (trained, state.aux))
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates),
-        batch_stats=stats, rest=rest, opt_state=opt_state,
+        step=state.step + 1, params=params, batch_stats=stats, rest=rest, opt_state=opt_state, aux=aux,
     )
     metrics = {
         "loss": loss,
@@ -79,6 +87,20 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
     return new_state, metrics
+
+
+def with_objective_aux(state: TrainState, objective, tx: optax.GradientTransformation, *, graphdef,
+                       teacher_graphdef, teacher: FrozenModel, example: jax.Array, seed: int) -> TrainState:
+    """``state`` with the heads and state an objective needs (``objective.has_aux``: CRD), sized
+    from the features both models give on ``example`` (a view ``[B, ...]``); the optimizer
+    then trains ``(params, heads)`` together. Other objectives: ``state`` unchanged."""
+    if not getattr(objective, "has_aux", False):
+        return state
+    s_feats = jax.eval_shape(lambda p: apply_model(graphdef, p, state.batch_stats, state.rest, example,
+                                                   train=False, with_features=True)[1], state.params)
+    t_feats = jax.eval_shape(lambda: teacher_logits(teacher_graphdef, teacher, example, with_features=True)[1])
+    aux = objective.init_aux(jax.random.fold_in(jax.random.key(seed), 0xC0D), s_feats, t_feats)
+    return state.replace(aux=aux, opt_state=tx.init((state.params, aux["params"])))
 
 
 def _view(state_rng, step, images, view_fn, axis_name):

@@ -44,15 +44,30 @@ def test_random_flip_mirrors_about_half():
     assert 16 < sum(flipped) < 48
 
 
-def test_mixup_is_a_convex_pairing():
-    x, y = _images(b=8), jnp.arange(8)
-    mixed, ya, yb, lam = A.mixup(jax.random.key(2), x, y, alpha=0.4)
-    lam = float(lam)
-    assert 0.0 <= lam <= 1.0
-    xf = np.asarray(x, np.float64)
-    perm = [int(np.flatnonzero(np.asarray(y) == v)[0]) for v in np.asarray(yb)]
-    np.testing.assert_allclose(mixed, lam * xf + (1 - lam) * xf[perm], rtol=1e-5, atol=1e-3)
-    assert sorted(np.asarray(yb).tolist()) == list(range(8))
+def test_mix_with_next_pairs_each_example_with_the_next_on_one_segment():
+    x = np.random.default_rng(1).normal(size=(8, 5, 5, 1))
+    keys = A.example_keys(jax.random.key(2), 8)
+    mixed = np.asarray(A.mix_with_next(keys, jnp.asarray(x, jnp.float32), alpha=0.4), np.float64)
+    nxt = np.roll(x, -1, axis=0)  # the last example's partner is the first
+    lams = []
+    for m, a, b in zip(mixed, x, nxt):  # m = lam a + (1 - lam) b for one lam in [0, 1]
+        d = (a - b).ravel()
+        lam = float(np.dot(m.ravel() - b.ravel(), d) / np.dot(d, d))
+        np.testing.assert_allclose(m, lam * a + (1 - lam) * b, atol=1e-5)
+        assert 0.0 <= lam <= 1.0
+        lams.append(lam)
+    assert np.std(lams) > 0.05  # one lam per example, not one per batch
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        A.mix_with_next(keys, jnp.asarray(x, jnp.float32), alpha=0.0)
+
+
+def test_mixup_view_is_the_same_whatever_the_batch_is_jitted_on():
+    x = _images(c=1)
+    f = lambda k, im: A.augment(k, im, mean=(0.5,), std=(0.25,), crop_padding=2, mixup_alpha=1.0)  # noqa: E731
+    plain = A.augment(jax.random.key(3), x, mean=(0.5,), std=(0.25,), crop_padding=2)
+    a, b = jax.jit(f)(jax.random.key(3), x), f(jax.random.key(3), x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert not np.allclose(a, plain)  # mixing changed the views
 
 
 def test_augment_same_key_same_view_and_jits():

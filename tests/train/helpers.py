@@ -44,4 +44,5 @@ def step_fn(graphdef, teacher_graphdef=None, view_fn=NORMALIZE_ONLY, optimizer=N
 def max_abs_diff(a, b):
     import jax
 
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

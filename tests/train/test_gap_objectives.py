@@ -1,0 +1,113 @@
+"""The objectives of issue 18 inside the train step: function matching on mixed views, DKD's
+warm-up, logit standardisation, RKD / SP / CRD with its heads and memory, on 1 and 4 devices."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jkd.data import augment
+from jkd.train import objectives, parallel, with_objective_aux
+from jkd.train.steps import teacher_logits
+from tests.train import helpers as H
+
+MIXED = functools.partial(augment.augment, mean=(0.5,), std=(0.25,), crop_padding=1, mixup_alpha=1.0)
+
+
+def _with_aux(state, objective, g, tg, teacher):
+    example = H.NORMALIZE_ONLY(jax.random.key(0), np.zeros((2, *H.SHAPE), np.uint8))
+    return with_objective_aux(state, objective, H.tx(), graphdef=g, teacher_graphdef=tg, teacher=teacher,
+                              example=example, seed=0)
+
+
+def _train(runner, state, objective, teacher, data):
+    for b in data:
+        state, metrics = runner(state, b, objective, teacher)
+    return state, metrics
+
+
+CRD_SMALL = objectives.CRD(embed_dim=8, memory_size=24)  # batch 16: the memory wraps on the 2nd step
+
+
+@pytest.mark.parametrize("objective,view", [
+    (objectives.FunctionMatching(), MIXED),
+    (CRD_SMALL, H.NORMALIZE_ONLY),
+    (objectives.RKD(distance_weight=1.0, angle_weight=2.0), H.NORMALIZE_ONLY),
+    (objectives.SP(weight=30.0), H.NORMALIZE_ONLY),
+], ids=["function-matching-mixup", "crd", "rkd", "sp"])
+def test_batch_level_objectives_on_a_4_device_mesh_equal_one_device(objective, view):
+    """Mixup partners, relations and CRD's negatives span the *global* batch on a mesh: the
+    4-device run ends where one device does (per-device negatives would not, see below)."""
+    data = H.batches(4)
+    tg, teacher = H.teacher()
+    g, s1 = H.student()
+    step = H.step_fn(g, tg, view_fn=view)
+    one, _ = _train(parallel.single_device(step), _with_aux(s1, objective, g, tg, teacher), objective, teacher, data)
+    _, s4 = H.student()
+    four, _ = _train(parallel.on_mesh(step, parallel.data_mesh(4)), _with_aux(s4, objective, g, tg, teacher),
+                     objective, teacher, data)
+    assert H.max_abs_diff(one.params, four.params) < 1e-5
+    if objective is CRD_SMALL:
+        assert H.max_abs_diff(one.aux, four.aux) < 1e-5
+        assert int(four.aux["state"]["next"]) == (4 * 16) % 24 and bool(np.all(four.aux["state"]["valid"]))
+        assert H.max_abs_diff(one.aux["params"], _with_aux(s4, objective, g, tg, teacher).aux["params"]) > 1e-4
+
+
+def test_crd_negatives_of_the_whole_batch_differ_from_each_shards_own():
+    """What the mesh test above protects: CRD over the 16-example batch is not the mean of
+    four 4-example CRDs (the PyTorch implementations' per-GPU negatives)."""
+    from jkd import losses
+
+    rng = np.random.default_rng(0)
+    s, t = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+    whole = losses.contrastive_representation_loss(s, t)
+    shards = jnp.concatenate([losses.contrastive_representation_loss(s[i:i + 4], t[i:i + 4]) for i in range(0, 16, 4)])
+    assert float(jnp.max(jnp.abs(whole - shards))) > 0.1
+
+
+def test_crd_heads_train_and_the_memory_fills_with_the_batch_embeddings():
+    tg, teacher = H.teacher()
+    g, s = H.student()
+    obj = CRD_SMALL
+    s = _with_aux(s, obj, g, tg, teacher)
+    assert s.aux["params"]["student"]["kernel"].shape[1] == 8 and not bool(np.any(s.aux["state"]["valid"]))
+    b = H.batches(1)[0]
+    view = H.NORMALIZE_ONLY(jax.random.key(0), b["image"])  # NORMALIZE_ONLY draws nothing
+    _, t_feats = teacher_logits(tg, teacher, view, with_features=True)
+    heads = jax.tree.map(np.array, s.aux["params"])  # copies: the step donates the state
+    want_t = (np.asarray(t_feats["pooled"], np.float64).reshape(16, -1) @ heads["teacher"]["kernel"]
+              + heads["teacher"]["bias"])
+    new, _ = parallel.single_device(H.step_fn(g, tg))(s, b, obj, teacher)
+    np.testing.assert_allclose(new.aux["state"]["teacher"][:16], want_t, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(new.aux["state"]["valid"]) == (np.arange(24) < 16))
+    assert H.max_abs_diff(new.aux["params"], heads) > 0  # the heads were trained
+
+
+def test_dkd_warmup_ramps_the_distillation_weight_from_zero():
+    """At step 0 the DKD term has weight 0 (labels only); after the warm-up its full weight."""
+    rng = np.random.default_rng(1)
+    s, t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32), jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 5), jnp.int32)
+    obj = objectives.per_epoch(objectives.DKD(warmup_epochs=2.0), 10)  # 20 steps of warm-up
+    ce = objectives.CrossEntropy()(s, t, y)
+    full = objectives.DKD()(s, t, y)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(0)), ce, rtol=1e-6)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(20)), full, rtol=1e-6)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(5)), ce + 0.25 * (full - ce), rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the epoch length"):
+        objectives.DKD(warmup_epochs=2.0)(s, t, y)
+
+
+def test_logit_standardisation_ignores_the_teachers_scale_in_the_kd_term_only():
+    rng = np.random.default_rng(2)
+    s, t = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32), jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 4, 5), jnp.int32)
+    for obj in (objectives.SoftKD(temperature=2.0, standardize=True), objectives.DKD(standardize=True)):
+        np.testing.assert_allclose(obj(s, t, y), obj(s, 3 * t - 1, y), rtol=1e-5)  # z-scored teacher
+        plain = obj.replace(standardize=False)
+        assert float(jnp.max(jnp.abs(plain(s, t, y) - plain(s, 3 * t - 1, y)))) > 1e-3
+    # The label term reads the raw logits: with kd_weight 0 standardisation changes nothing.
+    ce_only = objectives.SoftKD(kd_weight=0.0, ce_weight=1.0, standardize=True)
+    np.testing.assert_allclose(ce_only(s, t, y), objectives.CrossEntropy()(s, t, y), rtol=1e-6)
