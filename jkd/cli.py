@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-LOSSES = ("soft", "hard", "dkd")
+LOSSES = ("soft", "hard", "dkd", "fm", "rkd", "sp", "crd")
 LM_MODES = ("token", "sequence", "on-policy")
 LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "skew-fkl": "SkewForwardKL",
              "skew-rkl": "SkewReverseKL", "tv": "TotalVariation"}
@@ -65,11 +65,27 @@ def _lm_config(args):
 def _objective(args):
     from jkd.train import objectives
 
+    temperature = args.temperature if args.temperature is not None else 1.0 if args.loss == "fm" else 4.0
+    if args.standardize and args.loss not in ("soft", "dkd"):
+        raise ValueError(f"--standardize (logit standardisation) applies to --loss soft or dkd; got --loss {args.loss}.")
+    if args.kd_warmup_epochs and args.loss != "dkd":
+        raise ValueError(f"--kd-warmup-epochs applies to --loss dkd; got --loss {args.loss}.")
+    if args.mixup is not None and args.loss != "fm":
+        raise ValueError(f"--mixup needs --loss fm (function matching: mixed images have no single label); got "
+                         f"--loss {args.loss}.")
+    fw = {} if args.feature_weight is None else {"weight": args.feature_weight}
     table = {
-        "soft": lambda: objectives.SoftKD(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+        "soft": lambda: objectives.SoftKD(temperature=temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+                                          standardize=args.standardize),
         "hard": lambda: objectives.HardKD(kd_weight=args.kd_weight, ce_weight=args.ce_weight),
         "dkd": lambda: objectives.DKD(tckd_weight=args.tckd_weight, nckd_weight=args.nckd_weight,
-                                      temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight),
+                                      temperature=temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+                                      warmup_epochs=args.kd_warmup_epochs, standardize=args.standardize),
+        "fm": lambda: objectives.FunctionMatching(temperature=temperature),
+        "rkd": lambda: objectives.RKD() if args.feature_weight is None else objectives.RKD(
+            distance_weight=args.feature_weight, angle_weight=2 * args.feature_weight),
+        "sp": lambda: objectives.SP(**fw),
+        "crd": lambda: objectives.CRD(**fw),
     }
     return table[args.loss]()
 
@@ -226,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(distill, "student", "mlp_100", 40)
     distill.add_argument("--teacher-dir", required=True, help="a saved teacher, e.g. runs/teacher/teacher/model")
     distill.add_argument("--loss", choices=LOSSES, default="soft")
-    distill.add_argument("--temperature", type=float, default=4.0)
+    distill.add_argument("--temperature", type=float, default=None, help="default 4 (soft, dkd), 1 (fm)")
+    distill.add_argument("--standardize", action="store_true",
+                         help="soft, dkd: logit standardisation (z-scored logits before the tempered softmax)")
+    distill.add_argument("--kd-warmup-epochs", type=float, default=0.0,
+                         help="dkd: ramp the distillation weight up linearly over these epochs (the paper: 20)")
+    distill.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+                         help="fm: mix each view with the next example's, lam ~ Beta(ALPHA, ALPHA) (default 1)")
+    distill.add_argument("--feature-weight", type=float, default=None,
+                         help="rkd: distance weight (angle: twice it; default 25); sp: default 3000; crd: default 0.8")
     distill.add_argument("--kd-weight", type=float, default=0.9)
     distill.add_argument("--ce-weight", type=float, default=0.1)
     distill.add_argument("--tckd-weight", type=float, default=1.0, help="DKD alpha")
@@ -583,7 +607,8 @@ def _dispatch(args, parser) -> int:
             seeds=args.seeds, share_teacher_forward=args.share_teacher_forward,
             include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
             store_teacher_topk=args.store_teacher_topk,
-            distillations=(X.Distillation(f"{args.loss} KD", _objective(args)),),
+            distillations=(X.Distillation(f"{args.loss} KD", _objective(args),
+                                          mixup_alpha=(1.0 if args.mixup is None else args.mixup) if args.loss == "fm" else 0.0),),
             title=f"{args.model} distilled ({args.loss}) on {args.dataset}",
         )
     if args.command == "distill" and args.auto:

@@ -177,6 +177,8 @@ def demo_config() -> ExperimentConfig:
 
 
 def _loss_name(objective) -> str:
+    if isinstance(objective, objectives.CrossEntropy):
+        return "cross-entropy"
     if isinstance(objective, objectives.TeacherTemperature):
         return f"{_loss_name(objective.base)} (teacher T={float(objective.temperature):.3g})"
     return type(objective).__name__
@@ -354,6 +356,37 @@ def _seconds_per_epoch(history: list[dict], train_examples: int) -> float | None
     return float(train_examples / np.median(rates)) if rates else None
 
 
+def reference_alone(entry: dict, entries: list[dict]) -> dict | None:
+    """The student alone a distilled entry is compared with: the one trained as many epochs if
+    there is one (patience is not credited to the teacher), else the first student alone."""
+    alones = [e for e in entries if e["role"] == "student_alone"]
+    same = [e for e in alones if e.get("epochs") == entry.get("epochs")]
+    return (same or alones or [None])[0]
+
+
+def _first_alone(entries: list[dict]) -> dict | None:
+    return next((e for e in entries if e["role"] == "student_alone"), None)
+
+
+def _gap_and_cost(entries: list[dict]) -> None:
+    """Add to each distilled entry the fraction of the teacher-student gap it closes,
+    ``(acc - alone) / (teacher - alone)`` on mean test accuracy (1: the teacher's accuracy;
+    ``alone``: :func:`reference_alone`, named in ``gap_reference``), and its training time
+    per epoch relative to the first student alone's."""
+    teacher = next((e for e in entries if e["role"] == "teacher"), None)
+    first = _first_alone(entries)
+    for e in entries:
+        alone = reference_alone(e, entries)
+        if e["role"] != "distilled" or alone is None:
+            continue
+        gap = None if teacher is None else teacher["test_accuracy_mean"] - alone["test_accuracy_mean"]
+        if gap is not None and gap > 0:
+            e["gap_closed"] = (e["test_accuracy_mean"] - alone["test_accuracy_mean"]) / gap
+            e["gap_reference"] = alone["name"]
+        if e.get("seconds_per_epoch") and first.get("seconds_per_epoch"):
+            e["epoch_cost_vs_alone"] = e["seconds_per_epoch"] / first["seconds_per_epoch"]
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -384,10 +417,14 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         # ---- students -----------------------------------------------------------------------
         groups = [("student alone", "student_alone", Distillation("student alone", objectives.CrossEntropy()))
                   ] if cfg.include_baseline else []
-        groups += [(d.name, "distilled", d) for d in cfg.distillations]
+        # A setting without a teacher (objectives.CrossEntropy, e.g. the student alone on a longer
+        # schedule) is a student alone: trained without the teacher and reported as such.
+        groups += [(d.name, "distilled" if getattr(d.objective, "reads_teacher", True) else "student_alone", d)
+                   for d in cfg.distillations]
         if not cfg.include_students:
             groups = []
         results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
+        epochs_of = {name: d.epochs or cfg.student_epochs for name, _, d in groups}
         outputs = None
         if cfg.store_teacher_topk and any(role == "distilled" for _, role, _ in groups):
             stored.check_fixed_view(crop_padding=cfg.student_crop_padding, flip=r.flip)
@@ -457,6 +494,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 "test_accuracy_std": float(np.std(accs)),
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
                 "seconds_per_epoch": _seconds_per_epoch(histories.get(name, []), len(r.train)),
+                "epochs": (None if cfg.teacher_dir else cfg.teacher_epochs) if role == "teacher" else epochs_of[name],
                 # Timed on process 0 only: it alone writes the report.
                 "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view) if r.primary else None,
             })
@@ -465,7 +503,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                   + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
                       "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
                   for n, hs in histories.items()}
-        alone = next((e for e in entries if e["role"] == "student_alone"), None)
+        _gap_and_cost(entries)
         protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
                     "initialisation only" if cfg.share_teacher_forward else
                     "each seed has its own initialisation, data order and augmentation")
@@ -475,12 +513,15 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         notes = [f"{seeds_note}latency is the median of up to 20 eval batches of {cfg.batch_size} (2 s per model at most) on "
                  f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s{hosts_note}."]
         for e in entries:
+            alone = reference_alone(e, entries)
             if e["role"] == "distilled" and alone is not None:
                 margin = e["test_accuracy_mean"] - alone["test_accuracy_mean"]
                 spread = max(e["test_accuracy_std"], alone["test_accuracy_std"])
                 verdict = "beats" if margin > spread else "does not beat"
-                notes.append(f"{e['name']} {verdict} the student alone by more than the seed spread: "
-                             f"{100 * margin:+.2f} points vs std {100 * spread:.2f}.")
+                which = "the student alone" if alone is _first_alone(entries) else f"{alone['name']}"
+                gap = f"; it closes {100 * e['gap_closed']:.0f}% of the teacher-student gap" if "gap_closed" in e else ""
+                notes.append(f"{e['name']} {verdict} {which} by more than the seed spread: "
+                             f"{100 * margin:+.2f} points vs std {100 * spread:.2f}{gap}.")
         if r.primary:
             plots.curves(curves, run_dir / "curves.png", held_out="validation" if r.val is not None else "test")
             plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")

@@ -9,16 +9,21 @@ ROLES = ("teacher", "student_alone", "distilled")
 
 
 def table(entries: list[dict]) -> str:
-    """A markdown table: accuracy mean +- std over seeds, parameters, FLOPs, size, latency."""
-    head = "| model | role | loss | test accuracy (%) | seeds | params | MFLOPs/example | size on disk (KB) | latency / batch (ms) |"
-    rows = [head, "|" + "---|" * 9]
+    """A markdown table: accuracy mean +- std over seeds, the teacher-student gap closed, epochs
+    and training cost per epoch against the student alone, parameters, FLOPs, size, latency."""
+    head = ("| model | role | loss | test accuracy (%) | gap closed (%) | seeds | epochs | time / epoch (x alone) | "
+            "params | MFLOPs/example | size on disk (KB) | latency / batch (ms) |")
+    rows = [head, "|" + "---|" * 12]
     for e in entries:
         acc = f"{100 * e['test_accuracy_mean']:.2f}"
         if len(e["test_accuracy_per_seed"]) > 1:
             acc += f" +- {100 * e['test_accuracy_std']:.2f}"
+        gap = f"{100 * e['gap_closed']:.0f}" if "gap_closed" in e else ""
+        cost = f"{e['epoch_cost_vs_alone']:.2f}" if "epoch_cost_vs_alone" in e else ""
         rows.append(
-            f"| {e['name']} | {e['role']} | {e['loss']} | {acc} | {len(e['test_accuracy_per_seed'])} | "
-            f"{e['params']:,} | {e['flops'] / 1e6:.2f} | {e['size_bytes'] / 1024:.0f} | {e['latency_ms']:.2f} |"
+            f"| {e['name']} | {e['role']} | {e['loss']} | {acc} | {gap} | {len(e['test_accuracy_per_seed'])} | "
+            f"{e.get('epochs') or ''} | {cost} | {e['params']:,} | {e['flops'] / 1e6:.2f} | {e['size_bytes'] / 1024:.0f} | "
+            f"{e['latency_ms']:.2f} |"
         )
     return "\n".join(rows)
 

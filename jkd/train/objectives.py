@@ -19,6 +19,7 @@ class CrossEntropy:
     """Labels only (teacher training, the student alone); the teacher's logits are ignored."""
 
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
+    reads_teacher: bool = struct.field(pytree_node=False, default=False)  # trained without a teacher
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         return losses.cross_entropy_loss(student_logits, labels, label_smoothing=self.label_smoothing)
