@@ -5,6 +5,7 @@ import batchnorm
 import chunked_loss
 from common import write
 import data_pipeline
+import gap_methods
 import lm_fused_loss
 import lm_kd_step
 import lm_loading
@@ -65,3 +66,6 @@ if __name__ == "__main__":
     r = multihost.run()
     write("multihost", r)
     print(multihost.report(r))
+    r = gap_methods.run()
+    write("gap_methods", r)
+    print("gap_methods: " + ", ".join(f"{k} x{v:.2f}" for k, v in r["ratio_vs_soft_kd"].items()) + " of soft KD per step")

@@ -50,9 +50,10 @@ class Distillation:
 
     ``crop_padding`` (default: the config's ``student_crop_padding``) and ``mixup_alpha`` (> 0:
     each view is mixed with the next example's, :func:`jkd.data.augment.mix_with_next`) set the
-    view that this setting's students and the teacher see together; ``epochs`` (default: the
-    config's ``student_epochs``) its schedule. Mixed views need an objective that does not read
-    the labels (``objectives.FunctionMatching``).
+    view that this setting's students and the teacher see together; ``epochs`` and
+    ``optimizer`` (default: the config's ``student_epochs`` and ``student_optimizer``) its
+    schedule. Mixed views need an objective that does not read the labels
+    (``objectives.FunctionMatching``).
     """
 
     name: str
@@ -60,6 +61,7 @@ class Distillation:
     crop_padding: int | None = None
     mixup_alpha: float = 0.0
     epochs: int | None = None
+    optimizer: SGDConfig | AdamWConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +124,16 @@ class ExperimentConfig:
                 raise ValueError(f"{d.name}: crop_padding must be >= 0; got {d.crop_padding}.")
             if d.epochs is not None and d.epochs < 1:
                 raise ValueError(f"{d.name}: epochs must be >= 1; got {d.epochs}.")
+            if d.optimizer is not None:
+                check_optimizer(d.optimizer)
             if not (d.mixup_alpha >= 0 and np.isfinite(d.mixup_alpha)):
                 raise ValueError(f"{d.name}: mixup_alpha must be a finite number >= 0 (0: no mixup); got {d.mixup_alpha}.")
             if d.mixup_alpha > 0 and getattr(d.objective, "reads_labels", True):
                 raise ValueError(f"{d.name}: a mixed view has no single label, and {type(d.objective).__name__} reads "
                                  "the labels; use objectives.FunctionMatching (--loss fm) or mixup_alpha=0.")
+            if getattr(d.objective, "batch_level", False) and self.parallel == "pmap":
+                raise ValueError(f"{d.name}: {type(d.objective).__name__} relates the examples of the whole batch, "
+                                 "which pmap splits over devices; use parallel 'mesh' (--parallel mesh).")
             if d.mixup_alpha > 0 and self.parallel == "pmap":
                 raise ValueError(f"{d.name}: mixup pairs each example with the next of the global batch, which pmap "
                                  "splits over devices; use parallel 'mesh' (--parallel mesh).")
@@ -439,7 +446,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
             echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {epochs} epochs")
             g, states = _train_group(
                 r, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,
-                optimizer=cfg.student_optimizer,
+                optimizer=d.optimizer or cfg.student_optimizer,
                 crop_padding=cfg.student_crop_padding if d.crop_padding is None else d.crop_padding,
                 mixup_alpha=d.mixup_alpha, teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
                 stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)

@@ -80,8 +80,19 @@ def rkd_distance_loss(
 
     with ``mu`` the mean distance over the batch's pairs of distinct examples (per model) and
     ``n`` the number of valid examples; ``mean_i l_i`` is the paper's loss over all ordered
-    pairs. Feature widths may differ (``[B, D_s]`` vs ``[B, D_t]``; extra axes are flattened).
-    The paper's weight is 25 (distance) beside 50 (angle).
+    pairs. The paper's weight is 25 (distance) beside 50 (angle).
+
+    Args:
+      student_features: ``[B, ...]``, flattened to ``[B, D_s]``.
+      teacher_features: ``[B, ...]``, flattened to ``[B, D_t]`` (widths may differ).
+      where: optional boolean ``[B]``; masked examples leave every pair.
+
+    Returns:
+      ``[...]`` = ``[B]`` float32, example ``i``'s share (its pairs); the mean is the paper's loss.
+
+    Example:
+      >>> rkd_distance_loss(jnp.eye(4), 2 * jnp.eye(4)).shape  # scaled: same relations, loss 0
+      (4,)
 
     References:
       Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019.
@@ -118,7 +129,20 @@ def rkd_angle_loss(
 
     ``mean_i l_i`` is the paper's loss over all triplets of distinct examples (the authors'
     code also averages in the degenerate ones, which add 0, so its value is smaller by the
-    factor ``(n-1)(n-2)/n^2``). Memory is ``[B, B, D]``: use it on pooled features.
+    factor ``(n-1)(n-2)/n^2``). Computed from the batch's Gram matrix: ``[B, B, B]`` memory and
+    ``B^2 D + B^3`` work, whatever the feature width.
+
+    Args:
+      student_features: ``[B, ...]``, flattened to ``[B, D_s]``.
+      teacher_features: ``[B, ...]``, flattened to ``[B, D_t]`` (widths may differ).
+      where: optional boolean ``[B]``; masked examples leave every triplet.
+
+    Returns:
+      ``[...]`` = ``[B]`` float32, the triplets with vertex ``i``; the mean is the paper's loss.
+
+    Example:
+      >>> rkd_angle_loss(jnp.eye(4), jnp.eye(4) + 1.0).shape
+      (4,)
 
     References:
       Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019.
@@ -133,10 +157,14 @@ def rkd_angle_loss(
     n = jnp.sum(valid).astype(s.dtype)
 
     def psi(x):
-        diff = x[None, :, :] - x[:, None, :]  # [i, j] = x_j - x_i
-        norm = _distances(x, pair)[..., None]
-        unit = jnp.where(pair[..., None], diff / jnp.where(pair[..., None], norm, 1.0), 0.0)
-        return jnp.einsum("ijd,ikd->ijk", unit, unit)
+        # From the Gram matrix G = x x^T: <x_j - x_i, x_k - x_i> = G_jk - G_ij - G_ik + G_ii and
+        # |x_j - x_i|^2 = G_jj - 2 G_ij + G_ii, so the cost is B^2 D + B^3, not B^3 D.
+        g = x @ x.T
+        diag = jnp.diagonal(g)
+        dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]  # [i, j, k]
+        sq = diag[None, :] - 2 * g + diag[:, None]  # [i, j]: |x_j - x_i|^2
+        norm = jnp.sqrt(jnp.where(pair, jnp.maximum(sq, 1e-12), 1.0))
+        return jnp.where(triplet, dot / (norm[:, :, None] * norm[:, None, :]), 0.0)
 
     per_triplet = jnp.where(triplet, _huber(psi(s) - psi(t)), 0.0)
     return c.mask_output(where, jnp.sum(per_triplet, axis=(1, 2)) / jnp.maximum((n - 1) * (n - 2), 1.0))
@@ -156,7 +184,19 @@ def similarity_preserving_loss(
 
     with ``F`` the ``[B, D]`` flattened features and each row of the Gram matrix divided by its
     L2 norm; ``mean_i l_i = ||G~s - G~t||_F^2 / n^2`` is the paper's loss for one layer pair
-    (its weight is 3000 on CIFAR). Any feature shapes: only the batch sizes must agree.
+    (its weight is 3000 on CIFAR).
+
+    Args:
+      student_features: ``[B, ...]`` (maps or vectors), flattened.
+      teacher_features: ``[B, ...]``, any shape: only the batch sizes must agree.
+      where: optional boolean ``[B]``; masked examples leave the Gram matrices.
+
+    Returns:
+      ``[...]`` = ``[B]`` float32, row ``i`` of the difference; the mean is the paper's loss.
+
+    Example:
+      >>> similarity_preserving_loss(jnp.ones((4, 2, 2, 3)), jnp.ones((4, 7))).shape
+      (4,)
 
     References:
       Tung, Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019.
@@ -211,6 +251,13 @@ def contrastive_representation_loss(
       memory_valid: ``[M]`` bool, which memory rows are filled (default: all).
       temperature: ``tau > 0`` (the paper uses 0.07).
       where: ``[B]`` bool; masked examples are neither anchors nor negatives.
+
+    Returns:
+      ``[...]`` = ``[B]`` float32 loss per anchor pair ``(s_i, t_i)``.
+
+    Example:
+      >>> contrastive_representation_loss(jnp.eye(4), jnp.eye(4), temperature=0.1).shape
+      (4,)
 
     References:
       Tian, Krishnan, Isola. Contrastive Representation Distillation. ICLR 2020.

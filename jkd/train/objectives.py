@@ -7,6 +7,8 @@ per-example loss ``[B]``; any callable with that signature can be passed to the 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -185,6 +187,11 @@ def _feature(features: dict, name: str, who: str):
     return features[name]
 
 
+def _paired(pair: tuple[str, str], student_features: dict, teacher_features: dict):
+    """The student's and the teacher's features named by ``pair``."""
+    return _feature(student_features, pair[0], "student"), _feature(teacher_features, pair[1], "teacher")
+
+
 @struct.dataclass
 class RKD:
     """Park et al. 2019: ``base + distance_weight * RKD-D + angle_weight * RKD-A`` on a pair of
@@ -194,11 +201,11 @@ class RKD:
     distance_weight: float | jax.Array = 25.0
     angle_weight: float | jax.Array = 50.0
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
-        s = _feature(student_features, self.pair[0], "student")
-        t = _feature(teacher_features, self.pair[1], "teacher")
+        s, t = _paired(self.pair, student_features, teacher_features)
         return (self.base(student_logits, teacher_logits, labels)
                 + self.distance_weight * losses.rkd_distance_loss(s, t)
                 + self.angle_weight * losses.rkd_angle_loss(s, t))
@@ -211,11 +218,11 @@ class SP:
     base: object = CrossEntropy()
     weight: float | jax.Array = 3000.0
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
-        s = _feature(student_features, self.pair[0], "student")
-        t = _feature(teacher_features, self.pair[1], "teacher")
+        s, t = _paired(self.pair, student_features, teacher_features)
         return self.base(student_logits, teacher_logits, labels) + self.weight * losses.similarity_preserving_loss(s, t)
 
 
@@ -236,6 +243,7 @@ class CRD:
     embed_dim: int = struct.field(pytree_node=False, default=128)
     memory_size: int = struct.field(pytree_node=False, default=4096)
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
+    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
     has_aux: bool = struct.field(pytree_node=False, default=True)
 
@@ -243,10 +251,8 @@ class CRD:
         """``{"params": heads, "state": memory}`` for features shaped like these (arrays or
         ``ShapeDtypeStruct``), heads initialised as flax's ``Linear`` (LeCun normal)."""
         init = jax.nn.initializers.lecun_normal()
-        widths = {}
-        for who, feats, name in (("student", student_features, self.pair[0]), ("teacher", teacher_features, self.pair[1])):
-            shape = _feature(feats, name, who).shape
-            widths[who] = int(jnp.prod(jnp.asarray(shape[1:])))
+        s_x, t_x = _paired(self.pair, student_features, teacher_features)
+        widths = {"student": math.prod(s_x.shape[1:]), "teacher": math.prod(t_x.shape[1:])}
         keys = dict(zip(("student", "teacher"), jax.random.split(key)))
         params = {w: {"kernel": init(keys[w], (widths[w], self.embed_dim), jnp.float32),
                       "bias": jnp.zeros((self.embed_dim,), jnp.float32)} for w in widths}
@@ -257,13 +263,12 @@ class CRD:
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, aux_params,
                  aux_state):
-        def embed(who, feats, name):
-            x = _feature(feats, name, who)
+        def embed(who, x):
             x = x.reshape(x.shape[0], -1).astype(jnp.float32)
             return x @ aux_params[who]["kernel"] + aux_params[who]["bias"]
 
-        s = embed("student", student_features, self.pair[0])
-        t = embed("teacher", teacher_features, self.pair[1])
+        s_x, t_x = _paired(self.pair, student_features, teacher_features)
+        s, t = embed("student", s_x), embed("teacher", t_x)
         crd = losses.contrastive_representation_loss(
             s, t, student_memory=aux_state["student"], teacher_memory=aux_state["teacher"],
             memory_valid=aux_state["valid"], temperature=self.temperature)
@@ -300,7 +305,6 @@ def check_objective(objective) -> None:
     positive ``kd_weight`` or ``ce_weight``. Only plain numbers are checked (how configs and
     the CLI build objectives); stacked per-student arrays are built from checked ones.
     """
-    import math
 
     name = type(objective).__name__
     if hasattr(objective, "base"):

@@ -111,3 +111,51 @@ def test_logit_standardisation_ignores_the_teachers_scale_in_the_kd_term_only():
     # The label term reads the raw logits: with kd_weight 0 standardisation changes nothing.
     ce_only = objectives.SoftKD(kd_weight=0.0, ce_weight=1.0, standardize=True)
     np.testing.assert_allclose(ce_only(s, t, y), objectives.CrossEntropy()(s, t, y), rtol=1e-6)
+
+
+def _fit_crd(ckpt_dir, num_steps):
+    from jkd.data import pipeline as P
+    from jkd.train.checkpoint import Checkpoints
+    from jkd.train.loop import LoopConfig, fit
+    from tests.train.killable_run import dataset
+
+    tg, teacher = H.teacher()
+    g, state = H.student()
+    state = _with_aux(state, CRD_SMALL, g, tg, teacher)
+    ckpts = Checkpoints(ckpt_dir)
+    try:
+        return fit(parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP)), state, CRD_SMALL, teacher,
+                   batches=lambda s: P.train_batches(dataset(), batch_size=16, seed=3, start_step=s),
+                   checkpoints=ckpts, config=LoopConfig(num_steps=num_steps, save_every=3, sync_every=3, progress=False))
+    finally:
+        ckpts.close()
+
+
+def test_crd_heads_and_memory_resume_from_the_checkpoint(tmp_path):
+    """The heads, the memory and its write position are checkpointed with the student: a run
+    stopped at step 3 and resumed ends where the uninterrupted one does."""
+    full, _ = _fit_crd(tmp_path / "full", 7)
+    _fit_crd(tmp_path / "cut", 3)
+    resumed, history = _fit_crd(tmp_path / "cut", 7)
+    assert history[0] == {"event": "resumed", "step": 3}
+    assert int(resumed.aux["state"]["next"]) == (7 * 16) % 24
+    assert H.max_abs_diff(full.params, resumed.params) == 0.0
+    assert H.max_abs_diff(full.aux, resumed.aux) == 0.0
+
+
+def test_configs_that_cannot_mean_what_they_say_are_refused():
+    from jkd.experiment import Distillation, ExperimentConfig
+
+    def cfg(d, **kw):
+        return ExperimentConfig(distillations=(d,), **kw)
+
+    with pytest.raises(ValueError, match="mixed view has no single label.*FunctionMatching"):
+        cfg(Distillation("soft", objectives.SoftKD(), mixup_alpha=1.0)).validate()
+    with pytest.raises(ValueError, match="use parallel 'mesh'"):
+        cfg(Distillation("fm", objectives.FunctionMatching(), mixup_alpha=1.0), parallel="pmap").validate()
+    with pytest.raises(ValueError, match="CRD relates the examples of the whole batch"):
+        cfg(Distillation("crd", objectives.CRD()), parallel="pmap").validate()
+    with pytest.raises(ValueError, match="mixup_alpha must be a finite number >= 0"):
+        cfg(Distillation("fm", objectives.FunctionMatching(), mixup_alpha=-1.0)).validate()
+    with pytest.raises(ValueError, match="stored teacher outputs need fixed views"):
+        cfg(Distillation("soft", objectives.SoftKD(), crop_padding=2), store_teacher_topk=5).validate()
