@@ -442,7 +442,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
             echo(f"teacher outputs stored once: top-{cfg.store_teacher_topk} of {len(outputs)} examples in bf16 "
                  f"({outputs.nbytes() / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s)")
         for name, role, d in groups:
-            epochs = d.epochs or cfg.student_epochs
+            epochs = epochs_of[name]
             echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {epochs} epochs")
             g, states = _train_group(
                 r, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,

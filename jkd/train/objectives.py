@@ -110,7 +110,7 @@ class DKD:
                              "steps_per_epoch)) and the train step's `step`.")
         if step is not None and self.steps_per_epoch:
             warmup = jnp.asarray(w, jnp.float32) * self.steps_per_epoch
-            ramp = jnp.where(warmup > 0, jnp.minimum(step / jnp.maximum(warmup, 1.0), 1.0), 1.0)
+            ramp = jnp.where(warmup > 0, jnp.minimum(jnp.asarray(step, jnp.float32) / jnp.maximum(warmup, 1.0), 1.0), 1.0)
             weight = weight * ramp
         return losses.distillation_objective(student_logits, labels, kd, kd_weight=weight, ce_weight=self.ce_weight)
 

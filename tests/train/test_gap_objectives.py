@@ -93,9 +93,9 @@ def test_dkd_warmup_ramps_the_distillation_weight_from_zero():
     obj = objectives.per_epoch(objectives.DKD(warmup_epochs=2.0), 10)  # 20 steps of warm-up
     ce = objectives.CrossEntropy()(s, t, y)
     full = objectives.DKD()(s, t, y)
-    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(0)), ce, rtol=1e-6)
-    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(20)), full, rtol=1e-6)
-    np.testing.assert_allclose(obj(s, t, y, step=jnp.asarray(5)), ce + 0.25 * (full - ce), rtol=1e-5)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.int32(0)), ce, rtol=1e-6)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.int32(20)), full, rtol=1e-6)
+    np.testing.assert_allclose(obj(s, t, y, step=jnp.int32(5)), ce + 0.25 * (full - ce), rtol=1e-5)
     with pytest.raises(ValueError, match="needs the epoch length"):
         objectives.DKD(warmup_epochs=2.0)(s, t, y)
 
