@@ -168,8 +168,12 @@ class FeatureKD:
     feature_loss: object = struct.field(pytree_node=False, default=losses.attention_transfer_loss)
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
-    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
-        total = self.base(student_logits, teacher_logits, labels)
+    @property
+    def takes_step(self) -> bool:  # the base's schedule (DKD's warm-up) gets the step through this wrapper
+        return bool(getattr(self.base, "takes_step", False))
+
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
+        total = self.base(student_logits, teacher_logits, labels, **step)
         for s_name, t_name in self.pairs:
             for name, feats, who in ((s_name, student_features, "student"), (t_name, teacher_features, "teacher")):
                 if name not in feats:
@@ -288,8 +292,12 @@ class TeacherTemperature:
     base: object
     temperature: float | jax.Array = 1.0
 
-    def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
-        return self.base(student_logits, teacher_logits / self.temperature, labels)
+    @property
+    def takes_step(self) -> bool:  # the base's schedule (DKD's warm-up) gets the step through this wrapper
+        return bool(getattr(self.base, "takes_step", False))
+
+    def __call__(self, student_logits, teacher_logits, labels, **step) -> jax.Array:
+        return self.base(student_logits, teacher_logits / self.temperature, labels, **step)
 
 
 

@@ -98,6 +98,10 @@ def test_dkd_warmup_ramps_the_distillation_weight_from_zero():
     np.testing.assert_allclose(obj(s, t, y, step=jnp.int32(5)), ce + 0.25 * (full - ce), rtol=1e-5)
     with pytest.raises(ValueError, match="needs the epoch length"):
         objectives.DKD(warmup_epochs=2.0)(s, t, y)
+    # A calibrated teacher (TeacherTemperature) passes the step on to the DKD it wraps.
+    wrapped = objectives.per_epoch(objectives.TeacherTemperature(objectives.DKD(warmup_epochs=2.0), 1.0), 10)
+    assert wrapped.takes_step
+    np.testing.assert_allclose(wrapped(s, t, y, step=jnp.int32(0)), ce, rtol=1e-6)
 
 
 def test_logit_standardisation_ignores_the_teachers_scale_in_the_kd_term_only():
