@@ -70,6 +70,14 @@ def test_train_teacher_then_distill(tmp_path):
                      "--run-dir", str(d_dir), "--no-progress"]) == 0
     summary = json.loads((d_dir / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["teacher", "student alone", "dkd KD"]
+    # Function matching from the command line: crops and mixup on a mesh, no label term.
+    f_dir = tmp_path / "f"
+    assert cli.main(["distill", "--teacher-dir", str(t_dir / "teacher" / "model"), "--model", "mlp_30",
+                     "--epochs", "1", "--loss", "fm", "--crop-padding", "2", "--mixup", "0.5", "--no-baseline",
+                     "--parallel", "mesh", "--devices", "2", "--run-dir", str(f_dir), "--no-progress"]) == 0
+    config = json.loads((f_dir / "config.json").read_text())
+    assert config["distillations"][0]["mixup_alpha"] == 0.5 and config["student_crop_padding"] == 2
+    assert json.loads((f_dir / "summary.json").read_text())["models"][1]["loss"] == "FunctionMatching"
 
 
 @pytest.mark.slow
