@@ -58,10 +58,24 @@ def test_sweep_refuses_a_bad_grid_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_cifar100_recipe_runs_a_few_steps_on_mock_data(tmp_path):
+    """The recipe's students (SGD schedule, crops and flips, KD and DKD with its warm-up) under a
+    saved resnet32x4 teacher: an untrained one, so the test does not spend ~30 s compiling the
+    teacher's training step (the same step every student runs)."""
+    from jkd.data import load_dataset
+    from jkd.models import create_model
+    from jkd.saved import ModelSpec, model_meta
+    from jkd.train import freeze_model
+    from jkd.train.checkpoint import save_frozen
+
     with tfds.testing.mock_data(num_examples=64):
-        assert cli.main(["run", "experiments/cifar100_kd/config.py", "--run-dir", str(tmp_path),
-                         "--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "batch_size=32",
-                         "--set", "eval_every_epochs=1", "--no-progress"]) == 0
+        spec = load_dataset("cifar100").spec
+        _, frozen = freeze_model(create_model("resnet32x4", num_classes=spec.num_classes, input_shape=spec.image_shape,
+                                              seed=0))
+        save_frozen(tmp_path / "teacher", frozen, model_meta(ModelSpec("resnet32x4"), spec, "teacher"))
+        assert cli.main(["run", "experiments/cifar100_kd/config.py", "--run-dir", str(tmp_path / "run"),
+                         "--set", f"teacher_dir={tmp_path / 'teacher'}", "--set", "student_epochs=1",
+                         "--set", "batch_size=32", "--set", "eval_every_epochs=1", "--no-progress"]) == 0
+    tmp_path = tmp_path / "run"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["resnet32x4"] + ["resnet8x4"] * 3
     assert [m["name"] for m in summary["models"]] == ["teacher", "student alone", "KD", "DKD"]
