@@ -68,7 +68,7 @@ def _objective(args):
     temperature = args.temperature if args.temperature is not None else 1.0 if args.loss == "fm" else 4.0
     if args.standardize and args.loss not in ("soft", "dkd"):
         raise ValueError(f"--standardize (logit standardisation) applies to --loss soft or dkd; got --loss {args.loss}.")
-    if args.kd_warmup_epochs and args.loss != "dkd":
+    if args.kd_warmup_epochs is not None and args.loss != "dkd":
         raise ValueError(f"--kd-warmup-epochs applies to --loss dkd; got --loss {args.loss}.")
     if args.mixup is not None and args.loss != "fm":
         raise ValueError(f"--mixup needs --loss fm (function matching: mixed images have no single label); got "
@@ -76,11 +76,11 @@ def _objective(args):
     fw = {} if args.feature_weight is None else {"weight": args.feature_weight}
     table = {
         "soft": lambda: objectives.SoftKD(temperature=temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-                                          standardize=args.standardize),
+                                          standardize=args.standardize or None),
         "hard": lambda: objectives.HardKD(kd_weight=args.kd_weight, ce_weight=args.ce_weight),
         "dkd": lambda: objectives.DKD(tckd_weight=args.tckd_weight, nckd_weight=args.nckd_weight,
                                       temperature=temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
-                                      warmup_epochs=args.kd_warmup_epochs, standardize=args.standardize),
+                                      warmup_epochs=args.kd_warmup_epochs, standardize=args.standardize or None),
         "fm": lambda: objectives.FunctionMatching(temperature=temperature),
         "rkd": lambda: objectives.RKD() if args.feature_weight is None else objectives.RKD(
             distance_weight=args.feature_weight, angle_weight=2 * args.feature_weight),
@@ -88,6 +88,13 @@ def _objective(args):
         "crd": lambda: objectives.CRD(**fw),
     }
     return table[args.loss]()
+
+
+def _mixup_alpha(args) -> float | None:
+    """``--mixup`` for function matching (default 1); None (no mixup) for the other losses."""
+    if args.loss != "fm":
+        return None
+    return 1.0 if args.mixup is None else args.mixup
 
 
 def _optimizer(name: str, lr: float | None, weight_decay: float | None):
@@ -245,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float, default=None, help="default 4 (soft, dkd), 1 (fm)")
     distill.add_argument("--standardize", action="store_true",
                          help="soft, dkd: logit standardisation (z-scored logits before the tempered softmax)")
-    distill.add_argument("--kd-warmup-epochs", type=float, default=0.0,
+    distill.add_argument("--kd-warmup-epochs", type=float, default=None,
                          help="dkd: ramp the distillation weight up linearly over these epochs (the paper: 20)")
     distill.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
                          help="fm: mix each view with the next example's, lam ~ Beta(ALPHA, ALPHA) (default 1)")
@@ -610,8 +617,7 @@ def _dispatch(args, parser) -> int:
             seeds=args.seeds, share_teacher_forward=args.share_teacher_forward,
             include_baseline=not args.no_baseline, val_fraction=args.val_fraction,
             store_teacher_topk=args.store_teacher_topk,
-            distillations=(X.Distillation(f"{args.loss} KD", _objective(args),
-                                          mixup_alpha=(1.0 if args.mixup is None else args.mixup) if args.loss == "fm" else 0.0),),
+            distillations=(X.Distillation(f"{args.loss} KD", _objective(args), mixup_alpha=_mixup_alpha(args)),),
             title=f"{args.model} distilled ({args.loss}) on {args.dataset}",
         )
     if args.command == "distill" and args.auto:

@@ -59,7 +59,7 @@ class Distillation:
     name: str
     objective: object
     crop_padding: int | None = None
-    mixup_alpha: float = 0.0
+    mixup_alpha: float | None = None  # None (no mixup): earlier run folders, without the field, resume
     epochs: int | None = None
     optimizer: SGDConfig | AdamWConfig | None = None
 
@@ -126,18 +126,19 @@ class ExperimentConfig:
                 raise ValueError(f"{d.name}: epochs must be >= 1; got {d.epochs}.")
             if d.optimizer is not None:
                 check_optimizer(d.optimizer)
-            if not (d.mixup_alpha >= 0 and np.isfinite(d.mixup_alpha)):
-                raise ValueError(f"{d.name}: mixup_alpha must be a finite number >= 0 (0: no mixup); got {d.mixup_alpha}.")
-            if d.mixup_alpha > 0 and getattr(d.objective, "reads_labels", True):
+            alpha = d.mixup_alpha or 0.0
+            if not (alpha >= 0 and np.isfinite(alpha)):
+                raise ValueError(f"{d.name}: mixup_alpha must be a finite number >= 0 (0: no mixup); got {alpha}.")
+            if alpha > 0 and getattr(d.objective, "reads_labels", True):
                 raise ValueError(f"{d.name}: a mixed view has no single label, and {type(d.objective).__name__} reads "
                                  "the labels; use objectives.FunctionMatching (--loss fm) or mixup_alpha=0.")
             if getattr(d.objective, "batch_level", False) and self.parallel == "pmap":
                 raise ValueError(f"{d.name}: {type(d.objective).__name__} relates the examples of the whole batch, "
                                  "which pmap splits over devices; use parallel 'mesh' (--parallel mesh).")
-            if d.mixup_alpha > 0 and self.parallel == "pmap":
+            if alpha > 0 and self.parallel == "pmap":
                 raise ValueError(f"{d.name}: mixup pairs each example with the next of the global batch, which pmap "
                                  "splits over devices; use parallel 'mesh' (--parallel mesh).")
-            if self.store_teacher_topk and (d.mixup_alpha > 0 or (d.crop_padding or 0) > 0):
+            if self.store_teacher_topk and (alpha > 0 or (d.crop_padding or 0) > 0):
                 raise ValueError(f"{d.name}: stored teacher outputs need fixed views (no crop, no mixup); set "
                                  "store_teacher_topk=0.")
         names = [d.name for d in self.distillations]
@@ -448,7 +449,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 r, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,
                 optimizer=d.optimizer or cfg.student_optimizer,
                 crop_padding=cfg.student_crop_padding if d.crop_padding is None else d.crop_padding,
-                mixup_alpha=d.mixup_alpha, teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
+                mixup_alpha=d.mixup_alpha or 0.0, teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
                 stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)
             results[name] = (role, _loss_name(d.objective), g, [freeze(s) for s in states], cfg.student)
 

@@ -93,7 +93,7 @@ def test_every_method_of_the_leaderboard_reaches_the_gpu_config_and_the_cli():
     assert [type(d.objective) for d in gpu.distillations] == [type(d.objective) for d in board.distillations][:-1]
     assert gpu.student.name == "resnet8x4" and gpu.student_epochs == 240
     assert any(d.objective.standardize for d in board.distillations if isinstance(d.objective, (O.SoftKD, O.DKD)))
-    assert any(getattr(d.objective, "warmup_epochs", 0) > 0 for d in board.distillations)
+    assert any((getattr(d.objective, "warmup_epochs", None) or 0) > 0 for d in board.distillations)
     for loss in cli.LOSSES:
         args = cli.build_parser().parse_args(["distill", "--teacher-dir", "t", "--loss", loss])
         assert cli._objective(args) is not None

@@ -54,6 +54,11 @@ def _batch_features(name_s, student_features, name_t, teacher_features, where):
     return s, t, valid, where
 
 
+def _distinct_pairs(valid: jax.Array) -> jax.Array:
+    """``[B, B]``: both examples valid and not the same one."""
+    return valid[:, None] & valid[None, :] & ~jnp.eye(valid.shape[0], dtype=bool)
+
+
 def _huber(x: jax.Array) -> jax.Array:
     """Smooth L1 with threshold 1 (what RKD uses): ``x^2 / 2`` if ``|x| < 1`` else ``|x| - 1/2``."""
     a = jnp.abs(x)
@@ -100,8 +105,7 @@ def rkd_distance_loss(
     """
     s, t, valid, where = _batch_features("student_features", student_features, "teacher_features",
                                          teacher_features, where)
-    b = s.shape[0]
-    pair = valid[:, None] & valid[None, :] & ~jnp.eye(b, dtype=bool)
+    pair = _distinct_pairs(valid)
     n_pairs = jnp.maximum(jnp.sum(pair), 1).astype(s.dtype)
     n = jnp.sum(valid).astype(s.dtype)
 
@@ -150,10 +154,8 @@ def rkd_angle_loss(
     """
     s, t, valid, where = _batch_features("student_features", student_features, "teacher_features",
                                          teacher_features, where)
-    b = s.shape[0]
-    eye = jnp.eye(b, dtype=bool)
-    pair = valid[:, None] & valid[None, :] & ~eye  # [i, j]: j != i, both valid
-    triplet = pair[:, :, None] & pair[:, None, :] & ~eye[None, :, :]  # [i, j, k]: j != k
+    pair = _distinct_pairs(valid)  # [i, j]: j != i, both valid
+    triplet = pair[:, :, None] & pair[:, None, :] & ~jnp.eye(s.shape[0], dtype=bool)[None, :, :]  # [i, j, k]: j != k
     n = jnp.sum(valid).astype(s.dtype)
 
     def psi(x):

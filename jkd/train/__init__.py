@@ -10,7 +10,6 @@ from jkd.train.state import FrozenModel
 from jkd.train.state import TrainState
 from jkd.train.state import apply_model
 from jkd.train.state import create_train_state
-from jkd.train.steps import with_objective_aux
 from jkd.train.state import freeze
 from jkd.train.state import freeze_model
 from jkd.train.steps import eval_step
@@ -21,6 +20,7 @@ from jkd.train.steps import train_step_many
 from jkd.train.steps import train_step_many_stored
 from jkd.train.steps import train_step_stored
 from jkd.train.steps import unstack_state
+from jkd.train.steps import with_objective_aux
 
 __all__ = [
     "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",

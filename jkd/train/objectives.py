@@ -8,6 +8,7 @@ per-example loss ``[B]``; any callable with that signature can be passed to the 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +17,21 @@ from flax import struct
 from jkd import losses
 
 
+class _Wrapper:
+    """An objective around a ``base`` objective: the base's schedule (DKD's warm-up) gets the
+    train step's ``step`` through it (``**step`` in ``__call__``)."""
+
+    @property
+    def takes_step(self) -> bool:
+        return bool(getattr(self.base, "takes_step", False))
+
+
 @struct.dataclass
 class CrossEntropy:
     """Labels only (teacher training, the student alone); the teacher's logits are ignored."""
 
     label_smoothing: float = struct.field(pytree_node=False, default=0.0)
-    reads_teacher: bool = struct.field(pytree_node=False, default=False)  # trained without a teacher
+    reads_teacher: ClassVar[bool] = False  # trained without a teacher
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         return losses.cross_entropy_loss(student_logits, labels, label_smoothing=self.label_smoothing)
@@ -34,7 +44,7 @@ class SoftKD:
     temperature: float | jax.Array = 4.0
     kd_weight: float | jax.Array = 0.9
     ce_weight: float | jax.Array = 0.1
-    standardize: bool = struct.field(pytree_node=False, default=False)  # logit standardisation (Sun et al. 2024)
+    standardize: bool | None = struct.field(pytree_node=False, default=None)  # logit standardisation (Sun et al. 2024)
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         s, t = _standardized(self.standardize, student_logits, teacher_logits)
@@ -43,7 +53,7 @@ class SoftKD:
             student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
 
 
-def _standardized(on: bool, student_logits, teacher_logits):
+def _standardized(on: bool | None, student_logits, teacher_logits):
     """Both models' logits z-scored (the KD term only; the label term reads the raw logits)."""
     if not on:
         return student_logits, teacher_logits
@@ -60,7 +70,7 @@ class FunctionMatching:
     """
 
     temperature: float | jax.Array = 1.0
-    reads_labels: bool = struct.field(pytree_node=False, default=False)
+    reads_labels: ClassVar[bool] = False
 
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         return losses.soft_distillation_loss(student_logits, teacher_logits, temperature=self.temperature)
@@ -85,7 +95,7 @@ class DKD:
     """Zhao et al. 2022: ``kd_weight * ramp * DKD(alpha, beta, T) + ce_weight * CE(labels)``.
 
     ``ramp = min(step / warmup_steps, 1)``: the paper's warm-up of the distillation weight
-    (20 epochs in its CIFAR recipe; 0: none). The experiment converts ``warmup_epochs`` to
+    (20 epochs in its CIFAR recipe; None or 0: none). The experiment converts ``warmup_epochs`` to
     steps (:func:`per_epoch`); the step passes its ``step`` (``takes_step``).
     """
 
@@ -94,10 +104,11 @@ class DKD:
     temperature: float | jax.Array = 4.0
     kd_weight: float | jax.Array = 1.0
     ce_weight: float | jax.Array = 1.0
-    warmup_epochs: float | jax.Array = 0.0
-    steps_per_epoch: int = struct.field(pytree_node=False, default=0)
-    standardize: bool = struct.field(pytree_node=False, default=False)  # logit standardisation (Sun et al. 2024)
-    takes_step: bool = struct.field(pytree_node=False, default=True)
+    # None (not 0) for "off": a field added at None leaves the run folders of earlier configs resumable.
+    warmup_epochs: float | jax.Array | None = None
+    steps_per_epoch: int | None = struct.field(pytree_node=False, default=None)
+    standardize: bool | None = struct.field(pytree_node=False, default=None)  # logit standardisation (Sun et al. 2024)
+    takes_step: ClassVar[bool] = True
 
     def __call__(self, student_logits, teacher_logits, labels, *, step=None) -> jax.Array:
         s, t = _standardized(self.standardize, student_logits, teacher_logits)
@@ -108,7 +119,7 @@ class DKD:
         if isinstance(w, (int, float)) and w > 0 and not (self.steps_per_epoch and step is not None):
             raise ValueError(f"DKD.warmup_epochs={w:g} needs the epoch length (objectives.per_epoch(objective, "
                              "steps_per_epoch)) and the train step's `step`.")
-        if step is not None and self.steps_per_epoch:
+        if w is not None and step is not None and self.steps_per_epoch:
             warmup = jnp.asarray(w, jnp.float32) * self.steps_per_epoch
             ramp = jnp.where(warmup > 0, jnp.minimum(jnp.asarray(step, jnp.float32) / jnp.maximum(warmup, 1.0), 1.0), 1.0)
             weight = weight * ramp
@@ -150,7 +161,7 @@ def stack(objectives):
 
 
 @struct.dataclass
-class FeatureKD:
+class FeatureKD(_Wrapper):
     """A logit objective plus feature matching between named intermediate features.
 
     ``loss = base(s, t, y) + weight * sum_pairs feature_loss(student[a], teacher[b])``, with
@@ -168,18 +179,11 @@ class FeatureKD:
     feature_loss: object = struct.field(pytree_node=False, default=losses.attention_transfer_loss)
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
-    @property
-    def takes_step(self) -> bool:  # the base's schedule (DKD's warm-up) gets the step through this wrapper
-        return bool(getattr(self.base, "takes_step", False))
-
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
         total = self.base(student_logits, teacher_logits, labels, **step)
-        for s_name, t_name in self.pairs:
-            for name, feats, who in ((s_name, student_features, "student"), (t_name, teacher_features, "teacher")):
-                if name not in feats:
-                    raise ValueError(f"the {who} exposes no feature {name!r}; it has {sorted(feats)}.")
+        for pair in self.pairs:
             fl = self.feature_loss
-            s_f, t_f = student_features[s_name], teacher_features[t_name]
+            s_f, t_f = _paired(pair, student_features, teacher_features)
             per_example = fl(s_f, t_f, num_feature_axes=s_f.ndim - 1) if fl is losses.hint_loss else fl(s_f, t_f)
             total = total + self.weight * per_example
         return total
@@ -197,7 +201,7 @@ def _paired(pair: tuple[str, str], student_features: dict, teacher_features: dic
 
 
 @struct.dataclass
-class RKD:
+class RKD(_Wrapper):
     """Park et al. 2019: ``base + distance_weight * RKD-D + angle_weight * RKD-A`` on a pair of
     features (default: what each model's head reads, ``pooled``; widths may differ)."""
 
@@ -205,33 +209,33 @@ class RKD:
     distance_weight: float | jax.Array = 25.0
     angle_weight: float | jax.Array = 50.0
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
-    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
+    batch_level: ClassVar[bool] = True  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
-    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
         s, t = _paired(self.pair, student_features, teacher_features)
-        return (self.base(student_logits, teacher_logits, labels)
+        return (self.base(student_logits, teacher_logits, labels, **step)
                 + self.distance_weight * losses.rkd_distance_loss(s, t)
                 + self.angle_weight * losses.rkd_angle_loss(s, t))
 
 
 @struct.dataclass
-class SP:
+class SP(_Wrapper):
     """Tung & Mori 2019: ``base + weight * SP`` on a pair of features (any shapes)."""
 
     base: object = CrossEntropy()
     weight: float | jax.Array = 3000.0
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
-    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
+    batch_level: ClassVar[bool] = True  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
 
-    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features) -> jax.Array:
+    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
         s, t = _paired(self.pair, student_features, teacher_features)
-        return self.base(student_logits, teacher_logits, labels) + self.weight * losses.similarity_preserving_loss(s, t)
+        return self.base(student_logits, teacher_logits, labels, **step) + self.weight * losses.similarity_preserving_loss(s, t)
 
 
 @struct.dataclass
-class CRD:
+class CRD(_Wrapper):
     """Tian et al. 2020: ``base + weight * CRD`` with learned heads and a memory of negatives.
 
     Two linear heads (trained with the student, never exported) map the student's and the
@@ -247,9 +251,9 @@ class CRD:
     embed_dim: int = struct.field(pytree_node=False, default=128)
     memory_size: int = struct.field(pytree_node=False, default=4096)
     pair: tuple[str, str] = struct.field(pytree_node=False, default=("pooled", "pooled"))
-    batch_level: bool = struct.field(pytree_node=False, default=True)  # relations over the whole batch
+    batch_level: ClassVar[bool] = True  # relations over the whole batch
     needs_features: bool = struct.field(pytree_node=False, default=True)
-    has_aux: bool = struct.field(pytree_node=False, default=True)
+    has_aux: ClassVar[bool] = True
 
     def init_aux(self, key: jax.Array, student_features: dict, teacher_features: dict) -> dict:
         """``{"params": heads, "state": memory}`` for features shaped like these (arrays or
@@ -266,7 +270,7 @@ class CRD:
         return {"params": params, "state": memory}
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, aux_params,
-                 aux_state):
+                 aux_state, **step):
         def embed(who, x):
             x = x.reshape(x.shape[0], -1).astype(jnp.float32)
             return x @ aux_params[who]["kernel"] + aux_params[who]["bias"]
@@ -281,20 +285,16 @@ class CRD:
                      "teacher": aux_state["teacher"].at[rows].set(jax.lax.stop_gradient(t)),
                      "valid": aux_state["valid"].at[rows].set(True),
                      "next": (aux_state["next"] + s.shape[0]) % self.memory_size}
-        return self.base(student_logits, teacher_logits, labels) + self.weight * crd, new_state
+        return self.base(student_logits, teacher_logits, labels, **step) + self.weight * crd, new_state
 
 
 @struct.dataclass
-class TeacherTemperature:
+class TeacherTemperature(_Wrapper):
     """``base`` with the teacher's logits divided by ``temperature`` first: a teacher
     calibrated by temperature scaling (fitted on validation data) before distillation."""
 
     base: object
     temperature: float | jax.Array = 1.0
-
-    @property
-    def takes_step(self) -> bool:  # the base's schedule (DKD's warm-up) gets the step through this wrapper
-        return bool(getattr(self.base, "takes_step", False))
 
     def __call__(self, student_logits, teacher_logits, labels, **step) -> jax.Array:
         return self.base(student_logits, teacher_logits / self.temperature, labels, **step)

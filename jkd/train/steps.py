@@ -56,7 +56,8 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
             graphdef, params, state.batch_stats, state.rest, view, train=True, with_features=with_features)
         aux_state = None
         if has_aux:
-            per_example, aux_state = objective(logits, t_logits, labels, feats, t_feats, heads, state.aux["state"])
+            per_example, aux_state = objective(logits, t_logits, labels, feats, t_feats, heads, state.aux["state"],
+                                               **extra)
         elif with_features:
             per_example = objective(logits, t_logits, labels, feats, t_feats, **extra)
         else:

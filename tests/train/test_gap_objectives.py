@@ -102,6 +102,12 @@ def test_dkd_warmup_ramps_the_distillation_weight_from_zero():
     wrapped = objectives.per_epoch(objectives.TeacherTemperature(objectives.DKD(warmup_epochs=2.0), 1.0), 10)
     assert wrapped.takes_step
     np.testing.assert_allclose(wrapped(s, t, y, step=jnp.int32(0)), ce, rtol=1e-6)
+    # So does a feature objective around it (RKD here, with its own terms weighted 0).
+    rkd = objectives.per_epoch(objectives.RKD(base=objectives.DKD(warmup_epochs=2.0), distance_weight=0.0,
+                                              angle_weight=0.0), 10)
+    feats = {"pooled": s}
+    assert rkd.takes_step and not objectives.RKD().takes_step
+    np.testing.assert_allclose(rkd(s, t, y, feats, feats, step=jnp.int32(0)), ce, rtol=1e-6)
 
 
 def test_logit_standardisation_ignores_the_teachers_scale_in_the_kd_term_only():
@@ -163,3 +169,22 @@ def test_configs_that_cannot_mean_what_they_say_are_refused():
         cfg(Distillation("fm", objectives.FunctionMatching(), mixup_alpha=-1.0)).validate()
     with pytest.raises(ValueError, match="stored teacher outputs need fixed views"):
         cfg(Distillation("soft", objectives.SoftKD(), crop_padding=2), store_teacher_topk=5).validate()
+
+
+def test_run_folders_of_earlier_configs_still_resume():
+    """The fields this issue added default to None, which the run-folder guard reads as absent:
+    a demo folder written before them (its config.json without them) is the same run."""
+    from jkd.experiment import demo_config
+    from jkd.run_folder import config_diff, config_to_json
+
+    new = config_to_json(demo_config())
+    old = config_to_json(demo_config())
+    for d in old["distillations"]:
+        for key in ("crop_padding", "mixup_alpha", "epochs", "optimizer"):
+            del d[key]
+        for key in ("standardize", "warmup_epochs", "steps_per_epoch"):
+            d["objective"].pop(key, None)
+    assert config_diff(old, new) == []
+    changed = config_to_json(demo_config())
+    changed["distillations"][0]["mixup_alpha"] = 1.0
+    assert config_diff(old, changed) == ["distillations[0].mixup_alpha: (absent) -> 1.0"]
