@@ -54,8 +54,8 @@ def _lm_config(args):
     return LX.LMExperimentConfig(
         train_file=args.data, test_file=args.test, unlabelled_file=args.unlabelled, teacher_dir=args.teacher,
         students=(LX.LMStudent(f"student {args.student}", student),), max_length=args.max_length,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, student_steps=args.steps,
-        teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
+        student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline,
         distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
                                          teacher_answers=args.mode == "sequence"),),
@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm_dist.add_argument("--ce-weight", type=float, default=0.0)
     lm_dist.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
     lm_dist.add_argument("--max-new-tokens", type=int, default=64)
-    lm_dist.add_argument("--batch-size", type=int, default=16)
+    lm_dist.add_argument("--batch-size", type=int, default=16, help="rows per step (of --pack-length when packing)")
+    lm_dist.add_argument("--pack-length", type=int, default=None, help="pack whole conversations into rows of this "
+                         "many tokens (at least --max-length; on-policy steps keep one prompt per row)")
     lm_dist.add_argument("--steps", type=int, default=200, help="student optimizer steps")
     lm_dist.add_argument("--teacher-steps", type=int, default=400, help="teacher steps (when trained here)")
     lm_dist.add_argument("--lr", type=float, default=3e-3)

@@ -105,7 +105,8 @@ class LMExperimentConfig:
     students: tuple[LMStudent, ...] = (LMStudent("student 64x2", _decoder(1024, 64, 2)),)
     vocab_size: int = 1024                   # the BPE trained on the embedded data
     max_length: int = 128                    # tokens per training sequence (the truncation rule: jkd.data.conversations)
-    batch_size: int = 16
+    batch_size: int = 16                     # rows per step (of max_length, or of pack_length when packing)
+    pack_length: int | None = None           # pack whole conversations into rows of this many tokens (None: one per row)
     teacher_steps: int = 1000
     student_steps: int = 150
     teacher_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
@@ -137,6 +138,9 @@ class LMExperimentConfig:
         if self.train_file is not None and self.test_file is None:
             raise ValueError("test_file (--test) is needed with train_file (--data): the metrics are measured "
                              "on held-out conversations.")
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
+                             f"({self.max_length}) tokens.")
         if self.labelled_subset is not None and self.labelled_subset < self.batch_size:
             raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
                              f"({self.batch_size}).")
@@ -207,11 +211,23 @@ def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
 
 
 def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, prompts: int | None):
-    """Batches for the fit loop; with ``prompts`` (on-policy) each row also carries its prompt: the
-    tokens before its first learned token, in ``prompts`` right-padded slots."""
+    """Batches for the fit loop and the number of them in an epoch. With ``cfg.pack_length``,
+    ``batch_size`` rows of packed conversations (:func:`jkd.data.conversations.packed_batches`);
+    with ``prompts`` (on-policy) each row also carries its prompt: the tokens before its first
+    learned token, in ``prompts`` right-padded slots. On-policy rows are never packed (a row is
+    one prompt to continue): under packing they take as many token slots as a packed batch,
+    ``batch_size * pack_length // max_length`` rows of ``max_length``."""
+    if cfg.pack_length is not None and prompts is None:
+        rows, length = cfg.batch_size, cfg.pack_length
+        per_epoch = len(C.pack_plan([len(x) for x in ids], rows=rows, length=length, seed=seed, epoch=0))
+
+        def packed(start):
+            return C.packed_batches(ids, learn, rows=rows, length=length, pad_id=pad_id, seed=seed, start=start)
+        return packed, per_epoch
+    rows = cfg.batch_size if cfg.pack_length is None else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1)
 
     def stream(start):
-        for b in C.sequence_batches(ids, learn, batch_size=cfg.batch_size, length=cfg.max_length, pad_id=pad_id,
+        for b in C.sequence_batches(ids, learn, batch_size=rows, length=cfg.max_length, pad_id=pad_id,
                                     seed=seed, start=start):
             if prompts is not None:
                 b = dict(b)
@@ -221,7 +237,7 @@ def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, pro
                 b["prompt_tokens"] = np.where(j < lengths[:, None], b["tokens"][:, :prompts], pad_id).astype(np.int32)
                 b["prompt_lengths"] = lengths
             yield b
-    return stream
+    return stream, max(len(ids) // rows, 1)
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -259,7 +275,8 @@ class _Run:
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``."""
         cfg = self.cfg
-        per_epoch = max(len(ids) // cfg.batch_size, 1)
+        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
+        per_epoch, streams = streams[0][1], [s[0] for s in streams]
         tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         made = [create_train_state(model(s), tx, seed=s) for s in seeds]
@@ -271,7 +288,6 @@ class _Run:
             step = functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
         # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
         run = parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
-        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
 
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
@@ -282,7 +298,8 @@ class _Run:
             states, _ = fit(run, states, objective, tvars, batches=batches, checkpoints=ckpts,
                             log=lambda rec: self.log(name, rec),
                             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress,
-                                              label=name, sync_every=5, unit="seq"))
+                                              label=name, sync_every=5,
+                                              unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
         finally:
             ckpts.close()
         return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]

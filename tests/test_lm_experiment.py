@@ -129,6 +129,7 @@ def test_distill_a_users_pair(user_pair, capsys):
     argv = ["lm", "distill", "--teacher", str(root / "teacher"), "--data", f["train"], "--test", f["test"],
             "--unlabelled", f["unlabelled"], "--mode", "sequence", "--loss", "rkl", "--kd-weight", "0.5",
             "--ce-weight", "0.5", "--student", "16x1", "--steps", "2", "--batch-size", "4", "--max-length", "160",
+            "--pack-length", "320",
             "--max-new-tokens", "8", "--seeds", "0,1", "--run-dir", str(run_dir), "--no-progress"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out

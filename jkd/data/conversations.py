@@ -162,3 +162,61 @@ def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, 
             tokens[r, :m], loss_mask[r, :m], attention[r, :m] = ids[i][:m], learn[i][:m], True
         yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention, "index": rows.astype(np.int32)}
         step += 1
+
+
+def pack_plan(lengths: Sequence[int], *, rows: int, length: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch's packing: the sequences in the shuffled order of ``(seed, epoch)``, each put in
+    the first of ``rows`` rows of ``length`` tokens with room for it; a sequence that fits in no row
+    closes the batch and starts the next one. Returns ``batches[rows][sequence indices]``."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    batches: list[list[list[int]]] = []
+    fill: list[int] = []
+    for i in order:
+        m = int(lengths[i])
+        r = next((k for k in range(rows) if fill[k] + m <= length), None) if batches else None
+        if r is None:
+            batches.append([[] for _ in range(rows)])
+            fill, r = [0] * rows, 0
+        batches[-1][r].append(int(i))
+        fill[r] += m
+    return batches
+
+
+def packed_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, rows: int, length: int, pad_id: int,
+                   seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless ``[rows, length]`` batches of whole sequences packed side by side (:func:`pack_plan`):
+    ``tokens``, ``loss_mask``, ``attention_mask`` and ``segment_ids`` (int32: 1, 2, ... for the
+    sequences of a row, 0 for padding), which keep the packed sequences from attending to each
+    other and restart their positions (:meth:`jkd.models.Decoder.hidden_states`).
+
+    A batch holds as many sequences as fit, so a step sees a fixed number of token slots rather
+    than of sequences. ``start`` is the data position in batches (the step the fit loop resumes
+    from); each epoch's plan depends on ``seed`` and the epoch only, so a resumed stream continues
+    with the same batches."""
+    lengths = np.array([len(x) for x in ids])
+    if not len(lengths):
+        raise ValueError("no sequences to pack")
+    if lengths.max() > length:
+        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit in a packed row of {length}; "
+                         f"cut the sequences to at most {length} tokens or raise the packed length")
+    epoch, plan = 0, pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=0)
+    step = start
+    while step >= len(plan):  # the epoch that holds batch `start`
+        step -= len(plan)
+        epoch += 1
+        plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)
+    while True:
+        tokens = np.full((rows, length), pad_id, np.int32)
+        loss_mask = np.zeros((rows, length), bool)
+        segments = np.zeros((rows, length), np.int32)
+        for r, row in enumerate(plan[step]):
+            at = 0
+            for s, i in enumerate(row, start=1):
+                m = len(ids[i])
+                tokens[r, at:at + m], loss_mask[r, at:at + m], segments[r, at:at + m] = ids[i], learn[i], s
+                at += m
+        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": segments > 0, "segment_ids": segments}
+        step += 1
+        if step == len(plan):
+            epoch, step = epoch + 1, 0
+            plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)

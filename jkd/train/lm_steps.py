@@ -60,10 +60,14 @@ class TokenKD:
 
 
 def learned_positions(batch: Batch) -> jax.Array:
-    """``[B, T-1]`` bool: the positions whose next token counts."""
+    """``[B, T-1]`` bool: the positions whose next token counts (never the last token of a packed
+    sequence, whose next token starts another one)."""
     where = batch["loss_mask"][:, 1:].astype(bool)
     if "attention_mask" in batch:
         where = where & batch["attention_mask"][:, 1:].astype(bool)
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        where = where & (seg[:, 1:] == seg[:, :-1])
     return where
 
 
@@ -183,6 +187,15 @@ def prompt_and_completion(prompts: jax.Array, prompt_lengths: jax.Array, complet
     return {"tokens": tokens.astype(jnp.int32), "attention_mask": j < lp + lc, "loss_mask": (j >= lp) & (j < lp + lc)}
 
 
+def _pad_rows(seqs: Batch, length: int, pad_id: int) -> Batch:
+    """Right-pad ``[B, T]`` rows to ``[B, length]`` (pad tokens, nothing attended or learned)."""
+    extra = length - seqs["tokens"].shape[1]
+    if extra == 0:
+        return seqs
+    return {k: jnp.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "tokens" else False)
+            for k, v in seqs.items()}
+
+
 def on_policy_step(
     state: TrainState, batch: Batch, objective: OnPolicyKD, teacher: FrozenModel, *, graphdef: nnx.GraphDef,
     teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -207,22 +220,27 @@ def on_policy_step(
         loss, g = jax.value_and_grad(loss_fn)(state.params)
         return loss, g, n
 
-    def on_student_samples(_):
-        student = nnx.merge(graphdef, state.params, state.batch_stats, state.rest)
-        pad = default_pad_id(student.config)
+    given = {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask") if k in batch}
+    # The step's rows, given or sampled, in one length so the choice between them is a choice of
+    # rows and the gradient is computed once: under ``vmap`` (seeds) a ``cond`` on a per-seed draw
+    # runs both branches, and two gradient computations would cost twice a token-KD step.
+    length = max(batch["tokens"].shape[1], batch["prompt_tokens"].shape[1] + objective.max_new_tokens)
+
+    student = nnx.merge(graphdef, state.params, state.batch_stats, state.rest)
+    pad = default_pad_id(student.config)
+
+    def sampled(_):
         new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key,
                                      stop_token_array(student.config.eos_token_ids),
                                      max_new_tokens=objective.max_new_tokens, sampling=objective.sampling, pad_id=pad)
-        seqs = prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], new, n_new, pad_id=pad)
-        return grads_on(seqs)
-
-    def on_given(_):
-        return grads_on({k: batch[k] for k in ("tokens", "loss_mask", "attention_mask") if k in batch})
+        return prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], new, n_new, pad_id=pad)
 
     if objective.student_fraction == 1:
-        loss, grads, n = on_student_samples(None)
+        seqs = sampled(None)
     elif objective.student_fraction == 0:
-        loss, grads, n = on_given(None)
+        seqs = given
     else:
-        loss, grads, n = jax.lax.cond(use_student, on_student_samples, on_given, None)
+        seqs = jax.lax.cond(use_student, lambda _: _pad_rows(sampled(None), length, pad),
+                            lambda _: _pad_rows(given, length, pad), None)
+    loss, grads, n = grads_on(seqs)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": n, "on_policy": use_student.astype(jnp.int32)}

@@ -87,3 +87,56 @@ def test_batches_resume_at_a_position():
     assert np.all(b["tokens"][~b["attention_mask"]] == 99) and not np.any(b["loss_mask"] & ~b["attention_mask"])
     with pytest.raises(ValueError, match="do not fill one batch"):
         next(C.sequence_batches(ids[:3], learn[:3], batch_size=4, length=8, pad_id=0))
+
+
+def _sequences(n=23, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, 50, int(m)).astype(np.int32) for m in rng.integers(2, 17, n)]
+    learn = [rng.random(len(i)) < 0.5 for i in ids]
+    return ids, learn
+
+
+def _unpack(batch):
+    """The sequences of a packed batch, read back row by row from the segment ids."""
+    out = []
+    for r in range(batch["tokens"].shape[0]):
+        seg = batch["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            at = np.flatnonzero(seg == s)
+            assert np.all(np.diff(at) == 1)  # contiguous
+            out.append((tuple(batch["tokens"][r, at]), tuple(batch["loss_mask"][r, at])))
+        assert np.all(np.diff(seg[seg > 0]) >= 0) and not np.any(seg[np.argmax(seg == 0) if (seg == 0).any() else len(seg):])
+    return out
+
+
+def test_packed_batches_hold_every_sequence_of_an_epoch_once_and_whole():
+    ids, learn = _sequences()
+    plan = C.pack_plan([len(i) for i in ids], rows=3, length=20, seed=4, epoch=0)
+    stream = C.packed_batches(ids, learn, rows=3, length=20, pad_id=0, seed=4)
+    seen = []
+    for _ in range(len(plan)):
+        b = next(stream)
+        assert b["tokens"].shape == (3, 20) and b["segment_ids"].dtype == np.int32
+        np.testing.assert_array_equal(b["attention_mask"], b["segment_ids"] > 0)
+        assert not np.any(b["loss_mask"] & ~b["attention_mask"]) and np.all(b["tokens"][~b["attention_mask"]] == 0)
+        seen += _unpack(b)
+    expected = sorted((tuple(i), tuple(m)) for i, m in zip(ids, learn))
+    assert sorted(seen) == expected
+    # denser than one sequence per row: 23 sequences of 2..16 tokens in fewer than 23 rows
+    assert len(plan) * 3 < len(ids)
+
+
+def test_packed_batches_resume_at_a_position_in_a_later_epoch():
+    ids, learn = _sequences()
+    per_epoch = len(C.pack_plan([len(i) for i in ids], rows=3, length=20, seed=4, epoch=0))
+    stream = C.packed_batches(ids, learn, rows=3, length=20, pad_id=0, seed=4)
+    first = [next(stream) for _ in range(per_epoch + 3)]
+    start = per_epoch + 1
+    resumed = C.packed_batches(ids, learn, rows=3, length=20, pad_id=0, seed=4, start=start)
+    for a in first[start:]:
+        b = next(resumed)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(first[0]["tokens"], first[per_epoch]["tokens"])  # each epoch its own order
+    with pytest.raises(ValueError, match="does not fit in a packed row of 10"):
+        next(C.packed_batches(ids, learn, rows=3, length=10, pad_id=0))

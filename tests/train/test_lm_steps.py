@@ -3,6 +3,7 @@ devices), the loss against an independent float64 computation, and learning."""
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +228,31 @@ def test_on_policy_fraction_and_resumable_choices():
     assert again == choices[8:]
 
 
+def test_on_policy_mixed_under_vmap_equals_each_seeds_own_branch():
+    """Seeds vmapped in one step draw differently; each seed's update equals the step with its
+    drawn branch alone (fraction 1: its samples; fraction 0: the given rows), although both kinds
+    of rows are brought to one length (the prompts plus 20 new tokens outrun the given 24)."""
+    tx = optax.sgd(0.5)
+    g, _, tg, frozen = _setup(tx)
+    batch = _with_prompts(_batch(8))
+    mixed = OnPolicyKD(student_fraction=0.5, max_new_tokens=20, vocab_size=VOCAB, chunk_size=32)
+    states = [create_train_state(Decoder(STUDENT, rngs=nnx.Rngs(0)), tx, seed=s)[1] for s in range(6)]
+    step = _on_policy(tx, mixed, g, tg)  # compiled once
+    draws = [int(step(s, batch, frozen)[1]["on_policy"]) for s in states]
+    pick = [draws.index(0), draws.index(1)]  # one seed on the given rows, one on its samples
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *[states[i] for i in pick])
+    run = jax.jit(jax.vmap(lambda s, b, f: on_policy_step(s, b, mixed, f, graphdef=g, teacher_graphdef=tg, tx=tx),
+                           in_axes=(0, None, None)))
+    both, metrics = run(stacked, batch, frozen)
+    assert np.asarray(metrics["on_policy"]).tolist() == [0, 1]
+    for k, (i, fraction) in enumerate(zip(pick, (0.0, 1.0))):
+        alone, m = _on_policy(tx, dataclasses.replace(mixed, student_fraction=fraction), g, tg)(states[i], batch, frozen)
+        assert int(m["tokens"]) == int(metrics["tokens"][k])
+        np.testing.assert_allclose(float(metrics["loss"][k]), float(m["loss"]), rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(both.params), jax.tree.leaves(alone.params)):
+            np.testing.assert_allclose(np.asarray(x[k]), np.asarray(y), atol=1e-5, rtol=0)
+
+
 def test_sharded_teacher_and_student_on_a_2x2_mesh_equal_one_device():
     """Teacher and student split by the decoder's partition rules over ('data', 'model'), the
     batch over 'data': the step's parameters equal one device's."""
@@ -246,4 +272,38 @@ def test_sharded_teacher_and_student_on_a_2x2_mesh_equal_one_device():
     sharded = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
     four, _ = _step(tx, objective)(state2, sharded, frozen2, g2, tg2)
     for a, b in zip(jax.tree.leaves(four.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_packed_rows_give_the_loss_and_gradient_of_one_sequence_per_row():
+    """Sequences packed two to a row (segment ids) train exactly as the same sequences one per row;
+    the first token of a packed sequence is learned here, and is still never predicted from the
+    sequence before it."""
+    tx = optax.sgd(0.5)
+    objective = TokenKD(vocab_size=VOCAB, ce_weight=0.3, chunk_size=16)
+    g, state, tg, frozen = _setup(tx)
+    rng = np.random.default_rng(5)
+    lengths = [9, 13, 6, 17, 11, 12]
+    seqs = [rng.integers(0, VOCAB, n).astype(np.int32) for n in lengths]
+    learn = [rng.random(n) < 0.7 for n in lengths]
+    for m in learn:
+        m[0] = True
+    t = 32
+    plain = {"tokens": np.zeros((6, t), np.int32), "loss_mask": np.zeros((6, t), bool), "attention_mask": np.zeros((6, t), bool)}
+    for r, (s, m) in enumerate(zip(seqs, learn)):
+        plain["tokens"][r, :len(s)], plain["loss_mask"][r, :len(s)], plain["attention_mask"][r, :len(s)] = s, m, True
+    packed = {k: np.zeros((3, t), v.dtype) for k, v in plain.items()}
+    packed["segment_ids"] = np.zeros((3, t), np.int32)
+    for r in range(3):
+        at = 0
+        for s_id, i in enumerate((2 * r, 2 * r + 1), start=1):
+            n = lengths[i]
+            packed["tokens"][r, at:at + n], packed["loss_mask"][r, at:at + n] = seqs[i], learn[i]
+            packed["attention_mask"][r, at:at + n], packed["segment_ids"][r, at:at + n] = True, s_id
+            at += n
+    one, m1 = _step(tx, objective)(state, plain, frozen, g, tg)
+    two, m2 = _step(tx, objective)(state, packed, frozen, g, tg)
+    assert int(m2["tokens"]) == int(m1["tokens"]) == sum(int(m[1:].sum()) for m in learn)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
