@@ -6,6 +6,7 @@ import chunked_loss
 from common import write
 import data_pipeline
 import gap_methods
+import lm_demo_steps
 import lm_fused_loss
 import lm_kd_step
 import lm_loading
@@ -57,6 +58,9 @@ if __name__ == "__main__":
     r = lm_fused_loss.run()
     write("lm_fused_loss", r)
     print(lm_fused_loss.report(r))
+    r = lm_demo_steps.run()
+    write("lm_demo_steps", r)
+    print(lm_demo_steps.report(r))
     r = lm_kd_step.run()
     write("lm_kd_step", r)
     print(lm_kd_step.report(r))

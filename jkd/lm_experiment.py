@@ -155,6 +155,10 @@ def demo_config() -> LMExperimentConfig:
         students=(LMStudent("student 2 layers", teacher_layers=(0, 3)), LMStudent("student 1 layer", teacher_layers=(0,))),
         student_steps=60,
         test_limit=150,
+        # whole conversations packed into 6 rows of 256 tokens: ~17 a step (as 16 unpacked rows of
+        # 128 held) in 3/4 of the token slots (BUILD_NOTES)
+        pack_length=256,
+        batch_size=6,
         distillations=(
             # the teacher's layers with the labels alone: what the initialisation gives without a KD loss
             LMDistillation("teacher layers + labels", TokenKD(kd_weight=0.0, ce_weight=1.0)),
