@@ -66,9 +66,11 @@ def test_forward_shapes_and_features(name):
     m = create_model(name, num_classes=7, input_shape=shape)
     m.eval()
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, *shape)), jnp.float32)
-    y = m(x)
+    g, state = nnx.split(m)
+    # jitted: one compilation each instead of one per eager operation (mobilenetv2: 14 s -> 9 s)
+    y = jax.jit(lambda st, x: nnx.merge(g, st)(x))(state, x)
     assert y.shape == (3, 7) and y.dtype == jnp.float32
-    y2, feats = call_with_features(m, x)
+    y2, feats = jax.jit(lambda st, x: call_with_features(nnx.merge(g, st), x))(state, x)
     assert feats, "no features recorded"
     for v in feats.values():
         assert v.shape[0] == 3
