@@ -174,6 +174,9 @@ def test_distill_flags_are_checked(user_pair, capsys):
     assert "--mode on-policy needs --unlabelled" in capsys.readouterr().err
     assert cli.main([*base, "--student", "wide"]) == 2
     assert "--student must be WIDTHxLAYERS" in capsys.readouterr().err
+    assert cli.main([*base, "--max-length", "160", "--pack-length", "100"]) == 2
+    assert "pack_length (100) must hold a whole conversation of max_length (160) tokens" in capsys.readouterr().err
+    assert not (root / "x").exists()  # refused before the run folder is written
 
 
 def test_evaluate_and_generate_a_saved_student(demo_dir, tmp_path, capsys):

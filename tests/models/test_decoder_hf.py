@@ -48,6 +48,25 @@ def test_logits_match_transformers_with_padding(saved, fam):
     assert np.abs(ref).max() > 0.5  # not a degenerate comparison
 
 
+@pytest.mark.parametrize("fam", ("llama", "qwen3"))
+def test_rows_longer_than_an_attention_block_match_transformers(saved, fam):
+    """Rows of 150 tokens run the causal attention in blocks of 64 query rows (the last one
+    shorter); full, right-padded and left-padded rows against transformers."""
+    from jkd.models.decoder import CAUSAL_BLOCK, causal_block
+
+    assert causal_block(150) == CAUSAL_BLOCK == 64
+    ref_model, folder = saved[fam]
+    model = hf.load_hf(folder)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, model.config.vocab_size, (3, 150))
+    mask = np.ones((3, 150), bool)
+    mask[1, 100:] = False
+    mask[2, :70] = False
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    ref = hf_logits(ref_model, tokens, mask, pos)
+    assert np.abs(_jkd_logits(model, tokens, mask) - ref)[mask].max() <= 1e-4
+
+
 def test_llama3_rope_scaling_is_what_makes_llama_match(saved):
     """The same weights without the Llama 3 frequency scaling are clearly off: the comparison
     above can fail."""
