@@ -240,6 +240,8 @@ def on_policy_step(
     elif objective.student_fraction == 0:
         seqs = given
     else:
+        if "attention_mask" not in given:  # the sampled rows carry one: both branches alike
+            given = {**given, "attention_mask": jnp.ones(given["tokens"].shape, bool)}
         seqs = jax.lax.cond(use_student, lambda _: _pad_rows(sampled(None), length, pad),
                             lambda _: _pad_rows(given, length, pad), None)
     loss, grads, n = grads_on(seqs)

@@ -216,6 +216,9 @@ def test_on_policy_fraction_and_resumable_choices():
     for _ in range(16):
         s, m = step(s, batch, frozen)
         choices.append(int(m["on_policy"]))
+    # a batch without an attention mask (every row full) takes the same path
+    full = {k: v for k, v in _with_prompts(_batch(6, t=8)).items() if k != "attention_mask"}
+    assert int(step(state, full, frozen)[1]["tokens"]) > 0
     assert 3 <= sum(choices) <= 13
     # a run resumed at step 8 makes the same choices (keyed by the state's RNG and step)
     s8 = state
