@@ -199,24 +199,18 @@ def packed_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, ro
     if lengths.max() > length:
         raise ValueError(f"a sequence of {lengths.max()} tokens does not fit in a packed row of {length}; "
                          f"cut the sequences to at most {length} tokens or raise the packed length")
-    epoch, plan = 0, pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=0)
-    step = start
-    while step >= len(plan):  # the epoch that holds batch `start`
-        step -= len(plan)
-        epoch += 1
-        plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)
+    epoch, skip = 0, start
     while True:
-        tokens = np.full((rows, length), pad_id, np.int32)
-        loss_mask = np.zeros((rows, length), bool)
-        segments = np.zeros((rows, length), np.int32)
-        for r, row in enumerate(plan[step]):
-            at = 0
-            for s, i in enumerate(row, start=1):
-                m = len(ids[i])
-                tokens[r, at:at + m], loss_mask[r, at:at + m], segments[r, at:at + m] = ids[i], learn[i], s
-                at += m
-        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": segments > 0, "segment_ids": segments}
-        step += 1
-        if step == len(plan):
-            epoch, step = epoch + 1, 0
-            plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)
+        plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)
+        for batch in plan[skip:]:
+            tokens = np.full((rows, length), pad_id, np.int32)
+            loss_mask = np.zeros((rows, length), bool)
+            segments = np.zeros((rows, length), np.int32)
+            for r, row in enumerate(batch):
+                at = 0
+                for s, i in enumerate(row, start=1):
+                    m = len(ids[i])
+                    tokens[r, at:at + m], loss_mask[r, at:at + m], segments[r, at:at + m] = ids[i], learn[i], s
+                    at += m
+            yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": segments > 0, "segment_ids": segments}
+        skip, epoch = max(skip - len(plan), 0), epoch + 1  # `start` may lie in a later epoch
