@@ -46,6 +46,7 @@ from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, save_hf
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
+from jkd.train.state import split_model
 from jkd.train.checkpoint import Checkpoints
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
@@ -262,6 +263,10 @@ class _Run:
         self.request_prompts = [requests[i] for i in kept]
         self.request_conversations = [data.unlabelled[i] for i in kept]
         self.skipped_requests = len(requests) - len(kept)
+        # jitted steps by what they close over: groups that differ only in data, seeds' values or
+        # initialisation (a student alone, from the teacher's layers, on the teacher's answers)
+        # share one compilation (BUILD_NOTES)
+        self._runs: dict = {}
 
     def log(self, model: str, record: dict) -> None:
         self.folder.log(model, record)
@@ -281,17 +286,20 @@ class _Run:
         cfg = self.cfg
         streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
         per_epoch, streams = streams[0][1], [s[0] for s in streams]
-        tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
-        made = [create_train_state(model(s), tx, seed=s) for s in seeds]
-        graphdef, states = made[0][0], stack_states([m[1] for m in made])
+        models = [model(s) for s in seeds]
         tg, tvars = teacher if teacher is not None else (None, None)
-        if isinstance(objective, OnPolicyKD):
-            step = functools.partial(on_policy_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
-        else:
-            step = functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
-        # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
-        run = parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
+        key = (split_model(models[0])[0], tg, optimizer, per_epoch, steps, isinstance(objective, OnPolicyKD))
+        if key not in self._runs:
+            graphdef = key[0]
+            tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
+            kind = on_policy_step if isinstance(objective, OnPolicyKD) else token_kd_step
+            step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
+            # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
+            self._runs[key] = tx, parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
+        tx, run = self._runs[key]
+        made = [create_train_state(m, tx, seed=s) for m, s in zip(models, seeds)]
+        graphdef, states = made[0][0], stack_states([m[1] for m in made])
 
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
@@ -451,8 +459,8 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
                     if answered is None:
                         answered = _answered(r, teacher, echo)
                     ids, learn = ids + answered[0], learn + answered[1]
-                if getattr(objective, "vocab_size", None) is None and role == "distilled":
-                    objective = dataclasses.replace(objective, vocab_size=vocab)
+                if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
+                    objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
                 uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
                 g, params = r.train_group(

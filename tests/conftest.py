@@ -4,6 +4,15 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Compile faster, run a little slower: the suite is mostly XLA compilation of tiny models, so LLVM
+# at -O1 without its expensive passes and XLA's older CPU fusion code generator take ~20% off its
+# CPU time (BUILD_NOTES). Tests check values, not speed; benchmarks and jkd's commands keep XLA's
+# defaults. Child processes the tests start inherit the flags. A user's own setting wins.
+_FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_llvm_disable_expensive_passes=true",
+                 "--xla_cpu_use_fusion_emitters=false")
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in _FAST_COMPILE if f.split("=")[0] not in _flags)]).strip()
+
 import jkd  # noqa: E402
 
 # The settings jkd's commands run with (one XLA CPU flag: CIFAR convolutions ~1.45x faster), set
