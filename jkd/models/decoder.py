@@ -32,6 +32,34 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float = 0.02) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """``x [..., in]`` times ``weight [out, in]`` transposed -> ``[..., out]``.
+
+    The same value and gradients as ``jnp.einsum("...i,oi->...o", x, weight)``; only the weight
+    gradient's product is arranged differently: ``(x^T dy)^T`` over the flattened tokens, so the
+    transposed copy the CPU's matrix product needs is of ``x`` (shared by the projections that
+    read it) rather than of ``dy`` with the backward's element-wise work fused into a transposed
+    walk. The student's forward + backward on the CPU: 389 -> 340 ms and 442 -> 395 ms
+    (BUILD_NOTES). Differentiable in reverse mode only.
+    """
+    return jnp.einsum("...i,oi->...o", x, weight)
+
+
+def _linear_fwd(x, weight):
+    return linear(x, weight), (x, weight)
+
+
+def _linear_bwd(res, dy):
+    x, weight = res
+    dx = jnp.einsum("...o,oi->...i", dy, weight)
+    dw = jnp.einsum("ni,no->io", x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])).T
+    return dx, dw
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 class Linear(nnx.Module):
     """``[..., in] -> [..., out]`` with a ``weight`` of shape ``[out, in]`` (PyTorch's layout)."""
 
@@ -40,7 +68,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        y = linear(x, self.weight[...])
         return y if self.bias is None else y + self.bias[...]
 
 
