@@ -4,10 +4,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# Compile faster, run a little slower: the suite is mostly XLA compilation of tiny models, so LLVM
-# at -O1 without its expensive passes and XLA's older CPU fusion code generator take ~20% off its
-# CPU time (BUILD_NOTES). Tests check values, not speed; benchmarks and jkd's commands keep XLA's
-# defaults. Child processes the tests start inherit the flags. A user's own setting wins.
+# Compile faster: the suite is mostly XLA compiling tiny models, and LLVM at -O1 without its
+# expensive passes plus XLA's older CPU fusion code generator take ~35% off its CPU time (its
+# compute-heavy tests got no slower; -O0 made them slower; BUILD_NOTES). Tests check values, not
+# speed; benchmarks and jkd's commands keep XLA's defaults. Child processes the tests start
+# inherit the flags. A user's own setting of any of them wins.
 _FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_llvm_disable_expensive_passes=true",
                  "--xla_cpu_use_fusion_emitters=false")
 _flags = os.environ.get("XLA_FLAGS", "")
