@@ -288,18 +288,17 @@ class _Run:
         per_epoch, streams = streams[0][1], [s[0] for s in streams]
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [model(s) for s in seeds]
+        graphdef = split_model(models[0])[0]
         tg, tvars = teacher if teacher is not None else (None, None)
-        key = (split_model(models[0])[0], tg, optimizer, per_epoch, steps, isinstance(objective, OnPolicyKD))
+        key = (graphdef, tg, optimizer, per_epoch, steps, isinstance(objective, OnPolicyKD))
         if key not in self._runs:
-            graphdef = key[0]
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
             kind = on_policy_step if isinstance(objective, OnPolicyKD) else token_kd_step
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
             self._runs[key] = tx, parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
         tx, run = self._runs[key]
-        made = [create_train_state(m, tx, seed=s) for m, s in zip(models, seeds)]
-        graphdef, states = made[0][0], stack_states([m[1] for m in made])
+        states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
 
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
