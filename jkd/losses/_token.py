@@ -268,7 +268,12 @@ def projected_token_divergence(
         under gradient accumulation or across devices, see :func:`token_mean`).
       labels: optional int ``[...]``: the next tokens, for the cross-entropy term.
       divergence_weight, label_weight: ``w_D`` and ``w_y`` (Python numbers).
-      chunk_size: tokens per chunk (the last chunk is padded and masked).
+      chunk_size: tokens per chunk, counted over the whole batch: a chunk holds
+        ``max(1, chunk_size // B)`` positions of each of the ``B`` sequences (the leading axes), so
+        a batch split over devices stays split and each device projects its own rows. With
+        ``where``, each sequence's counted positions are moved to its front and chunks past the
+        longest count are skipped (no products for prompts and padding). Across devices the
+        output weight's gradient is summed once per chunk: with many devices, larger chunks.
 
     Returns:
       ``[]`` float32: the mean over the counted tokens.
@@ -320,24 +325,56 @@ def _fused_entry(hs, ws, t_rows, t_globs, teacher, temperature, where, num_token
         labels = c.check_labels(labels, batch_shape, ws.shape[0])
     else:
         labels = jnp.zeros(batch_shape, jnp.int32)
-    rows = max(1, math.prod(batch_shape))
-    n_chunks = -(-rows // chunk_size)
-    pad = n_chunks * chunk_size - rows
-    mask = jnp.ones((rows,), bool) if where is None else where.reshape(rows)
+    layout = _ChunkLayout.of(batch_shape, chunk_size, where)
+    mask = jnp.ones(batch_shape, bool) if where is None else where
     count = jnp.sum(mask, dtype=jnp.int32) if num_tokens is None else num_tokens
     dtype = c.compute_dtype(hs, ws)
     denom = jnp.maximum(jnp.asarray(count, dtype), 1)
-
-    def prep(x, fill=0):
-        x = x.reshape((rows,) + x.shape[len(batch_shape):])
-        if pad:
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-        return x.reshape((n_chunks, chunk_size) + x.shape[1:])
-
     weights = (float(divergence_weight), float(label_weight))
-    loss, _ = _fused(prep(hs), ws, tuple(prep(x) for x in t_rows), t_globs, prep(mask, False), prep(labels), denom,
-                     teacher, float(temperature), weights, dtype)
+    loss, _ = _fused(layout.prep(hs), ws, tuple(layout.prep(x) for x in t_rows), t_globs, layout.prep(mask, False),
+                     layout.prep(labels), denom, teacher, float(temperature), weights, dtype)
     return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkLayout:
+    """How the tokens ``[..., T]`` of a fused loss are cut into chunks: along the last axis
+    (positions), every sequence of the leading axes in every chunk, so a batch split over devices
+    stays split (each device works on its own rows of each chunk; nothing is gathered).
+
+    Where a mask is given, each sequence's counted positions are moved to its front first (a
+    stable per-row sort, local to the row), so the chunks past the longest count hold no counted
+    token and the pass skips them: prompts and padding cost no vocabulary products.
+    """
+
+    batch_ndim: int  # the batch shape's rank
+    rows: int  # the sequences (the product of the leading axes; 1 for a flat [T])
+    length: int  # T
+    per_row: int  # positions of each sequence per chunk
+    order: jax.Array | None  # [rows, T] the sort (None: no mask, natural order)
+
+    @classmethod
+    def of(cls, batch_shape, chunk_size, where):
+        rows = math.prod(batch_shape[:-1]) if len(batch_shape) > 1 else 1
+        length = batch_shape[-1] if batch_shape else 1
+        per_row = min(max(1, chunk_size // rows), max(length, 1))
+        order = None
+        if where is not None:
+            order = jnp.argsort(~where.reshape(rows, length), axis=-1, stable=True).astype(jnp.int32)
+        return cls(len(batch_shape), rows, length, per_row, order)
+
+    def prep(self, x, fill=0):
+        """``[..., T, *rest]`` (the batch shape, then per-token features) ->
+        ``[chunks, rows, per_row, *rest]``, the last chunk padded with ``fill``."""
+        rest = x.shape[self.batch_ndim:]
+        x = x.reshape((self.rows, self.length) + rest)
+        if self.order is not None:
+            x = jnp.take_along_axis(x, self.order.reshape(self.order.shape + (1,) * len(rest)), axis=1)
+        chunks = -(-self.length // self.per_row)
+        pad = chunks * self.per_row - self.length
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * len(rest), constant_values=fill)
+        return jnp.moveaxis(x.reshape((self.rows, chunks, self.per_row) + rest), 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +415,9 @@ def _mm(a, b, spec, dtype):
 
 
 def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, weights, dtype):
-    """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan.
+    """Loss sum / denom and its gradients w.r.t. ``hs`` (per chunk) and ``ws``, in one scan over
+    the chunks of :class:`_ChunkLayout` (each ``[rows, per_row, ...]``); a chunk with no counted
+    token is skipped (``lax.cond``: no products, zero gradient).
 
     The products run in the inputs' dtype with float32 accumulation; the softmaxes, the
     divergence and the accumulated weight gradient are float32.
@@ -386,8 +425,10 @@ def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, wei
     zero = jnp.zeros((), dtype)
     w_div, w_label = weights
 
-    def one(dws, args):
-        hc, mc, yc, rows = args
+    def flat(x):
+        return x.reshape((-1,) + x.shape[2:])
+
+    def chunk(dws, hc, mc, yc, rows):
         hc = jnp.where(mc[:, None], hc, jnp.zeros((), hc.dtype))  # garbage in masked rows never enters
         aux = teacher.prepare(rows, t_globs, mc, temp, dtype) if w_div > 0 else None
 
@@ -404,6 +445,17 @@ def _fused_pass(hs, ws, t_rows, t_globs, mask, labels, denom, teacher, temp, wei
         (dz,) = vjp(jnp.ones((), dtype))
         dh = _mm(dz.astype(ws.dtype), ws, "tv,vd->td", dtype)
         return dws + _mm(dz.astype(hc.dtype), hc, "tv,td->vd", dtype), (value, dh.astype(hc.dtype))
+
+    def one(dws, args):
+        hc, mc, yc, rows = args
+        shape = hc.shape
+        hc, mc, yc, rows = flat(hc), flat(mc), flat(yc), tuple(flat(x) for x in rows)
+
+        def skip(dws):
+            return dws, (zero, jnp.zeros_like(hc))
+
+        dws, (value, dh) = jax.lax.cond(jnp.any(mc), lambda d: chunk(d, hc, mc, yc, rows), skip, dws)
+        return dws, (value, dh.reshape(shape))
 
     dws, (values, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, mask, labels, t_rows))
     return jnp.sum(values), dhs, dws.astype(ws.dtype)

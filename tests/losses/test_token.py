@@ -227,6 +227,57 @@ def test_projected_with_labels_mixes_in_the_cross_entropy():
                     atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 9, 36, 1000])
+def test_projected_with_ragged_masks_against_float64_value_and_gradient(chunk_size):
+    """Sequences whose counted tokens start and end anywhere (one has none), cut into chunks of
+    every size: the value and both gradients against the hand-written float64 forward-KL + CE
+    formula, ``dL/ds = [w_D (q_T - p_T) / T + w_y (q - onehot(y))] / N`` on counted tokens."""
+    rng = np.random.default_rng(21)
+    hs, ws, ht, wt = _hidden(21, rows=(4, 9))
+    starts, ends = np.array([0, 3, 6, 9]), np.array([9, 5, 9, 9])
+    pos = np.arange(9)
+    where = (pos >= starts[:, None]) & (pos < ends[:, None])  # row 3 counts nothing
+    where[0, 4] = False  # and a hole
+    labels = rng.integers(0, 40, (4, 9))
+    hs[~where] = np.nan
+    T, w_d, w_y = 2.0, 0.6, 0.4
+    f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
+        a, b, ht, wt, divergence=ForwardKL(), temperature=T, where=where, labels=labels, divergence_weight=w_d,
+        label_weight=w_y, chunk_size=chunk_size)
+    value, (dh, dw) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(hs), jnp.asarray(ws))
+    h64 = np.where(where[..., None], hs, 0.0).astype(np.float64)
+    s = h64 @ ws.T.astype(np.float64)
+    t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
+    n = where.sum()
+    ce = -np.take_along_axis(_log_softmax(s), labels[..., None], -1)[..., 0]
+    want = ((w_d * reference("forward", s, t, T=T) + w_y * ce) * where).sum() / n
+    np.testing.assert_allclose(float(value), want, rtol=2e-5)
+    onehot = np.eye(40)[labels]
+    ds = (w_d * (np.exp(_log_softmax(s / T)) - np.exp(_log_softmax(t / T))) / T
+          + w_y * (np.exp(_log_softmax(s)) - onehot)) * where[..., None] / n
+    np.testing.assert_allclose(np.asarray(dh), ds @ ws.astype(np.float64), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btv,btd->vd", ds, h64), rtol=1e-4, atol=1e-7)
+    assert not np.asarray(dh)[~where].any()  # masked tokens: exactly zero gradient
+
+
+def test_projected_skips_chunks_without_counted_tokens():
+    """Each chunk's products sit behind a ``lax.cond`` on "does this chunk count a token", and the
+    counted positions are sorted to the front of each row, so a masked prompt costs no products."""
+    hs, ws, ht, wt = _hidden(22, rows=(2, 8))
+    where = np.arange(8)[None] >= np.array([[6], [2]])
+    jaxpr = jax.make_jaxpr(lambda a: losses.projected_token_divergence(
+        a, ws, ht, wt, where=where, chunk_size=4))(jnp.asarray(hs))
+    assert "cond[" in str(jaxpr)
+    # the layout alone: rows sorted, counted first; a chunk of 2 positions x 2 rows
+    from jkd.losses._token import _ChunkLayout
+    layout = _ChunkLayout.of((2, 8), 4, jnp.asarray(where))
+    chunks = np.asarray(layout.prep(jnp.asarray(where), False))
+    assert chunks.shape == (4, 2, 2)
+    np.testing.assert_array_equal(chunks.any(axis=(1, 2)), [True, True, True, False])
+    pos = np.asarray(layout.prep(jnp.broadcast_to(jnp.arange(8), (2, 8))))
+    np.testing.assert_array_equal(pos[0], [[6, 7], [2, 3]])  # each row's counted positions, in order
+
+
 def test_projected_topk_against_float64_reference():
     hs, ws, ht, wt = _hidden(10)
     t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
