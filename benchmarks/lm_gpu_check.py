@@ -5,9 +5,11 @@ grain's wheel carried, see BUILD_NOTES) and reports:
 
 1. The token-KD step's model FLOPs utilisation in bfloat16: a random Llama teacher of ~0.9B
    parameters and a student of ~125M, batch 16 x 1024 tokens, forward KL + cross-entropy (fused),
-   AdamW. Model FLOPs = 2 N_teacher + 6 N_student per token (matrix products; attention's
-   ``4 T d`` per layer and token added for both), over the measured step time and the chip's
-   peak bf16 rate (``--peak-tflops``, default 989 for an H100/H200 SXM). Target: >= 40%.
+   AdamW. Model FLOPs = 2 (teacher) + 6 (student) x the matrix-product parameters per token: the
+   layers' for every token (with causal attention's ``2 T d`` per layer), the output projection's
+   only for the tokens the loss counts (an embedding lookup is no product), over the measured step
+   time and the chip's peak bf16 rate (``--peak-tflops``, default 989 for an H100/H200 SXM).
+   Target: >= 40%.
 2. The sampler's tokens per second for the student: 64 prompts of 128 tokens, 256 new tokens.
 
 ``--tiny`` shrinks everything to check the script itself on a CPU.
@@ -31,7 +33,7 @@ from flax import nnx
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.train import optim, parallel
-from jkd.train.lm_steps import TokenKD, token_kd_step
+from jkd.train.lm_steps import TokenKD, learned_positions, token_kd_step
 from jkd.train.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
@@ -51,9 +53,14 @@ TINY = {
 }
 
 
-def _flops_per_token(cfg: DecoderConfig, tokens: int, factor: int) -> float:
-    attention = 4 * tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers  # QK^T and PV, causal not halved
-    return factor * (cfg.num_parameters() + attention / 2)
+def _model_flops(cfg: DecoderConfig, rows: int, tokens: int, counted: int, factor: int) -> float:
+    """``factor`` x the products of ``rows`` sequences of ``tokens``: the layers' parameters and
+    causal attention (``QK^T`` and ``PV``, half the square) for every token, the output projection
+    for the ``counted`` tokens only; neither the embedding lookup nor the norms."""
+    vd = cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_parameters() - vd * (1 if cfg.tie_embeddings else 2) - cfg.hidden_size
+    attention = 2 * tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers
+    return factor * (rows * tokens * (layers + attention) + counted * vd)
 
 
 def main(tiny: bool, peak_tflops: float) -> dict:
@@ -80,7 +87,8 @@ def main(tiny: bool, peak_tflops: float) -> dict:
         state, m = run(state, batch, kd, frozen)
     jax.block_until_ready(m["loss"])
     step_s = (time.perf_counter() - t0) / steps
-    flops = b * t * (_flops_per_token(tcfg, t, 2) + _flops_per_token(scfg, t, 6))
+    counted = int(learned_positions(batch).sum())
+    flops = _model_flops(tcfg, b, t, counted, 2) + _model_flops(scfg, b, t, counted, 6)
     achieved = flops / step_s / 1e12
     out = {"device": jax.devices()[0].device_kind, "teacher_parameters": tcfg.num_parameters(),
            "student_parameters": scfg.num_parameters(), "batch": b, "tokens": t, "step_s": step_s,
