@@ -11,6 +11,9 @@ grain's wheel carried, see BUILD_NOTES) and reports:
    time and the chip's peak bf16 rate (``--peak-tflops``, default 989 for an H100/H200 SXM).
    Target: >= 40%.
 2. The sampler's tokens per second for the student: 64 prompts of 128 tokens, 256 new tokens.
+3. A what-if for the next step: the same step with ``jax.nn.dot_product_attention`` forced to
+   cuDNN's fused kernel in place of jkd's blocked attention (``step_s_cudnn_attention``,
+   ``mfu_cudnn_attention``, or ``cudnn_attention_error`` saying why it could not run).
 
 ``--tiny`` shrinks everything to check the script itself on a CPU.
 
@@ -30,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jkd.models import decoder
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.train import optim, parallel
@@ -49,7 +53,7 @@ TINY = {
                              num_kv_heads=2, max_position_embeddings=512),
     "student": DecoderConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                              num_kv_heads=1, max_position_embeddings=512),
-    "batch": 4, "tokens": 64, "sample_batch": 4, "prompt": 16, "new": 16,
+    "batch": 4, "tokens": 128, "sample_batch": 4, "prompt": 16, "new": 16,
 }
 
 
@@ -61,6 +65,30 @@ def _model_flops(cfg: DecoderConfig, rows: int, tokens: int, counted: int, facto
     layers = cfg.num_parameters() - vd * (1 if cfg.tie_embeddings else 2) - cfg.hidden_size
     attention = 2 * tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers
     return factor * (rows * tokens * (layers + attention) + counted * vd)
+
+
+_BLOCKED = decoder.attend_causal
+
+
+def _fused_attention(q, k, v, mask, *, block, implementation):
+    """``jax.nn.dot_product_attention`` (grouped heads, ``is_causal``) in the decoder's
+    ``attend_causal`` signature. It ignores ``mask``: right only for whole causal sequences with no
+    padding or packing, as this check's batch is."""
+    del mask, block
+    return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), is_causal=True,
+                                        implementation=implementation)
+
+
+def _timed_steps(state, batch, kd, frozen, g, tg, tx, steps):
+    """One step (compilation), then ``steps`` timed: ``(state, metrics, seconds per step)``."""
+    run = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
+    state, m = run(state, batch, kd, frozen)
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = run(state, batch, kd, frozen)
+    jax.block_until_ready(m["loss"])
+    return state, m, (time.perf_counter() - t0) / steps
 
 
 def main(tiny: bool, peak_tflops: float) -> dict:
@@ -77,16 +105,9 @@ def main(tiny: bool, peak_tflops: float) -> dict:
     mask = jnp.ones((b, t), bool).at[:, : t // 8].set(False)
     batch = {"tokens": tokens, "loss_mask": mask}
     kd = TokenKD(kd_weight=0.5, ce_weight=0.5, chunk_size=2048)
-    run = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
-    state, m = run(state, batch, kd, frozen)
-    jax.block_until_ready(m["loss"])
-    compile_s = time.perf_counter() - t0
     steps = 3 if tiny else 10
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = run(state, batch, kd, frozen)
-    jax.block_until_ready(m["loss"])
-    step_s = (time.perf_counter() - t0) / steps
+    state, m, step_s = _timed_steps(state, batch, kd, frozen, g, tg, tx, steps)
+    compile_s = time.perf_counter() - t0 - steps * step_s
     counted = int(learned_positions(batch).sum())
     flops = _model_flops(tcfg, b, t, counted, 2) + _model_flops(scfg, b, t, counted, 6)
     achieved = flops / step_s / 1e12
@@ -95,6 +116,17 @@ def main(tiny: bool, peak_tflops: float) -> dict:
            "first_step_s": compile_s, "model_tflops_per_step": flops / 1e12, "achieved_tflops": achieved,
            "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops, "target_mfu": 0.4,
            "loss": float(m["loss"])}
+    # What-if, for the next step towards the target: cuDNN's fused attention in place of jkd's
+    # blocked attention (XLA's on the CPU, to check this path itself with --tiny).
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    try:
+        decoder.attend_causal = functools.partial(_fused_attention, implementation=impl)
+        state, _, fused_s = _timed_steps(state, batch, kd, frozen, g, tg, tx, steps)
+        out.update({f"step_s_{impl}_attention": fused_s, f"mfu_{impl}_attention": flops / fused_s / 1e12 / peak_tflops})
+    except Exception as e:  # noqa: BLE001  (a what-if: report why it could not run, keep the rest)
+        out[f"{impl}_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        decoder.attend_causal = _BLOCKED
     student = nnx.merge(g, state.params, state.batch_stats, state.rest)
     prompts = rng.integers(0, scfg.vocab_size, (s["sample_batch"], s["prompt"])).tolist()
     gen = functools.partial(generate, student, prompts, max_new_tokens=s["new"], stop_tokens=[],
@@ -116,3 +148,9 @@ if __name__ == "__main__":
     print(json.dumps(r, indent=2))
     print(f"lm_gpu_check on {r['device']}: token-KD step {r['step_s'] * 1e3:.1f} ms, {r['achieved_tflops']:.1f} TFLOP/s "
           f"= {100 * r['mfu']:.1f}% MFU (target >= 40%); sampler {r['sampler_tokens_per_s']:.0f} tok/s")
+    for impl in ("cudnn", "xla"):
+        if f"mfu_{impl}_attention" in r:
+            print(f"  what-if, {impl} fused attention: {r[f'step_s_{impl}_attention'] * 1e3:.1f} ms a step, "
+                  f"{100 * r[f'mfu_{impl}_attention']:.1f}% MFU")
+        elif f"{impl}_attention_error" in r:
+            print(f"  what-if, {impl} fused attention: could not run: {r[f'{impl}_attention_error']}")
