@@ -60,7 +60,8 @@ TINY = {
 def _model_flops(cfg: DecoderConfig, rows: int, tokens: int, counted: int, factor: int) -> float:
     """``factor`` x the products of ``rows`` sequences of ``tokens``: the layers' parameters and
     causal attention (``QK^T`` and ``PV``, half the square) for every token, the output projection
-    for the ``counted`` tokens only; neither the embedding lookup nor the norms."""
+    for the ``counted`` tokens only; not the embedding lookup (the layers' norm scales, ``2 d``
+    each, ride along: negligible)."""
     vd = cfg.vocab_size * cfg.hidden_size
     layers = cfg.num_parameters() - vd * (1 if cfg.tie_embeddings else 2) - cfg.hidden_size
     attention = 2 * tokens * cfg.num_heads * cfg.head_dim * cfg.num_layers
