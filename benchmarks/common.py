@@ -42,3 +42,18 @@ def write(entry: str, result: dict, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)
+
+
+def forget(entries: str, path: Path = RESULTS) -> None:
+    """Remove ``entries`` (a name, or a prefix ending in ``_``) from the results file, before the
+    benchmark that writes them runs again: a failed rerun then leaves no old figure behind."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    stale = [k for k in data if k == entries or k == entries.rstrip("_") or (entries.endswith("_") and k.startswith(entries))]
+    if stale:
+        for k in stale:
+            del data[k]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -169,6 +170,17 @@ def load_config_file(path: str):
     return module
 
 
+def _finite(text: str) -> float:
+    """A flag's number: finite (``inf`` and ``nan`` would train nothing, or train on garbage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
+    return value
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(x) for x in text.split(","))
@@ -181,17 +193,23 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(x) for x in text.split(","))
+        values = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers; got {text!r}")
+    return values
 
 
-def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
+def _common(p: argparse.ArgumentParser, *, run_dir: str, several_hosts: bool = True) -> None:
     p.add_argument("--run-dir", default=run_dir, help=f"run folder (default {run_dir})")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same config)")
     p.add_argument("--force", action="store_true",
                    help="delete the run in --run-dir (another config) and start this one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if not several_hosts:  # one process: a launch as several (SLURM, a TPU slice) is still detected and refused
+        p.set_defaults(coordinator=None, num_processes=None, process_id=None, peer_timeout=30.0)
+        return
     hosts = p.add_argument_group(
         "several hosts", "one process per host, the same command on each (a TPU slice, SLURM and Open MPI are "
         "detected without these flags); --batch-size stays the global batch")
@@ -199,7 +217,7 @@ def _common(p: argparse.ArgumentParser, *, run_dir: str) -> None:
                        help="process 0's address (or $JAX_COORDINATOR_ADDRESS)")
     hosts.add_argument("--num-processes", type=int, default=None, help="processes in the run (or $JAX_NUM_PROCESSES)")
     hosts.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
-    hosts.add_argument("--peer-timeout", type=float, default=30.0, metavar="SECONDS",
+    hosts.add_argument("--peer-timeout", type=_finite, default=30.0, metavar="SECONDS",
                        help="stop with an error when another process is silent this long (default 30)")
 
 
@@ -220,8 +238,8 @@ def _train_args(p, what: str, default_model: str, default_epochs: int):
     p.add_argument("--model-option", action="append", metavar="KEY=VALUE", help="size option, e.g. width=0.5")
     p.add_argument("--epochs", type=int, default=default_epochs)
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
-    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--lr", type=_finite, default=None, help="learning rate (default: the optimizer's)")
+    p.add_argument("--weight-decay", type=_finite, default=None)
     p.add_argument("--crop-padding", type=int, default=None, help="random-crop padding in pixels")
 
 
@@ -249,19 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(distill, "student", "mlp_100", 40)
     distill.add_argument("--teacher-dir", required=True, help="a saved teacher, e.g. runs/teacher/teacher/model")
     distill.add_argument("--loss", choices=LOSSES, default="soft")
-    distill.add_argument("--temperature", type=float, default=None, help="default 4 (soft, dkd), 1 (fm)")
+    distill.add_argument("--temperature", type=_finite, default=None, help="default 4 (soft, dkd), 1 (fm)")
     distill.add_argument("--standardize", action="store_true",
                          help="soft, dkd: logit standardisation (z-scored logits before the tempered softmax)")
-    distill.add_argument("--kd-warmup-epochs", type=float, default=None,
+    distill.add_argument("--kd-warmup-epochs", type=_finite, default=None,
                          help="dkd: ramp the distillation weight up linearly over these epochs (the paper: 20)")
-    distill.add_argument("--mixup", type=float, default=None, metavar="ALPHA",
+    distill.add_argument("--mixup", type=_finite, default=None, metavar="ALPHA",
                          help="fm: mix each view with the next example's, lam ~ Beta(ALPHA, ALPHA) (default 1)")
-    distill.add_argument("--feature-weight", type=float, default=None,
+    distill.add_argument("--feature-weight", type=_finite, default=None,
                          help="rkd: distance weight (angle: twice it; default 25); sp: default 3000; crd: default 0.8")
-    distill.add_argument("--kd-weight", type=float, default=0.9)
-    distill.add_argument("--ce-weight", type=float, default=0.1)
-    distill.add_argument("--tckd-weight", type=float, default=1.0, help="DKD alpha")
-    distill.add_argument("--nckd-weight", type=float, default=8.0, help="DKD beta")
+    distill.add_argument("--kd-weight", type=_finite, default=0.9)
+    distill.add_argument("--ce-weight", type=_finite, default=0.1)
+    distill.add_argument("--tckd-weight", type=_finite, default=1.0, help="DKD alpha")
+    distill.add_argument("--nckd-weight", type=_finite, default=8.0, help="DKD beta")
     distill.add_argument("--seeds", type=_seeds, default=(0,),
                          help="comma-separated seeds, trained together in one vmapped step")
     distill.add_argument("--share-teacher-forward", action="store_true",
@@ -271,14 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--store-teacher-topk", type=int, default=0, metavar="K",
                          help="soft KD only, fixed views (no --crop-padding): store the teacher's top-K logits "
                               "once and distil without its forward pass (default 0: online teacher)")
-    floats = _floats
     distill.add_argument("--auto", action="store_true",
                          help="choose loss, T and KD weight on a validation split (one vmapped run per loss), "
                               "then train the choice and the student alone over --seeds")
     distill.add_argument("--grid-losses", type=lambda s: tuple(s.split(",")), default=("soft", "dkd"))
-    distill.add_argument("--grid-temperatures", type=floats, default=(1.0, 2.0, 4.0, 8.0))
-    distill.add_argument("--grid-kd-weights", type=floats, default=(0.0, 0.5, 0.9))
-    distill.add_argument("--val-fraction", type=float, default=0.0, help="validation split from train (--auto: 0.1)")
+    distill.add_argument("--grid-temperatures", type=_floats, default=(1.0, 2.0, 4.0, 8.0))
+    distill.add_argument("--grid-kd-weights", type=_floats, default=(0.0, 0.5, 0.9))
+    distill.add_argument("--val-fraction", type=_finite, default=0.0, help="validation split from train (--auto: 0.1)")
     distill.add_argument("--calibrate-teacher", action="store_true",
                          help="--auto: temperature-scale the teacher on the validation split first")
     _common(distill, run_dir="runs/distill")
@@ -295,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--teacher-dir", default=None,
                       help="the teacher that keeps teaching (default: <run>/teacher/model beside the student)")
     comp.add_argument("--out", default=None, help="output folder (default: <model_dir>_compressed)")
-    comp.add_argument("--sparsity", type=float, default=0.8, help="fraction of weights pruned, in [0, 1); 0: no pruning")
+    comp.add_argument("--sparsity", type=_finite, default=0.8, help="fraction of weights pruned, in [0, 1); 0: no pruning")
     comp.add_argument("--per-layer", action="store_true", help="the same sparsity in every layer (default: global)")
-    comp.add_argument("--structured-width", type=float, default=0.5,
+    comp.add_argument("--structured-width", type=_finite, default=0.5,
                       help="structured pruning: the fraction of neurons / channels kept in every layer, in (0, 1), "
                            "giving a smaller dense student that runs faster; 0: none (MLPs and cnn)")
     comp.add_argument("--prune-epochs", type=int, default=20, help="epochs of distillation while pruning")
@@ -305,13 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-quantize", action="store_true", help="skip int8 quantization")
     comp.add_argument("--calibration-images", type=int, default=1024, help="training images for static int8 scales")
     comp.add_argument("--format", default="stablehlo,onnx", help="export formats, comma-separated, or 'none'")
-    comp.add_argument("--temperature", type=float, default=4.0, help="soft-KD temperature while fine-tuning")
-    comp.add_argument("--kd-weight", type=float, default=0.9)
-    comp.add_argument("--ce-weight", type=float, default=0.1)
-    comp.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay)")
+    comp.add_argument("--temperature", type=_finite, default=4.0, help="soft-KD temperature while fine-tuning")
+    comp.add_argument("--kd-weight", type=_finite, default=0.9)
+    comp.add_argument("--ce-weight", type=_finite, default=0.1)
+    comp.add_argument("--lr", type=_finite, default=2e-3, help="AdamW peak learning rate (cosine decay)")
     comp.add_argument("--dataset", default=None, help="default: the dataset the student was trained on")
     comp.add_argument("--data-dir", default=None)
     comp.add_argument("--batch-size", type=int, default=128)
+    comp.add_argument("--force", action="store_true",
+                      help="delete the results in --out (other settings, or a changed student or teacher) and start again")
     comp.add_argument("--no-progress", action="store_true")
 
     exp = sub.add_parser("export", help="export a saved student to StableHLO and/or ONNX, for raw uint8 images")
@@ -327,12 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     lm = sub.add_parser("lm", help="language models: distil a tool-using model into a small one")
     lm_sub = lm.add_subparsers(dest="lm_command", required=True)
     lm_demo = lm_sub.add_parser("demo", help="the agent demo on the embedded tool-use conversations (no network)")
-    _common(lm_demo, run_dir="runs/lm_demo")
+    _common(lm_demo, run_dir="runs/lm_demo", several_hosts=False)
     lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
 
     lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
                                 "Hugging Face folder) into a small student, measured against the student alone")
-    _common(lm_dist, run_dir="runs/lm")
+    _common(lm_dist, run_dir="runs/lm", several_hosts=False)
     lm_dist.add_argument("--data", required=True, help="labelled conversations, .jsonl (chat messages per line)")
     lm_dist.add_argument("--test", required=True, help="held-out conversations, .jsonl")
     lm_dist.add_argument("--unlabelled", help="requests without answers, .jsonl (sequence-level and on-policy modes)")
@@ -342,13 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "with a config.json to copy the architecture from")
     lm_dist.add_argument("--mode", choices=LM_MODES, default="token")
     lm_dist.add_argument("--loss", choices=sorted(LM_LOSSES), default="fkl")
-    lm_dist.add_argument("--temperature", type=float, default=1.0)
-    lm_dist.add_argument("--beta", type=float, default=0.5, help="JSD interpolation (jsd)")
-    lm_dist.add_argument("--alpha", type=float, default=0.1, help="skew of skew-fkl / skew-rkl")
-    lm_dist.add_argument("--lambda", dest="student_fraction", type=float, default=0.5,
+    lm_dist.add_argument("--temperature", type=_finite, default=1.0)
+    lm_dist.add_argument("--beta", type=_finite, default=0.5, help="JSD interpolation (jsd)")
+    lm_dist.add_argument("--alpha", type=_finite, default=0.1, help="skew of skew-fkl / skew-rkl")
+    lm_dist.add_argument("--lambda", dest="student_fraction", type=_finite, default=0.5,
                          help="on-policy: the share of steps on the student's own samples")
-    lm_dist.add_argument("--kd-weight", type=float, default=1.0)
-    lm_dist.add_argument("--ce-weight", type=float, default=0.0)
+    lm_dist.add_argument("--kd-weight", type=_finite, default=1.0)
+    lm_dist.add_argument("--ce-weight", type=_finite, default=0.0)
     lm_dist.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
     lm_dist.add_argument("--max-new-tokens", type=int, default=64)
     lm_dist.add_argument("--batch-size", type=int, default=16, help="rows per step (of --pack-length when packing)")
@@ -356,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "many tokens (at least --max-length; on-policy steps keep one prompt per row)")
     lm_dist.add_argument("--steps", type=int, default=200, help="student optimizer steps")
     lm_dist.add_argument("--teacher-steps", type=int, default=400, help="teacher steps (when trained here)")
-    lm_dist.add_argument("--lr", type=float, default=3e-3)
+    lm_dist.add_argument("--lr", type=_finite, default=3e-3)
     lm_dist.add_argument("--seeds", type=_seeds, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
 
@@ -371,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm_gen.add_argument("model", help="a Hugging Face model folder with its tokenizer")
     lm_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     lm_gen.add_argument("--max-new-tokens", type=int, default=64)
-    lm_gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    lm_gen.add_argument("--temperature", type=_finite, default=0.0, help="0: greedy")
     lm_gen.add_argument("--seed", type=int, default=0)
 
     lm_exp = lm_sub.add_parser("export", help="a Hugging Face model folder's forward pass as StableHLO "
@@ -467,9 +486,37 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         # --resume: CI once saw a bare "No space left on device" from the tmpfs test.
         if is_disk_full(e) and not isinstance(e, DiskFullError):
             e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
-        print(f"jkd {args.command}: error: {_message(e)}", file=sys.stderr)
+        from jkd.run_folder import ConfigMismatchError, mismatch_message
+
+        # a changed config key is named by its flag too (student_steps (--steps))
+        text = mismatch_message(e.path, e.diff, _config_flags(parser, args)) if isinstance(
+            e, ConfigMismatchError) else _message(e)
+        print(f"jkd {args.command}: error: {text}", file=sys.stderr)
         _quiet_on_the_way_out()
-        return 2, _message(e)
+        return 2, text
+
+
+# Config keys whose command-line flag has another name, by command (the rest share their name).
+_KEY_DESTS = {
+    "lm distill": {"student_steps": "steps", "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled",
+                   "teacher_dir": "teacher", "student_optimizer": "lr", "teacher_optimizer": "lr",
+                   "students": "student", "distillations": "mode", "include_baseline": "no_baseline"},
+    "distill": {"student_epochs": "epochs", "student": "model", "student_optimizer": "lr",
+                "distillations": "loss", "include_baseline": "no_baseline"},
+    "train-teacher": {"teacher_epochs": "epochs", "teacher": "model", "teacher_optimizer": "lr"},
+}
+
+
+def _config_flags(parser: argparse.ArgumentParser, args) -> dict[str, str]:
+    """Top-level config keys -> the flag that sets them in the command that ran."""
+    command = args.command + (f" {args.lm_command}" if args.command == "lm" else "")
+    sub = parser
+    for name in command.split():
+        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    options = {a.dest: a.option_strings[-1] for a in sub._actions if a.option_strings}
+    flags = {k: options[k] for k in options}
+    flags.update({k: options[d] for k, d in _KEY_DESTS.get(command, {}).items() if d in options})
+    return flags
 
 
 # The commands that run over several processes (one per host); the others run on one.
@@ -751,7 +798,7 @@ def _compress(args) -> int:
     cfg.validate()  # bad settings are refused before anything is loaded
     path = _student_dir(args.model_dir)
     out = Path(args.out) if args.out else path.parent / f"{path.name}_compressed"
-    run_compress(path, out, teacher_dir=args.teacher_dir, config=cfg, progress=not args.no_progress)
+    run_compress(path, out, teacher_dir=args.teacher_dir, config=cfg, progress=not args.no_progress, force=args.force)
     print(f"\ncompression report: {out / 'compress_report.md'}")
     return 0
 
@@ -782,10 +829,6 @@ def _evaluate(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rep, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def _lm_model(folder: str):
@@ -828,3 +871,7 @@ def _lm_generate(args) -> int:
     for prompt, row in zip(args.prompt, out.rows()):
         print(f"> {prompt}\n{tok.decode(row, skip_special_tokens=True)}\n")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,6 +40,7 @@ from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import Checkpoints, save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig, fit
+from jkd.fingerprint import input_fingerprint
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
@@ -152,7 +153,7 @@ class ExperimentConfig:
                 raise ValueError(f"devices={self.devices} (--devices): a run over {jax.process_count()} processes uses "
                                  f"all {jax.device_count()} devices of its hosts; leave --devices out.")
         elif self.devices is not None:
-            if self.parallel == "single":
+            if self.parallel == "single" and self.devices != 1:  # --devices 1 --parallel single: consistent
                 raise ValueError(f"devices={self.devices} (--devices) needs parallel 'mesh' or 'pmap' "
                                  "(--parallel); 'single' runs on one device.")
             available = jax.local_device_count() if self.parallel == "pmap" else jax.device_count()
@@ -399,6 +400,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def guarded_config(cfg: ExperimentConfig) -> dict:
+    """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and
+    folders it names by path (a dataset file or folder, the teacher's folder), so that an input
+    replaced in place is another configuration (:mod:`jkd.fingerprint`)."""
+    digests = {k: input_fingerprint(getattr(cfg, k)) for k in ("dataset", "teacher_dir")
+               if getattr(cfg, k) is not None and Path(getattr(cfg, k)).exists()}
+    return {**config_to_json(cfg), **({"file_digests": digests} if digests else {})}
+
+
 def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Carry out ``cfg`` in ``run_dir``; returns the summary (also in ``summary.json``).
@@ -409,12 +419,16 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
     """
     cfg.validate()
     run_dir = Path(run_dir)
-    folder = RunFolder(run_dir, config_to_json(cfg), resume=resume, force=force, writer=hosts.is_primary())
-    hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
-    t_start = time.perf_counter()
-    r = _Run(cfg, folder, progress, echo)  # reads and checks the data before anything is written
+    folder = RunFolder(run_dir, guarded_config(cfg), resume=resume, force=force, writer=hosts.is_primary(), echo=echo)
+    try:
+        hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
+        t_start = time.perf_counter()
+        r = _Run(cfg, folder, progress, echo)  # reads and checks the data before anything is written
+        folder.begin()
+    except BaseException:
+        folder.close()  # releases the folder's lock
+        raise
     echo = r.echo  # process 0 alone prints
-    folder.begin()
     spec, shape = r.ds.spec, r.ds.spec.image_shape
     val = f" ({len(r.val)} of them held out for validation)" if r.val is not None else ""
     echo(f"dataset {spec.name}: {len(r.train) + (len(r.val) if r.val is not None else 0)} train{val} / "
@@ -565,9 +579,13 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
     cfg.validate()
     run_dir = Path(run_dir)
     sweep = {"temperatures": temperatures, "kd_weights": kd_weights, "seed": seed}
-    folder = RunFolder(run_dir, {**config_to_json(cfg), "sweep": sweep}, resume=resume, force=force)
-    r = _Run(cfg, folder, progress, echo)
-    folder.begin()
+    folder = RunFolder(run_dir, {**guarded_config(cfg), "sweep": sweep}, resume=resume, force=force, echo=echo)
+    try:
+        r = _Run(cfg, folder, progress, echo)
+        folder.begin()
+    except BaseException:
+        folder.close()
+        raise
     try:
         tg, teacher = _get_teacher(r, run_dir, echo)
         grid = [(t, w) for t in temperatures for w in kd_weights]
@@ -671,14 +689,26 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
     cfg = dataclasses.replace(cfg, val_fraction=cfg.val_fraction or 0.1, distillations=())
     cfg.validate()
     run_dir = Path(run_dir)
-    search_dir = run_dir / "search"
     auto = {"grid": dataclasses.asdict(grid), "calibrate": calibrate}
-    top = RunFolder(run_dir, {**config_to_json(cfg), "auto": auto}, resume=resume, force=force)
+    top = RunFolder(run_dir, {**guarded_config(cfg), "auto": auto}, resume=resume, force=force, echo=echo)
+    try:
+        return _run_auto(top, cfg, run_dir, grid=grid, calibrate=calibrate, progress=progress, echo=echo)
+    finally:
+        top.close()
+
+
+def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: AutoGrid, calibrate: bool,
+              progress: bool, echo: Callable[[str], None]) -> dict:
+    search_dir = run_dir / "search"
     # The top folder's guard covers what is below it: the search and the final runs resume.
-    search = RunFolder(search_dir, config_to_json(cfg), resume=True)
-    r = _Run(cfg, search, progress, echo)
-    top.begin()
-    search.begin()
+    search = RunFolder(search_dir, config_to_json(cfg), resume=True, echo=echo)
+    try:
+        r = _Run(cfg, search, progress, echo)
+        top.begin()
+        search.begin()
+    except BaseException:
+        search.close()
+        raise
     t_search = time.perf_counter()
     try:
         tg, teacher = _get_teacher(r, search_dir, echo)

@@ -1,4 +1,5 @@
-"""Faults of the machine a run cannot fix itself (a full disk), told apart from bugs.
+"""Faults of the machine a run cannot fix itself (a full disk), told apart from bugs; and inputs
+that name nothing on this machine (a hub id given for a local folder), told plainly.
 
 Bottom floor: imports nothing of jkd. The CLI prints these as one line with exit 2; the
 fit loop and the run folder raise them with where it happened and what is needed.
@@ -50,3 +51,21 @@ def disk_full(path: str | Path, *, what: str, need_bytes: int | None = None) -> 
         "last complete checkpoint is intact: free some space (or choose another --run-dir) and "
         "rerun the same command with --resume.",
     )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text))
+
+
+def missing_folder(path: str | Path, *, what: str) -> FileNotFoundError:
+    """A :class:`FileNotFoundError` for a folder that does not exist; a name shaped like a Hugging
+    Face hub id (``Qwen/Qwen2.5-0.5B-Instruct``) is told that jkd reads local folders only."""
+    text = str(path)
+    if not Path(path).exists() and _looks_like_hub_id(text):
+        return FileNotFoundError(
+            f"{what} {text}: no such folder. jkd reads local Hugging Face folders and never downloads; "
+            f"{text!r} looks like a hub model id: download it first (`huggingface-cli download {text} --local-dir "
+            f"models/{text.split('/')[-1]}`) and give that folder.")
+    return FileNotFoundError(f"{what} {text}: no such folder.")

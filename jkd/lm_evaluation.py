@@ -29,9 +29,11 @@ BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by ten
 
 
 def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tokenizer, *, max_new_tokens: int,
-                   batch_size: int = GENERATE_BATCH) -> tuple[list[str], float]:
+                   batch_size: int = GENERATE_BATCH) -> tuple[list[str], float | None]:
     """Greedy answers to ``prompts`` (decoded, special tokens dropped) and the generation speed in
-    new tokens per second (the batches after the first, which compiles)."""
+    new tokens per second (the batches after the first, which compiles; None without prompts)."""
+    if not len(prompts):
+        return [], None
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
     texts: list[str] = [""] * len(prompts)
     tokens, seconds = 0, 0.0
@@ -55,13 +57,16 @@ def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tok
 
 def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, *, max_new_tokens: int,
                    reference_texts: Sequence[str] | None = None) -> tuple[dict, list[str]]:
-    """Tool-use metrics of ``model`` on ``turns``; ``agreement`` with ``reference_texts`` (the
-    teacher's answers) when given. Returns ``(metrics, generated texts)``."""
+    """Tool-use metrics of ``model`` on ``turns``; ``agreement_with_teacher`` with ``reference_texts``
+    (the teacher's answers) when given: the share of turns where both answers are the same non-empty
+    text (two empty answers agree on nothing). A metric with nothing to measure is None. Returns
+    ``(metrics, generated texts)``."""
     texts, speed = generate_texts(model, [t.prompt for t in turns], tokenizer, max_new_tokens=max_new_tokens)
     metrics = tool_metrics([(t.reference, t.context, text) for t, text in zip(turns, texts)])
     metrics["generation_tokens_per_s"] = speed
     if reference_texts is not None:
-        metrics["agreement_with_teacher"] = float(np.mean([a.strip() == b.strip() for a, b in zip(texts, reference_texts)]))
+        same = [bool(a.strip()) and a.strip() == b.strip() for a, b in zip(texts, reference_texts)]
+        metrics["agreement_with_teacher"] = float(np.mean(same)) if same else None
     return metrics, texts
 
 
@@ -75,8 +80,8 @@ def _nll(graphdef, state, tokens, attention, learn):
     return jnp.sum(jnp.where(where, nll, 0.0)), jnp.sum(where)
 
 
-def test_cross_entropy(model: Decoder, data: Encoded, length: int, pad_id: int, *, batch_size: int = 32) -> float:
-    """Mean cross-entropy (nats) per assistant token of ``data``, teacher-forced."""
+def test_cross_entropy(model: Decoder, data: Encoded, length: int, pad_id: int, *, batch_size: int = 32) -> float | None:
+    """Mean cross-entropy (nats) per assistant token of ``data``, teacher-forced (None without one)."""
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
@@ -88,4 +93,4 @@ def test_cross_entropy(model: Decoder, data: Encoded, length: int, pad_id: int, 
             tokens[r, :len(i)], attention[r, :len(i)], mask[r, :len(m)] = i, True, m
         s, n = _nll(graphdef, state, jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(mask))
         total, count = total + float(s), count + int(n)
-    return total / max(count, 1)
+    return total / count if count else None

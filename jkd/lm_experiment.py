@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,13 +38,15 @@ from jkd.data import toolchat
 from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from jkd.data.chat import render_chat
 from jkd.data.vocab import shared_vocabulary
-from jkd.lm_evaluation import evaluate_model, test_cross_entropy
+from jkd.lm_evaluation import BUCKETS, evaluate_model, test_cross_entropy
 from jkd.lm_report import write_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_surgery import select_layers
-from jkd.models.hf import load_hf, save_hf
+from jkd.models.hf import load_hf, read_config, save_hf
+from jkd.faults import missing_folder
+from jkd.fingerprint import input_fingerprint
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
 from jkd.train.state import split_model
@@ -51,7 +54,7 @@ from jkd.train.checkpoint import Checkpoints
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
 from jkd.train.loop import LoopConfig, fit
-from jkd.train.sampler import SamplingConfig
+from jkd.train.sampler import SamplingConfig, bucket_length
 from jkd.train.steps import unstack_state
 
 
@@ -126,6 +129,11 @@ class LMExperimentConfig:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
+        if not (isinstance(self.answer_temperature, (int, float)) and math.isfinite(self.answer_temperature)
+                and self.answer_temperature >= 0):
+            raise ValueError(f"answer_temperature must be a finite number >= 0 (0: greedy); got {self.answer_temperature!r}.")
+        if self.teacher_dir is not None and not Path(self.teacher_dir).is_dir():
+            raise missing_folder(self.teacher_dir, what="the teacher (--teacher)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must name distinct seeds; got {list(self.seeds)}.")
         names = [d.name for d in self.distillations] + [s.name for s in self.students]
@@ -263,10 +271,60 @@ class _Run:
         self.request_prompts = [requests[i] for i in kept]
         self.request_conversations = [data.unlabelled[i] for i in kept]
         self.skipped_requests = len(requests) - len(kept)
+        self._check_inputs(turns)
         # jitted steps by what they close over: groups that differ only in data, seeds' values or
         # initialisation (a student alone, from the teacher's layers, on the teacher's answers)
         # share one compilation (BUILD_NOTES)
         self._runs: dict = {}
+
+    def _check_inputs(self, turns: list) -> None:
+        """Refuse, before any training, what would stop the run after it: no test turn to measure,
+        too few conversations for a batch, a teacher whose positions cannot hold the sequences."""
+        cfg, data = self.cfg, self.data
+        test_name = cfg.test_file or "the embedded test conversations"
+        if not self.test_turns:
+            shortest = min((len(t.prompt) for t in turns), default=None)
+            raise ValueError(
+                f"no test turn to measure: the prompts before all {len(turns)} assistant turns of {test_name} are longer "
+                f"than --max-length {cfg.max_length}" + (f" (the shortest has {shortest} tokens)" if shortest else "")
+                + "; raise --max-length or give shorter test conversations.")
+        on_policy = any(isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
+        rows = (cfg.batch_size if cfg.pack_length is None
+                else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1) if on_policy else 1)
+        trained_here = cfg.teacher_dir is None and not (self.dir / "teacher" / "model" / "config.json").exists()
+        for what, enc, convs in ([("for the students", self.labelled_enc, data.labelled)]
+                                 + ([("for the teacher", self.train_enc, data.train)] if trained_here else [])):
+            if len(enc) >= rows:
+                continue
+            train_name = cfg.train_file or "the embedded conversations"
+            if enc.dropped:
+                need = f"; the shortest of them needs {enc.shortest_dropped} tokens" if enc.shortest_dropped else ""
+                raise ValueError(
+                    f"{enc.dropped} of the {len(convs)} conversations {what} ({train_name}) have no assistant token "
+                    f"within --max-length {cfg.max_length} (rule: {C.TRUNCATION_RULE}){need}. {len(enc)} remain, "
+                    f"fewer than one batch of {rows}: raise --max-length" + (f" to at least {enc.shortest_dropped}"
+                                                                              if enc.shortest_dropped else "")
+                    + " or lower --batch-size.")
+            raise ValueError(f"{len(enc)} conversations {what} ({train_name}) do not fill one batch of {rows}; "
+                             "lower --batch-size.")
+        for enc in (self.labelled_enc, self.test_enc):
+            if enc.dropped:
+                self.echo(f"note: {enc.dropped} conversations have no assistant token within --max-length "
+                          f"{cfg.max_length} and are left out (rule: {C.TRUNCATION_RULE})")
+        # generation: the longest measured prompt, padded to its bucket, plus the new tokens
+        self.positions_needed = max(bucket_length(max(len(t.prompt) for t in self.test_turns), BUCKETS),
+                                    bucket_length(cfg.max_length, BUCKETS)) + cfg.max_new_tokens
+        if cfg.teacher_dir is not None:
+            positions = read_config(cfg.teacher_dir).max_position_embeddings
+            where = f"the teacher's max_position_embeddings ({positions}, in {Path(cfg.teacher_dir) / 'config.json'})"
+            if cfg.max_length > positions:
+                raise ValueError(f"--max-length {cfg.max_length} exceeds {where}: the teacher was not made for "
+                                 f"sequences that long. Lower --max-length to at most {positions}.")
+            if self.positions_needed > positions:
+                raise ValueError(f"measuring needs {self.positions_needed} positions (test prompts of up to "
+                                 f"{cfg.max_length} tokens, padded to {self.positions_needed - cfg.max_new_tokens}, plus "
+                                 f"--max-new-tokens {cfg.max_new_tokens}), more than {where}. Lower --max-new-tokens or "
+                                 "--max-length.")
 
     def log(self, model: str, record: dict) -> None:
         self.folder.log(model, record)
@@ -274,7 +332,7 @@ class _Run:
             self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
 
     def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
-        slots = max(config.max_position_embeddings, self.cfg.max_length + self.cfg.max_new_tokens)
+        slots = max(config.max_position_embeddings, self.positions_needed)
         return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
 
@@ -328,6 +386,10 @@ def _get_teacher(r: _Run, echo) -> Decoder:
     if source:
         teacher = load_hf(source)
         echo(f"teacher: loaded from {source}")
+        if cfg.teacher_dir is None and teacher.config.max_position_embeddings < r.positions_needed:
+            # this run's own teacher, measured now with longer answers: its rotary positions have no
+            # table, so the limit it was saved with is raised (a given teacher was checked instead)
+            teacher.config = dataclasses.replace(teacher.config, max_position_embeddings=r.positions_needed)
         return teacher
     config = r.with_vocab(cfg.teacher)
     echo(f"teacher: training {cfg.teacher_steps} steps on {len(r.train_enc)} conversations")
@@ -411,18 +473,43 @@ def _answered(r: _Run, teacher: Decoder, echo):
     return ids, learn
 
 
+def guarded_config(cfg: LMExperimentConfig) -> dict:
+    """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and the
+    teacher folder it names by path (:mod:`jkd.fingerprint`), so that an input edited or replaced in
+    place never reuses the teacher, answers or results of the old one."""
+    files = {k: input_fingerprint(getattr(cfg, k))
+             for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir") if getattr(cfg, k) is not None}
+    return {**config_to_json(cfg), **({"file_digests": files} if files else {})}
+
+
+def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
+    """The config keys that decide only what is measured: a rerun that changes only these (with
+    ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
+    answers (sequence-level or on-policy distillation) are generated with it."""
+    answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
+    return ("test_file", "test_limit", "file_digests.test_file") + (() if answers else ("max_new_tokens",))
+
+
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Carry out ``cfg`` in ``run_dir`` (the run folder's rule of :mod:`jkd.run_folder`); returns the
-    summary (also in ``summary.json``)."""
+    summary (also in ``summary.json``). Every input check that can be made before training is made
+    before training; a rerun that changes only evaluation settings (:func:`evaluation_keys`) measures
+    the trained students again."""
     cfg.validate()
-    run_dir = Path(run_dir)
-    # A user's files are named by path in the config: their contents' hash joins the guard, so an
-    # edited file never reuses the teacher, answers or results of the old one.
-    files = {k: _file_digest(getattr(cfg, k)) for k in ("train_file", "test_file", "unlabelled_file")
-             if getattr(cfg, k) is not None}
-    folder = RunFolder(run_dir, {**config_to_json(cfg), **({"file_digests": files} if files else {})},
-                       resume=resume, force=force)
+    folder = RunFolder(Path(run_dir), guarded_config(cfg), resume=resume, force=force,
+                       reusable=evaluation_keys(cfg), echo=echo)
+    try:
+        if folder.changed:
+            echo(f"evaluation settings changed ({'; '.join(folder.changed)}): the trained students are reused "
+                 "and measured again")
+        return _run(cfg, folder, progress, echo)
+    finally:
+        folder.close()
+
+
+def _run(cfg: LMExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None]) -> dict:
+    run_dir = folder.path
     t_start = time.perf_counter()
     if cfg.train_file is None:
         folder.begin()  # the embedded conversations are written into the run folder
@@ -430,85 +517,75 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
     folder.begin()
     if not (run_dir / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
         data.tokenizer.save(run_dir / "tokenizer")
-    r = _Run(cfg, folder, data, progress, echo)
-    try:
-        teacher = _get_teacher(r, echo)
-        tg, tvars = freeze_model(teacher)
-        results = {"teacher": ("teacher", "cross-entropy (all labelled)", tg, [tvars.params], teacher.config)}
-        answered = None
-        setup = {"teacher": {"student": None, "initialisation": "random", "teacher_signal": False}}
-        for student in cfg.students:
-            init = None
-            if student.teacher_layers is not None:
-                init = select_layers(teacher, student.teacher_layers)
-                scfg = init.config
-            else:
-                scfg = r.with_vocab(student.config)
-            # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
-            vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
-                                      student_rows=scfg.vocab_size)
-            groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
-                      if cfg.include_baseline else [])
-            groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
-                       for d in cfg.distillations]
-            for name, role, loss_name, objective, with_answers in groups:
-                ids, learn = list(r.labelled_enc.ids), list(r.labelled_enc.learn)
-                on_policy = isinstance(objective, OnPolicyKD)
-                if (with_answers or on_policy) and r.request_prompts:
-                    if answered is None:
-                        answered = _answered(r, teacher, echo)
-                    ids, learn = ids + answered[0], learn + answered[1]
-                if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
-                    objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
-                echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
-                uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
-                g, params = r.train_group(
-                    name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
-                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
-                    on_policy_prompts=_prompt_slots(r) if on_policy else None,
-                    init=init if role == "distilled" else None)
-                results[name] = (role, loss_name, g, params, scfg)
-                setup[name] = {"student": student.name,
-                               "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
-                               "teacher_signal": uses_teacher or bool(with_answers)}
-        entries, samples = [], {}
-        teacher_texts = None
-        for name, (role, loss_name, g, params_list, mcfg) in results.items():
-            per_seed = []
-            for k, params in enumerate(params_list):
-                model = _as_decoder(g, params)
-                m, texts = evaluate_model(model, r.test_turns, data.tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                          reference_texts=teacher_texts)
-                m["test_cross_entropy"] = test_cross_entropy(model, r.test_enc, cfg.max_length, r.pad_id)
-                per_seed.append(m)
-                if k == 0:
-                    samples[name] = texts
-                if role == "teacher":
-                    teacher_texts = texts
-                elif not (r.dir / slug(name) / f"seed{k}" / "config.json").exists():
-                    save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
-            saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / "teacher" / "model") if role == "teacher" \
-                else r.dir / slug(name) / "seed0"
-            entries.append({**_entry(name, role, loss_name, mcfg, per_seed, saved), **setup[name]})
-            exact = entries[-1].get("tool_call_exact_match_mean")
-            echo(f"{name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
-                 f"cross-entropy {entries[-1]['test_cross_entropy_mean']:.3f}")
-        return write_report(run_dir, entries, samples, r.test_turns, histories=folder.read_log(), title=cfg.title,
-                            counts={**data.counts, "train_truncated": r.train_enc.truncated,
-                                    "train_dropped": r.train_enc.dropped, "test_truncated": r.test_enc.truncated,
-                                    "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns,
-                                    "unlabelled_skipped": r.skipped_requests},
-                            seconds=time.perf_counter() - t_start, echo=echo)
-    finally:
-        folder.close()
-
-
-def _file_digest(path: str) -> str | None:
-    """A short hash of a file's bytes (None when it is missing: reading it reports that clearly)."""
-    import hashlib
-
-    p = Path(path)
-    return hashlib.blake2b(p.read_bytes(), digest_size=8).hexdigest() if p.is_file() else None
+    r = _Run(cfg, folder, data, progress, echo)  # checks what will be trained and measured
+    teacher = _get_teacher(r, echo)
+    tg, tvars = freeze_model(teacher)
+    results = {"teacher": ("teacher", "(loaded, not trained here)" if cfg.teacher_dir else "cross-entropy (all labelled)",
+                           tg, [tvars.params], teacher.config)}
+    answered = None
+    setup = {"teacher": {"student": None, "initialisation": "random", "teacher_signal": False}}
+    for student in cfg.students:
+        init = None
+        if student.teacher_layers is not None:
+            init = select_layers(teacher, student.teacher_layers)
+            scfg = init.config
+        else:
+            scfg = r.with_vocab(student.config)
+        # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
+        vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
+                                  student_rows=scfg.vocab_size)
+        groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
+                  if cfg.include_baseline else [])
+        groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
+                   for d in cfg.distillations]
+        for name, role, loss_name, objective, with_answers in groups:
+            ids, learn = list(r.labelled_enc.ids), list(r.labelled_enc.learn)
+            on_policy = isinstance(objective, OnPolicyKD)
+            if (with_answers or on_policy) and r.request_prompts:
+                if answered is None:
+                    answered = _answered(r, teacher, echo)
+                ids, learn = ids + answered[0], learn + answered[1]
+            if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
+                objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
+            echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
+            uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
+            g, params = r.train_group(
+                name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
+                optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
+                on_policy_prompts=_prompt_slots(r) if on_policy else None,
+                init=init if role == "distilled" else None)
+            results[name] = (role, loss_name, g, params, scfg)
+            setup[name] = {"student": student.name,
+                           "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
+                           "teacher_signal": uses_teacher or bool(with_answers)}
+    entries, samples = [], {}
+    teacher_texts = None
+    for name, (role, loss_name, g, params_list, mcfg) in results.items():
+        per_seed = []
+        for k, params in enumerate(params_list):
+            model = _as_decoder(g, params)
+            m, texts = evaluate_model(model, r.test_turns, data.tokenizer, max_new_tokens=cfg.max_new_tokens,
+                                      reference_texts=teacher_texts)
+            m["test_cross_entropy"] = test_cross_entropy(model, r.test_enc, cfg.max_length, r.pad_id)
+            per_seed.append(m)
+            if k == 0:
+                samples[name] = texts
+            if role == "teacher":
+                teacher_texts = texts
+            else:  # written again on every run: a rerun may measure with other settings
+                save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
+        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / "teacher" / "model") if role == "teacher" \
+            else r.dir / slug(name) / "seed0"
+        entries.append({**_entry(name, role, loss_name, mcfg, per_seed, saved), **setup[name]})
+        exact, ce = (entries[-1].get(f"{k}_mean") for k in ("tool_call_exact_match", "test_cross_entropy"))
+        echo(f"{name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
+             f"cross-entropy {'-' if ce is None else f'{ce:.3f}'}")
+    return write_report(run_dir, entries, samples, r.test_turns, histories=folder.read_log(), title=cfg.title,
+                        counts={**data.counts, "train_truncated": r.train_enc.truncated,
+                                "train_dropped": r.train_enc.dropped, "test_truncated": r.test_enc.truncated,
+                                "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns,
+                                "unlabelled_skipped": r.skipped_requests, "truncation_rule": C.TRUNCATION_RULE},
+                        seconds=time.perf_counter() - t_start, echo=echo)
 
 
 def _prompt_slots(r: _Run) -> int:

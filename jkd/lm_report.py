@@ -38,9 +38,10 @@ def table(entries: Sequence[dict]) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         ppl = f"{math.exp(e['test_cross_entropy_mean']):.3f}" if "test_cross_entropy_mean" in e else "-"
-        speed = e.get("generation_tokens_per_s_mean", float("nan"))
+        speed = e.get("generation_tokens_per_s_mean")
         rows.append("| " + " | ".join([e["name"], e["role"], e["loss"], f"{e['params']:,}", f"{e['size_bytes'] / 1024:.0f}"]
-                                      + [_cell(e, k, s) for k, _, s in COLUMNS] + [ppl, f"{speed:.0f}"]) + " |")
+                                      + [_cell(e, k, s) for k, _, s in COLUMNS]
+                                      + [ppl, "-" if speed is None else f"{speed:.0f}"]) + " |")
     return "\n".join(rows)
 
 
@@ -108,20 +109,42 @@ def _samples_md(samples: dict[str, list[str]], turns: Sequence[Turn], count: int
     return "\n".join(out)
 
 
+def data_line(counts: dict) -> str:
+    """The report's sentence on the data (from ``counts``, also kept as numbers in ``summary.json``)."""
+    c = dict(counts)
+    parts = [f"{c.pop('train')} labelled conversations for the teacher, {c.pop('labelled_subset')} for the students, "
+             f"{c.pop('unlabelled')} unlabelled requests, {c.pop('test')} test conversations "
+             f"({c.pop('test_turns', '?')} assistant turns measured)."]
+    cut = [f"{c.pop(k)} {label}" for k, label in (
+        ("train_truncated", "training conversations shortened"), ("train_dropped", "dropped (no assistant token left)"),
+        ("test_truncated", "test conversations shortened"), ("test_turns_skipped", "test turns skipped (prompt too long)"),
+        ("unlabelled_skipped", "requests skipped (no room for an answer)")) if c.get(k)]
+    rule = c.pop("truncation_rule", None)
+    for k in ("train_truncated", "train_dropped", "test_truncated", "test_turns_skipped", "unlabelled_skipped"):
+        c.pop(k, None)
+    if cut:
+        parts.append("Beyond max_length: " + ", ".join(cut) + (f" (rule: {rule})" if rule else "") + ".")
+    parts += [f"{k.replace('_', ' ')}: {v}." for k, v in c.items()]
+    return "Data: " + " ".join(parts)
+
+
 def write_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str]], turns: Sequence[Turn], *,
                  histories: dict, title: str, counts: dict, seconds: float, echo: Callable[[str], None]) -> dict:
     for e in entries:
         if e["role"] not in ROLES:
             raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
     notes = verdicts(entries)
-    notes.append(f"data: {counts}; each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
+    notes.append(data_line(counts) + f" Each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
     summary = {"title": title, "models": entries, "notes": notes, "counts": counts}
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run_dir / "summary.json")
-    curves = {n: [{"step": h["step"], "train_loss": h["loss"]} for h in hs if h.get("event") == "train"]
-              for n, hs in histories.items()}
-    plots.curves(curves, run_dir / "curves.png", x="step")
+    panels: dict[str, dict] = {}
+    kinds = {e["name"]: e["loss"] for e in entries}
+    for name, hs in histories.items():
+        pts = [(h["step"], h["loss"]) for h in hs if h.get("event") == "train"]
+        panels.setdefault(f"train loss: {kinds.get(name, name)}", {})[name] = pts
+    plots.loss_panels(panels, run_dir / "curves.png", x="step")
     plots.accuracy_vs_size(entries, run_dir / "exact_match_vs_size.png", key="tool_call_exact_match",
                            label="tool-call exact match (%)")
     (run_dir / "samples.md").write_text(_samples_md(samples, turns))

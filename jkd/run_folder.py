@@ -16,8 +16,14 @@ The rule, the same for every command that writes a run folder (``jkd demo``, ``r
 ``config.json`` is written only by :meth:`RunFolder.begin`, after the caller has checked its
 inputs; :meth:`RunFolder.mark_started` marks the first training step.
 
+One run at a time: the writer holds the folder's lock (:mod:`jkd.run_lock`) from the claim to
+:meth:`RunFolder.close`; a second run on a folder in use is refused, naming the process and host
+that hold it. Settings that only decide what is measured (``reusable`` keys: a test file, how many
+tokens to generate) may change on ``resume=True`` without starting over: the trained models are
+reused and measured again, and ``config.json`` records the new values.
+
 In a run of several processes (:mod:`jkd.hosts`) every process checks the rule, and only the
-*writer* (process 0) deletes, writes the config, the mark, the log and TensorBoard events.
+*writer* (process 0) locks, deletes, writes the config, the mark, the log and TensorBoard events.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from jkd.faults import disk_full, is_disk_full
+from jkd.run_lock import LOCK_FILE, RunLock
 
 CONFIG_FILE = "config.json"
 STARTED_FILE = ".started"
@@ -51,27 +58,62 @@ def config_to_json(cfg) -> dict:
 
 
 class ConfigMismatchError(ValueError):
-    """A started run folder holds another configuration than the one given."""
+    """A started run folder holds another configuration than the one given; ``diff`` lists the
+    differing keys as ``(dotted key, old value, new value)`` (JSON values)."""
+
+    def __init__(self, path: Path, diff: list[tuple[str, Any, Any]]):
+        super().__init__(mismatch_message(path, diff))
+        self.path, self.diff = Path(path), list(diff)
 
 
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON configurations, ``key: old -> new``."""
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for each key whose value differs between two JSON
+    configurations (``_ABSENT`` for a key on one side only)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new), key=str):
             key = f"{prefix}.{k}" if prefix else str(k)
             if k not in old and new[k] is None:
                 continue  # a field added since, at its default: the same run
-            if k not in old:
-                out.append(f"{key}: (absent) -> {json.dumps(new[k])}")
-            elif k not in new:
-                out.append(f"{key}: {json.dumps(old[k])} -> (absent)")
+            if k not in old or k not in new:
+                out.append((key, old.get(k, _ABSENT), new.get(k, _ABSENT)))
             else:
-                out.extend(config_diff(old[k], new[k], key))
+                out.extend(config_changes(old[k], new[k], key))
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{prefix}[{i}]")]
-    return [] if old == new else [f"{prefix or '(config)'}: {json.dumps(old)} -> {json.dumps(new)}"]
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_changes(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [(prefix or "(config)", old, new)]
+
+
+_ABSENT = "(absent)"
+
+
+def _shown(value: Any) -> str:
+    return _ABSENT if value is _ABSENT else json.dumps(value)
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON configurations, ``key: old -> new``."""
+    return [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in config_changes(old, new, prefix)]
+
+
+def mismatch_message(path: Path, changes: list[tuple[str, Any, Any]], flags: dict[str, str] | None = None) -> str:
+    """The refusal of a started run with another configuration, naming each changed key (and its
+    command-line flag, where ``flags`` maps top-level keys to one); a changed input file or folder
+    (``file_digests``) is said in words."""
+    flags = flags or {}
+    parts = []
+    for key, old, new in changes:
+        top = key.split(".")[0].split("[")[0]
+        if top == "file_digests" and "." in key:
+            name = key.split(".", 1)[1]
+            parts.append(f"{name}{f' ({flags[name]})' if name in flags else ''}: its contents changed "
+                         f"(fingerprint {_shown(old)} -> {_shown(new)})")
+        else:
+            parts.append(f"{key}{f' ({flags[top]})' if top in flags else ''}: {_shown(old)} -> {_shown(new)}")
+    text = "; ".join(parts[:8]) + (f"; (+{len(parts) - 8} more)" if len(parts) > 8 else "")
+    return (f"{path} holds a run with another configuration ({text}). Its results would not be this "
+            "configuration's: choose another --run-dir, or pass --force to delete that run and start this one.")
 
 
 def _started(path: Path) -> bool:
@@ -92,38 +134,68 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _matches(key: str, names: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of ``names`` or lies below one (``file_digests.test_file``)."""
+    top = key.split("[")[0]
+    return any(top == n or top.startswith(n + ".") or top.split(".")[0] == n for n in names)
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a folder holds besides a lock file."""
+    return [p for p in path.iterdir() if p.name != LOCK_FILE]
+
+
 class RunFolder:
-    """A claimed run folder (see the module docstring for the rule)."""
+    """A claimed run folder (see the module docstring for the rule).
+
+    ``reusable``: top-level config keys that only decide what is measured; they may change on
+    ``resume=True`` (listed in :attr:`changed`), never starting the training over. Call
+    :meth:`close` when done (it releases the lock), also on failure.
+    """
 
     def __init__(self, path: str | Path, config: dict, *, resume: bool = False, force: bool = False,
-                 writer: bool = True):
+                 writer: bool = True, reusable: tuple[str, ...] = (), echo=print):
         self.path = Path(path)
         self.writer = writer
         self.config = config = json.loads(json.dumps(config))  # tuples -> lists, as read back
+        self.changed: list[str] = []
+        self._log_file = None
+        self._tb: dict[str, Any] = {}
         cfg_path = self.path / CONFIG_FILE
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file; --run-dir must be a folder.")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not cfg_path.exists():
-                raise FileExistsError(f"{self.path} exists and is not a jkd run folder (no {CONFIG_FILE}); "
-                                      "choose another --run-dir.")
-            if _started(self.path):
-                old = json.loads(cfg_path.read_text())
-                diff = config_diff(old, config)
-                if force:
-                    if writer:  # the others wait at the caller's barrier
-                        shutil.rmtree(self.path)
-                elif diff:
-                    shown = "; ".join(diff[:8]) + (f"; (+{len(diff) - 8} more)" if len(diff) > 8 else "")
-                    raise ConfigMismatchError(
-                        f"{self.path} holds a run with another configuration ({shown}). Its results "
-                        "would not be this configuration's: choose another --run-dir, or pass --force "
-                        "to delete that run and start this one.")
-                elif not resume:
-                    raise FileExistsError(f"{self.path} holds a run already; pass --resume to continue it, "
-                                          "--force to start it again, or choose another --run-dir.")
-        self._log_file = None
-        self._tb: dict[str, Any] = {}
+        if self.path.is_dir() and _entries(self.path) and not cfg_path.exists():
+            raise FileExistsError(f"{self.path} exists and is not a jkd run folder (no {CONFIG_FILE}); "
+                                  "choose another --run-dir.")
+        self._lock = RunLock(self.path, echo=echo) if writer else None
+        if self._lock is not None:
+            try:
+                self._lock.acquire()
+            except OSError as e:
+                if isinstance(e, FileExistsError):
+                    raise
+                raise self._os_error(e, "creating the run folder") from e
+        try:
+            if cfg_path.exists() and _started(self.path):
+                self._guard(json.loads(cfg_path.read_text()), resume=resume, force=force, reusable=reusable)
+        except BaseException:
+            self.close()
+            raise
+
+    def _guard(self, old: dict, *, resume: bool, force: bool, reusable: tuple[str, ...]) -> None:
+        changes = config_changes(old, self.config)
+        kept = [c for c in changes if not _matches(c[0], reusable)]
+        if force:
+            if self.writer:  # the others wait at the caller's barrier; the lock file stays
+                for p in _entries(self.path):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif kept:
+            raise ConfigMismatchError(self.path, kept)
+        elif not resume:
+            raise FileExistsError(f"{self.path} holds a run already; pass --resume to continue it, "
+                                  "--force to start it again, or choose another --run-dir.")
+        else:
+            self.changed = [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in changes]
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -168,7 +240,8 @@ class RunFolder:
             raise self._os_error(e, "writing the log") from e
 
     def close(self) -> None:
-        """Close the log; errors on the way out (a full disk again) do not hide the first one."""
+        """Close the log and release the folder's lock; errors on the way out (a full disk
+        again) do not hide the first one. Idempotent."""
         for f in [self._log_file, *self._tb.values()]:
             if f is None:
                 continue
@@ -177,6 +250,9 @@ class RunFolder:
             except OSError:
                 pass
         self._log_file, self._tb = None, {}
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
 
     # ---- reading --------------------------------------------------------------------------
 

@@ -173,7 +173,7 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
     assert cli.main(base) == 0  # neither failure left a folder that refuses this
     # Once training has begun, another configuration is refused, naming what differs.
     assert cli.main([*base[:-2], "--epochs", "2", "--run-dir", run]) == 2
-    assert "teacher_epochs: 1 -> 2" in _err(capsys)
+    assert "teacher_epochs (--epochs): 1 -> 2" in _err(capsys)
 
 
 # ---- 6. clear errors for bad files, read-only folders and Ctrl-C ---------------------------
@@ -241,7 +241,6 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, monkeypat
     (["--kd-weight", "-1"], "SoftKD.kd_weight (--kd-weight) must be a finite number >= 0; got -1"),
     (["--kd-weight", "0", "--ce-weight", "0"], "kd_weight and ce_weight are both 0"),
     (["--weight-decay", "-1"], "weight_decay (--weight-decay) must be a finite number >= 0; got -1"),
-    (["--lr", "nan"], "learning_rate (--lr) must be a finite number > 0; got nan"),
     (["--parallel", "mesh", "--devices", "99"], "devices (--devices) must lie in [1, 4]"),
     (["--parallel", "mesh", "--devices", "0"], "devices (--devices) must lie in [1, 4]"),
     (["--parallel", "pmap", "--devices", "5"], "devices (--devices) must lie in [1, 4]"),
@@ -259,6 +258,45 @@ def test_nonsense_settings_are_refused_before_anything_is_written(teacher_dir, t
     assert not run.exists()
 
 
+@pytest.mark.parametrize("argv", [
+    ["distill", "--teacher-dir", "x", "--lr", "nan"],
+    ["distill", "--teacher-dir", "x", "--temperature", "inf"],
+    ["compress", "x", "--kd-weight=-inf"],
+    ["lm", "distill", "--data", "a", "--test", "b", "--temperature", "inf"],
+    ["lm", "distill", "--data", "a", "--test", "b", "--beta", "nan"],
+])
+def test_non_finite_numbers_are_refused_by_every_command(argv, capsys):
+    """``--temperature inf`` once trained an LM student on a loss of 0 at every step and exited 0."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and "expected a finite number; got" in _err(capsys)
+
+
+def test_non_finite_numbers_are_refused_by_the_config_classes():
+    from jkd.lm_experiment import LMExperimentConfig
+    from jkd.train.lm_steps import OnPolicyKD, TokenKD
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="TokenKD.temperature must be a finite number > 0"):
+            TokenKD(temperature=bad)
+        with pytest.raises(ValueError, match="TokenKD.kd_weight must be a finite number >= 0"):
+            TokenKD(kd_weight=bad)
+        with pytest.raises(ValueError, match="OnPolicyKD.temperature must be a finite number > 0"):
+            OnPolicyKD(temperature=bad)
+        with pytest.raises(ValueError, match="OnPolicyKD.student_fraction"):
+            OnPolicyKD(student_fraction=bad)
+        with pytest.raises(ValueError, match="answer_temperature must be a finite number >= 0"):
+            LMExperimentConfig(answer_temperature=bad).validate()
+
+
+def test_one_device_on_the_single_runner_is_a_consistent_request():
+    from jkd.experiment import ExperimentConfig
+
+    ExperimentConfig(devices=1, parallel="single").validate()  # refused before: "needs parallel 'mesh' or 'pmap'"
+    with pytest.raises(ValueError, match="needs parallel 'mesh' or 'pmap'"):
+        ExperimentConfig(devices=2, parallel="single").validate()
+
+
 def test_bad_seeds_say_what_is_expected(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["distill", "--teacher-dir", "x", "--seeds", "a,b"])
@@ -273,6 +311,20 @@ def test_labels_1_to_k_are_refused_unless_the_class_count_is_given(tmp_path):
         user.validate({"train": (x, y + 1), "test": (x[:8], y[:8] + 1)})
     out, k = user.validate({"train": (x, y + 1), "test": (x[:8], y[:8] + 1)}, num_classes=5)
     assert k == 5
+
+
+def test_a_negative_label_is_named_with_its_file_split_and_the_range_expected(tmp_path):
+    from jkd.data import load_dataset
+
+    x, y = _images(classes=4)
+    y = y.copy()
+    y[0] = -1  # was numpy's "'list' argument must have no negative elements"
+    with pytest.raises(ValueError, match=r"neg\.npz: y_train holds 1 negative label\(s\) \(the first, -1, at index 0\); "
+                                         r"class labels must lie in 0\.\.K-1"):
+        load_dataset(str(_npz(tmp_path / "neg.npz", x, y)), data_dir=tmp_path / "tfds")
+    with pytest.raises(ValueError, match=r"y_test holds 1 negative label.*must lie in 0\.\.3"):
+        user.validate({"train": (x, np.arange(40) % 4), "test": (x[:8], np.array([0, 1, 2, -3, 0, 1, 2, 3]))},
+                      num_classes=4)
 
 
 def test_a_stray_label_in_train_only_is_refused(tmp_path):
@@ -334,7 +386,7 @@ def test_a_refused_resume_names_the_keys_that_differ(tmp_path, capsys):
     assert cli.main(["train-teacher", *M, "--run-dir", run]) == 0
     assert cli.main(["train-teacher", *M, "--lr", "0.01", "--run-dir", run, "--resume"]) == 2
     err = _err(capsys)
-    assert "teacher_optimizer.learning_rate: 0.001 -> 0.01" in err and "--force" in err
+    assert "teacher_optimizer.learning_rate (--lr): 0.001 -> 0.01" in err and "--force" in err
     assert cli.main(["train-teacher", *M, "--lr", "0.01", "--run-dir", run, "--force"]) == 0
     config = json.loads((Path(run) / "config.json").read_text())
     assert config["teacher_optimizer"]["learning_rate"] == 0.01

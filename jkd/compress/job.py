@@ -39,6 +39,7 @@ from jkd.data import pipeline as P
 from jkd.evaluate import latency
 from jkd.evaluate.predict import predict
 from jkd.models import create_model, model_stats
+from jkd.fingerprint import input_fingerprint
 from jkd.run_folder import RunFolder, config_to_json
 from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
@@ -213,9 +214,13 @@ class _Job:
 
 
 def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: str | Path | None = None,
-                 config: CompressConfig = CompressConfig(), progress: bool = True,
+                 config: CompressConfig = CompressConfig(), progress: bool = True, force: bool = False,
                  echo: Callable[[str], None] = print) -> dict:
-    """Compress the student saved in ``student_dir``; returns the summary (also written)."""
+    """Compress the student saved in ``student_dir``; returns the summary (also written).
+
+    The out folder follows the run folder's rule (:mod:`jkd.run_folder`) and always resumes: the
+    same settings, student and teacher (their files' fingerprints included) continue where a run
+    stopped; others are refused unless ``force`` (which deletes the old results first)."""
     cfg = config
     cfg.validate()
     student_dir, out = Path(student_dir), Path(out_dir)
@@ -224,9 +229,18 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
         if not teacher_dir.exists():
             raise FileNotFoundError(f"no teacher found at {teacher_dir}; pass the teacher's folder (--teacher-dir).")
     settings = {"student_dir": str(student_dir.absolute()), "teacher_dir": str(Path(teacher_dir).absolute()),
-                **config_to_json(cfg)}
+                **config_to_json(cfg),
+                "file_digests": {"student_dir": input_fingerprint(student_dir), "teacher_dir": input_fingerprint(teacher_dir)}}
     # The run folder's rule; a compression run always continues where it stopped.
-    folder = RunFolder(out, settings, resume=True)
+    folder = RunFolder(out, settings, resume=True, force=force, echo=echo)
+    try:
+        return _compress(folder, cfg, student_dir, teacher_dir, progress, echo)
+    finally:
+        folder.close()
+
+
+def _compress(folder: RunFolder, cfg: CompressConfig, student_dir: Path, teacher_dir, progress, echo) -> dict:
+    out = folder.path
     job = _Job(cfg, out, student_dir, teacher_dir, progress, echo, folder)
     folder.begin()
 
@@ -297,11 +311,11 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
             rows.append(r)
         if small is not None and "onnx" in cfg.formats:
             sg, sv, smeta = small
-            folder = out / "export_structured"
-            path = E.export_model(sg, sv, smeta, folder, ("onnx",))["onnx"]
+            export_dir = out / "export_structured"
+            path = E.export_model(sg, sv, smeta, export_dir, ("onnx",))["onnx"]
             rows.append(job.onnx_row(f"structured {cfg.structured_width:.0%} (onnx)", "student, structured, exported", path))
             if cfg.quantize:
-                qpath = E.quantize_onnx_int8(path, job.calibration_raw, folder / "model_int8.onnx")
+                qpath = E.quantize_onnx_int8(path, job.calibration_raw, export_dir / "model_int8.onnx")
                 rows.append(job.onnx_row(f"structured {cfg.structured_width:.0%} + int8 (onnx, QDQ)",
                                          "student, structured + int8, exported", qpath))
     return _write_report(out, rows, cfg, prune_report, checks, echo)

@@ -5,9 +5,13 @@ chat templates take (``system`` / ``user`` / ``assistant`` / ``tool`` roles; ass
 ``tool_calls`` whose ``arguments`` are a dict or a JSON string). Labelled data needs an assistant
 turn in every conversation; unlabelled requests (prompts) must end before an assistant turn.
 
-The truncation rule: a conversation longer than ``max_length`` tokens keeps its first
-``max_length`` tokens (what is cut is never trained on); one with no assistant token left is
-dropped. Both are counted (:attr:`Encoded.truncated`, :attr:`Encoded.dropped`) for the report.
+The truncation rule (:data:`TRUNCATION_RULE`): a conversation longer than ``max_length`` tokens
+keeps its system prompt and its last turns: the earliest turns are dropped, a whole user turn and
+what follows it at a time, until the rest fits. When even the system prompt, the last user turn and
+its answer do not fit, the first ``max_length`` tokens are kept (what is cut is never trained on),
+and a conversation with no assistant token left is dropped. Both are counted
+(:attr:`Encoded.truncated`, :attr:`Encoded.dropped`, with :attr:`Encoded.shortest_dropped`) for the
+report and for the error that says how long ``max_length`` must be.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def _check_message(m, where: str) -> None:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise ConversationError(f"{where}: a message must be an object with a 'role'; got {json.dumps(m)[:80]}")
     if m["role"] not in ROLE_NAMES:
-        raise ConversationError(f"{where}: role {m['role']!r} is not one of system, user, assistant, tool")
+        raise ConversationError(f"{where}: role {m['role']!r} is not one of {', '.join(ROLE_NAMES)}")
     content = m.get("content")
     if content is not None and not isinstance(content, str):
         raise ConversationError(f"{where}: 'content' must be a string (or absent); got {type(content).__name__}")
@@ -57,11 +61,12 @@ def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such conversations file (expected .jsonl, one conversation per line)")
     out = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is skipped
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
+            line = line.rstrip("\r\n")  # an error at the end of the line is reported there, not at column 1
             try:
                 conv = json.loads(line)
             except json.JSONDecodeError as e:
@@ -83,33 +88,67 @@ def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]
     return out
 
 
+TRUNCATION_RULE = ("too long: the system prompt and the last turns are kept (earliest turns dropped); if those do "
+                   "not fit, the first max_length tokens; no assistant token left: dropped")
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """Tokenised conversations: ``ids[i]`` int32 and ``learn[i]`` bool (assistant tokens)."""
+    """Tokenised conversations: ``ids[i]`` int32 and ``learn[i]`` bool (assistant tokens).
+
+    ``truncated``: conversations shortened by the truncation rule; ``dropped``: those left without
+    an assistant token (not in ``ids``); ``shortest_dropped``: the fewest tokens that would have
+    kept one of the dropped conversations (its kept prompt and first answer token), None if none."""
 
     ids: list[np.ndarray]
     learn: list[np.ndarray]
     truncated: int
     dropped: int
+    shortest_dropped: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
+def _last_turns(tokenizer: Tokenizer, conv: dict, max_length: int):
+    """The conversation under the rule: ``(encoding, shortened, need)``. The encoding is the whole
+    conversation, or its system prompt and the last turns that fit (``shortened``), or None when
+    neither fits; ``need`` is then the fewest tokens any of those needs to reach an answer token."""
+    msgs, tools = conv["messages"], conv.get("tools")
+    enc = encode_chat(tokenizer, msgs, tools=tools)
+    if len(enc.ids) <= max_length:
+        return enc, False, None
+    head = msgs[:1] if msgs[0]["role"] == "system" else []
+    rest = msgs[len(head):]
+    need = int(np.argmax(enc.assistant_mask)) + 1 if enc.assistant_mask.any() else None
+    for i in range(1, len(rest)):
+        if rest[i]["role"] != "user" or not any(m["role"] == "assistant" for m in rest[i:]):
+            continue
+        cand = encode_chat(tokenizer, head + rest[i:], tools=tools)
+        if len(cand.ids) <= max_length:
+            return cand, True, None
+        if cand.assistant_mask.any():
+            first = int(np.argmax(cand.assistant_mask)) + 1
+            need = first if need is None else min(need, first)
+    return None, True, need
+
+
 def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[dict], *, max_length: int) -> Encoded:
     """Token ids and assistant masks under the truncation rule of the module docstring."""
-    ids, learn, truncated, dropped = [], [], 0, 0
+    ids, learn, truncated, dropped, shortest = [], [], 0, 0, None
     for conv in conversations:
-        enc = encode_chat(tokenizer, conv["messages"], tools=conv.get("tools"))
-        mask = enc.assistant_mask
-        if len(enc.ids) > max_length:
-            truncated += 1
-            if not mask[:max_length].any():
+        enc, shortened, need = _last_turns(tokenizer, conv, max_length)
+        truncated += shortened
+        if enc is None:  # not even the last turn fits: the first max_length tokens
+            enc = encode_chat(tokenizer, conv["messages"], tools=conv.get("tools"))
+            if not enc.assistant_mask[:max_length].any():
                 dropped += 1
+                if need is not None:
+                    shortest = need if shortest is None else min(shortest, need)
                 continue
         ids.append(enc.ids[:max_length])
-        learn.append(mask[:max_length])
-    return Encoded(ids, learn, truncated, dropped)
+        learn.append(enc.assistant_mask[:max_length])
+    return Encoded(ids, learn, truncated, dropped, shortest)
 
 
 def request_prompts(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list[np.ndarray]:

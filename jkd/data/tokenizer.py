@@ -19,6 +19,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from jkd.faults import missing_folder
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -58,8 +60,10 @@ class Tokenizer:
         """Read ``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``)."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
+        if not folder.is_dir():
+            raise missing_folder(folder, what="tokenizer folder")
         if not path.is_file():
-            found = sorted(p.name for p in folder.iterdir())[:8] if folder.is_dir() else "no such folder"
+            found = sorted(p.name for p in folder.iterdir())[:8]
             raise FileNotFoundError(
                 f"{folder}: no tokenizer.json (found {found}); jkd reads fast tokenizers "
                 "(tokenizer.json), not sentencepiece .model files")

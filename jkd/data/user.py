@@ -81,6 +81,12 @@ def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "d
                 f"have {shape}; all images must have one size."
             )
         out[split] = (x, y.astype(np.int32))
+    for split, (_, y) in out.items():  # before the class count is inferred from (and counted over) them
+        if y.size and int(y.min()) < 0:
+            first = int(np.argmax(y < 0))
+            expected = f"0..{num_classes - 1}" if num_classes is not None else "0..K-1 (K classes)"
+            raise ValueError(f"{source}: y_{split} holds {int(np.sum(y < 0))} negative label(s) (the first, {int(y[first])}, "
+                             f"at index {first}); class labels must lie in {expected}.")
     if num_classes is None:
         # Inferred: max + 1, and then every class must have training images (labels 1..10
         # would otherwise silently give an 11th class that is never seen).

@@ -44,6 +44,28 @@ def curves(histories: dict[str, list[dict]], path: Path, *, held_out: str = "tes
     fig.savefig(path, dpi=110)
 
 
+def loss_panels(panels: dict[str, dict[str, list[tuple[float, float]]]], path: Path, *, x: str = "step") -> None:
+    """One panel per kind of loss (``panels[title][model] = [(x, loss), ...]``): losses of different
+    kinds (a cross-entropy, a KL divergence) are never drawn on one axis."""
+    panels = {t: series for t, series in panels.items() if any(series.values())} or {"train loss": {}}
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = _subplots(rows, cols, figsize=(5.0 * cols + 0.5, 3.3 * rows + 0.5), squeeze=False)
+    for ax, (title, series) in zip(axes.ravel(), panels.items()):
+        for name, pts in series.items():
+            if pts:
+                ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def confusion(cm: np.ndarray, path: Path, title: str) -> None:
     cm = np.asarray(cm)
     fig, ax = _subplots(figsize=(5.5, 5))

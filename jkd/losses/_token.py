@@ -151,8 +151,10 @@ def token_divergence(
 
     Args:
       student_logits: ``[..., vocab]`` floating point (bf16/f16 upcast to f32).
-      teacher_logits: ``[..., vocab]``, the same vocabulary (align padded vocabularies first with
-        :func:`~jkd.losses.align_vocabularies`). Entries ``-inf`` in both contribute 0.
+      teacher_logits: ``[..., vocab]``, the same vocabulary: for padded vocabularies (Qwen's 151,936 vs
+        152,064 rows), slice both to the rows the tokenizer uses (``jkd.data.vocab.shared_vocabulary``
+        gives that count; ``TokenKD.vocab_size`` does the slicing in the train step). Entries ``-inf``
+        in both contribute 0.
       divergence: the divergence (a frozen dataclass instance).
       temperature: ``T > 0``, a scalar or broadcastable to ``[...]``.
       where: optional boolean ``[...]``: the tokens to count (e.g. assistant tokens); masked
@@ -297,8 +299,9 @@ def projected_token_divergence(
             "weights must be [vocab, d] with d the hidden size; got student hidden "
             f"{hs.shape} with weight {ws.shape}, teacher hidden {ht.shape} with weight {wt.shape}.")
     if ws.shape[0] != wt.shape[0]:
-        raise ValueError(f"student and teacher vocabularies differ ({ws.shape[0]} vs {wt.shape[0]}); align "
-                         "them first with jkd.losses.align_vocabularies.")
+        raise ValueError(f"student and teacher vocabularies differ ({ws.shape[0]} vs {wt.shape[0]} rows); pass the "
+                         "rows both use (jkd.data.vocab.shared_vocabulary gives the count; TokenKD.vocab_size slices "
+                         "them in the train step).")
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}.")
     if not dataclasses.is_dataclass(divergence):

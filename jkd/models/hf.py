@@ -22,9 +22,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jkd.faults import missing_folder
 from jkd.models import safetensors_io as st
 from jkd.models.decoder import Decoder
-from jkd.models.decoder_config import DecoderConfig, from_hf_config, to_hf_config
+from jkd.models.decoder_config import DecoderConfig, UnsupportedConfigError, from_hf_config, to_hf_config
 from jkd.models.decoder_sharding import hf_name, parameter_sharding
 
 INDEX = "model.safetensors.index.json"
@@ -41,7 +42,7 @@ def read_config(folder: str | Path) -> DecoderConfig:
     """The :class:`DecoderConfig` of a Hugging Face folder's ``config.json``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such model folder")
+        raise missing_folder(folder, what="model folder")
     path = folder / "config.json"
     if not path.is_file():
         found = sorted(p.name for p in folder.iterdir())[:8]
@@ -51,7 +52,10 @@ def read_config(folder: str | Path) -> DecoderConfig:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_config(cfg)
+    try:
+        return from_hf_config(cfg)
+    except UnsupportedConfigError as e:  # "config.json: ..." names the file; say which folder's
+        raise UnsupportedConfigError(f"{folder}/{e}") from None
 
 
 def checkpoint_tensors(folder: str | Path) -> dict[str, st.TensorInfo]:

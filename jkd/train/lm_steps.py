@@ -17,6 +17,8 @@ are cut to the shared ``vocab_size`` (see :func:`jkd.data.vocab.shared_vocabular
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -51,12 +53,22 @@ class TokenKD:
     def __post_init__(self):
         for name in ("kd_weight", "ce_weight"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"TokenKD.{name} must be a non-negative number; got {v!r}")
+            if not _finite_number(v) or v < 0:
+                raise ValueError(f"TokenKD.{name} must be a finite number >= 0; got {v!r}")
         if self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("TokenKD: kd_weight and ce_weight are both 0; nothing would be learned")
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ValueError(f"TokenKD.temperature must be > 0; got {self.temperature!r}")
+        _check_temperature("TokenKD", self.temperature)
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_temperature(owner: str, t) -> None:
+    """A temperature of ``inf`` flattens both distributions to uniform: the loss is 0 and nothing is
+    learned, so it is refused with ``nan`` and values <= 0."""
+    if not (_finite_number(t) and t > 0):
+        raise ValueError(f"{owner}.temperature must be a finite number > 0; got {t!r}")
 
 
 def learned_positions(batch: Batch) -> jax.Array:
@@ -163,7 +175,8 @@ class OnPolicyKD:
     chunk_size: int = struct.field(pytree_node=False, default=1024)
 
     def __post_init__(self):
-        if not 0 <= self.student_fraction <= 1:
+        _check_temperature("OnPolicyKD", self.temperature)
+        if not (_finite_number(self.student_fraction) and 0 <= self.student_fraction <= 1):
             raise ValueError(f"OnPolicyKD.student_fraction must lie in [0, 1]; got {self.student_fraction!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"OnPolicyKD.max_new_tokens must be a positive int; got {self.max_new_tokens!r}")

@@ -49,7 +49,8 @@ class LoopConfig:
     progress: bool = True
     label: str = ""              # shown before the progress line
     progress_every_s: float = 10.0  # when the output is not a terminal: one line this often
-    unit: str = "img"            # what a batch's rows are, for the rate shown ("img", "seq")
+    unit: str = "img"            # what a batch's rows are: the rate shown and logged ("img", "seq", "row");
+                                 # batches with an attention_mask also log tokens_per_s (per student)
 
 
 def _describe(value) -> str:
@@ -88,6 +89,9 @@ def _check_state_finite(step: int, state) -> None:
             f"statistics non-finite, so step {step} was not saved. {_CAUSES} The last checkpoint "
             "is intact; fix the cause and rerun with --resume."
         )
+
+
+_RATE_KEYS = {"img": "images_per_s", "seq": "sequences_per_s", "row": "rows_per_s"}
 
 
 class _Progress:
@@ -167,7 +171,8 @@ def fit(
     teacher = parallel.place_frozen(run, teacher)  # e.g. replicated on the mesh once, not every step
     processes = jax.process_count()  # each process feeds its share of the global batch
     bar = _Progress(config.num_steps, start, config.label, config.progress_every_s, unit=config.unit) if config.progress else None
-    step, t0, n_images = start, time.perf_counter(), 0
+    step, t0, n_images, n_tokens = start, time.perf_counter(), 0, 0
+    rate_key = _RATE_KEYS.get(config.unit, f"{config.unit}_per_s")
     stream = batches(start)
     last_metrics = None
     failed = False
@@ -177,6 +182,9 @@ def fit(
             placed, metrics = run(placed, batch, objective, teacher)
             step += 1
             n_images += parallel.batch_size(batch) * processes
+            if isinstance(batch, dict) and "attention_mask" in batch:  # a language model's rows: count tokens
+                mask = np.asarray(batch["attention_mask"])  # [B, T], or [B, K, T] for K vmapped students
+                n_tokens += int(mask.sum()) * processes // max(mask.size // (mask.shape[0] * mask.shape[-1]), 1)
             last_metrics = metrics
             due_save = checkpoints is not None and (step % config.save_every == 0 or step == config.num_steps)
             due_eval = evaluate is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.num_steps)
@@ -184,12 +192,14 @@ def fit(
                 metrics = jax.device_get(metrics)  # the synchronisation point
                 _check_finite(step, metrics)  # before anything of this state is saved
                 rate = n_images / max(time.perf_counter() - t0, 1e-9)
-                record = {"event": "train", "step": step, "images_per_s": rate,
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                record = {"event": "train", "step": step, rate_key: rate,
+                          **({"tokens_per_s": n_tokens / elapsed} if n_tokens else {}),
                           **{k: float(np.mean(v)) for k, v in metrics.items()}}
                 emit(record)
                 if bar is not None:
                     bar.update(step, record["loss"], rate)
-                t0, n_images = time.perf_counter(), 0
+                t0, n_images, n_tokens = time.perf_counter(), 0, 0
             meta = {"data_position": step}
             if due_eval or due_save:
                 state = parallel.fetch(run, placed)

@@ -61,6 +61,46 @@ def test_truncation_rule_counts():
     assert enc.learn[1].sum() == 64 - np.argmax(full[2].assistant_mask)
 
 
+def test_a_long_conversation_keeps_its_system_prompt_and_last_turns():
+    tok = byte_tokenizer()
+    system = {"role": "system", "content": "You are terse."}
+    turn = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    conv = {"messages": [system, *turn("a" * 150, "b" * 150), *turn("c" * 20, "d" * 20), *turn("e", "f")]}
+    kept = {"messages": [system, *turn("c" * 20, "d" * 20), *turn("e", "f")]}  # the first exchange dropped
+    whole, want = encode_chat(tok, conv["messages"]), encode_chat(tok, kept["messages"])
+    assert len(want.ids) <= 160 < len(whole.ids)
+    enc = C.encode_conversations(tok, [conv], max_length=160)
+    assert (enc.truncated, enc.dropped) == (1, 0)
+    np.testing.assert_array_equal(enc.ids[0], want.ids)  # not the first 160 tokens
+    np.testing.assert_array_equal(enc.learn[0], want.assistant_mask)
+
+
+def test_dropped_conversations_say_how_long_max_length_must_be():
+    tok = byte_tokenizer()
+    big = {"role": "system", "content": "s" * 400}  # a long system prompt: no answer within 128 tokens
+    convs = [{"messages": [big, {"role": "user", "content": "q" * k}, {"role": "assistant", "content": "ok"}]}
+             for k in (5, 30)]
+    enc = C.encode_conversations(tok, convs, max_length=128)
+    assert (len(enc), enc.dropped, enc.truncated) == (0, 2, 2)
+    # the fewest tokens that keep one: the shorter conversation up to its first answer token
+    first = [int(np.argmax(encode_chat(tok, c["messages"]).assistant_mask)) + 1 for c in convs]
+    assert enc.shortest_dropped == min(first) > 400
+
+
+def test_a_byte_order_mark_and_errors_at_the_end_of_a_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode())  # as Windows editors save it
+    assert C.read_conversations(path) == [GOOD]
+    _write(path, [GOOD, '{"messages": [{"role": "user", "content": "hi"}]'])  # the closing brace missing
+    with pytest.raises(C.ConversationError, match=r"x?.jsonl:2: not valid JSON \(.* at column 49\)"):
+        C.read_conversations(path)
+    _write(path, [{"messages": [{"role": "robot", "content": "hi"}]}])
+    with pytest.raises(C.ConversationError, match="not one of system, user, assistant, tool, ipython, function"):
+        C.read_conversations(path)
+    _write(path, [{"messages": [{"role": "ipython", "content": "{}"}, *GOOD["messages"]]}])
+    assert len(C.read_conversations(path)) == 1  # the roles the message names are accepted
+
+
 def test_turns_and_request_prompts():
     tok = byte_tokenizer()
     conv = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
