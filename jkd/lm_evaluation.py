@@ -65,9 +65,15 @@ def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, 
     metrics = tool_metrics([(t.reference, t.context, text) for t, text in zip(turns, texts)])
     metrics["generation_tokens_per_s"] = speed
     if reference_texts is not None:
-        same = [bool(a.strip()) and a.strip() == b.strip() for a, b in zip(texts, reference_texts)]
-        metrics["agreement_with_teacher"] = float(np.mean(same)) if same else None
+        metrics["agreement_with_teacher"] = agreement(texts, reference_texts)
     return metrics, texts
+
+
+def agreement(texts: Sequence[str], references: Sequence[str]) -> float | None:
+    """The share of answers equal to their reference (whitespace at the ends aside) and not empty:
+    two empty answers agree on nothing. None when there is nothing to compare."""
+    same = [bool(a.strip()) and a.strip() == b.strip() for a, b in zip(texts, references)]
+    return float(np.mean(same)) if same else None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

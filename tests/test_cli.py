@@ -118,6 +118,51 @@ def test_every_subcommand_has_help(capsys):
     assert "--temperature" in capsys.readouterr().out
 
 
+def test_language_model_commands_do_not_offer_the_several_hosts_flags(capsys):
+    """`jkd lm` runs on one process: its help does not offer flags it would refuse."""
+    for argv in (["lm", "distill", "--help"], ["lm", "demo", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "--coordinator" not in text and "--num-processes" not in text and "--resume" in text
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--help"])
+    assert "--coordinator" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["demo", "--set", "parallel=gpu"], 2, "parallel must be"),
+    (["run", "nowhere/config.py"], "jkd: no config file at nowhere/config.py", None),
+    (["train-teacher", "--lr", "-1"], 2, "learning_rate (--lr)"),
+    (["distill", "--teacher-dir", "nowhere"], 2, "nowhere"),
+    (["evaluate", "nowhere"], 2, "nowhere"),
+    (["report", "nowhere"], 2, "nowhere/summary.json does not exist"),
+    (["models"], 0, None),
+    (["compress", "nowhere"], 2, "nowhere does not exist"),
+    (["export", "nowhere"], 2, "nowhere does not exist"),
+    (["lm", "demo", "--set", "answer_temperature=-1"], 2, "answer_temperature must be"),
+    (["lm", "distill", "--data", "nowhere.jsonl", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
+    (["lm", "evaluate", "nowhere", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
+    (["lm", "generate", "nowhere", "--prompt", "hi"], 2, "model folder nowhere: no such folder"),
+    (["lm", "export", "nowhere", "--out", "out"], 2, "model folder nowhere: no such folder"),
+])
+def test_every_command_runs_as_python_m_jkd_cli(argv, code, message, tmp_path, monkeypatch, capsys):
+    """`python -m jkd.cli` runs the module as __main__: every command reaches its own code (the
+    `lm evaluate|generate|export` functions once sat below the __main__ block: NameError)."""
+    import runpy
+    import sys
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["jkd", *argv])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as e:
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: jkd.cli is already imported by this test file
+        runpy.run_module("jkd.cli", run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == code, err
+    assert "internal error" not in err and (message is None or message in err)
+
+
 @pytest.mark.slow
 def test_export_a_student_and_the_clear_errors(demo_dir, tmp_path, capsys):
     student = demo_dir / "soft_kd_t_8" / "seed0"

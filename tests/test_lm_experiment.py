@@ -101,22 +101,29 @@ def _jsonl(path, rows):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def user_pair(tmp_path_factory):
-    """A teacher folder as `transformers` writes it (random tiny Llama) with jkd's byte tokenizer."""
+def _save_teacher(folder, *, seed):
+    """A random tiny Llama of 512 positions, as `transformers` writes it, for jkd's byte tokenizer."""
     import torch
     import transformers
 
     from jkd.data.tokenizer import byte_tokenizer
 
-    root = tmp_path_factory.mktemp("user")
     tok = byte_tokenizer()
     config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "teacher")
-    tok.save(root / "teacher")
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def user_pair(tmp_path_factory):
+    """A teacher folder as `transformers` writes it (random tiny Llama) with jkd's byte tokenizer."""
+    from jkd.data.tokenizer import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("user")
+    _save_teacher(root / "teacher", seed=0)
+    byte_tokenizer().save(root / "teacher")
     files = {"train": _jsonl(root / "train.jsonl", _conversations(24, 0)),
              "test": _jsonl(root / "test.jsonl", _conversations(6, 1)),
              "unlabelled": _jsonl(root / "u.jsonl", [{"messages": c["messages"][:1]} for c in _conversations(8, 2)])}
@@ -143,12 +150,37 @@ def test_distill_a_users_pair(user_pair, capsys):
 
     student = load_hf(run_dir / "student_16x1_sequence_rkl" / "seed1")
     assert student.config.hidden_size == 16 and student.config.vocab_size == 259
-    # the same path with other contents is another run, never the old results
     from pathlib import Path
 
-    Path(f["test"]).write_text(Path(f["test"]).read_text() + json.dumps(_conversations(1, 9)[0]) + "\n")
+    # Another test file (its contents changed at the same path) only changes what is measured: the
+    # trained students are reused, not retrained, and measured on the new conversations.
+    test = Path(f["test"])
+    original_test = test.read_text()
+    test.write_text(original_test + json.dumps(_conversations(1, 9)[0]) + "\n")
+    assert cli.main([*argv, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation settings changed (file_digests.test_file:" in out and "are reused and measured again" in out
+    assert "student 16x1 sequence rkl: resumed from the checkpoint of step 2" in out  # not trained again
+    again = json.loads((run_dir / "summary.json").read_text())
+    added = sum(1 for m in _conversations(1, 9)[0]["messages"] if m["role"] == "assistant")
+    assert again["counts"]["test_turns"] == summary["counts"]["test_turns"] + added
+    test.write_text(original_test)
+    # What the students learned from is guarded: the training data, a training flag, the teacher.
+    train = Path(f["train"])
+    original_train = train.read_text()
+    train.write_text(original_train + json.dumps(_conversations(1, 9)[0]) + "\n")
     assert cli.main([*argv, "--resume"]) == 2
-    assert "file_digests.test_file" in capsys.readouterr().err
+    assert "train_file (--data): its contents changed" in capsys.readouterr().err
+    train.write_text(original_train)
+    assert cli.main([*argv[:argv.index("--steps") + 1], "3", *argv[argv.index("--steps") + 2:], "--resume"]) == 2
+    assert "student_steps (--steps): 2 -> 3" in capsys.readouterr().err
+    weights = root / "teacher" / "model.safetensors"
+    original_weights = weights.read_bytes()
+    _save_teacher(root / "teacher", seed=1)  # the teacher retrained in place: same shapes and size, other values
+    assert weights.stat().st_size == len(original_weights) and weights.read_bytes() != original_weights
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "teacher_dir (--teacher): its contents changed" in capsys.readouterr().err
+    weights.write_bytes(original_weights)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -165,6 +197,42 @@ def test_distill_refuses_bad_files_before_writing(user_pair, tmp_path, capsys, m
                      "--run-dir", str(run_dir), "--no-progress"])
     assert code == 2 and message in capsys.readouterr().err
     assert not run_dir.exists()  # nothing written half-way
+
+
+def test_what_would_stop_a_run_after_training_is_refused_before_it(user_pair, tmp_path, capsys):
+    """Test prompts longer than --max-length once crashed the evaluation after training (and the fixed
+    command was then refused); conversations cut to nothing said "0 sequences do not fill one batch"."""
+    root, f = user_pair
+    long_system = {"role": "system", "content": "You are a careful assistant. " * 20}  # ~580 bytes
+    long_test = _jsonl(tmp_path / "long_test.jsonl", [{"messages": [long_system, *c["messages"]]}
+                                                       for c in _conversations(4, 5)])
+    run_dir = tmp_path / "run"
+    base = ["lm", "distill", "--teacher", str(root / "teacher"), "--steps", "2", "--batch-size", "4",
+            "--max-length", "160", "--run-dir", str(run_dir), "--no-progress"]
+    assert cli.main([*base, "--data", f["train"], "--test", long_test]) == 2
+    err = capsys.readouterr().err
+    assert "no test turn to measure" in err and "longer than --max-length 160 (the shortest has" in err
+    assert not (run_dir / ".started").exists()  # nothing trained: the corrected command is not refused
+    long_train = _jsonl(tmp_path / "long_train.jsonl", [{"messages": [long_system, *c["messages"]]}
+                                                        for c in _conversations(8, 6)])
+    assert cli.main([*base, "--data", long_train, "--test", f["test"]]) == 2
+    err = capsys.readouterr().err
+    from jkd.data.chat import encode_chat
+    from jkd.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    need = min(int(np.argmax(encode_chat(tok, [long_system, *c["messages"]]).assistant_mask)) + 1
+               for c in _conversations(8, 6))
+    assert (f"8 of the 8 conversations for the students ({long_train}) have no assistant token within --max-length "
+            "160") in err
+    assert f"the shortest of them needs {need} tokens" in err and f"raise --max-length to at least {need}" in err
+    assert cli.main([*base, "--data", f["train"], "--test", f["test"], "--max-length", "600"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-length 600 exceeds the teacher's max_position_embeddings (512" in err
+    assert not (run_dir / ".started").exists()
+    assert cli.main([*base, "--data", f["train"], "--test", f["test"], "--teacher", "Qwen/Qwen2.5-0.5B-Instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder. jkd reads local Hugging Face folders" in err and "huggingface-cli download" in err
 
 
 def test_distill_flags_are_checked(user_pair, capsys):
@@ -248,6 +316,16 @@ def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
+    # A second run on the folder while the first trains: refused, naming the process that holds it
+    # (two runs once interleaved their logs and deleted each other's checkpoints).
+    import socket
+
+    from jkd.run_lock import RunFolderBusy
+
+    from jkd import lm_experiment as LX
+
+    with pytest.raises(RunFolderBusy, match=f"in use by process {proc.pid} on host {socket.gethostname()}"):
+        LX.run(LX.demo_config(), run_dir, resume=True)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert not (run_dir / "teacher" / "model").exists()  # killed before the teacher was saved
@@ -255,4 +333,5 @@ def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     resumed = [ln for ln in second.stdout.splitlines() if ln.startswith("teacher: resumed from the checkpoint of step")]
     assert resumed and 100 <= int(resumed[0].rsplit(" ", 1)[1]) < 400, second.stdout  # neither 0 nor the end
+    assert f"taking over the lock left by process {proc.pid}" in second.stdout  # the killed run's, recognised
     assert json.loads((run_dir / "summary.json").read_text())["models"][0]["role"] == "teacher"

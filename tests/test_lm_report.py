@@ -30,3 +30,64 @@ def test_verdicts_compare_with_the_student_alone_and_with_the_same_start():
              entry("s kd", "distilled", 0.52, 0.49, signal=True, std=0.05)]
     assert all("does not beat" in n for n in verdicts(close))
     assert "| s kd | distilled | x | 10 | 2 | 52.0 +- 5.0 |" in table(close)
+
+
+def test_the_data_line_is_a_sentence_and_the_counts_stay_numbers():
+    from jkd.lm_report import data_line
+
+    counts = {"train": 300, "labelled_subset": 40, "test": 12, "unlabelled": 8, "train_truncated": 3,
+              "train_dropped": 1, "test_truncated": 0, "test_turns": 20, "test_turns_skipped": 2,
+              "unlabelled_skipped": 0, "truncation_rule": "the last turns"}
+    line = data_line(counts)
+    assert "{" not in line and "'" not in line  # not a Python dict printed
+    assert line.startswith("Data: 300 labelled conversations for the teacher, 40 for the students, 8 unlabelled "
+                           "requests, 12 test conversations (20 assistant turns measured).")
+    assert ("Beyond max_length: 3 training conversations shortened, 1 dropped (no assistant token left), "
+            "2 test turns skipped (prompt too long) (rule: the last turns).") in line
+
+
+def test_curves_draw_each_kind_of_loss_on_its_own_axis(tmp_path, monkeypatch):
+    from jkd import lm_report
+    from jkd.evaluate import plots
+
+    drawn, real = {}, plots.loss_panels
+    monkeypatch.setattr(plots, "loss_panels", lambda panels, path, **kw: drawn.update(panels))
+    monkeypatch.setattr(plots, "accuracy_vs_size", lambda *a, **k: None)
+    entries = [{**entry("teacher", "teacher", 0.9, 0.1, signal=False), "loss": "cross-entropy (all labelled)"},
+               {**entry("s alone", "student_alone", 0.1, 1.0, signal=False), "loss": "cross-entropy"},
+               {**entry("s fkl", "distilled", 0.5, 0.5, signal=True), "loss": "ForwardKL"},
+               {**entry("s jsd", "distilled", 0.5, 0.5, signal=True), "loss": "GeneralizedJSD"}]
+    rec = lambda loss: [{"event": "train", "step": 1, "loss": loss}, {"event": "train", "step": 2, "loss": loss / 2}]  # noqa: E731
+    histories = {"teacher": rec(2.0), "s alone": rec(3.0), "s fkl": rec(0.4), "s jsd": rec(0.1)}
+    lm_report.write_report(tmp_path, entries, {}, [], histories=histories, title="t", counts={
+        "train": 1, "labelled_subset": 1, "unlabelled": 0, "test": 1}, seconds=1.0, echo=lambda s: None)
+    assert sorted(drawn) == ["train loss: ForwardKL", "train loss: GeneralizedJSD", "train loss: cross-entropy",
+                             "train loss: cross-entropy (all labelled)"]
+    assert list(drawn["train loss: ForwardKL"]) == ["s fkl"]  # a KL never shares an axis with a cross-entropy
+    real(drawn, tmp_path / "c.png")  # the real figure draws
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_evaluation_of_nothing_and_empty_answers():
+    """No turn to measure gives empty metrics, not a crash; two empty answers do not agree."""
+    import numpy as np
+    from flax import nnx
+
+    from jkd.data.conversations import Turn
+    from jkd.data.tokenizer import byte_tokenizer
+    from jkd.lm_evaluation import agreement, evaluate_model, generate_texts
+    from jkd.models.decoder import Decoder
+    from jkd.models.decoder_config import DecoderConfig
+
+    tok = byte_tokenizer()
+    cfg = DecoderConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, max_position_embeddings=128, eos_token_id=tok.eos_id)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    assert generate_texts(model, [], tok, max_new_tokens=4) == ([], None)  # was UnboundLocalError
+    metrics, texts = evaluate_model(model, [], tok, max_new_tokens=4, reference_texts=[])
+    assert texts == [] and metrics["generation_tokens_per_s"] is None and metrics["agreement_with_teacher"] is None
+    turn = Turn(0, np.array([1, 2, 3], np.int32), {"role": "assistant", "content": "x"}, [])
+    _, (text,) = evaluate_model(model, [turn], tok, max_new_tokens=2)
+    m, _ = evaluate_model(model, [turn], tok, max_new_tokens=2, reference_texts=[text + " and more"])
+    assert m["agreement_with_teacher"] == 0.0
+    assert agreement(["", " ", "call", "x"], ["", "", "call ", "y"]) == 0.25  # the empty pairs count as different

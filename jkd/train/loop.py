@@ -191,8 +191,8 @@ def fit(
             if step % config.sync_every == 0 or due_save or due_eval:
                 metrics = jax.device_get(metrics)  # the synchronisation point
                 _check_finite(step, metrics)  # before anything of this state is saved
-                rate = n_images / max(time.perf_counter() - t0, 1e-9)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
+                rate = n_images / elapsed
                 record = {"event": "train", "step": step, rate_key: rate,
                           **({"tokens_per_s": n_tokens / elapsed} if n_tokens else {}),
                           **{k: float(np.mean(v)) for k, v in metrics.items()}}

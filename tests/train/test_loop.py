@@ -281,3 +281,27 @@ def test_teacher_is_saved_once_apart(tmp_path):
         save_frozen(tmp_path / "teacher", teacher, {"model": "cnn"})
     variables, meta = load_frozen(tmp_path / "teacher", abstract_like(teacher))
     assert meta == {"model": "cnn"} and H.max_abs_diff(variables, teacher) == 0.0
+
+
+def test_the_logged_rate_names_its_unit_and_language_model_rows_count_tokens(monkeypatch):
+    """An LM run logged ``images_per_s`` for its rows; now sequences (or rows) and tokens per second."""
+    from jkd.train import loop
+
+    clock = iter(np.arange(0.0, 100.0, 0.5))  # every reading of the clock is half a second after the last
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    mask = np.zeros((4, 2, 8), bool)  # 4 rows, 2 vmapped students, 8 slots
+    mask[:, 0, :5] = mask[:, 1, :3] = True  # the students' rows hold 5 and 3 tokens: 4 per row per student
+
+    def batches(start):
+        while True:
+            yield {"tokens": np.zeros((4, 2, 8), np.int32), "attention_mask": mask}
+
+    def run(state, batch, objective, teacher):
+        return state + 1, {"loss": jnp.float32(0.5)}
+
+    _, history = fit(run, jnp.float32(0), None, None, batches=batches,
+                     config=LoopConfig(num_steps=2, sync_every=2, progress=False, unit="seq"))
+    rec = next(r for r in history if r.get("event") == "train")
+    assert "images_per_s" not in rec
+    seconds = 8 / rec["sequences_per_s"]  # 2 steps of 4 sequences
+    assert rec["tokens_per_s"] == pytest.approx(2 * 4 * 4 / seconds)  # per student, as the rows are counted
