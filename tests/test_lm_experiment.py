@@ -144,6 +144,7 @@ def test_distill_a_users_pair(user_pair, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["teacher", "student 16x1 alone", "student 16x1 sequence rkl"]
     assert summary["models"][2]["loss"] == "0.5 ReverseKL + 0.5 CE on teacher answers"
+    assert summary["models"][0]["loss"] == "(loaded, not trained here)"  # was "cross-entropy (all labelled)"
     assert summary["counts"]["test_turns"] == sum(
         1 for c in _conversations(6, 1) for m in c["messages"] if m["role"] == "assistant")
     from jkd.models.hf import load_hf

@@ -187,8 +187,9 @@ def test_folder_without_config(tmp_path):
 def test_unsupported_config_fields_are_named(saved, tmp_path, change, message):
     folder = _copy(saved, "qwen3", tmp_path)
     _edit_config(folder, **change)
-    with pytest.raises(UnsupportedConfigError, match=message):
+    with pytest.raises(UnsupportedConfigError, match=message) as e:
         hf.load_hf(folder)
+    assert str(e.value).startswith(f"{folder}/config.json")  # which folder's config, not "config.json" alone
 
 
 def test_tensor_shapes_that_do_not_match_the_config(saved, tmp_path):
