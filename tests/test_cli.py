@@ -222,7 +222,7 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     for extra, message in ((["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
                            (["--structured-width", "1.5"], "the structured width must lie in (0, 1)"),
                            (["--calibration-images", "8"], "calibration_images must be >= 32"),
-                           (["--sparsity", "0.5"], "holds a run with another configuration (sparsity: 0.8 -> 0.5)"),
+                           (["--sparsity", "0.5"], "holds a run with another configuration (sparsity (--sparsity): 0.8 -> 0.5)"),
                            (["--format", "tflite"], "unknown export format")):
         assert cli.main([*argv, *extra]) == 2
         assert message in capsys.readouterr().err

@@ -178,8 +178,11 @@ def test_template_in_tokenizer_config_or_beside_it(qwen_tok, tmp_path):
     assert Tokenizer.from_folder(tmp_path).chat_template == jinja
     (tmp_path / "chat_template.jinja").write_text("{{ 'beside' }}")
     assert Tokenizer.from_folder(tmp_path).chat_template == "{{ 'beside' }}"
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="tokenizer folder .*nowhere: no such folder"):
         Tokenizer.from_folder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        Tokenizer.from_folder(tmp_path / "empty")
 
 
 def test_byte_tokenizer(tmp_path):

@@ -125,7 +125,10 @@ def test_npz_without_expected_keys(tmp_path):
 def test_labels_out_of_range(tmp_path):
     x = np.zeros((4, 4, 4), np.uint8)
     path = _npz(tmp_path / "l.npz", x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x, y_test=np.array([0, 1, 5, -1]))
-    with pytest.raises(ValueError, match=r"labels of split 'test' lie in \[-1, 5\]; expected 0..2 for 3 classes"):
+    with pytest.raises(ValueError, match=r"l\.npz: y_test holds 1 negative label\(s\) \(the first, -1, at index 3\)"):
+        load_dataset(path, data_dir=tmp_path)
+    path = _npz(tmp_path / "l.npz", x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x, y_test=np.array([0, 1, 5, 2]))
+    with pytest.raises(ValueError, match=r"labels of split 'test' lie in \[0, 5\]; expected 0..2 for 3 classes"):
         load_dataset(path, data_dir=tmp_path)
     with pytest.raises(ValueError, match=r"expected 0..1 for 2 classes"):
         load_dataset(path, data_dir=tmp_path, num_classes=2)
