@@ -37,10 +37,12 @@ from jkd.train import (
     parallel, stack_states, stored, train_step_many, train_step_many_stored, unstack_state, with_objective_aux,
 )
 from jkd.train.optim import check_optimizer
-from jkd.train.checkpoint import Checkpoints, save_frozen
+from jkd.train.checkpoint import save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
-from jkd.train.loop import LoopConfig, fit
+from jkd.train.loop import LoopConfig
 from jkd.fingerprint import input_fingerprint
+from jkd.jobs.group import train_group
+from jkd.jobs.seeds import margin_and_spread, mean_std
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
@@ -232,11 +234,6 @@ class _Run:
             return parallel.with_pmap(step, self.cfg.devices)
         return parallel.single_device(step)
 
-    def log(self, model: str, record: dict) -> None:
-        self.folder.log(model, record)
-        if record.get("event") == "resumed":
-            self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
-
     def close(self):
         self.folder.close()
 
@@ -314,21 +311,11 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
         return {f"{split}_accuracy": float(acc.mean()), f"{split}_accuracy_per_seed": acc.tolist(),
                 f"{split}_loss_per_seed": loss.tolist()}
 
-    def log(rec):
-        r.log(name, {**rec, "epoch": rec["step"] / r.steps_per_epoch})
-
-    r.folder.mark_started()
-    ckpts = Checkpoints(r.dir / slug(name) / "ckpt")
-    try:
-        states, _ = fit(
-            r.runner(step), states, objs, teacher, batches=batches, checkpoints=ckpts,
-            evaluate=evaluate, log=log,
-            config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
-                              eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress,
-                              label=name),
-        )
-    finally:
-        ckpts.close()
+    states = train_group(
+        r.folder, name, r.runner(step), states, objs, teacher, batches=batches, evaluate=evaluate,
+        config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
+                          eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress, label=name),
+        annotate=lambda rec: {**rec, "epoch": rec["step"] / r.steps_per_epoch}, echo=r.echo)
     return graphdef, [hosts.local(unstack_state(states, i)) for i in range(k)]
 
 
@@ -512,8 +499,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
             entries.append({
                 "name": name, "role": role, "loss": loss_name, "model": mspec.name,
                 "test_accuracy_per_seed": accs,
-                "test_accuracy_mean": float(np.mean(accs)),
-                "test_accuracy_std": float(np.std(accs)),
+                **mean_std([{"test_accuracy": a} for a in accs]),
                 "params": stats.params, "flops": stats.flops, "size_bytes": size,
                 "seconds_per_epoch": _seconds_per_epoch(histories.get(name, []), len(r.train)),
                 "epochs": (None if cfg.teacher_dir else cfg.teacher_epochs) if role == "teacher" else epochs_of[name],
@@ -537,8 +523,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         for e in entries:
             alone = reference_alone(e, entries)
             if e["role"] == "distilled" and alone is not None:
-                margin = e["test_accuracy_mean"] - alone["test_accuracy_mean"]
-                spread = max(e["test_accuracy_std"], alone["test_accuracy_std"])
+                margin, spread = margin_and_spread(e, alone, "test_accuracy")
                 verdict = "beats" if margin > spread else "does not beat"
                 which = "the student alone" if alone is _first_alone(entries) else f"{alone['name']}"
                 gap = f"; it closes {100 * e['gap_closed']:.0f}% of the teacher-student gap" if "gap_closed" in e else ""

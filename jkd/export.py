@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jkd.atomic import atomic_write
+
 # jax2onnx 0.17.1's nnx plugins read flax's deprecated ``Variable.value``; that warning is
 # jax2onnx's to fix. Only DeprecationWarnings raised from jax2onnx's own modules are hidden.
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"jax2onnx(\.|$)")
@@ -74,7 +76,7 @@ def export_stablehlo(serve: Callable, image_shape, path: str | Path) -> Path:
     (batch,) = jax.export.symbolic_shape("batch")
     exported = jax.export.export(jax.jit(serve))(_input_spec(image_shape, batch))
     path = Path(path)
-    _atomic_write(path, bytes(exported.serialize()))
+    atomic_write(path, bytes(exported.serialize()))
     return path
 
 
@@ -121,7 +123,7 @@ def export_onnx(serve: Callable, image_shape, path: str | Path, *, name: str = "
                         input_names=["images"], output_names=["logits"])
     _strip_inference_dropout(proto)
     path = Path(path)
-    _atomic_write(path, proto.SerializeToString())
+    atomic_write(path, proto.SerializeToString())
     return path
 
 
@@ -271,14 +273,8 @@ def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=F
     writers = {"stablehlo": lambda: export_stablehlo(serve, shape, out / STABLEHLO_FILE),
                "onnx": lambda: export_onnx(serve, shape, out / ONNX_FILE)}
     paths = {f: writers[f]() for f in formats}
-    _atomic_write(out / PREPROCESSING_FILE, json.dumps(preprocessing(meta, formats), indent=2).encode())
+    atomic_write(out / PREPROCESSING_FILE, json.dumps(preprocessing(meta, formats), indent=2).encode())
     return paths
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 # ---- language models ------------------------------------------------------------------------------
@@ -302,9 +298,9 @@ def export_lm_stablehlo(model, folder: str | Path) -> Path:
         jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / STABLEHLO_FILE, bytes(exported.serialize()))
+    atomic_write(folder / STABLEHLO_FILE, bytes(exported.serialize()))
     cfg = model.config
-    _atomic_write(folder / LM_SERVING_FILE, json.dumps({
+    atomic_write(folder / LM_SERVING_FILE, json.dumps({
         "inputs": {"tokens": "int32 [batch, length]", "attention_mask": "bool [batch, length] (True: a real token)"},
         "output": f"float32 logits [batch, length, {cfg.vocab_size}]",
         "positions": "counted over the real tokens of each row (right or left padding both work)",

@@ -47,13 +47,14 @@ from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.faults import missing_folder
 from jkd.fingerprint import input_fingerprint
+from jkd.jobs.group import train_group
+from jkd.jobs.seeds import mean_std
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
 from jkd.train.state import split_model
-from jkd.train.checkpoint import Checkpoints
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
-from jkd.train.loop import LoopConfig, fit
+from jkd.train.loop import LoopConfig
 from jkd.train.sampler import SamplingConfig, bucket_length
 from jkd.train.steps import unstack_state
 
@@ -326,11 +327,6 @@ class _Run:
                                  f"--max-new-tokens {cfg.max_new_tokens}), more than {where}. Lower --max-new-tokens or "
                                  "--max-length.")
 
-    def log(self, model: str, record: dict) -> None:
-        self.folder.log(model, record)
-        if record.get("event") == "resumed":
-            self.echo(f"{model}: resumed from the checkpoint of step {record['step']}")
-
     def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
         slots = max(config.max_position_embeddings, self.positions_needed)
         return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
@@ -361,16 +357,10 @@ class _Run:
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
                 yield {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
-        self.folder.mark_started()
-        ckpts = Checkpoints(self.dir / slug(name) / "ckpt")
-        try:
-            states, _ = fit(run, states, objective, tvars, batches=batches, checkpoints=ckpts,
-                            log=lambda rec: self.log(name, rec),
-                            config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress,
-                                              label=name, sync_every=5,
-                                              unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
-        finally:
-            ckpts.close()
+        states = train_group(
+            self.folder, name, run, states, objective, tvars, batches=batches, echo=self.echo,
+            config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
+                              sync_every=5, unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
         return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]
 
 
@@ -611,8 +601,4 @@ def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], s
     weights = sum(p.stat().st_size for p in saved.glob("*.safetensors"))  # on disk, tokenizer aside
     e = {"name": name, "role": role, "loss": loss_name, "params": params, "size_bytes": weights,
          "seeds": len(per_seed), "per_seed": per_seed}
-    for key in per_seed[0]:
-        vals = [m[key] for m in per_seed if isinstance(m.get(key), (int, float))]
-        if vals and len(vals) == len(per_seed):
-            e[f"{key}_mean"], e[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
-    return e
+    return {**e, **mean_std(per_seed)}

@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+from jkd.atomic import atomic_write
 from jkd.data.conversations import Turn
 from jkd.evaluate import plots
 from jkd.evaluate.report import ROLES
+from jkd.jobs.seeds import margin_and_spread
 
 COLUMNS = (
     ("tool_call_exact_match", "exact match", 100), ("tool_name_accuracy", "tool name", 100),
@@ -46,10 +48,9 @@ def table(entries: Sequence[dict]) -> str:
 
 
 def _compare(best: dict, other: dict, key: str, better: int, label: str) -> str | None:
-    if f"{key}_mean" not in best or f"{key}_mean" not in other:
+    if (found := margin_and_spread(best, other, key, better=better)) is None:
         return None
-    margin = better * (best[f"{key}_mean"] - other[f"{key}_mean"])
-    spread = max(best[f"{key}_std"], other[f"{key}_std"])
+    margin, spread = found
     verdict = "beats" if margin > spread else "does not beat"
     return (f"{best['name']} {verdict} {other['name']} on {label} by more than the seed spread: "
             f"{best[f'{key}_mean']:.4f} vs {other[f'{key}_mean']:.4f} (margin {margin:+.4f}, std {spread:.4f}).")
@@ -81,10 +82,9 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
             for e in with_signal:
                 parts, wins = [], 0
                 for key, better, label in METRICS:
-                    if f"{key}_mean" not in e or f"{key}_mean" not in base:
+                    if (found := margin_and_spread(e, base, key, better=better)) is None:
                         continue
-                    margin = better * (e[f"{key}_mean"] - base[f"{key}_mean"])
-                    spread = max(e[f"{key}_std"], base[f"{key}_std"])
+                    margin, spread = found
                     wins += margin > spread
                     parts.append(f"{label} {e[f'{key}_mean']:.4f} vs {base[f'{key}_mean']:.4f} "
                                  f"({'better' if margin > spread else 'worse' if -margin > spread else 'within the spread'}, "
@@ -136,9 +136,7 @@ def write_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str
     notes = verdicts(entries)
     notes.append(data_line(counts) + f" Each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
     summary = {"title": title, "models": entries, "notes": notes, "counts": counts}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     panels: dict[str, dict] = {}
     kinds = {e["name"]: e["loss"] for e in entries}
     for name, hs in histories.items():

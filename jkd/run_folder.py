@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from jkd.atomic import atomic_write
 from jkd.faults import disk_full, is_disk_full
 from jkd.run_lock import LOCK_FILE, RunLock
 
@@ -123,17 +123,6 @@ def _started(path: Path) -> bool:
             or any(path.glob("**/ckpt")))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full(path.parent, what=f"writing {path.name}") from e
-        raise
-
-
 def _matches(key: str, names: tuple[str, ...]) -> bool:
     """Whether a dotted key is one of ``names`` or lies below one (``file_digests.test_file``)."""
     top = key.split("[")[0]
@@ -207,12 +196,12 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise self._os_error(e, "creating the run folder") from e
-        _write_atomic(self.path / CONFIG_FILE, json.dumps(self.config, indent=2))
+        atomic_write(self.path / CONFIG_FILE, json.dumps(self.config, indent=2))
 
     def mark_started(self) -> None:
         """Training is about to change the folder: from now on the config guard applies."""
         if self.writer and not (self.path / STARTED_FILE).exists():
-            _write_atomic(self.path / STARTED_FILE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            atomic_write(self.path / STARTED_FILE, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
     def _os_error(self, e: OSError, what: str) -> OSError:
         if is_disk_full(e):

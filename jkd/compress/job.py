@@ -40,12 +40,13 @@ from jkd.evaluate import latency
 from jkd.evaluate.predict import predict
 from jkd.models import create_model, model_stats
 from jkd.fingerprint import input_fingerprint
+from jkd.jobs.group import train_group
 from jkd.run_folder import RunFolder, config_to_json
 from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
-from jkd.train.checkpoint import Checkpoints, save_frozen
+from jkd.train.checkpoint import save_frozen
 from jkd.train.state import split_model
-from jkd.train.loop import LoopConfig, fit
+from jkd.train.loop import LoopConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,18 +185,11 @@ class _Job:
         view = functools.partial(augment.augment, mean=self.mean, std=self.std, crop_padding=cfg.crop_padding,
                                  flip=self.spec.flip)
         step = functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=self.tg)
-        self.folder.mark_started()
-        ckpts = Checkpoints(self.out / stage / "ckpt")
-        try:
-            state, _ = fit(parallel.single_device(step), state, cfg.objective, self.teacher,
-                           batches=lambda start: P.train_batches(self.train, batch_size=cfg.batch_size,
-                                                                 seed=cfg.seed, start_step=start),
-                           checkpoints=ckpts,
-                           config=LoopConfig(num_steps=total, save_every=self.steps_per_epoch, progress=self.progress,
-                                             label=stage))
-        finally:
-            ckpts.close()
-        return state
+        return train_group(
+            self.folder, stage, parallel.single_device(step), state, cfg.objective, self.teacher,
+            batches=lambda start: P.train_batches(self.train, batch_size=cfg.batch_size, seed=cfg.seed, start_step=start),
+            config=LoopConfig(num_steps=total, save_every=self.steps_per_epoch, progress=self.progress, label=stage),
+            echo=self.echo)
 
     def calibration(self) -> jax.Array:
         """The calibration images as the model sees them (normalised)."""

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jkd.atomic import atomic_write
+
 VERSION = 2
 TODAY = datetime.date(2026, 12, 1)  # every conversation's "today": "tomorrow" is always 2026-12-02
 HOME = "Berlin"                     # the user's city: a flight with no origin starts here
@@ -369,9 +371,7 @@ def write_dataset(folder: str | Path, *, seed: int = 0, sizes: dict[str, int] | 
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in sizes.items():
-        tmp = paths[split].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(c) + "\n" for c in generate_split(split, n, seed=seed)))
-        tmp.replace(paths[split])
+        atomic_write(paths[split], "".join(json.dumps(c) + "\n" for c in generate_split(split, n, seed=seed)))
     (folder / "tools.json").write_text(json.dumps(TOOLS, indent=1))
     meta_path.write_text(json.dumps(meta, indent=1))
     return paths

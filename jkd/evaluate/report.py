@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jkd.atomic import atomic_write
+
 ROLES = ("teacher", "student_alone", "distilled")
 
 
@@ -34,9 +36,7 @@ def write(run_dir: Path, entries: list[dict], *, title: str, notes: list[str]) -
         if e["role"] not in ROLES:
             raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
     summary = {"title": title, "models": entries, "notes": notes}
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     md = table(entries)
     figures = ["curves.png", "accuracy_vs_size.png"] + sorted(p.name for p in run_dir.glob("confusion_*.png")) + sorted(p.name for p in run_dir.glob("roc_*.png"))
     body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [""] + [f"![{f}]({f})" for f in figures]

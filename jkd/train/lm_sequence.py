@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
+from jkd.atomic import atomic_write
 from jkd.data.conversations import sequence_batches
 from jkd.models.decoder import Decoder
 from jkd.train.lm_stored import teacher_identity
@@ -89,11 +89,8 @@ def teacher_answers(
         out = generate(teacher, chunk, max_new_tokens=max_new_tokens, sampling=sampling,
                        key=jax.random.fold_in(jax.random.key(seed), i), stop_tokens=stop_tokens)
         rows = out.rows()
-        tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, prompts=np.asarray(key), lengths=np.asarray([len(r) for r in rows], np.int64),
-                     tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32))
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savez(f, prompts=np.asarray(key), lengths=np.asarray([len(r) for r in rows], np.int64),
+                                              tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32)))
         answers.extend(rows)
         if progress and i + 1 < n_batches and time.perf_counter() - shown >= progress_every_s:
             shown = time.perf_counter()

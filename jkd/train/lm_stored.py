@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from jkd.atomic import atomic_write
 from jkd.losses import projected_topk_kl
 from jkd.train.lm_steps import Batch, apply_gradients, learned_positions, next_token_hidden
 from jkd.train.state import FrozenModel, TrainState
@@ -101,12 +101,8 @@ class StoredTopK:
 
     def save(self, path: str | Path) -> None:
         """One ``.npz`` (written to a temporary name, then renamed: never half a file)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + f".partial-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, logprobs=self.logprobs.view(np.uint16), ids=self.ids, fingerprints=self.fingerprints,
-                     teacher=np.asarray(self.teacher))
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savez(f, logprobs=self.logprobs.view(np.uint16), ids=self.ids,
+                                              fingerprints=self.fingerprints, teacher=np.asarray(self.teacher)))
 
     @classmethod
     def load(cls, path: str | Path) -> StoredTopK:
