@@ -257,6 +257,17 @@ def preprocessing(meta: dict, formats) -> dict:
     }
 
 
+def check_artifacts(paths: dict[str, Path], graphdef, variables, meta: dict, *, images: int = 8,
+                    seed: int = 0) -> dict[str, float]:
+    """The largest absolute logit difference between each exported artifact (``paths`` from
+    :func:`export_model`) and the model in JAX, on ``images`` random raw uint8 images."""
+    x = np.random.default_rng(seed).integers(0, 256, (images, *meta["image_shape"]), dtype=np.uint8)
+    reference = np.asarray(serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])(x))
+    runs = {"stablehlo": lambda p: np.asarray(load_stablehlo(p)(x)),
+            "onnx": lambda p: onnx_session(p).run(None, {"images": x})[0]}
+    return {fmt: float(np.max(np.abs(runs[fmt](p) - reference))) for fmt, p in paths.items()}
+
+
 def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=FORMATS) -> dict[str, Path]:
     """Write the artifacts in ``formats`` and ``preprocessing.json`` to ``out_dir``; returns
     ``{format: path}``. ``meta`` is a saved model's meta (image shape, mean, std, classes)."""

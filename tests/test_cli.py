@@ -250,3 +250,39 @@ def test_one_run_on_any_runner_and_device_count(tmp_path):
     for name in ("mesh2", "pmap4"):
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params["single"], params[name]))
         assert diff < 1e-4, (name, diff)
+
+
+def test_a_new_config_field_is_a_flag_without_touching_the_parser(monkeypatch, tmp_path):
+    """Flags come from the config dataclasses: a field added to a job's config is settable at once,
+    by its flag and by --set, parsed by its type."""
+    import dataclasses
+
+    from jkd import lm_experiment as LX
+    from jkd.cli import lm as lm_commands
+
+    extended = dataclasses.make_dataclass("LMExperimentConfig", [("warmup_knob", int, dataclasses.field(default=3))],
+                                          bases=(LX.LMExperimentConfig,), frozen=True)
+    monkeypatch.setattr(LX, "LMExperimentConfig", extended)
+    argv = ["lm", "distill", "--data", "a.jsonl", "--test", "b.jsonl", "--test-limit", "7", "--warmup-knob", "5"]
+    args = cli.build_parser().parse_args(argv)
+    cfg = lm_commands._lm_config(args)
+    assert isinstance(cfg, extended) and cfg.warmup_knob == 5 and cfg.test_limit == 7
+    assert lm_commands._lm_config(cli.build_parser().parse_args(argv[:6])).warmup_knob == 3  # not given: the default
+    assert cli.apply_overrides(extended(), ["warmup_knob=9", "test_limit=none"]) == extended(warmup_knob=9)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*argv[:6], "--warmup-knob", "many"])
+
+
+def test_derived_flags_reach_every_job(capsys):
+    """A plain field without a hand-written flag is a flag of every command that runs its job."""
+    parser = cli.build_parser()
+    for argv, field, value in (
+            (["demo", "--eval-every-epochs", "2"], "eval_every_epochs", 2),
+            (["distill", "--teacher-dir", "t", "--flip", "false"], "flip", False),
+            (["train-teacher", "--val-seed", "4"], "val_seed", 4),
+            (["lm", "demo", "--student-steps", "50", "--seeds", "0,1"], "seeds", (0, 1)),
+            (["compress", "m", "--structured-multiple", "16"], "structured_multiple", 16)):
+        assert getattr(parser.parse_args(argv), f"config.{field}") == value, argv
+    with pytest.raises(SystemExit):
+        parser.parse_args(["lm", "demo", "--answer-temperature", "inf"])
+    assert "expected a finite number" in capsys.readouterr().err

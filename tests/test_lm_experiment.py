@@ -75,7 +75,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(demo_dir, capsys):
     assert "teacher: loaded from" in out  # saved once, not retrained
     assert "student 2 layers alone: resumed from the checkpoint of step 2" in out  # the final one, not step 0
     assert cli.main(["lm", "demo", "--run-dir", str(demo_dir), *TINY, "--set", "student_steps=3"]) == 2
-    assert "student_steps: 2 -> 3" in capsys.readouterr().err
+    assert "student_steps (--student-steps): 2 -> 3" in capsys.readouterr().err
 
 
 def _conversations(n, seed):

@@ -1,0 +1,192 @@
+"""The language-model commands: ``jkd lm demo | distill | evaluate | generate | export``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jkd.cli.common import apply_overrides, finite, run_folder_flags, seed_list
+from jkd.cli.flags import add_config_flags, config_overrides
+
+# The LMExperimentConfig fields `jkd lm distill` sets with flags of its own; every other plain field
+# gets a flag of its name (jkd.cli.flags).
+_DISTILL_CLAIMED = ("train_file", "test_file", "unlabelled_file", "teacher_dir", "max_length", "batch_size",
+                    "pack_length", "teacher_steps", "student_steps", "seeds", "include_baseline", "max_new_tokens")
+
+
+def _config_class():
+    from jkd.lm_experiment import LMExperimentConfig
+
+    return LMExperimentConfig
+
+LM_MODES = ("token", "sequence", "on-policy")
+LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "skew-fkl": "SkewForwardKL",
+             "skew-rkl": "SkewReverseKL", "tv": "TotalVariation"}
+
+
+def _lm_config(args):
+    """``jkd lm distill``'s flags as an :class:`~jkd.lm_experiment.LMExperimentConfig`."""
+    import jkd.losses as losses
+    from jkd import lm_experiment as LX
+    from jkd.models.hf import read_config
+    from jkd.train.lm_steps import OnPolicyKD, TokenKD
+
+    cls = getattr(losses, LM_LOSSES[args.loss])
+    kw = {"beta": args.beta} if args.loss == "jsd" else {"alpha": args.alpha} if args.loss.startswith("skew") else {}
+    divergence = cls(**kw)
+    if args.mode == "on-policy":
+        objective = OnPolicyKD(divergence=divergence, temperature=args.temperature,
+                               student_fraction=args.student_fraction, max_new_tokens=args.max_new_tokens)
+    else:
+        objective = TokenKD(divergence=divergence, temperature=args.temperature, kd_weight=args.kd_weight,
+                            ce_weight=args.ce_weight)
+    if args.mode != "token" and not args.unlabelled:
+        raise ValueError(f"--mode {args.mode} needs --unlabelled (requests the teacher answers or the student samples).")
+    if Path(args.student).is_dir():
+        student = read_config(args.student)
+    else:
+        try:
+            width, layers = (int(x) for x in args.student.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--student must be WIDTHxLAYERS (e.g. 64x2) or a folder with config.json; "
+                             f"got {args.student!r}.") from None
+        student = LX._decoder(1024, width, layers)
+    from jkd.train import AdamWConfig
+
+    opt = AdamWConfig(learning_rate=args.lr, weight_decay=0.0, warmup_epochs=0.1)
+    cfg = LX.LMExperimentConfig(
+        train_file=args.data, test_file=args.test, unlabelled_file=args.unlabelled, teacher_dir=args.teacher,
+        students=(LX.LMStudent(f"student {args.student}", student),), max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
+        student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
+        seeds=args.seeds, include_baseline=not args.no_baseline,
+        distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
+                                         teacher_answers=args.mode == "sequence"),),
+        title=f"{args.mode} distillation ({args.loss}) of {args.data}")
+    return dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
+
+
+def add_commands(sub) -> None:
+    lm = sub.add_parser("lm", help="language models: distil a tool-using model into a small one")
+    lm_sub = lm.add_subparsers(dest="lm_command", required=True)
+    lm_demo = lm_sub.add_parser("demo", help="the agent demo on the embedded tool-use conversations (no network)")
+    lm_demo.set_defaults(handler=demo_command)
+    run_folder_flags(lm_demo, run_dir="runs/lm_demo", several_hosts=False)
+    lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
+    add_config_flags(lm_demo, _config_class())
+
+    lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
+                                "Hugging Face folder) into a small student, measured against the student alone")
+    lm_dist.set_defaults(handler=distill_command)
+    run_folder_flags(lm_dist, run_dir="runs/lm", several_hosts=False)
+    lm_dist.add_argument("--data", required=True, help="labelled conversations, .jsonl (chat messages per line)")
+    lm_dist.add_argument("--test", required=True, help="held-out conversations, .jsonl")
+    lm_dist.add_argument("--unlabelled", help="requests without answers, .jsonl (sequence-level and on-policy modes)")
+    lm_dist.add_argument("--teacher", help="a Hugging Face model folder (Llama / Qwen2 / Qwen3) with its "
+                         "tokenizer; default: train a teacher here on --data")
+    lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (default 64x2), or a folder "
+                         "with a config.json to copy the architecture from")
+    lm_dist.add_argument("--mode", choices=LM_MODES, default="token")
+    lm_dist.add_argument("--loss", choices=sorted(LM_LOSSES), default="fkl")
+    lm_dist.add_argument("--temperature", type=finite, default=1.0)
+    lm_dist.add_argument("--beta", type=finite, default=0.5, help="JSD interpolation (jsd)")
+    lm_dist.add_argument("--alpha", type=finite, default=0.1, help="skew of skew-fkl / skew-rkl")
+    lm_dist.add_argument("--lambda", dest="student_fraction", type=finite, default=0.5,
+                         help="on-policy: the share of steps on the student's own samples")
+    lm_dist.add_argument("--kd-weight", type=finite, default=1.0)
+    lm_dist.add_argument("--ce-weight", type=finite, default=0.0)
+    lm_dist.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
+    lm_dist.add_argument("--max-new-tokens", type=int, default=64)
+    lm_dist.add_argument("--batch-size", type=int, default=16, help="rows per step (of --pack-length when packing)")
+    lm_dist.add_argument("--pack-length", type=int, default=None, help="pack whole conversations into rows of this "
+                         "many tokens (at least --max-length; on-policy steps keep one prompt per row)")
+    lm_dist.add_argument("--steps", type=int, default=200, help="student optimizer steps")
+    lm_dist.add_argument("--teacher-steps", type=int, default=400, help="teacher steps (when trained here)")
+    lm_dist.add_argument("--lr", type=finite, default=3e-3)
+    lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
+    lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
+
+    add_config_flags(lm_dist, _config_class(), claimed=_DISTILL_CLAIMED,
+                     defaults={"labelled_subset": None, "title": "MODE distillation (LOSS) of DATA"})
+
+    lm_eval = lm_sub.add_parser("evaluate", help="tool-use metrics and cross-entropy of a Hugging Face model "
+                                "folder on test conversations")
+    lm_eval.set_defaults(handler=evaluate_command)
+    lm_eval.add_argument("model", help="a Hugging Face model folder with its tokenizer (e.g. runs/lm_demo/<group>/seed0)")
+    lm_eval.add_argument("--test", required=True, help="conversations, .jsonl")
+    lm_eval.add_argument("--max-length", type=int, default=256)
+    lm_eval.add_argument("--max-new-tokens", type=int, default=64)
+    lm_eval.add_argument("--out", help="also write the metrics to this JSON file")
+    lm_gen = lm_sub.add_parser("generate", help="answer requests with a Hugging Face model folder")
+    lm_gen.set_defaults(handler=generate_command)
+    lm_gen.add_argument("model", help="a Hugging Face model folder with its tokenizer")
+    lm_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    lm_gen.add_argument("--max-new-tokens", type=int, default=64)
+    lm_gen.add_argument("--temperature", type=finite, default=0.0, help="0: greedy")
+    lm_gen.add_argument("--seed", type=int, default=0)
+
+    lm_exp = lm_sub.add_parser("export", help="a Hugging Face model folder's forward pass as StableHLO "
+                               "(tokens -> logits, any batch and length), with its tokenizer")
+    lm_exp.set_defaults(handler=export_command)
+    lm_exp.add_argument("model", help="a Hugging Face model folder with its tokenizer")
+    lm_exp.add_argument("--out", required=True, help="the folder to write (model.stablehlo, serving.json, tokenizer)")
+
+
+def demo_command(args) -> int:
+    from jkd import lm_experiment as LX
+
+    cfg = dataclasses.replace(apply_overrides(LX.demo_config(), args.set), **config_overrides(args, LX.LMExperimentConfig))
+    LX.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
+    return 0
+
+
+def distill_command(args) -> int:
+    from jkd import lm_experiment as LX
+
+    LX.run(_lm_config(args), args.run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+    return 0
+
+
+def evaluate_command(args) -> int:
+    from jkd.jobs.measure import evaluate_saved_lm
+
+    metrics = evaluate_saved_lm(args.model, args.test, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def export_command(args) -> int:
+    from jkd.export import export_lm_stablehlo
+
+    model, tok = _lm_model(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out.")
+    export_lm_stablehlo(model, out)
+    tok.save(out)
+    print(f"wrote {out}/model.stablehlo (tokens, attention_mask -> logits) and the tokenizer")
+    return 0
+
+
+def _lm_model(folder: str):
+    from jkd.data.tokenizer import Tokenizer
+    from jkd.models.hf import load_hf
+
+    return load_hf(folder), Tokenizer.from_folder(folder)
+
+
+def generate_command(args) -> int:
+    from jkd.data.chat import encode_chat
+    from jkd.train.sampler import SamplingConfig, generate
+
+    model, tok = _lm_model(args.model)
+    prompts = [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids for p in args.prompt]
+    sampling = SamplingConfig(temperature=args.temperature) if args.temperature > 0 else SamplingConfig()
+    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling, key=args.seed)
+    for prompt, row in zip(args.prompt, out.rows()):
+        print(f"> {prompt}\n{tok.decode(row, skip_special_tokens=True)}\n")
+    return 0
