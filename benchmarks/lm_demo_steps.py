@@ -31,7 +31,7 @@ from jkd.models.decoder import Decoder  # noqa: E402
 from jkd.train import create_train_state, freeze_model, parallel, stack_states  # noqa: E402
 from jkd.train.lm_steps import (OnPolicyKD, TokenKD, apply_gradients, learned_positions, on_policy_step,  # noqa: E402
                                 prompt_and_completion, token_kd_loss, token_kd_step)
-from jkd.train.sampler import default_pad_id, generate_tokens, stop_token_array  # noqa: E402
+from jkd.models.sampler import default_pad_id, generate_tokens, stop_token_array  # noqa: E402
 
 CONFIG = dataclasses.replace(_decoder(1024, 128, 4), max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
 SEEDS, STEPS, REPEATS = 3, 4, 5

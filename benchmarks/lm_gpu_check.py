@@ -38,7 +38,7 @@ from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.train import optim, parallel
 from jkd.train.lm_steps import TokenKD, learned_positions, token_kd_step
-from jkd.train.sampler import SamplingConfig, generate
+from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
 FULL = {

@@ -33,7 +33,7 @@ from common import write
 from jkd.models.hf import load_hf
 from jkd.train import optim, parallel
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
-from jkd.train.sampler import SamplingConfig
+from jkd.models.sampler import SamplingConfig
 from jkd.train.state import create_train_state, freeze_model
 
 B, T, VOCAB = 8, 256, 8192

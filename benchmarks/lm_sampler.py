@@ -24,7 +24,7 @@ import numpy as np
 
 from common import write
 from jkd.models.hf import load_hf
-from jkd.train import sampler
+from jkd.models import sampler
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,7 @@ from jkd.data.conversations import Encoded, Turn
 from jkd.data.tokenizer import Tokenizer
 from jkd.evaluate.toolcalls import tool_metrics
 from jkd.models.decoder import Decoder
-from jkd.train.sampler import generate
+from jkd.models.sampler import generate
 
 GENERATE_BATCH = 128
 BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by tens of tokens

@@ -55,7 +55,7 @@ from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
 from jkd.train.loop import LoopConfig
-from jkd.train.sampler import SamplingConfig, bucket_length
+from jkd.models.sampler import SamplingConfig, bucket_length
 from jkd.train.steps import unstack_state
 
 

@@ -181,7 +181,7 @@ def _lm_model(folder: str):
 
 def generate_command(args) -> int:
     from jkd.data.chat import encode_chat
-    from jkd.train.sampler import SamplingConfig, generate
+    from jkd.models.sampler import SamplingConfig, generate
 
     model, tok = _lm_model(args.model)
     prompts = [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids for p in args.prompt]

@@ -38,3 +38,20 @@ def expose(module: nnx.Module, name: str, value: jax.Array) -> jax.Array:
     if hasattr(module, "__captures__"):  # set by nnx.capture on the modules it traces
         module.sow(nnx.Intermediate, FEATURE_PREFIX + name, value)
     return value
+
+
+_capture = nnx.capture(lambda model, x: model(x), nnx.Intermediate)
+
+
+def call_with_features(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``model(x)`` plus the features it exposes (``stage1``, ``pooled``, ...), by name.
+
+    The model's code and a plain ``model(x)`` call are unchanged: features are recorded only
+    under this call (``nnx.capture``). Works inside ``jit`` on a model merged there.
+    """
+    logits, captured = _capture(model, x)
+    features = {}
+    for path, variable in nnx.to_flat_state(captured):
+        value = variable.get_value()
+        features[str(path[-1]).removeprefix(FEATURE_PREFIX)] = value[-1] if isinstance(value, tuple) else value
+    return logits, features

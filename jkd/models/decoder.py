@@ -7,7 +7,7 @@ checkpoint maps onto the module tensor for tensor with no transposes (:mod:`jkd.
 
 Attention takes a padding mask, per-token positions and segment ids (packed sequences), so
 batches of different lengths, left or right padded, and packed rows are all exact. ``decode``
-runs the same layers against a :class:`KVCache` for the sampler (:mod:`jkd.train.sampler`).
+runs the same layers against a :class:`KVCache` for the sampler (:mod:`jkd.models.sampler`).
 
 Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``D`` hidden size, ``V`` vocabulary.
 """

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jkd.models._layers import FEATURE_PREFIX
 from jkd.models.cnn import SmallCNN
 from jkd.models.mlp import MLP
 from jkd.models.mobilenet import MobileNetV2
@@ -108,23 +107,6 @@ def create_model(
         return MODELS[name](num_classes, tuple(input_shape), nnx.Rngs(seed), bn_axis_name=bn_axis_name, **options)
     except TypeError as e:
         raise ValueError(f"bad size options {options} for model {name!r}: {e}") from e
-
-
-_capture = nnx.capture(lambda model, x: model(x), nnx.Intermediate)
-
-
-def call_with_features(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``model(x)`` plus the features it exposes (``stage1``, ``pooled``, ...), by name.
-
-    The model's code and a plain ``model(x)`` call are unchanged: features are recorded only
-    under this call (``nnx.capture``). Works inside ``jit`` on a model merged there.
-    """
-    logits, captured = _capture(model, x)
-    features = {}
-    for path, variable in nnx.to_flat_state(captured):
-        value = variable.get_value()
-        features[str(path[-1]).removeprefix(FEATURE_PREFIX)] = value[-1] if isinstance(value, tuple) else value
-    return logits, features
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Train state, optimizers, objectives, pure steps and their 1..N-device wrappers."""
+"""Train state, optimizers, objectives, pure steps and their 1..N-device wrappers.
+
+Stored teacher outputs (``jkd.train.stored``, which reads data with grain) and the language-model
+steps (``jkd.train.lm_steps``) are imported where they are used, not here.
+"""
 
 from jkd.train import objectives
 from jkd.train import parallel
-from jkd.train import stored
 from jkd.train.optim import AdamWConfig
 from jkd.train.optim import SGDConfig
 from jkd.train.optim import make_optimizer
@@ -25,7 +28,7 @@ from jkd.train.steps import with_objective_aux
 __all__ = [
     "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",
     "with_objective_aux",
-    "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel", "stored",
+    "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel",
     "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored",
     "train_step_stored", "unstack_state",
 ]

@@ -28,7 +28,7 @@ from jkd.atomic import atomic_write
 from jkd.data.conversations import sequence_batches
 from jkd.models.decoder import Decoder
 from jkd.train.lm_stored import teacher_identity
-from jkd.train.sampler import SamplingConfig, generate
+from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import freeze_model
 
 
@@ -58,7 +58,7 @@ def teacher_answers(
       teacher_id: names the teacher's weights; default :func:`jkd.train.lm_stored.teacher_identity`
         of its parameters and config (one pass over the weights), so changed weights never read
         another teacher's answers. Pass a name you keep stable yourself to skip that pass.
-      max_new_tokens, sampling, stop_tokens: as :func:`jkd.train.sampler.generate`.
+      max_new_tokens, sampling, stop_tokens: as :func:`jkd.models.sampler.generate`.
       seed: batch ``i`` samples with ``fold_in(key(seed), i)``.
       batch_size: prompts per generation call (and per file).
       progress: a line on stderr every ``progress_every_s`` seconds (0: every batch) and at the end.

@@ -27,7 +27,7 @@ import optax
 from flax import nnx, struct
 
 from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence
-from jkd.train.sampler import SamplingConfig, default_pad_id, generate_tokens, stop_token_array
+from jkd.models.sampler import SamplingConfig, default_pad_id, generate_tokens, stop_token_array
 from jkd.train.state import FrozenModel, TrainState
 
 Batch = dict[str, jax.Array]

@@ -13,7 +13,7 @@ import jax
 import optax
 from flax import nnx, struct
 
-from jkd.models import call_with_features
+from jkd.models._layers import call_with_features
 
 
 @struct.dataclass

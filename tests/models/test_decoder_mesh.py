@@ -23,7 +23,7 @@ from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import batch_sharding, decoder_shardings, make_mesh, shard_decoder
 from jkd.train.checkpoint import Checkpoints
-from jkd.train.sampler import generate
+from jkd.models.sampler import generate
 from jkd.train.state import create_train_state
 
 # Every side divisible by 4 (and by 8 where the 8-device mesh splits it).

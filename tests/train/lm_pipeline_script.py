@@ -28,7 +28,7 @@ from jkd.train.checkpoint import Checkpoints  # noqa: E402
 from jkd.train.lm_sequence import answer_batches, teacher_answers  # noqa: E402
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step  # noqa: E402
 from jkd.train.loop import LoopConfig, fit  # noqa: E402
-from jkd.train.sampler import SamplingConfig  # noqa: E402
+from jkd.models.sampler import SamplingConfig  # noqa: E402
 from jkd.train.state import create_train_state, freeze_model  # noqa: E402
 
 VOCAB = 40

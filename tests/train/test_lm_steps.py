@@ -18,7 +18,7 @@ from jkd.models.decoder_sharding import batch_sharding, make_mesh
 from jkd.train import optim
 from jkd.train.lm_steps import (OnPolicyKD, TokenKD, learned_positions, on_policy_step, prompt_and_completion,
                                 token_kd_loss, token_kd_step)
-from jkd.train.sampler import SamplingConfig, generate
+from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
 VOCAB = 48  # the shared vocabulary; the teacher's embedding has 4 padding rows beyond it

@@ -12,8 +12,8 @@ from scipy import stats
 
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
-from jkd.train import sampler
-from jkd.train.sampler import SamplingConfig, filter_logits, generate, sample_logits
+from jkd.models import sampler
+from jkd.models.sampler import SamplingConfig, filter_logits, generate, sample_logits
 
 CONFIG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, family="qwen3", max_position_embeddings=256)
