@@ -42,6 +42,7 @@ from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig
 from jkd.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
+from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import margin_and_spread, mean_std
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
@@ -323,8 +324,7 @@ def _get_teacher(r: _Run, run_dir: Path, echo):
     """``(graphdef, variables)`` of the teacher: loaded from ``cfg.teacher_dir``, or from this
     run folder, or trained here (and saved once)."""
     cfg, spec = r.cfg, r.ds.spec
-    saved = run_dir / "teacher" / "model"
-    source = cfg.teacher_dir or (saved if saved.exists() else None)
+    source = teacher_source(cfg.teacher_dir, r.folder)
     if source:
         tg, teacher, meta = load_saved_model(source)
         check_saved_model(meta, cfg.teacher, spec, where=str(source), role="teacher")
@@ -335,7 +335,7 @@ def _get_teacher(r: _Run, run_dir: Path, echo):
         r, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
         optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
     teacher = freeze(states[0])
-    save_frozen(saved, teacher, model_meta(cfg.teacher, spec, "teacher"))
+    save_frozen(run_dir / SAVED_TEACHER, teacher, model_meta(cfg.teacher, spec, "teacher"))
     return tg, teacher
 
 
@@ -469,7 +469,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
                 if role != "teacher" and not target.exists():
                     save_frozen(target, v, model_meta(mspec, spec, role))
             size = _dir_bytes(Path(cfg.teacher_dir) if (role == "teacher" and cfg.teacher_dir) else
-                              run_dir / "teacher" / "model" if role == "teacher" else model_dir / "seed0")
+                              run_dir / SAVED_TEACHER if role == "teacher" else model_dir / "seed0")
             stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
             evals = [h for h in histories.get(name, []) if h.get("event") == "eval"]
             accs = [m["accuracy"] for m in per_seed]
@@ -733,7 +733,7 @@ def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: Aut
          f"{100 * choice['student_alone_val_accuracy']:.2f}% for the student alone; a gain must exceed "
          f"{100 * choice['required_gain']:.2f} points)")
     name = f"auto: {loss} T={temp:g} kd={weight:g}" if weight > 0 else "auto: no distillation (kd_weight=0)"
-    final_cfg = dataclasses.replace(cfg, teacher_dir=str(search_dir / "teacher" / "model") if not cfg.teacher_dir else cfg.teacher_dir,
+    final_cfg = dataclasses.replace(cfg, teacher_dir=str(search_dir / SAVED_TEACHER) if not cfg.teacher_dir else cfg.teacher_dir,
                                     distillations=(Distillation(name, wrap(_auto_objective(loss, temp, weight))),),
                                     include_baseline=True, title=f"{cfg.title} (automatic settings)")
     t_final = time.perf_counter()

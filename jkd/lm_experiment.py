@@ -48,6 +48,7 @@ from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.faults import missing_folder
 from jkd.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
+from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import mean_std
 from jkd.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
@@ -292,7 +293,7 @@ class _Run:
         on_policy = any(isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
         rows = (cfg.batch_size if cfg.pack_length is None
                 else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1) if on_policy else 1)
-        trained_here = cfg.teacher_dir is None and not (self.dir / "teacher" / "model" / "config.json").exists()
+        trained_here = teacher_source(cfg.teacher_dir, self.folder, complete="config.json") is None
         for what, enc, convs in ([("for the students", self.labelled_enc, data.labelled)]
                                  + ([("for the teacher", self.train_enc, data.train)] if trained_here else [])):
             if len(enc) >= rows:
@@ -371,8 +372,7 @@ def _as_decoder(graphdef, params) -> Decoder:
 
 def _get_teacher(r: _Run, echo) -> Decoder:
     cfg = r.cfg
-    saved = r.dir / "teacher" / "model"
-    source = cfg.teacher_dir or (saved if (saved / "config.json").exists() else None)
+    source = teacher_source(cfg.teacher_dir, r.folder, complete="config.json")
     if source:
         teacher = load_hf(source)
         echo(f"teacher: loaded from {source}")
@@ -387,7 +387,7 @@ def _get_teacher(r: _Run, echo) -> Decoder:
                               learn=r.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
                               optimizer=cfg.teacher_optimizer)
     teacher = _as_decoder(g, params[0])
-    save_hf(teacher, saved, tokenizer=r.data.tokenizer, overwrite=True)
+    save_hf(teacher, r.dir / SAVED_TEACHER, tokenizer=r.data.tokenizer, overwrite=True)
     return teacher
 
 
@@ -564,7 +564,7 @@ def _run(cfg: LMExperimentConfig, folder: RunFolder, progress: bool, echo: Calla
                 teacher_texts = texts
             else:  # written again on every run: a rerun may measure with other settings
                 save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
-        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / "teacher" / "model") if role == "teacher" \
+        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / SAVED_TEACHER) if role == "teacher" \
             else r.dir / slug(name) / "seed0"
         entries.append({**_entry(name, role, loss_name, mcfg, per_seed, saved), **setup[name]})
         exact, ce = (entries[-1].get(f"{k}_mean") for k in ("tool_call_exact_match", "test_cross_entropy"))

@@ -41,6 +41,7 @@ from jkd.evaluate.predict import predict
 from jkd.models import create_model, model_stats
 from jkd.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
+from jkd.jobs.teacher import SAVED_TEACHER
 from jkd.run_folder import RunFolder, config_to_json
 from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
@@ -219,7 +220,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
     cfg.validate()
     student_dir, out = Path(student_dir), Path(out_dir)
     if teacher_dir is None:  # a run folder's layout: <run>/<setting>/seed<k> beside <run>/teacher/model
-        teacher_dir = student_dir.parent.parent / "teacher" / "model"
+        teacher_dir = student_dir.parent.parent / SAVED_TEACHER
         if not teacher_dir.exists():
             raise FileNotFoundError(f"no teacher found at {teacher_dir}; pass the teacher's folder (--teacher-dir).")
     settings = {"student_dir": str(student_dir.absolute()), "teacher_dir": str(Path(teacher_dir).absolute()),
