@@ -35,7 +35,7 @@ def worker(process_id: int, num_processes: int, port: int) -> None:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 4 // num_processes)
-    from jkd import hosts
+    from jkd.runtime import hosts
 
     if num_processes > 1:
         hosts.start(hosts.Launch("flags", f"127.0.0.1:{port}", num_processes, process_id))

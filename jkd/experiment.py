@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jkd import hosts
+from jkd.runtime import hosts
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
 from jkd.evaluate import metrics as M
@@ -40,11 +40,11 @@ from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig
-from jkd.fingerprint import input_fingerprint
+from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import margin_and_spread, mean_std
-from jkd.run_folder import RunFolder, config_to_json, slug
+from jkd.runtime.run_folder import RunFolder, config_to_json, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
 
@@ -148,7 +148,7 @@ class ExperimentConfig:
         names = [d.name for d in self.distillations]
         if len(set(names)) != len(names):
             raise ValueError(f"distillation names must be distinct; got {names}.")
-        if jax.process_count() > 1:  # a run over several processes (jkd.hosts): one mesh over all devices
+        if jax.process_count() > 1:  # a run over several processes (jkd.runtime.hosts): one mesh over all devices
             if self.parallel == "pmap":
                 raise ValueError(f"parallel 'pmap' runs on one process's devices; this run has {jax.process_count()} "
                                  "processes: use parallel 'mesh' (--parallel mesh), which spans every host.")
@@ -200,7 +200,7 @@ class _Run:
     """Shared pieces of one run: data, views, runners; its folder does the writing."""
 
     def __init__(self, cfg: ExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None] = print):
-        # Several processes (jkd.hosts): process 0 alone prints, shows progress and writes files.
+        # Several processes (jkd.runtime.hosts): process 0 alone prints, shows progress and writes files.
         self.primary = hosts.is_primary()
         self.cfg, self.folder, self.dir = cfg, folder, folder.path
         self.progress, self.echo = progress and self.primary, echo if self.primary else (lambda *_: None)
@@ -390,7 +390,7 @@ def _dir_bytes(path: Path) -> int:
 def guarded_config(cfg: ExperimentConfig) -> dict:
     """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and
     folders it names by path (a dataset file or folder, the teacher's folder), so that an input
-    replaced in place is another configuration (:mod:`jkd.fingerprint`)."""
+    replaced in place is another configuration (:mod:`jkd.runtime.fingerprint`)."""
     digests = {k: input_fingerprint(getattr(cfg, k)) for k in ("dataset", "teacher_dir")
                if getattr(cfg, k) is not None and Path(getattr(cfg, k)).exists()}
     return {**config_to_json(cfg), **({"file_digests": digests} if digests else {})}
@@ -400,7 +400,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Carry out ``cfg`` in ``run_dir``; returns the summary (also in ``summary.json``).
 
-    The run folder's rule (:mod:`jkd.run_folder`): the same configuration resumes with
+    The run folder's rule (:mod:`jkd.runtime.run_folder`): the same configuration resumes with
     ``resume=True``; another one is refused, naming the keys that differ (``force=True``
     deletes the old run first); a run that failed before training began is simply rerun.
     """

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 
 # jax2onnx 0.17.1's nnx plugins read flax's deprecated ``Variable.value``; that warning is
 # jax2onnx's to fix. Only DeprecationWarnings raised from jax2onnx's own modules are hidden.

@@ -1,7 +1,7 @@
 """The language-model job: a teacher, students alone and distilled, measured as agents, reported.
 
 One run is one :class:`LMExperimentConfig`; :func:`run` carries it out in a run folder with the
-image side's conventions (:mod:`jkd.run_folder`: the config guard, ``--resume``, ``log.jsonl``,
+image side's conventions (:mod:`jkd.runtime.run_folder`: the config guard, ``--resume``, ``log.jsonl``,
 TensorBoard events; checkpoints per trained group; ``summary.json`` and ``report.md``)::
 
     run_dir/data/                 the embedded conversations (when no data is given)
@@ -45,12 +45,12 @@ from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
-from jkd.faults import missing_folder
-from jkd.fingerprint import input_fingerprint
+from jkd.runtime.faults import missing_folder
+from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import mean_std
-from jkd.run_folder import RunFolder, config_to_json, slug
+from jkd.runtime.run_folder import RunFolder, config_to_json, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
 from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
@@ -465,7 +465,7 @@ def _answered(r: _Run, teacher: Decoder, echo):
 
 def guarded_config(cfg: LMExperimentConfig) -> dict:
     """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and the
-    teacher folder it names by path (:mod:`jkd.fingerprint`), so that an input edited or replaced in
+    teacher folder it names by path (:mod:`jkd.runtime.fingerprint`), so that an input edited or replaced in
     place never reuses the teacher, answers or results of the old one."""
     files = {k: input_fingerprint(getattr(cfg, k))
              for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir") if getattr(cfg, k) is not None}
@@ -482,7 +482,7 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
 
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Carry out ``cfg`` in ``run_dir`` (the run folder's rule of :mod:`jkd.run_folder`); returns the
+    """Carry out ``cfg`` in ``run_dir`` (the run folder's rule of :mod:`jkd.runtime.run_folder`); returns the
     summary (also in ``summary.json``). Every input check that can be made before training is made
     before training; a rerun that changes only evaluation settings (:func:`evaluation_keys`) measures
     the trained students again."""

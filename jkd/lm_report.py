@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 from jkd.data.conversations import Turn
 from jkd.evaluate import plots
 from jkd.evaluate.report import ROLES

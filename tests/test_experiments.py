@@ -38,7 +38,7 @@ def test_temperature_sweep_has_a_pulse(tmp_path):
     import dataclasses
 
     from jkd.experiment import run_sweep
-    from jkd.run_folder import ConfigMismatchError
+    from jkd.runtime.run_folder import ConfigMismatchError
 
     cfg = cli.load_config_file("experiments/temperature_sweep/config.py").get_config()
     cfg = dataclasses.replace(cfg, teacher_epochs=1, student_epochs=1, seeds=(0,), eval_every_epochs=1)

@@ -81,7 +81,7 @@ def test_a_full_disk_stops_within_seconds_and_resume_continues_once_space_is_fre
 
 
 def test_a_full_disk_while_logging_is_one_clear_error(tmp_path, monkeypatch, capsys):
-    from jkd import run_folder
+    from jkd.runtime import run_folder
 
     calls = {"n": 0}
     real = run_folder._EventWriter.scalars

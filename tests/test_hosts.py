@@ -1,10 +1,11 @@
-"""jkd.hosts: how a multi-process run is detected, and the watchdog that names a lost peer."""
+"""jkd.runtime.hosts: how a multi-process run is detected, and the watchdog that names a lost peer."""
 
 import numpy as np
 import pytest
 
-from jkd import cli, hosts
-from jkd.hosts import Launch, Watchdog, detect
+from jkd import cli
+from jkd.runtime import hosts
+from jkd.runtime.hosts import Launch, Watchdog, detect
 
 NONE = {}
 

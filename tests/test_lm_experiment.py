@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jkd import cli
-from jkd.run_folder import slug
+from jkd.runtime.run_folder import slug
 
 pytestmark = pytest.mark.slow
 
@@ -321,7 +321,7 @@ def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
     # (two runs once interleaved their logs and deleted each other's checkpoints).
     import socket
 
-    from jkd.run_lock import RunFolderBusy
+    from jkd.runtime.run_lock import RunFolderBusy
 
     from jkd import lm_experiment as LX
 

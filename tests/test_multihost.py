@@ -17,7 +17,7 @@ import portpicker
 import pytest
 
 from jkd import cli
-from jkd.run_folder import read_log
+from jkd.runtime.run_folder import read_log
 from jkd.saved import load_saved_model
 
 pytestmark = pytest.mark.slow

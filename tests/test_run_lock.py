@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jkd import fingerprint as F
-from jkd.run_folder import ConfigMismatchError, RunFolder
-from jkd.run_lock import LOCK_FILE, RunFolderBusy, RunLock
+from jkd.runtime import fingerprint as F
+from jkd.runtime.run_folder import ConfigMismatchError, RunFolder
+from jkd.runtime.run_lock import LOCK_FILE, RunFolderBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def hold(folder: Path):
-    """Another process that holds ``folder``'s lock until killed (it imports jkd.run_lock only)."""
-    code = ("import sys, time; from jkd.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+    """Another process that holds ``folder``'s lock until killed (it imports jkd.runtime.run_lock only)."""
+    code = ("import sys, time; from jkd.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -85,7 +85,7 @@ def test_force_keeps_the_lock_and_a_closed_folder_can_be_claimed_again(tmp_path)
     assert not (folder / LOCK_FILE).exists()  # released
     forced = RunFolder(folder, {"a": 2}, force=True)
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]  # the old run deleted, the lock still held
-    other = subprocess.run([sys.executable, "-c", "import sys; from jkd.run_lock import RunLock; "
+    other = subprocess.run([sys.executable, "-c", "import sys; from jkd.runtime.run_lock import RunLock; "
                             "RunLock(sys.argv[1]).acquire()", str(folder)], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert other.returncode == 1 and f"process {os.getpid()} on host" in other.stderr

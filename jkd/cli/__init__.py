@@ -38,7 +38,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
 def _is_user_error(e: BaseException) -> bool:
     import errno
 
-    from jkd.faults import is_disk_full
+    from jkd.runtime.faults import is_disk_full
 
     if isinstance(e, _USER_ERRORS) or is_disk_full(e):
         return True
@@ -52,7 +52,7 @@ class _DropDiskFullLogs:
     main thread sees the error; jkd then reports it once, plainly, so those are dropped."""
 
     def filter(self, record) -> bool:
-        from jkd.faults import is_disk_full
+        from jkd.runtime.faults import is_disk_full
 
         exc = record.exc_info[1] if record.exc_info else None
         return not (is_disk_full(exc) or "No space left on device" in record.getMessage())
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     import jkd
-    from jkd import hosts
+    from jkd.runtime import hosts
 
     jkd.initialize()  # before any JAX computation of this process
     parser = build_parser()
@@ -96,21 +96,21 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         if not _is_user_error(e):
             import traceback
 
-            from jkd import hosts
+            from jkd.runtime import hosts
 
             hosts.await_lost_peer()  # a collective broken by a dead peer is reported as that peer's loss
             traceback.print_exc()
             print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
                   "your input: please report it with the command and the traceback above.", file=sys.stderr)
             return 1, f"internal error ({type(e).__name__}: {str(e)[:200]})"
-        from jkd.faults import DiskFullError, disk_full, is_disk_full
+        from jkd.runtime.faults import DiskFullError, disk_full, is_disk_full
 
         # Any full disk that reaches here unexplained (a plain ENOSPC OSError from a write jkd does
         # not wrap, or orbax's RESOURCE_EXHAUSTED) still gets the one line with the folder and
         # --resume: CI once saw a bare "No space left on device" from the tmpfs test.
         if is_disk_full(e) and not isinstance(e, DiskFullError):
             e = disk_full(Path(getattr(args, "run_dir", None) or "."), what="writing")
-        from jkd.run_folder import ConfigMismatchError, mismatch_message
+        from jkd.runtime.run_folder import ConfigMismatchError, mismatch_message
 
         # a changed config key is named by its flag too (student_steps (--steps))
         text = mismatch_message(e.path, e.diff, _config_flags(parser, args)) if isinstance(
@@ -148,8 +148,8 @@ _MULTI_PROCESS = ("demo", "run", "train-teacher", "distill")
 
 
 def _join_processes(args) -> None:
-    """Join the run's other processes when launched as one of several (see :mod:`jkd.hosts`)."""
-    from jkd import hosts
+    """Join the run's other processes when launched as one of several (see :mod:`jkd.runtime.hosts`)."""
+    from jkd.runtime import hosts
 
     if not hasattr(args, "peer_timeout"):
         return  # a command without a run folder: one process

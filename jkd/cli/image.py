@@ -203,7 +203,7 @@ def run_command(args) -> int:
     default = cfg_path.parent.name + ("" if cfg_path.stem == "config" else "_" + cfg_path.stem.removeprefix("config_"))
     run_dir = args.run_dir or str(Path("runs") / default)
     if hasattr(module, "main"):  # experiments that are more than one comparison (sweeps, toys)
-        from jkd import hosts
+        from jkd.runtime import hosts
 
         if hosts.active():
             raise ValueError(f"{args.config} is a custom experiment (its own main()), which runs on one "

@@ -39,10 +39,10 @@ from jkd.data import pipeline as P
 from jkd.evaluate import latency
 from jkd.evaluate.predict import predict
 from jkd.models import create_model, model_stats
-from jkd.fingerprint import input_fingerprint
+from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER
-from jkd.run_folder import RunFolder, config_to_json
+from jkd.runtime.run_folder import RunFolder, config_to_json
 from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
 from jkd.train.checkpoint import save_frozen
@@ -213,7 +213,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
                  echo: Callable[[str], None] = print) -> dict:
     """Compress the student saved in ``student_dir``; returns the summary (also written).
 
-    The out folder follows the run folder's rule (:mod:`jkd.run_folder`) and always resumes: the
+    The out folder follows the run folder's rule (:mod:`jkd.runtime.run_folder`) and always resumes: the
     same settings, student and teacher (their files' fingerprints included) continue where a run
     stopped; others are refused unless ``force`` (which deletes the old results first)."""
     cfg = config

@@ -19,7 +19,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from jkd.faults import missing_folder
+from jkd.runtime.faults import missing_folder
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 
 VERSION = 2
 TODAY = datetime.date(2026, 12, 1)  # every conversation's "today": "tomorrow" is always 2026-12-02

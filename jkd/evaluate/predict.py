@@ -22,12 +22,12 @@ def predict(fn: Callable[[dict], object], source, *, batch_size: int,
         (a leading axis, e.g. K students, is kept).
       source: a random-access split (``pipeline.reader(...)``, a ``Subset``).
       batch_size: rows per call; the last batch is padded and its padding dropped here.
-      split: in a run of several processes (:mod:`jkd.hosts`), each evaluates its contiguous
+      split: in a run of several processes (:mod:`jkd.runtime.hosts`), each evaluates its contiguous
         share of ``source`` and the shares are gathered, so every process returns the whole
         split's logits, computed once. ``fn`` must then be a local computation (variables from
-        :func:`jkd.hosts.local`). A collective: every process calls it.
+        :func:`jkd.runtime.hosts.local`). A collective: every process calls it.
     """
-    from jkd import hosts
+    from jkd.runtime import hosts
 
     count = hosts.process_count() if split else 1
     if count > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 
 ROLES = ("teacher", "student_alone", "distilled")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from jkd.run_folder import RunFolder, slug
+from jkd.runtime.run_folder import RunFolder, slug
 from jkd.train.checkpoint import Checkpoints
 from jkd.train.loop import LoopConfig, fit
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jkd.run_folder import RunFolder
+from jkd.runtime.run_folder import RunFolder
 
 SAVED_TEACHER = Path("teacher") / "model"  # inside the run folder
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jkd.faults import missing_folder
+from jkd.runtime.faults import missing_folder
 from jkd.models import safetensors_io as st
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig, UnsupportedConfigError, from_hf_config, to_hf_config

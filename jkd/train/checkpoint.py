@@ -12,7 +12,7 @@
   reads fine but holds another model (names or shapes differ from the state asked for) is
   not corruption: it raises :class:`IncompatibleCheckpointError` naming both, and nothing is
   moved.
-* A full disk while saving raises :class:`jkd.faults.DiskFullError` (orbax's writer threads
+* A full disk while saving raises :class:`jkd.runtime.faults.DiskFullError` (orbax's writer threads
   report it as ``RESOURCE_EXHAUSTED``); the unfinished step is a temporary folder that the
   next run removes, so the newest complete step stays the one to resume from.
 * The teacher is saved once, apart (:func:`save_frozen`), never inside the student's steps.
@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
-from jkd.faults import disk_full, is_disk_full
+from jkd.runtime.faults import disk_full, is_disk_full
 
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint that reads fine but holds another model or optimizer than the one asked for."""

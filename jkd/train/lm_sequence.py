@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 from jkd.data.conversations import sequence_batches
 from jkd.models.decoder import Decoder
 from jkd.train.lm_stored import teacher_identity

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jkd.atomic import atomic_write
+from jkd.runtime.atomic import atomic_write
 from jkd.losses import projected_topk_kl
 from jkd.train.lm_steps import Batch, apply_gradients, learned_positions, next_token_hidden
 from jkd.train.state import FrozenModel, TrainState

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from jkd.atomic import atomic_write
-from jkd.faults import DiskFullError
+from jkd.runtime.atomic import atomic_write
+from jkd.runtime.faults import DiskFullError
 from jkd.jobs.seeds import margin_and_spread, mean_std
 
 

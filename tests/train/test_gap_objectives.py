@@ -175,7 +175,7 @@ def test_run_folders_of_earlier_configs_still_resume():
     """The fields this issue added default to None, which the run-folder guard reads as absent:
     a demo folder written before them (its config.json without them) is the same run."""
     from jkd.experiment import demo_config
-    from jkd.run_folder import config_diff, config_to_json
+    from jkd.runtime.run_folder import config_diff, config_to_json
 
     new = config_to_json(demo_config())
     old = config_to_json(demo_config())

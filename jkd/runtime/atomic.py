@@ -1,6 +1,6 @@
 """The one way jkd writes a file that must never be seen half-written: a temporary name beside it,
 flushed to disk, then renamed over it. A kill leaves the old file or the new one, never a mix; a
-full disk is reported as :class:`jkd.faults.DiskFullError` naming the file's folder.
+full disk is reported as :class:`jkd.runtime.faults.DiskFullError` naming the file's folder.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from jkd.faults import disk_full, is_disk_full
+from jkd.runtime.faults import disk_full, is_disk_full
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[BinaryIO], None]) -> Path:

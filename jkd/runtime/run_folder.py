@@ -16,13 +16,13 @@ The rule, the same for every command that writes a run folder (``jkd demo``, ``r
 ``config.json`` is written only by :meth:`RunFolder.begin`, after the caller has checked its
 inputs; :meth:`RunFolder.mark_started` marks the first training step.
 
-One run at a time: the writer holds the folder's lock (:mod:`jkd.run_lock`) from the claim to
+One run at a time: the writer holds the folder's lock (:mod:`jkd.runtime.run_lock`) from the claim to
 :meth:`RunFolder.close`; a second run on a folder in use is refused, naming the process and host
 that hold it. Settings that only decide what is measured (``reusable`` keys: a test file, how many
 tokens to generate) may change on ``resume=True`` without starting over: the trained models are
 reused and measured again, and ``config.json`` records the new values.
 
-In a run of several processes (:mod:`jkd.hosts`) every process checks the rule, and only the
+In a run of several processes (:mod:`jkd.runtime.hosts`) every process checks the rule, and only the
 *writer* (process 0) locks, deletes, writes the config, the mark, the log and TensorBoard events.
 """
 
@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jkd.atomic import atomic_write
-from jkd.faults import disk_full, is_disk_full
-from jkd.run_lock import LOCK_FILE, RunLock
+from jkd.runtime.atomic import atomic_write
+from jkd.runtime.faults import disk_full, is_disk_full
+from jkd.runtime.run_lock import LOCK_FILE, RunLock
 
 CONFIG_FILE = "config.json"
 STARTED_FILE = ".started"
