@@ -1,6 +1,6 @@
 """Peak memory and time of soft distillation from hidden states over a large vocabulary:
 the plain loss on materialised logits (``h @ W`` for student and teacher, then
-``soft_distillation_loss``) against ``projected_soft_distillation_loss`` (projections fused into
+``soft_distillation_loss``) against ``projected_token_divergence`` (projections fused into
 chunks of rows), value and gradient w.r.t. the student's hidden states and projection, side by
 side in one process. 8,192 tokens x 32,768 classes, hidden size 512, float32, chunk 512.
 
@@ -35,7 +35,7 @@ def run(tokens=TOKENS, classes=CLASSES, hidden=HIDDEN, chunk=CHUNK) -> dict:
         return jnp.mean(losses.soft_distillation_loss(a @ b, jax.lax.stop_gradient(c @ d), temperature=T))
 
     def fused(a, b, c, d):
-        return losses.projected_soft_distillation_loss(a, b, c, d, temperature=T, chunk_size=chunk)
+        return T ** 2 * losses.projected_token_divergence(a, b.T, c, d.T, temperature=T, chunk_size=chunk)
 
     out = {}
     for name, fn in (("plain", plain), ("fused", fused)):

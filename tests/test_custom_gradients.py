@@ -47,6 +47,7 @@ def test_chunked_soft_loss_in_both_logits(rows, chunk):
     check_grads(f, (s, t), order=1, modes=("rev",), eps=1e-5, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:jkd.losses.projected_soft_distillation_loss is deprecated")
 @pytest.mark.parametrize("rows, chunk", [(11, 4), (6, 16)])
 def test_projected_soft_loss_in_the_student_hidden_states_and_projection(rows, chunk):
     hs, ws, ht, wt = _normal(4, (rows, 5), (5, 13), (rows, 7), (7, 13))

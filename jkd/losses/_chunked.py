@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from jkd.losses import _common as c
+from jkd.losses._token import projected_token_divergence
 
 
 def chunked_soft_distillation_loss(
@@ -136,21 +138,13 @@ def projected_soft_distillation_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> jax.Array:
-    r"""Mean soft-distillation loss over rows, with the vocabulary projections fused in:
-    the ``[rows, num_classes]`` logits never exist beyond one chunk of rows.
+    r"""Deprecated: :func:`projected_token_divergence` is the one fused-projection loss (masks, any
+    divergence, the labels' cross-entropy in the same pass). This is it with ``[d, num_classes]``
+    projections, the forward KL and Hinton's ``T^2`` factor.
 
     .. math::
         L = \frac{1}{N} \sum_{n} T^2 \, \mathrm{KL}\big(\mathrm{softmax}(h^t_n W^t / T)
         \,\|\, \mathrm{softmax}(h^s_n W^s / T)\big)
-
-    For token-level distillation with large vocabularies (the sequence-model case): the
-    student's and the teacher's logits are computed ``chunk_size`` rows at a time from their last
-    hidden states and output projections. It returns the *mean* (a scalar), not per-example
-    values, because that is what lets the gradients be formed in the same pass as the loss:
-    ``dL/ds = T (q - p) / N`` is known per chunk, so ``dL/dh^s = (dL/ds) W^{sT}`` and
-    ``dL/dW^s = sum_chunks h^{sT} (dL/ds)`` are accumulated as the chunks go, and the backward
-    pass only scales them: the same matrix products as the plain loss, no recomputation. The
-    teacher is frozen: its hidden states and projection get zero gradients.
 
     Args:
       student_hidden: ``[..., d_student]`` floating point.
@@ -158,85 +152,36 @@ def projected_soft_distillation_loss(
       teacher_hidden: ``[..., d_teacher]``, the same leading shape.
       teacher_projection: ``[d_teacher, num_classes]``.
       temperature: ``T > 0`` (a Python number).
-      chunk_size: rows per chunk (the last chunk is padded and masked).
+      chunk_size: tokens per chunk (as :func:`projected_token_divergence` counts them).
 
     Returns:
       ``[]`` float32: the mean loss over all rows.
 
     Example:
+      >>> import warnings
       >>> hs, ws = jnp.ones((6, 4)), jnp.zeros((4, 50))
-      >>> projected_soft_distillation_loss(hs, ws, hs, ws, temperature=2.0, chunk_size=4).shape
+      >>> with warnings.catch_warnings():
+      ...     warnings.simplefilter("ignore", DeprecationWarning)
+      ...     projected_soft_distillation_loss(hs, ws, hs, ws, temperature=2.0, chunk_size=4).shape
       ()
 
     References:
       Hinton et al. 2015, https://arxiv.org/abs/1503.02531. Fusing the output projection into a
       chunked loss: Hsu et al. Liger Kernel, 2024, https://arxiv.org/abs/2410.10989.
     """
-    hs = c.check_floating("student_hidden", student_hidden)
+    warnings.warn("jkd.losses.projected_soft_distillation_loss is deprecated: use "
+                  "projected_token_divergence(student_hidden, student_projection.T, teacher_hidden, "
+                  "teacher_projection.T, temperature=T) * T**2 (weights [vocab, d]; masks and other "
+                  "divergences too).", DeprecationWarning, stacklevel=2)
     ws = c.check_floating("student_projection", student_projection)
-    ht = c.check_floating("teacher_hidden", teacher_hidden)
     wt = c.check_floating("teacher_projection", teacher_projection)
-    if ws.ndim != 2 or wt.ndim != 2 or ws.shape[0] != hs.shape[-1] or wt.shape[0] != ht.shape[-1] or ws.shape[1] != wt.shape[1]:
+    hs_d, ht_d = jnp.shape(student_hidden)[-1], jnp.shape(teacher_hidden)[-1]
+    if ws.ndim != 2 or wt.ndim != 2 or ws.shape[0] != hs_d or wt.shape[0] != ht_d or ws.shape[1] != wt.shape[1]:
         raise ValueError(
             "projections must be [d, num_classes] with d the hidden size and the same num_classes; got student "
-            f"hidden {hs.shape} x projection {ws.shape}, teacher hidden {ht.shape} x projection {wt.shape}.")
-    if hs.shape[:-1] != ht.shape[:-1]:
-        raise ValueError(f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}.")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+            f"hidden {jnp.shape(student_hidden)} x projection {ws.shape}, teacher hidden {jnp.shape(teacher_hidden)} "
+            f"x projection {wt.shape}.")
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(f"temperature must be a positive Python number; got {temperature!r}.")
-    rows = math.prod(hs.shape[:-1])
-    n_chunks = max(1, -(-rows // chunk_size))
-    pad = n_chunks * chunk_size - rows
-
-    def prep(x):
-        x = x.reshape(rows, x.shape[-1])
-        if pad:
-            x = jnp.pad(x, [(0, pad), (0, 0)])
-        return x.reshape(n_chunks, chunk_size, x.shape[-1])
-
-    mask = (jnp.arange(n_chunks * chunk_size) < rows).reshape(n_chunks, chunk_size)
-    dtype = c.compute_dtype(hs, ws)
-    loss, _ = _projected_kd(prep(hs), ws, prep(ht), wt, mask, float(temperature), rows, dtype)
-    return loss
-
-
-def _projected_pass(hs, ws, ht, wt, mask, temp, rows, dtype):
-    """Loss and its gradients w.r.t. ``hs`` (chunked) and ``ws``, in one pass over the chunks."""
-    zero = jnp.zeros((), dtype)
-
-    def one(dws, args):
-        hc, tc_h, mc = args
-        s = (hc.astype(dtype) @ ws.astype(dtype)) / temp
-        t = (tc_h.astype(dtype) @ wt.astype(dtype)) / temp
-        log_q, log_p = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
-        kl = c.kl_from_log_probs(log_p, log_q)
-        per_row = jnp.where(mc, temp ** 2 * kl, zero)
-        ds = jnp.where(mc[:, None], temp * (jnp.exp(log_q) - jnp.exp(log_p)), zero) / rows  # d mean / d logits
-        dhc = ds @ ws.astype(dtype).T
-        return dws + hc.astype(dtype).T @ ds, (jnp.sum(per_row), dhc.astype(hc.dtype))
-
-    dws, (sums, dhs) = jax.lax.scan(one, jnp.zeros(ws.shape, dtype), (hs, ht, mask))
-    return jnp.sum(sums) / rows, dhs, dws.astype(ws.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _projected_kd(hs, ws, ht, wt, mask, temp, rows, dtype):
-    loss, dhs, dws = _projected_pass(hs, ws, ht, wt, mask, temp, rows, dtype)
-    return loss, (dhs, dws)
-
-
-def _projected_kd_fwd(hs, ws, ht, wt, mask, temp, rows, dtype):
-    loss, dhs, dws = _projected_pass(hs, ws, ht, wt, mask, temp, rows, dtype)
-    # Residuals: the gradients already formed ([rows, d] and [d, V]) and zeros' templates.
-    return (loss, (dhs, dws)), (dhs, dws, ht, wt, mask)
-
-
-def _projected_kd_bwd(temp, rows, dtype, res, cotangents):
-    dhs, dws, ht, wt, mask = res
-    g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
-    return ((dhs * g).astype(dhs.dtype), (dws * g).astype(dws.dtype), jnp.zeros_like(ht), jnp.zeros_like(wt), None)
-
-
-_projected_kd.defvjp(_projected_kd_fwd, _projected_kd_bwd)
+    return temperature ** 2 * projected_token_divergence(
+        student_hidden, ws.T, teacher_hidden, wt.T, temperature=temperature, chunk_size=chunk_size)

@@ -1,4 +1,5 @@
-"""The fused-projection chunked soft loss against numpy float64 formulas (value and gradients)."""
+"""The deprecated fused-projection soft loss (now projected_token_divergence with [d, V] weights and
+T^2) against numpy float64 formulas, value and gradients; and its deprecation."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,9 @@ import numpy as np
 import pytest
 
 from jkd import losses
+
+# The tests of the formula call the deprecated name on purpose; the warning itself is tested below.
+pytestmark = pytest.mark.filterwarnings("ignore:jkd.losses.projected_soft_distillation_loss is deprecated")
 
 
 def _softmax(x):
@@ -68,3 +72,14 @@ def test_bad_input(args, kw, match):
     arrays = [jnp.ones(s) for s in args]
     with pytest.raises(ValueError, match=match):
         losses.projected_soft_distillation_loss(*arrays, **kw)
+
+
+@pytest.mark.filterwarnings("default")
+def test_the_deprecated_name_warns_and_is_the_one_fused_loss():
+    k = jax.random.split(jax.random.key(2), 4)
+    hs, ws = jax.random.normal(k[0], (10, 6)), jax.random.normal(k[1], (6, 24))
+    ht, wt = jax.random.normal(k[2], (10, 5)), jax.random.normal(k[3], (5, 24))
+    with pytest.warns(DeprecationWarning, match="use projected_token_divergence"):
+        old = losses.projected_soft_distillation_loss(hs, ws, ht, wt, temperature=3.0, chunk_size=4)
+    new = 9.0 * losses.projected_token_divergence(hs, ws.T, ht, wt.T, temperature=3.0, chunk_size=4)
+    assert float(old) == float(new)
