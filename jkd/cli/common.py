@@ -100,13 +100,12 @@ def load_config_file(path: str):
 
 def finite(text: str) -> float:
     """A flag's number: finite (``inf`` and ``nan`` would train nothing, or train on garbage)."""
+    from jkd.cli.flags import parse_value
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
-    return value
+        return parse_value(text, float)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 
 def seed_list(text: str) -> tuple[int, ...]:
