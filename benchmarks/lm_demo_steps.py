@@ -26,7 +26,7 @@ from flax import nnx  # noqa: E402
 
 from jkd.data import conversations as C  # noqa: E402
 from jkd.losses import GeneralizedJSD  # noqa: E402
-from jkd.lm_experiment import _decoder  # noqa: E402
+from jkd.jobs.lm import _decoder  # noqa: E402
 from jkd.models.decoder import Decoder  # noqa: E402
 from jkd.train import create_train_state, freeze_model, parallel, stack_states  # noqa: E402
 from jkd.train.lm_steps import (OnPolicyKD, TokenKD, apply_gradients, learned_positions, on_policy_step,  # noqa: E402

@@ -19,7 +19,7 @@ import jax
 from common import seconds_per_call
 from jkd.data import augment, load_dataset
 from jkd.data import pipeline as P
-from jkd.experiment import load_saved_model
+from jkd.jobs.image import load_saved_model
 from jkd.models import create_model
 from jkd.train import AdamWConfig, create_train_state, eval_step, make_optimizer, objectives, parallel, stored
 from jkd.train import teacher_logits, train_step, train_step_stored

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jkd import cli
-from jkd.experiment import AutoGrid, ExperimentConfig, ModelSpec, choose_setting, run_auto
+from jkd.jobs.image import AutoGrid, ExperimentConfig, ModelSpec, choose_setting, run_auto
 
 
 def _digits_npz(path):

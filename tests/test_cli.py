@@ -237,7 +237,7 @@ def test_one_run_on_any_runner_and_device_count(tmp_path):
     device drew its own crops). tests/train/test_parallel.py covers 4-device meshes."""
     import numpy as np
 
-    from jkd.experiment import load_saved_model
+    from jkd.jobs.image import load_saved_model
 
     base = ["train-teacher", "--model", "mlp", "--model-option", "hidden=(32,)", "--epochs", "1",
             "--crop-padding", "2", "--no-progress"]
@@ -257,7 +257,7 @@ def test_a_new_config_field_is_a_flag_without_touching_the_parser(monkeypatch, t
     by its flag and by --set, parsed by its type."""
     import dataclasses
 
-    from jkd import lm_experiment as LX
+    from jkd.jobs import lm as LX
     from jkd.cli import lm as lm_commands
 
     extended = dataclasses.make_dataclass("LMExperimentConfig", [("warmup_knob", int, dataclasses.field(default=3))],

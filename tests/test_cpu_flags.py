@@ -54,7 +54,7 @@ def _fresh_python(code: str) -> str:
 
 
 def test_importing_jkd_changes_nothing_process_wide():
-    code = ("import os, sys, jkd, jkd.losses, jkd.train, jkd.experiment; "
+    code = ("import os, sys, jkd, jkd.losses, jkd.train, jkd.jobs.image; "
             "print(os.environ.get('XLA_FLAGS'), 'matplotlib.pyplot' in sys.modules)")
     assert _fresh_python(code) == "None False"
 

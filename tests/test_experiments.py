@@ -37,7 +37,7 @@ def test_temperature_sweep_has_a_pulse(tmp_path):
     # Edited temperatures never get the finished students' results: the rerun is refused.
     import dataclasses
 
-    from jkd.experiment import run_sweep
+    from jkd.jobs.image import run_sweep
     from jkd.runtime.run_folder import ConfigMismatchError
 
     cfg = cli.load_config_file("experiments/temperature_sweep/config.py").get_config()
@@ -47,7 +47,7 @@ def test_temperature_sweep_has_a_pulse(tmp_path):
 
 
 def test_sweep_refuses_a_bad_grid_before_training(tmp_path):
-    from jkd.experiment import demo_config, run_sweep
+    from jkd.jobs.image import demo_config, run_sweep
 
     with pytest.raises(ValueError, match="temperatures must be > 0"):
         run_sweep(demo_config(), tmp_path, temperatures=[1.0, 0.0], kd_weights=[0.5])
@@ -106,7 +106,7 @@ def test_leaderboard_rows_run_and_report_the_gap_they_close(tmp_path):
     student alone of the same schedule, the cost column."""
     import dataclasses
 
-    from jkd.experiment import run
+    from jkd.jobs.image import run
 
     cfg = cli.load_config_file("experiments/leaderboard/config.py").get_config()
     rows = {d.name: d for d in cfg.distillations}

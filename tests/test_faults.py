@@ -115,7 +115,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monk
 def test_a_bare_enospc_from_any_write_still_says_disk_full_and_resume(tmp_path, monkeypatch, capsys):
     """A plain OSError(ENOSPC) from a write jkd does not wrap itself (here: saving the trained
     teacher) reaches the CLI as the same one line (CI once printed a bare 'No space left')."""
-    from jkd import experiment
+    from jkd.jobs import image as experiment
 
     def save_frozen(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -273,7 +273,7 @@ def test_non_finite_numbers_are_refused_by_every_command(argv, capsys):
 
 
 def test_non_finite_numbers_are_refused_by_the_config_classes():
-    from jkd.lm_experiment import LMExperimentConfig
+    from jkd.jobs.lm import LMExperimentConfig
     from jkd.train.lm_steps import OnPolicyKD, TokenKD
 
     for bad in (float("inf"), float("nan")):
@@ -290,7 +290,7 @@ def test_non_finite_numbers_are_refused_by_the_config_classes():
 
 
 def test_one_device_on_the_single_runner_is_a_consistent_request():
-    from jkd.experiment import ExperimentConfig
+    from jkd.jobs.image import ExperimentConfig
 
     ExperimentConfig(devices=1, parallel="single").validate()  # refused before: "needs parallel 'mesh' or 'pmap'"
     with pytest.raises(ValueError, match="needs parallel 'mesh' or 'pmap'"):

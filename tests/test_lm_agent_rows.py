@@ -8,7 +8,7 @@ import numpy as np
 from jkd.data import toolchat
 from jkd.data.chat import encode_chat, render_chat
 from jkd.data.tokenizer import byte_tokenizer
-from jkd.lm_experiment import agent_rows
+from jkd.jobs.lm import agent_rows
 
 TOK = byte_tokenizer()
 

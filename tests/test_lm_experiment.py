@@ -323,7 +323,7 @@ def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
 
     from jkd.runtime.run_lock import RunFolderBusy
 
-    from jkd import lm_experiment as LX
+    from jkd.jobs import lm as LX
 
     with pytest.raises(RunFolderBusy, match=f"in use by process {proc.pid} on host {socket.gethostname()}"):
         LX.run(LX.demo_config(), run_dir, resume=True)

@@ -1,6 +1,6 @@
 """The LM report's verdicts on hand-made entries."""
 
-from jkd.lm_report import table, verdicts
+from jkd.jobs.lm_report import table, verdicts
 
 
 def entry(name, role, exact, ce, *, signal, std=0.01, student="s"):
@@ -33,7 +33,7 @@ def test_verdicts_compare_with_the_student_alone_and_with_the_same_start():
 
 
 def test_the_data_line_is_a_sentence_and_the_counts_stay_numbers():
-    from jkd.lm_report import data_line
+    from jkd.jobs.lm_report import data_line
 
     counts = {"train": 300, "labelled_subset": 40, "test": 12, "unlabelled": 8, "train_truncated": 3,
               "train_dropped": 1, "test_truncated": 0, "test_turns": 20, "test_turns_skipped": 2,
@@ -47,7 +47,7 @@ def test_the_data_line_is_a_sentence_and_the_counts_stay_numbers():
 
 
 def test_curves_draw_each_kind_of_loss_on_its_own_axis(tmp_path, monkeypatch):
-    from jkd import lm_report
+    from jkd.jobs import lm_report
     from jkd.evaluate import plots
 
     drawn, real = {}, plots.loss_panels
@@ -75,7 +75,7 @@ def test_evaluation_of_nothing_and_empty_answers():
 
     from jkd.data.conversations import Turn
     from jkd.data.tokenizer import byte_tokenizer
-    from jkd.lm_evaluation import agreement, evaluate_model, generate_texts
+    from jkd.jobs.lm_evaluation import agreement, evaluate_model, generate_texts
     from jkd.models.decoder import Decoder
     from jkd.models.decoder_config import DecoderConfig
 

@@ -29,3 +29,11 @@ def test_every_dotted_jkd_name_in_the_source_exists():
     assert len(named) > 50  # the scan sees the references (docstrings, messages, imports)
     missing = sorted((f, m) for f, m in named if not _resolves(m))
     assert not missing, missing
+
+
+def test_the_image_jobs_first_name_still_imports():
+    """Experiment config files written for `jkd.experiment` keep working: it is the image job."""
+    import jkd.experiment
+    import jkd.jobs.image
+
+    assert jkd.experiment is jkd.jobs.image and jkd.experiment.ExperimentConfig is jkd.jobs.image.ExperimentConfig

@@ -133,7 +133,7 @@ def test_fingerprints_see_a_file_replaced_in_place_and_ignore_a_copy(tmp_path, m
 
 
 def test_an_image_runs_teacher_and_dataset_join_the_guard(tmp_path):
-    from jkd.experiment import ExperimentConfig, guarded_config
+    from jkd.jobs.image import ExperimentConfig, guarded_config
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -23,7 +23,7 @@ teacher's forward included (781 steps/epoch at batch 64); the three student sett
 tests run this config for a few steps on tfds mock data.
 """
 
-from jkd.experiment import Distillation, ExperimentConfig, ModelSpec
+from jkd.jobs.image import Distillation, ExperimentConfig, ModelSpec
 from jkd.train import SGDConfig, objectives
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-from jkd.experiment import Distillation
+from jkd.jobs.image import Distillation
 from jkd.train import objectives as O
 
 

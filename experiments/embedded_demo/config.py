@@ -6,7 +6,7 @@ student 784-100-10 alone ~94.4 +- 0.2%; soft KD (T=8) ~95.4%, DKD ~95.0%, hard K
 (3 seeds each, figures in BUILD_NOTES.md).
 """
 
-from jkd.experiment import demo_config
+from jkd.jobs.image import demo_config
 
 
 def get_config():

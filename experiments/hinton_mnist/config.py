@@ -14,7 +14,7 @@ BUILD_NOTES.md.
 
 import dataclasses
 
-from jkd.experiment import Distillation, ModelSpec, demo_config
+from jkd.jobs.image import Distillation, ModelSpec, demo_config
 from jkd.train import objectives
 
 

@@ -6,7 +6,7 @@ Command: `jkd run experiments/hinton_mnist/config_30.py`. Expected ~2 min on a 2
 
 import dataclasses
 
-from jkd.experiment import Distillation, ModelSpec, demo_config
+from jkd.jobs.image import Distillation, ModelSpec, demo_config
 from jkd.train import objectives
 
 

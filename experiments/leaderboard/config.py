@@ -20,7 +20,7 @@ beta 8 T 4, logit standardisation with T 2); DKD's warm-up is scaled from 20 of 
 
 import dataclasses
 
-from jkd.experiment import Distillation, ExperimentConfig, demo_config
+from jkd.jobs.image import Distillation, ExperimentConfig, demo_config
 from jkd.train import objectives as O
 
 EPOCHS = 40

@@ -8,7 +8,7 @@ figures measured here are in BUILD_NOTES.md. kd_weight 0 is the student alone.
 
 import dataclasses
 
-from jkd.experiment import demo_config, run_sweep
+from jkd.jobs.image import demo_config, run_sweep
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 KD_WEIGHTS = (0.0, 0.5, 0.9)

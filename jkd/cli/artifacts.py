@@ -15,7 +15,7 @@ _COMPRESS_CLAIMED = ("sparsity", "per_layer", "structured_width", "prune_epochs"
 
 
 def _compress_config():
-    from jkd.compress.job import CompressConfig
+    from jkd.jobs.compress import CompressConfig
 
     return CompressConfig
 
@@ -112,7 +112,7 @@ def export_command(args) -> int:
     if args.int8:
         if "onnx" not in formats:
             raise ValueError("--int8 writes an int8 ONNX model: include onnx in --format.")
-        from jkd.compress.job import MIN_CALIBRATION_IMAGES
+        from jkd.jobs.compress import MIN_CALIBRATION_IMAGES
 
         if args.calibration_images < MIN_CALIBRATION_IMAGES:
             raise ValueError(f"--calibration-images must be >= {MIN_CALIBRATION_IMAGES} for static int8 scales; "
@@ -146,7 +146,7 @@ def _calibration_images(meta: dict, n: int, data_dir):
 
     ds = load_dataset(meta["dataset"], data_dir=data_dir)
     check_dataset(meta, ds.spec, where="the model")
-    from jkd.compress.job import calibration_images
+    from jkd.jobs.compress import calibration_images
 
     test = P.reader(ds.split("test"), ds.spec.image_shape)
     return (calibration_images(P.reader(ds.split("train"), ds.spec.image_shape), n),
@@ -164,7 +164,7 @@ def _export_and_check(graphdef, variables, meta, out, formats):
 
 
 def compress_command(args) -> int:
-    from jkd.compress.job import CompressConfig, run_compress
+    from jkd.jobs.compress import CompressConfig, run_compress
     from jkd.train import AdamWConfig, objectives
 
     cfg = CompressConfig(

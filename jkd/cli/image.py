@@ -108,7 +108,7 @@ _TEACHER_CLAIMED = _DATA_CLAIMED + (
 
 
 def _experiment_config():
-    from jkd.experiment import ExperimentConfig
+    from jkd.jobs.image import ExperimentConfig
 
     return ExperimentConfig
 
@@ -176,7 +176,7 @@ def add_commands(sub) -> None:
 
 
 def demo_command(args) -> int:
-    from jkd import experiment as X
+    from jkd.jobs import image as X
 
     cfg = dataclasses.replace(apply_overrides(X.demo_config(), args.set), **config_overrides(args, X.ExperimentConfig))
     X.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
@@ -195,7 +195,7 @@ def demo_command(args) -> int:
 
 
 def run_command(args) -> int:
-    from jkd import experiment as X
+    from jkd.jobs import image as X
 
     module = load_config_file(args.config)
     cfg = apply_overrides(module.get_config(), args.set)
@@ -216,7 +216,7 @@ def run_command(args) -> int:
 
 def train_command(args) -> int:
     """``jkd train-teacher`` and ``jkd distill``."""
-    from jkd import experiment as X
+    from jkd.jobs import image as X
 
     common = dict(
         dataset=args.dataset, data_dir=args.data_dir, num_classes=args.num_classes, batch_size=args.batch_size,

@@ -16,7 +16,7 @@ _DISTILL_CLAIMED = ("train_file", "test_file", "unlabelled_file", "teacher_dir",
 
 
 def _config_class():
-    from jkd.lm_experiment import LMExperimentConfig
+    from jkd.jobs.lm import LMExperimentConfig
 
     return LMExperimentConfig
 
@@ -26,9 +26,9 @@ LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "s
 
 
 def _lm_config(args):
-    """``jkd lm distill``'s flags as an :class:`~jkd.lm_experiment.LMExperimentConfig`."""
+    """``jkd lm distill``'s flags as an :class:`~jkd.jobs.lm.LMExperimentConfig`."""
     import jkd.losses as losses
-    from jkd import lm_experiment as LX
+    from jkd.jobs import lm as LX
     from jkd.models.hf import read_config
     from jkd.train.lm_steps import OnPolicyKD, TokenKD
 
@@ -134,7 +134,7 @@ def add_commands(sub) -> None:
 
 
 def demo_command(args) -> int:
-    from jkd import lm_experiment as LX
+    from jkd.jobs import lm as LX
 
     cfg = dataclasses.replace(apply_overrides(LX.demo_config(), args.set), **config_overrides(args, LX.LMExperimentConfig))
     LX.run(cfg, args.run_dir, resume=True, force=args.force, progress=not args.no_progress)
@@ -142,7 +142,7 @@ def demo_command(args) -> int:
 
 
 def distill_command(args) -> int:
-    from jkd import lm_experiment as LX
+    from jkd.jobs import lm as LX
 
     LX.run(_lm_config(args), args.run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     return 0

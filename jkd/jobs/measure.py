@@ -38,7 +38,7 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
     run's report measures them (turns whose prompt exceeds ``max_length`` are skipped and counted)."""
     from jkd.data import conversations as C
     from jkd.data.tokenizer import Tokenizer
-    from jkd.lm_evaluation import evaluate_model, test_cross_entropy
+    from jkd.jobs.lm_evaluation import evaluate_model, test_cross_entropy
     from jkd.models.hf import load_hf
 
     convs = C.read_conversations(test_file)

@@ -66,7 +66,7 @@ class FunctionMatching:
     on the view both models see, with no label term (the paper's ``T = 1``).
 
     The labels are never read, so the view may mix images (``mixup_alpha`` of a
-    :class:`~jkd.experiment.Distillation`): the teacher's output on the mixed image is the target.
+    :class:`~jkd.jobs.image.Distillation`): the teacher's output on the mixed image is the target.
     """
 
     temperature: float | jax.Array = 1.0

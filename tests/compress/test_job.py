@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from jkd import experiment as X
-from jkd.compress.job import CompressConfig, run_compress
+from jkd.jobs import image as X
+from jkd.jobs.compress import CompressConfig, run_compress
 
 
 @pytest.mark.slow

@@ -165,7 +165,7 @@ def test_bad_input_is_refused():
 
 
 def test_a_saved_int8_student_loads_back(tmp_path):
-    from jkd.experiment import ModelSpec, load_saved_model, model_meta
+    from jkd.jobs.image import ModelSpec, load_saved_model, model_meta
     from jkd.data.spec import DatasetSpec
     from jkd.train.checkpoint import save_frozen
 

@@ -132,7 +132,7 @@ def test_a_family_without_a_plan_is_refused_naming_those_with_one():
 
 
 def test_compress_refuses_a_family_without_a_plan_before_writing_anything(tmp_path):
-    from jkd.compress.job import CompressConfig, run_compress
+    from jkd.jobs.compress import CompressConfig, run_compress
     from jkd.data import load_dataset
     from jkd.saved import ModelSpec, model_meta
     from jkd.train.checkpoint import save_frozen

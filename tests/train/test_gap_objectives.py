@@ -154,7 +154,7 @@ def test_crd_heads_and_memory_resume_from_the_checkpoint(tmp_path):
 
 
 def test_configs_that_cannot_mean_what_they_say_are_refused():
-    from jkd.experiment import Distillation, ExperimentConfig
+    from jkd.jobs.image import Distillation, ExperimentConfig
 
     def cfg(d, **kw):
         return ExperimentConfig(distillations=(d,), **kw)
@@ -174,7 +174,7 @@ def test_configs_that_cannot_mean_what_they_say_are_refused():
 def test_run_folders_of_earlier_configs_still_resume():
     """The fields this issue added default to None, which the run-folder guard reads as absent:
     a demo folder written before them (its config.json without them) is the same run."""
-    from jkd.experiment import demo_config
+    from jkd.jobs.image import demo_config
     from jkd.runtime.run_folder import config_diff, config_to_json
 
     new = config_to_json(demo_config())

@@ -108,7 +108,7 @@ def test_stored_step_with_all_classes_equals_online_distillation():
 def test_a_run_with_stored_teacher_outputs(tmp_path):
     import dataclasses
 
-    from jkd import experiment as X
+    from jkd.jobs import image as X
 
     cfg = dataclasses.replace(X.demo_config(), teacher_epochs=1, student_epochs=2, seeds=(0, 1), eval_every_epochs=2,
                               distillations=X.demo_config().distillations[:1], store_teacher_topk=4)

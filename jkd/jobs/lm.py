@@ -38,8 +38,8 @@ from jkd.data import toolchat
 from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from jkd.data.chat import render_chat
 from jkd.data.vocab import shared_vocabulary
-from jkd.lm_evaluation import BUCKETS, evaluate_model, test_cross_entropy
-from jkd.lm_report import write_report
+from jkd.jobs.lm_evaluation import BUCKETS, evaluate_model, test_cross_entropy
+from jkd.jobs.lm_report import write_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
