@@ -34,13 +34,13 @@ def run(tokens=TOKENS, classes=CLASSES, hidden=HIDDEN, chunk=CHUNK) -> dict:
     def plain(a, b, c, d):
         return jnp.mean(losses.soft_distillation_loss(a @ b, jax.lax.stop_gradient(c @ d), temperature=T))
 
-    def fused(a, b, c, d):
-        return T ** 2 * losses.projected_token_divergence(a, b.T, c, d.T, temperature=T, chunk_size=chunk)
+    def fused(a, b, c, d):  # the weights in the layout the decoder holds, [classes, hidden]
+        return T ** 2 * losses.projected_token_divergence(a, b, c, d, temperature=T, chunk_size=chunk)
 
     out = {}
-    for name, fn in (("plain", plain), ("fused", fused)):
-        comp = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(hs, ws, ht, wt).compile()
-        out[name] = compiled_footprint(comp, hs, ws, ht, wt)
+    for name, fn, (b, d) in (("plain", plain, (ws, wt)), ("fused", fused, (ws.T.copy(), wt.T.copy()))):
+        comp = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(hs, b, ht, d).compile()
+        out[name] = compiled_footprint(comp, hs, b, ht, d)
         out[name]["value"] = float(out[name].pop("output")[0])
     return {
         "what": f"soft KD from hidden states, value+grad, {tokens} tokens x {classes} classes, hidden {hidden}, "
