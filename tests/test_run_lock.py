@@ -133,7 +133,8 @@ def test_fingerprints_see_a_file_replaced_in_place_and_ignore_a_copy(tmp_path, m
 
 
 def test_an_image_runs_teacher_and_dataset_join_the_guard(tmp_path):
-    from jkd.jobs.image import ExperimentConfig, guarded_config
+    from jkd.jobs.image import ExperimentConfig, guarded_inputs
+    from jkd.runtime.run_folder import guarded_config
 
     teacher = tmp_path / "teacher"
     teacher.mkdir()
@@ -141,7 +142,7 @@ def test_an_image_runs_teacher_and_dataset_join_the_guard(tmp_path):
     data = tmp_path / "data.npz"
     data.write_bytes(b"npz v1")
     cfg = ExperimentConfig(dataset=str(data), teacher_dir=str(teacher))
-    first = guarded_config(cfg)
+    first = guarded_config(cfg, guarded_inputs(cfg))
     assert set(first["file_digests"]) == {"dataset", "teacher_dir"}
     (teacher / "state").write_bytes(b"weights v2")
     rf = RunFolder(tmp_path / "run", first)
@@ -149,4 +150,4 @@ def test_an_image_runs_teacher_and_dataset_join_the_guard(tmp_path):
     rf.mark_started()
     rf.close()
     with pytest.raises(ConfigMismatchError, match="teacher_dir: its contents changed"):
-        RunFolder(tmp_path / "run", guarded_config(cfg), resume=True)
+        RunFolder(tmp_path / "run", guarded_config(cfg, guarded_inputs(cfg)), resume=True)

@@ -113,34 +113,11 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         from jkd.runtime.run_folder import ConfigMismatchError, mismatch_message
 
         # a changed config key is named by its flag too (student_steps (--steps))
-        text = mismatch_message(e.path, e.diff, _config_flags(parser, args)) if isinstance(
+        text = mismatch_message(e.path, e.diff, getattr(args, "config_flag_names", {})) if isinstance(
             e, ConfigMismatchError) else _message(e)
         print(f"jkd {args.command}: error: {text}", file=sys.stderr)
         _quiet_on_the_way_out()
         return 2, text
-
-
-# Config keys whose command-line flag has another name, by command (the rest share their name).
-_KEY_DESTS = {
-    "lm distill": {"student_steps": "steps", "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled",
-                   "teacher_dir": "teacher", "student_optimizer": "lr", "teacher_optimizer": "lr",
-                   "students": "student", "distillations": "mode", "include_baseline": "no_baseline"},
-    "distill": {"student_epochs": "epochs", "student": "model", "student_optimizer": "lr",
-                "distillations": "loss", "include_baseline": "no_baseline"},
-    "train-teacher": {"teacher_epochs": "epochs", "teacher": "model", "teacher_optimizer": "lr"},
-}
-
-
-def _config_flags(parser: argparse.ArgumentParser, args) -> dict[str, str]:
-    """Top-level config keys -> the flag that sets them in the command that ran."""
-    command = args.command + (f" {args.lm_command}" if args.command == "lm" else "")
-    sub = parser
-    for name in command.split():
-        sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    options = {a.dest.removeprefix("config."): a.option_strings[-1] for a in sub._actions if a.option_strings}
-    flags = {k: options[k] for k in options}
-    flags.update({k: options[d] for k, d in _KEY_DESTS.get(command, {}).items() if d in options})
-    return flags
 
 
 # The commands that run over several processes (one per host); the others run on one.

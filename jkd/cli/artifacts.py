@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 from jkd.cli.common import finite
-from jkd.cli.flags import add_config_flags, config_overrides
+from jkd.cli.flags import add_config_flags, config_overrides, same_names
 
-# The CompressConfig fields `jkd compress` sets with flags of its own (the rest: jkd.cli.flags).
-_COMPRESS_CLAIMED = ("sparsity", "per_layer", "structured_width", "prune_epochs", "qat_epochs", "quantize",
-                     "calibration_images", "formats", "batch_size", "dataset", "data_dir")
+# The CompressConfig fields `jkd compress` sets with flags of its own, field -> the flag's dest (the
+# rest: jkd.cli.flags).
+_COMPRESS_FLAGS = {**same_names("sparsity", "per_layer", "structured_width", "prune_epochs", "qat_epochs",
+                                "calibration_images", "batch_size", "dataset", "data_dir"),
+                   "quantize": "no_quantize", "formats": "format", "optimizer": "lr"}
 
 
 def _compress_config():
@@ -56,7 +58,7 @@ def add_commands(sub) -> None:
                       help="delete the results in --out (other settings, or a changed student or teacher) and start again")
     comp.add_argument("--no-progress", action="store_true")
 
-    add_config_flags(comp, _compress_config(), claimed=_COMPRESS_CLAIMED)
+    add_config_flags(comp, _compress_config(), hand_written=_COMPRESS_FLAGS)
 
     exp = sub.add_parser("export", help="export a saved student to StableHLO and/or ONNX, for raw uint8 images")
     exp.set_defaults(handler=export_command)

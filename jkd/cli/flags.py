@@ -3,7 +3,7 @@ the parser; ``--set KEY=VALUE`` parses its values by the same field types.
 
 :func:`add_config_flags` gives every plain field of the config (a number, a string, a flag, one of
 those or None, a tuple of numbers) a flag named after it (``test_limit`` -> ``--test-limit``),
-unless the command sets that field with a hand-written flag of its own (``claimed``: ``--steps``
+unless the command sets that field with a hand-written flag of its own (``hand_written``: ``--steps``
 for ``student_steps``). The help is the comment written beside the field in the dataclass.
 :func:`config_overrides` returns the fields the user set, to apply with ``dataclasses.replace``.
 """
@@ -108,11 +108,27 @@ def derived_fields(cls, claimed: Collection[str] = ()) -> list[tuple[dataclasses
     return out
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, *, claimed: Collection[str] = (),
-                     defaults: dict[str, Any] | None = None, title: str = "more settings") -> None:
-    """A ``--field-name`` flag for every derived field of ``cls`` (see the module docstring);
-    ``defaults``: the values this command uses where they are not the dataclass's (for the help)."""
-    fields = derived_fields(cls, claimed)
+def same_names(*fields: str) -> dict[str, str]:
+    """``{field: field}``: fields set by hand-written flags of their own name."""
+    return {f: f for f in fields}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, hand_written: dict[str, str] | None = None,
+                     ignored: Collection[str] = (), defaults: dict[str, Any] | None = None,
+                     title: str = "more settings") -> None:
+    """A ``--field-name`` flag for every derived field of ``cls`` (see the module docstring).
+
+    ``hand_written``: the fields the command's own flags (added before this call) set, field ->
+    the flag's ``dest`` (``{"student_steps": "steps"}``); ``ignored``: fields that mean nothing to
+    the command; ``defaults``: the values it uses where they are not the dataclass's (for the help).
+    Every config field that has a flag is recorded with it (``args.config_flag_names``), so that
+    the config guard can name ``student_steps (--steps)``."""
+    hand_written = hand_written or {}
+    options = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    names = {field: options[dest] for field, dest in hand_written.items() if dest in options}
+    fields = derived_fields(cls, set(hand_written) | set(ignored))
+    names.update({f.name: f"--{f.name.replace('_', '-')}" for f, *_ in fields})
+    parser.set_defaults(config_flag_names=names)
     if not fields:
         return
     group = parser.add_argument_group(title, f"any field of {cls.__name__} without a flag above")
@@ -122,7 +138,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, claimed: Collectio
         default = (defaults or {}).get(f.name, default)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         helptext = comments.get(f.name, "")
-        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"config.{f.name}", default=_UNSET,
+        group.add_argument(names[f.name], dest=f"config.{f.name}", default=_UNSET,
                            metavar=("true|false" if tp is bool else tp.__name__.upper() if isinstance(tp, type) else "A,B"),
                            type=_flag_type(tp, optional, f.name),
                            help=(helptext + " " if helptext else "") + f"(default: {shown})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jkd.cli.flags import add_config_flags, config_overrides
+from jkd.cli.flags import add_config_flags, config_overrides, same_names
 from jkd.cli.common import apply_overrides, parse_assignment, finite, float_list, load_config_file, run_folder_flags, seed_list
 
 LOSSES = ("soft", "hard", "dkd", "fm", "rkd", "sp", "crd")
@@ -96,15 +96,18 @@ def _train_args(p, what: str, default_model: str, default_epochs: int):
     p.add_argument("--crop-padding", type=int, default=None, help="random-crop padding in pixels")
 
 
-# The ExperimentConfig fields each command sets with flags of its own (or that mean nothing to it);
-# every other plain field gets a flag of its name (jkd.cli.flags).
-_DATA_CLAIMED = ("dataset", "data_dir", "num_classes", "batch_size", "devices", "parallel")
-_DISTILL_CLAIMED = _DATA_CLAIMED + (
-    "teacher_dir", "teacher_epochs", "student_epochs", "student_crop_padding", "teacher_crop_padding", "seeds",
-    "share_teacher_forward", "include_baseline", "val_fraction", "store_teacher_topk", "include_students")
-_TEACHER_CLAIMED = _DATA_CLAIMED + (
-    "teacher_dir", "teacher_epochs", "teacher_crop_padding", "student_epochs", "student_crop_padding", "seeds",
-    "share_teacher_forward", "include_baseline", "include_students", "store_teacher_topk")
+# The ExperimentConfig fields each command sets with flags of its own (field -> the flag's dest), and
+# those that mean nothing to it; every other plain field gets a flag of its name (jkd.cli.flags).
+_DATA_FLAGS = same_names("dataset", "data_dir", "num_classes", "batch_size", "devices", "parallel")
+_DISTILL_FLAGS = {
+    **_DATA_FLAGS, **same_names("teacher_dir", "seeds", "share_teacher_forward", "val_fraction", "store_teacher_topk"),
+    "student_epochs": "epochs", "student_crop_padding": "crop_padding", "include_baseline": "no_baseline",
+    "student": "model", "student_optimizer": "lr", "distillations": "loss"}
+_DISTILL_IGNORED = ("teacher_epochs", "teacher_crop_padding", "include_students")
+_TEACHER_FLAGS = {**_DATA_FLAGS, "teacher_epochs": "epochs", "teacher_crop_padding": "crop_padding",
+                  "teacher": "model", "teacher_optimizer": "lr"}
+_TEACHER_IGNORED = ("teacher_dir", "student_epochs", "student_crop_padding", "seeds", "share_teacher_forward",
+                    "include_baseline", "include_students", "store_teacher_topk")
 
 
 def _experiment_config():
@@ -132,7 +135,7 @@ def add_commands(sub) -> None:
     _train_args(teacher, "teacher", "mlp_2x1200", 20)
     teacher.add_argument("--seed", type=int, default=0)
     run_folder_flags(teacher, run_dir="runs/teacher")
-    add_config_flags(teacher, _experiment_config(), claimed=_TEACHER_CLAIMED)
+    add_config_flags(teacher, _experiment_config(), hand_written=_TEACHER_FLAGS, ignored=_TEACHER_IGNORED)
 
     distill = sub.add_parser("distill", help="distil a student from a saved teacher")
     distill.set_defaults(handler=train_command)
@@ -172,7 +175,7 @@ def add_commands(sub) -> None:
     distill.add_argument("--calibrate-teacher", action="store_true",
                          help="--auto: temperature-scale the teacher on the validation split first")
     run_folder_flags(distill, run_dir="runs/distill")
-    add_config_flags(distill, _experiment_config(), claimed=_DISTILL_CLAIMED)
+    add_config_flags(distill, _experiment_config(), hand_written=_DISTILL_FLAGS, ignored=_DISTILL_IGNORED)
 
 
 def demo_command(args) -> int:

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 from jkd.cli.common import apply_overrides, finite, run_folder_flags, seed_list
-from jkd.cli.flags import add_config_flags, config_overrides
+from jkd.cli.flags import add_config_flags, config_overrides, same_names
 
-# The LMExperimentConfig fields `jkd lm distill` sets with flags of its own; every other plain field
-# gets a flag of its name (jkd.cli.flags).
-_DISTILL_CLAIMED = ("train_file", "test_file", "unlabelled_file", "teacher_dir", "max_length", "batch_size",
-                    "pack_length", "teacher_steps", "student_steps", "seeds", "include_baseline", "max_new_tokens")
+# The LMExperimentConfig fields `jkd lm distill` sets with flags of its own (field -> the flag's dest);
+# every other plain field gets a flag of its name (jkd.cli.flags).
+_DISTILL_FLAGS = {
+    **same_names("max_length", "batch_size", "pack_length", "teacher_steps", "seeds", "max_new_tokens"),
+    "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled", "teacher_dir": "teacher",
+    "student_steps": "steps", "include_baseline": "no_baseline", "student_optimizer": "lr", "teacher_optimizer": "lr",
+    "students": "student", "distillations": "mode"}
 
 
 def _config_class():
@@ -107,7 +110,7 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
 
-    add_config_flags(lm_dist, _config_class(), claimed=_DISTILL_CLAIMED,
+    add_config_flags(lm_dist, _config_class(), hand_written=_DISTILL_FLAGS,
                      defaults={"labelled_subset": None, "title": "MODE distillation (LOSS) of DATA"})
 
     lm_eval = lm_sub.add_parser("evaluate", help="tool-use metrics and cross-entropy of a Hugging Face model "

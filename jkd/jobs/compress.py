@@ -39,10 +39,9 @@ from jkd.data import pipeline as P
 from jkd.evaluate import latency
 from jkd.evaluate.predict import predict
 from jkd.models import create_model, model_stats
-from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER
-from jkd.runtime.run_folder import RunFolder, config_to_json
+from jkd.runtime.run_folder import RunFolder, guarded_config
 from jkd.saved import check_dataset, load_saved_model
 from jkd.train import AdamWConfig, TrainState, freeze, freeze_model, make_optimizer, objectives, parallel, train_step
 from jkd.train.checkpoint import save_frozen
@@ -224,8 +223,7 @@ def run_compress(student_dir: str | Path, out_dir: str | Path, *, teacher_dir: s
         if not teacher_dir.exists():
             raise FileNotFoundError(f"no teacher found at {teacher_dir}; pass the teacher's folder (--teacher-dir).")
     settings = {"student_dir": str(student_dir.absolute()), "teacher_dir": str(Path(teacher_dir).absolute()),
-                **config_to_json(cfg),
-                "file_digests": {"student_dir": input_fingerprint(student_dir), "teacher_dir": input_fingerprint(teacher_dir)}}
+                **guarded_config(cfg, {"student_dir": student_dir, "teacher_dir": teacher_dir})}
     # The run folder's rule; a compression run always continues where it stopped.
     folder = RunFolder(out, settings, resume=True, force=force, echo=echo)
     try:

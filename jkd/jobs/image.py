@@ -40,11 +40,10 @@ from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig
-from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import margin_and_spread, mean_std
-from jkd.runtime.run_folder import RunFolder, config_to_json, slug
+from jkd.runtime.run_folder import RunFolder, config_to_json, guarded_config, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
 
@@ -387,13 +386,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def guarded_config(cfg: ExperimentConfig) -> dict:
-    """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and
-    folders it names by path (a dataset file or folder, the teacher's folder), so that an input
-    replaced in place is another configuration (:mod:`jkd.runtime.fingerprint`)."""
-    digests = {k: input_fingerprint(getattr(cfg, k)) for k in ("dataset", "teacher_dir")
-               if getattr(cfg, k) is not None and Path(getattr(cfg, k)).exists()}
-    return {**config_to_json(cfg), **({"file_digests": digests} if digests else {})}
+def guarded_inputs(cfg: ExperimentConfig) -> dict:
+    """The paths the run reads whose contents join its guard: a dataset file or folder, the teacher."""
+    return {"dataset": cfg.dataset, "teacher_dir": cfg.teacher_dir}
 
 
 def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
@@ -406,7 +401,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
     """
     cfg.validate()
     run_dir = Path(run_dir)
-    folder = RunFolder(run_dir, guarded_config(cfg), resume=resume, force=force, writer=hosts.is_primary(), echo=echo)
+    folder = RunFolder(run_dir, guarded_config(cfg, guarded_inputs(cfg)), resume=resume, force=force, writer=hosts.is_primary(), echo=echo)
     try:
         hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
         t_start = time.perf_counter()
@@ -564,7 +559,7 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
     cfg.validate()
     run_dir = Path(run_dir)
     sweep = {"temperatures": temperatures, "kd_weights": kd_weights, "seed": seed}
-    folder = RunFolder(run_dir, {**guarded_config(cfg), "sweep": sweep}, resume=resume, force=force, echo=echo)
+    folder = RunFolder(run_dir, {**guarded_config(cfg, guarded_inputs(cfg)), "sweep": sweep}, resume=resume, force=force, echo=echo)
     try:
         r = _Run(cfg, folder, progress, echo)
         folder.begin()
@@ -675,7 +670,7 @@ def run_auto(cfg: ExperimentConfig, run_dir: str | Path, *, grid: AutoGrid = Aut
     cfg.validate()
     run_dir = Path(run_dir)
     auto = {"grid": dataclasses.asdict(grid), "calibrate": calibrate}
-    top = RunFolder(run_dir, {**guarded_config(cfg), "auto": auto}, resume=resume, force=force, echo=echo)
+    top = RunFolder(run_dir, {**guarded_config(cfg, guarded_inputs(cfg)), "auto": auto}, resume=resume, force=force, echo=echo)
     try:
         return _run_auto(top, cfg, run_dir, grid=grid, calibrate=calibrate, progress=progress, echo=echo)
     finally:

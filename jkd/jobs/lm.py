@@ -38,7 +38,7 @@ from jkd.data import toolchat
 from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from jkd.data.chat import render_chat
 from jkd.data.vocab import shared_vocabulary
-from jkd.jobs.lm_evaluation import BUCKETS, evaluate_model, test_cross_entropy
+from jkd.jobs.lm_evaluation import BUCKETS, measure
 from jkd.jobs.lm_report import write_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
@@ -46,11 +46,10 @@ from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime.faults import missing_folder
-from jkd.runtime.fingerprint import input_fingerprint
 from jkd.jobs.group import train_group
 from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import mean_std
-from jkd.runtime.run_folder import RunFolder, config_to_json, slug
+from jkd.runtime.run_folder import RunFolder, guarded_config, slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
 from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
@@ -273,6 +272,8 @@ class _Run:
         self.request_prompts = [requests[i] for i in kept]
         self.request_conversations = [data.unlabelled[i] for i in kept]
         self.skipped_requests = len(requests) - len(kept)
+        # generation: a measured prompt (at most max_length tokens, padded to its bucket) plus the new tokens
+        self.positions_needed = bucket_length(cfg.max_length, BUCKETS) + cfg.max_new_tokens
         self._check_inputs(turns)
         # jitted steps by what they close over: groups that differ only in data, seeds' values or
         # initialisation (a student alone, from the teacher's layers, on the teacher's answers)
@@ -313,9 +314,6 @@ class _Run:
             if enc.dropped:
                 self.echo(f"note: {enc.dropped} conversations have no assistant token within --max-length "
                           f"{cfg.max_length} and are left out (rule: {C.TRUNCATION_RULE})")
-        # generation: the longest measured prompt, padded to its bucket, plus the new tokens
-        self.positions_needed = max(bucket_length(max(len(t.prompt) for t in self.test_turns), BUCKETS),
-                                    bucket_length(cfg.max_length, BUCKETS)) + cfg.max_new_tokens
         if cfg.teacher_dir is not None:
             positions = read_config(cfg.teacher_dir).max_position_embeddings
             where = f"the teacher's max_position_embeddings ({positions}, in {Path(cfg.teacher_dir) / 'config.json'})"
@@ -463,13 +461,9 @@ def _answered(r: _Run, teacher: Decoder, echo):
     return ids, learn
 
 
-def guarded_config(cfg: LMExperimentConfig) -> dict:
-    """``cfg`` as the run folder's guard compares it: its fields, and fingerprints of the files and the
-    teacher folder it names by path (:mod:`jkd.runtime.fingerprint`), so that an input edited or replaced in
-    place never reuses the teacher, answers or results of the old one."""
-    files = {k: input_fingerprint(getattr(cfg, k))
-             for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir") if getattr(cfg, k) is not None}
-    return {**config_to_json(cfg), **({"file_digests": files} if files else {})}
+def guarded_inputs(cfg: LMExperimentConfig) -> dict:
+    """The paths the run reads whose contents join its guard: the conversations and the teacher."""
+    return {k: getattr(cfg, k) for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir")}
 
 
 def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
@@ -487,7 +481,7 @@ def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, f
     before training; a rerun that changes only evaluation settings (:func:`evaluation_keys`) measures
     the trained students again."""
     cfg.validate()
-    folder = RunFolder(Path(run_dir), guarded_config(cfg), resume=resume, force=force,
+    folder = RunFolder(Path(run_dir), guarded_config(cfg, guarded_inputs(cfg)), resume=resume, force=force,
                        reusable=evaluation_keys(cfg), echo=echo)
     try:
         if folder.changed:
@@ -554,15 +548,15 @@ def _run(cfg: LMExperimentConfig, folder: RunFolder, progress: bool, echo: Calla
         per_seed = []
         for k, params in enumerate(params_list):
             model = _as_decoder(g, params)
-            m, texts = evaluate_model(model, r.test_turns, data.tokenizer, max_new_tokens=cfg.max_new_tokens,
-                                      reference_texts=teacher_texts)
-            m["test_cross_entropy"] = test_cross_entropy(model, r.test_enc, cfg.max_length, r.pad_id)
+            m, texts = measure(model, data.tokenizer, r.test_turns, r.test_enc, max_length=cfg.max_length,
+                               max_new_tokens=cfg.max_new_tokens, pad_id=r.pad_id, reference_texts=teacher_texts)
             per_seed.append(m)
             if k == 0:
                 samples[name] = texts
             if role == "teacher":
                 teacher_texts = texts
-            else:  # written again on every run: a rerun may measure with other settings
+            elif folder.changed or not (r.dir / slug(name) / f"seed{k}" / "config.json").exists():
+                # written once, and again when a rerun measures with other settings (its positions)
                 save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
         saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / SAVED_TEACHER) if role == "teacher" \
             else r.dir / slug(name) / "seed0"

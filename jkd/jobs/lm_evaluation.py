@@ -69,6 +69,16 @@ def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, 
     return metrics, texts
 
 
+def measure(model: Decoder, tokenizer: Tokenizer, turns: Sequence[Turn], encoded: Encoded, *, max_length: int,
+            max_new_tokens: int, pad_id: int, reference_texts: Sequence[str] | None = None) -> tuple[dict, list[str]]:
+    """What a report gives for one model: :func:`evaluate_model` on ``turns`` and
+    :func:`test_cross_entropy` on the ``encoded`` conversations. Returns ``(metrics, texts)``."""
+    metrics, texts = evaluate_model(model, turns, tokenizer, max_new_tokens=max_new_tokens,
+                                    reference_texts=reference_texts)
+    metrics["test_cross_entropy"] = test_cross_entropy(model, encoded, max_length, pad_id)
+    return metrics, texts
+
+
 def agreement(texts: Sequence[str], references: Sequence[str]) -> float | None:
     """The share of answers equal to their reference (whitespace at the ends aside) and not empty:
     two empty answers agree on nothing. None when there is nothing to compare."""

@@ -38,7 +38,7 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
     run's report measures them (turns whose prompt exceeds ``max_length`` are skipped and counted)."""
     from jkd.data import conversations as C
     from jkd.data.tokenizer import Tokenizer
-    from jkd.jobs.lm_evaluation import evaluate_model, test_cross_entropy
+    from jkd.jobs.lm_evaluation import measure
     from jkd.models.hf import load_hf
 
     convs = C.read_conversations(test_file)
@@ -47,9 +47,7 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
     kept = [t for t in turns if len(t.prompt) <= max_length]
     if not kept:
         raise ValueError(f"every test turn's prompt is longer than --max-length {max_length}; raise it.")
-    metrics, _ = evaluate_model(model, kept, tok, max_new_tokens=max_new_tokens)
     enc = C.encode_conversations(tok, convs, max_length=max_length)
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    metrics.update(test_cross_entropy=test_cross_entropy(model, enc, max_length, pad),
-                   test_turns_skipped=len(turns) - len(kept), conversations_truncated=enc.truncated)
-    return metrics
+    metrics, _ = measure(model, tok, kept, enc, max_length=max_length, max_new_tokens=max_new_tokens,
+                         pad_id=tok.pad_id if tok.pad_id is not None else 0)
+    return {**metrics, "test_turns_skipped": len(turns) - len(kept), "conversations_truncated": enc.truncated}

@@ -37,6 +37,7 @@ from typing import Any
 
 from jkd.runtime.atomic import atomic_write
 from jkd.runtime.faults import disk_full, is_disk_full
+from jkd.runtime.fingerprint import input_fingerprint
 from jkd.runtime.run_lock import LOCK_FILE, RunLock
 
 CONFIG_FILE = "config.json"
@@ -55,6 +56,15 @@ def config_to_json(cfg) -> dict:
             return getattr(x, "__name__", repr(x))
         return x
     return enc(cfg)
+
+
+def guarded_config(cfg, inputs: dict[str, str | Path | None] = {}) -> dict:  # noqa: B006 - read only
+    """``cfg`` as the guard compares it: its fields (:func:`config_to_json`) and, under
+    ``file_digests``, the fingerprints of the files and folders it reads by path (``inputs``: name
+    -> path; those that name nothing here, a TFDS name or a missing file, are left out), so that an
+    input edited or replaced in place is another configuration (:mod:`jkd.runtime.fingerprint`)."""
+    digests = {k: fp for k, p in inputs.items() if (fp := input_fingerprint(p)) is not None}
+    return {**config_to_json(cfg), **({"file_digests": digests} if digests else {})}
 
 
 class ConfigMismatchError(ValueError):
@@ -92,9 +102,13 @@ def _shown(value: Any) -> str:
     return _ABSENT if value is _ABSENT else json.dumps(value)
 
 
+def _lines(changes: list[tuple[str, Any, Any]]) -> list[str]:
+    return [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in changes]
+
+
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON configurations, ``key: old -> new``."""
-    return [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in config_changes(old, new, prefix)]
+    return _lines(config_changes(old, new, prefix))
 
 
 def mismatch_message(path: Path, changes: list[tuple[str, Any, Any]], flags: dict[str, str] | None = None) -> str:
@@ -125,8 +139,8 @@ def _started(path: Path) -> bool:
 
 def _matches(key: str, names: tuple[str, ...]) -> bool:
     """Whether a dotted key is one of ``names`` or lies below one (``file_digests.test_file``)."""
-    top = key.split("[")[0]
-    return any(top == n or top.startswith(n + ".") or top.split(".")[0] == n for n in names)
+    key = key.split("[")[0]
+    return any(key == n or key.startswith(n + ".") for n in names)
 
 
 def _entries(path: Path) -> list[Path]:
@@ -184,7 +198,7 @@ class RunFolder:
             raise FileExistsError(f"{self.path} holds a run already; pass --resume to continue it, "
                                   "--force to start it again, or choose another --run-dir.")
         else:
-            self.changed = [f"{k}: {_shown(a)} -> {_shown(b)}" for k, a, b in changes]
+            self.changed = _lines(changes)
 
     # ---- writing --------------------------------------------------------------------------
 
