@@ -62,7 +62,7 @@ def run() -> dict:
     def epoch(step, state, objective, attach, seed):
         batches = P.train_batches(train, batch_size=BATCH, seed=seed, num_epochs=1)
         if attach:
-            batches = stored.with_teacher_targets(batches, outputs, view=view_name)
+            batches = stored.with_teacher_targets(batches, outputs, source=view_name)
         for b in batches:
             state, m = step(state, b, objective, None if attach else teacher)
         jax.block_until_ready(m["loss"])
@@ -79,7 +79,7 @@ def run() -> dict:
 
     # t and s per batch, measured apart (medians).
     b = next(P.train_batches(train, batch_size=BATCH, seed=0))
-    bt = outputs.targets(b, view=view_name)
+    bt = outputs.targets(b, source=view_name)
     jax.block_until_ready(forward(b["image"]))
     t = statistics.median(seconds_per_call(lambda: jax.block_until_ready(forward(b["image"]))) for _ in range(50))
     st = fresh()[1]

@@ -284,7 +284,7 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
                                               teacher=teacher, example=example, seed=s)  # CRD's heads and memory
                            for (_, st), o, s in zip(made, per_student, seeds)])
     shared = shared or k == 1
-    attach = ((lambda stream: stored.with_teacher_targets(stream, stored_outputs, view=r.view_name))
+    attach = ((lambda stream: stored.with_teacher_targets(stream, stored_outputs, source=r.view_name))
               if stored_outputs is not None else (lambda stream: stream))
     if shared:
         batches = lambda start: attach(r.batches(seed=seeds[0])(start))  # noqa: E731

@@ -27,7 +27,7 @@ import numpy as np
 from jkd.runtime.atomic import atomic_write
 from jkd.data.conversations import sequence_batches
 from jkd.models.decoder import Decoder
-from jkd.train.lm_stored import teacher_identity
+from jkd.train.stored import teacher_identity
 from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import freeze_model
 
@@ -55,7 +55,7 @@ def teacher_answers(
       teacher: the teacher decoder (sharded or not).
       prompts: token-id sequences (e.g. ``encode_chat(..., add_generation_prompt=True).ids``).
       cache_dir: where answers are kept; one sub-folder per (teacher, settings).
-      teacher_id: names the teacher's weights; default :func:`jkd.train.lm_stored.teacher_identity`
+      teacher_id: names the teacher's weights; default :func:`jkd.train.stored.teacher_identity`
         of its parameters and config (one pass over the weights), so changed weights never read
         another teacher's answers. Pass a name you keep stable yourself to skip that pass.
       max_new_tokens, sampling, stop_tokens: as :func:`jkd.models.sampler.generate`.

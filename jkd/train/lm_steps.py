@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence
+from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence, projected_topk_kl
 from jkd.models.sampler import SamplingConfig, default_pad_id, generate_tokens, stop_token_array
 from jkd.train.state import FrozenModel, TrainState
 
@@ -153,6 +153,48 @@ def token_kd_step(
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, losses = jax.lax.scan(accumulate, zeros, _split_micro(batch, micro_batches))
         loss = jnp.sum(losses)
+    return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens}
+
+
+@struct.dataclass
+class StoredTopKKD:
+    """``kd_weight * KL(stored top-k teacher || student) + ce_weight * CE``, a token mean: token KD
+    from the teacher's outputs stored once (:func:`jkd.train.stored.store_sequence_topk`)."""
+
+    temperature: float = struct.field(pytree_node=False, default=1.0)
+    kd_weight: float = struct.field(pytree_node=False, default=1.0)
+    ce_weight: float = struct.field(pytree_node=False, default=0.0)
+    chunk_size: int = struct.field(pytree_node=False, default=1024)
+
+    def __post_init__(self):
+        for name in ("kd_weight", "ce_weight"):
+            v = getattr(self, name)
+            if not _finite_number(v) or v < 0:
+                raise ValueError(f"StoredTopKKD.{name} must be a finite number >= 0; got {v!r}")
+        _check_temperature("StoredTopKKD", self.temperature)
+
+
+def stored_topk_step(
+    state: TrainState, batch: Batch, objective: StoredTopKKD, teacher: None = None, *, graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer step against stored teacher outputs: no teacher forward pass. ``batch``
+    carries ``teacher_topk_values`` / ``teacher_topk_indices`` ``[B, T-1, k]`` (attached and checked
+    by :meth:`jkd.train.stored.StoredTopK.targets`); ``teacher`` must be None."""
+    if teacher is not None:
+        raise ValueError("stored_topk_step runs without the teacher; pass teacher=None (its outputs are in the batch)")
+    where = learned_positions(batch)
+    num_tokens = jnp.sum(where, dtype=jnp.int32)
+
+    def loss_fn(params):
+        student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
+        return projected_topk_kl(next_token_hidden(student, batch), student.output_weight(),
+                                 batch["teacher_topk_values"], batch["teacher_topk_indices"],
+                                 temperature=objective.temperature, where=where, num_tokens=num_tokens,
+                                 labels=batch["tokens"][:, 1:], divergence_weight=objective.kd_weight,
+                                 label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens}
 
 

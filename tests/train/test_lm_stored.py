@@ -10,9 +10,8 @@ import optax
 import pytest
 
 from jkd.train import optim
-from jkd.train.lm_steps import TokenKD, token_kd_step
-from jkd.train.lm_stored import (StoredOutputMismatch, StoredTopK, StoredTopKKD, store_topk, stored_topk_step,
-                                 teacher_identity)
+from jkd.train.lm_steps import StoredTopKKD, TokenKD, stored_topk_step, token_kd_step
+from jkd.train.stored import StoredTopK, TeacherOutputMismatch, store_sequence_topk, teacher_identity
 from tests.train.test_lm_steps import TEACHER, VOCAB, _batch, _setup
 
 
@@ -31,7 +30,7 @@ def test_whole_vocabulary_stored_equals_online_distillation():
     tx = optax.sgd(0.5)
     g, state, tg, frozen = _setup(tx)
     data = _data(8)
-    stored = store_topk(tg, frozen, data, k=VOCAB, vocab_size=VOCAB, batch_size=8)
+    stored = store_sequence_topk(tg, frozen, data, k=VOCAB, vocab_size=VOCAB, batch_size=8)
     batch = stored.targets(_rows(data, np.arange(8)))
     online, m_on = jax.jit(lambda s, b: token_kd_step(s, b, TokenKD(vocab_size=VOCAB, ce_weight=0.3, chunk_size=32),
                                                       frozen, graphdef=g, teacher_graphdef=tg, tx=tx))(state, batch)
@@ -47,24 +46,26 @@ def test_changed_or_reordered_data_is_refused(tmp_path):
     _, _, tg, frozen = _setup(optax.sgd(0.1))
     data = _data(16)
     ident = teacher_identity(frozen, TEACHER)
-    stored = store_topk(tg, frozen, data, k=4, batch_size=8, identity=ident)
-    stored.targets(_rows(data, np.arange(8)), teacher=ident)  # fine
+    stored = store_sequence_topk(tg, frozen, data, k=4, batch_size=8, identity=ident)
+    stored.targets(_rows(data, np.arange(8)), source=ident)  # fine
     shuffled = _rows(data, np.arange(8))
     shuffled["index"] = shuffled["index"][::-1]
-    with pytest.raises(StoredOutputMismatch, match="sequences in this batch are not the ones"):
+    with pytest.raises(TeacherOutputMismatch, match="examples in this batch are not the ones"):
         stored.targets(shuffled)
     edited = _rows(data, np.arange(8, 16))
     edited["tokens"] = edited["tokens"].at[3, 2].add(1)
-    with pytest.raises(StoredOutputMismatch, match="1 of 8 sequences .* sequence id 11"):
+    with pytest.raises(TeacherOutputMismatch, match="1 of 8 examples .* example id 11"):
         stored.targets(edited)
-    with pytest.raises(StoredOutputMismatch, match="of teacher"):
-        stored.targets(_rows(data, np.arange(8)), teacher="another")
+    with pytest.raises(TeacherOutputMismatch, match="computed with '[0-9a-f]+', but this step uses 'another'"):
+        stored.targets(_rows(data, np.arange(8)), source="another")
+    with pytest.raises(TeacherOutputMismatch, match="sequences have 12 tokens, the stored outputs 24"):
+        stored.targets({k: v[:, :12] if v.ndim == 2 else v for k, v in _rows(data, np.arange(8)).items()})
     path = tmp_path / "topk.npz"
     stored.save(path)
     back = StoredTopK.load(path)
-    assert back.teacher == ident and back.logprobs.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(back.logprobs.view(np.uint16), stored.logprobs.view(np.uint16))
-    np.testing.assert_array_equal(back.ids, stored.ids)
+    assert back.source == ident and back.key == "tokens" and back.values.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(back.values.view(np.uint16), stored.values.view(np.uint16))
+    np.testing.assert_array_equal(back.indices, stored.indices)
     assert [p.name for p in tmp_path.iterdir()] == ["topk.npz"]
 
 
@@ -72,9 +73,9 @@ def test_small_k_still_distils():
     tx = optim._strict_safe(optax.adam(3e-3))
     g, state, tg, frozen = _setup(tx)
     data = _data(8)
-    stored = store_topk(tg, frozen, data, k=8, vocab_size=VOCAB, batch_size=8)
+    stored = store_sequence_topk(tg, frozen, data, k=8, vocab_size=VOCAB, batch_size=8)
     batch = stored.targets(_rows(data, np.arange(8)))
-    assert stored.logprobs.shape == (8, 23, 8)
+    assert stored.values.shape == (8, 23, 8)
     step = jax.jit(lambda s, b: stored_topk_step(s, b, StoredTopKKD(chunk_size=64), graphdef=g, tx=tx))
     first = None
     for _ in range(40):

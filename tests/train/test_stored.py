@@ -33,13 +33,41 @@ def _teacher():
 
 def test_fingerprints_tell_images_apart():
     data = _data()
-    fp = stored.image_fingerprints(data.images)
-    assert fp.dtype == np.uint32 and len(np.unique(fp)) == len(fp)
-    np.testing.assert_array_equal(stored.image_fingerprints(data.images.copy()), fp)
+    fp = stored.fingerprints(data.images)
+    assert fp.dtype == np.uint64 and len(np.unique(fp)) == len(fp)
+    np.testing.assert_array_equal(stored.fingerprints(data.images.copy()), fp)
     swapped = data.images[:1].copy().reshape(1, -1)
     i, j = 0, int(np.flatnonzero(swapped[0] != swapped[0, 0])[0])  # two pixels that differ
     swapped[0, [i, j]] = swapped[0, [j, i]]  # exchanged: the same pixel values, in other places
-    assert stored.image_fingerprints(swapped.reshape(1, *SHAPE))[0] != fp[0]
+    assert stored.fingerprints(swapped.reshape(1, *SHAPE))[0] != fp[0]
+    # the rule, written out with Python integers: sum of (x_j + 1) * w_j modulo 2^64
+    w = [int(v) for v in stored._position_weights(int(np.prod(SHAPE)))]
+    row = [int(v) for v in data.images[3].reshape(-1)]
+    assert int(fp[3]) == sum((x + 1) * wj for x, wj in zip(row, w)) % 2 ** 64
+    assert all(wj % 2 == 1 for wj in w) and len(set(w)) == len(w)
+
+
+def test_one_fingerprint_rule_for_pixels_and_tokens():
+    """Tokens: only the real ones count (an attention mask), whatever their dtype."""
+    tokens = np.array([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9], [5, 6, 7, 0, 0]])
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], bool)
+    a = stored.fingerprints(tokens, mask)
+    assert a[0] == a[1]  # padding differs, real tokens equal
+    assert a[2] != a[0]  # a real token 0 is not padding
+    np.testing.assert_array_equal(stored.fingerprints(tokens.astype(np.int32), mask), a)
+    assert stored.fingerprints(tokens)[0] != stored.fingerprints(tokens)[1]
+
+
+def test_earlier_names_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="use jkd.train.stored.StoredTopK"):
+        assert stored.StoredTeacher is stored.StoredTopK
+    with pytest.warns(DeprecationWarning, match="use jkd.train.stored.store_sequence_topk"):
+        from jkd.train.lm_stored import store_topk
+    assert store_topk is stored.store_sequence_topk
+    with pytest.warns(DeprecationWarning, match="jkd.train.lm_steps.stored_topk_step"):
+        from jkd.train.lm_stored import stored_topk_step  # noqa: F401
+    with pytest.raises(AttributeError):
+        stored.not_a_name  # noqa: B018
 
 
 def test_stored_outputs_are_the_teachers_top_k_by_example_id():
@@ -52,7 +80,7 @@ def test_stored_outputs_are_the_teachers_top_k_by_example_id():
     want = np.take_along_axis(logits, order, axis=1)
     assert out.values.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.values.astype(np.float64), want, rtol=2 ** -8)  # bf16: 8 bits of mantissa
-    assert out.nbytes() == 53 * (3 * 2 + 3 * 4 + 4)
+    assert out.nbytes() == 53 * (3 * 2 + 3 * 4 + 8)
 
 
 def test_targets_follow_shuffled_batches_and_misalignment_is_refused():
@@ -61,19 +89,32 @@ def test_targets_follow_shuffled_batches_and_misalignment_is_refused():
     out = stored.store_teacher_outputs(fn, data, k=10, view="norm")
     batches = P.train_batches(data, batch_size=16, seed=3)
     for _ in range(4):  # shuffled order: each row gets its own example's targets
-        b = out.targets(next(batches), view="norm")
+        b = out.targets(next(batches), source="norm")
         np.testing.assert_array_equal(b["teacher_topk_indices"], out.indices[b["index"]])
         np.testing.assert_array_equal(b["teacher_topk_values"][:, 0], out.values[b["index"], 0])
     b = next(batches)
     wrong = {**b, "image": b["image"][::-1].copy()}  # the images no longer match their ids
     with pytest.raises(stored.TeacherOutputMismatch, match="not the ones the teacher's outputs were stored for"):
-        out.targets(wrong, view="norm")
-    with pytest.raises(stored.TeacherOutputMismatch, match="computed on view 'norm'"):
-        out.targets(b, view="other")
+        out.targets(wrong, source="norm")
+    with pytest.raises(stored.TeacherOutputMismatch, match="computed with 'norm', but this step uses 'other'"):
+        out.targets(b, source="other")
     with pytest.raises(stored.TeacherOutputMismatch, match="outside the 64 stored examples"):
-        out.targets({**b, "index": b["index"] + 64}, view="norm")
+        out.targets({**b, "index": b["index"] + 64}, source="norm")
     with pytest.raises(ValueError, match="no example ids"):
-        out.targets({"image": b["image"], "label": b["label"]}, view="norm")
+        out.targets({"image": b["image"], "label": b["label"]}, source="norm")
+
+
+def test_image_outputs_save_and_load_whole(tmp_path):
+    data = _data(20)
+    _, _, fn = _teacher()
+    out = stored.store_teacher_outputs(fn, data, k=4, view="norm", batch_size=8)
+    out.save(tmp_path / "topk.npz")
+    back = stored.StoredTopK.load(tmp_path / "topk.npz")
+    assert (back.source, back.key, back.values.dtype) == ("norm", "image", jnp.bfloat16)
+    np.testing.assert_array_equal(back.values.view(np.uint16), out.values.view(np.uint16))
+    np.testing.assert_array_equal(back.indices, out.indices)
+    np.testing.assert_array_equal(back.fingerprints, out.fingerprints)
+    assert [p.name for p in tmp_path.iterdir()] == ["topk.npz"]
 
 
 @pytest.mark.parametrize("kw", [{"crop_padding": 2}, {"flip": True}, {"mixup": 0.2}])
