@@ -59,8 +59,8 @@ def test_curves_draw_each_kind_of_loss_on_its_own_axis(tmp_path, monkeypatch):
                {**entry("s jsd", "distilled", 0.5, 0.5, signal=True), "loss": "GeneralizedJSD"}]
     rec = lambda loss: [{"event": "train", "step": 1, "loss": loss}, {"event": "train", "step": 2, "loss": loss / 2}]  # noqa: E731
     histories = {"teacher": rec(2.0), "s alone": rec(3.0), "s fkl": rec(0.4), "s jsd": rec(0.1)}
-    lm_report.write_report(tmp_path, entries, {}, [], histories=histories, title="t", counts={
-        "train": 1, "labelled_subset": 1, "unlabelled": 0, "test": 1}, seconds=1.0, echo=lambda s: None)
+    lm_report.build_report(tmp_path, entries, {}, [], histories=histories, title="t", counts={
+        "train": 1, "labelled_subset": 1, "unlabelled": 0, "test": 1}, seconds=1.0)
     assert sorted(drawn) == ["train loss: ForwardKL", "train loss: GeneralizedJSD", "train loss: cross-entropy",
                              "train loss: cross-entropy (all labelled)"]
     assert list(drawn["train loss: ForwardKL"]) == ["s fkl"]  # a KL never shares an axis with a cross-entropy

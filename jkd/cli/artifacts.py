@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jkd.cli.common import finite
 from jkd.cli.flags import add_config_flags, config_overrides, same_names
+from jkd.runtime.atomic import atomic_write
 
 # The CompressConfig fields `jkd compress` sets with flags of its own, field -> the flag's dest (the
 # rest: jkd.cli.flags).
@@ -192,19 +193,14 @@ def evaluate_command(args) -> int:
     print(f"{rep['model']} on {rep['dataset']}: test accuracy {100 * rep['test_accuracy']:.2f}%, "
           f"loss {rep['test_loss']:.4f}, macro F1 {rep['macro_f1']:.4f}, ECE {rep['ece']:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(rep, indent=2))
+        atomic_write(args.out, json.dumps(rep, indent=2))
     return 0
 
 
 def report_command(args) -> int:
-    run_dir = Path(args.run_dir)
-    summary = run_dir / "summary.json"
-    if not summary.exists():
-        raise FileNotFoundError(f"{summary} does not exist; is {run_dir} a finished run folder?")
     from jkd.evaluate import report
 
-    data = json.loads(summary.read_text())
-    print(report.write(run_dir, data["models"], title=data["title"], notes=data["notes"]))
+    print(report.rewrite(Path(args.run_dir)))
     return 0
 
 

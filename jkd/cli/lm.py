@@ -8,6 +8,7 @@ from pathlib import Path
 
 from jkd.cli.common import apply_overrides, finite, run_folder_flags, seed_list
 from jkd.cli.flags import add_config_flags, config_overrides, same_names
+from jkd.runtime.atomic import atomic_write
 
 # The LMExperimentConfig fields `jkd lm distill` sets with flags of its own (field -> the flag's dest);
 # every other plain field gets a flag of its name (jkd.cli.flags).
@@ -158,7 +159,7 @@ def evaluate_command(args) -> int:
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        atomic_write(args.out, text + "\n")
     return 0
 
 

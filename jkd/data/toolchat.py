@@ -372,6 +372,6 @@ def write_dataset(folder: str | Path, *, seed: int = 0, sizes: dict[str, int] | 
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in sizes.items():
         atomic_write(paths[split], "".join(json.dumps(c) + "\n" for c in generate_split(split, n, seed=seed)))
-    (folder / "tools.json").write_text(json.dumps(TOOLS, indent=1))
-    meta_path.write_text(json.dumps(meta, indent=1))
+    atomic_write(folder / "tools.json", json.dumps(TOOLS, indent=1))
+    atomic_write(meta_path, json.dumps(meta, indent=1))  # last: the mark that the dataset is whole
     return paths

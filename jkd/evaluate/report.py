@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,18 +31,58 @@ def table(entries: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def write(run_dir: Path, entries: list[dict], *, title: str, notes: list[str]) -> str:
-    """Write ``summary.json`` and ``report.md``; return the table."""
+@dataclasses.dataclass
+class Report:
+    """What a run's report says: its ``title``, its ``table`` (markdown, from the entries), its
+    ``notes`` (the verdicts and how it was measured), its ``figures`` (``(caption, file)`` in the
+    run folder), a ``footer`` (lines after them) and ``extra`` keys for ``summary.json``."""
+
+    title: str
+    table: str
+    notes: list[str]
+    figures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    footer: list[str] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def markdown(report: Report) -> str:
+    """``report.md``'s text."""
+    body = [f"# {report.title}", "", report.table, ""] + [f"- {n}" for n in report.notes]
+    if report.figures:
+        body += [""] + [f"![{caption}]({file})" for caption, file in report.figures]
+    return "\n".join(body + list(report.footer)) + "\n"
+
+
+def write(run_dir: Path, entries: list[dict], report: Report, *, roles: tuple[str, ...] | None = ROLES,
+          names: tuple[str, str] = ("summary.json", "report.md")) -> str:
+    """Write ``summary.json`` (the entries, the notes, the report's text for ``jkd report``) and
+    ``report.md``, each whole or not at all; return the table. Every entry's role must be one of
+    ``roles`` (None: any)."""
     for e in entries:
-        if e["role"] not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
-    summary = {"title": title, "models": entries, "notes": notes}
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
-    md = table(entries)
-    figures = ["curves.png", "accuracy_vs_size.png"] + sorted(p.name for p in run_dir.glob("confusion_*.png")) + sorted(p.name for p in run_dir.glob("roc_*.png"))
-    body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [""] + [f"![{f}]({f})" for f in figures]
-    (run_dir / "report.md").write_text("\n".join(body) + "\n")
-    return md
+        if roles is not None and e.get("role") not in roles:
+            raise ValueError(f"role must be one of {roles}; got {e.get('role')!r} for {e.get('name')}.")
+    summary = {"title": report.title, "models": entries, "notes": report.notes, **report.extra,
+               "report": {"table": report.table, "figures": [list(f) for f in report.figures],
+                          "footer": list(report.footer)}}
+    atomic_write(Path(run_dir) / names[0], json.dumps(summary, indent=2))
+    atomic_write(Path(run_dir) / names[1], markdown(report))
+    return report.table
+
+
+def rewrite(run_dir: Path, summary_name: str = "summary.json", report_name: str = "report.md") -> str:
+    """``report.md`` again from ``summary.json`` (``jkd report``); returns its text."""
+    path = Path(run_dir) / summary_name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a finished run folder?")
+    data = json.loads(path.read_text())
+    if "report" not in data:
+        raise ValueError(f"{path} was written by an earlier jkd without the report's text; run the job again "
+                         "with --resume to write it.")
+    r = data["report"]
+    text = markdown(Report(data.get("title", ""), r["table"], data["notes"], [tuple(f) for f in r["figures"]],
+                           r["footer"]))
+    atomic_write(Path(run_dir) / report_name, text)
+    return text
 
 
 def compression_table(rows: list[dict]) -> str:

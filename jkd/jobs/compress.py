@@ -444,12 +444,10 @@ def _write_report(out: Path, rows, cfg, prune_report, checks, echo) -> dict:
     for fmt, c in ((f, c) for f, c in checks.items() if "max_abs_diff" in c):
         notes.append(f"exported {fmt}: max |logit difference| {c['max_abs_diff']:.2e} vs JAX, same top-1 on "
                      f"{100 * c['top1_agreement']:.2f}% of test images.")
-    summary = {"models": rows, "notes": notes, "pruning": prune_report, "export_checks": checks}
-    (out / "compress_summary.json").write_text(json.dumps(summary, indent=2))
-    md = report.compression_table(rows)
-    (out / "compress_report.md").write_text("# Compression of the student\n\n" + md + "\n\n" +
-                                            "\n".join(f"- {n}" for n in notes) + "\n")
+    md = report.write(out, rows, report.Report("Compression of the student", report.compression_table(rows), notes,
+                                               extra={"pruning": prune_report, "export_checks": checks}),
+                      roles=None, names=("compress_summary.json", "compress_report.md"))
     echo("\n" + md + "\n")
     for n in notes:
         echo(n)
-    return summary
+    return json.loads((out / "compress_summary.json").read_text())

@@ -19,7 +19,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -40,9 +40,10 @@ from jkd.train.optim import check_optimizer
 from jkd.train.checkpoint import save_frozen
 from jkd.train.steps import teacher_logits as teacher_forward
 from jkd.train.loop import LoopConfig
-from jkd.jobs.group import train_group
-from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
-from jkd.jobs.seeds import margin_and_spread, mean_std
+from jkd.jobs.seeds import mean_std, verdict
+from jkd.jobs.skeleton import Job, Run, Trained, get_teacher, open_run, run_job
+from jkd.jobs.teacher import SAVED_TEACHER
+from jkd.runtime.atomic import atomic_write
 from jkd.runtime.run_folder import RunFolder, config_to_json, guarded_config, slug
 from jkd.saved import ModelSpec, check_saved_model, load_saved_model, model_meta  # noqa: F401 - re-exported
 
@@ -195,14 +196,16 @@ def _loss_name(objective) -> str:
     return type(objective).__name__
 
 
-class _Run:
-    """Shared pieces of one run: data, views, runners; its folder does the writing."""
+class ImageJob(Job):
+    """The image job's parts for the skeleton (:mod:`jkd.jobs.skeleton`): its data and views, its
+    teacher and students (``ModelSpec``\\ s of the zoo), accuracy and the classification metrics
+    per seed, its report rows and figures."""
 
-    def __init__(self, cfg: ExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None] = print):
-        # Several processes (jkd.runtime.hosts): process 0 alone prints, shows progress and writes files.
-        self.primary = hosts.is_primary()
-        self.cfg, self.folder, self.dir = cfg, folder, folder.path
-        self.progress, self.echo = progress and self.primary, echo if self.primary else (lambda *_: None)
+    def guarded_inputs(self) -> dict:
+        return guarded_inputs(self.config)
+
+    def prepare(self, run: Run) -> None:
+        cfg = self.config
         # Process 0 prepares a dataset first (TFDS writes a shared cache), the others then read it.
         self.ds = hosts.primary_first(lambda: load_dataset(cfg.dataset, data_dir=cfg.data_dir, num_classes=cfg.num_classes),
                                       "jkd: dataset prepared")
@@ -221,21 +224,18 @@ class _Run:
         self.eval_view = functools.partial(augment.normalize, mean=spec.mean, std=spec.std)
         self.view_name = f"normalize(mean={spec.mean}, std={spec.std})"
         self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
+        val = f" ({len(self.val)} of them held out for validation)" if self.val is not None else ""
+        self.echo(f"dataset {spec.name}: {len(self.train) + (len(self.val) if self.val is not None else 0)} train{val} / "
+                  f"{len(self.test)} test images, {spec.num_classes} classes")
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.config
 
     def view(self, crop_padding, mixup_alpha=0.0):
         s = self.ds.spec
         return functools.partial(augment.augment, mean=s.mean, std=s.std, crop_padding=crop_padding, flip=self.flip,
                                  mixup_alpha=mixup_alpha)
-
-    def runner(self, step):
-        if self.cfg.parallel == "mesh" or jax.process_count() > 1:
-            return parallel.on_mesh(step, parallel.data_mesh(self.cfg.devices))
-        if self.cfg.parallel == "pmap":
-            return parallel.with_pmap(step, self.cfg.devices)
-        return parallel.single_device(step)
-
-    def close(self):
-        self.folder.close()
 
     def batches(self, seed):
         # Each process reads its share of every global batch; the order is the global one.
@@ -254,6 +254,149 @@ class _Run:
             self.test_labels = self.last_labels
         return list(logits)
 
+    # ---- the teacher -------------------------------------------------------------------------------
+
+    def load_teacher(self, run: Run, source: Path) -> Trained:
+        tg, teacher, meta = load_saved_model(source)
+        check_saved_model(meta, self.cfg.teacher, self.ds.spec, where=str(source), role="teacher")
+        self.echo(f"teacher {meta['model']}: loaded from {source}")
+        return Trained("teacher", "teacher", "cross-entropy", tg, [teacher], self.cfg.teacher)
+
+    def train_teacher(self, run: Run) -> Trained:
+        cfg = self.cfg
+        self.echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
+        tg, states = _train_group(
+            self, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
+            optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
+        return Trained("teacher", "teacher", "cross-entropy", tg, [freeze(states[0])], cfg.teacher)
+
+    def save_teacher(self, run: Run, teacher: Trained, path: Path) -> None:
+        save_frozen(path, teacher.weights[0], model_meta(self.cfg.teacher, self.ds.spec, "teacher"))
+
+    # ---- the students ------------------------------------------------------------------------------
+
+    def students(self, run: Run, teacher: Trained) -> Iterator[Trained]:
+        cfg, echo = self.cfg, self.echo
+        tg, frozen = teacher.graphdef, teacher.weights[0]
+        groups = [("student alone", "student_alone", Distillation("student alone", objectives.CrossEntropy()))
+                  ] if cfg.include_baseline else []
+        # A setting without a teacher (objectives.CrossEntropy, e.g. the student alone on a longer
+        # schedule) is a student alone: trained without the teacher and reported as such.
+        groups += [(d.name, "distilled" if getattr(d.objective, "reads_teacher", True) else "student_alone", d)
+                   for d in cfg.distillations]
+        if not cfg.include_students:
+            groups = []
+        outputs = None
+        if cfg.store_teacher_topk and any(role == "distilled" for _, role, _ in groups):
+            stored.check_fixed_view(crop_padding=cfg.student_crop_padding, flip=self.flip)
+            forward = jax.jit(lambda images: teacher_forward(tg, frozen, self.eval_view(images)))
+            t0 = time.perf_counter()
+            outputs = stored.store_teacher_outputs(forward, self.train, k=cfg.store_teacher_topk, view=self.view_name,
+                                                   batch_size=cfg.batch_size, progress=self.progress)
+            echo(f"teacher outputs stored once: top-{cfg.store_teacher_topk} of {len(outputs)} examples in bf16 "
+                 f"({outputs.nbytes() / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s)")
+        for name, role, d in groups:
+            epochs = d.epochs or cfg.student_epochs
+            echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {epochs} epochs")
+            g, states = _train_group(
+                self, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,
+                optimizer=d.optimizer or cfg.student_optimizer,
+                crop_padding=cfg.student_crop_padding if d.crop_padding is None else d.crop_padding,
+                mixup_alpha=d.mixup_alpha or 0.0, teacher=None if role == "student_alone" else frozen, teacher_graphdef=tg,
+                stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)
+            yield Trained(name, role, _loss_name(d.objective), g, [freeze(s) for s in states], cfg.student,
+                          {"epochs": epochs})
+
+    # ---- measuring and reporting -------------------------------------------------------------------
+
+    def measure(self, run: Run, t: Trained) -> list[dict]:
+        cfg, spec = self.cfg, self.ds.spec
+        logits = self.eval_logits(t.graphdef, t.weights)
+        labels = self.test_labels
+        if t.role == "teacher":
+            self.teacher_logits = logits[0]
+        per_seed = [M.classification_report(lg, labels, spec.num_classes,
+                                             None if t.role == "teacher" else self.teacher_logits) for lg in logits]
+        model_dir = run.path / slug(t.name)
+        for i, v in enumerate(t.weights):
+            target = model_dir / f"seed{i}"
+            if t.role != "teacher" and not target.exists():
+                save_frozen(target, v, model_meta(t.model, spec, t.role))
+        evals = [h for h in run.folder.read_log().get(t.name, []) if h.get("event") == "eval"]
+        accs = [m["accuracy"] for m in per_seed]
+        stats = model_stats(t.model.build(spec.num_classes, spec.image_shape, 0), spec.image_shape)
+        metrics = {
+            "name": t.name, "role": t.role, "loss": t.loss, "model": t.model.name,
+            "test_accuracy": float(np.mean(accs)),
+            "test_accuracy_per_seed": accs,
+            "test_loss": float(np.mean([m["loss"] for m in per_seed])),
+            "last_test_accuracy": float(np.mean(accs)),
+            # Periodic evaluations run on the validation split when there is one; then the
+            # test split is measured once, at the end, and "best" is that final figure.
+            "best_test_accuracy": (max([e["test_accuracy"] for e in evals] + [float(np.mean(accs))])
+                                   if self.val is None else float(np.mean(accs))),
+            "params": stats.params, "flops": stats.flops,
+            "per_seed": per_seed,
+            **{k: per_seed[0][k] for k in ("precision", "recall", "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece")},
+        }
+        if self.val is not None and evals:
+            metrics["best_val_accuracy"] = max(e["val_accuracy"] for e in evals)
+        if t.role != "teacher":
+            metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
+        if run.primary:  # one metrics file and one set of plots, whatever the number of processes
+            model_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(model_dir / "metrics.json", json.dumps(metrics, indent=2))
+            plots.confusion(per_seed[0]["confusion_matrix"], run.path / f"confusion_{slug(t.name)}.png",
+                            f"{t.name} (seed {cfg.seeds[0] if t.role != 'teacher' else 0})")
+            plots.roc(logits[0], labels, run.path / f"roc_{slug(t.name)}.png", f"ROC, one vs rest: {t.name}")
+        return per_seed
+
+    def entry(self, run: Run, t: Trained, per_seed: list[dict]) -> dict:
+        cfg, spec, shape = self.cfg, self.ds.spec, self.ds.spec.image_shape
+        size = _dir_bytes(Path(cfg.teacher_dir) if (t.role == "teacher" and cfg.teacher_dir) else
+                          run.path / SAVED_TEACHER if t.role == "teacher" else run.path / slug(t.name) / "seed0")
+        stats = model_stats(t.model.build(spec.num_classes, shape, 0), shape)
+        accs = [m["accuracy"] for m in per_seed]
+        return {
+            "name": t.name, "role": t.role, "loss": t.loss, "model": t.model.name,
+            "test_accuracy_per_seed": accs,
+            **mean_std([{"test_accuracy": a} for a in accs]),
+            "params": stats.params, "flops": stats.flops, "size_bytes": size,
+            "seconds_per_epoch": _seconds_per_epoch(run.folder.read_log().get(t.name, []), len(self.train)),
+            "epochs": (None if cfg.teacher_dir else cfg.teacher_epochs) if t.role == "teacher" else t.info["epochs"],
+            # Timed on process 0 only: it alone writes the report.
+            "latency_ms": _latency_ms(t.graphdef, t.weights[0], cfg.batch_size, shape, self.eval_view) if run.primary else None,
+        }
+
+    def report(self, run: Run, entries: list[dict]) -> report.Report:
+        cfg = self.cfg
+        held = "val" if self.val is not None else "test"
+        curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
+                  + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
+                      "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
+                  for n, hs in run.folder.read_log().items()}
+        _gap_and_cost(entries)
+        protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
+                    "initialisation only" if cfg.share_teacher_forward else
+                    "each seed has its own initialisation, data order and augmentation")
+        seeds_note = f"{len(cfg.seeds)} seeds per student setting ({protocol}); " if len(entries) > 1 else ""
+        hosts_note = (f"; trained by {jax.process_count()} processes on {jax.device_count()} devices, the latency "
+                      "measured on process 0" if jax.process_count() > 1 else "")
+        notes = [f"{seeds_note}latency is the median of up to 20 eval batches of {cfg.batch_size} (2 s per model at most) on "
+                 f"{jax.devices()[0].platform}; total time {time.perf_counter() - run.started:.0f} s{hosts_note}."]
+        for e in entries:
+            alone = reference_alone(e, entries)
+            if e["role"] == "distilled" and alone is not None:
+                which = "the student alone" if alone is _first_alone(entries) else f"{alone['name']}"
+                gap = f"; it closes {100 * e['gap_closed']:.0f}% of the teacher-student gap" if "gap_closed" in e else ""
+                notes.append(verdict(e, alone, "test_accuracy", label="test accuracy", other=which, scale=100,
+                                     digits=2, unit=" points") + gap + ".")
+        plots.curves(curves, run.path / "curves.png", held_out="validation" if self.val is not None else "test")
+        plots.accuracy_vs_size(entries, run.path / "accuracy_vs_size.png")
+        figures = (["curves.png", "accuracy_vs_size.png"] + sorted(p.name for p in run.path.glob("confusion_*.png"))
+                   + sorted(p.name for p in run.path.glob("roc_*.png")))
+        return report.Report(cfg.title, report.table(entries), notes, [(f, f) for f in figures])
+
 
 def _columns(streams):
     """K batch streams -> one stream of ``[B, K, ...]`` batches (student k's batch in column k)."""
@@ -261,7 +404,7 @@ def _columns(streams):
         yield {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
 
 
-def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
+def _train_group(r: ImageJob, name: str, spec: ModelSpec, objective, *, seeds, epochs, optimizer, crop_padding,
                  mixup_alpha=0.0, teacher=None, teacher_graphdef=None, stored_outputs=None, shared: bool = True):
     """Train len(seeds) copies of ``spec`` in one vmapped step; returns ``(graphdef, [state per
     seed])``; records go to the run's log. ``objective`` is one objective for all, or a list
@@ -311,31 +454,12 @@ def _train_group(r: _Run, name: str, spec: ModelSpec, objective, *, seeds, epoch
         return {f"{split}_accuracy": float(acc.mean()), f"{split}_accuracy_per_seed": acc.tolist(),
                 f"{split}_loss_per_seed": loss.tolist()}
 
-    states = train_group(
-        r.folder, name, r.runner(step), states, objs, teacher, batches=batches, evaluate=evaluate,
+    states = r.run.train_group(
+        name, r.run.runner(step), states, objs, teacher, batches=batches, evaluate=evaluate,
         config=LoopConfig(num_steps=total, save_every=r.steps_per_epoch,
                           eval_every=cfg.eval_every_epochs * r.steps_per_epoch, progress=r.progress, label=name),
-        annotate=lambda rec: {**rec, "epoch": rec["step"] / r.steps_per_epoch}, echo=r.echo)
+        annotate=lambda rec: {**rec, "epoch": rec["step"] / r.steps_per_epoch})
     return graphdef, [hosts.local(unstack_state(states, i)) for i in range(k)]
-
-
-def _get_teacher(r: _Run, run_dir: Path, echo):
-    """``(graphdef, variables)`` of the teacher: loaded from ``cfg.teacher_dir``, or from this
-    run folder, or trained here (and saved once)."""
-    cfg, spec = r.cfg, r.ds.spec
-    source = teacher_source(cfg.teacher_dir, r.folder)
-    if source:
-        tg, teacher, meta = load_saved_model(source)
-        check_saved_model(meta, cfg.teacher, spec, where=str(source), role="teacher")
-        echo(f"teacher {meta['model']}: loaded from {source}")
-        return tg, teacher
-    echo(f"teacher {cfg.teacher.name}: training {cfg.teacher_epochs} epochs")
-    tg, states = _train_group(
-        r, "teacher", cfg.teacher, objectives.CrossEntropy(), seeds=(0,), epochs=cfg.teacher_epochs,
-        optimizer=cfg.teacher_optimizer, crop_padding=cfg.teacher_crop_padding)
-    teacher = freeze(states[0])
-    save_frozen(run_dir / SAVED_TEACHER, teacher, model_meta(cfg.teacher, spec, "teacher"))
-    return tg, teacher
 
 
 def _latency_ms(graphdef, variables, batch_size, shape, view) -> float:
@@ -399,145 +523,7 @@ def run(cfg: ExperimentConfig, run_dir: str | Path, *, resume: bool = False, for
     ``resume=True``; another one is refused, naming the keys that differ (``force=True``
     deletes the old run first); a run that failed before training began is simply rerun.
     """
-    cfg.validate()
-    run_dir = Path(run_dir)
-    folder = RunFolder(run_dir, guarded_config(cfg, guarded_inputs(cfg)), resume=resume, force=force, writer=hosts.is_primary(), echo=echo)
-    try:
-        hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
-        t_start = time.perf_counter()
-        r = _Run(cfg, folder, progress, echo)  # reads and checks the data before anything is written
-        folder.begin()
-    except BaseException:
-        folder.close()  # releases the folder's lock
-        raise
-    echo = r.echo  # process 0 alone prints
-    spec, shape = r.ds.spec, r.ds.spec.image_shape
-    val = f" ({len(r.val)} of them held out for validation)" if r.val is not None else ""
-    echo(f"dataset {spec.name}: {len(r.train) + (len(r.val) if r.val is not None else 0)} train{val} / "
-         f"{len(r.test)} test images, {spec.num_classes} classes")
-    try:
-        tg, teacher = _get_teacher(r, run_dir, echo)
-
-        # ---- students -----------------------------------------------------------------------
-        groups = [("student alone", "student_alone", Distillation("student alone", objectives.CrossEntropy()))
-                  ] if cfg.include_baseline else []
-        # A setting without a teacher (objectives.CrossEntropy, e.g. the student alone on a longer
-        # schedule) is a student alone: trained without the teacher and reported as such.
-        groups += [(d.name, "distilled" if getattr(d.objective, "reads_teacher", True) else "student_alone", d)
-                   for d in cfg.distillations]
-        if not cfg.include_students:
-            groups = []
-        results = {"teacher": ("teacher", "cross-entropy", tg, [teacher], cfg.teacher)}
-        epochs_of = {name: d.epochs or cfg.student_epochs for name, _, d in groups}
-        outputs = None
-        if cfg.store_teacher_topk and any(role == "distilled" for _, role, _ in groups):
-            stored.check_fixed_view(crop_padding=cfg.student_crop_padding, flip=r.flip)
-            forward = jax.jit(lambda images: teacher_forward(tg, teacher, r.eval_view(images)))
-            t0 = time.perf_counter()
-            outputs = stored.store_teacher_outputs(forward, r.train, k=cfg.store_teacher_topk, view=r.view_name,
-                                                   batch_size=cfg.batch_size, progress=r.progress)
-            echo(f"teacher outputs stored once: top-{cfg.store_teacher_topk} of {len(outputs)} examples in bf16 "
-                 f"({outputs.nbytes() / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s)")
-        for name, role, d in groups:
-            epochs = epochs_of[name]
-            echo(f"{name}: {len(cfg.seeds)} seeds of {cfg.student.name} in one vmapped step, {epochs} epochs")
-            g, states = _train_group(
-                r, name, cfg.student, d.objective, seeds=cfg.seeds, epochs=epochs,
-                optimizer=d.optimizer or cfg.student_optimizer,
-                crop_padding=cfg.student_crop_padding if d.crop_padding is None else d.crop_padding,
-                mixup_alpha=d.mixup_alpha or 0.0, teacher=None if role == "student_alone" else teacher, teacher_graphdef=tg,
-                stored_outputs=outputs if role == "distilled" else None, shared=cfg.share_teacher_forward)
-            results[name] = (role, _loss_name(d.objective), g, [freeze(s) for s in states], cfg.student)
-
-        # ---- evaluation and report ----------------------------------------------------------------
-        teacher_logits = r.eval_logits(tg, [teacher])[0]
-        histories = folder.read_log()
-        entries = []
-        for name, (role, loss_name, g, variables, mspec) in results.items():
-            logits = r.eval_logits(g, variables)
-            labels = r.test_labels
-            per_seed = [M.classification_report(lg, labels, spec.num_classes,
-                                                 None if role == "teacher" else teacher_logits) for lg in logits]
-            model_dir = run_dir / slug(name)
-            for i, v in enumerate(variables):
-                target = model_dir / f"seed{i}"
-                if role != "teacher" and not target.exists():
-                    save_frozen(target, v, model_meta(mspec, spec, role))
-            size = _dir_bytes(Path(cfg.teacher_dir) if (role == "teacher" and cfg.teacher_dir) else
-                              run_dir / SAVED_TEACHER if role == "teacher" else model_dir / "seed0")
-            stats = model_stats(mspec.build(spec.num_classes, shape, 0), shape)
-            evals = [h for h in histories.get(name, []) if h.get("event") == "eval"]
-            accs = [m["accuracy"] for m in per_seed]
-            metrics = {
-                "name": name, "role": role, "loss": loss_name, "model": mspec.name,
-                "test_accuracy": float(np.mean(accs)),
-                "test_accuracy_per_seed": accs,
-                "test_loss": float(np.mean([m["loss"] for m in per_seed])),
-                "last_test_accuracy": float(np.mean(accs)),
-                # Periodic evaluations run on the validation split when there is one; then the
-                # test split is measured once, at the end, and "best" is that final figure.
-                "best_test_accuracy": (max([e["test_accuracy"] for e in evals] + [float(np.mean(accs))])
-                                       if r.val is None else float(np.mean(accs))),
-                "params": stats.params, "flops": stats.flops,
-                "per_seed": per_seed,
-                **{k: per_seed[0][k] for k in ("precision", "recall", "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece")},
-            }
-            if r.val is not None and evals:
-                metrics["best_val_accuracy"] = max(e["val_accuracy"] for e in evals)
-            if role != "teacher":
-                metrics["teacher_agreement"] = float(np.mean([m["teacher_agreement"] for m in per_seed]))
-            if r.primary:  # one metrics file and one set of plots, whatever the number of processes
-                model_dir.mkdir(parents=True, exist_ok=True)
-                (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                plots.confusion(per_seed[0]["confusion_matrix"], run_dir / f"confusion_{slug(name)}.png", f"{name} (seed {cfg.seeds[0] if role != 'teacher' else 0})")
-                plots.roc(logits[0], labels, run_dir / f"roc_{slug(name)}.png", f"ROC, one vs rest: {name}")
-            entries.append({
-                "name": name, "role": role, "loss": loss_name, "model": mspec.name,
-                "test_accuracy_per_seed": accs,
-                **mean_std([{"test_accuracy": a} for a in accs]),
-                "params": stats.params, "flops": stats.flops, "size_bytes": size,
-                "seconds_per_epoch": _seconds_per_epoch(histories.get(name, []), len(r.train)),
-                "epochs": (None if cfg.teacher_dir else cfg.teacher_epochs) if role == "teacher" else epochs_of[name],
-                # Timed on process 0 only: it alone writes the report.
-                "latency_ms": _latency_ms(g, variables[0], cfg.batch_size, shape, r.eval_view) if r.primary else None,
-            })
-        held = "val" if r.val is not None else "test"
-        curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
-                  + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
-                      "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
-                  for n, hs in histories.items()}
-        _gap_and_cost(entries)
-        protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
-                    "initialisation only" if cfg.share_teacher_forward else
-                    "each seed has its own initialisation, data order and augmentation")
-        seeds_note = f"{len(cfg.seeds)} seeds per student setting ({protocol}); " if len(entries) > 1 else ""
-        hosts_note = (f"; trained by {jax.process_count()} processes on {jax.device_count()} devices, the latency "
-                      "measured on process 0" if jax.process_count() > 1 else "")
-        notes = [f"{seeds_note}latency is the median of up to 20 eval batches of {cfg.batch_size} (2 s per model at most) on "
-                 f"{jax.devices()[0].platform}; total time {time.perf_counter() - t_start:.0f} s{hosts_note}."]
-        for e in entries:
-            alone = reference_alone(e, entries)
-            if e["role"] == "distilled" and alone is not None:
-                margin, spread = margin_and_spread(e, alone, "test_accuracy")
-                verdict = "beats" if margin > spread else "does not beat"
-                which = "the student alone" if alone is _first_alone(entries) else f"{alone['name']}"
-                gap = f"; it closes {100 * e['gap_closed']:.0f}% of the teacher-student gap" if "gap_closed" in e else ""
-                notes.append(f"{e['name']} {verdict} {which} by more than the seed spread: "
-                             f"{100 * margin:+.2f} points vs std {100 * spread:.2f}{gap}.")
-        if r.primary:
-            plots.curves(curves, run_dir / "curves.png", held_out="validation" if r.val is not None else "test")
-            plots.accuracy_vs_size(entries, run_dir / "accuracy_vs_size.png")
-            md = report.write(run_dir, entries, title=cfg.title, notes=notes)
-            echo("\n" + md + "\n")
-            for n in notes:
-                echo(n)
-            echo(f"\nrun folder: {run_dir}")
-        hosts.barrier("jkd: report written")  # the others return process 0's summary
-        return json.loads((run_dir / "summary.json").read_text())
-    finally:
-        r.close()
-
-
+    return run_job(ImageJob(cfg), run_dir, resume=resume, force=force, progress=progress, echo=echo)
 
 
 def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_weights, seed: int = 0,
@@ -559,15 +545,11 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
     cfg.validate()
     run_dir = Path(run_dir)
     sweep = {"temperatures": temperatures, "kd_weights": kd_weights, "seed": seed}
-    folder = RunFolder(run_dir, {**guarded_config(cfg, guarded_inputs(cfg)), "sweep": sweep}, resume=resume, force=force, echo=echo)
-    try:
-        r = _Run(cfg, folder, progress, echo)
-        folder.begin()
-    except BaseException:
-        folder.close()
-        raise
-    try:
-        tg, teacher = _get_teacher(r, run_dir, echo)
+    r = ImageJob(cfg)
+    with open_run(r, run_dir, resume=resume, force=force, progress=progress, echo=echo,
+                  config={**guarded_config(cfg, guarded_inputs(cfg)), "sweep": sweep}) as claimed:
+        trained = get_teacher(r, claimed)
+        tg, teacher, echo = trained.graphdef, trained.weights[0], claimed.echo
         grid = [(t, w) for t in temperatures for w in kd_weights]
         objs = [objectives.SoftKD(temperature=t, kd_weight=w, ce_weight=1.0 - w) for t, w in grid]
         echo(f"sweep: {len(grid)} students of {cfg.student.name} ({len(temperatures)} T x {len(kd_weights)} "
@@ -587,7 +569,7 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
                   "best": {"temperature": temperatures[best[0]], "kd_weight": kd_weights[best[1]],
                            "test_accuracy": float(acc[best])},
                   "students": len(grid), "train_seconds": seconds}
-        (run_dir / "sweep.json").write_text(json.dumps(result, indent=2))
+        atomic_write(run_dir / "sweep.json", json.dumps(result, indent=2))
         rows = ["| T \\ kd_weight | " + " | ".join(f"{w:g}" for w in kd_weights) + " |",
                 "|---|" + "---|" * len(kd_weights)]
         rows += [f"| {t:g} | " + " | ".join(f"{100 * a:.2f}" for a in acc[i]) + " |" for i, t in enumerate(temperatures)]
@@ -595,8 +577,6 @@ def run_sweep(cfg: ExperimentConfig, run_dir: str | Path, *, temperatures, kd_we
         echo(f"best: T={result['best']['temperature']:g}, kd_weight={result['best']['kd_weight']:g} "
              f"({100 * result['best']['test_accuracy']:.2f}%); {len(grid)} students trained in {seconds:.0f} s")
         return result
-    finally:
-        r.close()
 
 
 def _auto_objective(loss: str, temperature: float, kd_weight: float):
@@ -681,17 +661,12 @@ def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: Aut
               progress: bool, echo: Callable[[str], None]) -> dict:
     search_dir = run_dir / "search"
     # The top folder's guard covers what is below it: the search and the final runs resume.
-    search = RunFolder(search_dir, config_to_json(cfg), resume=True, echo=echo)
-    try:
-        r = _Run(cfg, search, progress, echo)
+    r = ImageJob(cfg)
+    with open_run(r, search_dir, resume=True, progress=progress, echo=echo, config=config_to_json(cfg)) as search:
         top.begin()
-        search.begin()
-    except BaseException:
-        search.close()
-        raise
-    t_search = time.perf_counter()
-    try:
-        tg, teacher = _get_teacher(r, search_dir, echo)
+        t_search = time.perf_counter()
+        trained = get_teacher(r, search)
+        tg, teacher = trained.graphdef, trained.weights[0]
         teacher_val = r.eval_logits(tg, [teacher], r.val)[0]
         val_labels = r.last_labels
         calibration = {"teacher_val_ece_before": M.expected_calibration_error(M.softmax(teacher_val), val_labels)}
@@ -720,8 +695,6 @@ def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: Aut
                           run_dir / f"auto_heatmap_{loss}.png", title=f"{loss}: validation accuracy (%)",
                           row_label="temperature", col_label="kd_weight (ce_weight = 1 - kd_weight)")
         search_seconds = time.perf_counter() - t_search
-    finally:
-        r.close()
     choice = {**choose_setting(val_acc, grid, len(val_labels)), "teacher_temperature": t_cal}
     loss, temp, weight = choice["loss"], choice["temperature"], choice["kd_weight"]
     echo(f"chosen on validation: {loss}, T={temp:g}, kd_weight={weight:g} ({100 * choice['val_accuracy']:.2f}% vs "
@@ -738,7 +711,7 @@ def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: Aut
     chosen_metrics = run_dir / "final" / slug(name) / "metrics.json"
     m = json.loads(chosen_metrics.read_text())
     m["auto_choice"] = choice
-    chosen_metrics.write_text(json.dumps(m, indent=2))
+    atomic_write(chosen_metrics, json.dumps(m, indent=2))
     result = {
         "grid": dataclasses.asdict(grid), "val_accuracy": {l: v.tolist() for l, v in val_acc.items()},
         "choice": choice, "calibration": calibration,
@@ -747,7 +720,7 @@ def _run_auto(top: RunFolder, cfg: ExperimentConfig, run_dir: Path, *, grid: Aut
         "settings_searched": len(settings) * len(grid.losses),
         "search_seconds": search_seconds, "final_seconds": final_seconds,
     }
-    (run_dir / "auto.json").write_text(json.dumps(result, indent=2))
+    atomic_write(run_dir / "auto.json", json.dumps(result, indent=2))
     a, c = np.array(result["test_accuracy_student_alone"]), np.array(result["test_accuracy_choice"])
     echo(f"test accuracy: chosen {100 * c.mean():.2f} +- {100 * c.std():.2f}, student alone "
          f"{100 * a.mean():.2f} +- {100 * a.std():.2f}; search of {result['settings_searched']} settings took "

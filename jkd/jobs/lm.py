@@ -27,7 +27,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -39,18 +39,19 @@ from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from jkd.data.chat import render_chat
 from jkd.data.vocab import shared_vocabulary
 from jkd.jobs.lm_evaluation import BUCKETS, measure
-from jkd.jobs.lm_report import write_report
+from jkd.evaluate import report
+from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime.faults import missing_folder
-from jkd.jobs.group import train_group
-from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.jobs.seeds import mean_std
-from jkd.runtime.run_folder import RunFolder, guarded_config, slug
-from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, parallel, stack_states
+from jkd.jobs.skeleton import Job, Run, Trained, run_job
+from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
+from jkd.runtime.run_folder import slug
+from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, stack_states
 from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
@@ -256,9 +257,31 @@ def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, pro
 
 # ---- training ---------------------------------------------------------------------------------------
 
-class _Run:
-    def __init__(self, cfg, folder: RunFolder, data: _Data, progress: bool, echo):
-        self.cfg, self.folder, self.dir, self.data, self.progress, self.echo = cfg, folder, folder.path, data, progress, echo
+class LMJob(Job):
+    """The language-model job's parts for the skeleton (:mod:`jkd.jobs.skeleton`): conversations
+    and a tokenizer, a decoder teacher and students (Hugging Face folders), agent metrics per
+    seed, its report rows, figures and samples."""
+
+    teacher_marker = "config.json"
+
+    @property
+    def cfg(self) -> LMExperimentConfig:
+        return self.config
+
+    def guarded_inputs(self) -> dict:
+        return guarded_inputs(self.config)
+
+    def reusable(self) -> tuple[str, ...]:
+        return evaluation_keys(self.config)
+
+    def prepare(self, run: Run) -> None:
+        cfg, echo = self.config, self.echo
+        if cfg.train_file is None:
+            run.folder.begin()  # the embedded conversations are written into the run folder
+        self.data = data = _read_data(cfg, run.path, echo)  # a user's files are read and checked first
+        run.folder.begin()
+        if not (run.path / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
+            data.tokenizer.save(run.path / "tokenizer")
         tok = data.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.eos_id = tok.eos_id
@@ -279,6 +302,9 @@ class _Run:
         # initialisation (a student alone, from the teacher's layers, on the teacher's answers)
         # share one compilation (BUILD_NOTES)
         self._runs: dict = {}
+        self.answered = None
+        self.teacher_texts = None
+        self.samples: dict[str, list[str]] = {}
 
     def _check_inputs(self, turns: list) -> None:
         """Refuse, before any training, what would stop the run after it: no test turn to measure,
@@ -331,7 +357,7 @@ class _Run:
         return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
 
-    def train_group(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
+    def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                     optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
                     init: Decoder | None = None):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
@@ -349,44 +375,129 @@ class _Run:
             kind = on_policy_step if isinstance(objective, OnPolicyKD) else token_kd_step
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
-            self._runs[key] = tx, parallel.single_device(jax.vmap(step, in_axes=(0, 1, None, None)))
+            self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)))
         tx, run = self._runs[key]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
 
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
                 yield {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
-        states = train_group(
-            self.folder, name, run, states, objective, tvars, batches=batches, echo=self.echo,
+        states = self.run.train_group(
+            name, run, states, objective, tvars, batches=batches,
             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
                               sync_every=5, unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
         return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]
+
+    # ---- the teacher -------------------------------------------------------------------------------
+
+    def _teacher(self, model: Decoder) -> Trained:
+        self.teacher_model = model
+        self.frozen_teacher = tg, tvars = freeze_model(model)
+        loss = "(loaded, not trained here)" if self.cfg.teacher_dir else "cross-entropy (all labelled)"
+        return Trained("teacher", "teacher", loss, tg, [tvars.params], model.config,
+                       {"student": None, "initialisation": "random", "teacher_signal": False})
+
+    def load_teacher(self, run: Run, source: Path) -> Trained:
+        teacher = load_hf(source)
+        self.echo(f"teacher: loaded from {source}")
+        if self.cfg.teacher_dir is None and teacher.config.max_position_embeddings < self.positions_needed:
+            # this run's own teacher, measured now with longer answers: its rotary positions have no
+            # table, so the limit it was saved with is raised (a given teacher was checked instead)
+            teacher.config = dataclasses.replace(teacher.config, max_position_embeddings=self.positions_needed)
+        return self._teacher(teacher)
+
+    def train_teacher(self, run: Run) -> Trained:
+        cfg = self.cfg
+        self.echo(f"teacher: training {cfg.teacher_steps} steps on {len(self.train_enc)} conversations")
+        g, params = self.train_students("teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
+                                        ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps,
+                                        seeds=(0,), optimizer=cfg.teacher_optimizer)
+        return self._teacher(_as_decoder(g, params[0]))
+
+    def save_teacher(self, run: Run, teacher: Trained, path: Path) -> None:
+        save_hf(self.teacher_model, path, tokenizer=self.data.tokenizer, overwrite=True)
+
+    # ---- the students ------------------------------------------------------------------------------
+
+    def students(self, run: Run, teacher_entry: Trained) -> Iterator[Trained]:
+        cfg, echo, data = self.cfg, self.echo, self.data
+        teacher, (tg, tvars) = self.teacher_model, self.frozen_teacher
+        for student in cfg.students:
+            init = None
+            if student.teacher_layers is not None:
+                init = select_layers(teacher, student.teacher_layers)
+                scfg = init.config
+            else:
+                scfg = self.with_vocab(student.config)
+            # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
+            vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
+                                      student_rows=scfg.vocab_size)
+            groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0),
+                        False)] if cfg.include_baseline else [])
+            groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
+                       for d in cfg.distillations]
+            for name, role, loss_name, objective, with_answers in groups:
+                ids, learn = list(self.labelled_enc.ids), list(self.labelled_enc.learn)
+                on_policy = isinstance(objective, OnPolicyKD)
+                if (with_answers or on_policy) and self.request_prompts:
+                    if self.answered is None:
+                        self.answered = _answered(self, teacher, echo)
+                    ids, learn = ids + self.answered[0], learn + self.answered[1]
+                if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
+                    objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
+                echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
+                uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
+                g, params = self.train_students(
+                    name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
+                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
+                    on_policy_prompts=_prompt_slots(self) if on_policy else None,
+                    init=init if role == "distilled" else None)
+                yield Trained(name, role, loss_name, g, params, scfg, {
+                    "student": student.name,
+                    "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
+                    "teacher_signal": uses_teacher or bool(with_answers)})
+
+    # ---- measuring and reporting -------------------------------------------------------------------
+
+    def measure(self, run: Run, t: Trained) -> list[dict]:
+        cfg, data = self.cfg, self.data
+        per_seed = []
+        for k, params in enumerate(t.weights):
+            model = _as_decoder(t.graphdef, params)
+            m, texts = measure(model, data.tokenizer, self.test_turns, self.test_enc, max_length=cfg.max_length,
+                               max_new_tokens=cfg.max_new_tokens, pad_id=self.pad_id, reference_texts=self.teacher_texts)
+            per_seed.append(m)
+            if k == 0:
+                self.samples[t.name] = texts
+            if t.role == "teacher":
+                self.teacher_texts = texts
+            elif run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists():
+                # written once, and again when a rerun measures with other settings (its positions)
+                save_hf(model, run.path / slug(t.name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
+        return per_seed
+
+    def entry(self, run: Run, t: Trained, per_seed: list[dict]) -> dict:
+        cfg = self.cfg
+        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else run.path / SAVED_TEACHER) if t.role == "teacher" \
+            else run.path / slug(t.name) / "seed0"
+        e = {**_entry(t.name, t.role, t.loss, t.model, per_seed, saved), **t.info}
+        exact, ce = (e.get(f"{k}_mean") for k in ("tool_call_exact_match", "test_cross_entropy"))
+        self.echo(f"{t.name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
+                  f"cross-entropy {'-' if ce is None else f'{ce:.3f}'}")
+        return e
+
+    def report(self, run: Run, entries: list[dict]) -> report.Report:
+        return build_report(run.path, entries, self.samples, self.test_turns, histories=run.folder.read_log(),
+                            title=self.cfg.title, seconds=time.perf_counter() - run.started, counts={
+                                **self.data.counts, "train_truncated": self.train_enc.truncated,
+                                "train_dropped": self.train_enc.dropped, "test_truncated": self.test_enc.truncated,
+                                "test_turns": len(self.test_turns), "test_turns_skipped": self.skipped_turns,
+                                "unlabelled_skipped": self.skipped_requests, "truncation_rule": C.TRUNCATION_RULE})
 
 
 def _as_decoder(graphdef, params) -> Decoder:
     model = nnx.merge(graphdef, params, nnx.State({}), nnx.State({}))
     return model
-
-
-def _get_teacher(r: _Run, echo) -> Decoder:
-    cfg = r.cfg
-    source = teacher_source(cfg.teacher_dir, r.folder, complete="config.json")
-    if source:
-        teacher = load_hf(source)
-        echo(f"teacher: loaded from {source}")
-        if cfg.teacher_dir is None and teacher.config.max_position_embeddings < r.positions_needed:
-            # this run's own teacher, measured now with longer answers: its rotary positions have no
-            # table, so the limit it was saved with is raised (a given teacher was checked instead)
-            teacher.config = dataclasses.replace(teacher.config, max_position_embeddings=r.positions_needed)
-        return teacher
-    config = r.with_vocab(cfg.teacher)
-    echo(f"teacher: training {cfg.teacher_steps} steps on {len(r.train_enc)} conversations")
-    g, params = r.train_group("teacher", config, TokenKD(kd_weight=0.0, ce_weight=1.0), ids=r.train_enc.ids,
-                              learn=r.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
-                              optimizer=cfg.teacher_optimizer)
-    teacher = _as_decoder(g, params[0])
-    save_hf(teacher, r.dir / SAVED_TEACHER, tokenizer=r.data.tokenizer, overwrite=True)
-    return teacher
 
 
 def agent_rows(tokenizer: Tokenizer, requests: list[dict], prompts: list[np.ndarray], answers: list[np.ndarray], *,
@@ -438,7 +549,7 @@ def agent_rows(tokenizer: Tokenizer, requests: list[dict], prompts: list[np.ndar
     return ids, learn, len(finals)
 
 
-def _answered(r: _Run, teacher: Decoder, echo):
+def _answered(r: LMJob, teacher: Decoder, echo):
     """The unlabelled requests with the teacher's answers, as training rows; with the embedded data,
     through the agent loop (the simulated tools run the teacher's calls, the teacher answers their
     results)."""
@@ -476,103 +587,14 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
 
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
         progress: bool = True, echo: Callable[[str], None] = print) -> dict:
-    """Carry out ``cfg`` in ``run_dir`` (the run folder's rule of :mod:`jkd.runtime.run_folder`); returns the
+    """Carry out ``cfg`` in ``run_dir`` (the job skeleton, :mod:`jkd.jobs.skeleton`); returns the
     summary (also in ``summary.json``). Every input check that can be made before training is made
     before training; a rerun that changes only evaluation settings (:func:`evaluation_keys`) measures
     the trained students again."""
-    cfg.validate()
-    folder = RunFolder(Path(run_dir), guarded_config(cfg, guarded_inputs(cfg)), resume=resume, force=force,
-                       reusable=evaluation_keys(cfg), echo=echo)
-    try:
-        if folder.changed:
-            echo(f"evaluation settings changed ({'; '.join(folder.changed)}): the trained students are reused "
-                 "and measured again")
-        return _run(cfg, folder, progress, echo)
-    finally:
-        folder.close()
+    return run_job(LMJob(cfg), run_dir, resume=resume, force=force, progress=progress, echo=echo)
 
 
-def _run(cfg: LMExperimentConfig, folder: RunFolder, progress: bool, echo: Callable[[str], None]) -> dict:
-    run_dir = folder.path
-    t_start = time.perf_counter()
-    if cfg.train_file is None:
-        folder.begin()  # the embedded conversations are written into the run folder
-    data = _read_data(cfg, run_dir, echo)  # a user's files are read and checked before anything is written
-    folder.begin()
-    if not (run_dir / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
-        data.tokenizer.save(run_dir / "tokenizer")
-    r = _Run(cfg, folder, data, progress, echo)  # checks what will be trained and measured
-    teacher = _get_teacher(r, echo)
-    tg, tvars = freeze_model(teacher)
-    results = {"teacher": ("teacher", "(loaded, not trained here)" if cfg.teacher_dir else "cross-entropy (all labelled)",
-                           tg, [tvars.params], teacher.config)}
-    answered = None
-    setup = {"teacher": {"student": None, "initialisation": "random", "teacher_signal": False}}
-    for student in cfg.students:
-        init = None
-        if student.teacher_layers is not None:
-            init = select_layers(teacher, student.teacher_layers)
-            scfg = init.config
-        else:
-            scfg = r.with_vocab(student.config)
-        # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
-        vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
-                                  student_rows=scfg.vocab_size)
-        groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0), False)]
-                  if cfg.include_baseline else [])
-        groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
-                   for d in cfg.distillations]
-        for name, role, loss_name, objective, with_answers in groups:
-            ids, learn = list(r.labelled_enc.ids), list(r.labelled_enc.learn)
-            on_policy = isinstance(objective, OnPolicyKD)
-            if (with_answers or on_policy) and r.request_prompts:
-                if answered is None:
-                    answered = _answered(r, teacher, echo)
-                ids, learn = ids + answered[0], learn + answered[1]
-            if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
-                objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
-            echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
-            uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
-            g, params = r.train_group(
-                name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
-                optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
-                on_policy_prompts=_prompt_slots(r) if on_policy else None,
-                init=init if role == "distilled" else None)
-            results[name] = (role, loss_name, g, params, scfg)
-            setup[name] = {"student": student.name,
-                           "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
-                           "teacher_signal": uses_teacher or bool(with_answers)}
-    entries, samples = [], {}
-    teacher_texts = None
-    for name, (role, loss_name, g, params_list, mcfg) in results.items():
-        per_seed = []
-        for k, params in enumerate(params_list):
-            model = _as_decoder(g, params)
-            m, texts = measure(model, data.tokenizer, r.test_turns, r.test_enc, max_length=cfg.max_length,
-                               max_new_tokens=cfg.max_new_tokens, pad_id=r.pad_id, reference_texts=teacher_texts)
-            per_seed.append(m)
-            if k == 0:
-                samples[name] = texts
-            if role == "teacher":
-                teacher_texts = texts
-            elif folder.changed or not (r.dir / slug(name) / f"seed{k}" / "config.json").exists():
-                # written once, and again when a rerun measures with other settings (its positions)
-                save_hf(model, r.dir / slug(name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
-        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else r.dir / SAVED_TEACHER) if role == "teacher" \
-            else r.dir / slug(name) / "seed0"
-        entries.append({**_entry(name, role, loss_name, mcfg, per_seed, saved), **setup[name]})
-        exact, ce = (entries[-1].get(f"{k}_mean") for k in ("tool_call_exact_match", "test_cross_entropy"))
-        echo(f"{name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
-             f"cross-entropy {'-' if ce is None else f'{ce:.3f}'}")
-    return write_report(run_dir, entries, samples, r.test_turns, histories=folder.read_log(), title=cfg.title,
-                        counts={**data.counts, "train_truncated": r.train_enc.truncated,
-                                "train_dropped": r.train_enc.dropped, "test_truncated": r.test_enc.truncated,
-                                "test_turns": len(r.test_turns), "test_turns_skipped": r.skipped_turns,
-                                "unlabelled_skipped": r.skipped_requests, "truncation_rule": C.TRUNCATION_RULE},
-                        seconds=time.perf_counter() - t_start, echo=echo)
-
-
-def _prompt_slots(r: _Run) -> int:
+def _prompt_slots(r: LMJob) -> int:
     longest = max(len(p) for p in r.request_prompts) if r.request_prompts else 64
     return int(min(r.cfg.max_length, -(-longest // 16) * 16))
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from jkd.runtime.atomic import atomic_write
 from jkd.data.conversations import Turn
-from jkd.evaluate import plots
-from jkd.evaluate.report import ROLES
-from jkd.jobs.seeds import margin_and_spread
+from jkd.evaluate import plots, report
+from jkd.runtime.atomic import atomic_write
+from jkd.jobs.seeds import margin_and_spread, verdict
 
 COLUMNS = (
     ("tool_call_exact_match", "exact match", 100), ("tool_name_accuracy", "tool name", 100),
@@ -48,12 +47,8 @@ def table(entries: Sequence[dict]) -> str:
 
 
 def _compare(best: dict, other: dict, key: str, better: int, label: str) -> str | None:
-    if (found := margin_and_spread(best, other, key, better=better)) is None:
-        return None
-    margin, spread = found
-    verdict = "beats" if margin > spread else "does not beat"
-    return (f"{best['name']} {verdict} {other['name']} on {label} by more than the seed spread: "
-            f"{best[f'{key}_mean']:.4f} vs {other[f'{key}_mean']:.4f} (margin {margin:+.4f}, std {spread:.4f}).")
+    sentence = verdict(best, other, key, label=label, better=better)
+    return None if sentence is None else sentence + "."
 
 
 METRICS = (("tool_call_exact_match", 1, "tool-call exact match"), ("test_cross_entropy", -1, "test cross-entropy"))
@@ -128,15 +123,13 @@ def data_line(counts: dict) -> str:
     return "Data: " + " ".join(parts)
 
 
-def write_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str]], turns: Sequence[Turn], *,
-                 histories: dict, title: str, counts: dict, seconds: float, echo: Callable[[str], None]) -> dict:
-    for e in entries:
-        if e["role"] not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}; got {e['role']!r} for {e['name']}.")
+def build_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str]], turns: Sequence[Turn], *,
+                 histories: dict, title: str, counts: dict, seconds: float) -> report.Report:
+    """The figures (training curves, one panel per kind of loss; exact match against size) and
+    ``samples.md`` written in ``run_dir``; the table, the verdicts and the data line returned for
+    :func:`jkd.evaluate.report.write`."""
     notes = verdicts(entries)
     notes.append(data_line(counts) + f" Each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
-    summary = {"title": title, "models": entries, "notes": notes, "counts": counts}
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     panels: dict[str, dict] = {}
     kinds = {e["name"]: e["loss"] for e in entries}
     for name, hs in histories.items():
@@ -145,14 +138,8 @@ def write_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str
     plots.loss_panels(panels, run_dir / "curves.png", x="step")
     plots.accuracy_vs_size(entries, run_dir / "exact_match_vs_size.png", key="tool_call_exact_match",
                            label="tool-call exact match (%)")
-    (run_dir / "samples.md").write_text(_samples_md(samples, turns))
-    md = table(entries)
-    body = [f"# {title}", "", md, ""] + [f"- {n}" for n in notes] + [
-        "", "![curves](curves.png)", "![exact match vs size](exact_match_vs_size.png)", "",
-        "Generated turns of every model side by side: [samples.md](samples.md)."]
-    (run_dir / "report.md").write_text("\n".join(body) + "\n")
-    echo("\n" + md + "\n")
-    for n in notes:
-        echo(n)
-    echo(f"\nrun folder: {run_dir}")
-    return summary
+    atomic_write(run_dir / "samples.md", _samples_md(samples, turns))
+    return report.Report(title, table(entries), notes,
+                         [("curves", "curves.png"), ("exact match vs size", "exact_match_vs_size.png")],
+                         footer=["", "Generated turns of every model side by side: [samples.md](samples.md)."],
+                         extra={"counts": counts})

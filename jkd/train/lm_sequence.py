@@ -19,17 +19,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from jkd.runtime.atomic import atomic_write
 from jkd.data.conversations import sequence_batches
-from jkd.models.decoder import Decoder
 from jkd.train.stored import teacher_identity
 from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import freeze_model
+
+if TYPE_CHECKING:
+    from jkd.models.decoder import Decoder
 
 
 def _digest(*parts) -> str:
@@ -69,7 +71,7 @@ def teacher_answers(
                        None if stop_tokens is None else tuple(stop_tokens))
     folder = Path(cache_dir) / f"answers-{settings}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.json").write_text(json.dumps({
+    atomic_write(folder / "settings.json", json.dumps({
         "teacher": teacher_id, "max_new_tokens": max_new_tokens, "sampling": repr(sampling), "seed": seed,
         "batch_size": batch_size, "stop_tokens": None if stop_tokens is None else list(stop_tokens)}, indent=2))
     n_batches = -(-len(prompts) // batch_size)

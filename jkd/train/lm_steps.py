@@ -51,13 +51,7 @@ class TokenKD:
     chunk_size: int = struct.field(pytree_node=False, default=1024)
 
     def __post_init__(self):
-        for name in ("kd_weight", "ce_weight"):
-            v = getattr(self, name)
-            if not _finite_number(v) or v < 0:
-                raise ValueError(f"TokenKD.{name} must be a finite number >= 0; got {v!r}")
-        if self.kd_weight == 0 and self.ce_weight == 0:
-            raise ValueError("TokenKD: kd_weight and ce_weight are both 0; nothing would be learned")
-        _check_temperature("TokenKD", self.temperature)
+        _check_weights_and_temperature(self)
 
 
 def _finite_number(v) -> bool:
@@ -69,6 +63,17 @@ def _check_temperature(owner: str, t) -> None:
     learned, so it is refused with ``nan`` and values <= 0."""
     if not (_finite_number(t) and t > 0):
         raise ValueError(f"{owner}.temperature must be a finite number > 0; got {t!r}")
+
+
+def _check_weights_and_temperature(objective) -> None:
+    owner = type(objective).__name__
+    for name in ("kd_weight", "ce_weight"):
+        v = getattr(objective, name)
+        if not _finite_number(v) or v < 0:
+            raise ValueError(f"{owner}.{name} must be a finite number >= 0; got {v!r}")
+    if objective.kd_weight == 0 and objective.ce_weight == 0:
+        raise ValueError(f"{owner}: kd_weight and ce_weight are both 0; nothing would be learned")
+    _check_temperature(owner, objective.temperature)
 
 
 def learned_positions(batch: Batch) -> jax.Array:
@@ -167,11 +172,7 @@ class StoredTopKKD:
     chunk_size: int = struct.field(pytree_node=False, default=1024)
 
     def __post_init__(self):
-        for name in ("kd_weight", "ce_weight"):
-            v = getattr(self, name)
-            if not _finite_number(v) or v < 0:
-                raise ValueError(f"StoredTopKKD.{name} must be a finite number >= 0; got {v!r}")
-        _check_temperature("StoredTopKKD", self.temperature)
+        _check_weights_and_temperature(self)
 
 
 def stored_topk_step(
