@@ -118,6 +118,25 @@ def seed_list(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def mesh_spec(text: str) -> tuple[int, int]:
+    """``data=D,model=M`` (either may be left out: 1) as ``(D, M)``."""
+    sizes = {"data": 1, "model": 1}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected data=D,model=M with whole numbers >= 1 (e.g. data=2,model=2); "
+                                             f"got {text!r}")
+        sizes[key.strip()] = int(value)
+    return sizes["data"], sizes["model"]
+
+
+def mesh_flag(p: argparse.ArgumentParser) -> None:
+    """``--mesh data=D,model=M``: the ``mesh`` field of a language-model job's config."""
+    p.add_argument("--mesh", dest="config.mesh", type=mesh_spec, default=argparse.SUPPRESS, metavar="data=D,model=M",
+                   help="run the steps on a device mesh: the batch split over D data shards, the decoders' matrices "
+                        "over M model shards (tensor parallel) and the data shards (fully sharded); D x M devices")
+
+
 def float_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(","))

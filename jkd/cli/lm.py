@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jkd.cli.common import apply_overrides, finite, run_folder_flags, seed_list
+from jkd.cli.common import apply_overrides, finite, mesh_flag, run_folder_flags, seed_list
 from jkd.cli.flags import add_config_flags, config_overrides, same_names
 from jkd.runtime.atomic import atomic_write
 
@@ -16,7 +16,7 @@ _DISTILL_FLAGS = {
     **same_names("max_length", "batch_size", "pack_length", "teacher_steps", "seeds", "max_new_tokens"),
     "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled", "teacher_dir": "teacher",
     "student_steps": "steps", "include_baseline": "no_baseline", "student_optimizer": "lr", "teacher_optimizer": "lr",
-    "students": "student", "distillations": "mode"}
+    "students": "student", "distillations": "mode", "mesh": "config.mesh"}
 
 
 def _config_class():
@@ -78,7 +78,8 @@ def add_commands(sub) -> None:
     lm_demo.set_defaults(handler=demo_command)
     run_folder_flags(lm_demo, run_dir="runs/lm_demo", several_hosts=False)
     lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
-    add_config_flags(lm_demo, _config_class())
+    mesh_flag(lm_demo)
+    add_config_flags(lm_demo, _config_class(), hand_written={"mesh": "config.mesh"})
 
     lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
                                 "Hugging Face folder) into a small student, measured against the student alone")
@@ -110,6 +111,7 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--lr", type=finite, default=3e-3)
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
+    mesh_flag(lm_dist)
 
     add_config_flags(lm_dist, _config_class(), hand_written=_DISTILL_FLAGS,
                      defaults={"labelled_subset": None, "title": "MODE distillation (LOSS) of DATA"})

@@ -44,6 +44,7 @@ from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
+from jkd.models.decoder_sharding import tree_shardings
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime.faults import missing_folder
@@ -126,6 +127,9 @@ class LMExperimentConfig:
     max_new_tokens: int = 64
     answer_temperature: float = 0.0          # the teacher's answers: 0 greedy
     title: str = "language-model distillation"
+    devices: int | None = None               # jit over a mesh of this many devices (data parallel); None: one device
+    mesh: tuple[int, int] | None = None      # (data, model): the decoders' matrices split over model (tensor
+                                             # parallel) and data (fully sharded), the batch over data
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -152,9 +156,40 @@ class LMExperimentConfig:
         if self.pack_length is not None and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
                              f"({self.max_length}) tokens.")
+        self._check_devices()
         if self.labelled_subset is not None and self.labelled_subset < self.batch_size:
             raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
                              f"({self.batch_size}).")
+
+
+    def mesh_shape(self) -> tuple[int, int] | None:
+        """``(data, model)`` of the device mesh the steps run on, None for one device."""
+        if self.mesh is not None:
+            return tuple(self.mesh)
+        return None if self.devices is None else (self.devices, 1)
+
+    def _check_devices(self) -> None:
+        if self.mesh is not None:
+            if (len(self.mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                               for n in self.mesh)):
+                raise ValueError(f"mesh (--mesh) must be data=D,model=M with D, M >= 1; got {self.mesh!r}.")
+            if self.devices is not None and self.devices != self.mesh[0] * self.mesh[1]:
+                raise ValueError(f"devices={self.devices} (--devices) but the mesh data={self.mesh[0]},model="
+                                 f"{self.mesh[1]} has {self.mesh[0] * self.mesh[1]}; give one of them.")
+        shape = self.mesh_shape()
+        if shape is None:
+            return
+        available = jax.device_count()
+        if not 1 <= shape[0] * shape[1] <= available:
+            raise ValueError(f"the mesh data={shape[0]},model={shape[1]} needs {shape[0] * shape[1]} devices; this "
+                             f"machine has {available}.")
+        rows = {self.batch_size}
+        if any(isinstance(d.objective, OnPolicyKD) for d in self.distillations) and self.pack_length is not None:
+            rows.add(max(self.batch_size * self.pack_length // self.max_length, 1))  # on-policy rows under packing
+        for n in sorted(rows):
+            if n % shape[0]:
+                raise ValueError(f"batch_size (--batch-size) {self.batch_size} gives steps of {n} rows, which do not "
+                                 f"split over the mesh's {shape[0]} data shards; choose a batch size that does.")
 
 
 def demo_config() -> LMExperimentConfig:
@@ -375,7 +410,7 @@ class LMJob(Job):
             kind = on_policy_step if isinstance(objective, OnPolicyKD) else token_kd_step
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
-            self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)))
+            self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)), shardings=tree_shardings)
         tx, run = self._runs[key]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
 
@@ -582,7 +617,8 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-    return ("test_file", "test_limit", "file_digests.test_file") + (() if answers else ("max_new_tokens",))
+    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh")
+            + (() if answers else ("max_new_tokens",)))
 
 
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,

@@ -74,17 +74,24 @@ class Run:
     def path(self) -> Path:
         return self.folder.path
 
-    def runner(self, step: Callable) -> Callable:
-        """``step`` on the devices the config asks for (:mod:`jkd.train.parallel`): a mesh over
-        the data when ``parallel`` is ``"mesh"`` or the run spans several processes, ``pmap``,
-        else one device. A config without the fields runs on one device."""
+    def runner(self, step: Callable, *, shardings: Callable | None = None) -> Callable:
+        """``step`` on the devices the config asks for (:mod:`jkd.train.parallel`): a
+        ``(data, model)`` mesh when it names one (``mesh_shape()``), a mesh over the data when
+        ``parallel`` is ``"mesh"`` or the run spans several processes, ``pmap``, else one device.
+        ``shardings(tree, mesh)`` places the state and the teacher on a mesh (default: replicated)."""
         import jax
 
         from jkd.train import parallel
 
+        shape = self.config.mesh_shape() if hasattr(self.config, "mesh_shape") else None
         kind, devices = getattr(self.config, "parallel", "single"), getattr(self.config, "devices", None)
+        if shape is not None:
+            from jkd.models.decoder_sharding import make_mesh
+
+            mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+            return parallel.on_mesh(step, mesh, shardings=shardings)
         if kind == "mesh" or jax.process_count() > 1:
-            return parallel.on_mesh(step, parallel.data_mesh(devices))
+            return parallel.on_mesh(step, parallel.data_mesh(devices), shardings=shardings)
         if kind == "pmap":
             return parallel.with_pmap(step, devices)
         return parallel.single_device(step)

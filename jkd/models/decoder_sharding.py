@@ -78,6 +78,33 @@ def shard_decoder(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
+def _key_name(key) -> str | None:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            name = str(getattr(key, attr))
+            return None if name in ("value", "raw_value") else name
+    return str(key)
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """A ``NamedSharding`` for every array of ``tree`` (a train state, a frozen teacher, their
+    stacks over seeds, an optimizer's moments): a leaf whose path ends in a decoder parameter's name
+    (``...q_proj.weight``) is split by that parameter's rule over its trailing dimensions (leading
+    ones, e.g. the seeds' axis, stay whole); everything else is replicated."""
+    def one(path, x):
+        if not hasattr(x, "shape"):
+            return x
+        name = ".".join(n for n in map(_key_name, path) if n is not None)
+        for suffix, axes in _RULES:
+            if name.endswith(suffix) and x.ndim >= len(axes):
+                lead = x.ndim - len(axes)
+                spec = partition_spec(suffix, tuple(x.shape[lead:]), mesh)
+                return NamedSharding(mesh, P(*((None,) * lead + tuple(spec) + (None,) * (len(axes) - len(spec)))))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """``[B, ...]`` inputs split over ``'data'``."""
     return NamedSharding(mesh, P(DATA))

@@ -83,12 +83,15 @@ def state_bytes(tree) -> int:
 def abstract_like(tree, sharding=None):
     """``ShapeDtypeStruct``s of ``tree`` (placed with ``sharding`` if given): the restore target.
 
-    Restoring into a different device count: pass the new mesh's replicated sharding.
+    Restoring into a different device count: pass the new mesh's replicated sharding, or a
+    function ``tree -> tree of shardings`` (a model sharded over a mesh).
     """
-    def one(x):
+    def one(x, sharding):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None))
 
-    return jax.tree.map(one, tree)
+    if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(one, tree, sharding(tree))
+    return jax.tree.map(lambda x: one(x, sharding), tree)
 
 
 class Checkpoints:

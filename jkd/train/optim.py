@@ -35,6 +35,7 @@ class AdamWConfig:
     end_factor: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
+    eps: float | None = None  # added to the root of the second moment (None: optax's 1e-8)
 
 
 OptimizerConfig = SGDConfig | AdamWConfig
@@ -55,6 +56,8 @@ def check_optimizer(config: OptimizerConfig) -> None:
     else:
         rules.update(warmup_epochs=(lambda v: v >= 0, ">= 0"), end_factor=(lambda v: v >= 0, ">= 0"),
                      b1=(lambda v: 0 <= v < 1, "in [0, 1)"), b2=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    if isinstance(config, AdamWConfig) and config.eps is not None:
+        rules.update(eps=(lambda v: v > 0, "> 0"))
     for field, (ok, expected) in rules.items():
         v = getattr(config, field)
         if not (_finite(v) and ok(v)):
@@ -105,5 +108,6 @@ def make_optimizer(config: OptimizerConfig, *, steps_per_epoch: int, total_steps
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, config.learning_rate, warmup, total_steps, config.end_factor * config.learning_rate
         )
-        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=1e-8 if config.eps is None else config.eps,
+                         weight_decay=config.weight_decay, mask=decay_mask)
     return _strict_safe(tx)

@@ -74,12 +74,11 @@ def fetch(run: Callable, state):
     return getattr(run, "fetch", _identity)(state)
 
 
-def replicated(tree, mesh: Mesh):
-    """``tree`` as arrays replicated on every device of ``mesh``, across processes too (each
-    process passes the same values; PRNG keys included). Arrays already so placed are kept."""
-    sharding = NamedSharding(mesh, PartitionSpec())
-
-    def one(x):
+def put_global(tree, shardings):
+    """``tree``'s arrays placed by ``shardings`` (one sharding for all, or a tree of them matching
+    ``tree``), across processes too (each process passes the same values; PRNG keys included).
+    Arrays already so placed are kept."""
+    def one(x, sharding):
         if not isinstance(x, (jax.Array, np.ndarray)):
             return x
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
@@ -91,7 +90,14 @@ def replicated(tree, mesh: Mesh):
                                             impl=jax.random.key_impl(x))
         return jax.device_put(np.asarray(x), sharding)
 
-    return jax.tree.map(one, tree)
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def replicated(tree, mesh: Mesh):
+    """``tree`` as arrays replicated on every device of ``mesh`` (:func:`put_global`)."""
+    return put_global(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def place_frozen(run: Callable, tree):
@@ -109,30 +115,34 @@ def single_device(step: Callable) -> Callable:
     return _with_placement(run)
 
 
-def on_mesh(step: Callable, mesh: Mesh) -> Callable:
-    """``jit`` over ``mesh``: batch sharded on ``'data'``, everything else replicated."""
-    replicated_sharding = NamedSharding(mesh, PartitionSpec())
+def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) -> Callable:
+    """``jit`` over ``mesh``: the batch sharded on ``'data'`` (its first axis); the state and the
+    teacher replicated, or placed by ``shardings(tree, mesh) -> tree of NamedSharding`` (e.g.
+    :func:`jkd.models.decoder_sharding.tree_shardings`: a decoder's matrices split over
+    ``('data', 'model')``, its optimizer moments alike), the objective replicated."""
+    rep = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(AXIS))
-    jitted = jax.jit(
-        step,
-        in_shardings=(replicated_sharding, sharded, replicated_sharding, replicated_sharding),
-        out_shardings=(replicated_sharding, replicated_sharding),
-        donate_argnums=0,
-    )
-    n = mesh.devices.size
+    layout = (lambda tree: rep) if shardings is None else (lambda tree: rep if tree is None else shardings(tree, mesh))
+    compiled: dict = {}
+    divisor = max(mesh.shape[AXIS] // jax.process_count(), 1)
 
     def run(state, batch, objective, teacher=None):
-        check_batch(batch, n // jax.process_count(), "number of this process's devices on the mesh")
+        check_batch(batch, divisor, "number of this process's devices along the mesh's data axis")
         global_batch = {
             k: jax.make_array_from_process_local_data(sharded, np.asarray(v)) for k, v in batch.items()
         }
-        return jitted(state, global_batch, objective, teacher)
+        key = (jax.tree.structure(state), jax.tree.structure(teacher))
+        if key not in compiled:  # the shardings follow the trees (one compilation per state layout)
+            st = layout(state)
+            compiled[key] = jax.jit(step, in_shardings=(st, sharded, rep, layout(teacher)), out_shardings=(st, rep),
+                                    donate_argnums=0)
+        return compiled[key](state, global_batch, objective, teacher)
 
-    run = _with_placement(run)
-    # The teacher is placed once (replicated), not copied onto the mesh at every step; so is a
-    # restored state, which in a run of several processes must span all their devices.
-    run.place_frozen = functools.partial(replicated, mesh=mesh)
-    run.state_sharding = replicated_sharding
+    # The teacher is placed once, not copied onto the mesh at every step; so is a restored state,
+    # which in a run of several processes must span all their devices.
+    run = _with_placement(run) if shardings is None else _with_placement(run, lambda s: put_global(s, layout(s)))
+    run.place_frozen = lambda tree: put_global(tree, layout(tree))
+    run.state_sharding = rep if shardings is None else layout
     return run
 
 
