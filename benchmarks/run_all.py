@@ -137,6 +137,8 @@ BENCHMARKS = {
     "lm_fused_loss": ("lm_fused_loss", _module("lm_fused_loss")),
     "lm_demo_steps": ("lm_demo_steps", _module("lm_demo_steps")),
     "lm_kd_step": ("lm_kd_step", _module("lm_kd_step")),
+    "lm_vocab_sharded": ("lm_vocab_sharded", None),  # 4 devices: its own process sets them
+    "lm_mesh_step": ("lm_mesh_step", None),
     "many_students": ("many_students_", _many_students),
     "multihost": ("multihost", _module("multihost")),
     "gap_methods": ("gap_methods", _gap_methods),

@@ -112,7 +112,9 @@ def single_device(step: Callable) -> Callable:
     def run(state, batch, objective, teacher=None):
         return jitted(state, batch, objective, teacher)
 
-    return _with_placement(run)
+    run = _with_placement(run)
+    run.lower = jitted.lower  # the compiled module and its memory, as on_mesh's runner gives them
+    return run
 
 
 def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) -> Callable:
@@ -126,23 +128,32 @@ def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) ->
     compiled: dict = {}
     divisor = max(mesh.shape[AXIS] // jax.process_count(), 1)
 
-    def run(state, batch, objective, teacher=None):
-        check_batch(batch, divisor, "number of this process's devices along the mesh's data axis")
-        global_batch = {
-            k: jax.make_array_from_process_local_data(sharded, np.asarray(v)) for k, v in batch.items()
-        }
+    def jitted(state, teacher):
         key = (jax.tree.structure(state), jax.tree.structure(teacher))
         if key not in compiled:  # the shardings follow the trees (one compilation per state layout)
             st = layout(state)
             compiled[key] = jax.jit(step, in_shardings=(st, sharded, rep, layout(teacher)), out_shardings=(st, rep),
                                     donate_argnums=0)
-        return compiled[key](state, global_batch, objective, teacher)
+        return compiled[key]
+
+    def global_batch(batch):
+        check_batch(batch, divisor, "number of this process's devices along the mesh's data axis")
+        return {k: jax.make_array_from_process_local_data(sharded, np.asarray(v)) for k, v in batch.items()}
+
+    def run(state, batch, objective, teacher=None):
+        return jitted(state, teacher)(state, global_batch(batch), objective, teacher)
+
+    def lower(state, batch, objective, teacher=None):
+        """The step as XLA lowers it for these arguments (``.compile().as_text()``: the
+        partitioned module, ``.compile().memory_analysis()``: its memory per device)."""
+        return jitted(state, teacher).lower(state, global_batch(batch), objective, teacher)
 
     # The teacher is placed once, not copied onto the mesh at every step; so is a restored state,
     # which in a run of several processes must span all their devices.
     run = _with_placement(run) if shardings is None else _with_placement(run, lambda s: put_global(s, layout(s)))
     run.place_frozen = lambda tree: put_global(tree, layout(tree))
     run.state_sharding = rep if shardings is None else layout
+    run.lower = lower
     return run
 
 
