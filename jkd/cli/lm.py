@@ -24,7 +24,7 @@ def _config_class():
 
     return LMExperimentConfig
 
-LM_MODES = ("token", "sequence", "on-policy")
+LM_MODES = ("token", "stored", "sequence", "on-policy")
 LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "skew-fkl": "SkewForwardKL",
              "skew-rkl": "SkewReverseKL", "tv": "TotalVariation"}
 
@@ -34,7 +34,7 @@ def _lm_config(args):
     import jkd.losses as losses
     from jkd.jobs import lm as LX
     from jkd.models.hf import read_config
-    from jkd.train.lm_steps import OnPolicyKD, TokenKD
+    from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD
 
     cls = getattr(losses, LM_LOSSES[args.loss])
     kw = {"beta": args.beta} if args.loss == "jsd" else {"alpha": args.alpha} if args.loss.startswith("skew") else {}
@@ -42,10 +42,16 @@ def _lm_config(args):
     if args.mode == "on-policy":
         objective = OnPolicyKD(divergence=divergence, temperature=args.temperature,
                                student_fraction=args.student_fraction, max_new_tokens=args.max_new_tokens)
+    elif args.mode == "stored":
+        if args.loss != "fkl":
+            raise ValueError(f"--mode stored trains the forward KL to the teacher's stored top-k (--loss fkl); "
+                             f"got --loss {args.loss}.")
+        objective = StoredTopKKD(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+                                 top_k=args.top_k)
     else:
         objective = TokenKD(divergence=divergence, temperature=args.temperature, kd_weight=args.kd_weight,
                             ce_weight=args.ce_weight)
-    if args.mode != "token" and not args.unlabelled:
+    if args.mode in ("sequence", "on-policy") and not args.unlabelled:
         raise ValueError(f"--mode {args.mode} needs --unlabelled (requests the teacher answers or the student samples).")
     if Path(args.student).is_dir():
         student = read_config(args.student)
@@ -68,7 +74,8 @@ def _lm_config(args):
         distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
                                          teacher_answers=args.mode == "sequence"),),
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
-    return dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
+    cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
+    return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
 
 
 def add_commands(sub) -> None:
@@ -92,7 +99,12 @@ def add_commands(sub) -> None:
                          "tokenizer; default: train a teacher here on --data")
     lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (default 64x2), or a folder "
                          "with a config.json to copy the architecture from")
-    lm_dist.add_argument("--mode", choices=LM_MODES, default="token")
+    lm_dist.add_argument("--mode", choices=LM_MODES, default="token",
+                         help="token: the teacher runs beside the student every step; stored: its top-k "
+                              "(--top-k) computed once and kept in the run folder, no teacher forward per step; "
+                              "sequence: the student learns the teacher's answers to --unlabelled; on-policy: "
+                              "the student's own samples, scored by the teacher")
+    lm_dist.add_argument("--top-k", type=int, default=8, help="stored mode: the teacher's tokens kept per position")
     lm_dist.add_argument("--loss", choices=sorted(LM_LOSSES), default="fkl")
     lm_dist.add_argument("--temperature", type=finite, default=1.0)
     lm_dist.add_argument("--beta", type=finite, default=0.5, help="JSD interpolation (jsd)")
@@ -112,6 +124,8 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
     mesh_flag(lm_dist)
+    lm_dist.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a config field after the flags, e.g. student_optimizer.eps=1e-6")
 
     add_config_flags(lm_dist, _config_class(), hand_written=_DISTILL_FLAGS,
                      defaults={"labelled_subset": None, "title": "MODE distillation (LOSS) of DATA"})

@@ -55,8 +55,9 @@ from jkd.runtime.run_folder import slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, stack_states
 from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
-from jkd.train.lm_steps import OnPolicyKD, TokenKD, on_policy_step, token_kd_step
+from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD, on_policy_step, stored_topk_step, token_kd_step
 from jkd.train.loop import LoopConfig
+from jkd.train.stored import StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
 from jkd.models.sampler import SamplingConfig, bucket_length
 from jkd.train.steps import unstack_state
 
@@ -65,14 +66,16 @@ from jkd.train.steps import unstack_state
 class LMDistillation:
     """One distilled-student setting: a display name, its objective and its data.
 
-    ``objective``: :class:`~jkd.train.lm_steps.TokenKD` or :class:`~jkd.train.lm_steps.OnPolicyKD`.
+    ``objective``: :class:`~jkd.train.lm_steps.TokenKD`, :class:`~jkd.train.lm_steps.OnPolicyKD` or
+    :class:`~jkd.train.lm_steps.StoredTopKKD` (the teacher's top-k stored once over the labelled
+    conversations, then no teacher forward pass per step).
     ``teacher_answers``: the unlabelled requests, answered by the teacher, join the labelled
     conversations (sequence-level KD; with ``TokenKD(kd_weight > 0)`` the student also matches the
     teacher's distributions on them). On-policy distillation always samples the requests.
     """
 
     name: str
-    objective: TokenKD | OnPolicyKD
+    objective: TokenKD | OnPolicyKD | StoredTopKKD
     teacher_answers: bool = False
 
 
@@ -146,8 +149,13 @@ class LMExperimentConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"student and distillation names must be distinct; got {names}.")
         for d in self.distillations:
-            if not isinstance(d.objective, (TokenKD, OnPolicyKD)):
-                raise TypeError(f"{d.name}: objective must be TokenKD or OnPolicyKD; got {type(d.objective).__name__}.")
+            if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD)):
+                raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD or StoredTopKKD; got "
+                                f"{type(d.objective).__name__}.")
+            if isinstance(d.objective, StoredTopKKD) and (d.teacher_answers or self.pack_length is not None):
+                raise ValueError(f"{d.name}: stored top-k outputs are kept per labelled conversation, one per row: "
+                                 "they do not combine with packed rows (pack_length, --pack-length) or the "
+                                 "teacher's answers (sequence mode).")
         if not self.students:
             raise ValueError("students must name at least one student.")
         if self.train_file is not None and self.test_file is None:
@@ -393,21 +401,25 @@ class LMJob(Job):
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
 
     def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
-                    optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
-                    init: Decoder | None = None):
+                       optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
+                       init: Decoder | None = None, stored: StoredTopK | None = None):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
-        initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``."""
+        initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
+        ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch."""
         cfg = self.cfg
         streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
         per_epoch, streams = streams[0][1], [s[0] for s in streams]
+        if stored is not None:  # each row checked against what was stored for it
+            streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [model(s) for s in seeds]
         graphdef = split_model(models[0])[0]
         tg, tvars = teacher if teacher is not None else (None, None)
-        key = (graphdef, tg, optimizer, per_epoch, steps, isinstance(objective, OnPolicyKD))
+        kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
+                stored_topk_step if isinstance(objective, StoredTopKKD) else token_kd_step)
+        key = (graphdef, tg, optimizer, per_epoch, steps, kind)
         if key not in self._runs:
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
-            kind = on_policy_step if isinstance(objective, OnPolicyKD) else token_kd_step
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
             self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)), shardings=tree_shardings)
@@ -480,17 +492,49 @@ class LMJob(Job):
                     ids, learn = ids + self.answered[0], learn + self.answered[1]
                 if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
                     objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
+                stored = (self.stored_topk(objective.top_k, vocab)
+                          if isinstance(objective, StoredTopKKD) and objective.kd_weight > 0 else None)
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
-                uses_teacher = role == "distilled" and (on_policy or objective.kd_weight > 0)
+                online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
                 g, params = self.train_students(
                     name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
-                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if uses_teacher else None,
+                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    init=init if role == "distilled" else None)
+                    init=init if role == "distilled" else None, stored=stored)
                 yield Trained(name, role, loss_name, g, params, scfg, {
                     "student": student.name,
                     "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
-                    "teacher_signal": uses_teacher or bool(with_answers)})
+                    "teacher_signal": online or stored is not None or bool(with_answers)})
+
+    def stored_topk(self, k: int, vocab: int) -> StoredTopK:
+        """The teacher's top-``k`` next-token log-probabilities over the first ``vocab`` ids at every
+        position of the labelled conversations (as their batches hold them: ``max_length`` tokens,
+        padded), computed once and kept in ``<run>/teacher_topk/`` (reused while the teacher is the
+        same: its identity is checked)."""
+        cached = getattr(self, "_stored", {})
+        if (k, vocab) in cached:
+            return cached[(k, vocab)]
+        tg, tvars = self.frozen_teacher
+        identity = teacher_identity(tvars, self.teacher_model.config)
+        path = self.dir / "teacher_topk" / f"top{k}_vocab{vocab}.npz"
+        out = StoredTopK.load(path) if path.exists() else None
+        if out is None or out.source != identity or len(out) != len(self.labelled_enc.ids):
+            enc, length = self.labelled_enc, self.cfg.max_length
+            tokens = np.full((len(enc.ids), length), self.pad_id, np.int32)
+            mask = np.zeros((len(enc.ids), length), bool)
+            for r, row in enumerate(enc.ids):
+                m = min(len(row), length)
+                tokens[r, :m], mask[r, :m] = row[:m], True
+            t0 = time.perf_counter()
+            out = store_sequence_topk(tg, tvars, {"tokens": tokens, "attention_mask": mask}, k=k, vocab_size=vocab,
+                                      identity=identity, progress=self.progress)
+            if self.primary:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                out.save(path)
+            self.echo(f"teacher outputs stored once: top-{k} of {len(out)} conversations x {length - 1} positions "
+                      f"in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
+        self._stored = {**cached, (k, vocab): out}
+        return out
 
     # ---- measuring and reporting -------------------------------------------------------------------
 
@@ -637,7 +681,7 @@ def _prompt_slots(r: LMJob) -> int:
 
 def _describe(d: LMDistillation) -> str:
     o = d.objective
-    div = type(o.divergence).__name__
+    div = f"stored top-{o.top_k} ForwardKL" if isinstance(o, StoredTopKKD) else type(o.divergence).__name__
     if isinstance(o, OnPolicyKD):
         return f"on-policy {div} (lambda={o.student_fraction:g})"
     parts = []

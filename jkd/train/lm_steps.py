@@ -164,20 +164,26 @@ def token_kd_step(
 @struct.dataclass
 class StoredTopKKD:
     """``kd_weight * KL(stored top-k teacher || student) + ce_weight * CE``, a token mean: token KD
-    from the teacher's outputs stored once (:func:`jkd.train.stored.store_sequence_topk`)."""
+    from the teacher's outputs stored once (:func:`jkd.train.stored.store_sequence_topk`), the
+    teacher's distribution renormalised over its ``top_k`` tokens. ``vocab_size``: the student's
+    rows the softmax covers (the shared vocabulary; None: all)."""
 
     temperature: float = struct.field(pytree_node=False, default=1.0)
     kd_weight: float = struct.field(pytree_node=False, default=1.0)
     ce_weight: float = struct.field(pytree_node=False, default=0.0)
     chunk_size: int = struct.field(pytree_node=False, default=1024)
+    top_k: int = struct.field(pytree_node=False, default=8)
+    vocab_size: int | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):
         _check_weights_and_temperature(self)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1:
+            raise ValueError(f"StoredTopKKD.top_k must be a whole number >= 1; got {self.top_k!r}")
 
 
 def stored_topk_step(
     state: TrainState, batch: Batch, objective: StoredTopKKD, teacher: None = None, *, graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation, teacher_graphdef: None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step against stored teacher outputs: no teacher forward pass. ``batch``
     carries ``teacher_topk_values`` / ``teacher_topk_indices`` ``[B, T-1, k]`` (attached and checked
@@ -189,7 +195,9 @@ def stored_topk_step(
 
     def loss_fn(params):
         student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
-        return projected_topk_kl(next_token_hidden(student, batch), student.output_weight(),
+        ws = student.output_weight()
+        ws = ws if objective.vocab_size is None else ws[:objective.vocab_size]
+        return projected_topk_kl(next_token_hidden(student, batch), ws,
                                  batch["teacher_topk_values"], batch["teacher_topk_indices"],
                                  temperature=objective.temperature, where=where, num_tokens=num_tokens,
                                  labels=batch["tokens"][:, 1:], divergence_weight=objective.kd_weight,

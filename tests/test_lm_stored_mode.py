@@ -1,0 +1,107 @@
+"""`jkd lm distill --mode stored`: the teacher's top-k stored once in the run folder (the values a
+float64 reference computes), no teacher forward per step, reused on --resume, and the same
+students on a (2, 2) mesh as on one device."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jkd import cli
+from tests.test_lm_experiment import _conversations, _jsonl
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A random tiny teacher folder (jkd's byte tokenizer) and a user's conversations."""
+    from flax import nnx
+
+    from jkd.data.tokenizer import byte_tokenizer
+    from jkd.models.decoder import Decoder
+    from jkd.models.decoder_config import DecoderConfig
+    from jkd.models.hf import save_hf
+
+    root = tmp_path_factory.mktemp("stored")
+    tok = byte_tokenizer()
+    config = DecoderConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    teacher = Decoder(config, rngs=nnx.Rngs(3))
+    save_hf(teacher, root / "teacher", tokenizer=tok)
+    files = {"train": _jsonl(root / "train.jsonl", _conversations(16, 0)),
+             "test": _jsonl(root / "test.jsonl", _conversations(3, 1))}
+    return root, files
+
+
+def _argv(root, files, run_dir, *extra):
+    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
+            "--mode", "stored", "--top-k", "8", "--ce-weight", "0.2", "--student", "16x1", "--steps", "3",
+            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0,1", "--no-baseline",
+            "--set", "student_optimizer.eps=1e-4", "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+def _weights(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_stored_mode_stores_once_resumes_and_runs_on_a_mesh(pair, capsys):
+    root, files = pair
+    one = root / "one"
+    assert cli.main(_argv(root, files, one)) == 0
+    out = capsys.readouterr().out
+    assert "teacher outputs stored once: top-8 of 16 conversations x 159 positions" in out
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["models"][1]["loss"] == "stored top-8 ForwardKL + 0.2 CE"
+    assert summary["models"][1]["teacher_signal"] is True
+
+    # What was stored, against float64 log-probabilities of the teacher's logits for conversation 0.
+    from jkd.data import conversations as C
+    from jkd.data.tokenizer import Tokenizer
+    from jkd.models.hf import load_hf
+    from jkd.train.stored import StoredTopK
+
+    stored = StoredTopK.load(one / "teacher_topk" / "top8_vocab259.npz")
+    assert stored.values.shape == (16, 159, 8) and stored.key == "tokens"
+    tok = Tokenizer.from_folder(root / "teacher")
+    ids = C.encode_conversations(tok, C.read_conversations(files["train"]), max_length=160).ids
+    teacher = load_hf(root / "teacher")
+    # the stored rows are the labelled conversations in the job's order: conversation 0's row is the
+    # one whose fingerprint is that of its tokens
+    from jkd.train.stored import fingerprints
+
+    tokens = np.full((len(ids), 160), tok.pad_id, np.int32)
+    mask = np.zeros((len(ids), 160), bool)
+    for r, x in enumerate(ids):
+        tokens[r, :len(x)], mask[r, :len(x)] = x, True
+    row = int(np.flatnonzero(stored.fingerprints == fingerprints(tokens[:1], mask[:1])[0])[0])
+    n = len(ids[0])
+    logits = np.asarray(teacher(tokens[:1, :n]), np.float64)[0, :-1]
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    want_ids = np.argsort(-log_p, axis=-1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(stored.indices[row, :n - 1], want_ids)
+    np.testing.assert_allclose(stored.values[row, :n - 1].astype(np.float64),
+                               np.take_along_axis(log_p, want_ids, -1), rtol=2 ** -7, atol=1e-6)  # bf16
+
+    assert cli.main(_argv(root, files, one, "--resume")) == 0  # reused: neither stored nor trained again
+    out = capsys.readouterr().out
+    assert "stored once" not in out and "resumed from the checkpoint of step 3" in out
+
+    mesh = root / "mesh"
+    assert cli.main(_argv(root, files, mesh, "--mesh", "data=2,model=2")) == 0
+    for seed in (0, 1):
+        a = _weights(one / "student_16x1_stored_fkl" / f"seed{seed}")
+        b = _weights(mesh / "student_16x1_stored_fkl" / f"seed{seed}")
+        assert max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a) < 1e-5
+
+
+def test_stored_mode_refuses_what_it_cannot_do(pair, tmp_path, capsys):
+    root, files = pair
+    for extra, message in ((["--loss", "jsd"], "--mode stored trains the forward KL"),
+                           (["--pack-length", "320"], "do not combine with packed rows")):
+        assert cli.main(_argv(root, files, tmp_path / "x", *extra)) == 2
+        assert message in capsys.readouterr().err
