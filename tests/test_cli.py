@@ -118,13 +118,13 @@ def test_every_subcommand_has_help(capsys):
     assert "--temperature" in capsys.readouterr().out
 
 
-def test_language_model_commands_do_not_offer_the_several_hosts_flags(capsys):
-    """`jkd lm` runs on one process: its help does not offer flags it would refuse."""
+def test_language_model_commands_offer_the_several_hosts_flags(capsys):
+    """`jkd lm demo` and `jkd lm distill` run over several processes, as the image commands do."""
     for argv in (["lm", "distill", "--help"], ["lm", "demo", "--help"]):
         with pytest.raises(SystemExit):
             cli.main(argv)
         text = capsys.readouterr().out
-        assert "--coordinator" not in text and "--num-processes" not in text and "--resume" in text
+        assert "--coordinator" in text and "--num-processes" in text and "--resume" in text and "--mesh" in text
     with pytest.raises(SystemExit):
         cli.main(["distill", "--help"])
     assert "--coordinator" in capsys.readouterr().out

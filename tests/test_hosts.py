@@ -154,15 +154,10 @@ def test_one_process_is_unchanged():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["lm", "demo"], "jkd lm demo runs on one process"),
     (["distill", "--auto", "--teacher-dir", "t"], "jkd distill --auto runs on one process"),
 ])
-def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(argv, match, tmp_path, capsys, monkeypatch):
+def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(argv, match, tmp_path, capsys):
     flags = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"]
-    if argv[0] == "lm":  # jkd lm offers no several-hosts flags; a launch is still seen in the environment
-        for key, value in zip(("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), flags[1::2]):
-            monkeypatch.setenv(key, value)
-        flags = []
     assert cli.main(argv + ["--run-dir", str(tmp_path / "r")] + flags) == 2
     err = capsys.readouterr().err
     assert match in err and "--coordinator" in err
@@ -183,3 +178,16 @@ def test_an_unexpected_error_waits_for_the_watchdog_to_name_a_lost_peer(monkeypa
     dog.start()
     hosts.await_lost_peer()
     assert lost and lost[0].startswith("process 1 of 2 stopped responding")
+
+
+def test_one_process_feeds_every_row_and_holds_every_array():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jkd.models.decoder_sharding import make_mesh
+    from jkd.train import parallel
+
+    sharding = NamedSharding(make_mesh(2, 2), PartitionSpec("data"))
+    np.testing.assert_array_equal(parallel.local_rows(sharding, 8), np.arange(8))
+    x = jax.device_put(np.arange(8.0), sharding)
+    assert hosts.gathered({"x": x})["x"] is x  # nothing to gather from other processes

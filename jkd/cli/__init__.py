@@ -121,7 +121,7 @@ def _run_command(args, parser) -> tuple[int, str | None]:
 
 
 # The commands that run over several processes (one per host); the others run on one.
-_MULTI_PROCESS = ("demo", "run", "train-teacher", "distill")
+_MULTI_PROCESS = ("demo", "run", "train-teacher", "distill", "lm demo", "lm distill")
 
 
 def _join_processes(args) -> None:
@@ -134,7 +134,7 @@ def _join_processes(args) -> None:
     if launch is None:
         return
     command = args.command + (f" {args.lm_command}" if args.command == "lm" else "")
-    if args.command not in _MULTI_PROCESS or getattr(args, "auto", False):
+    if command not in _MULTI_PROCESS or getattr(args, "auto", False):
         what = "jkd distill --auto" if getattr(args, "auto", False) else f"jkd {command}"
         raise ValueError(f"{what} runs on one process, but this one was launched as one of several "
                          f"({launch.source}); run it on one host, without --coordinator/--num-processes/--process-id. "

@@ -83,7 +83,7 @@ def add_commands(sub) -> None:
     lm_sub = lm.add_subparsers(dest="lm_command", required=True)
     lm_demo = lm_sub.add_parser("demo", help="the agent demo on the embedded tool-use conversations (no network)")
     lm_demo.set_defaults(handler=demo_command)
-    run_folder_flags(lm_demo, run_dir="runs/lm_demo", several_hosts=False)
+    run_folder_flags(lm_demo, run_dir="runs/lm_demo")
     lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
     mesh_flag(lm_demo)
     add_config_flags(lm_demo, _config_class(), hand_written={"mesh": "config.mesh"})
@@ -91,7 +91,7 @@ def add_commands(sub) -> None:
     lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
                                 "Hugging Face folder) into a small student, measured against the student alone")
     lm_dist.set_defaults(handler=distill_command)
-    run_folder_flags(lm_dist, run_dir="runs/lm", several_hosts=False)
+    run_folder_flags(lm_dist, run_dir="runs/lm")
     lm_dist.add_argument("--data", required=True, help="labelled conversations, .jsonl (chat messages per line)")
     lm_dist.add_argument("--test", required=True, help="held-out conversations, .jsonl")
     lm_dist.add_argument("--unlabelled", help="requests without answers, .jsonl (sequence-level and on-policy modes)")

@@ -47,6 +47,7 @@ from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import tree_shardings
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
+from jkd.runtime import hosts
 from jkd.runtime.faults import missing_folder
 from jkd.jobs.seeds import mean_std
 from jkd.jobs.skeleton import Job, Run, Trained, run_job
@@ -59,7 +60,6 @@ from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD, on_policy_step
 from jkd.train.loop import LoopConfig
 from jkd.train.stored import StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
 from jkd.models.sampler import SamplingConfig, bucket_length
-from jkd.train.steps import unstack_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +185,11 @@ class LMExperimentConfig:
                 raise ValueError(f"devices={self.devices} (--devices) but the mesh data={self.mesh[0]},model="
                                  f"{self.mesh[1]} has {self.mesh[0] * self.mesh[1]}; give one of them.")
         shape = self.mesh_shape()
+        if jax.process_count() > 1 and shape is not None and shape[0] * shape[1] != jax.device_count():
+            raise ValueError(f"a run over {jax.process_count()} processes uses all {jax.device_count()} devices of its "
+                             f"hosts; the mesh data={shape[0]},model={shape[1]} has {shape[0] * shape[1]}.")
+        if shape is None:
+            shape = (jax.device_count(), 1) if jax.process_count() > 1 else None  # the mesh a run of several takes
         if shape is None:
             return
         available = jax.device_count()
@@ -319,12 +324,18 @@ class LMJob(Job):
 
     def prepare(self, run: Run) -> None:
         cfg, echo = self.config, self.echo
-        if cfg.train_file is None:
-            run.folder.begin()  # the embedded conversations are written into the run folder
-        self.data = data = _read_data(cfg, run.path, echo)  # a user's files are read and checked first
-        run.folder.begin()
-        if not (run.path / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
-            data.tokenizer.save(run.path / "tokenizer")
+
+        def read():
+            if cfg.train_file is None:
+                run.folder.begin()  # the embedded conversations are written into the run folder
+            data = _read_data(cfg, run.path, echo)  # a user's files are read and checked first
+            run.folder.begin()
+            if run.primary and not (run.path / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
+                data.tokenizer.save(run.path / "tokenizer")
+            return data
+
+        # several processes: process 0 writes the embedded data and the tokenizer, the others read them
+        self.data = data = hosts.primary_first(read, "jkd: conversations and tokenizer prepared")
         tok = data.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.eos_id = tok.eos_id
@@ -426,14 +437,18 @@ class LMJob(Job):
         tx, run = self._runs[key]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
 
+        local = getattr(run, "local_rows", None)  # several processes: each feeds its rows of the batch
+
         def batches(start):
             for bs in zip(*(stream(start) for stream in streams)):
-                yield {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
+                batch = {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
+                yield batch if local is None else {k: v[local(len(v))] for k, v in batch.items()}
         states = self.run.train_group(
             name, run, states, objective, tvars, batches=batches,
             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
                               sync_every=5, unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
-        return graphdef, [unstack_state(states, i).params for i in range(len(seeds))]
+        params = hosts.gathered(states.params)  # whole on every process: saved and measured there
+        return graphdef, [jax.tree.map(lambda x, i=i: x[i], params) for i in range(len(seeds))]
 
     # ---- the teacher -------------------------------------------------------------------------------
 
@@ -462,7 +477,8 @@ class LMJob(Job):
         return self._teacher(_as_decoder(g, params[0]))
 
     def save_teacher(self, run: Run, teacher: Trained, path: Path) -> None:
-        save_hf(self.teacher_model, path, tokenizer=self.data.tokenizer, overwrite=True)
+        if run.primary:
+            save_hf(self.teacher_model, path, tokenizer=self.data.tokenizer, overwrite=True)
 
     # ---- the students ------------------------------------------------------------------------------
 
@@ -550,7 +566,7 @@ class LMJob(Job):
                 self.samples[t.name] = texts
             if t.role == "teacher":
                 self.teacher_texts = texts
-            elif run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists():
+            elif run.primary and (run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists()):
                 # written once, and again when a rerun measures with other settings (its positions)
                 save_hf(model, run.path / slug(t.name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
         return per_seed
@@ -640,11 +656,15 @@ def _answered(r: LMJob, teacher: Decoder, echo):
         return teacher_answers(teacher, prompts, cache_dir=r.dir / cache, max_new_tokens=cfg.max_new_tokens,
                                sampling=sampling, batch_size=64, progress=r.progress)
 
-    first = answer(r.request_prompts, "answers")
-    ids, learn, continued = agent_rows(
-        r.data.tokenizer, r.request_conversations, r.request_prompts, first,
-        execute=toolchat.execute if cfg.train_file is None else None,
-        answer=lambda prompts: answer(prompts, "answers_after_tools"), max_length=cfg.max_length)
+    def rows():
+        first = answer(r.request_prompts, "answers")
+        return (first, *agent_rows(r.data.tokenizer, r.request_conversations, r.request_prompts, first,
+                                   execute=toolchat.execute if cfg.train_file is None else None,
+                                   answer=lambda prompts: answer(prompts, "answers_after_tools"),
+                                   max_length=cfg.max_length))
+
+    # several processes: process 0 answers and caches them, the others read its cache
+    first, ids, learn, continued = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
     echo(f"teacher answers: {len(first)} requests answered, {continued} of them carried on after the tools' "
          f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)")

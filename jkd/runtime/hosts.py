@@ -328,6 +328,24 @@ def local(tree):
     return jax.tree.map(one, tree)
 
 
+def gathered(tree):
+    """``tree`` with each array that is split over other processes' devices gathered whole onto
+    this process (numpy): what saving a model or measuring it on one process needs. A collective
+    when the run spans processes: every process calls it, in the same order."""
+    import jax
+
+    if process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(one, tree)
+
+
 def shares(n: int, count: int | None = None) -> list[np.ndarray]:
     """Positions ``[0, n)`` split into ``count`` (default: the processes) contiguous shares, in
     process order: process ``i`` evaluates ``shares(n)[i]``."""

@@ -114,6 +114,7 @@ def single_device(step: Callable) -> Callable:
 
     run = _with_placement(run)
     run.lower = jitted.lower  # the compiled module and its memory, as on_mesh's runner gives them
+    run.local_rows = lambda n: np.arange(n)
     return run
 
 
@@ -154,7 +155,16 @@ def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) ->
     run.place_frozen = lambda tree: put_global(tree, layout(tree))
     run.state_sharding = rep if shardings is None else layout
     run.lower = lower
+    run.local_rows = functools.partial(local_rows, sharded)
     return run
+
+
+def local_rows(sharding: NamedSharding, n: int) -> np.ndarray:
+    """The rows of an ``n``-row global batch that this process feeds under ``sharding`` (those its
+    devices hold, in order): pass ``batch[local_rows(...)]`` to a runner of several processes."""
+    starts = sorted({(idx[0].start or 0, n if idx[0].stop is None else idx[0].stop)
+                     for idx in sharding.addressable_devices_indices_map((n,)).values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
 
 
 def replicate(tree, devices):

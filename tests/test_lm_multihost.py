@@ -1,0 +1,71 @@
+"""`jkd lm distill` as 2 processes x 2 CPU devices is one run: the students of the 1-process run
+on 4 devices (within 1e-5), one report written by process 0; a killed process stops the other
+with exit code 3 within 60 s, and `--resume` on both completes from their last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import numpy as np
+import portpicker
+import pytest
+
+from jkd import cli
+from tests.test_lm_stored_mode import pair  # noqa: F401 - the fixture: a teacher folder and conversations
+from tests.test_multihost import _finish, _start
+
+pytestmark = pytest.mark.slow
+
+
+def _argv(root, files, run_dir, *extra):
+    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
+            "--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2", "--student", "16x1", "--steps", "8",
+            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0,1", "--no-baseline",
+            "--set", "student_optimizer.eps=1e-4", "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+def _weights(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_lm_distill_over_two_processes_survives_a_lost_peer(pair, tmp_path):  # noqa: F811
+    root, files = pair
+    ref, two = tmp_path / "ref", tmp_path / "two"
+    assert cli.main(_argv(root, files, ref, "--devices", "4")) == 0
+
+    argv = _argv(root, files, two, "--peer-timeout", "5")
+    procs = _start(argv, portpicker.pick_unused_port(), tmp_path, "killed")
+    first = two / "student_16x1_token_fkl" / "ckpt" / "2"  # a checkpoint every 2 of the 8 steps
+    deadline = time.monotonic() + 240
+    while not first.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert first.exists(), (tmp_path / "killed.p0.log").read_text()[-3000:]
+    procs[1].kill()
+    killed_at = time.monotonic()
+    procs[1].wait(timeout=30)
+    procs[0].wait(timeout=120)
+    survivor = (tmp_path / "killed.p0.log").read_text()
+    assert time.monotonic() - killed_at < 60
+    if not (procs[0].returncode == -signal.SIGABRT and "gloo::EnforceNotMet" in survivor):  # see test_multihost
+        assert procs[0].returncode == 3, survivor[-3000:]
+        assert "jkd: error: process 1 of 2 stopped responding" in survivor
+    assert not (two / "summary.json").exists()
+
+    outs = _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path,
+                   "resumed")
+    assert "process 0 of 2 (flags); 2 local of 4 devices" in outs[0]
+    assert "| student 16x1 token fkl |" in outs[0] and "| student 16x1 token fkl |" not in outs[1]
+    assert "resumed from the checkpoint of step" in outs[0]
+    for seed in (0, 1):
+        a = _weights(ref / "student_16x1_token_fkl" / f"seed{seed}")
+        b = _weights(two / "student_16x1_token_fkl" / f"seed{seed}")
+        assert max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a) < 1e-5
+    want = json.loads((ref / "summary.json").read_text())["models"]
+    got = json.loads((two / "summary.json").read_text())["models"]
+    for m, n in zip(want, got):
+        assert m["name"] == n["name"]
+        assert n["test_cross_entropy_mean"] == pytest.approx(m["test_cross_entropy_mean"], abs=1e-5)
