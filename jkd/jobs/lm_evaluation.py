@@ -23,6 +23,7 @@ from jkd.data.tokenizer import Tokenizer
 from jkd.evaluate.toolcalls import tool_metrics
 from jkd.models.decoder import Decoder
 from jkd.models.sampler import generate
+from jkd.runtime import hosts
 
 GENERATE_BATCH = 128
 BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by tens of tokens
@@ -31,11 +32,34 @@ BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by ten
 def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tokenizer, *, max_new_tokens: int,
                    batch_size: int = GENERATE_BATCH) -> tuple[list[str], float | None]:
     """Greedy answers to ``prompts`` (decoded, special tokens dropped) and the generation speed in
-    new tokens per second (the batches after the first, which compiles; None without prompts)."""
+    new tokens per second (the batches after the first, which compiles; None without prompts).
+
+    In a run of several processes each answers its share of the prompts and all gather the answers
+    (every process returns all of them; the speed is this process's)."""
+    if not len(prompts):
+        return [], None
+    if hosts.process_count() == 1:
+        rows, speed = _answer_rows(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    else:
+        shares = hosts.shares(len(prompts))
+        mine = shares[hosts.process_index()]
+        rows, speed = _answer_rows(model, [prompts[i] for i in mine], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size)
+        padded = np.full((len(rows), max_new_tokens + 1), -1, np.int32)  # the last column: the row's length
+        for r, row in enumerate(rows):
+            padded[r, :len(row)], padded[r, -1] = row, len(row)
+        every = hosts.allgather_rows(padded, axis=0, sizes=[len(s) for s in shares])
+        rows = [r[:r[-1]] for r in every]
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows], speed
+
+
+def _answer_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+                 batch_size: int) -> tuple[list[np.ndarray], float | None]:
+    """The new tokens of greedy answers to ``prompts``, in their order, and the speed."""
     if not len(prompts):
         return [], None
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
-    texts: list[str] = [""] * len(prompts)
+    answers: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
     tokens, seconds = 0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -47,12 +71,12 @@ def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tok
         if start > 0:
             tokens, seconds = tokens + int(out.lengths.sum()), seconds + dt
         for i, row in zip(idx, out.rows()):
-            texts[i] = tokenizer.decode(row, skip_special_tokens=True)
+            answers[i] = np.asarray(row, np.int32)
     if seconds == 0:  # one batch only: time it again, compiled
         t0 = time.perf_counter()
         out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS)
         tokens, seconds = int(out.lengths.sum()), time.perf_counter() - t0
-    return texts, tokens / seconds
+    return answers, tokens / seconds
 
 
 def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, *, max_new_tokens: int,
