@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,8 +22,6 @@ def _weights(folder):
 
 @pytest.mark.slow
 def test_demo_on_a_2x2_mesh_ends_where_one_device_does(tmp_path, capsys):
-    import jax
-
     assert jax.device_count() == 4
     # Students cut from one teacher layer each (a student that is the whole teacher learns only
     # rounding noise from a KD loss). Adam divides each gradient by its own size plus eps: with
@@ -66,3 +65,26 @@ def test_mesh_flag_and_config_refuse_what_cannot_run(tmp_path, capsys):
         assert code == 2, extra
         assert message in capsys.readouterr().err, extra
         assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_teacher_answers_on_the_mesh():
+    """With a mesh, the requests are answered by the teacher split over it: the same greedy answers."""
+    from flax import nnx
+
+    from jkd.jobs.lm import LMExperimentConfig, LMJob
+    from jkd.models.decoder import Decoder
+    from jkd.models.decoder_config import DecoderConfig
+    from jkd.models.sampler import generate
+
+    config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64, eos_token_id=1)
+    teacher = Decoder(config, rngs=nnx.Rngs(0))
+    nnx.update(teacher, jax.tree.map(lambda x: 8 * x if x.ndim == 2 else x, nnx.state(teacher)))  # peaked
+    on_mesh = LMJob(LMExperimentConfig(mesh=(2, 2)))._answering(teacher)
+    q = on_mesh.layers[0].self_attn.q_proj.weight[...]
+    assert tuple(q.sharding.spec) == ("model", "data") and len(q.addressable_shards) == 4
+    assert LMJob(LMExperimentConfig())._answering(teacher) is teacher  # one device: as it is
+    prompts = [np.array([5, 9, 3, 7]), np.array([2, 11, 4, 6, 8, 10])]
+    want = generate(teacher, prompts, max_new_tokens=6)
+    got = generate(on_mesh, prompts, max_new_tokens=6)
+    assert [list(r) for r in got.rows()] == [list(r) for r in want.rows()]

@@ -44,7 +44,7 @@ from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
 from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
-from jkd.models.decoder_sharding import tree_shardings
+from jkd.models.decoder_sharding import make_mesh, tree_shardings
 from jkd.models.decoder_surgery import select_layers
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime import hosts
@@ -459,8 +459,25 @@ class LMJob(Job):
         return Trained("teacher", "teacher", loss, tg, [tvars.params], model.config,
                        {"student": None, "initialisation": "random", "teacher_signal": False})
 
+    def _local_mesh(self):
+        """The run's mesh when it has one and runs as one process (the teacher is then loaded onto
+        it and answers there); None otherwise."""
+        shape = self.cfg.mesh_shape()
+        if shape is None or jax.process_count() > 1:
+            return None
+        return make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+
+    def _answering(self, teacher: Decoder) -> Decoder:
+        """The teacher that answers the requests: on the run's mesh when it has one (its matrices
+        split as in training, so each device holds a share), in a run of one process; else as it is."""
+        mesh = self._local_mesh()
+        if mesh is None:
+            return teacher
+        graphdef, state = nnx.split(teacher)  # a loaded teacher is on the mesh already: nothing is copied
+        return nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh)))
+
     def load_teacher(self, run: Run, source: Path) -> Trained:
-        teacher = load_hf(source)
+        teacher = load_hf(source, mesh=self._local_mesh())  # each tensor straight to its devices
         self.echo(f"teacher: loaded from {source}")
         if self.cfg.teacher_dir is None and teacher.config.max_position_embeddings < self.positions_needed:
             # this run's own teacher, measured now with longer answers: its rotary positions have no
@@ -504,7 +521,7 @@ class LMJob(Job):
                 on_policy = isinstance(objective, OnPolicyKD)
                 if (with_answers or on_policy) and self.request_prompts:
                     if self.answered is None:
-                        self.answered = _answered(self, teacher, echo)
+                        self.answered = _answered(self, self._answering(teacher), echo)
                     ids, learn = ids + self.answered[0], learn + self.answered[1]
                 if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
                     objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
