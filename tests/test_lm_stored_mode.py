@@ -105,3 +105,53 @@ def test_stored_mode_refuses_what_it_cannot_do(pair, tmp_path, capsys):
                            (["--pack-length", "320"], "do not combine with packed rows")):
         assert cli.main(_argv(root, files, tmp_path / "x", *extra)) == 2
         assert message in capsys.readouterr().err
+
+
+def _student_folder(path, *, vocab, seed=5):
+    from flax import nnx
+
+    from jkd.data.tokenizer import byte_tokenizer
+    from jkd.models.decoder import Decoder
+    from jkd.models.decoder_config import DecoderConfig
+    from jkd.models.hf import save_hf
+
+    tok = byte_tokenizer()
+    ends = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id) if vocab > tok.pad_id else {}
+    config = DecoderConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                           num_kv_heads=1, max_position_embeddings=512, **ends)
+    save_hf(Decoder(config, rngs=nnx.Rngs(seed)), path)
+    return path
+
+
+def _short(root, files, run_dir, student, *extra):
+    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
+            "--student", student, "--steps", "2", "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4",
+            "--seeds", "0", "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_students_cut_from_the_teacher_or_loaded_from_a_folder(pair, tmp_path, capsys):
+    root, files = pair
+    # layers=0: the teacher's block 0, its embeddings and head; the student alone: random, same shape
+    assert cli.main(_short(root, files, tmp_path / "cut", "layers=0")) == 0
+    models = {m["name"]: m for m in json.loads((tmp_path / "cut" / "summary.json").read_text())["models"]}
+    cut = models["student layers 0 token fkl"]
+    assert cut["initialisation"] == "teacher layers" and models["student layers 0 alone"]["initialisation"] == "random"
+    assert cut["params"] == models["teacher"]["params"]  # the one-block teacher, whole
+
+    # a folder: its weights are the start of every setting (a learning rate of 1e-12 leaves them)
+    folder = _student_folder(tmp_path / "small", vocab=259)
+    assert cli.main(_short(root, files, tmp_path / "folder", str(folder), "--lr", "1e-12")) == 0
+    start = _weights(folder)
+    for group in ("student_small_alone", "student_small_token_fkl"):
+        end = _weights(tmp_path / "folder" / group / "seed0")
+        assert max(float(np.abs(start[k].astype(np.float64) - end[k]).max()) for k in start) < 1e-6
+    models = json.loads((tmp_path / "folder" / "summary.json").read_text())["models"]
+    assert {m["initialisation"] for m in models[1:]} == {"student folder"}
+
+    # a vocabulary smaller than the tokenizer's is refused, never changed
+    small = _student_folder(tmp_path / "tiny_vocab", vocab=200)
+    assert cli.main(_short(root, files, tmp_path / "bad", str(small))) == 2
+    assert "has 200 vocabulary rows but the tokenizer has 259 tokens" in capsys.readouterr().err
+    assert cli.main(_short(root, files, tmp_path / "bad2", "layers=zero")) == 2
+    assert "--student layers=... takes the teacher's block numbers" in capsys.readouterr().err

@@ -33,7 +33,6 @@ def _lm_config(args):
     """``jkd lm distill``'s flags as an :class:`~jkd.jobs.lm.LMExperimentConfig`."""
     import jkd.losses as losses
     from jkd.jobs import lm as LX
-    from jkd.models.hf import read_config
     from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD
 
     cls = getattr(losses, LM_LOSSES[args.loss])
@@ -53,21 +52,13 @@ def _lm_config(args):
                             ce_weight=args.ce_weight)
     if args.mode in ("sequence", "on-policy") and not args.unlabelled:
         raise ValueError(f"--mode {args.mode} needs --unlabelled (requests the teacher answers or the student samples).")
-    if Path(args.student).is_dir():
-        student = read_config(args.student)
-    else:
-        try:
-            width, layers = (int(x) for x in args.student.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"--student must be WIDTHxLAYERS (e.g. 64x2) or a folder with config.json; "
-                             f"got {args.student!r}.") from None
-        student = LX._decoder(1024, width, layers)
+    student = _student(args.student)
     from jkd.train import AdamWConfig
 
     opt = AdamWConfig(learning_rate=args.lr, weight_decay=0.0, warmup_epochs=0.1)
     cfg = LX.LMExperimentConfig(
         train_file=args.data, test_file=args.test, unlabelled_file=args.unlabelled, teacher_dir=args.teacher,
-        students=(LX.LMStudent(f"student {args.student}", student),), max_length=args.max_length,
+        students=(student,), max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline,
@@ -76,6 +67,30 @@ def _lm_config(args):
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
     cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
+
+
+def _student(text: str):
+    """``--student``: ``layers=0,6,12`` (the teacher's blocks), a folder (architecture and weights),
+    or ``WIDTHxLAYERS`` (a random decoder of that size)."""
+    from jkd.jobs import lm as LX
+    from jkd.models.hf import read_config
+
+    if text.startswith("layers="):
+        try:
+            layers = tuple(int(x) for x in text[len("layers="):].split(","))
+        except ValueError:
+            raise ValueError(f"--student layers=... takes the teacher's block numbers, e.g. layers=0,6,12; "
+                             f"got {text!r}.") from None
+        return LX.LMStudent(f"student layers {','.join(map(str, layers))}", teacher_layers=layers)
+    if Path(text).is_dir():
+        read_config(text)  # refused here, before anything runs, if jkd cannot read it
+        return LX.LMStudent(f"student {Path(text).name}", from_dir=text)
+    try:
+        width, layers = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--student must be WIDTHxLAYERS (e.g. 64x2), layers=I,J,... (blocks of the teacher) or a "
+                         f"Hugging Face folder; got {text!r}.") from None
+    return LX.LMStudent(f"student {text}", LX._decoder(1024, width, layers))
 
 
 def add_commands(sub) -> None:
@@ -97,8 +112,9 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--unlabelled", help="requests without answers, .jsonl (sequence-level and on-policy modes)")
     lm_dist.add_argument("--teacher", help="a Hugging Face model folder (Llama / Qwen2 / Qwen3) with its "
                          "tokenizer; default: train a teacher here on --data")
-    lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (default 64x2), or a folder "
-                         "with a config.json to copy the architecture from")
+    lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (a random decoder, default "
+                         "64x2), layers=0,6,12 (those blocks of the teacher, with its embeddings and head), or a "
+                         "Hugging Face folder (its architecture and weights)")
     lm_dist.add_argument("--mode", choices=LM_MODES, default="token",
                          help="token: the teacher runs beside the student every step; stored: its top-k "
                               "(--top-k) computed once and kept in the run folder, no teacher forward per step; "

@@ -81,21 +81,26 @@ class LMDistillation:
 
 @dataclasses.dataclass(frozen=True)
 class LMStudent:
-    """A student size: a display name and its decoder config (vocabulary set from the tokenizer).
+    """A student: a display name and one of three starts.
 
-    ``teacher_layers``: the student is the teacher's architecture with these of its blocks
-    (``config`` is then ignored); distilled students start from those blocks of the trained teacher
-    and its embeddings (:func:`jkd.models.decoder_surgery.select_layers`, as DistilBERT starts),
-    the student alone from a random initialisation of the same architecture (no teacher).
+    ``config``: a decoder config (its vocabulary set from the tokenizer), randomly initialised.
+    ``teacher_layers``: the teacher's architecture with these of its blocks; distilled students
+    start from those blocks of the teacher and its embeddings, final norm and head
+    (:func:`jkd.models.decoder_surgery.select_layers`, as DistilBERT and Minitron's depth pruning
+    start), the student alone from a random initialisation of the same architecture (no teacher).
+    ``from_dir``: a Hugging Face folder whose architecture and weights every setting of this
+    student starts from, the student alone too (a pre-trained small model); its vocabulary must be
+    the tokenizer's (padding rows aside), never changed silently.
     """
 
     name: str
     config: DecoderConfig | None = None
     teacher_layers: tuple[int, ...] | None = None
+    from_dir: str | None = None
 
     def __post_init__(self):
-        if (self.config is None) == (self.teacher_layers is None):
-            raise ValueError(f"LMStudent {self.name!r}: give either config or teacher_layers")
+        if sum(x is not None for x in (self.config, self.teacher_layers, self.from_dir)) != 1:
+            raise ValueError(f"LMStudent {self.name!r}: give one of config, teacher_layers or from_dir")
 
 
 def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
@@ -143,6 +148,9 @@ class LMExperimentConfig:
             raise ValueError(f"answer_temperature must be a finite number >= 0 (0: greedy); got {self.answer_temperature!r}.")
         if self.teacher_dir is not None and not Path(self.teacher_dir).is_dir():
             raise missing_folder(self.teacher_dir, what="the teacher (--teacher)")
+        for s in self.students:
+            if s.from_dir is not None and not Path(s.from_dir).is_dir():
+                raise missing_folder(s.from_dir, what="the student (--student)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must name distinct seeds; got {list(self.seeds)}.")
         names = [d.name for d in self.distillations] + [s.name for s in self.students]
@@ -503,9 +511,12 @@ class LMJob(Job):
         cfg, echo, data = self.cfg, self.echo, self.data
         teacher, (tg, tvars) = self.teacher_model, self.frozen_teacher
         for student in cfg.students:
-            init = None
+            init, start = None, "random"
             if student.teacher_layers is not None:
                 init = select_layers(teacher, student.teacher_layers)
+                scfg, start = init.config, "teacher layers"
+            elif student.from_dir is not None:
+                init, start = self._student_folder(student), "student folder"
                 scfg = init.config
             else:
                 scfg = self.with_vocab(student.config)
@@ -529,15 +540,32 @@ class LMJob(Job):
                           if isinstance(objective, StoredTopKKD) and objective.kd_weight > 0 else None)
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
+                same_start = role == "distilled" or start == "student folder"  # the alone: random, or the folder's
                 g, params = self.train_students(
                     name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
                     optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    init=init if role == "distilled" else None, stored=stored)
+                    init=init if same_start else None, stored=stored)
                 yield Trained(name, role, loss_name, g, params, scfg, {
-                    "student": student.name,
-                    "initialisation": "teacher layers" if init is not None and role == "distilled" else "random",
+                    "student": student.name, "initialisation": start if same_start else "random",
                     "teacher_signal": online or stored is not None or bool(with_answers)})
+
+    def _student_folder(self, student: LMStudent) -> Decoder:
+        """The student of ``student.from_dir``, weights and all, checked against the run's tokenizer
+        and the positions the run needs."""
+        folder = Path(student.from_dir)
+        model = load_hf(folder, mesh=self._local_mesh())
+        tok = self.data.tokenizer
+        if (folder / "tokenizer.json").exists():
+            shared_vocabulary(tok, Tokenizer.from_folder(folder), teacher_rows=self.teacher_model.config.vocab_size,
+                              student_rows=model.config.vocab_size)  # one tokenizer: the same ids
+        elif model.config.vocab_size < tok.vocab_size:
+            raise ValueError(f"the student in {folder} has {model.config.vocab_size} vocabulary rows but the "
+                             f"tokenizer has {tok.vocab_size} tokens; give a student of this tokenizer.")
+        if model.config.max_position_embeddings < self.positions_needed:
+            raise ValueError(f"the student in {folder} holds {model.config.max_position_embeddings} positions; the run "
+                             f"needs {self.positions_needed} (--max-length plus --max-new-tokens).")
+        return model
 
     def stored_topk(self, k: int, vocab: int) -> StoredTopK:
         """The teacher's top-``k`` next-token log-probabilities over the first ``vocab`` ids at every
@@ -690,7 +718,8 @@ def _answered(r: LMJob, teacher: Decoder, echo):
 
 def guarded_inputs(cfg: LMExperimentConfig) -> dict:
     """The paths the run reads whose contents join its guard: the conversations and the teacher."""
-    return {k: getattr(cfg, k) for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir")}
+    paths = {k: getattr(cfg, k) for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir")}
+    return {**paths, **{f"students[{i}].from_dir": s.from_dir for i, s in enumerate(cfg.students) if s.from_dir}}
 
 
 def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -149,7 +150,7 @@ _IGNORED = {
     "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "model_input_names",
+    "suppress_tokens", "begin_suppress_tokens", "model_input_names", "unk_token_id",
 }
 # Accepted only at the value that means "nothing special".
 _DEFAULT_ONLY = {
@@ -158,7 +159,15 @@ _DEFAULT_ONLY = {
     "use_sliding_window": (False,),
     "quantization_config": (None,),
     "hidden_dropout": (0, 0.0),
+    "rope_interleaved": (False, None),  # interleaved rotary pairs (SmolLM2's configs carry it, off)
 }
+# Mixture-of-experts counts: accepted only for a dense model (jkd's decoder has one MLP per block).
+_EXPERTS = {"num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts"}
+
+
+class ConfigWarning(UserWarning):
+    """A ``config.json`` key jkd does not know, ignored: the model types jkd reads are those whose
+    ``transformers`` classes ignore it too, so it cannot change the reference forward pass."""
 # Consulted only when use_sliding_window is on (refused above).
 _SLIDING_ONLY = {"sliding_window", "max_window_layers"}
 
@@ -196,9 +205,13 @@ def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
         raise UnsupportedConfigError(
             f"config.json: model_type {family!r} (architectures {arch}) is not supported; jkd's decoder "
             f"reads {', '.join(FAMILIES)}")
-    problems = []
+    problems, unknown = [], []
     for key, value in cfg.items():
         if key in _READ or key in _IGNORED or key in _SLIDING_ONLY:
+            continue
+        if key in _EXPERTS:
+            if value not in (None, 0, 1):
+                problems.append(f"{key}={value!r} (a mixture of experts; jkd's decoder is dense)")
             continue
         if key in _DEFAULT_ONLY:
             if value not in _DEFAULT_ONLY[key]:
@@ -209,7 +222,7 @@ def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
             if others:
                 problems.append(f"layer_types with {others} (supported: only 'full_attention')")
             continue
-        problems.append(f"{key}={value!r} (unknown to jkd)")
+        unknown.append(f"{key}={value!r}")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"hidden_act={act!r} (supported: 'silu')")
@@ -220,6 +233,9 @@ def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
     if problems:
         raise UnsupportedConfigError(
             f"config.json ({family}): unsupported field(s): " + "; ".join(problems))
+    if unknown:
+        warnings.warn(f"config.json ({family}): ignored field(s) unknown to jkd: {'; '.join(unknown)} "
+                      f"(transformers' {family} model does not read them either)", ConfigWarning, stacklevel=2)
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in cfg]
     if missing:

@@ -10,6 +10,7 @@ leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -53,9 +54,30 @@ def read_config(folder: str | Path) -> DecoderConfig:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     try:
-        return from_hf_config(cfg)
+        config = from_hf_config(cfg)
     except UnsupportedConfigError as e:  # "config.json: ..." names the file; say which folder's
         raise UnsupportedConfigError(f"{folder}/{e}") from None
+    return _with_generation_ends(config, folder)
+
+
+def _with_generation_ends(config: DecoderConfig, folder: Path) -> DecoderConfig:
+    """``config`` with the end tokens of the folder's ``generation_config.json`` where it names
+    some (``transformers.generate`` stops at those, ahead of ``config.json``'s): a teacher whose
+    ``config.json`` has no ``eos_token_id`` still stops where its generation config says."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return config
+    try:
+        ends = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
+    if ends is None:
+        return config
+    ends = tuple(ends) if isinstance(ends, list) else (ends,)
+    if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < config.vocab_size for e in ends):
+        raise ValueError(f"{path}: eos_token_id {ends} must be token ids below the vocabulary size "
+                         f"{config.vocab_size}")
+    return dataclasses.replace(config, eos_token_id=ends[0] if len(ends) == 1 else ends)
 
 
 def checkpoint_tensors(folder: str | Path) -> dict[str, st.TensorInfo]:

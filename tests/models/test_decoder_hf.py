@@ -181,7 +181,9 @@ def test_folder_without_config(tmp_path):
     (dict(use_sliding_window=True), "use_sliding_window=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type 'yarn'"),
-    (dict(moe_num_experts=8), "moe_num_experts=8 \\(unknown to jkd\\)"),
+    (dict(moe_num_experts=8), "moe_num_experts=8 \\(a mixture of experts"),
+    (dict(num_experts=8), "num_experts=8 \\(a mixture of experts"),
+    (dict(rope_interleaved=True), "rope_interleaved=True \\(supported: False\\)"),
     (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
 ])
 def test_unsupported_config_fields_are_named(saved, tmp_path, change, message):
@@ -190,6 +192,27 @@ def test_unsupported_config_fields_are_named(saved, tmp_path, change, message):
     with pytest.raises(UnsupportedConfigError, match=message) as e:
         hf.load_hf(folder)
     assert str(e.value).startswith(f"{folder}/config.json")  # which folder's config, not "config.json" alone
+
+
+def test_unknown_keys_load_with_one_warning_and_generation_ends_are_read(saved, tmp_path):
+    """Keys jkd does not know (those of SmolLM2's published configs among them) are named in one
+    warning and loading goes on, with the same logits; generation_config.json's end tokens count."""
+    from jkd.models.decoder_config import ConfigWarning
+
+    folder = _copy(saved, "llama", tmp_path)
+    before = np.asarray(hf.load_hf(folder)(jnp.asarray([[3, 5, 7, 9]])))
+    _edit_config(folder, is_llama_config=True, rope_interleaved=False, unk_token_id=0, _model_name_or_path="x",
+                 eos_token_id=None)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5], "bos_token_id": 1}))
+    with pytest.warns(ConfigWarning, match=r"unknown to jkd: is_llama_config=True; _model_name_or_path='x' "
+                                           r"\(transformers' llama model does not read them either\)") as caught:
+        model = hf.load_hf(folder)
+    assert len(caught) == 1
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray([[3, 5, 7, 9]]))), before)
+    assert model.config.eos_token_ids == (2, 5)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 10 ** 6}))
+    with pytest.warns(ConfigWarning), pytest.raises(ValueError, match="must be token ids below the vocabulary"):
+        hf.load_hf(folder)
 
 
 def test_tensor_shapes_that_do_not_match_the_config(saved, tmp_path):
