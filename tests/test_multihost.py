@@ -59,6 +59,30 @@ def _finish(procs, tmp, name, timeout=300):
     return outs
 
 
+def kill_after_checkpoint(argv, checkpoint: Path, tmp: Path) -> str:
+    """Start ``argv`` as 2 processes, kill process 1 once ``checkpoint`` exists, and check that
+    process 0 stops within 60 s with exit code 3, naming the lost peer; returns its output."""
+    procs = _start(argv, portpicker.pick_unused_port(), tmp, "killed")
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.exists(), (tmp / "killed.p0.log").read_text()[-3000:]
+    procs[1].kill()
+    killed_at = time.monotonic()
+    procs[1].wait(timeout=30)
+    procs[0].wait(timeout=120)
+    survivor = (tmp / "killed.p0.log").read_text()
+    assert time.monotonic() - killed_at < 60
+    if procs[0].returncode == -signal.SIGABRT and "gloo::EnforceNotMet" in survivor:
+        # gloo's TCP transport can abort the survivor itself (a C++ std::terminate on the killed
+        # peer's half-sent message, on gloo's own thread) before jkd's watchdog reports the
+        # silence: not catchable from Python (BUILD_NOTES, known limits). The resume must hold.
+        return survivor
+    assert procs[0].returncode == 3, survivor[-3000:]
+    assert "jkd: error: process 1 of 2 stopped responding" in survivor and "--resume" in survivor
+    return survivor
+
+
 def _leaves(folder):
     return [np.asarray(x) for x in jax.tree.leaves(load_saved_model(folder)[1])]
 
@@ -106,26 +130,7 @@ def test_two_processes_are_one_run_and_survive_a_lost_peer(tmp_path):
     distill = STUDENT + common + ["--teacher-dir", str(ref / "teacher/teacher/model")]
     assert cli.main(distill + ["--parallel", "mesh", "--run-dir", str(ref / "distill")]) == 0
     argv = distill + ["--run-dir", str(two / "distill"), "--peer-timeout", "5"]
-    procs = _start(argv, portpicker.pick_unused_port(), tmp_path, "killed")
-    first = two / "distill/soft_kd/ckpt/21"  # the end of epoch 1 (1400 // 64 = 21 steps)
-    deadline = time.monotonic() + 240
-    while not first.exists() and time.monotonic() < deadline and procs[0].poll() is None:
-        time.sleep(0.05)
-    assert first.exists(), (tmp_path / "killed.p0.log").read_text()[-3000:]
-    procs[1].kill()
-    killed_at = time.monotonic()
-    procs[1].wait(timeout=30)
-    procs[0].wait(timeout=120)
-    survivor = (tmp_path / "killed.p0.log").read_text()
-    assert time.monotonic() - killed_at < 60
-    if procs[0].returncode == -signal.SIGABRT and "gloo::EnforceNotMet" in survivor:
-        # gloo's TCP transport can abort the survivor itself (a C++ std::terminate on the killed
-        # peer's half-sent message, on gloo's own thread) before jkd's watchdog reports the
-        # silence: not catchable from Python (BUILD_NOTES, known limits). The resume must hold.
-        pass
-    else:
-        assert procs[0].returncode == 3, survivor[-3000:]
-        assert "jkd: error: process 1 of 2 stopped responding" in survivor and "--resume" in survivor
+    kill_after_checkpoint(argv, two / "distill/soft_kd/ckpt/21", tmp_path)  # the end of epoch 1: 1400 // 64 = 21 steps
     assert not (two / "distill/summary.json").exists()
 
     _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path, "resumed")
