@@ -155,3 +155,19 @@ def test_students_cut_from_the_teacher_or_loaded_from_a_folder(pair, tmp_path, c
     assert "has 200 vocabulary rows but the tokenizer has 259 tokens" in capsys.readouterr().err
     assert cli.main(_short(root, files, tmp_path / "bad2", "layers=zero")) == 2
     assert "--student layers=... takes the teacher's block numbers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_micro_batches_and_remat_through_the_cli(pair, tmp_path, capsys):
+    root, files = pair
+    base = ["--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2", "--set", "student_optimizer.eps=1e-4",
+            "--no-baseline", "--batch-size", "4"]
+    assert cli.main(_short(root, files, tmp_path / "plain", "16x1", *base)) == 0
+    assert cli.main(_short(root, files, tmp_path / "lean", "16x1", *base, "--micro-batches", "2", "--remat")) == 0
+    config = json.loads((tmp_path / "lean" / "config.json").read_text())
+    assert config["micro_batches"] == 2 and config["remat"] is True
+    a = _weights(tmp_path / "plain" / "student_16x1_token_fkl" / "seed0")
+    b = _weights(tmp_path / "lean" / "student_16x1_token_fkl" / "seed0")
+    assert max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a) < 1e-6
+    assert cli.main(_short(root, files, tmp_path / "bad", "16x1", *base, "--micro-batches", "3")) == 2
+    assert "must be a whole number >= 1 that divides batch_size (4); got 3" in capsys.readouterr().err

@@ -137,6 +137,13 @@ def mesh_flag(p: argparse.ArgumentParser) -> None:
                         "over M model shards (tensor parallel) and the data shards (fully sharded); D x M devices")
 
 
+def remat_flag(p: argparse.ArgumentParser) -> None:
+    """``--remat``: the ``remat`` field of a language-model job's config."""
+    p.add_argument("--remat", dest="config.remat", action="store_const", const=True, default=argparse.SUPPRESS,
+                   help="recompute each decoder block's activations in the backward pass: memory for about one "
+                        "more forward pass (the same values)")
+
+
 def float_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(","))

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jkd.cli.common import apply_overrides, finite, mesh_flag, run_folder_flags, seed_list
+from jkd.cli.common import apply_overrides, finite, mesh_flag, remat_flag, run_folder_flags, seed_list
 from jkd.cli.flags import add_config_flags, config_overrides, same_names
 from jkd.runtime.atomic import atomic_write
 
@@ -16,7 +16,7 @@ _DISTILL_FLAGS = {
     **same_names("max_length", "batch_size", "pack_length", "teacher_steps", "seeds", "max_new_tokens"),
     "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled", "teacher_dir": "teacher",
     "student_steps": "steps", "include_baseline": "no_baseline", "student_optimizer": "lr", "teacher_optimizer": "lr",
-    "students": "student", "distillations": "mode", "mesh": "config.mesh"}
+    "students": "student", "distillations": "mode", "mesh": "config.mesh", "remat": "config.remat"}
 
 
 def _config_class():
@@ -101,7 +101,8 @@ def add_commands(sub) -> None:
     run_folder_flags(lm_demo, run_dir="runs/lm_demo")
     lm_demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. student_steps=50")
     mesh_flag(lm_demo)
-    add_config_flags(lm_demo, _config_class(), hand_written={"mesh": "config.mesh"})
+    remat_flag(lm_demo)
+    add_config_flags(lm_demo, _config_class(), hand_written={"mesh": "config.mesh", "remat": "config.remat"})
 
     lm_dist = lm_sub.add_parser("distill", help="distil your own conversations: a teacher (trained here or a "
                                 "Hugging Face folder) into a small student, measured against the student alone")
@@ -140,6 +141,7 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
     mesh_flag(lm_dist)
+    remat_flag(lm_dist)
     lm_dist.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a config field after the flags, e.g. student_optimizer.eps=1e-6")
 

@@ -42,7 +42,7 @@ from jkd.jobs.lm_evaluation import BUCKETS, measure
 from jkd.evaluate import report
 from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
-from jkd.models.decoder import Decoder
+from jkd.models.decoder import Decoder, set_remat
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import make_mesh, tree_shardings
 from jkd.models.decoder_surgery import select_layers
@@ -138,6 +138,8 @@ class LMExperimentConfig:
     devices: int | None = None               # jit over a mesh of this many devices (data parallel); None: one device
     mesh: tuple[int, int] | None = None      # (data, model): the decoders' matrices split over model (tensor
                                              # parallel) and data (fully sharded), the batch over data
+    micro_batches: int | None = None         # token-KD steps in this many rounds of gradient accumulation (None: 1)
+    remat: bool | None = None                # recompute each decoder block in the backward pass (less memory)
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -173,6 +175,14 @@ class LMExperimentConfig:
             raise ValueError(f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
                              f"({self.max_length}) tokens.")
         self._check_devices()
+        if self.micro_batches is not None:
+            if not isinstance(self.micro_batches, int) or self.micro_batches < 1 or self.batch_size % self.micro_batches:
+                raise ValueError(f"micro_batches (--micro-batches) must be a whole number >= 1 that divides batch_size "
+                                 f"({self.batch_size}); got {self.micro_batches!r}.")
+            others = [d.name for d in self.distillations if not isinstance(d.objective, TokenKD)]
+            if self.micro_batches > 1 and others:
+                raise ValueError(f"micro_batches (--micro-batches) applies to token-KD steps; {', '.join(others)} "
+                                 "run whole batches.")
         if self.labelled_subset is not None and self.labelled_subset < self.batch_size:
             raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
                              f"({self.batch_size}).")
@@ -431,7 +441,7 @@ class LMJob(Job):
         if stored is not None:  # each row checked against what was stored for it
             streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
-        models = [model(s) for s in seeds]
+        models = [set_remat(model(s), bool(cfg.remat)) for s in seeds]
         graphdef = split_model(models[0])[0]
         tg, tvars = teacher if teacher is not None else (None, None)
         kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
@@ -440,6 +450,8 @@ class LMJob(Job):
         if key not in self._runs:
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
+            if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
+                step = functools.partial(step, micro_batches=cfg.micro_batches)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
             self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)), shardings=tree_shardings)
         tx, run = self._runs[key]
@@ -727,7 +739,7 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh")
+    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat")
             + (() if answers else ("max_new_tokens",)))
 
 

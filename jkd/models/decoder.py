@@ -14,6 +14,7 @@ Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``D`` hidden size, ``V
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
@@ -275,6 +276,19 @@ def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
                          f"e.g. {int(bad.flat[0])}")
 
 
+@functools.partial(nnx.remat, static_argnums=(5,))
+def _remat_block(layer, x, positions, mask, inv_freq, causal_block):
+    return layer(x, positions, mask, inv_freq, None, None, causal_block)
+
+
+def set_remat(model: Decoder, on: bool = True) -> Decoder:
+    """Activation checkpointing per decoder block: the backward pass recomputes each block from its
+    input instead of keeping its activations (memory for about one more forward pass). The values
+    and gradients are those without it. Returns ``model``."""
+    model.remat = bool(on)
+    return model
+
+
 class Decoder(nnx.Module):
     """A causal language model: ``tokens [B, T] -> logits [B, T, V]`` (float32).
 
@@ -287,6 +301,8 @@ class Decoder(nnx.Module):
     Features (``jkd.models.call_with_features``): ``layer1`` ... ``layerN`` (residual stream after
     each block) and ``final`` (after the last norm), each ``[B, T, D]``.
     """
+
+    remat: bool = False  # recompute each block's activations in the backward pass (set_remat)
 
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -315,7 +331,10 @@ class Decoder(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, kv = layer(x, positions, mask, inv_freq, kv, None if cache is None else cache.index, causal_block)
+            if self.remat and cache is None:  # training: keep only each block's input for the backward pass
+                x, kv = _remat_block(layer, x, positions, mask, inv_freq, causal_block)
+            else:
+                x, kv = layer(x, positions, mask, inv_freq, kv, None if cache is None else cache.index, causal_block)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

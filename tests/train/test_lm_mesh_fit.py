@@ -57,3 +57,30 @@ def test_sharded_fit_equals_one_device_and_resumes_on_another_mesh(tmp_path):
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_remat_and_micro_batches_give_the_same_step():
+    """Activation checkpointing per block recomputes, it does not change the step; 4 micro-batches
+    of gradient accumulation give the step of the whole batch."""
+    from flax import nnx
+
+    from jkd.models.decoder import Decoder, set_remat
+    from jkd.train.state import create_train_state
+    from tests.train.test_lm_steps import STUDENT
+
+    tx = optax.sgd(0.3)
+    g, state, tg, frozen = _setup(tx)
+    objective = TokenKD(vocab_size=VOCAB, ce_weight=0.2, chunk_size=32)
+    batch = _batch(0)
+    plain, m0 = jax.jit(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))(
+        state, batch, objective, frozen)
+    gr, st = create_train_state(set_remat(Decoder(STUDENT, rngs=nnx.Rngs(0))), tx, seed=0)
+    assert gr != g  # the recomputation is part of the compiled program
+    for graphdef, s, micro in ((gr, st, 1), (g, _setup(tx)[1], 4), (gr, create_train_state(
+            set_remat(Decoder(STUDENT, rngs=nnx.Rngs(0))), tx, seed=0)[1], 4)):
+        step = jax.jit(functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx,
+                                         micro_batches=micro))
+        other, m = step(s, batch, objective, frozen)
+        np.testing.assert_allclose(float(m["loss"]), float(m0["loss"]), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(other.params)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=0)
