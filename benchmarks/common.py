@@ -24,14 +24,20 @@ def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def peak_bytes(compiled) -> int:
+    """A compiled program's peak bytes per device: temporaries + arguments + outputs, from XLA's
+    memory analysis (nothing is run)."""
+    m = compiled.memory_analysis()
+    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
 def compiled_footprint(compiled, *args, repeats: int = 3) -> dict:
-    """Peak bytes (temporaries + arguments + outputs, from XLA's memory analysis), temporary
-    bytes, the best of ``repeats`` timed calls, and the first call's output."""
-    mem = compiled.memory_analysis()
+    """Peak bytes (:func:`peak_bytes`), temporary bytes, the best of ``repeats`` timed calls, and
+    the first call's output."""
     output = jax.block_until_ready(compiled(*args))
     best = min(seconds_per_call(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats))
-    return {"peak_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes),
-            "temp_bytes": int(mem.temp_size_in_bytes), "seconds": best, "output": output}
+    return {"peak_bytes": peak_bytes(compiled), "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+            "seconds": best, "output": output}
 
 
 def write(entry: str, result: dict, path: Path = RESULTS) -> None:

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from common import write
+from common import peak_bytes, write
 from jkd import losses
 
 FULL = (8192, 151936, 1024)
@@ -49,11 +49,6 @@ def _shapes(tokens, vocab, hidden):
             s((vocab, hidden), jnp.float32))
 
 
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
-
-
 def run(timed=None, chunk: int = CHUNK) -> dict:
     on_cpu = jax.devices()[0].platform == "cpu"
     timed = timed or (CPU_TIMED if on_cpu else FULL)
@@ -66,7 +61,7 @@ def run(timed=None, chunk: int = CHUNK) -> dict:
         fns = _fns(div, chunk)
         r = {}
         for way, fn in fns.items():
-            r[f"{way}_peak_gb"] = _peak(fn.lower(*_shapes(*FULL)).compile()) / 1e9
+            r[f"{way}_peak_gb"] = peak_bytes(fn.lower(*_shapes(*FULL)).compile()) / 1e9
             compiled = fn.lower(*args).compile()
             value = jax.block_until_ready(compiled(*args))
             times = []

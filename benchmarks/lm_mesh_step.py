@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import write  # noqa: E402
+from common import peak_bytes, write  # noqa: E402
 from jkd.models.decoder import Decoder  # noqa: E402
 from jkd.models.decoder_config import DecoderConfig  # noqa: E402
 from jkd.models.decoder_sharding import make_mesh, tree_shardings  # noqa: E402
@@ -52,7 +52,7 @@ def _batch(seed: int) -> dict:
             "attention_mask": np.ones((B, T), bool)}
 
 
-def _measure(run, lower=None) -> dict:
+def _measure(run) -> dict:
     tx = make_optimizer(AdamWConfig(learning_rate=1e-4, warmup_epochs=0), steps_per_epoch=10, total_steps=100)
     tg, frozen = freeze_model(Decoder(_config(512, 4), rngs=nnx.Rngs(1)))
     g, state = create_train_state(Decoder(_config(256, 2), rngs=nnx.Rngs(0)), tx, seed=0)
@@ -60,10 +60,7 @@ def _measure(run, lower=None) -> dict:
     state, frozen = parallel.place(run, state), parallel.place_frozen(run, frozen)
     objective = TokenKD(ce_weight=0.5, kd_weight=0.5, chunk_size=1024)
     batches = [_batch(i) for i in range(3)]
-    peak = None
-    if hasattr(run, "lower"):
-        m = run.lower(state, batches[0], objective, frozen).compile().memory_analysis()
-        peak = int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+    peak = peak_bytes(run.lower(state, batches[0], objective, frozen).compile())
     state, metrics = run(state, batches[0], objective, frozen)  # warm-up and compilation
     jax.block_until_ready(metrics["loss"])
     best = float("inf")

@@ -19,7 +19,6 @@ here before JAX starts).
 from __future__ import annotations
 
 import os
-import re
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 
@@ -27,26 +26,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from common import write  # noqa: E402
+from common import peak_bytes, write  # noqa: E402
 from jkd import losses  # noqa: E402
 from jkd.models.decoder_sharding import make_mesh  # noqa: E402
+from jkd.train.parallel import all_gather_shapes  # noqa: E402
 
 TOKENS, VOCAB, HIDDEN, SHARDS, CHUNK = 8192, 151936, 1024, 4, 1024
 
 
 def _loss(hs, ws, ht, wt):
     return losses.projected_token_divergence(hs, ws, ht, wt, divergence=losses.ForwardKL(), chunk_size=CHUNK)
-
-
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
-
-
-def whole_vocab_gathers(hlo: str, vocab: int) -> list[str]:
-    """The all-gathers of a compiled module whose result has a dimension of ``vocab``."""
-    shapes = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather", hlo)
-    return [s for s in shapes if str(vocab) in s.split(",")]
 
 
 def run() -> dict:
@@ -60,8 +49,8 @@ def run() -> dict:
     mesh = make_mesh(1, SHARDS, devices=jax.devices()[:SHARDS])
     rows, rep = NamedSharding(mesh, P("model", None)), NamedSharding(mesh, P())
     sharded = jax.jit(grad, in_shardings=(rep, rows, rep, rows)).lower(*args).compile()
-    gathers = whole_vocab_gathers(sharded.as_text(), VOCAB)
-    one_peak, shard_peak = _peak(one), _peak(sharded)
+    gathers = [s for s in all_gather_shapes(sharded.as_text()) if VOCAB in s]
+    one_peak, shard_peak = peak_bytes(one), peak_bytes(sharded)
     return {"size": [TOKENS, VOCAB, HIDDEN], "model_shards": SHARDS, "chunk": CHUNK,
             "one_device_peak_bytes": one_peak, "sharded_peak_bytes_per_device": shard_peak,
             "per_device_ratio": shard_peak / one_peak, "target": 1 / 3, "whole_vocab_all_gathers": gathers,

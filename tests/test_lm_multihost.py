@@ -12,17 +12,16 @@ import portpicker
 import pytest
 
 from jkd import cli
-from tests.test_lm_stored_mode import pair  # noqa: F401 - the fixture: a teacher folder and conversations
+from tests.test_lm_stored_mode import distill_argv, pair  # noqa: F401 - pair: a teacher folder and conversations
 from tests.test_multihost import _finish, _start, kill_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
 def _argv(root, files, run_dir, *extra):
-    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
-            "--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2", "--student", "16x1", "--steps", "8",
-            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0,1", "--no-baseline",
-            "--set", "student_optimizer.eps=1e-4", "--run-dir", str(run_dir), "--no-progress", *extra]
+    return distill_argv(root, files, run_dir, "--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2",
+                        "--student", "16x1", "--steps", "8", "--seeds", "0,1", "--no-baseline",
+                        "--set", "student_optimizer.eps=1e-4", *extra)
 
 
 def _weights(folder):

@@ -34,11 +34,17 @@ def pair(tmp_path_factory):
     return root, files
 
 
-def _argv(root, files, run_dir, *extra):
+def distill_argv(root, files, run_dir, *flags):
+    """`jkd lm distill` of the fixture's pair at tiny sizes, with ``flags``."""
     return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
-            "--mode", "stored", "--top-k", "8", "--ce-weight", "0.2", "--student", "16x1", "--steps", "3",
-            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0,1", "--no-baseline",
-            "--set", "student_optimizer.eps=1e-4", "--run-dir", str(run_dir), "--no-progress", *extra]
+            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--run-dir", str(run_dir),
+            "--no-progress", *flags]
+
+
+def _argv(root, files, run_dir, *extra):
+    return distill_argv(root, files, run_dir, "--mode", "stored", "--top-k", "8", "--ce-weight", "0.2", "--student",
+                        "16x1", "--steps", "3", "--seeds", "0,1", "--no-baseline",
+                        "--set", "student_optimizer.eps=1e-4", *extra)
 
 
 def _weights(folder):
@@ -124,9 +130,7 @@ def _student_folder(path, *, vocab, seed=5):
 
 
 def _short(root, files, run_dir, student, *extra):
-    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
-            "--student", student, "--steps", "2", "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4",
-            "--seeds", "0", "--run-dir", str(run_dir), "--no-progress", *extra]
+    return distill_argv(root, files, run_dir, "--student", student, "--steps", "2", "--seeds", "0", *extra)
 
 
 @pytest.mark.slow

@@ -179,6 +179,20 @@ def assistant_turns(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list
     return out
 
 
+def padded_rows(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, length: int,
+                pad_id: int) -> dict[str, np.ndarray]:
+    """Sequences as ``[N, length]`` rows: ``tokens`` (``pad_id`` after each), ``loss_mask`` and
+    ``attention_mask``; a longer sequence is cut. The one layout of unpacked rows: the training
+    batches and the teacher's outputs stored for them use it alike."""
+    tokens = np.full((len(ids), length), pad_id, np.int32)
+    loss_mask = np.zeros((len(ids), length), bool)
+    attention = np.zeros((len(ids), length), bool)
+    for r, (x, y) in enumerate(zip(ids, learn)):
+        m = min(len(x), length)
+        tokens[r, :m], loss_mask[r, :m], attention[r, :m] = x[:m], y[:m], True
+    return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention}
+
+
 def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, batch_size: int, length: int,
                      pad_id: int, seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless ``[batch_size, length]`` batches (``tokens``, ``loss_mask``, ``attention_mask``, and
@@ -193,13 +207,8 @@ def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, 
     while True:
         epoch, j = divmod(step, per_epoch)
         rows = np.random.default_rng([seed, epoch]).permutation(n)[j * batch_size:(j + 1) * batch_size]
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        loss_mask = np.zeros((batch_size, length), bool)
-        attention = np.zeros((batch_size, length), bool)
-        for r, i in enumerate(rows):
-            m = min(len(ids[i]), length)
-            tokens[r, :m], loss_mask[r, :m], attention[r, :m] = ids[i][:m], learn[i][:m], True
-        yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention, "index": rows.astype(np.int32)}
+        batch = padded_rows([ids[i] for i in rows], [learn[i] for i in rows], length=length, pad_id=pad_id)
+        yield {**batch, "index": rows.astype(np.int32)}
         step += 1
 
 

@@ -224,6 +224,7 @@ class ImageJob(Job):
         self.eval_view = functools.partial(augment.normalize, mean=spec.mean, std=spec.std)
         self.view_name = f"normalize(mean={spec.mean}, std={spec.std})"
         self.bn_axis = parallel.AXIS if cfg.parallel == "pmap" else None
+        self._log: dict[str, list[dict]] | None = None  # the run's log, read once trained (_histories)
         val = f" ({len(self.val)} of them held out for validation)" if self.val is not None else ""
         self.echo(f"dataset {spec.name}: {len(self.train) + (len(self.val) if self.val is not None else 0)} train{val} / "
                   f"{len(self.test)} test images, {spec.num_classes} classes")
@@ -309,6 +310,12 @@ class ImageJob(Job):
 
     # ---- measuring and reporting -------------------------------------------------------------------
 
+    def _histories(self, run: Run) -> dict[str, list[dict]]:
+        """The run's log by model, read once: measuring and reporting come after all training."""
+        if self._log is None:
+            self._log = run.folder.read_log()
+        return self._log
+
     def measure(self, run: Run, t: Trained) -> list[dict]:
         cfg, spec = self.cfg, self.ds.spec
         logits = self.eval_logits(t.graphdef, t.weights)
@@ -322,7 +329,7 @@ class ImageJob(Job):
             target = model_dir / f"seed{i}"
             if t.role != "teacher" and not target.exists():
                 save_frozen(target, v, model_meta(t.model, spec, t.role))
-        evals = [h for h in run.folder.read_log().get(t.name, []) if h.get("event") == "eval"]
+        evals = [h for h in self._histories(run).get(t.name, []) if h.get("event") == "eval"]
         accs = [m["accuracy"] for m in per_seed]
         stats = model_stats(t.model.build(spec.num_classes, spec.image_shape, 0), spec.image_shape)
         metrics = {
@@ -362,7 +369,7 @@ class ImageJob(Job):
             "test_accuracy_per_seed": accs,
             **mean_std([{"test_accuracy": a} for a in accs]),
             "params": stats.params, "flops": stats.flops, "size_bytes": size,
-            "seconds_per_epoch": _seconds_per_epoch(run.folder.read_log().get(t.name, []), len(self.train)),
+            "seconds_per_epoch": _seconds_per_epoch(self._histories(run).get(t.name, []), len(self.train)),
             "epochs": (None if cfg.teacher_dir else cfg.teacher_epochs) if t.role == "teacher" else t.info["epochs"],
             # Timed on process 0 only: it alone writes the report.
             "latency_ms": _latency_ms(t.graphdef, t.weights[0], cfg.batch_size, shape, self.eval_view) if run.primary else None,
@@ -374,7 +381,7 @@ class ImageJob(Job):
         curves = {n: [{"epoch": h["epoch"], "train_loss": h["loss"], "train_accuracy": h["accuracy"]} for h in hs if h.get("event") == "train"]
                   + [{"epoch": h["epoch"], "held_out_accuracy": h[f"{held}_accuracy"],
                       "held_out_loss": float(np.mean(h[f"{held}_loss_per_seed"]))} for h in hs if h.get("event") == "eval"]
-                  for n, hs in run.folder.read_log().items()}
+                  for n, hs in self._histories(run).items()}
         _gap_and_cost(entries)
         protocol = ("seeds share one data order, augmented view and teacher pass, so the spread is over "
                     "initialisation only" if cfg.share_teacher_forward else

@@ -203,11 +203,11 @@ class LMExperimentConfig:
                 raise ValueError(f"devices={self.devices} (--devices) but the mesh data={self.mesh[0]},model="
                                  f"{self.mesh[1]} has {self.mesh[0] * self.mesh[1]}; give one of them.")
         shape = self.mesh_shape()
-        if jax.process_count() > 1 and shape is not None and shape[0] * shape[1] != jax.device_count():
-            raise ValueError(f"a run over {jax.process_count()} processes uses all {jax.device_count()} devices of its "
-                             f"hosts; the mesh data={shape[0]},model={shape[1]} has {shape[0] * shape[1]}.")
-        if shape is None:
-            shape = (jax.device_count(), 1) if jax.process_count() > 1 else None  # the mesh a run of several takes
+        if jax.process_count() > 1:  # a run of several processes takes one mesh over all their devices
+            if shape is not None and shape[0] * shape[1] != jax.device_count():
+                raise ValueError(f"a run over {jax.process_count()} processes uses all {jax.device_count()} devices of "
+                                 f"its hosts; the mesh data={shape[0]},model={shape[1]} has {shape[0] * shape[1]}.")
+            shape = shape or (jax.device_count(), 1)
         if shape is None:
             return
         available = jax.device_count()
@@ -377,6 +377,7 @@ class LMJob(Job):
         self.answered = None
         self.teacher_texts = None
         self.samples: dict[str, list[str]] = {}
+        self._stored: dict[tuple[int, int], StoredTopK] = {}  # (k, vocab) -> the teacher's stored top-k
 
     def _check_inputs(self, turns: list) -> None:
         """Refuse, before any training, what would stop the run after it: no test turn to measure,
@@ -584,29 +585,23 @@ class LMJob(Job):
         position of the labelled conversations (as their batches hold them: ``max_length`` tokens,
         padded), computed once and kept in ``<run>/teacher_topk/`` (reused while the teacher is the
         same: its identity is checked)."""
-        cached = getattr(self, "_stored", {})
-        if (k, vocab) in cached:
-            return cached[(k, vocab)]
+        if (k, vocab) in self._stored:
+            return self._stored[(k, vocab)]
         tg, tvars = self.frozen_teacher
         identity = teacher_identity(tvars, self.teacher_model.config)
         path = self.dir / "teacher_topk" / f"top{k}_vocab{vocab}.npz"
         out = StoredTopK.load(path) if path.exists() else None
         if out is None or out.source != identity or len(out) != len(self.labelled_enc.ids):
-            enc, length = self.labelled_enc, self.cfg.max_length
-            tokens = np.full((len(enc.ids), length), self.pad_id, np.int32)
-            mask = np.zeros((len(enc.ids), length), bool)
-            for r, row in enumerate(enc.ids):
-                m = min(len(row), length)
-                tokens[r, :m], mask[r, :m] = row[:m], True
+            length = self.cfg.max_length
+            rows = C.padded_rows(self.labelled_enc.ids, self.labelled_enc.learn, length=length, pad_id=self.pad_id)
             t0 = time.perf_counter()
-            out = store_sequence_topk(tg, tvars, {"tokens": tokens, "attention_mask": mask}, k=k, vocab_size=vocab,
-                                      identity=identity, progress=self.progress)
+            out = store_sequence_topk(tg, tvars, rows, k=k, vocab_size=vocab, identity=identity, progress=self.progress)
             if self.primary:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 out.save(path)
             self.echo(f"teacher outputs stored once: top-{k} of {len(out)} conversations x {length - 1} positions "
                       f"in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
-        self._stored = {**cached, (k, vocab): out}
+        self._stored[(k, vocab)] = out
         return out
 
     # ---- measuring and reporting -------------------------------------------------------------------

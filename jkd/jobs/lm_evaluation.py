@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jkd.data.conversations import Encoded, Turn
+from jkd.data.conversations import Encoded, Turn, padded_rows
 from jkd.data.tokenizer import Tokenizer
 from jkd.evaluate.toolcalls import tool_metrics
 from jkd.models.decoder import Decoder
@@ -125,12 +125,11 @@ def test_cross_entropy(model: Decoder, data: Encoded, length: int, pad_id: int, 
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        ids, learn = data.ids[start:start + batch_size], data.learn[start:start + batch_size]
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        attention = np.zeros((batch_size, length), bool)
-        mask = np.zeros((batch_size, length), bool)
-        for r, (i, m) in enumerate(zip(ids, learn)):
-            tokens[r, :len(i)], attention[r, :len(i)], mask[r, :len(m)] = i, True, m
-        s, n = _nll(graphdef, state, jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(mask))
+        ids, learn = list(data.ids[start:start + batch_size]), list(data.learn[start:start + batch_size])
+        pad = batch_size - len(ids)  # one batch shape: one compiled program
+        rows = padded_rows(ids + [np.zeros(0, np.int32)] * pad, learn + [np.zeros(0, bool)] * pad, length=length,
+                           pad_id=pad_id)
+        s, n = _nll(graphdef, state, jnp.asarray(rows["tokens"]), jnp.asarray(rows["attention_mask"]),
+                    jnp.asarray(rows["loss_mask"]))
         total, count = total + float(s), count + int(n)
     return total / count if count else None

@@ -21,6 +21,7 @@ Random views are the same on every runner and device count (see :func:`jkd.train
 from __future__ import annotations
 
 import functools
+import re
 from typing import Callable
 
 import jax
@@ -157,6 +158,19 @@ def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) ->
     run.lower = lower
     run.local_rows = functools.partial(local_rows, sharded)
     return run
+
+
+def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The result shapes of every all-gather in a compiled module's text (``run.lower(...)
+    .compile().as_text()``), the asynchronous ``all-gather-start`` form's too: to check what a
+    partitioned step gathers (e.g. never the whole vocabulary)."""
+    shapes = []
+    for line in hlo_text.splitlines():
+        head, sep, _ = line.partition(" all-gather")
+        if sep and "=" in head:
+            result = head.split("=", 1)[1]
+            shapes += [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([\d,]*)\]", result)]
+    return shapes
 
 
 def local_rows(sharding: NamedSharding, n: int) -> np.ndarray:

@@ -7,7 +7,6 @@ on a (2, 2) mesh is checked the same way."""
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +16,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jkd import losses
 from jkd.models.decoder_sharding import make_mesh
+from jkd.train.parallel import all_gather_shapes
 
 V, D_S, D_T, B, T, K = 96, 16, 24, 4, 12, 5
 
 
-def whole_vocab_gathers(hlo: str, vocab: int = V) -> list[str]:
+def whole_vocab_gathers(hlo: str) -> list[tuple[int, ...]]:
     """The all-gathers whose result has a dimension of the whole vocabulary."""
-    shapes = re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather", hlo)
-    return [s for s in shapes if str(vocab) in s.split(",")]
+    return [s for s in all_gather_shapes(hlo) if V in s]
+
+
+def test_all_gather_shapes_reads_both_forms():
+    text = ("  %ag = f32[8,96]{1,0} all-gather(f32[4,96]{1,0} %p), dimensions={0}\n"
+            "  %s = (f32[4,48]{1,0}, f32[8,48]{1,0}) all-gather-start(f32[4,48]{1,0} %q)\n"
+            "  %r = f32[96]{0} all-reduce(f32[96]{0} %x)\n")
+    assert all_gather_shapes(text) == [(8, 96), (4, 48), (8, 48)]
 
 
 def _inputs():
