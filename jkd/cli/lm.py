@@ -55,7 +55,8 @@ def _lm_config(args):
     student = _student(args.student)
     from jkd.train import AdamWConfig
 
-    opt = AdamWConfig(learning_rate=args.lr, weight_decay=0.0, warmup_epochs=0.1)
+    opt = AdamWConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_epochs=0.1,
+                      warmup_steps=args.warmup_steps)
     cfg = LX.LMExperimentConfig(
         train_file=args.data, test_file=args.test, unlabelled_file=args.unlabelled, teacher_dir=args.teacher,
         students=(student,), max_length=args.max_length,
@@ -138,6 +139,9 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--steps", type=int, default=200, help="student optimizer steps")
     lm_dist.add_argument("--teacher-steps", type=int, default=400, help="teacher steps (when trained here)")
     lm_dist.add_argument("--lr", type=finite, default=3e-3)
+    lm_dist.add_argument("--warmup-steps", type=int, default=None,
+                         help="optimizer steps of linear warm-up before the cosine decay (default: a tenth of an epoch)")
+    lm_dist.add_argument("--weight-decay", type=finite, default=0.0, help="AdamW's decoupled weight decay (matrices only)")
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
     mesh_flag(lm_dist)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -42,7 +43,8 @@ from jkd.jobs.lm_evaluation import BUCKETS, measure
 from jkd.evaluate import report
 from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
-from jkd.models.decoder import Decoder, set_remat
+from jkd.models.attention import BlockedAttention, FusedAttention, for_backend
+from jkd.models.decoder import Decoder, set_attention, set_remat
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import make_mesh, tree_shardings
 from jkd.models.decoder_surgery import select_layers
@@ -58,7 +60,8 @@ from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD, on_policy_step, stored_topk_step, token_kd_step
 from jkd.train.loop import LoopConfig
-from jkd.train.stored import StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
+from jkd.train import memory_plan as MP
+from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
 from jkd.models.sampler import SamplingConfig, bucket_length
 
 
@@ -103,6 +106,10 @@ class LMStudent:
             raise ValueError(f"LMStudent {self.name!r}: give one of config, teacher_layers or from_dir")
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the dtype and teacher_dtype settings
+ATTENTION = {"blocked": BlockedAttention(), "cudnn": FusedAttention("cudnn"), "xla": FusedAttention("xla")}
+
+
 def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
     return DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp * hidden, num_layers=layers,
                          num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=256, tie_embeddings=True)
@@ -140,6 +147,14 @@ class LMExperimentConfig:
                                              # parallel) and data (fully sharded), the batch over data
     micro_batches: int | None = None         # token-KD steps in this many rounds of gradient accumulation (None: 1)
     remat: bool | None = None                # recompute each decoder block in the backward pass (less memory)
+    dtype: str | None = None                 # bfloat16: the passes of training in bfloat16, float32 master weights
+                                             # and optimizer state (None: float32)
+    teacher_dtype: str | None = None         # bfloat16 or float32: the teacher's weights and passes (None: float32)
+    memory_limit_gib: float | None = None    # refuse a run whose planned peak per device is above this (None: the
+                                             # device's memory where JAX reports it)
+    attention: str | None = None             # blocked (jkd's XLA attention), cudnn (cuDNN's flash attention, GPUs,
+                                             # bfloat16) or xla (jax.nn.dot_product_attention's); None: cudnn on a GPU
+                                             # in bfloat16, else blocked
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -175,6 +190,15 @@ class LMExperimentConfig:
             raise ValueError(f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
                              f"({self.max_length}) tokens.")
         self._check_devices()
+        if self.memory_limit_gib is not None and not (isinstance(self.memory_limit_gib, (int, float))
+                                                      and math.isfinite(self.memory_limit_gib) and self.memory_limit_gib > 0):
+            raise ValueError(f"memory_limit_gib (--memory-limit-gib) must be a number > 0; got {self.memory_limit_gib!r}.")
+        if self.attention not in (None, *ATTENTION):
+            raise ValueError(f"attention (--attention) must be one of {', '.join(ATTENTION)}; got {self.attention!r}.")
+        for field in ("dtype", "teacher_dtype"):
+            if getattr(self, field) not in (None, *DTYPES):
+                raise ValueError(f"{field} (--{field.replace('_', '-')}) must be one of {', '.join(DTYPES)}; got "
+                                 f"{getattr(self, field)!r}.")
         if self.micro_batches is not None:
             if not isinstance(self.micro_batches, int) or self.micro_batches < 1 or self.batch_size % self.micro_batches:
                 raise ValueError(f"micro_batches (--micro-batches) must be a whole number >= 1 that divides batch_size "
@@ -347,9 +371,10 @@ class LMJob(Job):
             if cfg.train_file is None:
                 run.folder.begin()  # the embedded conversations are written into the run folder
             data = _read_data(cfg, run.path, echo)  # a user's files are read and checked first
-            run.folder.begin()
-            if run.primary and not (run.path / "tokenizer" / "tokenizer.json").exists() and cfg.teacher_dir is None:
-                data.tokenizer.save(run.path / "tokenizer")
+            if cfg.teacher_dir is None:  # a tokenizer trained here, written for the other processes
+                run.folder.begin()
+                if run.primary and not (run.path / "tokenizer" / "tokenizer.json").exists():
+                    data.tokenizer.save(run.path / "tokenizer")
             return data
 
         # several processes: process 0 writes the embedded data and the tokenizer, the others read them
@@ -378,6 +403,10 @@ class LMJob(Job):
         self.teacher_texts = None
         self.samples: dict[str, list[str]] = {}
         self._stored: dict[tuple[int, int], StoredTopK] = {}  # (k, vocab) -> the teacher's stored top-k
+        kernels = {self.attention_kernel(cfg.dtype), self.attention_kernel(cfg.teacher_dtype)}
+        self.echo("attention: " + ", ".join(sorted((k or BlockedAttention()).description for k in kernels)))
+        self.plan_memory()  # a plan that does not fit is refused here, before the folder is written
+        run.folder.begin()
 
     def _check_inputs(self, turns: list) -> None:
         """Refuse, before any training, what would stop the run after it: no test turn to measure,
@@ -425,10 +454,53 @@ class LMJob(Job):
                                  f"--max-new-tokens {cfg.max_new_tokens}), more than {where}. Lower --max-new-tokens or "
                                  "--max-length.")
 
+    def attention_kernel(self, dtype: str | None):
+        """The whole-sequence attention kernel for passes in ``dtype`` (None: float32); None stands
+        for the decoder's default, the blocked XLA attention."""
+        choice = self.cfg.attention
+        kernel = ATTENTION[choice] if choice else for_backend(jax.default_backend(), DTYPES[dtype or "float32"])
+        return None if kernel == BlockedAttention() else kernel
+
+    def _prepared(self, model: Decoder) -> Decoder:
+        """A student as it trains: remat and the attention kernel of the run's settings."""
+        return set_attention(set_remat(model, bool(self.cfg.remat)), self.attention_kernel(self.cfg.dtype))
+
     def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
         slots = max(config.max_position_embeddings, self.positions_needed)
         return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
+
+    def _group(self, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds, optimizer: AdamWConfig,
+               teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None):
+        """The parts of one group's training: ``(graphdef, tx, run, batches)``. ``run`` is the
+        jitted vmapped step, one per distinct setting (shared by the memory plan and the training,
+        so the step compiled for the plan is the one that trains); ``batches(start)`` yields the
+        seeds' batches side by side, ``[B, K, ...]``."""
+        cfg = self.cfg
+        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
+        per_epoch, streams = streams[0][1], [s[0] for s in streams]
+        if stored is not None:  # each row checked against what was stored for it
+            streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
+        graphdef = split_model(nnx.eval_shape(lambda: self._prepared(Decoder(config, rngs=nnx.Rngs(0)))))[0]
+        kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
+                stored_topk_step if isinstance(objective, StoredTopKKD) else token_kd_step)
+        key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind)
+        if key not in self._runs:
+            tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
+            step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
+                                     compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None)
+            if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
+                step = functools.partial(step, micro_batches=cfg.micro_batches)
+            # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
+            self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)), shardings=tree_shardings)
+        tx, run = self._runs[key]
+        local = getattr(run, "local_rows", None)  # several processes: each feeds its rows of the batch
+
+        def batches(start):
+            for bs in zip(*(stream(start) for stream in streams)):
+                batch = {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
+                yield batch if local is None else {k: v[local(len(v))] for k, v in batch.items()}
+        return graphdef, tx, run, batches
 
     def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                        optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
@@ -437,33 +509,13 @@ class LMJob(Job):
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
         ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch."""
         cfg = self.cfg
-        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
-        per_epoch, streams = streams[0][1], [s[0] for s in streams]
-        if stored is not None:  # each row checked against what was stored for it
-            streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
-        model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
-        models = [set_remat(model(s), bool(cfg.remat)) for s in seeds]
-        graphdef = split_model(models[0])[0]
         tg, tvars = teacher if teacher is not None else (None, None)
-        kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
-                stored_topk_step if isinstance(objective, StoredTopKKD) else token_kd_step)
-        key = (graphdef, tg, optimizer, per_epoch, steps, kind)
-        if key not in self._runs:
-            tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
-            step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=tg, tx=tx)
-            if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
-                step = functools.partial(step, micro_batches=cfg.micro_batches)
-            # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
-            self._runs[key] = tx, self.run.runner(jax.vmap(step, in_axes=(0, 1, None, None)), shardings=tree_shardings)
-        tx, run = self._runs[key]
+        graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
+                                                 optimizer=optimizer, teacher_graphdef=tg,
+                                                 on_policy_prompts=on_policy_prompts, stored=stored)
+        model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
+        models = [self._prepared(model(s)) for s in seeds]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
-
-        local = getattr(run, "local_rows", None)  # several processes: each feeds its rows of the batch
-
-        def batches(start):
-            for bs in zip(*(stream(start) for stream in streams)):
-                batch = {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
-                yield batch if local is None else {k: v[local(len(v))] for k, v in batch.items()}
         states = self.run.train_group(
             name, run, states, objective, tvars, batches=batches,
             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
@@ -474,7 +526,9 @@ class LMJob(Job):
     # ---- the teacher -------------------------------------------------------------------------------
 
     def _teacher(self, model: Decoder) -> Trained:
-        self.teacher_model = model
+        # a teacher trained here in float32 runs as teacher_dtype from now on
+        self.teacher_model = model = _in_dtype(model, DTYPES[self.cfg.teacher_dtype or "float32"])
+        set_attention(model, self.attention_kernel(self.cfg.teacher_dtype))
         self.frozen_teacher = tg, tvars = freeze_model(model)
         loss = "(loaded, not trained here)" if self.cfg.teacher_dir else "cross-entropy (all labelled)"
         return Trained("teacher", "teacher", loss, tg, [tvars.params], model.config,
@@ -498,7 +552,8 @@ class LMJob(Job):
         return nnx.merge(graphdef, jax.device_put(state, tree_shardings(state, mesh)))
 
     def load_teacher(self, run: Run, source: Path) -> Trained:
-        teacher = load_hf(source, mesh=self._local_mesh())  # each tensor straight to its devices
+        # each tensor straight to its devices, in the teacher's dtype
+        teacher = load_hf(source, dtype=DTYPES[self.cfg.teacher_dtype or "float32"], mesh=self._local_mesh())
         self.echo(f"teacher: loaded from {source}")
         if self.cfg.teacher_dir is None and teacher.config.max_position_embeddings < self.positions_needed:
             # this run's own teacher, measured now with longer answers: its rotary positions have no
@@ -512,11 +567,12 @@ class LMJob(Job):
         g, params = self.train_students("teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
                                         ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps,
                                         seeds=(0,), optimizer=cfg.teacher_optimizer)
-        return self._teacher(_as_decoder(g, params[0]))
+        self.trained_teacher = _as_decoder(g, params[0])  # saved as trained (float32)
+        return self._teacher(self.trained_teacher)
 
     def save_teacher(self, run: Run, teacher: Trained, path: Path) -> None:
         if run.primary:
-            save_hf(self.teacher_model, path, tokenizer=self.data.tokenizer, overwrite=True)
+            save_hf(self.trained_teacher, path, tokenizer=self.data.tokenizer, overwrite=True)
 
     # ---- the students ------------------------------------------------------------------------------
 
@@ -525,8 +581,8 @@ class LMJob(Job):
         teacher, (tg, tvars) = self.teacher_model, self.frozen_teacher
         for student in cfg.students:
             init, start = None, "random"
-            if student.teacher_layers is not None:
-                init = select_layers(teacher, student.teacher_layers)
+            if student.teacher_layers is not None:  # master weights in float32 whatever the teacher's dtype
+                init = _in_dtype(select_layers(teacher, student.teacher_layers), jnp.float32)
                 scfg, start = init.config, "teacher layers"
             elif student.from_dir is not None:
                 init, start = self._student_folder(student), "student folder"
@@ -536,19 +592,13 @@ class LMJob(Job):
             # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
             vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
                                       student_rows=scfg.vocab_size)
-            groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0),
-                        False)] if cfg.include_baseline else [])
-            groups += [(f"{student.name} {d.name}", "distilled", _describe(d), d.objective, d.teacher_answers)
-                       for d in cfg.distillations]
-            for name, role, loss_name, objective, with_answers in groups:
+            for name, role, loss_name, objective, with_answers in _groups(cfg, student, vocab, scfg.vocab_size):
                 ids, learn = list(self.labelled_enc.ids), list(self.labelled_enc.learn)
                 on_policy = isinstance(objective, OnPolicyKD)
                 if (with_answers or on_policy) and self.request_prompts:
                     if self.answered is None:
                         self.answered = _answered(self, self._answering(teacher), echo)
                     ids, learn = ids + self.answered[0], learn + self.answered[1]
-                if getattr(objective, "vocab_size", None) is None and role == "distilled" and vocab != scfg.vocab_size:
-                    objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
                 stored = (self.stored_topk(objective.top_k, vocab)
                           if isinstance(objective, StoredTopKKD) and objective.kd_weight > 0 else None)
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
@@ -564,21 +614,113 @@ class LMJob(Job):
                     "teacher_signal": online or stored is not None or bool(with_answers)})
 
     def _student_folder(self, student: LMStudent) -> Decoder:
-        """The student of ``student.from_dir``, weights and all, checked against the run's tokenizer
-        and the positions the run needs."""
-        folder = Path(student.from_dir)
-        model = load_hf(folder, mesh=self._local_mesh())
+        """The student of ``student.from_dir``, weights and all (checked by :meth:`_check_student_folder`)."""
+        model = load_hf(student.from_dir, mesh=self._local_mesh())
+        self._check_student_folder(Path(student.from_dir), model.config, self.teacher_model.config.vocab_size)
+        return model
+
+    def _check_student_folder(self, folder: Path, config: DecoderConfig, teacher_rows: int) -> None:
+        """A student folder's vocabulary against the run's tokenizer, and its positions against the run's."""
         tok = self.data.tokenizer
         if (folder / "tokenizer.json").exists():
-            shared_vocabulary(tok, Tokenizer.from_folder(folder), teacher_rows=self.teacher_model.config.vocab_size,
-                              student_rows=model.config.vocab_size)  # one tokenizer: the same ids
-        elif model.config.vocab_size < tok.vocab_size:
-            raise ValueError(f"the student in {folder} has {model.config.vocab_size} vocabulary rows but the "
+            shared_vocabulary(tok, Tokenizer.from_folder(folder), teacher_rows=teacher_rows,
+                              student_rows=config.vocab_size)  # one tokenizer: the same ids
+        elif config.vocab_size < tok.vocab_size:
+            raise ValueError(f"the student in {folder} has {config.vocab_size} vocabulary rows but the "
                              f"tokenizer has {tok.vocab_size} tokens; give a student of this tokenizer.")
-        if model.config.max_position_embeddings < self.positions_needed:
-            raise ValueError(f"the student in {folder} holds {model.config.max_position_embeddings} positions; the run "
+        if config.max_position_embeddings < self.positions_needed:
+            raise ValueError(f"the student in {folder} holds {config.max_position_embeddings} positions; the run "
                              f"needs {self.positions_needed} (--max-length plus --max-new-tokens).")
-        return model
+
+    # ---- the memory plan ---------------------------------------------------------------------------
+
+    def plan_memory(self) -> list[MP.StepMemory]:
+        """Compile every distinct training step of the run for the shapes it will run with (from
+        the configs: no weights are read) and print what each holds per device, from XLA's memory
+        analysis; refuse (:class:`~jkd.train.memory_plan.MemoryPlanError`) a step whose peak is
+        above ``memory_limit_gib`` or the device's memory, naming the flags that would make it fit.
+        The steps compiled here are the ones that train."""
+        cfg, tok = self.cfg, self.data.tokenizer
+        tcfg = read_config(cfg.teacher_dir) if cfg.teacher_dir else self.with_vocab(cfg.teacher)
+        teacher = freeze_model(nnx.eval_shape(lambda: set_attention(
+            Decoder(tcfg, dtype=DTYPES[cfg.teacher_dtype or "float32"], rngs=nnx.Rngs(0)),
+            self.attention_kernel(cfg.teacher_dtype))))
+        plans = []
+        if teacher_source(cfg.teacher_dir, self.folder, complete="config.json") is None:
+            plans.append(self._plan_step("teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
+                                         ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps,
+                                         seeds=(0,), optimizer=cfg.teacher_optimizer, teacher=None))
+        for student in cfg.students:
+            scfg = (dataclasses.replace(tcfg, num_layers=len(student.teacher_layers)) if student.teacher_layers
+                    else read_config(student.from_dir) if student.from_dir else self.with_vocab(student.config))
+            if student.from_dir:
+                self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)
+            vocab = shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
+            for name, role, _, objective, _ in _groups(cfg, student, vocab, scfg.vocab_size):
+                on_policy = isinstance(objective, OnPolicyKD)
+                online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
+                plans.append(self._plan_step(
+                    name, scfg, objective, ids=self.labelled_enc.ids, learn=self.labelled_enc.learn,
+                    steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
+                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None))
+        plans = [p for p in plans if p is not None]
+        if not plans:
+            return plans
+        limit, source = ((int(cfg.memory_limit_gib * MP.GiB), "--memory-limit-gib") if cfg.memory_limit_gib
+                         else (MP.device_memory(), "the device's memory, as JAX reports it"))
+        if limit is None:
+            source = "the backend does not report its devices' memory; set --memory-limit-gib to check against one"
+        self.echo(MP.format_plan(plans, limit=limit, limit_source=source))
+        MP.refuse_if_too_large(plans, limit=limit, limit_source=source, remedies=self._remedies())
+        return plans
+
+    def _remedies(self) -> list[MP.Remedy]:
+        """The settings not in effect that lower a step's peak, with rough estimates of the saving."""
+        cfg, out = self.cfg, []
+        if not cfg.remat:  # keeps each block's input instead of its activations
+            out.append(MP.Remedy("--remat", lambda p: 0.7 * p.activations))
+        if cfg.dtype != "bfloat16":
+            out.append(MP.Remedy("--dtype bfloat16", lambda p: 0.5 * p.activations))
+        if cfg.teacher_dtype != "bfloat16":
+            out.append(MP.Remedy("--teacher-dtype bfloat16", lambda p: 0.5 * p.teacher))
+        n = next((m for m in (2, 4, 8) if cfg.batch_size % m == 0 and m > (cfg.micro_batches or 1)), None)
+        token_only = all(isinstance(d.objective, TokenKD) for d in cfg.distillations)
+        if n and token_only:
+            out.append(MP.Remedy(f"--micro-batches {n}", lambda p, n=n: (1 - (cfg.micro_batches or 1) / n)
+                                 * (p.activations + p.loss_chunk)))
+        return out
+
+    def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,
+                   on_policy_prompts=None) -> MP.StepMemory | None:
+        tg, tvars = teacher if teacher is not None else (None, None)
+        graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
+                                                 optimizer=optimizer, teacher_graphdef=tg,
+                                                 on_policy_prompts=on_policy_prompts)
+        batch = next(iter(batches(0)))
+        rows, k, length = batch["tokens"].shape
+        if isinstance(objective, StoredTopKKD):  # the stored outputs each batch carries
+            shape = (rows, k, length - 1, objective.top_k)
+            batch = {**batch, VALUES: np.zeros(shape, jnp.bfloat16), INDICES: np.zeros(shape, np.int32)}
+        one = jax.eval_shape(lambda: create_train_state(Decoder(config, rngs=nnx.Rngs(0)), tx, seed=0)[1])
+        states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(seeds), *x.shape), x.dtype), one)
+        layout = getattr(run, "state_sharding", None)
+        shard = (lambda tree: layout(tree) if callable(layout) else layout) if layout is not None else (lambda tree: None)
+        mesh = self.cfg.mesh_shape() or (1, 1)
+        local_rows = -(-rows // mesh[0])
+        student = MP.per_device_bytes(states.params, shard(states).params if shard(states) is not None else None)
+        vocab = getattr(objective, "vocab_size", None) or config.vocab_size
+        chunk = getattr(objective, "chunk_size", 1024)
+        kv = 0
+        if on_policy_prompts is not None:
+            kv = MP.kv_cache_bytes(layers=config.num_layers, rows=local_rows, slots=on_policy_prompts + objective.max_new_tokens,
+                                   kv_heads=-(-config.num_kv_heads // mesh[1]), head_dim=config.head_dim, seeds=len(seeds))
+        return MP.compiled_step_memory(
+            run.lower(states, batch, objective, tvars), name=name,
+            teacher=MP.per_device_bytes(tvars, shard(tvars)) if tvars is not None else 0, student=student,
+            optimizer=MP.per_device_bytes(states.opt_state, shard(states).opt_state if shard(states) is not None else None),
+            gradients=student, kv_cache=kv,
+            loss_chunk=MP.fused_loss_chunk(local_rows * (length - 1), chunk, vocab, seeds=len(seeds),
+                                           with_teacher=tvars is not None))
 
     def stored_topk(self, k: int, vocab: int) -> StoredTopK:
         """The teacher's top-``k`` next-token log-probabilities over the first ``vocab`` ids at every
@@ -640,6 +782,28 @@ class LMJob(Job):
                                 "train_dropped": self.train_enc.dropped, "test_truncated": self.test_enc.truncated,
                                 "test_turns": len(self.test_turns), "test_turns_skipped": self.skipped_turns,
                                 "unlabelled_skipped": self.skipped_requests, "truncation_rule": C.TRUNCATION_RULE})
+
+
+def _in_dtype(model: Decoder, dtype) -> Decoder:
+    """``model`` with its floating parameters in ``dtype`` (itself when they are)."""
+    if model.dtype == dtype:
+        return model
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                            state))
+
+
+def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[tuple]:
+    """The trained groups of one student, in order: ``(name, role, loss, objective, with_answers)``;
+    a distilled objective covers the ``vocab`` rows the teacher and the student share."""
+    groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0),
+                False)] if cfg.include_baseline else [])
+    for d in cfg.distillations:
+        objective = d.objective
+        if getattr(objective, "vocab_size", None) is None and vocab != student_vocab:
+            objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
+        groups.append((f"{student.name} {d.name}", "distilled", _describe(d), objective, d.teacher_answers))
+    return groups
 
 
 def _as_decoder(graphdef, params) -> Decoder:
@@ -734,7 +898,7 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat")
+    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat", "memory_limit_gib", "attention")
             + (() if answers else ("max_new_tokens",)))
 
 

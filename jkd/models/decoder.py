@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jkd.models._layers import expose
+from jkd.models.attention import BlockedAttention
 from jkd.models.decoder_config import DecoderConfig
 
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite: a row with no visible key stays finite
@@ -167,7 +168,7 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, index=None, causal_block=None):
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, index=None, kernel=None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -182,8 +183,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
             v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
             kv_cache = (k, v)
-        if causal_block is not None and kv_cache is None:
-            out = attend_causal(q, k, v, mask, block=causal_block)
+        if kernel is not None and kv_cache is None:  # a whole sequence: the decoder's attention kernel
+            out = kernel(q, k, v, mask)
         else:
             out = attend(q, k, v, mask)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
@@ -210,9 +211,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, index=None, causal_block=None):
-        a, kv_cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache, index,
-                                     causal_block)
+    def __call__(self, x, positions, mask, inv_freq, kv_cache=None, index=None, kernel=None):
+        a, kv_cache = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache, index, kernel)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -277,8 +277,16 @@ def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
 
 
 @functools.partial(nnx.remat, static_argnums=(5,))
-def _remat_block(layer, x, positions, mask, inv_freq, causal_block):
-    return layer(x, positions, mask, inv_freq, None, None, causal_block)
+def _remat_block(layer, x, positions, mask, inv_freq, kernel):
+    return layer(x, positions, mask, inv_freq, None, None, kernel)
+
+
+def set_attention(model: Decoder, kernel=None) -> Decoder:
+    """The kernel of ``model``'s attention over whole sequences (training, scoring; not decoding
+    with a KV cache): a :mod:`jkd.models.attention` kernel, e.g. ``FusedAttention("cudnn")``; None
+    restores the default, :class:`~jkd.models.attention.BlockedAttention`. Returns ``model``."""
+    model.attention = kernel
+    return model
 
 
 def set_remat(model: Decoder, on: bool = True) -> Decoder:
@@ -303,6 +311,7 @@ class Decoder(nnx.Module):
     """
 
     remat: bool = False  # recompute each block's activations in the backward pass (set_remat)
+    attention = None  # the whole-sequence attention kernel (set_attention); None: BlockedAttention
 
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
@@ -324,7 +333,7 @@ class Decoder(nnx.Module):
         """``[..., D] -> [..., V]`` float32."""
         return jnp.einsum("...d,vd->...v", hidden, self.output_weight(), preferred_element_type=jnp.float32)
 
-    def _run(self, tokens, positions, mask, cache: KVCache | None, causal_block: int | None = None):
+    def _run(self, tokens, positions, mask, cache: KVCache | None, kernel=None):
         check_token_ids(tokens, self.config.vocab_size)
         inv_freq = rope_inverse_frequencies(self.config)
         x = self.embed_tokens(tokens)
@@ -332,9 +341,9 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             if self.remat and cache is None:  # training: keep only each block's input for the backward pass
-                x, kv = _remat_block(layer, x, positions, mask, inv_freq, causal_block)
+                x, kv = _remat_block(layer, x, positions, mask, inv_freq, kernel)
             else:
-                x, kv = layer(x, positions, mask, inv_freq, kv, None if cache is None else cache.index, causal_block)
+                x, kv = layer(x, positions, mask, inv_freq, kv, None if cache is None else cache.index, kernel)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -360,7 +369,7 @@ class Decoder(nnx.Module):
             mask = mask & attention_mask.astype(bool)[:, None, :]
         if segment_ids is not None:
             mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        return self._run(tokens, positions, mask, None, causal_block(t))[0]
+        return self._run(tokens, positions, mask, None, self.attention or BlockedAttention())[0]
 
     def __call__(self, tokens: jax.Array, **kwargs) -> jax.Array:
         """``tokens [B, T]`` -> ``logits [B, T, V]`` float32; keyword arguments as in

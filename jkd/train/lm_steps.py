@@ -94,6 +94,19 @@ def next_token_hidden(model, batch: Batch) -> jax.Array:
     return model.hidden_states(batch["tokens"], **kwargs)[:, :-1]
 
 
+def in_compute_dtype(params, compute_dtype):
+    """``params`` with their floating leaves cast to ``compute_dtype`` (None: as they are): mixed
+    precision keeps float32 master weights in the state and runs the forward and backward passes in
+    ``compute_dtype`` (e.g. bfloat16); the cast's gradient returns in the master weights' dtype."""
+    if compute_dtype is None:
+        return params
+    return jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def _student(graphdef: nnx.GraphDef, params, state: TrainState, compute_dtype):
+    return nnx.merge(graphdef, in_compute_dtype(params, compute_dtype), state.batch_stats, state.rest)
+
+
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
     """One optimizer update of the student; the step count advances (it is the data position)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -127,10 +140,11 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 def token_kd_step(
     state: TrainState, batch: Batch, objective: TokenKD, teacher: FrozenModel | None = None, *,
     graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
-    micro_batches: int = 1,
+    micro_batches: int = 1, compute_dtype=None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of token-level distillation on ``batch`` (``[B, T]`` arrays), with
-    ``micro_batches`` rounds of gradient accumulation. The signature of the image steps, so the
+    ``micro_batches`` rounds of gradient accumulation and the student's passes in ``compute_dtype``
+    (:func:`in_compute_dtype`; None: its parameters' dtype). The signature of the image steps, so the
     runners of :mod:`jkd.train.parallel` and the fit loop (checkpoints, resume) drive it as they
     are: ``run = parallel.single_device(functools.partial(token_kd_step, graphdef=..., ...))``.
 
@@ -144,7 +158,7 @@ def token_kd_step(
         teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
 
     def loss_fn(params, micro):
-        student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
+        student = _student(graphdef, params, state, compute_dtype)
         return token_kd_loss(student, teacher_model, micro, objective, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -183,9 +197,10 @@ class StoredTopKKD:
 
 def stored_topk_step(
     state: TrainState, batch: Batch, objective: StoredTopKKD, teacher: None = None, *, graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation, teacher_graphdef: None = None,
+    tx: optax.GradientTransformation, teacher_graphdef: None = None, compute_dtype=None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One optimizer step against stored teacher outputs: no teacher forward pass. ``batch``
+    """One optimizer step against stored teacher outputs: no teacher forward pass (the student's
+    passes in ``compute_dtype``, as in :func:`token_kd_step`). ``batch``
     carries ``teacher_topk_values`` / ``teacher_topk_indices`` ``[B, T-1, k]`` (attached and checked
     by :meth:`jkd.train.stored.StoredTopK.targets`); ``teacher`` must be None."""
     if teacher is not None:
@@ -194,7 +209,7 @@ def stored_topk_step(
     num_tokens = jnp.sum(where, dtype=jnp.int32)
 
     def loss_fn(params):
-        student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
+        student = _student(graphdef, params, state, compute_dtype)
         ws = student.output_weight()
         ws = ws if objective.vocab_size is None else ws[:objective.vocab_size]
         return projected_topk_kl(next_token_hidden(student, batch), ws,
@@ -262,9 +277,10 @@ def _pad_rows(seqs: Batch, length: int, pad_id: int) -> Batch:
 
 def on_policy_step(
     state: TrainState, batch: Batch, objective: OnPolicyKD, teacher: FrozenModel, *, graphdef: nnx.GraphDef,
-    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype=None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """One GKD step. ``batch`` holds the given sequences (``tokens``, ``loss_mask``,
+    """One GKD step (the student's sampling and passes in ``compute_dtype``, as in
+    :func:`token_kd_step`). ``batch`` holds the given sequences (``tokens``, ``loss_mask``,
     ``attention_mask``) and their prompts (``prompt_tokens [B, P]`` right-padded,
     ``prompt_lengths [B]``). Metrics: ``loss``, ``tokens``, ``on_policy`` (1 when the step
     trained on the student's samples)."""
@@ -278,7 +294,7 @@ def on_policy_step(
         n = jnp.sum(learned_positions(seqs), dtype=jnp.int32)
 
         def loss_fn(params):
-            student = nnx.merge(graphdef, params, state.batch_stats, state.rest)
+            student = _student(graphdef, params, state, compute_dtype)
             return token_kd_loss(student, teacher_model, seqs, kd, num_tokens=n)
 
         loss, g = jax.value_and_grad(loss_fn)(state.params)
@@ -290,7 +306,7 @@ def on_policy_step(
     # runs both branches, and two gradient computations would cost twice a token-KD step.
     length = max(batch["tokens"].shape[1], batch["prompt_tokens"].shape[1] + objective.max_new_tokens)
 
-    student = nnx.merge(graphdef, state.params, state.batch_stats, state.rest)
+    student = _student(graphdef, state.params, state, compute_dtype)
     pad = default_pad_id(student.config)
 
     def sampled(_):

@@ -36,6 +36,7 @@ class AdamWConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float | None = None  # added to the root of the second moment (None: optax's 1e-8)
+    warmup_steps: int | None = None  # the warm-up in optimizer steps, instead of warmup_epochs
 
 
 OptimizerConfig = SGDConfig | AdamWConfig
@@ -58,6 +59,10 @@ def check_optimizer(config: OptimizerConfig) -> None:
                      b1=(lambda v: 0 <= v < 1, "in [0, 1)"), b2=(lambda v: 0 <= v < 1, "in [0, 1)"))
     if isinstance(config, AdamWConfig) and config.eps is not None:
         rules.update(eps=(lambda v: v > 0, "> 0"))
+    if isinstance(config, AdamWConfig) and config.warmup_steps is not None:
+        w = config.warmup_steps
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ValueError(f"{name}.warmup_steps (--warmup-steps) must be a whole number >= 0; got {w!r}.")
     for field, (ok, expected) in rules.items():
         v = getattr(config, field)
         if not (_finite(v) and ok(v)):
@@ -104,7 +109,8 @@ def make_optimizer(config: OptimizerConfig, *, steps_per_epoch: int, total_steps
             optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
         )
     else:
-        warmup = min(int(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+        warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_epochs * steps_per_epoch)
+        warmup = min(warmup, total_steps - 1)
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, config.learning_rate, warmup, total_steps, config.end_factor * config.learning_rate
         )

@@ -313,3 +313,35 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_sequence_per_row():
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_mixed_precision_keeps_float32_master_weights_and_runs_the_passes_in_bfloat16():
+    """compute_dtype=bfloat16: the loss is that of a bfloat16 model holding the master weights
+    rounded to bfloat16 (built on its own); the state stays float32; the update is close to the
+    float32 step's and not equal to it."""
+    tx = optax.sgd(0.5)
+    objective = TokenKD(vocab_size=VOCAB, ce_weight=0.3)
+    g, state, tg, frozen = _setup(tx)
+    batch = _batch(3)
+
+    def step(compute_dtype):
+        return jax.jit(lambda s, b, f: token_kd_step(s, b, objective, f, graphdef=g, teacher_graphdef=tg, tx=tx,
+                                                     compute_dtype=compute_dtype))
+    mixed, m_mixed = step(jnp.bfloat16)(state, batch, frozen)
+    full, m_full = step(None)(state, batch, frozen)
+    assert {x.dtype for x in jax.tree.leaves(mixed.params)} == {jnp.dtype(jnp.float32)}
+    # the reference: a bfloat16 student of its own, given the rounded weights
+    half = Decoder(STUDENT, dtype=jnp.bfloat16, rngs=nnx.Rngs(9))
+    nnx.update(half, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state.params))
+    teacher = nnx.merge(tg, frozen.params, frozen.batch_stats, frozen.rest)
+    n = jnp.sum(learned_positions(batch), dtype=jnp.int32)
+    hg, hstate = nnx.split(half)
+    want = jax.jit(lambda st: token_kd_loss(nnx.merge(hg, st), teacher, batch, objective, num_tokens=n))(hstate)
+    assert float(m_mixed["loss"]) == pytest.approx(float(want), rel=1e-6)
+    assert float(m_mixed["loss"]) == pytest.approx(float(m_full["loss"]), rel=2e-2)
+    assert float(m_mixed["loss"]) != float(m_full["loss"])
+    diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(mixed.params),
+                                                                       jax.tree.leaves(full.params))]
+    moves = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(full.params),
+                                                                       jax.tree.leaves(state.params))]
+    assert 0 < max(diffs) < 0.05 * max(moves)

@@ -227,3 +227,14 @@ def test_eval_step_masked_sums_match_numpy():
     # Eval mode: the same batch gives the same logits again, and nothing is updated.
     again = jax.jit(functools.partial(eval_step, graphdef=g, view_fn=view))(state, {**b, "mask": mask})
     np.testing.assert_array_equal(out["logits"], again["logits"])
+
+
+def test_adamw_warmup_in_steps():
+    """warmup_steps counts optimizer steps, whatever the epoch's length; a bad value is refused by name."""
+    opt = make_optimizer(AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=5.0, warmup_steps=3),
+                         steps_per_epoch=4, total_steps=20)
+    lrs = _lr_sequence(opt, 6)  # Adam with a constant gradient: the step is the learning rate
+    np.testing.assert_allclose(lrs[:4], [0, 1 / 3, 2 / 3, 1], atol=1e-3)
+    assert lrs[5] < lrs[4] < lrs[3]
+    with pytest.raises(ValueError, match=r"warmup_steps \(--warmup-steps\) must be a whole number >= 0; got -1"):
+        make_optimizer(AdamWConfig(warmup_steps=-1), steps_per_epoch=4, total_steps=20)
