@@ -638,18 +638,44 @@ class LMJob(Job):
         """Compile every distinct training step of the run for the shapes it will run with (from
         the configs: no weights are read) and print what each holds per device, from XLA's memory
         analysis; refuse (:class:`~jkd.train.memory_plan.MemoryPlanError`) a step whose peak is
-        above ``memory_limit_gib`` or the device's memory, naming the flags that would make it fit.
-        The steps compiled here are the ones that train."""
+        above ``memory_limit_gib`` or the device's memory, with the flags that make it fit, found by
+        compiling it again with each in turn. The steps compiled here are the ones that train."""
+        cfg = self.cfg
+        steps = self._planned_steps()
+        plans = [p for p in (plan() for plan in steps.values()) if p is not None]
+        if not plans:
+            return plans
+        limit, source = ((int(cfg.memory_limit_gib * MP.GiB), "--memory-limit-gib") if cfg.memory_limit_gib
+                         else (MP.device_memory(), "the device's memory, as JAX reports it"))
+        if limit is None:
+            source = "the backend does not report its devices' memory; set --memory-limit-gib to check against one"
+        self.echo(MP.format_plan(plans, limit=limit, limit_source=source))
+
+        def replan(name: str, flags: list[str]) -> MP.StepMemory | None:
+            changes = {}
+            for flag in flags:
+                changes.update(self._remedies()[flag])
+            try:  # the step compiled again under the changed settings
+                self.config = dataclasses.replace(cfg, **changes)
+                return self._planned_steps()[name]()
+            finally:
+                self.config = cfg
+        MP.refuse_if_too_large(plans, limit=limit, limit_source=source, remedies=list(self._remedies()), replan=replan)
+        return plans
+
+    def _planned_steps(self) -> dict[str, Callable[[], MP.StepMemory | None]]:
+        """Every group's step by name, as a function that compiles it and returns its plan."""
         cfg, tok = self.cfg, self.data.tokenizer
         tcfg = read_config(cfg.teacher_dir) if cfg.teacher_dir else self.with_vocab(cfg.teacher)
         teacher = freeze_model(nnx.eval_shape(lambda: set_attention(
             Decoder(tcfg, dtype=DTYPES[cfg.teacher_dtype or "float32"], rngs=nnx.Rngs(0)),
             self.attention_kernel(cfg.teacher_dtype))))
-        plans = []
+        steps = {}
         if teacher_source(cfg.teacher_dir, self.folder, complete="config.json") is None:
-            plans.append(self._plan_step("teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
-                                         ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps,
-                                         seeds=(0,), optimizer=cfg.teacher_optimizer, teacher=None))
+            steps["teacher"] = functools.partial(
+                self._plan_step, "teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
+                ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
+                optimizer=cfg.teacher_optimizer, teacher=None)
         for student in cfg.students:
             scfg = (dataclasses.replace(tcfg, num_layers=len(student.teacher_layers)) if student.teacher_layers
                     else read_config(student.from_dir) if student.from_dir else self.with_vocab(student.config))
@@ -659,35 +685,26 @@ class LMJob(Job):
             for name, role, _, objective, _ in _groups(cfg, student, vocab, scfg.vocab_size):
                 on_policy = isinstance(objective, OnPolicyKD)
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
-                plans.append(self._plan_step(
-                    name, scfg, objective, ids=self.labelled_enc.ids, learn=self.labelled_enc.learn,
+                steps[name] = functools.partial(
+                    self._plan_step, name, scfg, objective, ids=self.labelled_enc.ids, learn=self.labelled_enc.learn,
                     steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
-                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None))
-        plans = [p for p in plans if p is not None]
-        if not plans:
-            return plans
-        limit, source = ((int(cfg.memory_limit_gib * MP.GiB), "--memory-limit-gib") if cfg.memory_limit_gib
-                         else (MP.device_memory(), "the device's memory, as JAX reports it"))
-        if limit is None:
-            source = "the backend does not report its devices' memory; set --memory-limit-gib to check against one"
-        self.echo(MP.format_plan(plans, limit=limit, limit_source=source))
-        MP.refuse_if_too_large(plans, limit=limit, limit_source=source, remedies=self._remedies())
-        return plans
+                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None)
+        return steps
 
-    def _remedies(self) -> list[MP.Remedy]:
-        """The settings not in effect that lower a step's peak, with rough estimates of the saving."""
-        cfg, out = self.cfg, []
-        if not cfg.remat:  # keeps each block's input instead of its activations
-            out.append(MP.Remedy("--remat", lambda p: 0.7 * p.activations))
-        if cfg.dtype != "bfloat16":
-            out.append(MP.Remedy("--dtype bfloat16", lambda p: 0.5 * p.activations))
+    def _remedies(self) -> dict[str, dict]:
+        """The settings not in effect that may lower a step's peak (flag -> config changes), in the
+        order they are tried: the teacher in bfloat16, micro-batches, remat, bfloat16 passes."""
+        cfg, out = self.cfg, {}
         if cfg.teacher_dtype != "bfloat16":
-            out.append(MP.Remedy("--teacher-dtype bfloat16", lambda p: 0.5 * p.teacher))
-        n = next((m for m in (2, 4, 8) if cfg.batch_size % m == 0 and m > (cfg.micro_batches or 1)), None)
-        token_only = all(isinstance(d.objective, TokenKD) for d in cfg.distillations)
-        if n and token_only:
-            out.append(MP.Remedy(f"--micro-batches {n}", lambda p, n=n: (1 - (cfg.micro_batches or 1) / n)
-                                 * (p.activations + p.loss_chunk)))
+            out["--teacher-dtype bfloat16"] = {"teacher_dtype": "bfloat16"}
+        m = cfg.micro_batches or 1
+        n = next((k for k in (2, 4, 8, 16) if k > m and cfg.batch_size % k == 0), None)
+        if n and all(isinstance(d.objective, TokenKD) for d in cfg.distillations):
+            out[f"--micro-batches {n}"] = {"micro_batches": n}
+        if not cfg.remat:
+            out["--remat"] = {"remat": True}
+        if cfg.dtype != "bfloat16":
+            out["--dtype bfloat16"] = {"dtype": "bfloat16"}
         return out
 
     def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -114,6 +114,8 @@ def kv_cache_bytes(*, layers: int, rows: int, slots: int, kv_heads: int, head_di
 
 
 def _mib(n: int) -> str:
+    if n < 2 ** 10:
+        return f"{n} bytes"
     if n < 2 ** 20:
         return f"{n / 2 ** 10:,.0f} KiB"
     return f"{n / 2 ** 20:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:,.1f} GiB"
@@ -134,41 +136,36 @@ def format_plan(plans: Sequence[StepMemory], *, limit: int | None, limit_source:
     return "\n".join([f"memory plan per device (XLA's compiled memory analysis), {against}:", head, *rows])
 
 
-@dataclasses.dataclass(frozen=True)
-class Remedy:
-    """A setting not in effect that lowers a step's peak: its flag and the estimated saving."""
-
-    flag: str
-    saving: Any  # StepMemory -> bytes
-
-
 class MemoryPlanError(ValueError):
     """A step's planned peak exceeds the memory limit; raised before the run folder is written."""
 
 
 def refuse_if_too_large(plans: Sequence[StepMemory], *, limit: int | None, limit_source: str,
-                        remedies: Sequence[Remedy]) -> None:
-    """Raise :class:`MemoryPlanError` when a step's peak exceeds ``limit``, naming the step, its
-    figures, and the remedies (flags) that by estimate bring it under, in the order given."""
+                        remedies: Sequence[str] = (),
+                        replan: Callable[[str, list[str]], StepMemory | None] | None = None) -> None:
+    """Raise :class:`MemoryPlanError` when a step's peak exceeds ``limit``, naming the step and its
+    figures. ``replan(step name, flags)`` compiles that step again with the first 1, 2, ... of
+    ``remedies`` (flags) in effect; the message gives each compiled peak, up to the first that fits."""
     if limit is None:
         return
     over = [p for p in plans if p.peak > limit]
     if not over:
         return
     worst = max(over, key=lambda p: p.peak)
-    chosen, peak = [], worst.peak
-    for r in remedies:
-        if peak <= limit:
+    tried, fits = [], False
+    for i in range(len(remedies) if replan is not None else 0):
+        step = replan(worst.name, list(remedies[:i + 1]))
+        if step is None:
             break
-        saving = int(r.saving(worst))
-        if saving > 0:
-            chosen.append(r.flag)
-            peak -= saving
-    advice = (f"by estimate, {' '.join(chosen)} bring(s) it to {_mib(max(peak, 0))}" if chosen and peak <= limit
-              else (f"even {' '.join(chosen)} leave(s) it at about {_mib(peak)} by estimate; " if chosen else "")
-              + "use smaller --batch-size or --max-length, a smaller student, or more devices (--mesh data=D,model=M)")
+        tried.append(f"with {' '.join(remedies[:i + 1])}: {_mib(step.peak)}")
+        if step.peak <= limit:
+            fits = True
+            break
+    found = ("; compiled again " + "; ".join(tried) + (" (fits)" if fits else "")) if tried else ""
+    advice = "" if fits else ("; use a smaller --batch-size or --max-length, a smaller student, or more devices "
+                              "(--mesh data=D,model=M)")
     raise MemoryPlanError(
         f"the step {worst.name!r} needs {_mib(worst.peak)} per device, more than the {_mib(limit)} available "
         f"({limit_source}): teacher {_mib(worst.teacher)}, student {_mib(worst.student)}, optimizer "
         f"{_mib(worst.optimizer)}, gradients {_mib(worst.gradients)}, activations {_mib(worst.activations)}, loss chunk "
-        f"{_mib(worst.loss_chunk)}, KV cache {_mib(worst.kv_cache)}. Nothing was written; {advice}.")
+        f"{_mib(worst.loss_chunk)}, KV cache {_mib(worst.kv_cache)}. Nothing was written{found}{advice}.")

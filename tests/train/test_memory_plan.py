@@ -43,16 +43,21 @@ def test_the_peak_and_the_activations():
 
 
 def test_a_plan_over_the_limit_is_refused_with_the_flags_that_fit():
-    plan = _plan()  # peak 1,510 bytes, activations 500, teacher 500
+    plan = _plan()  # peak 1,510 bytes
     MP.refuse_if_too_large([plan], limit=1510, limit_source="a test", remedies=[])  # fits exactly
-    remedies = [MP.Remedy("--remat", lambda p: 0.7 * p.activations),
-                MP.Remedy("--teacher-dtype bfloat16", lambda p: 0.5 * p.teacher),
-                MP.Remedy("--dtype bfloat16", lambda p: 0.5 * p.activations)]
-    with pytest.raises(MP.MemoryPlanError, match=r"'student token fkl' needs .* more than .* \(a test\).*"
-                                                 r"by estimate, --remat --teacher-dtype bfloat16 bring"):
-        MP.refuse_if_too_large([plan], limit=1000, limit_source="a test", remedies=remedies)
-    with pytest.raises(MP.MemoryPlanError, match="even --remat --teacher-dtype bfloat16 --dtype bfloat16 leave"):
-        MP.refuse_if_too_large([plan], limit=100, limit_source="a test", remedies=remedies)
+    asked = []
+
+    def replan(name, flags):  # as if compiled again: each flag takes 300 bytes off
+        asked.append((name, flags))
+        return _plan(temporaries=700 - 300 * len(flags))
+    with pytest.raises(MP.MemoryPlanError, match=r"'student token fkl' needs 1 KiB .* \(a test\).* Nothing was "
+                                                 r"written; compiled again with --a: 1 KiB; with --a --b: 910 bytes"):
+        MP.refuse_if_too_large([plan], limit=1000, limit_source="a test", remedies=["--a", "--b", "--c"],
+                               replan=replan)
+    assert asked == [("student token fkl", ["--a"]), ("student token fkl", ["--a", "--b"])]  # stops once it fits
+    with pytest.raises(MP.MemoryPlanError, match=r"with --a --b --c: 610 bytes; use a smaller --batch-size"):
+        MP.refuse_if_too_large([plan], limit=100, limit_source="a test", remedies=["--a", "--b", "--c"],
+                               replan=replan)
 
 
 @pytest.mark.slow
