@@ -43,7 +43,7 @@ from jkd.jobs.lm_evaluation import BUCKETS, measure
 from jkd.evaluate import report
 from jkd.jobs.lm_report import build_report
 from jkd.losses import ForwardKL, GeneralizedJSD
-from jkd.models.attention import BlockedAttention, FusedAttention, for_backend
+from jkd.models.attention import BlockedAttention, FusedAttention, SplashAttention, for_backend
 from jkd.models.decoder import Decoder, set_attention, set_remat
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import make_mesh, tree_shardings
@@ -107,7 +107,8 @@ class LMStudent:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the dtype and teacher_dtype settings
-ATTENTION = {"blocked": BlockedAttention(), "cudnn": FusedAttention("cudnn"), "xla": FusedAttention("xla")}
+ATTENTION = {"blocked": BlockedAttention(), "cudnn": FusedAttention("cudnn"), "xla": FusedAttention("xla"),
+             "splash": SplashAttention()}
 
 
 def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
@@ -153,8 +154,8 @@ class LMExperimentConfig:
     memory_limit_gib: float | None = None    # refuse a run whose planned peak per device is above this (None: the
                                              # device's memory where JAX reports it)
     attention: str | None = None             # blocked (jkd's XLA attention), cudnn (cuDNN's flash attention, GPUs,
-                                             # bfloat16) or xla (jax.nn.dot_product_attention's); None: cudnn on a GPU
-                                             # in bfloat16, else blocked
+                                             # bfloat16), splash (Pallas, TPUs) or xla (jax.nn.dot_product_attention's);
+                                             # None: cudnn on a GPU in bfloat16, splash on one TPU, else blocked
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -458,7 +459,10 @@ class LMJob(Job):
         """The whole-sequence attention kernel for passes in ``dtype`` (None: float32); None stands
         for the decoder's default, the blocked XLA attention."""
         choice = self.cfg.attention
-        kernel = ATTENTION[choice] if choice else for_backend(jax.default_backend(), DTYPES[dtype or "float32"])
+        shape = self.cfg.mesh_shape()
+        devices = 1 if shape is None and jax.process_count() == 1 else jax.device_count() if shape is None \
+            else shape[0] * shape[1]
+        kernel = ATTENTION[choice] if choice else for_backend(jax.default_backend(), DTYPES[dtype or "float32"], devices)
         return None if kernel == BlockedAttention() else kernel
 
     def _prepared(self, model: Decoder) -> Decoder:
