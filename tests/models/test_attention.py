@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jkd.models.attention import BlockedAttention, FusedAttention, SplashAttention
 from jkd.models.decoder import attend, attend_causal
 
 
@@ -60,21 +61,23 @@ def _attention64(q, k, v, mask):
     return out
 
 
-@pytest.mark.parametrize("t", [40, 130])
-def test_the_fused_kernel_call_matches_float64_attention_with_gradients(t):
+KERNELS = {"fused": lambda: FusedAttention("xla"), "splash": lambda: SplashAttention(interpret=True, block=128)}
+
+
+@pytest.mark.parametrize("kernel, t", [("fused", 40), ("fused", 130), ("splash", 128), ("splash", 256)])
+def test_each_kernel_matches_float64_attention_with_gradients(kernel, t):
     """FusedAttention passes grouped-query heads, padding and packed segments to
     jax.nn.dot_product_attention as cuDNN's kernel takes them (checked here with implementation
-    "xla", the same call on the CPU): values against a float64 formula, gradients against jkd's
-    blocked attention."""
-    from jkd.models.attention import BlockedAttention, FusedAttention
-
+    "xla", the same call on the CPU); SplashAttention runs the TPU's Pallas kernel in interpret mode,
+    its segments taken from the mask and the key/value heads repeated. Values against a float64
+    formula, gradients against jkd's blocked attention."""
     q, k, v, mask, real = _inputs(t, seed=3)
-    fused = FusedAttention("xla")
-    out = fused(q, k, v, mask)
+    fn = KERNELS[kernel]()
+    out = fn(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out)[real], _attention64(q, k, v, np.asarray(mask))[real], atol=2e-6)
     w = jnp.asarray(np.random.default_rng(2).standard_normal(out.shape) * real[:, :, None, None], jnp.float32)
-    grads = [jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
-             for fn in (fused, BlockedAttention())]
+    grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
+             for f in (fn, BlockedAttention())]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert max(float(jnp.abs(g).max()) for g in grads[0]) > 1e-2
@@ -118,25 +121,6 @@ def test_the_kernel_for_each_backend():
     assert for_backend("tpu", jnp.float32) == SplashAttention()
     assert for_backend("tpu", jnp.float32, devices=4) == BlockedAttention()  # not yet placed per device
     assert "cuDNN flash attention" in FusedAttention("cudnn").description
-
-
-@pytest.mark.parametrize("t", [128, 256])
-def test_the_splash_kernel_matches_float64_attention_with_gradients(t):
-    """The TPU's Pallas splash kernel, run in interpret mode on the CPU: segments taken from the
-    mask (packed rows, right and left padding), grouped-query heads repeated; values against a
-    float64 formula, gradients against the blocked path."""
-    from jkd.models.attention import BlockedAttention, SplashAttention
-
-    q, k, v, mask, real = _inputs(t, seed=3)
-    splash = SplashAttention(interpret=True, block=128)
-    out = splash(q, k, v, mask)
-    np.testing.assert_allclose(np.asarray(out)[real], _attention64(q, k, v, np.asarray(mask))[real], atol=2e-6)
-    w = jnp.asarray(np.random.default_rng(2).standard_normal(out.shape) * real[:, :, None, None], jnp.float32)
-    grads = [jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
-             for fn in (splash, BlockedAttention())]
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    assert max(float(jnp.abs(g).max()) for g in grads[0]) > 1e-2
 
 
 def test_the_splash_kernel_takes_the_blocked_path_off_its_block_unit():
