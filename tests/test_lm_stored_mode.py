@@ -160,6 +160,19 @@ def test_students_cut_from_the_teacher_or_loaded_from_a_folder(pair, tmp_path, c
     assert cli.main(_short(root, files, tmp_path / "bad2", "layers=zero")) == 2
     assert "--student layers=... takes the teacher's block numbers" in capsys.readouterr().err
 
+    # narrower: half the MLP channels, one of the two key/value groups (by activation importance)
+    assert cli.main(_short(root, files, tmp_path / "narrow", "layers=0", "--prune-width", "mlp=32,kv_heads=1")) == 0
+    assert "MLP 64 -> 32 channels, key/value heads 2 -> 1 (query heads 4 -> 2)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "narrow" / "student_layers_0_mlp_32_kv_1_token_fkl" / "seed0" / "config.json")
+                       .read_text())
+    assert (saved["intermediate_size"], saved["num_key_value_heads"], saved["num_attention_heads"]) == (32, 1, 2)
+    models = {m["name"]: m for m in json.loads((tmp_path / "narrow" / "summary.json").read_text())["models"]}
+    assert models["student layers 0 mlp 32 kv 1 token fkl"]["initialisation"] == "teacher layers, pruned"
+    assert models["student layers 0 mlp 32 kv 1 alone"]["params"] == models["student layers 0 mlp 32 kv 1 token fkl"][
+        "params"] < cut["params"]
+    assert cli.main(_short(root, files, tmp_path / "bad3", "16x1", "--prune-width", "mlp=8")) == 2
+    assert "--prune-width narrows a student cut from the teacher" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_micro_batches_and_remat_through_the_cli(pair, tmp_path, capsys):

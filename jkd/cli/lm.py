@@ -52,7 +52,7 @@ def _lm_config(args):
                             ce_weight=args.ce_weight)
     if args.mode in ("sequence", "on-policy") and not args.unlabelled:
         raise ValueError(f"--mode {args.mode} needs --unlabelled (requests the teacher answers or the student samples).")
-    student = _student(args.student)
+    student = _student(args.student, args.prune_width)
     from jkd.train import AdamWConfig
 
     opt = AdamWConfig(learning_rate=args.lr, weight_decay=args.weight_decay, warmup_epochs=0.1,
@@ -70,19 +70,40 @@ def _lm_config(args):
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
 
 
-def _student(text: str):
-    """``--student``: ``layers=0,6,12`` (the teacher's blocks), a folder (architecture and weights),
-    or ``WIDTHxLAYERS`` (a random decoder of that size)."""
+def _width(text: str | None) -> tuple[int | None, int | None] | None:
+    """``--prune-width mlp=N,kv_heads=G`` as ``(N, G)`` (either may be left out)."""
+    if text is None:
+        return None
+    keys = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("mlp", "kv_heads") or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--prune-width takes mlp=N and/or kv_heads=G (whole numbers >= 1), e.g. mlp=768,kv_heads=1; "
+                             f"got {text!r}.")
+        keys[key.strip()] = int(value)
+    return keys.get("mlp"), keys.get("kv_heads")
+
+
+def _student(text: str, prune_width: str | None = None):
+    """``--student``: ``layers=0,6,12`` (the teacher's blocks; ``--prune-width`` narrows them), a
+    folder (architecture and weights), or ``WIDTHxLAYERS`` (a random decoder of that size)."""
     from jkd.jobs import lm as LX
     from jkd.models.hf import read_config
 
+    width = _width(prune_width)
+    if width is not None and not text.startswith("layers="):
+        raise ValueError(f"--prune-width narrows a student cut from the teacher (--student layers=...); got --student "
+                         f"{text!r}.")
     if text.startswith("layers="):
         try:
             layers = tuple(int(x) for x in text[len("layers="):].split(","))
         except ValueError:
             raise ValueError(f"--student layers=... takes the teacher's block numbers, e.g. layers=0,6,12; "
                              f"got {text!r}.") from None
-        return LX.LMStudent(f"student layers {','.join(map(str, layers))}", teacher_layers=layers)
+        name = f"student layers {','.join(map(str, layers))}"
+        if width is not None:
+            name += "".join(f" {k} {v}" for k, v in zip(("mlp", "kv"), width) if v is not None)
+        return LX.LMStudent(name, teacher_layers=layers, width=width)
     if Path(text).is_dir():
         read_config(text)  # refused here, before anything runs, if jkd cannot read it
         return LX.LMStudent(f"student {Path(text).name}", from_dir=text)
@@ -117,6 +138,9 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--student", default="64x2", help="the student: WIDTHxLAYERS (a random decoder, default "
                          "64x2), layers=0,6,12 (those blocks of the teacher, with its embeddings and head), or a "
                          "Hugging Face folder (its architecture and weights)")
+    lm_dist.add_argument("--prune-width", metavar="mlp=N,kv_heads=G", help="with --student layers=...: keep the N "
+                         "most important MLP channels and G key/value heads (with their query heads) of every block, "
+                         "by their activations on a labelled batch (Minitron's width pruning)")
     lm_dist.add_argument("--mode", choices=LM_MODES, default="token",
                          help="token: the teacher runs beside the student every step; stored: its top-k "
                               "(--top-k) computed once and kept in the run folder, no teacher forward per step; "

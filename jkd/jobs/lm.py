@@ -47,7 +47,7 @@ from jkd.models.attention import BlockedAttention, FusedAttention, SplashAttenti
 from jkd.models.decoder import Decoder, set_attention, set_remat
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import make_mesh, tree_shardings
-from jkd.models.decoder_surgery import select_layers
+from jkd.models.decoder_surgery import prune_width, select_layers, width_importance
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime import hosts
 from jkd.runtime.faults import missing_folder
@@ -100,10 +100,24 @@ class LMStudent:
     config: DecoderConfig | None = None
     teacher_layers: tuple[int, ...] | None = None
     from_dir: str | None = None
+    width: tuple[int | None, int | None] | None = None  # with teacher_layers: (MLP channels, key/value heads)
+                                                        # kept per layer, by activation importance (Minitron)
 
     def __post_init__(self):
         if sum(x is not None for x in (self.config, self.teacher_layers, self.from_dir)) != 1:
             raise ValueError(f"LMStudent {self.name!r}: give one of config, teacher_layers or from_dir")
+        if self.width is not None and self.teacher_layers is None:
+            raise ValueError(f"LMStudent {self.name!r}: width pruning applies to a student cut from the teacher "
+                             "(teacher_layers, --student layers=...)")
+
+    def cut_config(self, teacher: DecoderConfig) -> DecoderConfig:
+        """The architecture of a student cut from ``teacher`` (its layers, then its width)."""
+        cfg = dataclasses.replace(teacher, num_layers=len(self.teacher_layers))
+        mlp, kv = self.width or (None, None)
+        group = cfg.num_heads // cfg.num_kv_heads
+        kv = cfg.num_kv_heads if kv is None else kv
+        return dataclasses.replace(cfg, intermediate_size=mlp or cfg.intermediate_size, num_kv_heads=kv,
+                                   num_heads=kv * group, head_dim=cfg.head_dim)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the dtype and teacher_dtype settings
@@ -587,7 +601,10 @@ class LMJob(Job):
             init, start = None, "random"
             if student.teacher_layers is not None:  # master weights in float32 whatever the teacher's dtype
                 init = _in_dtype(select_layers(teacher, student.teacher_layers), jnp.float32)
-                scfg, start = init.config, "teacher layers"
+                start = "teacher layers"
+                if student.width is not None:
+                    init, start = self._pruned(init, student.width), "teacher layers, pruned"
+                scfg = init.config
             elif student.from_dir is not None:
                 init, start = self._student_folder(student), "student folder"
                 scfg = init.config
@@ -616,6 +633,18 @@ class LMJob(Job):
                 yield Trained(name, role, loss_name, g, params, scfg, {
                     "student": student.name, "initialisation": start if same_start else "random",
                     "teacher_signal": online or stored is not None or bool(with_answers)})
+
+    def _pruned(self, model: Decoder, width: tuple[int | None, int | None]) -> Decoder:
+        """``model`` narrowed to ``width`` by activation importance on the first labelled batch."""
+        n = min(self.cfg.batch_size, len(self.labelled_enc.ids))
+        rows = C.padded_rows(self.labelled_enc.ids[:n], self.labelled_enc.learn[:n], length=self.cfg.max_length,
+                             pad_id=self.pad_id)
+        importance = width_importance(model, rows["tokens"], attention_mask=rows["attention_mask"])
+        small = prune_width(model, importance, intermediate_size=width[0], num_kv_heads=width[1])
+        self.echo(f"width pruned by activation importance on {n} conversations: MLP {model.config.intermediate_size} -> "
+                  f"{small.config.intermediate_size} channels, key/value heads {model.config.num_kv_heads} -> "
+                  f"{small.config.num_kv_heads} (query heads {model.config.num_heads} -> {small.config.num_heads})")
+        return small
 
     def _student_folder(self, student: LMStudent) -> Decoder:
         """The student of ``student.from_dir``, weights and all (checked by :meth:`_check_student_folder`)."""
@@ -681,7 +710,7 @@ class LMJob(Job):
                 ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
                 optimizer=cfg.teacher_optimizer, teacher=None)
         for student in cfg.students:
-            scfg = (dataclasses.replace(tcfg, num_layers=len(student.teacher_layers)) if student.teacher_layers
+            scfg = (student.cut_config(tcfg) if student.teacher_layers
                     else read_config(student.from_dir) if student.from_dir else self.with_vocab(student.config))
             if student.from_dir:
                 self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)

@@ -42,3 +42,76 @@ def test_the_teacher_is_left_alone_and_bad_indices_are_refused(tmp_path):
     for bad in [(), (4,), (1, 1), (-1,)]:
         with pytest.raises(ValueError, match=r"distinct indices in \[0, 4\)"):
             select_layers(teacher, bad)
+
+
+def _hooked_inputs(ref, tokens, mask, pos):
+    """transformers' own model, with hooks recording what each layer's down_proj and o_proj read."""
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):  # returns None: the output stays the module's
+            seen[name] = args[0].detach()
+        return hook
+    hooks = [m.register_forward_hook(record(name))
+             for name, m in ref.named_modules() if name.endswith(("mlp.down_proj", "self_attn.o_proj"))]
+    hf_logits(ref, tokens, mask, pos)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_width_importance_and_pruning_against_transformers(tmp_path, family):
+    """Importance: each MLP channel's mean |input of down_proj| and each key/value group's mean L2
+    norm of its heads' part of o_proj's input, over real tokens, as hooks on transformers' model
+    see them. Pruning: the narrower model's logits equal transformers' model whose dropped channels
+    and heads are zeroed in down_proj and o_proj; saved, transformers loads it with the same logits."""
+    from jkd.models.decoder_surgery import prune_width, width_importance
+
+    ref = build_hf_model(family, tmp_path / "full", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = hf.load_hf(tmp_path / "full")
+    cfg = model.config
+    tokens, mask, pos = padded_batch(cfg.vocab_size)
+    mlp, kv = width_importance(model, tokens, attention_mask=mask)
+    seen = _hooked_inputs(ref, tokens, mask, pos)
+    group, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    for i in range(cfg.num_layers):
+        down = seen[f"model.layers.{i}.mlp.down_proj"].double().numpy()[mask]
+        np.testing.assert_allclose(mlp[i], np.abs(down).mean(0), rtol=1e-4)
+        heads = seen[f"model.layers.{i}.self_attn.o_proj"].double().numpy()[mask].reshape(-1, cfg.num_kv_heads, group, hd)
+        np.testing.assert_allclose(kv[i], np.linalg.norm(heads, axis=-1).sum(-1).mean(0), rtol=1e-4)
+    small = prune_width(model, (mlp, kv), intermediate_size=cfg.intermediate_size // 2, num_kv_heads=1)
+    assert (small.config.intermediate_size, small.config.num_kv_heads, small.config.num_heads, small.config.head_dim) \
+        == (cfg.intermediate_size // 2, 1, group, hd)
+    with torch.no_grad():  # the reference: the dropped units zeroed where their outputs are read
+        for i, layer in enumerate(ref.model.layers):
+            dropped_f = np.argsort(-mlp[i], kind="stable")[cfg.intermediate_size // 2:]
+            layer.mlp.down_proj.weight[:, torch.tensor(dropped_f)] = 0
+            dropped_g = np.argsort(-kv[i], kind="stable")[1:]
+            cols = [c for k in dropped_g for c in range(k * group * hd, (k + 1) * group * hd)]
+            layer.self_attn.o_proj.weight[:, torch.tensor(cols)] = 0
+    want = hf_logits(ref, tokens, mask, pos)
+    got = np.asarray(small(jnp.asarray(tokens, jnp.int32), attention_mask=jnp.asarray(mask)))
+    assert np.abs(got - want)[mask].max() <= 1e-4
+    full = np.asarray(model(jnp.asarray(tokens, jnp.int32), attention_mask=jnp.asarray(mask)))
+    assert np.abs(full - want)[mask].max() > 1e-3  # the pruned units mattered: the check can fail
+    hf.save_hf(small, tmp_path / "small")
+    loaded = __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    assert np.abs(hf_logits(loaded, tokens, mask, pos) - got)[mask].max() <= 1e-4
+
+
+def test_width_pruning_keeps_everything_on_request_and_refuses_bad_sizes(tmp_path):
+    from jkd.models.decoder_surgery import prune_width, width_importance
+
+    build_hf_model("llama", tmp_path, num_hidden_layers=2)
+    model = hf.load_hf(tmp_path)
+    tokens, mask, _ = padded_batch(model.config.vocab_size)
+    importance = width_importance(model, tokens, attention_mask=mask)
+    same = prune_width(model, importance)
+    x = jnp.asarray(tokens, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(same(x)), np.asarray(model(x)))
+    assert model.layers[0].mlp.down_proj.__class__.__name__ == "Linear"  # the calibration taps are removed
+    with pytest.raises(ValueError, match=r"intermediate_size must lie in \[1, 96\]"):
+        prune_width(model, importance, intermediate_size=97)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        prune_width(model, (importance[0][:1], importance[1]))
