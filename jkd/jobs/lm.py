@@ -715,11 +715,17 @@ class LMJob(Job):
             if student.from_dir:
                 self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)
             vocab = shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
-            for name, role, _, objective, _ in _groups(cfg, student, vocab, scfg.vocab_size):
+            for name, role, _, objective, with_answers in _groups(cfg, student, vocab, scfg.vocab_size):
                 on_policy = isinstance(objective, OnPolicyKD)
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
+                ids, learn = self.labelled_enc.ids, self.labelled_enc.learn
+                if (with_answers or on_policy) and self.request_prompts:
+                    # the teacher's answers are not there yet: one row per request stands in for each (the same
+                    # number of rows: unpacked, the same schedule compiles and training reuses the step)
+                    ids = list(ids) + [p[:cfg.max_length] for p in self.request_prompts]
+                    learn = list(learn) + [np.ones(min(len(p), cfg.max_length), bool) for p in self.request_prompts]
                 steps[name] = functools.partial(
-                    self._plan_step, name, scfg, objective, ids=self.labelled_enc.ids, learn=self.labelled_enc.learn,
+                    self._plan_step, name, scfg, objective, ids=ids, learn=learn,
                     steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
                     teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None)
         return steps

@@ -310,11 +310,12 @@ class Decoder(nnx.Module):
     each block) and ``final`` (after the last norm), each ``[B, T, D]``.
     """
 
-    remat: bool = False  # recompute each block's activations in the backward pass (set_remat)
-    attention = None  # the whole-sequence attention kernel (set_attention); None: BlockedAttention
-
     def __init__(self, config: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
+        # on every instance (not as class defaults), so that two decoders that differ only in
+        # whether these were ever set have one graph definition, and one compiled step
+        self.remat = False  # recompute each block's activations in the backward pass (set_remat)
+        self.attention = None  # the whole-sequence attention kernel (set_attention); None: BlockedAttention
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
