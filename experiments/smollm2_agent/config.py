@@ -10,7 +10,7 @@ Stages, each a `jkd lm` run folder of its own under the experiment's (each resum
 1. ``folder/``: the SmolLM2 folder with jkd's ChatML tool-call template (``<tool_call>`` JSON
    blocks; SmolLM2's own template has no tools). Its special tokens are SmolLM2's.
 2. ``teacher/``: SmolLM2 fine-tuned on the labelled conversations (the student-folder setting of
-   ``jkd lm distill``, cross-entropy only); its ``student_smollm2_alone/seed0`` is the teacher.
+   ``jkd lm distill``, cross-entropy only); its ``smollm2_alone/seed0`` is the teacher.
 3. ``students/``: students of the teacher's blocks 0, 6, 12, 18, 24, 29 (with its embeddings,
    final norm and head), on a subset of the labelled conversations and the unlabelled requests:
    the same start trained on the labels alone (the control), token KD (forward KL), sequence-level
@@ -85,7 +85,8 @@ def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, forc
         teacher_dir=str(folder), students=(LX.LMStudent("smollm2", from_dir=str(folder)),), include_baseline=True,
         distillations=(), labelled_subset=None, seeds=(0,), student_steps=cfg.teacher_steps,
         student_optimizer=cfg.teacher_optimizer, unlabelled_limit=0)
-    LX.run(teacher_cfg, root / "teacher", resume=True, force=force, progress=progress)
-    teacher = root / "teacher" / "student_smollm2_alone" / "seed0"
+    teacher = root / "teacher" / "smollm2_alone" / "seed0"
+    if not (root / "teacher" / "summary.json").exists():  # a finished stage is not measured again
+        LX.run(teacher_cfg, root / "teacher", resume=True, force=force, progress=progress)
     LX.run(dataclasses.replace(cfg, teacher_dir=str(teacher)), root / "students", resume=True, force=force,
            progress=progress)
