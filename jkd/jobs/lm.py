@@ -47,7 +47,7 @@ from jkd.models.attention import BlockedAttention, FusedAttention, SplashAttenti
 from jkd.models.decoder import Decoder, set_attention, set_remat
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import make_mesh, tree_shardings
-from jkd.models.decoder_surgery import prune_width, select_layers, width_importance
+from jkd.models.decoder_surgery import narrower_config, prune_width, select_layers, width_importance
 from jkd.models.hf import load_hf, read_config, save_hf
 from jkd.runtime import hosts
 from jkd.runtime.faults import missing_folder
@@ -58,7 +58,8 @@ from jkd.runtime.run_folder import slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, stack_states
 from jkd.train.state import split_model
 from jkd.train.lm_sequence import teacher_answers
-from jkd.train.lm_steps import OnPolicyKD, StoredTopKKD, TokenKD, on_policy_step, stored_topk_step, token_kd_step
+from jkd.train.lm_steps import (OnPolicyKD, StoredTopKKD, TokenKD, in_compute_dtype, on_policy_step, stored_topk_step,
+                                token_kd_step)
 from jkd.train.loop import LoopConfig
 from jkd.train import memory_plan as MP
 from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
@@ -112,12 +113,9 @@ class LMStudent:
 
     def cut_config(self, teacher: DecoderConfig) -> DecoderConfig:
         """The architecture of a student cut from ``teacher`` (its layers, then its width)."""
-        cfg = dataclasses.replace(teacher, num_layers=len(self.teacher_layers))
         mlp, kv = self.width or (None, None)
-        group = cfg.num_heads // cfg.num_kv_heads
-        kv = cfg.num_kv_heads if kv is None else kv
-        return dataclasses.replace(cfg, intermediate_size=mlp or cfg.intermediate_size, num_kv_heads=kv,
-                                   num_heads=kv * group, head_dim=cfg.head_dim)
+        return narrower_config(dataclasses.replace(teacher, num_layers=len(self.teacher_layers)),
+                               intermediate_size=mlp, num_kv_heads=kv)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the dtype and teacher_dtype settings
@@ -761,9 +759,12 @@ class LMJob(Job):
         states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(seeds), *x.shape), x.dtype), one)
         layout = getattr(run, "state_sharding", None)
         shard = (lambda tree: layout(tree) if callable(layout) else layout) if layout is not None else (lambda tree: None)
+        placed = shard(states)  # the states' shardings: a tree like them, one sharding, or None (one device)
+        per_tree = (lambda part: getattr(placed, part)) if placed is not None and hasattr(placed, "params") \
+            else (lambda part: placed)
         mesh = self.cfg.mesh_shape() or (1, 1)
         local_rows = -(-rows // mesh[0])
-        student = MP.per_device_bytes(states.params, shard(states).params if shard(states) is not None else None)
+        student = MP.per_device_bytes(states.params, per_tree("params"))
         vocab = getattr(objective, "vocab_size", None) or config.vocab_size
         chunk = getattr(objective, "chunk_size", 1024)
         kv = 0
@@ -773,7 +774,7 @@ class LMJob(Job):
         return MP.compiled_step_memory(
             run.lower(states, batch, objective, tvars), name=name,
             teacher=MP.per_device_bytes(tvars, shard(tvars)) if tvars is not None else 0, student=student,
-            optimizer=MP.per_device_bytes(states.opt_state, shard(states).opt_state if shard(states) is not None else None),
+            optimizer=MP.per_device_bytes(states.opt_state, per_tree("opt_state")),
             gradients=student, kv_cache=kv,
             loss_chunk=MP.fused_loss_chunk(local_rows * (length - 1), chunk, vocab, seeds=len(seeds),
                                            with_teacher=tvars is not None))
@@ -845,8 +846,7 @@ def _in_dtype(model: Decoder, dtype) -> Decoder:
     if model.dtype == dtype:
         return model
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                            state))
+    return nnx.merge(graphdef, in_compute_dtype(state, dtype))
 
 
 def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[tuple]:

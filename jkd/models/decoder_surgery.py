@@ -85,6 +85,15 @@ def width_importance(model: Decoder, tokens, *, attention_mask=None) -> tuple[np
     return np.stack(mlp), np.stack(kv)
 
 
+def narrower_config(config, *, intermediate_size: int | None = None, num_kv_heads: int | None = None):
+    """``config`` with ``intermediate_size`` MLP channels and ``num_kv_heads`` key/value heads (each
+    with its query heads; None keeps them); ``head_dim`` stays."""
+    group = config.num_heads // config.num_kv_heads
+    kv = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+    return dataclasses.replace(config, intermediate_size=intermediate_size or config.intermediate_size,
+                               num_kv_heads=kv, num_heads=kv * group, head_dim=config.head_dim)
+
+
 def prune_width(model: Decoder, importance: tuple[np.ndarray, np.ndarray], *, intermediate_size: int | None = None,
                 num_kv_heads: int | None = None) -> Decoder:
     """A copy of ``model`` keeping, in every layer, its ``intermediate_size`` most important MLP
@@ -102,7 +111,7 @@ def prune_width(model: Decoder, importance: tuple[np.ndarray, np.ndarray], *, in
         raise ValueError(f"prune_width: importance of shapes {mlp_imp.shape}, {kv_imp.shape} does not fit this model "
                          f"({cfg.num_layers} layers, {cfg.intermediate_size} channels, {cfg.num_kv_heads} kv heads)")
     group, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    config = dataclasses.replace(cfg, intermediate_size=f, num_kv_heads=g, num_heads=g * group, head_dim=hd)
+    config = narrower_config(cfg, intermediate_size=f, num_kv_heads=g)
     out = nnx.eval_shape(lambda: Decoder(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
     src = {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     keep_f = [np.sort(np.argsort(-imp, kind="stable")[:f]) for imp in mlp_imp]
