@@ -32,6 +32,7 @@ def test_demo_writes_the_whole_run_folder(demo_dir):
     assert roles == ["teacher"] + (["student_alone"] + ["distilled"] * 5) * 2
     for m in summary["models"][1:]:
         assert m["seeds"] == 2 and len(m["per_seed"]) == 2
+        assert m["per_seed"][0]["tasks"] == 12 and 0 <= m["task_success_mean"] <= 1
         assert 0 <= m["tool_call_exact_match_mean"] <= 1 and math.isfinite(m["test_cross_entropy_mean"])
         assert "agreement_with_teacher_mean" in m and m["generation_tokens_per_s_mean"] > 0
         assert m["size_bytes"] == (demo_dir / slug(m["name"]) / "seed0" / "model.safetensors").stat().st_size
@@ -43,6 +44,8 @@ def test_demo_writes_the_whole_run_folder(demo_dir):
     assert list((demo_dir / "answers").glob("answers-*/batch-*.npz"))  # the teacher's cached answers
     report = (demo_dir / "report.md").read_text()
     assert "| student 1 layer sequence KD | distilled |" in report and "by more than the seed spread" in report
+    assert "Task success: 12 test conversations played in the loop" in report and "| task success |" in report
+    assert "tool calls read in the hermes format (read off the chat template)" in report
     assert list((demo_dir / "tb").iterdir())
 
 
@@ -101,7 +104,7 @@ def _jsonl(path, rows):
     return str(path)
 
 
-def _save_teacher(folder, *, seed):
+def _save_teacher(folder, *, seed, positions=512):
     """A random tiny Llama of 512 positions, as `transformers` writes it, for jkd's byte tokenizer."""
     import torch
     import transformers
@@ -111,7 +114,7 @@ def _save_teacher(folder, *, seed):
     tok = byte_tokenizer()
     config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+                                      max_position_embeddings=positions, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     torch.manual_seed(seed)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
 
@@ -257,8 +260,11 @@ def test_evaluate_and_generate_a_saved_student(demo_dir, tmp_path, capsys):
                      str(demo_dir / "data" / "test.jsonl"), "--max-length", "128", "--max-new-tokens", "8",
                      "--out", str(out)]) == 0
     got = json.loads(out.read_text())
-    for key in ("tool_call_exact_match", "tool_name_accuracy", "no_tool_accuracy", "turns"):
+    for key in ("tool_call_exact_match", "tool_name_accuracy", "no_tool_accuracy", "turns", "tool_call_parse_rate",
+                "tool_call_attempts"):
         assert got[key] == seed0[key], key
+    assert got["tool_format"] == "hermes" and got["tool_format_chosen"] == "read off the chat template"
+    assert "task_success" in seed0 and 0 <= seed0["task_success"] <= 1  # the run played the tasks too
     assert got["test_cross_entropy"] == pytest.approx(seed0["test_cross_entropy"], rel=1e-5)
     capsys.readouterr()
     assert cli.main(["lm", "generate", str(demo_dir / "teacher" / "model"), "--prompt", "weather in Oslo tomorrow",
@@ -336,3 +342,79 @@ def test_a_killed_demo_resumes_from_its_checkpoint(tmp_path):
     assert resumed and 100 <= int(resumed[0].rsplit(" ", 1)[1]) < 400, second.stdout  # neither 0 nor the end
     assert f"taking over the lock left by process {proc.pid}" in second.stdout  # the killed run's, recognised
     assert json.loads((run_dir / "summary.json").read_text())["models"][0]["role"] == "teacher"
+
+
+USER_TOOLS = """
+import time
+
+
+def double(x: int) -> dict:
+    \"\"\"Double x.
+
+    Args:
+        x: n
+    \"\"\"
+    return {"y": 2 * x}
+
+
+def boom(x: int) -> dict:
+    \"\"\"Fails.
+
+    Args:
+        x: n
+    \"\"\"
+    raise RuntimeError("down")
+
+
+def nap(x: int) -> dict:
+    \"\"\"Sleeps.
+
+    Args:
+        x: n
+    \"\"\"
+    time.sleep(60)
+"""
+
+
+def test_sequence_mode_runs_the_users_tools(tmp_path, capsys, monkeypatch):
+    """`--tools`: the module's tools are offered to conversations naming none, the teacher's calls
+    run through them (a raising and a sleeping tool reported) and the run completes. The teacher's
+    sampled text is stood in for (a random tiny teacher never calls a tool); the rest is the job's."""
+    import jkd.jobs.lm as LX
+    from jkd.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    _save_teacher(tmp_path / "teacher", seed=0, positions=1024)
+    tok.save(tmp_path / "teacher")
+    tools = tmp_path / "tools.py"
+    tools.write_text(USER_TOOLS)
+    train = _jsonl(tmp_path / "train.jsonl", _conversations(8, 0))
+    test = _jsonl(tmp_path / "test.jsonl", _conversations(2, 1))
+    unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(4)])
+    calls = ["double", "boom", "nap", None]
+    seen = {}
+
+    def answers(teacher, prompts, *, cache_dir, **kw):
+        seen[cache_dir.name] = [tok.decode(p) for p in prompts]
+        if cache_dir.name == "answers":
+            return [tok.encode(("<tool_call>\n" + json.dumps({"name": c, "arguments": {"x": 3}}) + "\n</tool_call>"
+                                if c else "no call") + "<|im_end|>") for c in calls]
+        return [tok.encode("ok<|im_end|>") for _ in prompts]
+
+    monkeypatch.setattr(LX, "teacher_answers", answers)
+    argv = ["lm", "distill", "--teacher", str(tmp_path / "teacher"), "--data", train, "--test", test,
+            "--unlabelled", unl, "--mode", "sequence", "--tools", str(tools), "--tool-timeout", "1",
+            "--student", "16x1", "--steps", "1", "--batch-size", "4", "--max-length", "960", "--max-new-tokens", "4",
+            "--seeds", "0", "--no-baseline", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"tools: double, boom, nap from {tools} (stopped after 1 s)" in out
+    assert ("4 requests answered, 3 of them carried on after the tools' results" in out
+            and "of 3 tool calls, 1 raised, 1 stopped after 1 s, each answered by the teacher from the error" in out)
+    assert all('"name": "double"' in p for p in seen["answers"])  # the tools offered in every prompt
+    after = seen["answers_after_tools"]
+    assert '{"y": 6}' in after[0] and "error: RuntimeError: down" in after[1] and "was stopped" in after[2]
+    # the tools module joins the guard: another module is another run
+    tools.write_text(USER_TOOLS.replace("2 * x", "3 * x"))
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "tools_file (--tools): its contents changed" in capsys.readouterr().err

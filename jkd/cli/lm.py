@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from jkd.cli.common import apply_overrides, finite, mesh_flag, remat_flag, run_folder_flags, seed_list
@@ -16,13 +17,20 @@ _DISTILL_FLAGS = {
     **same_names("max_length", "batch_size", "pack_length", "teacher_steps", "seeds", "max_new_tokens"),
     "train_file": "data", "test_file": "test", "unlabelled_file": "unlabelled", "teacher_dir": "teacher",
     "student_steps": "steps", "include_baseline": "no_baseline", "student_optimizer": "lr", "teacher_optimizer": "lr",
-    "students": "student", "distillations": "mode", "mesh": "config.mesh", "remat": "config.remat"}
+    "students": "student", "distillations": "mode", "mesh": "config.mesh", "remat": "config.remat",
+    "tools_file": "tools", "tool_timeout_s": "tool_timeout"}
 
 
 def _config_class():
     from jkd.jobs.lm import LMExperimentConfig
 
     return LMExperimentConfig
+
+def _tool_formats():
+    from jkd.agents.formats import FORMATS
+
+    return sorted(FORMATS)
+
 
 LM_MODES = ("token", "stored", "sequence", "on-policy")
 LM_LOSSES = {"fkl": "ForwardKL", "rkl": "ReverseKL", "jsd": "GeneralizedJSD", "skew-fkl": "SkewForwardKL",
@@ -62,7 +70,7 @@ def _lm_config(args):
         students=(student,), max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
-        seeds=args.seeds, include_baseline=not args.no_baseline,
+        seeds=args.seeds, include_baseline=not args.no_baseline, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
         distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
                                          teacher_answers=args.mode == "sequence"),),
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
@@ -168,6 +176,10 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--weight-decay", type=finite, default=0.0, help="AdamW's decoupled weight decay (matrices only)")
     lm_dist.add_argument("--seeds", type=seed_list, default=(0,))
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
+    lm_dist.add_argument("--tools", help="a .py module of plain functions (type hints, docstrings) that the agent "
+                         "loop runs: the teacher's calls in --mode sequence; offered to conversations naming no tools")
+    lm_dist.add_argument("--tool-timeout", type=finite, default=30.0,
+                         help="seconds a tool call may run before it is stopped and reported (default 30)")
     mesh_flag(lm_dist)
     remat_flag(lm_dist)
     lm_dist.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -184,6 +196,14 @@ def add_commands(sub) -> None:
     lm_eval.add_argument("--max-length", type=int, default=256)
     lm_eval.add_argument("--max-new-tokens", type=int, default=64)
     lm_eval.add_argument("--out", help="also write the metrics to this JSON file")
+    lm_eval.add_argument("--tool-format", choices=_tool_formats(), default=None,
+                         help="how the model writes tool calls (default: read off its chat template)")
+    lm_eval.add_argument("--tools", help="a .py module of tools: the conversations are also played as whole tasks "
+                         "in the loop (task success)")
+    lm_eval.add_argument("--tool-timeout", type=finite, default=30.0)
+    lm_eval.add_argument("--max-turns", type=int, default=3, help="assistant turns per task in the loop")
+    lm_eval.add_argument("--pass-k", type=int, default=0, help="sampled trials per task for pass^k (0: none)")
+    lm_eval.add_argument("--pass-temperature", type=finite, default=1.0)
     lm_gen = lm_sub.add_parser("generate", help="answer requests with a Hugging Face model folder")
     lm_gen.set_defaults(handler=generate_command)
     lm_gen.add_argument("model", help="a Hugging Face model folder with its tokenizer")
@@ -217,9 +237,13 @@ def distill_command(args) -> int:
 def evaluate_command(args) -> int:
     from jkd.jobs.measure import evaluate_saved_lm
 
-    metrics = evaluate_saved_lm(args.model, args.test, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+    metrics = evaluate_saved_lm(args.model, args.test, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                                tool_format=args.tool_format, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
+                                max_turns=args.max_turns, pass_k=args.pass_k, pass_temperature=args.pass_temperature)
     text = json.dumps(metrics, indent=2)
     print(text)
+    for warning in metrics["warnings"]:
+        print("warning: " + warning, file=sys.stderr)
     if args.out:
         atomic_write(args.out, text + "\n")
     return 0

@@ -54,6 +54,21 @@ def _check_message(m, where: str) -> None:
             raise ConversationError(f"{where}, tool call {j} ({fn['name']}): arguments must be a JSON object")
 
 
+def _arguments_read(m: dict) -> dict:
+    """The message with its calls' JSON-string arguments read once into objects (a template that
+    encodes them again would otherwise write them twice encoded)."""
+    if not m.get("tool_calls"):
+        return m
+    calls = []
+    for call in m["tool_calls"]:
+        key = "function" if "function" in call else None
+        fn = call[key] if key else call
+        if isinstance(fn.get("arguments"), str):
+            fn = {**fn, "arguments": json.loads(fn["arguments"])}
+        calls.append({**call, key: fn} if key else fn)
+    return {**m, "tool_calls": calls}
+
+
 def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]:
     """Every conversation of a ``.jsonl`` file, checked; a bad line raises
     :class:`ConversationError` naming the file, the line and what was expected."""
@@ -82,7 +97,7 @@ def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]
                                         "(unlabelled requests go in --unlabelled)")
             if not labelled and roles[-1] == "assistant":
                 raise ConversationError(f"{where}: an unlabelled request must end before the assistant's answer")
-            out.append(conv)
+            out.append({**conv, "messages": [_arguments_read(m) for m in msgs]})
     if not out:
         raise ConversationError(f"{path}: no conversations (the file is empty)")
     return out

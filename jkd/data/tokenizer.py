@@ -123,6 +123,11 @@ class Tokenizer:
             out["unk_token"] = unk
         return out
 
+    @property
+    def special_token_texts(self) -> tuple[str, ...]:
+        """The text of every special token (what ``decode(..., skip_special_tokens=True)`` drops)."""
+        return tuple(t.content for t in self.backend.get_added_tokens_decoder().values() if t.special)
+
     def encode(self, text: str) -> np.ndarray:
         """``text`` -> ids ``[T]`` int32; special tokens written in the text are recognised, none
         are added (chat templates write their own)."""

@@ -145,6 +145,15 @@ def execute(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     return {"flights": h % 9 + 1, "cheapest_eur": 40 + (h // 9) % 300}
 
 
+def simulated_tools():
+    """The simulated tools as a :class:`jkd.agents.tools.Toolbox` (run in this process; a call
+    :func:`check_call` refuses comes back to the model as its error)."""
+    from jkd.agents.tools import Toolbox
+
+    return Toolbox.from_functions({n: (lambda n: lambda **a: execute(n, a))(n) for n in TOOL_NAMES}, schemas=TOOLS,
+                                  source="the simulated tools")
+
+
 def final_answer(name: str, arguments: dict[str, Any], result: dict[str, Any]) -> str:
     """The assistant's reply after the tool's result: it states the result's values."""
     a, r = arguments, result

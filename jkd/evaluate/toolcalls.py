@@ -1,36 +1,40 @@
 """How well a model acts as an agent: its generated assistant turns against reference turns.
 
-A generated turn is parsed as the ChatML tool-call format writes it: text, then
-``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks. Metrics over a set of turns
-(:func:`tool_metrics`):
+A generated turn is read by the model family's tool-call format (:mod:`jkd.agents.formats`;
+decode it with special tokens kept). Metrics over a set of turns (:func:`tool_metrics`):
 
 - ``tool_call_exact_match``: turns whose reference calls a tool, where the generated calls equal
   the reference calls (names and arguments, order kept);
 - ``tool_name_accuracy``: the same turns, where the called tool names equal the reference's;
 - ``argument_accuracy``: the reference arguments (name, value) reproduced in the call to the same
   tool, over all reference arguments;
-- ``valid_json_rate``: generated ``<tool_call>`` blocks that parse as ``{"name": str, "arguments":
-  object}``, over all generated blocks (``None`` when no block was generated);
+- ``tool_call_parse_rate``: generated calls the format reads as ``(name, arguments object)``,
+  over the calls the format saw begin (``None`` when no call was attempted);
 - ``tool_call_precision`` / ``tool_call_recall``: calls to a tool the reference calls in that turn,
   over generated calls / over reference calls (a call on a request that needs no tool counts
   against precision, a missing call against recall);
 - ``final_answer_correct``: turns that answer a tool's result (the message before is a ``tool``
-  message, the reference calls nothing), where the generated text calls nothing and states every
-  number and string of the tool's JSON result;
+  message, the reference calls nothing), judged by :data:`FINAL_ANSWER_RULE`;
 - ``no_tool_accuracy``: turns whose reference calls nothing, where the generated turn calls nothing.
+
+``tool_call_attempts`` counts the calls the format saw begin, and ``turns_read_as_<format>`` the
+turns that another named format reads as calls (when this one saw none); :func:`format_warning`
+turns a set of metrics whose calls could not be read into a sentence for the report.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Sequence
 
-_BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|$)", re.DOTALL)
+from jkd.agents.formats import FORMATS, HERMES, ParsedTurn, ToolFormat
+
+FINAL_ANSWER_RULE = ("a final answer is correct when it calls no tool, is not empty, and states every value of the "
+                     "tool's result that the reference answer states")
 
 
 def reference_calls(message: dict) -> list[tuple[str, Any]]:
-    """``[(name, arguments)]`` of an assistant message's ``tool_calls``."""
+    """``[(name, arguments)]`` of an assistant message's ``tool_calls`` (JSON-string arguments read)."""
     out = []
     for call in message.get("tool_calls") or []:
         fn = call.get("function", call)
@@ -39,19 +43,10 @@ def reference_calls(message: dict) -> list[tuple[str, Any]]:
     return out
 
 
-def parse_turn(text: str) -> dict:
-    """``{"content": str, "calls": [(name, arguments)], "blocks": int, "valid": int}``."""
-    calls, blocks = [], 0
-    for m in _BLOCK.finditer(text):
-        blocks += 1
-        try:
-            obj = json.loads(m.group(1).strip())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments"), dict):
-            calls.append((obj["name"], obj["arguments"]))
-    content = _BLOCK.sub("", text).strip()
-    return {"content": content, "calls": calls, "blocks": blocks, "valid": len(calls)}
+def read_turn(text: str, fmt: ToolFormat = HERMES, special_tokens: Sequence[str] = ()) -> ParsedTurn:
+    """``text`` read by ``fmt`` (:meth:`~jkd.agents.formats.ToolFormat.read`: the special tokens
+    other than the format's markers dropped first)."""
+    return fmt.read(text, special_tokens)
 
 
 def _result_values(context: Sequence[dict]) -> list[str] | None:
@@ -77,25 +72,37 @@ def _result_values(context: Sequence[dict]) -> list[str] | None:
     return values
 
 
+def final_answer_ok(text: ParsedTurn, reference: dict, context: Sequence[dict]) -> bool:
+    """:data:`FINAL_ANSWER_RULE` for a generated turn after the tool result ending ``context``."""
+    stated = [v for v in _result_values(context) or [] if v in (reference.get("content") or "")]
+    return not text.calls and not text.attempts and bool(text.content) and all(v in text.content for v in stated)
+
+
 def _ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
-def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]]) -> dict[str, float | None]:
+def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat = HERMES,
+                 special_tokens: Sequence[str] = ()) -> dict[str, float | None]:
     """Metrics of the module docstring over ``(reference message, context messages, generated text)``
-    triples; a metric whose denominator is empty is ``None``."""
+    triples, the texts read by ``fmt`` (:func:`read_turn`); a metric whose denominator is empty is
+    ``None``."""
     n_call_turns = exact = names = 0
     arg_total = arg_ok = 0
-    blocks = valid = 0
+    attempts = valid = 0
     pred_calls = correct_pred = ref_total = correct_ref = 0
     final_turns = final_ok = 0
     no_tool_turns = no_tool_ok = 0
+    others = {name: 0 for name in FORMATS if name != fmt.name}
     for ref_msg, context, text in turns:
         ref = reference_calls(ref_msg)
-        got = parse_turn(text)
-        pred = got["calls"]
-        blocks += got["blocks"]
-        valid += got["valid"]
+        got = read_turn(text, fmt, special_tokens)
+        if not got.attempts:
+            for name in others:
+                others[name] += bool(FORMATS[name].read(text, special_tokens).calls)
+        pred = got.calls
+        attempts += got.attempts
+        valid += len(pred)
         ref_names = [n for n, _ in ref]
         pred_calls += len(pred)
         remaining = list(ref_names)
@@ -116,19 +123,35 @@ def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]]) -> dict[str, flo
                     arg_ok += k in match and match[k] == v
         else:
             no_tool_turns += 1
-            no_tool_ok += got["blocks"] == 0
-            values = _result_values(context)
-            if values is not None:
+            no_tool_ok += got.attempts == 0
+            if _result_values(context) is not None:
                 final_turns += 1
-                final_ok += got["blocks"] == 0 and bool(got["content"]) and all(v in got["content"] for v in values)
+                final_ok += final_answer_ok(got, ref_msg, context)
     return {
         "tool_call_exact_match": _ratio(exact, n_call_turns),
         "tool_name_accuracy": _ratio(names, n_call_turns),
         "argument_accuracy": _ratio(arg_ok, arg_total),
-        "valid_json_rate": _ratio(valid, blocks),
+        "tool_call_parse_rate": _ratio(valid, attempts),
         "tool_call_precision": _ratio(correct_pred, pred_calls),
         "tool_call_recall": _ratio(correct_ref, ref_total),
         "final_answer_correct": _ratio(final_ok, final_turns),
         "no_tool_accuracy": _ratio(no_tool_ok, no_tool_turns),
         "turns": len(turns), "tool_call_turns": n_call_turns, "final_answer_turns": final_turns,
+        "tool_call_attempts": attempts,
+        **({f"turns_read_as_{name}": n for name, n in others.items() if n} if not attempts else {}),
     }
+
+
+def format_warning(metrics: dict, fmt: ToolFormat, model: str) -> str | None:
+    """A sentence when ``model``'s calls could not be read in ``fmt``: it began calls and none
+    parsed, or it began none while its turns read as calls in another format."""
+    attempts, calls = metrics.get("tool_call_attempts") or 0, metrics.get("tool_call_turns") or 0
+    if attempts and not metrics.get("tool_call_parse_rate"):
+        return (f"{model}: none of its {attempts} tool calls could be parsed in the {fmt.name} format, so every "
+                "call metric is 0; if it writes calls another way, name that format with --tool-format")
+    elsewhere = {k[len("turns_read_as_"):]: v for k, v in metrics.items() if k.startswith("turns_read_as_") and v}
+    if calls and not attempts and elsewhere:
+        name, n = max(elsewhere.items(), key=lambda kv: kv[1])
+        return (f"{model}: it began no tool call in the {fmt.name} format on {calls} turns that needed one, but "
+                f"{n:g} of its turns read as calls in the {name} format; name that format with --tool-format {name}")
+    return None

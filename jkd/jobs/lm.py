@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -64,6 +63,11 @@ from jkd.train.loop import LoopConfig
 from jkd.train import memory_plan as MP
 from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
 from jkd.models.sampler import SamplingConfig, bucket_length
+from jkd.agents.formats import by_name, tool_format_for
+from jkd.evaluate.toolcalls import format_warning
+from jkd.agents.loop import agent_rows
+from jkd.agents.tasks import TASK_SUCCESS_RULE, tasks_from
+from jkd.agents.tools import OK, RAISED, REFUSED, TIMED_OUT, Toolbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +172,14 @@ class LMExperimentConfig:
     attention: str | None = None             # blocked (jkd's XLA attention), cudnn (cuDNN's flash attention, GPUs,
                                              # bfloat16), splash (Pallas, TPUs) or xla (jax.nn.dot_product_attention's);
                                              # None: cudnn on a GPU in bfloat16, splash on one TPU, else blocked
+    tools_file: str | None = None            # a .py module of plain functions the agent loop runs (jkd.agents.tools);
+                                             # None: the simulated tools with the embedded data, else no tools
+    tool_timeout_s: float = 30.0             # a tool call running longer is stopped and reported
+    max_turns: int = 3                       # measured tasks: the most assistant turns in the loop
+    pass_k: int = 0                          # measured tasks: sampled trials per task for pass^k (0: greedy only)
+    pass_temperature: float = 1.0            # the temperature of those trials
+    tool_format: str | None = None           # how the models write tool calls: hermes, llama3_json, mistral or json
+                                             # (None: read off the chat template, jkd.agents.formats.detect_format)
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -206,6 +218,22 @@ class LMExperimentConfig:
         if self.memory_limit_gib is not None and not (isinstance(self.memory_limit_gib, (int, float))
                                                       and math.isfinite(self.memory_limit_gib) and self.memory_limit_gib > 0):
             raise ValueError(f"memory_limit_gib (--memory-limit-gib) must be a number > 0; got {self.memory_limit_gib!r}.")
+        if self.tool_format is not None:
+            by_name(self.tool_format)  # an unknown name is refused with the known ones
+        if self.tools_file is not None and not Path(self.tools_file).is_file():
+            raise FileNotFoundError(f"{self.tools_file}: no such tools module (--tools takes a .py file of plain "
+                                    "functions with type hints and docstrings)")
+        for field in ("max_turns", "pass_k"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if field == "max_turns" else 0):
+                raise ValueError(f"{field} (--{field.replace('_', '-')}) must be a whole number >= "
+                                 f"{1 if field == 'max_turns' else 0}; got {value!r}.")
+        if not (isinstance(self.pass_temperature, (int, float)) and math.isfinite(self.pass_temperature)
+                and self.pass_temperature > 0):
+            raise ValueError(f"pass_temperature (--pass-temperature) must be a number > 0; got {self.pass_temperature!r}.")
+        if not (isinstance(self.tool_timeout_s, (int, float)) and math.isfinite(self.tool_timeout_s)
+                and self.tool_timeout_s > 0):
+            raise ValueError(f"tool_timeout_s (--tool-timeout) must be a number of seconds > 0; got {self.tool_timeout_s!r}.")
         if self.attention not in (None, *ATTENTION):
             raise ValueError(f"attention (--attention) must be one of {', '.join(ATTENTION)}; got {self.attention!r}.")
         for field in ("dtype", "teacher_dtype"):
@@ -297,7 +325,12 @@ class _Data:
     counts: dict
 
 
-def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
+def _offered(convs: list[dict], schemas: list[dict] | None) -> list[dict]:
+    """Conversations that name no tools of their own, offered ``schemas`` (None: as they are)."""
+    return convs if schemas is None else [c if c.get("tools") else {**c, "tools": schemas} for c in convs]
+
+
+def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo, tools: Toolbox | None = None) -> _Data:
     if cfg.train_file is None:
         paths = toolchat.write_dataset(run_dir / "data", seed=cfg.data_seed, sizes=dict(cfg.data_sizes) or None)
         train_file, test_file, unl_file = paths["train"], paths["test"], paths["unlabelled"]
@@ -306,6 +339,8 @@ def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo) -> _Data:
     train = C.read_conversations(train_file)
     test = C.read_conversations(test_file)
     unlabelled = C.read_conversations(unl_file, labelled=False) if unl_file else []
+    if cfg.tools_file is not None:  # the user's tools, offered where a conversation names none
+        train, test, unlabelled = (_offered(x, tools.schemas) for x in (train, test, unlabelled))
     if cfg.unlabelled_limit is not None:
         unlabelled = unlabelled[:cfg.unlabelled_limit]
     if cfg.test_limit is not None:
@@ -380,10 +415,17 @@ class LMJob(Job):
     def prepare(self, run: Run) -> None:
         cfg, echo = self.config, self.echo
 
+        # the tools the agent loop runs: the user's module (its schemas checked now), or the
+        # simulated tools of the embedded data
+        self.tools = (Toolbox.from_file(cfg.tools_file, timeout_s=cfg.tool_timeout_s) if cfg.tools_file else
+                      toolchat.simulated_tools() if cfg.train_file is None else None)
+        if cfg.tools_file:
+            echo(f"tools: {', '.join(self.tools.names)} from {cfg.tools_file} (stopped after {cfg.tool_timeout_s:g} s)")
+
         def read():
             if cfg.train_file is None:
                 run.folder.begin()  # the embedded conversations are written into the run folder
-            data = _read_data(cfg, run.path, echo)  # a user's files are read and checked first
+            data = _read_data(cfg, run.path, echo, self.tools)  # a user's files are read and checked first
             if cfg.teacher_dir is None:  # a tokenizer trained here, written for the other processes
                 run.folder.begin()
                 if run.primary and not (run.path / "tokenizer" / "tokenizer.json").exists():
@@ -395,8 +437,16 @@ class LMJob(Job):
         tok = data.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.eos_id = tok.eos_id
+        self.tool_format, how = tool_format_for(tok, cfg.tool_format, data.train + data.test)
+        if self.tool_format.arguments_as_string:  # the template takes the calls' arguments as JSON strings
+            for split in ("train", "labelled", "test", "unlabelled"):
+                setattr(data, split, [self.tool_format.prepare(c) for c in getattr(data, split)])
+        self.tool_format_line = f"tool calls read in the {self.tool_format.name} format ({how})"
+        echo(self.tool_format_line)
         enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
         self.train_enc, self.labelled_enc, self.test_enc = enc(data.train), enc(data.labelled), enc(data.test)
+        # whole tasks in the loop need tools to run the model's calls
+        self.test_tasks = tasks_from(data.test) if self.tools is not None else []
         turns = C.assistant_turns(tok, data.test)
         self.test_turns = [t for t in turns if len(t.prompt) <= cfg.max_length]
         self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length
@@ -811,8 +861,12 @@ class LMJob(Job):
         for k, params in enumerate(t.weights):
             model = _as_decoder(t.graphdef, params)
             m, texts = measure(model, data.tokenizer, self.test_turns, self.test_enc, max_length=cfg.max_length,
-                               max_new_tokens=cfg.max_new_tokens, pad_id=self.pad_id, reference_texts=self.teacher_texts)
+                               max_new_tokens=cfg.max_new_tokens, pad_id=self.pad_id, reference_texts=self.teacher_texts,
+                               tool_format=self.tool_format, tasks=self.test_tasks, tools=self.tools,
+                               max_turns=cfg.max_turns, pass_k=cfg.pass_k, pass_temperature=cfg.pass_temperature)
             per_seed.append(m)
+            if (warning := format_warning(m, self.tool_format, f"{t.name} (seed {k})")) is not None:
+                self.echo("warning: " + warning)
             if k == 0:
                 self.samples[t.name] = texts
             if t.role == "teacher":
@@ -834,11 +888,25 @@ class LMJob(Job):
 
     def report(self, run: Run, entries: list[dict]) -> report.Report:
         return build_report(run.path, entries, self.samples, self.test_turns, histories=run.folder.read_log(),
-                            title=self.cfg.title, seconds=time.perf_counter() - run.started, counts={
+                            title=self.cfg.title, seconds=time.perf_counter() - run.started,
+                            tool_format=self.tool_format, tool_format_line=self.tool_format_line,
+                            tasks_line=self._tasks_line(), counts={
                                 **self.data.counts, "train_truncated": self.train_enc.truncated,
                                 "train_dropped": self.train_enc.dropped, "test_truncated": self.test_enc.truncated,
                                 "test_turns": len(self.test_turns), "test_turns_skipped": self.skipped_turns,
                                 "unlabelled_skipped": self.skipped_requests, "truncation_rule": C.TRUNCATION_RULE})
+
+
+    def _tasks_line(self) -> str:
+        cfg = self.cfg
+        if not self.test_tasks:
+            return ("Whole tasks in the loop are not measured: no tools run the models' calls (give them with --tools); "
+                    "the metrics are per assistant turn, after the reference conversation.")
+        trials = (f"; pass^{cfg.pass_k}: the share of tasks solved in all of {cfg.pass_k} trials sampled at temperature "
+                  f"{cfg.pass_temperature:g}" if cfg.pass_k else "")
+        return (f"Task success: {len(self.test_tasks)} test conversations played in the loop by each model, greedy, up to "
+                f"{cfg.max_turns} assistant turns, its calls run by the tools ({self.tools.source}); {TASK_SUCCESS_RULE}"
+                f"{trials}.")
 
 
 def _in_dtype(model: Decoder, dtype) -> Decoder:
@@ -867,55 +935,6 @@ def _as_decoder(graphdef, params) -> Decoder:
     return model
 
 
-def agent_rows(tokenizer: Tokenizer, requests: list[dict], prompts: list[np.ndarray], answers: list[np.ndarray], *,
-               execute: Callable[[str, dict], dict] | None, answer: Callable[[list[np.ndarray]], list[np.ndarray]],
-               max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Training rows from the teacher's answers to requests, carried through the agent loop.
-
-    A first answer that calls tools ``execute`` can run (valid JSON, known tool, arguments it
-    accepts) gets the tools' results as ``tool`` messages and the teacher's answer to them
-    (``answer(prompts) -> answers``); its row is the whole exchange, learned on both assistant turns
-    and never on the tool results. Other answers (no call, a call that fails, no ``execute``, a
-    second prompt of ``max_length`` tokens or more) stay one turn. Returns ``(ids, learn,
-    continued)``, ``continued`` counting the rows that went through a tool.
-    """
-    from jkd.data.chat import encode_chat
-    from jkd.evaluate.toolcalls import parse_turn
-
-    second: list[tuple[int, object]] = []
-    if execute is not None:
-        for i, (req, a) in enumerate(zip(requests, answers)):
-            calls = parse_turn(tokenizer.decode(a, skip_special_tokens=True))["calls"]
-            if not calls:
-                continue
-            try:
-                results = [execute(name, args) for name, args in calls]
-            except (KeyError, TypeError, ValueError):
-                continue  # the teacher's call is one the tool refuses: its answer stays one turn
-            msgs = list(req["messages"]) + [
-                {"role": "assistant", "content": "",
-                 "tool_calls": [{"type": "function", "function": {"name": n, "arguments": args}} for n, args in calls]},
-                *({"role": "tool", "name": n, "content": json.dumps(res)} for (n, _), res in zip(calls, results))]
-            enc = encode_chat(tokenizer, msgs, tools=req.get("tools"), add_generation_prompt=True)
-            if len(enc.ids) < max_length:
-                second.append((i, enc))
-    finals = dict(zip((i for i, _ in second), answer([enc.ids for _, enc in second]))) if second else {}
-    encs = dict(second)
-    ids, learn = [], []
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        if i in finals:
-            seq = np.concatenate([encs[i].ids, finals[i]]).astype(np.int32)
-            mask = np.concatenate([encs[i].assistant_mask, np.ones(len(finals[i]), bool)])
-        else:
-            seq = np.concatenate([p, a]).astype(np.int32)
-            mask = np.arange(len(seq)) >= len(p)
-        seq, mask = seq[:max_length], mask[:max_length]
-        if mask.any():
-            ids.append(seq)
-            learn.append(mask)
-    return ids, learn, len(finals)
-
-
 def _answered(r: LMJob, teacher: Decoder, echo):
     """The unlabelled requests with the teacher's answers, as training rows; with the embedded data,
     through the agent loop (the simulated tools run the teacher's calls, the teacher answers their
@@ -931,21 +950,25 @@ def _answered(r: LMJob, teacher: Decoder, echo):
     def rows():
         first = answer(r.request_prompts, "answers")
         return (first, *agent_rows(r.data.tokenizer, r.request_conversations, r.request_prompts, first,
-                                   execute=toolchat.execute if cfg.train_file is None else None,
-                                   answer=lambda prompts: answer(prompts, "answers_after_tools"),
-                                   max_length=cfg.max_length))
+                                   tools=r.tools, answer=lambda prompts: answer(prompts, "answers_after_tools"),
+                                   max_length=cfg.max_length, tool_format=r.tool_format))
 
     # several processes: process 0 answers and caches them, the others read its cache
-    first, ids, learn, continued = hosts.primary_first(rows, "jkd: teacher answers cached")
+    first, ids, learn, counts = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
-    echo(f"teacher answers: {len(first)} requests answered, {continued} of them carried on after the tools' "
-         f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)")
+    failed = ", ".join(f"{counts[k]} {label}" for k, label in (
+        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {cfg.tool_timeout_s:g} s"))
+        if counts.get(k))
+    echo(f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
+         f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
+         + (f"; of {sum(counts.get(k, 0) for k in (OK, REFUSED, RAISED, TIMED_OUT))} tool calls, {failed}, each "
+            "answered by the teacher from the error" if failed else ""))
     return ids, learn
 
 
 def guarded_inputs(cfg: LMExperimentConfig) -> dict:
     """The paths the run reads whose contents join its guard: the conversations and the teacher."""
-    paths = {k: getattr(cfg, k) for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir")}
+    paths = {k: getattr(cfg, k) for k in ("train_file", "test_file", "unlabelled_file", "teacher_dir", "tools_file")}
     return {**paths, **{f"students[{i}].from_dir": s.from_dir for i, s in enumerate(cfg.students) if s.from_dir}}
 
 
@@ -954,8 +977,8 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat", "memory_limit_gib", "attention")
-            + (() if answers else ("max_new_tokens",)))
+    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat", "memory_limit_gib", "attention",
+             "max_turns", "pass_k", "pass_temperature") + (() if answers else ("max_new_tokens", "tool_format")))
 
 
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,

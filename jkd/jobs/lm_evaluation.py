@@ -20,42 +20,54 @@ from flax import nnx
 
 from jkd.data.conversations import Encoded, Turn, padded_rows
 from jkd.data.tokenizer import Tokenizer
+from jkd.agents.formats import HERMES, ToolFormat
+from jkd.agents.tasks import Task, run_tasks, task_metrics
+from jkd.agents.tools import Toolbox
 from jkd.evaluate.toolcalls import tool_metrics
 from jkd.models.decoder import Decoder
-from jkd.models.sampler import generate
+from jkd.models.sampler import SamplingConfig, generate
 from jkd.runtime import hosts
 
 GENERATE_BATCH = 128
 BUCKETS = tuple(range(32, 4097, 32))  # prompt lengths: chat turns differ by tens of tokens
 
 
-def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tokenizer, *, max_new_tokens: int,
-                   batch_size: int = GENERATE_BATCH) -> tuple[list[str], float | None]:
-    """Greedy answers to ``prompts`` (decoded, special tokens dropped) and the generation speed in
-    new tokens per second (the batches after the first, which compiles; None without prompts).
+def generate_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+                  batch_size: int = GENERATE_BATCH, sampling: SamplingConfig = SamplingConfig(),
+                  key: int = 0) -> tuple[list[np.ndarray], float | None]:
+    """The new tokens of ``model``'s answers to ``prompts`` (greedy by default; batch ``b`` samples
+    with ``fold_in(key(key), b)``) and the generation speed in new tokens per second (the batches
+    after the first, which compiles; None without prompts).
 
     In a run of several processes each answers its share of the prompts and all gather the answers
     (every process returns all of them; the speed is this process's)."""
     if not len(prompts):
         return [], None
+    answer = functools.partial(_answer_rows, model, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               sampling=sampling, key=key)
     if hosts.process_count() == 1:
-        rows, speed = _answer_rows(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    else:
-        shares = hosts.shares(len(prompts))
-        mine = shares[hosts.process_index()]
-        rows, speed = _answer_rows(model, [prompts[i] for i in mine], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)
-        padded = np.full((len(rows), max_new_tokens + 1), -1, np.int32)  # the last column: the row's length
-        for r, row in enumerate(rows):
-            padded[r, :len(row)], padded[r, -1] = row, len(row)
-        every = hosts.allgather_rows(padded, axis=0, sizes=[len(s) for s in shares])
-        rows = [r[:r[-1]] for r in every]
-    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows], speed
+        return answer(prompts)
+    shares = hosts.shares(len(prompts))
+    mine = shares[hosts.process_index()]
+    rows, speed = answer([prompts[i] for i in mine])
+    padded = np.full((len(rows), max_new_tokens + 1), -1, np.int32)  # the last column: the row's length
+    for r, row in enumerate(rows):
+        padded[r, :len(row)], padded[r, -1] = row, len(row)
+    every = hosts.allgather_rows(padded, axis=0, sizes=[len(s) for s in shares])
+    return [r[:r[-1]] for r in every], speed
 
 
-def _answer_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
-                 batch_size: int) -> tuple[list[np.ndarray], float | None]:
-    """The new tokens of greedy answers to ``prompts``, in their order, and the speed."""
+def generate_texts(model: Decoder, prompts: Sequence[np.ndarray], tokenizer: Tokenizer, *, max_new_tokens: int,
+                   batch_size: int = GENERATE_BATCH) -> tuple[list[str], float | None]:
+    """Greedy answers to ``prompts`` (decoded with special tokens kept: some families' tool-call
+    markers are special tokens) and the speed, as :func:`generate_rows`."""
+    rows, speed = generate_rows(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [tokenizer.decode(r) for r in rows], speed
+
+
+def _answer_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
+                 sampling: SamplingConfig = SamplingConfig(), key: int = 0) -> tuple[list[np.ndarray], float | None]:
+    """The new tokens of the answers to ``prompts``, in their order, and the speed."""
     if not len(prompts):
         return [], None
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths share a bucket
@@ -66,7 +78,8 @@ def _answer_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_token
         chunk = [prompts[i] for i in idx]
         chunk += [chunk[0]] * (batch_size - len(chunk))  # one batch shape: one compiled program
         t0 = time.perf_counter()
-        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS)
+        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS, sampling=sampling,
+                       key=jax.random.fold_in(jax.random.key(key), start))
         dt = time.perf_counter() - t0
         if start > 0:
             tokens, seconds = tokens + int(out.lengths.sum()), seconds + dt
@@ -74,19 +87,45 @@ def _answer_rows(model: Decoder, prompts: Sequence[np.ndarray], *, max_new_token
             answers[i] = np.asarray(row, np.int32)
     if seconds == 0:  # one batch only: time it again, compiled
         t0 = time.perf_counter()
-        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS)
+        out = generate(model, chunk, max_new_tokens=max_new_tokens, buckets=BUCKETS, sampling=sampling,
+                       key=jax.random.fold_in(jax.random.key(key), 0))
         tokens, seconds = int(out.lengths.sum()), time.perf_counter() - t0
     return answers, tokens / seconds
 
 
+def evaluate_tasks(model: Decoder, tokenizer: Tokenizer, tasks: Sequence[Task], *, tools: Toolbox,
+                   tool_format: ToolFormat, max_new_tokens: int, max_turns: int, max_length: int, pass_k: int = 0,
+                   temperature: float = 1.0, seed: int = 0) -> dict:
+    """:func:`jkd.agents.tasks.task_metrics` of ``model`` playing ``tasks`` in the loop: greedy,
+    and ``pass_k`` more times sampled at ``temperature`` (sample ``j``'s keys from ``(seed, j)``)."""
+    def player(sampling: SamplingConfig, sample: int):
+        turns = iter(range(max_turns))
+
+        def gen(prompts):  # turn t of sample j draws from its own key: reruns give the same trajectories
+            key = (seed * max(pass_k, 1) + sample) * max_turns + next(turns)
+            return generate_rows(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key)[0]
+        return gen
+
+    def play(gen):
+        return run_tasks(gen, tokenizer, tasks, tools=tools, tool_format=tool_format, max_turns=max_turns,
+                         max_length=max_length)
+
+    greedy = play(player(SamplingConfig(), 0))
+    sampled = [play(player(SamplingConfig(temperature=temperature), j)) for j in range(pass_k)]
+    return task_metrics(tasks, greedy, sampled)
+
+
 def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, *, max_new_tokens: int,
-                   reference_texts: Sequence[str] | None = None) -> tuple[dict, list[str]]:
-    """Tool-use metrics of ``model`` on ``turns``; ``agreement_with_teacher`` with ``reference_texts``
+                   reference_texts: Sequence[str] | None = None,
+                   tool_format: ToolFormat = HERMES) -> tuple[dict, list[str]]:
+    """Tool-use metrics of ``model`` on ``turns``, its calls read in ``tool_format``;
+    ``agreement_with_teacher`` with ``reference_texts``
     (the teacher's answers) when given: the share of turns where both answers are the same non-empty
     text (two empty answers agree on nothing). A metric with nothing to measure is None. Returns
     ``(metrics, generated texts)``."""
     texts, speed = generate_texts(model, [t.prompt for t in turns], tokenizer, max_new_tokens=max_new_tokens)
-    metrics = tool_metrics([(t.reference, t.context, text) for t, text in zip(turns, texts)])
+    metrics = tool_metrics([(t.reference, t.context, text) for t, text in zip(turns, texts)], tool_format,
+                           tokenizer.special_token_texts)
     metrics["generation_tokens_per_s"] = speed
     if reference_texts is not None:
         metrics["agreement_with_teacher"] = agreement(texts, reference_texts)
@@ -94,12 +133,19 @@ def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, 
 
 
 def measure(model: Decoder, tokenizer: Tokenizer, turns: Sequence[Turn], encoded: Encoded, *, max_length: int,
-            max_new_tokens: int, pad_id: int, reference_texts: Sequence[str] | None = None) -> tuple[dict, list[str]]:
-    """What a report gives for one model: :func:`evaluate_model` on ``turns`` and
-    :func:`test_cross_entropy` on the ``encoded`` conversations. Returns ``(metrics, texts)``."""
+            max_new_tokens: int, pad_id: int, reference_texts: Sequence[str] | None = None,
+            tool_format: ToolFormat = HERMES, tasks: Sequence[Task] = (), tools: Toolbox | None = None,
+            max_turns: int = 3, pass_k: int = 0, pass_temperature: float = 1.0) -> tuple[dict, list[str]]:
+    """What a report gives for one model: :func:`evaluate_model` on ``turns``,
+    :func:`test_cross_entropy` on the ``encoded`` conversations and, with ``tasks`` and ``tools``,
+    :func:`evaluate_tasks`. Returns ``(metrics, texts)``."""
     metrics, texts = evaluate_model(model, turns, tokenizer, max_new_tokens=max_new_tokens,
-                                    reference_texts=reference_texts)
+                                    reference_texts=reference_texts, tool_format=tool_format)
     metrics["test_cross_entropy"] = test_cross_entropy(model, encoded, max_length, pad_id)
+    if tasks and tools is not None:
+        metrics.update(evaluate_tasks(model, tokenizer, tasks, tools=tools, tool_format=tool_format,
+                                      max_new_tokens=max_new_tokens, max_turns=max_turns, max_length=max_length,
+                                      pass_k=pass_k, temperature=pass_temperature))
     return metrics, texts
 
 

@@ -12,14 +12,16 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from jkd.agents.formats import HERMES, ToolFormat
 from jkd.data.conversations import Turn
 from jkd.evaluate import plots, report
+from jkd.evaluate.toolcalls import FINAL_ANSWER_RULE, format_warning
 from jkd.runtime.atomic import atomic_write
 from jkd.jobs.seeds import margin_and_spread, verdict
 
 COLUMNS = (
     ("tool_call_exact_match", "exact match", 100), ("tool_name_accuracy", "tool name", 100),
-    ("argument_accuracy", "arguments", 100), ("valid_json_rate", "valid JSON", 100),
+    ("argument_accuracy", "arguments", 100), ("tool_call_parse_rate", "calls parsed", 100),
     ("tool_call_precision", "precision", 100), ("tool_call_recall", "recall", 100),
     ("final_answer_correct", "final answer", 100), ("no_tool_accuracy", "no-tool", 100),
     ("test_cross_entropy", "test CE (nats)", 1), ("agreement_with_teacher", "agrees w/ teacher", 100),
@@ -34,14 +36,23 @@ def _cell(e: dict, key: str, scale: float) -> str:
     return f"{mean:.{digits}f}" + (f" +- {std:.{digits}f}" if e["seeds"] > 1 else "")
 
 
+def _columns(entries: Sequence[dict]) -> list[tuple[str, str, float]]:
+    """:data:`COLUMNS`, after task success and pass^k where they were measured."""
+    tasks = ([("task_success", "task success", 100), ("irrelevance", "irrelevance", 100)]
+             if any("task_success_mean" in e for e in entries) else [])
+    passes = sorted({k[:-len("_mean")] for e in entries for k in e if k.startswith("pass^") and k.endswith("_mean")})
+    return tasks + [(k, k, 100) for k in passes] + list(COLUMNS)
+
+
 def table(entries: Sequence[dict]) -> str:
-    head = ["model", "role", "loss", "params", "weights (KB)"] + [c[1] for c in COLUMNS] + ["perplexity", "gen tok/s"]
+    columns = _columns(entries)
+    head = ["model", "role", "loss", "params", "weights (KB)"] + [c[1] for c in columns] + ["perplexity", "gen tok/s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         ppl = f"{math.exp(e['test_cross_entropy_mean']):.3f}" if "test_cross_entropy_mean" in e else "-"
         speed = e.get("generation_tokens_per_s_mean")
         rows.append("| " + " | ".join([e["name"], e["role"], e["loss"], f"{e['params']:,}", f"{e['size_bytes'] / 1024:.0f}"]
-                                      + [_cell(e, k, s) for k, _, s in COLUMNS]
+                                      + [_cell(e, k, s) for k, _, s in columns]
                                       + [ppl, "-" if speed is None else f"{speed:.0f}"]) + " |")
     return "\n".join(rows)
 
@@ -51,7 +62,8 @@ def _compare(best: dict, other: dict, key: str, better: int, label: str) -> str 
     return None if sentence is None else sentence + "."
 
 
-METRICS = (("tool_call_exact_match", 1, "tool-call exact match"), ("test_cross_entropy", -1, "test cross-entropy"))
+METRICS = (("task_success", 1, "task success"), ("tool_call_exact_match", 1, "tool-call exact match"),
+           ("test_cross_entropy", -1, "test cross-entropy"))  # a metric a run did not measure is left out
 
 
 def verdicts(entries: Sequence[dict]) -> list[str]:
@@ -124,11 +136,21 @@ def data_line(counts: dict) -> str:
 
 
 def build_report(run_dir: Path, entries: list[dict], samples: dict[str, list[str]], turns: Sequence[Turn], *,
-                 histories: dict, title: str, counts: dict, seconds: float) -> report.Report:
+                 histories: dict, title: str, counts: dict, seconds: float, tool_format: ToolFormat = HERMES,
+                 tool_format_line: str | None = None, tasks_line: str | None = None) -> report.Report:
     """The figures (training curves, one panel per kind of loss; exact match against size) and
     ``samples.md`` written in ``run_dir``; the table, the verdicts and the data line returned for
     :func:`jkd.evaluate.report.write`."""
     notes = verdicts(entries)
+    notes.append(f"Tool calls: {tool_format_line or 'read in the ' + tool_format.name + ' format'}; {FINAL_ANSWER_RULE}.")
+    if tasks_line:
+        notes.append(tasks_line)
+    for e in entries:  # one sentence per model and warning, naming the seeds it holds for
+        seeds: dict[str, list[int]] = {}
+        for k, m in enumerate(e.get("per_seed", [])):
+            if (w := format_warning(m, tool_format, e["name"])) is not None:
+                seeds.setdefault(w, []).append(k)
+        notes += [f"{w} (seed{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))})." for w, ks in seeds.items()]
     notes.append(data_line(counts) + f" Each metric is mean +- std over seeds; greedy decoding; total time {seconds:.0f} s.")
     panels: dict[str, dict] = {}
     kinds = {e["name"]: e["loss"] for e in entries}

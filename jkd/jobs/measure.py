@@ -33,21 +33,45 @@ def evaluate_saved_model(model_dir: str | Path, *, dataset: str | None = None, d
 
 
 def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_length: int = 256,
-                      max_new_tokens: int = 64) -> dict:
+                      max_new_tokens: int = 64, tool_format: str | None = None, tools_file: str | None = None,
+                      tool_timeout_s: float = 30.0, max_turns: int = 3, pass_k: int = 0,
+                      pass_temperature: float = 1.0) -> dict:
     """Tool-use metrics and cross-entropy of a Hugging Face model folder on test conversations, as a
-    run's report measures them (turns whose prompt exceeds ``max_length`` are skipped and counted)."""
+    run's report measures them (turns whose prompt exceeds ``max_length`` are skipped and counted).
+    Calls are read in ``tool_format`` (None: the one the chat template writes); ``warnings`` says
+    when the model's calls could not be read. With ``tools_file`` (a tools module, offered to
+    conversations naming no tools) the conversations are also played as whole tasks in the loop:
+    task success, and pass^k with ``pass_k`` sampled trials."""
+    from jkd.agents.formats import tool_format_for
+    from jkd.agents.tasks import tasks_from
+    from jkd.agents.tools import Toolbox
     from jkd.data import conversations as C
+    from jkd.evaluate.toolcalls import format_warning
     from jkd.data.tokenizer import Tokenizer
     from jkd.jobs.lm_evaluation import measure
     from jkd.models.hf import load_hf
 
     convs = C.read_conversations(test_file)
+    tools = Toolbox.from_file(tools_file, timeout_s=tool_timeout_s) if tools_file else None
+    if tools is not None:
+        convs = [c if c.get("tools") else {**c, "tools": tools.schemas} for c in convs]
     model, tok = load_hf(model_dir), Tokenizer.from_folder(model_dir)
+    fmt, how = tool_format_for(tok, tool_format, convs)
+    convs = [fmt.prepare(c) for c in convs]
     turns = C.assistant_turns(tok, convs)
     kept = [t for t in turns if len(t.prompt) <= max_length]
     if not kept:
         raise ValueError(f"every test turn's prompt is longer than --max-length {max_length}; raise it.")
     enc = C.encode_conversations(tok, convs, max_length=max_length)
-    metrics, _ = measure(model, tok, kept, enc, max_length=max_length, max_new_tokens=max_new_tokens,
-                         pad_id=tok.pad_id if tok.pad_id is not None else 0)
-    return {**metrics, "test_turns_skipped": len(turns) - len(kept), "conversations_truncated": enc.truncated}
+    try:
+        metrics, _ = measure(model, tok, kept, enc, max_length=max_length, max_new_tokens=max_new_tokens,
+                             pad_id=tok.pad_id if tok.pad_id is not None else 0, tool_format=fmt,
+                             tasks=tasks_from(convs) if tools is not None else (), tools=tools, max_turns=max_turns,
+                             pass_k=pass_k, pass_temperature=pass_temperature)
+    finally:
+        if tools is not None:
+            tools.close()
+    warnings = [w for w in (how[len("warning: "):] if how.startswith("warning: ") else None,
+                            format_warning(metrics, fmt, str(model_dir))) if w]
+    return {**metrics, "test_turns_skipped": len(turns) - len(kept), "conversations_truncated": enc.truncated,
+            "tool_format": fmt.name, "tool_format_chosen": how, "warnings": warnings}

@@ -43,8 +43,10 @@ def test_unlabelled_and_empty_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such conversations file"):
         C.read_conversations(tmp_path / "missing.jsonl")
     args = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-        {"function": {"name": "f", "arguments": '{"a": 1}'}}]}]}  # JSON-string arguments are fine
-    assert C.read_conversations(_write(tmp_path / "a.jsonl", [args]))[0] == args
+        {"function": {"name": "f", "arguments": '{"a": 1}'}}]}]}  # JSON-string arguments are read once
+    got = C.read_conversations(_write(tmp_path / "a.jsonl", [args]))[0]
+    assert got["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert got["messages"][0] == args["messages"][0]
 
 
 def test_truncation_rule_counts():

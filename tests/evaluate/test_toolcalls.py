@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jkd.evaluate.toolcalls import parse_turn, tool_metrics
+from jkd.evaluate.toolcalls import read_turn, tool_metrics
 
 
 def call(name, **args):
@@ -22,10 +22,11 @@ RESULT_CTX = [{"role": "user", "content": "x"}, WEATHER, {"role": "tool", "conte
 FINAL = {"role": "assistant", "content": "In Oslo it will be -3 degrees and snowy."}
 
 
-def test_parse_turn():
-    got = parse_turn("Sure. " + block("f", a=1) + "\n<tool_call>\n{not json}\n</tool_call>")
-    assert got == {"content": "Sure.", "calls": [("f", {"a": 1})], "blocks": 2, "valid": 1}
-    assert parse_turn("<tool_call>\n{\"name\": \"f\", \"arguments\": {}")["blocks"] == 1  # cut short: a block, invalid
+def test_read_turn():
+    got = read_turn("Sure. " + block("f", a=1) + "\n<tool_call>\n{not json}\n</tool_call><|im_end|>",
+                    special_tokens=["<|im_end|>"])
+    assert (got.content, got.calls, got.attempts, got.invalid) == ("Sure.", [("f", {"a": 1})], 2, 1)
+    assert read_turn("<tool_call>\n{\"name\": \"f\", \"arguments\": {}").attempts == 1  # cut short: invalid
 
 
 def test_metrics_by_hand():
@@ -45,7 +46,7 @@ def test_metrics_by_hand():
     assert m["tool_call_exact_match"] == pytest.approx(1 / 5)
     assert m["tool_name_accuracy"] == pytest.approx(2 / 5)
     assert m["argument_accuracy"] == pytest.approx((2 + 1 + 0 + 0 + 0) / 10)
-    assert m["valid_json_rate"] == pytest.approx(4 / 5)           # 5 blocks generated, 4 parse
+    assert m["tool_call_parse_rate"] == pytest.approx(4 / 5)      # 5 calls begun, 4 parse
     assert m["tool_call_precision"] == pytest.approx(2 / 4)       # 4 valid calls, 2 to a right tool
     assert m["tool_call_recall"] == pytest.approx(2 / 5)
     assert m["final_answer_correct"] == pytest.approx(1 / 2)
@@ -54,5 +55,13 @@ def test_metrics_by_hand():
 
 def test_empty_denominators_are_none():
     m = tool_metrics([(NO_TOOL, [], "Hello!")])
-    assert m["tool_call_exact_match"] is None and m["valid_json_rate"] is None and m["tool_call_precision"] is None
+    assert m["tool_call_exact_match"] is None and m["tool_call_parse_rate"] is None and m["tool_call_precision"] is None
     assert m["no_tool_accuracy"] == 1.0
+
+
+def test_final_answer_states_what_the_reference_states_of_the_result():
+    ctx = [{"role": "user", "content": "x"}, TIMER, {"role": "tool", "content": '{"delivered": true, "id": 7, "at": "09:05"}'}]
+    ref = {"role": "assistant", "content": "Your timer ends at 09:05."}  # states "09:05", not the id
+    m = tool_metrics([(ref, ctx, "It ends at 09:05."), (ref, ctx, "Done, id 7."), (ref, ctx, ""),
+                      (ref, ctx, "09:05 " + block("set_timer", minutes=5, label="tea"))])
+    assert m["final_answer_correct"] == pytest.approx(1 / 4)

@@ -8,7 +8,7 @@ import numpy as np
 from jkd.data import toolchat
 from jkd.data.chat import encode_chat, render_chat
 from jkd.data.tokenizer import byte_tokenizer
-from jkd.jobs.lm import agent_rows
+from jkd.agents.loop import agent_rows
 
 TOK = byte_tokenizer()
 
@@ -32,9 +32,9 @@ def test_a_call_gets_the_result_and_the_final_answer():
         asked.append(len(ps))
         return [_ids("Your tea timer ends at 09:05.<|im_end|>") for _ in ps]
 
-    ids, learn, continued = agent_rows(TOK, requests, prompts, answers, execute=toolchat.execute, answer=answer,
-                                       max_length=400)
-    assert continued == 1 and asked == [1]  # the refused call (no label) stays one turn
+    ids, learn, counts = agent_rows(TOK, requests, prompts, answers, tools=toolchat.simulated_tools(), answer=answer,
+                                    max_length=400)
+    assert counts == {"ok": 1, "refused": 1, "continued": 2} and asked == [2]
     result = toolchat.execute("set_timer", call["arguments"])
     full = requests[0]["messages"] + [
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
@@ -45,7 +45,12 @@ def test_a_call_gets_the_result_and_the_final_answer():
     assert learned == ("<tool_call>\n" + json.dumps(call) + "\n</tool_call><|im_end|>"
                        "Your tea timer ends at 09:05.<|im_end|>")
     assert json.dumps(result) not in learned  # the tool's result is read, never learned
-    for k in (1, 2):  # one-turn rows: prompt + answer, learned on the answer
+    # the refused call (no label) gets the schema's complaint as the tool's result, and the answer to it
+    refused = TOK.decode(ids[2])
+    assert '"content": "error: set_timer: missing argument(s) label' not in refused  # a message, not JSON
+    assert "error: set_timer: missing argument(s) label; it takes minutes, label" in refused
+    assert refused.endswith("Your tea timer ends at 09:05.<|im_end|>")
+    for k in (1,):  # a one-turn row: prompt + answer, learned on the answer
         np.testing.assert_array_equal(ids[k], np.concatenate([prompts[k], answers[k]]))
         assert learn[k].sum() == len(answers[k]) and not learn[k][:len(prompts[k])].any()
 
@@ -55,6 +60,6 @@ def test_without_a_simulator_or_room_nothing_is_carried_on():
     prompts = [encode_chat(TOK, requests[0]["messages"], add_generation_prompt=True).ids]
     answers = [_ids('<tool_call>\n{"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}}\n</tool_call>')]
     never = lambda ps: (_ for _ in ()).throw(AssertionError("no second round expected"))  # noqa: E731
-    for kw in ({"execute": None, "max_length": 400}, {"execute": toolchat.execute, "max_length": 60}):
-        ids, learn, continued = agent_rows(TOK, requests, prompts, answers, answer=never, **kw)
-        assert continued == 0 and len(ids[0]) == min(len(prompts[0]) + len(answers[0]), kw["max_length"])
+    for kw in ({"tools": None, "max_length": 400}, {"tools": toolchat.simulated_tools(), "max_length": 60}):
+        ids, learn, counts = agent_rows(TOK, requests, prompts, answers, answer=never, **kw)
+        assert counts["continued"] == 0 and len(ids[0]) == min(len(prompts[0]) + len(answers[0]), kw["max_length"])

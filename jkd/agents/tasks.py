@@ -1,0 +1,208 @@
+"""Agents judged on whole tasks: each test conversation replayed in the loop, the model's own calls
+run by the tools, scored by task success and pass^k.
+
+A :class:`Task` is a conversation up to its last user message (the earlier turns are given) and
+the reference that follows it: the calls made, in order, and the final answer. :func:`run_tasks`
+plays every task in the loop, batch-wise (one generation call per turn for all tasks still going):
+the model answers, the calls it makes (read in its tool-call format) run through the tools and
+their results go back to it, up to ``max_turns`` assistant turns, until it answers without a call.
+
+:data:`TASK_SUCCESS_RULE` is the verdict of a trajectory. :func:`task_metrics` gives ``task_success``
+(greedy trajectories), ``pass^k`` (``k`` sampled trajectories per task: the share of tasks solved
+in all ``k``, as tau-bench counts it), the sampled trajectories' mean success, and how the
+trajectories ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jkd.agents.formats import Call, ToolFormat
+from jkd.agents.loop import tool_messages
+from jkd.agents.tools import Toolbox
+from jkd.data.chat import encode_chat
+from jkd.data.tokenizer import Tokenizer
+
+TASK_SUCCESS_RULE = (
+    "task success counts the tasks whose reference calls tools; one is solved when the calls made over the whole "
+    "conversation equal the reference's (names and arguments, numbers by value, in order), every one ran, and the "
+    "last turn calls nothing, is not empty and states every value of the conversation's tool results that the "
+    "reference's final answer states; irrelevance counts the tasks that need no tool, solved by an answer that "
+    "calls none")
+
+ANSWERED, UNPARSED, MAX_TURNS, TOO_LONG = "answered", "unparsed call", "max turns", "too long"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """``messages``: the conversation the model continues (up to and with its last user message);
+    ``tools``: the schemas offered; ``calls``: the reference's calls after it, in order;
+    ``answer``: the reference's final answer."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    calls: list[Call]
+    answer: str
+
+
+def _calls_of(message: dict) -> list[Call]:
+    out = []
+    for c in message.get("tool_calls") or []:
+        fn = c.get("function", c)
+        args = fn.get("arguments", {})
+        out.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
+    return out
+
+
+def tasks_from(conversations: Sequence[dict]) -> list[Task]:
+    """A task per conversation that has an assistant turn after its last user message."""
+    out = []
+    for conv in conversations:
+        msgs = conv["messages"]
+        last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
+        if last_user is None:
+            continue
+        after = msgs[last_user + 1:]
+        answers = [m for m in after if m["role"] == "assistant"]
+        if not answers:
+            continue
+        calls = [c for m in answers for c in _calls_of(m)]
+        out.append(Task(list(msgs[:last_user + 1]), conv.get("tools"), calls, answers[-1].get("content") or ""))
+    return out
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """What the model did on a task: the messages it added (its turns and the tools' results), its
+    calls in order, the tools' result statuses, and why it ended (``answered``, ``unparsed call``,
+    ``max turns``, ``too long``)."""
+
+    messages: list[dict] = dataclasses.field(default_factory=list)
+    calls: list[Call] = dataclasses.field(default_factory=list)
+    statuses: list[str] = dataclasses.field(default_factory=list)
+    results: list[str] = dataclasses.field(default_factory=list)
+    final: str = ""
+    ended: str = ""
+
+
+def run_tasks(generate: Callable[[list[np.ndarray]], list[np.ndarray]], tokenizer: Tokenizer, tasks: Sequence[Task],
+              *, tools: Toolbox | None, tool_format: ToolFormat, max_turns: int, max_length: int) -> list[Trajectory]:
+    """Every task played in the loop; ``generate(prompts) -> new token rows`` answers a batch of
+    prompts (the model, greedy or sampled). A prompt that would exceed ``max_length`` tokens ends
+    its task (``too long``); a turn whose call cannot be parsed ends it (``unparsed call``)."""
+    trajectories = [Trajectory() for _ in tasks]
+    going = list(range(len(tasks)))
+    specials = tokenizer.special_token_texts
+    for turn in range(max_turns):
+        prompts, kept = [], []
+        for i in going:
+            t = tasks[i]
+            ids = encode_chat(tokenizer, t.messages + trajectories[i].messages, tools=t.tools,
+                              add_generation_prompt=True).ids
+            if len(ids) >= max_length:
+                trajectories[i].ended = TOO_LONG
+            else:
+                prompts.append(ids)
+                kept.append(i)
+        if not kept:
+            break
+        going = []
+        for i, row in zip(kept, generate(prompts)):
+            traj = trajectories[i]
+            read = tool_format.read(tokenizer.decode(row), specials)
+            if not read.calls:
+                traj.messages.append({"role": "assistant", "content": read.content})
+                traj.final, traj.ended = read.content, (UNPARSED if read.attempts else ANSWERED)
+                continue
+            results = [tools.call(n, a) for n, a in read.calls] if tools is not None else []
+            if tools is None:  # no tools to run: the call is the model's last word
+                traj.calls += read.calls
+                traj.ended = ANSWERED
+                continue
+            traj.messages += [tool_format.message(read.calls, read.content), *tool_messages(read.calls, results)]
+            traj.calls += read.calls
+            traj.statuses += [r.status for r in results]
+            traj.results += [r.content for r in results]
+            going.append(i)
+    for traj in trajectories:
+        traj.ended = traj.ended or MAX_TURNS  # still calling tools after max_turns turns
+    return trajectories
+
+
+def _values(contents: Sequence[str]) -> list[str]:
+    """The numbers and strings inside JSON tool results (a result that is not JSON: as a whole)."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float, str)) and not isinstance(x, bool):
+            out.append(str(x))
+    for c in contents:
+        try:
+            walk(json.loads(c))
+        except json.JSONDecodeError:
+            out.append(c)
+    return out
+
+
+def same_value(got, want) -> bool:
+    """Arguments compared as BFCL compares them: numbers by value (``5 == 5.0``, never a bool),
+    strings, lists and objects exactly, element by element."""
+    if isinstance(want, bool) or isinstance(got, bool):
+        return type(got) is type(want) and got == want
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return math.isclose(float(got), float(want), rel_tol=0, abs_tol=1e-9)
+    if isinstance(want, dict):
+        return isinstance(got, dict) and set(got) == set(want) and all(same_value(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(same_value(a, b) for a, b in zip(got, want))
+    return type(got) is type(want) and got == want
+
+
+def solved(task: Task, traj: Trajectory) -> bool:
+    """:data:`TASK_SUCCESS_RULE` (for a task that needs no tool: the irrelevance check)."""
+    if not task.calls:
+        return traj.ended == ANSWERED and not traj.calls and bool(traj.final)
+    if traj.ended != ANSWERED or len(traj.calls) != len(task.calls):
+        return False
+    if not all(n == m and same_value(a, b) for (n, a), (m, b) in zip(traj.calls, task.calls)):
+        return False
+    if any(s != "ok" for s in traj.statuses) or not traj.final:
+        return False
+    stated = [v for v in _values(traj.results) if v in task.answer]
+    return all(v in traj.final for v in stated)
+
+
+def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory],
+                 sampled: Sequence[Sequence[Trajectory]] = ()) -> dict[str, float | None]:
+    """Over the greedy trajectories: ``task_success`` (the tasks whose reference calls tools) and
+    ``irrelevance`` (the others), as :data:`TASK_SUCCESS_RULE` says; with ``sampled`` (``k``
+    lists, one trajectory per task each) ``pass^k`` (the tool tasks solved in all ``k``) and
+    ``sampled_success`` (their mean); ``ended_<reason>``: shares of the greedy trajectories."""
+    n = len(tasks)
+    tool = [i for i, t in enumerate(tasks) if t.calls]
+    none = [i for i, t in enumerate(tasks) if not t.calls]
+
+    def share(idx, trajs):
+        return float(np.mean([solved(tasks[i], trajs[i]) for i in idx])) if idx else None
+
+    out: dict[str, float | None] = {"task_success": share(tool, greedy), "irrelevance": share(none, greedy),
+                                    "tasks": n, "tool_tasks": len(tool)}
+    for reason in (ANSWERED, UNPARSED, MAX_TURNS, TOO_LONG):
+        out[f"ended_{reason.replace(' ', '_')}"] = (sum(g.ended == reason for g in greedy) / n) if n else None
+    if sampled:
+        k = len(sampled)
+        each = np.asarray([[solved(tasks[i], s[i]) for i in tool] for s in sampled], bool).reshape(k, len(tool))
+        out[f"pass^{k}"] = float(each.all(axis=0).mean()) if tool else None
+        out["sampled_success"] = float(each.mean()) if tool else None
+    return out
