@@ -71,6 +71,16 @@ def _call(obj: Any, keys: Sequence[str] = ("arguments",)) -> Call | None:
     return None
 
 
+def message_calls(message: dict) -> list[Call]:
+    """``[(name, arguments)]`` of a chat message's ``tool_calls`` (JSON-string arguments read)."""
+    out = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", call)
+        args = fn.get("arguments", {})
+        out.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
+    return out
+
+
 def _json_at(text: str, pos: int) -> tuple[Any, int] | None:
     """The JSON value starting at ``pos`` (whitespace skipped) and where it ends, or None."""
     while pos < len(text) and text[pos].isspace():

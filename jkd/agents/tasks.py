@@ -16,15 +16,14 @@ trajectories ended.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Callable, Sequence
 
 import numpy as np
 
-from jkd.agents.formats import Call, ToolFormat
+from jkd.agents.formats import Call, ToolFormat, message_calls
 from jkd.agents.loop import tool_messages
-from jkd.agents.tools import Toolbox
+from jkd.agents.tools import Toolbox, result_values
 from jkd.data.chat import encode_chat
 from jkd.data.tokenizer import Tokenizer
 
@@ -50,15 +49,6 @@ class Task:
     answer: str
 
 
-def _calls_of(message: dict) -> list[Call]:
-    out = []
-    for c in message.get("tool_calls") or []:
-        fn = c.get("function", c)
-        args = fn.get("arguments", {})
-        out.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
-    return out
-
-
 def tasks_from(conversations: Sequence[dict]) -> list[Task]:
     """A task per conversation that has an assistant turn after its last user message."""
     out = []
@@ -71,7 +61,7 @@ def tasks_from(conversations: Sequence[dict]) -> list[Task]:
         answers = [m for m in after if m["role"] == "assistant"]
         if not answers:
             continue
-        calls = [c for m in answers for c in _calls_of(m)]
+        calls = [c for m in answers for c in message_calls(m)]
         out.append(Task(list(msgs[:last_user + 1]), conv.get("tools"), calls, answers[-1].get("content") or ""))
     return out
 
@@ -134,27 +124,6 @@ def run_tasks(generate: Callable[[list[np.ndarray]], list[np.ndarray]], tokenize
     return trajectories
 
 
-def _values(contents: Sequence[str]) -> list[str]:
-    """The numbers and strings inside JSON tool results (a result that is not JSON: as a whole)."""
-    out = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, (int, float, str)) and not isinstance(x, bool):
-            out.append(str(x))
-    for c in contents:
-        try:
-            walk(json.loads(c))
-        except json.JSONDecodeError:
-            out.append(c)
-    return out
-
-
 def same_value(got, want) -> bool:
     """Arguments compared as BFCL compares them: numbers by value (``5 == 5.0``, never a bool),
     strings, lists and objects exactly, element by element."""
@@ -179,7 +148,7 @@ def solved(task: Task, traj: Trajectory) -> bool:
         return False
     if any(s != "ok" for s in traj.statuses) or not traj.final:
         return False
-    stated = [v for v in _values(traj.results) if v in task.answer]
+    stated = [v for r in traj.results for v in result_values(r) if v in task.answer]
     return all(v in traj.final for v in stated)
 
 

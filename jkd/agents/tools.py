@@ -187,6 +187,28 @@ class ToolResult:
         return self.status == OK
 
 
+def result_values(content: str) -> list[str]:
+    """The numbers and strings inside a tool's JSON result, as text (a result that is not JSON: the
+    whole of it): what an answer that reports the result states."""
+    try:
+        result = json.loads(content)
+    except json.JSONDecodeError:
+        return [content]
+    values: list[str] = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float, str)) and not isinstance(x, bool):
+            values.append(str(x))
+    walk(result)
+    return values
+
+
 def _as_content(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 

@@ -24,23 +24,13 @@ turns a set of metrics whose calls could not be read into a sentence for the rep
 
 from __future__ import annotations
 
-import json
-from typing import Any, Sequence
+from typing import Sequence
 
-from jkd.agents.formats import FORMATS, HERMES, ParsedTurn, ToolFormat
+from jkd.agents.formats import FORMATS, HERMES, ParsedTurn, ToolFormat, message_calls
+from jkd.agents.tools import result_values
 
 FINAL_ANSWER_RULE = ("a final answer is correct when it calls no tool, is not empty, and states every value of the "
                      "tool's result that the reference answer states")
-
-
-def reference_calls(message: dict) -> list[tuple[str, Any]]:
-    """``[(name, arguments)]`` of an assistant message's ``tool_calls`` (JSON-string arguments read)."""
-    out = []
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function", call)
-        args = fn.get("arguments", {})
-        out.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
-    return out
 
 
 def read_turn(text: str, fmt: ToolFormat = HERMES, special_tokens: Sequence[str] = ()) -> ParsedTurn:
@@ -50,26 +40,13 @@ def read_turn(text: str, fmt: ToolFormat = HERMES, special_tokens: Sequence[str]
 
 
 def _result_values(context: Sequence[dict]) -> list[str] | None:
-    """The numbers and strings of the tool result just before the turn (None: not after a tool)."""
+    """The numbers and strings of the tool result just before the turn (None: not after a tool;
+    a result that is not JSON states nothing to check)."""
     if not context or context[-1].get("role") not in ("tool", "ipython", "function"):
         return None
-    try:
-        result = json.loads(context[-1].get("content") or "")
-    except json.JSONDecodeError:
-        return []
-    values = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, (int, float, str)) and not isinstance(x, bool):
-            values.append(str(x))
-    walk(result)
-    return values
+    content = context[-1].get("content") or ""
+    values = result_values(content)
+    return [] if values == [content] else values
 
 
 def final_answer_ok(text: ParsedTurn, reference: dict, context: Sequence[dict]) -> bool:
@@ -95,7 +72,7 @@ def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat 
     no_tool_turns = no_tool_ok = 0
     others = {name: 0 for name in FORMATS if name != fmt.name}
     for ref_msg, context, text in turns:
-        ref = reference_calls(ref_msg)
+        ref = message_calls(ref_msg)
         got = read_turn(text, fmt, special_tokens)
         if not got.attempts:
             for name in others:
