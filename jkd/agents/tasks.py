@@ -175,3 +175,20 @@ def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory],
         out[f"pass^{k}"] = float(each.all(axis=0).mean()) if tool else None
         out["sampled_success"] = float(each.mean()) if tool else None
     return out
+
+
+def trajectory_rows(tokenizer: Tokenizer, tasks: Sequence[Task], trajectories: Sequence[Trajectory], *,
+                    max_length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Training rows of the model's own trajectories (multi-turn on-policy distillation): each task's
+    conversation with the model's turns and the tools' results, as the chat template renders it,
+    learned on the model's turns only (never the given conversation, the prompts or the tools'
+    results); cut at ``max_length`` tokens. The turns are the template's rendering of what the model
+    said (its calls as parsed), so a call reads the same whether sampled or labelled."""
+    ids, learn = [], []
+    for task, traj in zip(tasks, trajectories):
+        given = len(encode_chat(tokenizer, task.messages, tools=task.tools, add_generation_prompt=True).ids)
+        enc = encode_chat(tokenizer, task.messages + traj.messages, tools=task.tools)
+        mask = enc.assistant_mask & (np.arange(len(enc.ids)) >= given)
+        ids.append(enc.ids[:max_length].astype(np.int32))
+        learn.append(mask[:max_length])
+    return ids, learn

@@ -71,8 +71,8 @@ def _lm_config(args):
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
-        distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective,
-                                         teacher_answers=args.mode == "sequence"),),
+        distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective, teacher_answers=args.mode == "sequence",
+                                         through_tools=args.mode == "on-policy" and args.tools is not None),),
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
     cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set

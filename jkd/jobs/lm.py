@@ -62,11 +62,11 @@ from jkd.train.lm_steps import (OnPolicyKD, StoredTopKKD, TokenKD, in_compute_dt
 from jkd.train.loop import LoopConfig
 from jkd.train import memory_plan as MP
 from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
-from jkd.models.sampler import SamplingConfig, bucket_length
+from jkd.models.sampler import SamplingConfig, bucket_length, generate
 from jkd.agents.formats import by_name, tool_format_for
 from jkd.evaluate.toolcalls import format_warning
 from jkd.agents.loop import agent_rows
-from jkd.agents.tasks import TASK_SUCCESS_RULE, tasks_from
+from jkd.agents.tasks import TASK_SUCCESS_RULE, Task, run_tasks, tasks_from, trajectory_rows
 from jkd.agents.tools import OK, RAISED, REFUSED, TIMED_OUT, Toolbox
 
 
@@ -80,11 +80,16 @@ class LMDistillation:
     ``teacher_answers``: the unlabelled requests, answered by the teacher, join the labelled
     conversations (sequence-level KD; with ``TokenKD(kd_weight > 0)`` the student also matches the
     teacher's distributions on them). On-policy distillation always samples the requests.
+    ``through_tools`` (with ``OnPolicyKD``, where tools run the calls): the student's samples are
+    whole trajectories through the agent loop (its call, the tools' result, its answer; up to
+    ``max_turns`` turns), played on the host with its weights of that step, every turn of it scored
+    by the teacher, the tools' results and the prompts never trained on.
     """
 
     name: str
     objective: TokenKD | OnPolicyKD | StoredTopKKD
     teacher_answers: bool = False
+    through_tools: bool = False  # on-policy: the student's own trajectories through the tools, many turns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +207,9 @@ class LMExperimentConfig:
             if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD)):
                 raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD or StoredTopKKD; got "
                                 f"{type(d.objective).__name__}.")
+            if d.through_tools and not isinstance(d.objective, OnPolicyKD):
+                raise ValueError(f"{d.name}: through_tools samples the student's trajectories: it needs an OnPolicyKD "
+                                 f"objective; got {type(d.objective).__name__}.")
             if isinstance(d.objective, StoredTopKKD) and (d.teacher_answers or self.pack_length is not None):
                 raise ValueError(f"{d.name}: stored top-k outputs are kept per labelled conversation, one per row: "
                                  "they do not combine with packed rows (pack_length, --pack-length) or the "
@@ -308,7 +316,7 @@ def demo_config() -> LMExperimentConfig:
             LMDistillation("token KD jsd", TokenKD(divergence=GeneralizedJSD(beta=0.5), kd_weight=1.0, ce_weight=0.0)),
             LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
             LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
-                                                       max_new_tokens=48)),
+                                                       max_new_tokens=48), through_tools=True),
         ),
     )
 
@@ -537,12 +545,16 @@ class LMJob(Job):
                                    pad_token_id=self.pad_id, max_position_embeddings=slots)
 
     def _group(self, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds, optimizer: AdamWConfig,
-               teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None):
+               teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None,
+               rows_only: bool = False, rollout: Callable | None = None):
         """The parts of one group's training: ``(graphdef, tx, run, batches)``. ``run`` is the
         jitted vmapped step, one per distinct setting (shared by the memory plan and the training,
         so the step compiled for the plan is the one that trains); ``batches(start)`` yields the
-        seeds' batches side by side, ``[B, K, ...]``."""
+        seeds' batches side by side, ``[B, K, ...]``. ``rows_only``: the rows without their prompts
+        (a token-KD step on on-policy rows); ``rollout(state, step, given) -> batch``: each step's
+        batch made from the state that trains it (the student's trajectories through the tools)."""
         cfg = self.cfg
+        rows_only = rows_only or rollout is not None
         streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
         per_epoch, streams = streams[0][1], [s[0] for s in streams]
         if stored is not None:  # each row checked against what was stored for it
@@ -562,23 +574,37 @@ class LMJob(Job):
         tx, run = self._runs[key]
         local = getattr(run, "local_rows", None)  # several processes: each feeds its rows of the batch
 
+        def local_rows(batch):
+            return batch if local is None else {k: v[local(len(v))] for k, v in batch.items()}
+
         def batches(start):
-            for bs in zip(*(stream(start) for stream in streams)):
-                batch = {k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]}
-                yield batch if local is None else {k: v[local(len(v))] for k, v in batch.items()}
+            for step, bs in enumerate(zip(*(stream(start) for stream in streams)), start):
+                if rows_only:
+                    bs = [{k: b[k] for k in ("tokens", "loss_mask", "attention_mask")} for b in bs]
+                if rollout is not None:  # made when the step runs, from its state
+                    yield lambda state, step=step, bs=bs: local_rows(rollout(state, step, bs))
+                    continue
+                yield local_rows({k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]})
         return graphdef, tx, run, batches
 
     def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                        optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
-                       init: Decoder | None = None, stored: StoredTopK | None = None):
+                       init: Decoder | None = None, stored: StoredTopK | None = None,
+                       through_tools: OnPolicyKD | None = None):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
-        ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch."""
+        ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch.
+        ``through_tools``: on-policy through the tools with this objective (``objective`` is then
+        its token-KD step's)."""
         cfg = self.cfg
         tg, tvars = teacher if teacher is not None else (None, None)
+        rollout = None
+        if through_tools is not None:
+            rollout = functools.partial(self._rollout_batch, objective=through_tools, seeds=tuple(seeds),
+                                        graphdef=lambda: graphdef)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, stored=stored)
+                                                 on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout)
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [self._prepared(model(s)) for s in seeds]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
@@ -661,9 +687,10 @@ class LMJob(Job):
             # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
             vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
                                       student_rows=scfg.vocab_size)
-            for name, role, loss_name, objective, with_answers in _groups(cfg, student, vocab, scfg.vocab_size):
+            for name, role, loss_name, objective, with_answers, through in _groups(cfg, student, vocab, scfg.vocab_size):
                 ids, learn = list(self.labelled_enc.ids), list(self.labelled_enc.learn)
                 on_policy = isinstance(objective, OnPolicyKD)
+                through = through and self._through_tools(name)
                 if (with_answers or on_policy) and self.request_prompts:
                     if self.answered is None:
                         self.answered = _answered(self, self._answering(teacher), echo)
@@ -674,13 +701,55 @@ class LMJob(Job):
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
                 same_start = role == "distilled" or start == "student folder"  # the alone: random, or the folder's
                 g, params = self.train_students(
-                    name, scfg, objective, ids=ids, learn=learn, steps=cfg.student_steps, seeds=cfg.seeds,
+                    name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
+                    steps=cfg.student_steps, seeds=cfg.seeds,
                     optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    init=init if same_start else None, stored=stored)
+                    init=init if same_start else None, stored=stored, through_tools=objective if through else None)
                 yield Trained(name, role, loss_name, g, params, scfg, {
                     "student": student.name, "initialisation": start if same_start else "random",
                     "teacher_signal": online or stored is not None or bool(with_answers)})
+
+    def _through_tools(self, name: str, *, quiet: bool = False) -> bool:
+        """Whether group ``name``'s on-policy samples go through the tools: it needs tools to run the
+        calls and requests to start from (otherwise its samples are single turns, and it says so)."""
+        ok = self.tools is not None and bool(self.request_conversations)
+        if not ok and not quiet:
+            self.echo(f"{name}: no {'tools' if self.tools is None else 'unlabelled requests'} to play trajectories "
+                      "through; its on-policy samples are single turns")
+        return ok
+
+    def _rollout_batch(self, state, step: int, given: list[dict], *, objective: OnPolicyKD, seeds: tuple[int, ...],
+                       graphdef) -> dict[str, np.ndarray]:
+        """Step ``step``'s batch ``[B, K, T]`` of an on-policy group through the tools: for each seed,
+        with probability ``student_fraction`` (drawn from the seed and the step), the trajectories
+        of ``B`` requests played by that seed's student of this step (sampled per
+        ``objective.sampling``, each turn's key from the seed, the step and the turn: a resumed run
+        plays the same), else its given rows."""
+        cfg, tok = self.cfg, self.data.tokenizer
+        columns = []
+        for k, seed in enumerate(seeds):
+            if np.random.default_rng([seed, 31, step]).random() >= objective.student_fraction:
+                columns.append(given[k])
+                continue
+            model = _as_decoder(graphdef(), jax.tree.map(lambda x: x[k], state.params))
+            n, rows = len(self.request_conversations), len(given[k]["tokens"])
+            epoch, at = divmod(step * rows, n)
+            order = np.random.default_rng([seed, 37, epoch]).permutation(n)
+            picks = [order[(at + i) % n] for i in range(rows)]
+            tasks = [Task(self.request_conversations[i]["messages"], self.request_conversations[i].get("tools"), [], "")
+                     for i in picks]
+            turns = iter(range(cfg.max_turns))
+
+            def play(prompts, model=model, seed=seed, turns=turns):
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), next(turns))
+                return generate(model, prompts, max_new_tokens=objective.max_new_tokens, sampling=objective.sampling,
+                                key=key, buckets=BUCKETS).rows()
+            trajectories = run_tasks(play, tok, tasks, tools=self.tools, tool_format=self.tool_format,
+                                     max_turns=cfg.max_turns, max_length=cfg.max_length)
+            ids, learn = trajectory_rows(tok, tasks, trajectories, max_length=cfg.max_length)
+            columns.append(C.padded_rows(ids, learn, length=given[k]["tokens"].shape[1], pad_id=self.pad_id))
+        return {key: np.stack([c[key] for c in columns], axis=1) for key in ("tokens", "loss_mask", "attention_mask")}
 
     def _pruned(self, model: Decoder, width: tuple[int | None, int | None]) -> Decoder:
         """``model`` narrowed to ``width`` by activation importance on the first labelled batch."""
@@ -763,8 +832,9 @@ class LMJob(Job):
             if student.from_dir:
                 self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)
             vocab = shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
-            for name, role, _, objective, with_answers in _groups(cfg, student, vocab, scfg.vocab_size):
+            for name, role, _, objective, with_answers, through in _groups(cfg, student, vocab, scfg.vocab_size):
                 on_policy = isinstance(objective, OnPolicyKD)
+                through = through and self._through_tools(name, quiet=True)
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
                 ids, learn = self.labelled_enc.ids, self.labelled_enc.learn
                 if (with_answers or on_policy) and self.request_prompts:
@@ -773,9 +843,10 @@ class LMJob(Job):
                     ids = list(ids) + [p[:cfg.max_length] for p in self.request_prompts]
                     learn = list(learn) + [np.ones(min(len(p), cfg.max_length), bool) for p in self.request_prompts]
                 steps[name] = functools.partial(
-                    self._plan_step, name, scfg, objective, ids=ids, learn=learn,
+                    self._plan_step, name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
                     steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
-                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None)
+                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None,
+                    generated=objective.max_new_tokens if on_policy else None, rows_only=through)
         return steps
 
     def _remedies(self) -> dict[str, dict]:
@@ -795,11 +866,11 @@ class LMJob(Job):
         return out
 
     def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,
-                   on_policy_prompts=None) -> MP.StepMemory | None:
+                   on_policy_prompts=None, generated: int | None = None, rows_only: bool = False) -> MP.StepMemory | None:
         tg, tvars = teacher if teacher is not None else (None, None)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts)
+                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only)
         batch = next(iter(batches(0)))
         rows, k, length = batch["tokens"].shape
         if isinstance(objective, StoredTopKKD):  # the stored outputs each batch carries
@@ -819,7 +890,7 @@ class LMJob(Job):
         chunk = getattr(objective, "chunk_size", 1024)
         kv = 0
         if on_policy_prompts is not None:
-            kv = MP.kv_cache_bytes(layers=config.num_layers, rows=local_rows, slots=on_policy_prompts + objective.max_new_tokens,
+            kv = MP.kv_cache_bytes(layers=config.num_layers, rows=local_rows, slots=on_policy_prompts + generated,
                                    kv_heads=-(-config.num_kv_heads // mesh[1]), head_dim=config.head_dim, seeds=len(seeds))
         return MP.compiled_step_memory(
             run.lower(states, batch, objective, tvars), name=name,
@@ -918,15 +989,16 @@ def _in_dtype(model: Decoder, dtype) -> Decoder:
 
 
 def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[tuple]:
-    """The trained groups of one student, in order: ``(name, role, loss, objective, with_answers)``;
-    a distilled objective covers the ``vocab`` rows the teacher and the student share."""
+    """The trained groups of one student, in order: ``(name, role, loss, objective, with_answers,
+    through_tools)``; a distilled objective covers the ``vocab`` rows the teacher and the student share."""
     groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0),
-                False)] if cfg.include_baseline else [])
+                False, False)] if cfg.include_baseline else [])
     for d in cfg.distillations:
         objective = d.objective
         if getattr(objective, "vocab_size", None) is None and vocab != student_vocab:
             objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
-        groups.append((f"{student.name} {d.name}", "distilled", _describe(d), objective, d.teacher_answers))
+        groups.append((f"{student.name} {d.name}", "distilled", _describe(d), objective, d.teacher_answers,
+                       d.through_tools))
     return groups
 
 
@@ -999,7 +1071,7 @@ def _describe(d: LMDistillation) -> str:
     o = d.objective
     div = f"stored top-{o.top_k} ForwardKL" if isinstance(o, StoredTopKKD) else type(o.divergence).__name__
     if isinstance(o, OnPolicyKD):
-        return f"on-policy {div} (lambda={o.student_fraction:g})"
+        return f"on-policy {div} (lambda={o.student_fraction:g}" + (", through the tools)" if d.through_tools else ")")
     parts = []
     if o.kd_weight:
         parts.append(div if o.kd_weight == 1 else f"{o.kd_weight:g} {div}")

@@ -143,7 +143,9 @@ def fit(
       run: ``run(state, batch, objective, teacher) -> (state, metrics)`` from
         :mod:`jkd.train.parallel`.
       state: the initial state (also the template for restoring).
-      batches: ``batches(start_step)`` yields batches from that data position on.
+      batches: ``batches(start_step)`` yields batches from that data position on. A batch may be
+        a function of the state being trained, ``batch(state) -> batch`` (called with the state as
+        ``run`` holds it): the student's own samples, made with its weights of that step.
       evaluate: ``evaluate(state) -> {...}``, run every ``eval_every`` steps and at the end;
         its scalar results are logged and stored in the step's checkpoint metadata.
       log: called with each record (train metrics every ``sync_every`` steps, eval results).
@@ -179,6 +181,8 @@ def fit(
     try:
         while step < config.num_steps:
             batch = next(stream)
+            if callable(batch):  # made from the state of this step (on-policy rollouts)
+                batch = batch(placed)
             placed, metrics = run(placed, batch, objective, teacher)
             step += 1
             n_images += parallel.batch_size(batch) * processes

@@ -119,3 +119,24 @@ def test_arguments_compare_as_bfcl_does():
     assert same_value(5, 5.0) and same_value({"a": [1, 2.0]}, {"a": [1.0, 2]})
     assert not same_value(True, 1) and not same_value(1, True) and not same_value("5", 5)
     assert not same_value({"a": 1, "b": 2}, {"a": 1}) and not same_value([1], [1, 2])
+
+
+def test_trajectory_rows_learn_the_models_turns_only():
+    from jkd.agents.tasks import trajectory_rows
+
+    trajs = play(replaying())
+    ids, learn = trajectory_rows(TOK, TASKS, trajs, max_length=4096)
+    for conv, row, mask in zip(CONVS, ids, learn):
+        full = TOK.decode(row)
+        assert full == render_chat(TOK, conv["messages"])  # the reference conversation, replayed
+        learned = TOK.decode(row[mask])
+        replies = [m for m in conv["messages"] if m["role"] == "assistant"]
+        assert learned.count("<|im_end|>") == len(replies)  # each of the model's turns, its end included
+        for m in conv["messages"]:
+            if m["role"] == "tool":
+                assert m["content"] not in learned  # the tools' results are read, never learned
+            if m["role"] == "assistant" and m.get("content"):
+                assert m["content"] in learned
+        assert not mask[:len(TOK.encode(render_chat(TOK, conv["messages"][:1], add_generation_prompt=True)))].any()
+    short, short_learn = trajectory_rows(TOK, TASKS, trajs, max_length=50)
+    assert all(len(r) <= 50 and len(m) == len(r) for r, m in zip(short, short_learn))

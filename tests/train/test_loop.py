@@ -301,3 +301,31 @@ def test_the_logged_rate_names_its_unit_and_language_model_rows_count_tokens():
     assert "images_per_s" not in rec and rec["sequences_per_s"] > 0
     # over the same seconds: 4 tokens per sequence and per student (5 and 3 in the two students' rows)
     assert rec["tokens_per_s"] / rec["sequences_per_s"] == pytest.approx(4.0)
+
+
+def test_a_batch_made_from_the_state_sees_the_state_of_its_step(tmp_path):
+    """On-policy batches: ``batch(state)`` is called with the state the step trains, also after a resume."""
+    data = dataset()
+    tg, teacher = H.teacher()
+    seen = []
+
+    def batches(start):
+        for b in P.train_batches(data, batch_size=16, seed=3, start_step=start):
+            def made(state, b=b):
+                seen.append(int(state.step))
+                return b
+            yield made
+
+    def go(steps):
+        g, state = H.student()
+        run = parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP))
+        ckpts = Checkpoints(tmp_path)
+        try:
+            return fit(run, state, objectives.SoftKD(), teacher, batches=batches, checkpoints=ckpts,
+                       config=LoopConfig(num_steps=steps, save_every=3, sync_every=2, progress=False))
+        finally:
+            ckpts.close()
+
+    go(3)
+    go(5)
+    assert seen == [0, 1, 2, 3, 4]
