@@ -91,3 +91,27 @@ def test_evaluation_of_nothing_and_empty_answers():
     m, _ = evaluate_model(model, [turn], tok, max_new_tokens=2, reference_texts=[text + " and more"])
     assert m["agreement_with_teacher"] == 0.0
     assert agreement(["", " ", "call", "x"], ["", "", "call ", "y"]) == 0.25  # the empty pairs count as different
+
+
+def test_fields_added_to_the_lm_config_keep_earlier_run_folders_resumable():
+    """A run folder written before a config field existed is the same run under the field's
+    default: added fields default to None (the guard's rule), or are evaluation settings that may
+    change on resume."""
+    import dataclasses
+    import json
+
+    from jkd.jobs import lm as LX
+    from jkd.runtime.run_folder import config_changes, guarded_config
+
+    cfg = LX.demo_config()
+    cfg = dataclasses.replace(cfg, distillations=tuple(LX.LMDistillation(d.name, d.objective, d.teacher_answers)
+                                                       for d in cfg.distillations))
+    new = json.loads(json.dumps(guarded_config(cfg)))
+    old = json.loads(json.dumps(new))
+    for f in ("tools_file", "tool_timeout_s", "tool_format", "max_turns", "pass_k", "pass_temperature"):
+        old.pop(f)
+    for d in old["distillations"]:
+        d.pop("through_tools")
+    changes = config_changes(old, new)
+    assert {c[0] for c in changes} == {"max_turns", "pass_k", "pass_temperature"}
+    assert all(c[0] in LX.evaluation_keys(cfg) for c in changes)

@@ -72,7 +72,7 @@ def _lm_config(args):
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
         distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective, teacher_answers=args.mode == "sequence",
-                                         through_tools=args.mode == "on-policy" and args.tools is not None),),
+                                         through_tools=(args.mode == "on-policy" and args.tools is not None) or None),),
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
     cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
@@ -178,7 +178,7 @@ def add_commands(sub) -> None:
     lm_dist.add_argument("--no-baseline", action="store_true", help="skip the student alone")
     lm_dist.add_argument("--tools", help="a .py module of plain functions (type hints, docstrings) that the agent "
                          "loop runs: the teacher's calls in --mode sequence; offered to conversations naming no tools")
-    lm_dist.add_argument("--tool-timeout", type=finite, default=30.0,
+    lm_dist.add_argument("--tool-timeout", type=finite, default=None,
                          help="seconds a tool call may run before it is stopped and reported (default 30)")
     mesh_flag(lm_dist)
     remat_flag(lm_dist)

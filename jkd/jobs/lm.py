@@ -89,7 +89,8 @@ class LMDistillation:
     name: str
     objective: TokenKD | OnPolicyKD | StoredTopKKD
     teacher_answers: bool = False
-    through_tools: bool = False  # on-policy: the student's own trajectories through the tools, many turns
+    through_tools: bool | None = None  # on-policy: the student's own trajectories through the tools, many turns
+                                       # (None: no; new fields default to None so earlier run folders resume)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,7 @@ class LMExperimentConfig:
                                              # None: cudnn on a GPU in bfloat16, splash on one TPU, else blocked
     tools_file: str | None = None            # a .py module of plain functions the agent loop runs (jkd.agents.tools);
                                              # None: the simulated tools with the embedded data, else no tools
-    tool_timeout_s: float = 30.0             # a tool call running longer is stopped and reported
+    tool_timeout_s: float | None = None      # a tool call running longer is stopped and reported (None: 30 s)
     max_turns: int = 3                       # measured tasks: the most assistant turns in the loop
     pass_k: int = 0                          # measured tasks: sampled trials per task for pass^k (0: greedy only)
     pass_temperature: float = 1.0            # the temperature of those trials
@@ -239,8 +240,8 @@ class LMExperimentConfig:
         if not (isinstance(self.pass_temperature, (int, float)) and math.isfinite(self.pass_temperature)
                 and self.pass_temperature > 0):
             raise ValueError(f"pass_temperature (--pass-temperature) must be a number > 0; got {self.pass_temperature!r}.")
-        if not (isinstance(self.tool_timeout_s, (int, float)) and math.isfinite(self.tool_timeout_s)
-                and self.tool_timeout_s > 0):
+        if self.tool_timeout_s is not None and not (isinstance(self.tool_timeout_s, (int, float))
+                                                    and math.isfinite(self.tool_timeout_s) and self.tool_timeout_s > 0):
             raise ValueError(f"tool_timeout_s (--tool-timeout) must be a number of seconds > 0; got {self.tool_timeout_s!r}.")
         if self.attention not in (None, *ATTENTION):
             raise ValueError(f"attention (--attention) must be one of {', '.join(ATTENTION)}; got {self.attention!r}.")
@@ -260,6 +261,11 @@ class LMExperimentConfig:
             raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
                              f"({self.batch_size}).")
 
+
+    @property
+    def tool_timeout(self) -> float:
+        """Seconds a tool call may run (``tool_timeout_s``, or 30)."""
+        return 30.0 if self.tool_timeout_s is None else float(self.tool_timeout_s)
 
     def mesh_shape(self) -> tuple[int, int] | None:
         """``(data, model)`` of the device mesh the steps run on, None for one device."""
@@ -425,10 +431,10 @@ class LMJob(Job):
 
         # the tools the agent loop runs: the user's module (its schemas checked now), or the
         # simulated tools of the embedded data
-        self.tools = (Toolbox.from_file(cfg.tools_file, timeout_s=cfg.tool_timeout_s) if cfg.tools_file else
+        self.tools = (Toolbox.from_file(cfg.tools_file, timeout_s=cfg.tool_timeout) if cfg.tools_file else
                       toolchat.simulated_tools() if cfg.train_file is None else None)
         if cfg.tools_file:
-            echo(f"tools: {', '.join(self.tools.names)} from {cfg.tools_file} (stopped after {cfg.tool_timeout_s:g} s)")
+            echo(f"tools: {', '.join(self.tools.names)} from {cfg.tools_file} (stopped after {cfg.tool_timeout:g} s)")
 
         def read():
             if cfg.train_file is None:
@@ -1029,7 +1035,7 @@ def _answered(r: LMJob, teacher: Decoder, echo):
     first, ids, learn, counts = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
     failed = ", ".join(f"{counts[k]} {label}" for k, label in (
-        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {cfg.tool_timeout_s:g} s"))
+        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {cfg.tool_timeout:g} s"))
         if counts.get(k))
     echo(f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
          f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
