@@ -286,3 +286,18 @@ def test_derived_flags_reach_every_job(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["lm", "demo", "--answer-temperature", "inf"])
     assert "expected a finite number" in capsys.readouterr().err
+
+
+def test_run_takes_a_language_model_config_file(tmp_path, monkeypatch):
+    """`jkd run config.py` runs the job its config names: an LMExperimentConfig goes to the LM job."""
+    import jkd.jobs.lm as LX
+
+    called = {}
+    monkeypatch.setattr(LX, "run", lambda cfg, run_dir, **kw: called.update(cfg=cfg, run_dir=run_dir, **kw))
+    cfg = tmp_path / "lm.py"
+    cfg.write_text("from jkd.jobs.lm import LMExperimentConfig\n\ndef get_config():\n    return LMExperimentConfig()\n")
+    assert cli.main(["run", str(cfg), "--run-dir", str(tmp_path / "r"), "--set", "student_steps=7", "--no-progress"]) == 0
+    assert called["cfg"].student_steps == 7 and called["run_dir"] == str(tmp_path / "r") and called["progress"] is False
+    other = tmp_path / "other.py"
+    other.write_text("def get_config():\n    return {'steps': 3}\n")
+    assert cli.main(["run", str(other), "--run-dir", str(tmp_path / "o")]) == 2

@@ -32,6 +32,28 @@ def test_verdicts_compare_with_the_student_alone_and_with_the_same_start():
     assert "| s kd | distilled | x | 10 | 2 | 52.0 +- 5.0 |" in table(close)
 
 
+def test_gap_closed_and_the_all_labels_control():
+    def with_tasks(e, success):
+        return {**e, "task_success_mean": success, "task_success_std": 0.02}
+
+    entries = [
+        with_tasks({**entry("teacher", "teacher", 0.8, 0.1, signal=False), "student": None}, 0.8),
+        with_tasks(entry("s alone", "student_alone", 0.0, 1.0, signal=False), 0.0),
+        with_tasks(entry("s labels", "distilled", 0.40, 0.2, signal=False), 0.40),
+        with_tasks({**entry("s all labels", "distilled", 0.66, 0.05, signal=False), "all_labels": True}, 0.66),
+        with_tasks(entry("s seq", "distilled", 0.67, 0.06, signal=True), 0.70),
+        with_tasks(entry("s fkl", "distilled", 0.45, 0.1, signal=True), 0.45),
+    ]
+    notes = verdicts(entries)
+    # the best setting is picked among those with the teacher's signal, by task success
+    assert notes[0].startswith("s seq beats s alone on task success by more than the seed spread: 0.7000 vs 0.0000")
+    # (0.70 - 0.40) / (0.80 - 0.40) = 75%
+    assert "s seq closes 75% of the gap on task success between s labels (40.0%) and the teacher (80.0%), at 70.0%." in notes
+    assert "s seq closes 68% of the gap on exact match between s labels (40.0%) and the teacher (80.0%), at 67.0%." in notes
+    fkl_all = next(n for n in notes if n.startswith("s fkl against s all labels"))
+    assert fkl_all.endswith("It does no better than the same start on all the labelled conversations.")
+
+
 def test_the_data_line_is_a_sentence_and_the_counts_stay_numbers():
     from jkd.jobs.lm_report import data_line
 

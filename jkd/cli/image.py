@@ -212,8 +212,15 @@ def run_command(args) -> int:
             raise ValueError(f"{args.config} is a custom experiment (its own main()), which runs on one "
                              "process; run it on one host, without --coordinator/--num-processes/--process-id.")
         module.main(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
-    else:
-        X.run(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+        return 0
+    from jkd.jobs import lm as LX
+
+    jobs = {X.ExperimentConfig: X.run, LX.LMExperimentConfig: LX.run}  # the job a config's type names
+    job = next((run for kind, run in jobs.items() if isinstance(cfg, kind)), None)
+    if job is None:
+        raise ValueError(f"{args.config}: get_config() must return an ExperimentConfig (images) or an "
+                        f"LMExperimentConfig (language models); got {type(cfg).__name__}.")
+    job(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
     return 0
 
 

@@ -124,8 +124,9 @@ def format_warning(metrics: dict, fmt: ToolFormat, model: str) -> str | None:
     parsed, or it began none while its turns read as calls in another format."""
     attempts, calls = metrics.get("tool_call_attempts") or 0, metrics.get("tool_call_turns") or 0
     if attempts and not metrics.get("tool_call_parse_rate"):
-        return (f"{model}: none of its {attempts} tool calls could be parsed in the {fmt.name} format, so every "
-                "call metric is 0; if it writes calls another way, name that format with --tool-format")
+        return (f"{model}: none of the tool calls it began could be parsed in the {fmt.name} format, so every call "
+                "metric is 0: it has not learned to write them, or writes them another way (then name that format "
+                "with --tool-format)")
     elsewhere = {k[len("turns_read_as_"):]: v for k, v in metrics.items() if k.startswith("turns_read_as_") and v}
     if calls and not attempts and elsewhere:
         name, n = max(elsewhere.items(), key=lambda kv: kv[1])

@@ -80,6 +80,8 @@ class LMDistillation:
     ``teacher_answers``: the unlabelled requests, answered by the teacher, join the labelled
     conversations (sequence-level KD; with ``TokenKD(kd_weight > 0)`` the student also matches the
     teacher's distributions on them). On-policy distillation always samples the requests.
+    ``all_labels``: the labelled rows are all the labelled conversations (those the teacher saw),
+    not the students' ``labelled_subset``.
     ``through_tools`` (with ``OnPolicyKD``, where tools run the calls): the student's samples are
     whole trajectories through the agent loop (its call, the tools' result, its answer; up to
     ``max_turns`` turns), played on the host with its weights of that step, every turn of it scored
@@ -91,6 +93,8 @@ class LMDistillation:
     teacher_answers: bool = False
     through_tools: bool | None = None  # on-policy: the student's own trajectories through the tools, many turns
                                        # (None: no; new fields default to None so earlier run folders resume)
+    all_labels: bool | None = None     # train on every labelled conversation (the teacher's), not the students'
+                                       # subset: what more labels alone give
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +212,9 @@ class LMExperimentConfig:
             if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD)):
                 raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD or StoredTopKKD; got "
                                 f"{type(d.objective).__name__}.")
+            if d.all_labels and isinstance(d.objective, StoredTopKKD):
+                raise ValueError(f"{d.name}: stored top-k outputs are kept for the students' labelled subset; "
+                                 "all_labels trains on every labelled conversation.")
             if d.through_tools and not isinstance(d.objective, OnPolicyKD):
                 raise ValueError(f"{d.name}: through_tools samples the student's trajectories: it needs an OnPolicyKD "
                                  f"objective; got {type(d.objective).__name__}.")
@@ -304,12 +311,15 @@ class LMExperimentConfig:
 
 def demo_config() -> LMExperimentConfig:
     """What ``jkd lm demo`` runs: the embedded tool-use conversations; a 4-layer teacher trained on
-    all 3,000 labelled ones; students of 2 and 1 of its layers that see 300 labelled conversations
-    (and the 3,000 unlabelled requests), alone and distilled four ways, 3 seeds each."""
+    all 3,000 labelled ones; students of 2 and 1 of its layers in the setting a practitioner faces:
+    few labelled conversations (100), many unlabelled requests (3,000), a teacher clearly better
+    than what the labels give. Each student alone, and from the teacher's layers: on the 100 labels
+    (the control), on all 3,000 labels (what more labels give), and distilled three ways; 3 seeds."""
     return LMExperimentConfig(
         title="jkd lm demo: distilling a tool-using model on the embedded conversations",
         students=(LMStudent("student 2 layers", teacher_layers=(0, 3)), LMStudent("student 1 layer", teacher_layers=(0,))),
-        student_steps=60,
+        labelled_subset=100,
+        student_steps=100,
         test_limit=150,
         # whole conversations packed into 6 rows of 256 tokens: ~17 a step (as 16 unpacked rows of
         # 128 held) in 3/4 of the token slots (BUILD_NOTES)
@@ -318,8 +328,9 @@ def demo_config() -> LMExperimentConfig:
         distillations=(
             # the teacher's layers with the labels alone: what the initialisation gives without a KD loss
             LMDistillation("teacher layers + labels", TokenKD(kd_weight=0.0, ce_weight=1.0)),
+            # ... and with every label the teacher saw: what labels alone can give
+            LMDistillation("teacher layers + all labels", TokenKD(kd_weight=0.0, ce_weight=1.0), all_labels=True),
             LMDistillation("token KD fkl", TokenKD(divergence=ForwardKL(), kd_weight=1.0, ce_weight=0.0)),
-            LMDistillation("token KD jsd", TokenKD(divergence=GeneralizedJSD(beta=0.5), kd_weight=1.0, ce_weight=0.0)),
             LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
             LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
                                                        max_new_tokens=48), through_tools=True),
@@ -693,8 +704,11 @@ class LMJob(Job):
             # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
             vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
                                       student_rows=scfg.vocab_size)
-            for name, role, loss_name, objective, with_answers, through in _groups(cfg, student, vocab, scfg.vocab_size):
-                ids, learn = list(self.labelled_enc.ids), list(self.labelled_enc.learn)
+            for group in _groups(cfg, student, vocab, scfg.vocab_size):
+                name, role, loss_name, objective = group.name, group.role, group.loss, group.objective
+                with_answers, through = group.with_answers, group.through_tools
+                labelled = self.train_enc if group.all_labels else self.labelled_enc
+                ids, learn = list(labelled.ids), list(labelled.learn)
                 on_policy = isinstance(objective, OnPolicyKD)
                 through = through and self._through_tools(name)
                 if (with_answers or on_policy) and self.request_prompts:
@@ -714,7 +728,8 @@ class LMJob(Job):
                     init=init if same_start else None, stored=stored, through_tools=objective if through else None)
                 yield Trained(name, role, loss_name, g, params, scfg, {
                     "student": student.name, "initialisation": start if same_start else "random",
-                    "teacher_signal": online or stored is not None or bool(with_answers)})
+                    "teacher_signal": online or stored is not None or bool(with_answers),
+                    "all_labels": group.all_labels})
 
     def _through_tools(self, name: str, *, quiet: bool = False) -> bool:
         """Whether group ``name``'s on-policy samples go through the tools: it needs tools to run the
@@ -838,11 +853,13 @@ class LMJob(Job):
             if student.from_dir:
                 self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)
             vocab = shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
-            for name, role, _, objective, with_answers, through in _groups(cfg, student, vocab, scfg.vocab_size):
+            for group in _groups(cfg, student, vocab, scfg.vocab_size):
+                name, role, objective, with_answers = group.name, group.role, group.objective, group.with_answers
                 on_policy = isinstance(objective, OnPolicyKD)
-                through = through and self._through_tools(name, quiet=True)
+                through = group.through_tools and self._through_tools(name, quiet=True)
                 online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
-                ids, learn = self.labelled_enc.ids, self.labelled_enc.learn
+                labelled = self.train_enc if group.all_labels else self.labelled_enc
+                ids, learn = labelled.ids, labelled.learn
                 if (with_answers or on_policy) and self.request_prompts:
                     # the teacher's answers are not there yet: one row per request stands in for each (the same
                     # number of rows: unpacked, the same schedule compiles and training reuses the step)
@@ -994,17 +1011,32 @@ def _in_dtype(model: Decoder, dtype) -> Decoder:
     return nnx.merge(graphdef, in_compute_dtype(state, dtype))
 
 
-def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[tuple]:
-    """The trained groups of one student, in order: ``(name, role, loss, objective, with_answers,
-    through_tools)``; a distilled objective covers the ``vocab`` rows the teacher and the student share."""
-    groups = ([(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0),
-                False, False)] if cfg.include_baseline else [])
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """One trained group of a student: its name, role, loss (in words) and objective; the teacher's
+    answers join its rows (``with_answers``); its on-policy samples go through the tools; it trains
+    on all the labelled conversations."""
+
+    name: str
+    role: str
+    loss: str
+    objective: TokenKD | OnPolicyKD | StoredTopKKD
+    with_answers: bool = False
+    through_tools: bool = False
+    all_labels: bool = False
+
+
+def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[_Group]:
+    """The trained groups of one student, in order; a distilled objective covers the ``vocab`` rows
+    the teacher and the student share."""
+    groups = ([_Group(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0))]
+              if cfg.include_baseline else [])
     for d in cfg.distillations:
         objective = d.objective
         if getattr(objective, "vocab_size", None) is None and vocab != student_vocab:
             objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
-        groups.append((f"{student.name} {d.name}", "distilled", _describe(d), objective, d.teacher_answers,
-                       d.through_tools))
+        groups.append(_Group(f"{student.name} {d.name}", "distilled", _describe(d), objective, bool(d.teacher_answers),
+                             bool(d.through_tools), bool(d.all_labels)))
     return groups
 
 
@@ -1083,7 +1115,8 @@ def _describe(d: LMDistillation) -> str:
         parts.append(div if o.kd_weight == 1 else f"{o.kd_weight:g} {div}")
     if o.ce_weight:
         parts.append("CE" if o.ce_weight == 1 else f"{o.ce_weight:g} CE")
-    return " + ".join(parts) + (" on teacher answers" if d.teacher_answers else "")
+    return (" + ".join(parts) + (" on teacher answers" if d.teacher_answers else "")
+            + (" (all labelled conversations)" if d.all_labels else ""))
 
 
 def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], saved: Path) -> dict:

@@ -66,12 +66,20 @@ METRICS = (("task_success", 1, "task success"), ("tool_call_exact_match", 1, "to
            ("test_cross_entropy", -1, "test cross-entropy"))  # a metric a run did not measure is left out
 
 
+def _headline(e: dict) -> float:
+    """What picks a student's best setting: task success where measured, else exact match."""
+    return e.get("task_success_mean", e.get("tool_call_exact_match_mean", -1))
+
+
 def verdicts(entries: Sequence[dict]) -> list[str]:
-    """For each student size: does its best distilled setting beat it alone by more than the seed
-    spread, on exact match (higher is better) and on test cross-entropy (lower is better)? And, where
-    distilled students start from the teacher's layers, does a setting with the teacher's signal (KD
-    losses, its answers, on-policy scoring) beat the same start trained on the labels alone?"""
+    """For each student size: does its best setting with the teacher's signal beat it alone by more
+    than the seed spread, on task success and exact match (higher is better) and on test
+    cross-entropy (lower is better)? Where students start from the teacher's layers, does each
+    setting with the teacher's signal (KD losses, its answers, on-policy scoring) beat the same
+    start on the labels alone, and how much of the gap between that control and the teacher does
+    the best one close?"""
     notes = []
+    teacher = next((e for e in entries if e["role"] == "teacher"), None)
     by_student: dict = {}
     for e in entries:
         if e["role"] != "teacher":
@@ -79,12 +87,11 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
     for group in by_student.values():
         alone = next((e for e in group if e["role"] == "student_alone"), None)
         distilled = [e for e in group if e["role"] == "distilled"]
-        if alone is None or not distilled:
-            continue
-        best = max(distilled, key=lambda e: e.get("tool_call_exact_match_mean", -1))
-        notes += [n for key, better, label in METRICS if (n := _compare(best, alone, key, better, label))]
         labels_only = [e for e in distilled if not e.get("teacher_signal", True)]
         with_signal = [e for e in distilled if e.get("teacher_signal", True)]
+        best = max(with_signal or distilled, key=_headline) if distilled else None
+        if alone is not None and best is not None:
+            notes += [n for key, better, label in METRICS if (n := _compare(best, alone, key, better, label))]
         for base in labels_only:
             for e in with_signal:
                 parts, wins = [], 0
@@ -96,9 +103,26 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
                     parts.append(f"{label} {e[f'{key}_mean']:.4f} vs {base[f'{key}_mean']:.4f} "
                                  f"({'better' if margin > spread else 'worse' if -margin > spread else 'within the spread'}, "
                                  f"margin {margin:+.4f}, std {spread:.4f})")
-                tail = "" if wins else " From the same start, the teacher's signal adds nothing measurable here."
+                tail = ("" if wins else " It does no better than the same start on all the labelled conversations."
+                        if base.get("all_labels") else " From the same start, the teacher's signal adds nothing measurable here.")
                 notes.append(f"{e['name']} against {base['name']}: " + "; ".join(parts) + "." + tail)
+        control = next((e for e in labels_only if not e.get("all_labels")), None)
+        if control is not None and teacher is not None and with_signal:
+            notes += [n for key, label in (("task_success", "task success"), ("tool_call_exact_match", "exact match"))
+                      if (n := _gap_closed(max(with_signal, key=lambda e: e.get(f"{key}_mean", -1)), control, teacher,
+                                           key, label))]
     return notes
+
+
+def _gap_closed(best: dict, control: dict, teacher: dict, key: str, label: str) -> str | None:
+    """The share of the control-to-teacher gap on ``key`` that ``best`` closes, in a sentence."""
+    if not all(f"{key}_mean" in e for e in (best, control, teacher)):
+        return None
+    b, c, t = (e[f"{key}_mean"] for e in (best, control, teacher))
+    if t <= c:
+        return f"{control['name']} is not below the teacher on {label} ({100 * c:.1f}% vs {100 * t:.1f}%): no gap to close."
+    return (f"{best['name']} closes {100 * (b - c) / (t - c):.0f}% of the gap on {label} between {control['name']} "
+            f"({100 * c:.1f}%) and the teacher ({100 * t:.1f}%), at {100 * b:.1f}%.")
 
 
 def _samples_md(samples: dict[str, list[str]], turns: Sequence[Turn], count: int = 6) -> str:

@@ -1,0 +1,85 @@
+"""`jkd lm distill --tools`: a user's tools module in the job (sequence mode)."""
+
+import json
+
+import pytest
+
+from jkd import cli
+from tests.test_lm_experiment import _conversations, _jsonl, _save_teacher
+
+pytestmark = pytest.mark.slow
+
+USER_TOOLS = """
+import time
+
+
+def double(x: int) -> dict:
+    \"\"\"Double x.
+
+    Args:
+        x: n
+    \"\"\"
+    return {"y": 2 * x}
+
+
+def boom(x: int) -> dict:
+    \"\"\"Fails.
+
+    Args:
+        x: n
+    \"\"\"
+    raise RuntimeError("down")
+
+
+def nap(x: int) -> dict:
+    \"\"\"Sleeps.
+
+    Args:
+        x: n
+    \"\"\"
+    time.sleep(60)
+"""
+
+
+def test_sequence_mode_runs_the_users_tools(tmp_path, capsys, monkeypatch):
+    """`--tools`: the module's tools are offered to conversations naming none, the teacher's calls
+    run through them (a raising and a sleeping tool reported) and the run completes. The teacher's
+    sampled text is stood in for (a random tiny teacher never calls a tool); the rest is the job's."""
+    import jkd.jobs.lm as LX
+    from jkd.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    _save_teacher(tmp_path / "teacher", seed=0, positions=1024)
+    tok.save(tmp_path / "teacher")
+    tools = tmp_path / "tools.py"
+    tools.write_text(USER_TOOLS)
+    train = _jsonl(tmp_path / "train.jsonl", _conversations(8, 0))
+    test = _jsonl(tmp_path / "test.jsonl", _conversations(2, 1))
+    unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(4)])
+    calls = ["double", "boom", "nap", None]
+    seen = {}
+
+    def answers(teacher, prompts, *, cache_dir, **kw):
+        seen[cache_dir.name] = [tok.decode(p) for p in prompts]
+        if cache_dir.name == "answers":
+            return [tok.encode(("<tool_call>\n" + json.dumps({"name": c, "arguments": {"x": 3}}) + "\n</tool_call>"
+                                if c else "no call") + "<|im_end|>") for c in calls]
+        return [tok.encode("ok<|im_end|>") for _ in prompts]
+
+    monkeypatch.setattr(LX, "teacher_answers", answers)
+    argv = ["lm", "distill", "--teacher", str(tmp_path / "teacher"), "--data", train, "--test", test,
+            "--unlabelled", unl, "--mode", "sequence", "--tools", str(tools), "--tool-timeout", "1",
+            "--student", "16x1", "--steps", "1", "--batch-size", "4", "--max-length", "960", "--max-new-tokens", "4",
+            "--seeds", "0", "--no-baseline", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"tools: double, boom, nap from {tools} (stopped after 1 s)" in out
+    assert ("4 requests answered, 3 of them carried on after the tools' results" in out
+            and "of 3 tool calls, 1 raised, 1 stopped after 1 s, each answered by the teacher from the error" in out)
+    assert all('"name": "double"' in p for p in seen["answers"])  # the tools offered in every prompt
+    after = seen["answers_after_tools"]
+    assert '{"y": 6}' in after[0] and "error: RuntimeError: down" in after[1] and "was stopped" in after[2]
+    # the tools module joins the guard: another module is another run
+    tools.write_text(USER_TOOLS.replace("2 * x", "3 * x"))
+    assert cli.main([*argv, "--resume"]) == 2
+    assert "tools_file (--tools): its contents changed" in capsys.readouterr().err
