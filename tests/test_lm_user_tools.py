@@ -83,3 +83,51 @@ def test_sequence_mode_runs_the_users_tools(tmp_path, capsys, monkeypatch):
     tools.write_text(USER_TOOLS.replace("2 * x", "3 * x"))
     assert cli.main([*argv, "--resume"]) == 2
     assert "tools_file (--tools): its contents changed" in capsys.readouterr().err
+
+
+def test_a_llama_format_teacher_runs_the_users_tools(tmp_path, capsys, monkeypatch):
+    """A Llama-3.1-style folder (its template writes calls as JSON with `parameters`, results as the
+    `ipython` role; `<|eom_id|>` a special token): the format is read off its template, the teacher's
+    calls in that format run through the user's tools, and their results go back in its layout."""
+    import transformers
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    import jkd.jobs.lm as LX
+    from jkd.data.tokenizer import Tokenizer
+    from tests.agents.test_formats import CORPUS, LLAMA31, SPECIALS
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA31)
+    folder = tmp_path / "teacher"
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512, eos_token_id=[tok.eos_id, tok.token_to_id("<|eom_id|>")])
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save(folder)
+    tools = tmp_path / "tools.py"
+    tools.write_text(USER_TOOLS)
+    train = _jsonl(tmp_path / "train.jsonl", _conversations(8, 0))
+    test = _jsonl(tmp_path / "test.jsonl", _conversations(2, 1))
+    unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"double {i}"}]} for i in range(4)])
+    seen = {}
+
+    def answers(teacher, prompts, *, cache_dir, **kw):
+        seen[cache_dir.name] = [tok.decode(p) for p in prompts]
+        if cache_dir.name == "answers":
+            return [tok.encode('{"name": "double", "parameters": {"x": 3}}<|eom_id|>')] * 3 + [tok.encode("hi<|eot_id|>")]
+        return [tok.encode("It is 6.<|eot_id|>") for _ in prompts]
+
+    monkeypatch.setattr(LX, "teacher_answers", answers)
+    assert cli.main(["lm", "distill", "--teacher", str(folder), "--data", train, "--test", test, "--unlabelled", unl,
+                     "--mode", "sequence", "--tools", str(tools), "--student", "16x1", "--steps", "1",
+                     "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0",
+                     "--no-baseline", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "tool calls read in the llama3_json format (read off the chat template)" in out
+    assert "4 requests answered, 3 of them carried on after the tools' results" in out
+    after = seen["answers_after_tools"]
+    assert all('"parameters": {"x": 3}' in p and "ipython<|end_header_id|>" in p and '{"y": 6}' in p for p in after)

@@ -321,6 +321,7 @@ def demo_config() -> LMExperimentConfig:
         labelled_subset=100,
         student_steps=100,
         test_limit=150,
+        pass_k=3,  # each test task also played 3 times sampled at temperature 1: pass^3
         # whole conversations packed into 6 rows of 256 tokens: ~17 a step (as 16 unpacked rows of
         # 128 held) in 3/4 of the token slots (BUILD_NOTES)
         pack_length=256,
