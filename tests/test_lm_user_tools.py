@@ -131,3 +131,71 @@ def test_a_llama_format_teacher_runs_the_users_tools(tmp_path, capsys, monkeypat
     assert "4 requests answered, 3 of them carried on after the tools' results" in out
     after = seen["answers_after_tools"]
     assert all('"parameters": {"x": 3}' in p and "ipython<|end_header_id|>" in p and '{"y": 6}' in p for p in after)
+
+
+def test_on_policy_plays_the_students_calls_through_the_users_tools(tmp_path, capsys, monkeypatch):
+    """`--mode on-policy --tools`: the student's own calls run through the user's module (a working,
+    a raising and a sleeping tool); each result (or error) is read back into its trajectory, which it
+    trains on, and the run completes and reports them. The student's sampler is stood in for (a random
+    tiny student never writes a call); its calls are read, run and rendered by the job."""
+    import jkd.jobs.lm as LX
+    from jkd.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    _save_teacher(tmp_path / "teacher", seed=0, positions=2048)
+    tok.save(tmp_path / "teacher")
+    tools = tmp_path / "tools.py"
+    tools.write_text(USER_TOOLS)
+    train = _jsonl(tmp_path / "train.jsonl", _conversations(8, 0))
+    own = [{"type": "function", "function": {"name": "t", "description": "t", "parameters": {"type": "object"}}}]
+    test = _jsonl(tmp_path / "test.jsonl", [{**c, "tools": own} for c in _conversations(2, 1)])  # short prompts
+    names = ["double", "boom", "nap", "none"]
+    unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"use {n}"}]} for n in names])
+    played = []
+
+    class Rows:
+        def __init__(self, rows):
+            self._rows = rows
+
+        def rows(self):
+            return self._rows
+
+    def student(model, prompts, *, max_new_tokens, sampling, key, buckets):
+        out = []
+        for p in prompts:
+            text = tok.decode(p)
+            played.append(text)
+            name = next(n for n in names if f"use {n}" in text)
+            reply = ("answered" if "<|im_start|>tool" in text or name == "none" else
+                     "<tool_call>\n" + json.dumps({"name": name, "arguments": {"x": 3}}) + "\n</tool_call>")
+            out.append(tok.encode(reply + "<|im_end|>"))
+        return Rows(out)
+
+    batches = []
+    real = LX.LMJob._rollout_batch
+
+    def recording(self, *a, **kw):
+        batches.append(batch := real(self, *a, **kw))
+        return batch
+
+    monkeypatch.setattr(LX, "generate", student)
+    monkeypatch.setattr(LX.LMJob, "_rollout_batch", recording)
+    argv = ["lm", "distill", "--teacher", str(tmp_path / "teacher"), "--data", train, "--test", test,
+            "--unlabelled", unl, "--mode", "on-policy", "--lambda", "1", "--tools", str(tools),
+            "--tool-timeout", "1", "--student", "16x1", "--steps", "1", "--batch-size", "4", "--max-length", "960",
+            "--max-new-tokens", "4", "--seeds", "0", "--no-baseline", "--run-dir", str(tmp_path / "run"),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("1 steps played 4 trajectories through the tools, 3 of them calling tools; of 3 tool calls, 1 raised, "
+            "1 stopped after 1 s, each answered by the student from the error") in out
+    after = [t for t in played if "<|im_start|>tool" in t]
+    assert len(after) == 3 and all('"name": "double"' in t for t in played)  # the module's tools offered
+    assert any('{"y": 6}' in t for t in after) and any("error: RuntimeError: down" in t for t in after)
+    assert any("did not answer within 1 s and was stopped" in t for t in after)
+    (batch,) = batches
+    learned = [tok.decode(batch["tokens"][r, 0][batch["loss_mask"][r, 0]]) for r in range(4)]
+    whole = [tok.decode(batch["tokens"][r, 0][batch["attention_mask"][r, 0]]) for r in range(4)]
+    assert sum("error: RuntimeError: down" in w for w in whole) == 1  # the error read back, never learned
+    assert not any("error" in x or '"y"' in x for x in learned)
+    assert sum(x.endswith("answered<|im_end|>") for x in learned) == 4

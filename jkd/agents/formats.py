@@ -368,18 +368,19 @@ def by_name(name: str) -> ToolFormat:
                               "(or leave it out: it is read off the chat template)") from None
 
 
-def tool_format_for(tokenizer, name: str | None, conversations: Sequence[dict] = ()) -> tuple[ToolFormat, str]:
-    """The format a run reads tool calls in, and how it was chosen: ``name`` when given, else read
-    off ``tokenizer``'s chat template (:func:`detect_format`). A template that writes no tool calls
-    gets :data:`PLAIN_JSON`, and the reason says whether ``conversations`` make calls it drops."""
+def tool_format_for(tokenizer, name: str | None,
+                    conversations: Sequence[dict] = ()) -> tuple[ToolFormat, str, str | None]:
+    """The format a run reads tool calls in, how it was chosen, and a warning (or None): ``name``
+    when given, else read off ``tokenizer``'s chat template (:func:`detect_format`). A template
+    that writes no tool calls gets :data:`PLAIN_JSON`, with a warning when ``conversations`` make
+    calls that it drops."""
     if name is not None:
-        return by_name(name), "named with --tool-format"
+        return by_name(name), "named with --tool-format", None
     try:
-        return detect_format(tokenizer), "read off the chat template"
+        return detect_format(tokenizer), "read off the chat template", None
     except ToolFormatError:
         calls = sum(len(m.get("tool_calls") or []) for c in conversations for m in c["messages"])
-        if calls:
-            return PLAIN_JSON, (f"warning: the chat template writes no tool calls, so the {calls} calls in the "
-                                "conversations are left out of what the models read and learn; use a model folder "
-                                "whose chat template renders tool_calls")
-        return PLAIN_JSON, "the chat template writes no tool calls; none in the data"
+        warning = (f"the chat template writes no tool calls, so the {calls} calls in the conversations are left out "
+                   "of what the models read and learn; use a model folder whose chat template renders tool_calls"
+                   if calls else None)
+        return PLAIN_JSON, "the chat template writes no tool calls", warning

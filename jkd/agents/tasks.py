@@ -17,19 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable, Sequence
 
 import numpy as np
 
 from jkd.agents.formats import Call, ToolFormat, message_calls
 from jkd.agents.loop import tool_messages
-from jkd.agents.tools import Toolbox, result_values
+from jkd.agents.tools import Toolbox, check_arguments, result_values
 from jkd.data.chat import encode_chat
 from jkd.data.tokenizer import Tokenizer
 
 TASK_SUCCESS_RULE = (
     "task success counts the tasks whose reference calls tools; one is solved when the calls made over the whole "
-    "conversation equal the reference's (names and arguments, numbers by value, in order), every one ran, and the "
+    "conversation equal the reference's in order (as BFCL checks calls: the same tools, arguments of the tool's "
+    "schema and types, numbers by value, strings ignoring case, spaces and ,./-_*^, an optional argument left out "
+    "equal to its default), every one ran, and the "
     "last turn calls nothing, is not empty and states every value of the conversation's tool results that the "
     "reference's final answer states; irrelevance counts the tasks that need no tool, solved by an answer that "
     "calls none")
@@ -124,13 +127,23 @@ def run_tasks(generate: Callable[[list[np.ndarray]], list[np.ndarray]], tokenize
     return trajectories
 
 
+_PUNCT = re.compile(r"[ ,./\-_*^]")
+
+
+def _plain(text: str) -> str:
+    return _PUNCT.sub("", text).lower().replace("'", '"')
+
+
 def same_value(got, want) -> bool:
-    """Arguments compared as BFCL compares them: numbers by value (``5 == 5.0``, never a bool),
-    strings, lists and objects exactly, element by element."""
+    """Argument values compared as BFCL's AST checker compares them: numbers by value (``5 == 5.0``;
+    a bool is never a number), strings ignoring case, spaces and the punctuation ``,./-_*^``, lists
+    element by element, objects key by key."""
     if isinstance(want, bool) or isinstance(got, bool):
         return type(got) is type(want) and got == want
     if isinstance(want, (int, float)) and isinstance(got, (int, float)):
         return math.isclose(float(got), float(want), rel_tol=0, abs_tol=1e-9)
+    if isinstance(want, str) and isinstance(got, str):
+        return _plain(got) == _plain(want)
     if isinstance(want, dict):
         return isinstance(got, dict) and set(got) == set(want) and all(same_value(got[k], want[k]) for k in want)
     if isinstance(want, list):
@@ -138,13 +151,43 @@ def same_value(got, want) -> bool:
     return type(got) is type(want) and got == want
 
 
-def solved(task: Task, traj: Trajectory) -> bool:
-    """:data:`TASK_SUCCESS_RULE` (for a task that needs no tool: the irrelevance check)."""
+def call_matches(got: Call, want: Call, schema: dict | None = None, defaults: dict | None = None) -> bool:
+    """``got`` is the call ``want`` (BFCL's AST check): the same tool; with its ``schema``, arguments
+    the schema accepts (required ones present, none unknown, each of its type: an integer where a
+    number is asked, never a number where an integer is asked, nor ``"5"`` for ``5``; enums
+    respected); every argument of either call equal by :func:`same_value`, where an optional
+    argument left out stands for its default (``defaults``, and the schema's ``default`` keys), so
+    a call may leave it out or give it at its default whichever the reference did."""
+    (name, args), (want_name, want_args) = got, want
+    if name != want_name or not isinstance(args, dict) or not isinstance(want_args, dict):
+        return False
+    if schema is not None:
+        if check_arguments(schema, args) is not None:
+            return False
+        props = (schema["function"].get("parameters") or {}).get("properties", {})
+        defaults = {**{k: p["default"] for k, p in props.items() if "default" in p}, **(defaults or {})}
+    defaults = defaults or {}
+    for k in set(args) | set(want_args):
+        a, b = (args[k], want_args[k]) if k in args and k in want_args else \
+            (args.get(k, defaults.get(k, _ABSENT)), want_args.get(k, defaults.get(k, _ABSENT)))
+        if a is _ABSENT or b is _ABSENT or not same_value(a, b):
+            return False
+    return True
+
+
+_ABSENT = object()
+
+
+def solved(task: Task, traj: Trajectory, defaults: dict[str, dict] | None = None) -> bool:
+    """:data:`TASK_SUCCESS_RULE` (for a task that needs no tool: the irrelevance check); each call
+    judged by :func:`call_matches` with the task's schema of its tool and ``defaults[tool]``."""
     if not task.calls:
         return traj.ended == ANSWERED and not traj.calls and bool(traj.final)
     if traj.ended != ANSWERED or len(traj.calls) != len(task.calls):
         return False
-    if not all(n == m and same_value(a, b) for (n, a), (m, b) in zip(traj.calls, task.calls)):
+    schemas = {s["function"]["name"]: s for s in task.tools or [] if "function" in s}
+    defaults = defaults or {}
+    if not all(call_matches(c, r, schemas.get(r[0]), defaults.get(r[0])) for c, r in zip(traj.calls, task.calls)):
         return False
     if any(s != "ok" for s in traj.statuses) or not traj.final:
         return False
@@ -152,18 +195,19 @@ def solved(task: Task, traj: Trajectory) -> bool:
     return all(v in traj.final for v in stated)
 
 
-def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory],
-                 sampled: Sequence[Sequence[Trajectory]] = ()) -> dict[str, float | None]:
+def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory], sampled: Sequence[Sequence[Trajectory]] = (),
+                 defaults: dict[str, dict] | None = None) -> dict[str, float | None]:
     """Over the greedy trajectories: ``task_success`` (the tasks whose reference calls tools) and
     ``irrelevance`` (the others), as :data:`TASK_SUCCESS_RULE` says; with ``sampled`` (``k``
     lists, one trajectory per task each) ``pass^k`` (the tool tasks solved in all ``k``) and
-    ``sampled_success`` (their mean); ``ended_<reason>``: shares of the greedy trajectories."""
+    ``sampled_success`` (their mean); ``ended_<reason>``: shares of the greedy trajectories.
+    ``defaults``: ``{tool: {optional argument: default}}`` (:attr:`Toolbox.defaults`)."""
     n = len(tasks)
     tool = [i for i, t in enumerate(tasks) if t.calls]
     none = [i for i, t in enumerate(tasks) if not t.calls]
 
     def share(idx, trajs):
-        return float(np.mean([solved(tasks[i], trajs[i]) for i in idx])) if idx else None
+        return float(np.mean([solved(tasks[i], trajs[i], defaults) for i in idx])) if idx else None
 
     out: dict[str, float | None] = {"task_success": share(tool, greedy), "irrelevance": share(none, greedy),
                                     "tasks": n, "tool_tasks": len(tool)}
@@ -171,7 +215,7 @@ def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory],
         out[f"ended_{reason.replace(' ', '_')}"] = (sum(g.ended == reason for g in greedy) / n) if n else None
     if sampled:
         k = len(sampled)
-        each = np.asarray([[solved(tasks[i], s[i]) for i in tool] for s in sampled], bool).reshape(k, len(tool))
+        each = np.asarray([[solved(tasks[i], s[i], defaults) for i in tool] for s in sampled], bool).reshape(k, len(tool))
         out[f"pass^{k}"] = float(each.all(axis=0).mean()) if tool else None
         out["sampled_success"] = float(each.mean()) if tool else None
     return out

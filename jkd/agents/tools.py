@@ -126,6 +126,13 @@ def function_schema(fn: Callable) -> dict:
     return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
+def argument_defaults(fn: Callable) -> dict[str, Any]:
+    """``fn``'s optional arguments and their default values (those JSON can hold): what a call that
+    leaves one out means, so a judge of calls can accept either."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not p.empty and isinstance(p.default, (str, int, float, bool, list, dict, type(None)))}
+
+
 # ---- checking a call against its schema ----------------------------------------------------------------
 
 _PY = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "object": dict, "array": list}
@@ -266,8 +273,10 @@ class Toolbox:
     """Tools by name with their schemas; :meth:`call` runs one (never raises, never hangs)."""
 
     def __init__(self, schemas: Sequence[dict], run: Callable[[str, dict, float | None], tuple[str, str]],
-                 *, timeout_s: float | None = None, source: str = "functions"):
+                 *, timeout_s: float | None = None, source: str = "functions",
+                 defaults: dict[str, dict[str, Any]] | None = None):
         self.schemas = list(schemas)
+        self.defaults = dict(defaults or {})  # {tool: {optional argument: default}}
         self.names = [s["function"]["name"] for s in self.schemas]
         if len(set(self.names)) != len(self.names):
             raise ToolError(f"{source}: two tools share a name: {self.names}")
@@ -294,16 +303,19 @@ class Toolbox:
             thread.start()
             thread.join(timeout)
             return box[0] if box else (TIMED_OUT, None)
-        return cls(schemas, run, timeout_s=timeout_s, source=source)
+        return cls(schemas, run, timeout_s=timeout_s, source=source,
+                   defaults={n: argument_defaults(f) for n, f in by_name.items()})
 
     @classmethod
     def from_file(cls, path: str | Path, *, timeout_s: float | None = 30.0) -> "Toolbox":
         """The tools of a module file (:func:`_module_functions`), run in a worker process that a
         timeout stops (and that starts again for the next call)."""
         path = Path(path)
-        schemas = [function_schema(f) for f in _module_functions(path)]  # refused here, before any run
+        functions = _module_functions(path)
+        schemas = [function_schema(f) for f in functions]  # refused here, before any run
         worker = _Worker(path)
-        box = cls(schemas, worker.run, timeout_s=timeout_s, source=str(path))
+        box = cls(schemas, worker.run, timeout_s=timeout_s, source=str(path),
+                  defaults={f.__name__: argument_defaults(f) for f in functions})
         box._worker = worker
         return box
 

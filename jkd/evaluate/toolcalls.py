@@ -4,7 +4,8 @@ A generated turn is read by the model family's tool-call format (:mod:`jkd.agent
 decode it with special tokens kept). Metrics over a set of turns (:func:`tool_metrics`):
 
 - ``tool_call_exact_match``: turns whose reference calls a tool, where the generated calls equal
-  the reference calls (names and arguments, order kept);
+  the reference calls (names and arguments, order kept; values compared as BFCL does,
+  :func:`jkd.agents.tasks.same_value`);
 - ``tool_name_accuracy``: the same turns, where the called tool names equal the reference's;
 - ``argument_accuracy``: the reference arguments (name, value) reproduced in the call to the same
   tool, over all reference arguments;
@@ -27,16 +28,11 @@ from __future__ import annotations
 from typing import Sequence
 
 from jkd.agents.formats import FORMATS, HERMES, ParsedTurn, ToolFormat, message_calls
+from jkd.agents.tasks import call_matches, same_value
 from jkd.agents.tools import result_values
 
 FINAL_ANSWER_RULE = ("a final answer is correct when it calls no tool, is not empty, and states every value of the "
                      "tool's result that the reference answer states")
-
-
-def read_turn(text: str, fmt: ToolFormat = HERMES, special_tokens: Sequence[str] = ()) -> ParsedTurn:
-    """``text`` read by ``fmt`` (:meth:`~jkd.agents.formats.ToolFormat.read`: the special tokens
-    other than the format's markers dropped first)."""
-    return fmt.read(text, special_tokens)
 
 
 def _result_values(context: Sequence[dict]) -> list[str] | None:
@@ -62,7 +58,7 @@ def _ratio(num: float, den: float) -> float | None:
 def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat = HERMES,
                  special_tokens: Sequence[str] = ()) -> dict[str, float | None]:
     """Metrics of the module docstring over ``(reference message, context messages, generated text)``
-    triples, the texts read by ``fmt`` (:func:`read_turn`); a metric whose denominator is empty is
+    triples, the texts read by ``fmt`` (:meth:`ToolFormat.read`); a metric whose denominator is empty is
     ``None``."""
     n_call_turns = exact = names = 0
     arg_total = arg_ok = 0
@@ -73,7 +69,7 @@ def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat 
     others = {name: 0 for name in FORMATS if name != fmt.name}
     for ref_msg, context, text in turns:
         ref = message_calls(ref_msg)
-        got = read_turn(text, fmt, special_tokens)
+        got = fmt.read(text, special_tokens)
         if not got.attempts:
             for name in others:
                 others[name] += bool(FORMATS[name].read(text, special_tokens).calls)
@@ -91,13 +87,13 @@ def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat 
         correct_ref += len(ref) - len(remaining)
         if ref:
             n_call_turns += 1
-            exact += pred == ref
+            exact += len(pred) == len(ref) and all(call_matches(p, r) for p, r in zip(pred, ref))
             names += [n for n, _ in pred] == ref_names
             for name, args in ref:
                 match = next((a for n, a in pred if n == name), {})
                 for k, v in args.items():
                     arg_total += 1
-                    arg_ok += k in match and match[k] == v
+                    arg_ok += isinstance(match, dict) and k in match and same_value(match[k], v)
         else:
             no_tool_turns += 1
             no_tool_ok += got.attempts == 0

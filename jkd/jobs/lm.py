@@ -21,6 +21,7 @@ own samples of the requests, scored by the teacher).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -463,12 +464,15 @@ class LMJob(Job):
         tok = data.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.eos_id = tok.eos_id
-        self.tool_format, how = tool_format_for(tok, cfg.tool_format, data.train + data.test)
+        self.tool_format, how, warning = tool_format_for(tok, cfg.tool_format, data.train + data.test)
         if self.tool_format.arguments_as_string:  # the template takes the calls' arguments as JSON strings
             for split in ("train", "labelled", "test", "unlabelled"):
                 setattr(data, split, [self.tool_format.prepare(c) for c in getattr(data, split)])
         self.tool_format_line = f"tool calls read in the {self.tool_format.name} format ({how})"
         echo(self.tool_format_line)
+        if warning is not None:
+            echo("warning: " + warning)
+            self.tool_format_line += f"; warning: {warning}"
         enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
         self.train_enc, self.labelled_enc, self.test_enc = enc(data.train), enc(data.labelled), enc(data.test)
         # whole tasks in the loop need tools to run the model's calls
@@ -616,10 +620,10 @@ class LMJob(Job):
         its token-KD step's)."""
         cfg = self.cfg
         tg, tvars = teacher if teacher is not None else (None, None)
-        rollout = None
+        rollout, tally = None, collections.Counter()
         if through_tools is not None:
             rollout = functools.partial(self._rollout_batch, objective=through_tools, seeds=tuple(seeds),
-                                        graphdef=lambda: graphdef)
+                                        graphdef=lambda: graphdef, tally=tally)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
                                                  on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout)
@@ -630,6 +634,11 @@ class LMJob(Job):
             name, run, states, objective, tvars, batches=batches,
             config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
                               sync_every=5, unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
+        if tally:  # what the students' trajectories did with the tools (this run's steps: not those resumed past)
+            calls, failed = sum(tally[k] for k in (OK, REFUSED, RAISED, TIMED_OUT)), tool_failures(tally, cfg.tool_timeout)
+            self.echo(f"{name}: {tally['steps']} steps played {tally['trajectories']} trajectories through the tools, "
+                      f"{tally['calls_made']} of them calling tools; of {calls} tool calls, "
+                      + (f"{failed}, each answered by the student from the error" if failed else "none failed"))
         params = hosts.gathered(states.params)  # whole on every process: saved and measured there
         return graphdef, [jax.tree.map(lambda x, i=i: x[i], params) for i in range(len(seeds))]
 
@@ -742,12 +751,13 @@ class LMJob(Job):
         return ok
 
     def _rollout_batch(self, state, step: int, given: list[dict], *, objective: OnPolicyKD, seeds: tuple[int, ...],
-                       graphdef) -> dict[str, np.ndarray]:
+                       graphdef, tally: collections.Counter | None = None) -> dict[str, np.ndarray]:
         """Step ``step``'s batch ``[B, K, T]`` of an on-policy group through the tools: for each seed,
         with probability ``student_fraction`` (drawn from the seed and the step), the trajectories
         of ``B`` requests played by that seed's student of this step (sampled per
         ``objective.sampling``, each turn's key from the seed, the step and the turn: a resumed run
-        plays the same), else its given rows."""
+        plays the same), else its given rows. ``tally`` counts the steps, the trajectories and the
+        tool calls' statuses."""
         cfg, tok = self.cfg, self.data.tokenizer
         columns = []
         for k, seed in enumerate(seeds):
@@ -769,8 +779,13 @@ class LMJob(Job):
                                 key=key, buckets=BUCKETS).rows()
             trajectories = run_tasks(play, tok, tasks, tools=self.tools, tool_format=self.tool_format,
                                      max_turns=cfg.max_turns, max_length=cfg.max_length)
+            if tally is not None:
+                tally.update(trajectories=len(trajectories), calls_made=sum(bool(t.calls) for t in trajectories))
+                tally.update(st for t in trajectories for st in t.statuses)
             ids, learn = trajectory_rows(tok, tasks, trajectories, max_length=cfg.max_length)
             columns.append(C.padded_rows(ids, learn, length=given[k]["tokens"].shape[1], pad_id=self.pad_id))
+        if tally is not None:
+            tally["steps"] += 1
         return {key: np.stack([c[key] for c in columns], axis=1) for key in ("tokens", "loss_mask", "attention_mask")}
 
     def _pruned(self, model: Decoder, width: tuple[int | None, int | None]) -> Decoder:
@@ -1067,14 +1082,20 @@ def _answered(r: LMJob, teacher: Decoder, echo):
     # several processes: process 0 answers and caches them, the others read its cache
     first, ids, learn, counts = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
-    failed = ", ".join(f"{counts[k]} {label}" for k, label in (
-        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {cfg.tool_timeout:g} s"))
-        if counts.get(k))
+    failed = tool_failures(counts, cfg.tool_timeout)
     echo(f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
          f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
          + (f"; of {sum(counts.get(k, 0) for k in (OK, REFUSED, RAISED, TIMED_OUT))} tool calls, {failed}, each "
             "answered by the teacher from the error" if failed else ""))
     return ids, learn
+
+
+def tool_failures(counts: dict, timeout_s: float) -> str:
+    """The failed tool calls of ``counts`` (by status) in words, e.g. ``1 raised, 1 stopped after 1 s``
+    (empty when none failed)."""
+    return ", ".join(f"{counts[k]} {label}" for k, label in (
+        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {timeout_s:g} s"))
+        if counts.get(k))
 
 
 def guarded_inputs(cfg: LMExperimentConfig) -> dict:

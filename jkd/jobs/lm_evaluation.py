@@ -112,7 +112,7 @@ def evaluate_tasks(model: Decoder, tokenizer: Tokenizer, tasks: Sequence[Task], 
 
     greedy = play(player(SamplingConfig(), 0))
     sampled = [play(player(SamplingConfig(temperature=temperature), j)) for j in range(pass_k)]
-    return task_metrics(tasks, greedy, sampled)
+    return task_metrics(tasks, greedy, sampled, tools.defaults)
 
 
 def evaluate_model(model: Decoder, turns: Sequence[Turn], tokenizer: Tokenizer, *, max_new_tokens: int,

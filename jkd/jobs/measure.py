@@ -56,7 +56,7 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
     if tools is not None:
         convs = [c if c.get("tools") else {**c, "tools": tools.schemas} for c in convs]
     model, tok = load_hf(model_dir), Tokenizer.from_folder(model_dir)
-    fmt, how = tool_format_for(tok, tool_format, convs)
+    fmt, how, warning = tool_format_for(tok, tool_format, convs)
     convs = [fmt.prepare(c) for c in convs]
     turns = C.assistant_turns(tok, convs)
     kept = [t for t in turns if len(t.prompt) <= max_length]
@@ -71,7 +71,6 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
     finally:
         if tools is not None:
             tools.close()
-    warnings = [w for w in (how[len("warning: "):] if how.startswith("warning: ") else None,
-                            format_warning(metrics, fmt, str(model_dir))) if w]
+    warnings = [w for w in (warning, format_warning(metrics, fmt, str(model_dir))) if w]
     return {**metrics, "test_turns_skipped": len(turns) - len(kept), "conversations_truncated": enc.truncated,
             "tool_format": fmt.name, "tool_format_chosen": how, "warnings": warnings}

@@ -12,7 +12,7 @@ from jkd.agents.formats import (HERMES, LLAMA3_JSON, MISTRAL, PLAIN_JSON, Templa
                                 detect_format, tool_format_for)
 from jkd.data.chat import render_chat
 from jkd.data.tokenizer import Tokenizer, byte_tokenizer
-from jkd.evaluate.toolcalls import format_warning, read_turn, tool_metrics
+from jkd.evaluate.toolcalls import format_warning, tool_metrics
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +128,7 @@ def test_each_family_renders_as_transformers_and_reads_back(family, calls, backe
     assert fmt.read(text, t.special_token_texts).calls == calls
     # through the ids, decoded with special tokens kept: the markers survive
     ids = t.encode(text)
-    assert read_turn(t.decode(ids), fmt, t.special_token_texts).calls == calls
+    assert fmt.read(t.decode(ids), t.special_token_texts).calls == calls
 
 
 def test_mistral_marker_is_a_special_token_lost_when_special_tokens_are_dropped(backend):
@@ -164,7 +164,7 @@ def test_a_layout_no_family_writes_is_read_off_the_template(backend):
     assert isinstance(fmt, TemplateFormat)
     assert (fmt.head, fmt.infix, fmt.tail) == ("<tool_call>", " ", "</tool_call>")
     text = '<tool_call>add {"a": 5, "b": 33}</tool_call><tool_call>mul {"x": "y", "n": [1, 2.5]}</tool_call><|im_end|>'
-    got = read_turn(text, fmt, t.special_token_texts)
+    got = fmt.read(text, t.special_token_texts)
     assert got.calls == TWO_CALLS and got.content == ""
     # scored in its own format, 4 exact calls of 5 read as exact (the HERMES reading scores none)
     refs = [conversation(CALLS)[1]] * 5
@@ -224,7 +224,9 @@ def test_unknown_names_and_unreadable_templates_are_refused(backend):
     no_tools = tok(backend, "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}", bos=None)
     with pytest.raises(ToolFormatError, match="writes no tool calls"):
         detect_format(no_tools)
-    fmt, how = tool_format_for(no_tools, None, [{"messages": conversation(TWO_CALLS)}])
-    assert fmt is PLAIN_JSON and how.startswith("warning: the chat template writes no tool calls, so the 2 calls")
-    assert tool_format_for(no_tools, None, [{"messages": [{"role": "user", "content": "hi"}]}])[0] is PLAIN_JSON
+    fmt, how, warning = tool_format_for(no_tools, None, [{"messages": conversation(TWO_CALLS)}])
+    assert fmt is PLAIN_JSON and how == "the chat template writes no tool calls"
+    assert warning.startswith("the chat template writes no tool calls, so the 2 calls")
+    fmt, _, warning = tool_format_for(no_tools, None, [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert fmt is PLAIN_JSON and warning is None
     assert tool_format_for(no_tools, "mistral")[0] is MISTRAL

@@ -8,8 +8,11 @@ import json
 import pytest
 
 from jkd.agents.formats import HERMES
-from jkd.agents.tasks import (ANSWERED, MAX_TURNS, TOO_LONG, UNPARSED, run_tasks, same_value, solved,
-                              task_metrics, tasks_from)
+from typing import Literal
+
+from jkd.agents.tasks import (ANSWERED, MAX_TURNS, TOO_LONG, UNPARSED, Task, Trajectory, call_matches, run_tasks,
+                              same_value, solved, task_metrics, tasks_from)
+from jkd.agents.tools import Toolbox
 from jkd.data import toolchat
 from jkd.data.chat import render_chat
 from jkd.data.tokenizer import byte_tokenizer
@@ -119,6 +122,68 @@ def test_arguments_compare_as_bfcl_does():
     assert same_value(5, 5.0) and same_value({"a": [1, 2.0]}, {"a": [1.0, 2]})
     assert not same_value(True, 1) and not same_value(1, True) and not same_value("5", 5)
     assert not same_value({"a": 1, "b": 2}, {"a": 1}) and not same_value([1], [1, 2])
+    # strings: case, spaces and the punctuation BFCL strips do not count; other characters do
+    assert same_value("new-york, N.Y.", "New York NY") and same_value("a_b*c^d/e", "ABCDE")
+    assert not same_value("Oslo", "Bergen") and not same_value("a:b", "ab")
+
+
+def forecast(city: str, unit: Literal["c", "f"] = "c", days: int = 1, ratio: float = 1.0) -> dict:
+    """A forecast.
+
+    Args:
+        city: where
+        unit: degrees
+        days: how many days
+        ratio: a scale
+    """
+    return {}
+
+
+BOX = Toolbox.from_functions([forecast])
+SCHEMA = BOX.schemas[0]
+
+
+@pytest.mark.parametrize("got, want, ok", [
+    ({"city": "Oslo", "unit": "c"}, {"city": "Oslo"}, True),        # an optional argument given at its default
+    ({"city": "Oslo"}, {"city": "Oslo", "days": 1}, True),          # ... or left out where the reference gives it
+    ({"city": "Oslo", "unit": "f"}, {"city": "Oslo"}, False),       # not at its default
+    ({"city": "Oslo"}, {"city": "Oslo", "days": 2}, False),
+    ({"city": "oslo "}, {"city": "Oslo"}, True),                     # strings as BFCL compares them
+    ({"city": "Oslo", "ratio": 2}, {"city": "Oslo", "ratio": 2.0}, True),   # an integer where a number is asked
+    ({"city": "Oslo", "days": 2.0}, {"city": "Oslo", "days": 2}, False),    # never a number for an integer
+    ({"city": "Oslo", "days": "2"}, {"city": "Oslo", "days": 2}, False),    # nor a string for a number
+    ({"city": "Oslo", "unit": "k"}, {"city": "Oslo", "unit": "k"}, False),  # outside the enum
+    ({"city": "Oslo", "when": 1}, {"city": "Oslo", "when": 1}, False),      # an argument the tool does not take
+    ({"unit": "c"}, {"unit": "c"}, False),                                  # the required one missing
+])
+def test_calls_are_judged_against_the_schema_as_bfcl_does(got, want, ok):
+    assert BOX.defaults == {"forecast": {"unit": "c", "days": 1, "ratio": 1.0}}
+    assert call_matches(("forecast", got), ("forecast", want), SCHEMA, BOX.defaults["forecast"]) is ok
+    assert not call_matches(("weather", got), ("forecast", want), SCHEMA, BOX.defaults["forecast"])
+
+
+def test_without_a_schema_calls_compare_by_value_and_defaults_come_from_either():
+    assert call_matches(("f", {"a": 5}), ("f", {"a": 5.0})) and not call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}))
+    assert call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}), defaults={"b": 1})
+    with_default = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "default": 1}},
+        "required": ["a"]}}}
+    assert call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}), with_default)
+    assert not call_matches(("f", {"a": 5, "b": 2}), ("f", {"a": 5}), with_default)
+
+
+def test_task_success_judges_each_call_with_its_tools_schema_and_defaults():
+    task = Task([{"role": "user", "content": "Oslo?"}], BOX.schemas, [("forecast", {"city": "Oslo"})],
+                "It is -3 in Oslo.")
+
+    def traj(args):
+        return Trajectory(calls=[("forecast", args)], statuses=["ok"], results=['{"t": -3}'], final="-3 it is",
+                          ended=ANSWERED)
+    assert solved(task, traj({"city": "Oslo", "days": 1}), BOX.defaults)
+    assert not solved(task, traj({"city": "Oslo", "days": 1}))  # no defaults known: the extra argument counts
+    assert not solved(task, traj({"city": "Oslo", "days": 1.0}), BOX.defaults)
+    m = task_metrics([task], [traj({"city": "OSLO", "unit": "c"})], defaults=BOX.defaults)
+    assert m["task_success"] == 1.0
 
 
 def test_trajectory_rows_learn_the_models_turns_only():

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from jkd.evaluate.toolcalls import read_turn, tool_metrics
+from jkd.agents.formats import HERMES
+from jkd.evaluate.toolcalls import tool_metrics
 
 
 def call(name, **args):
@@ -23,10 +24,10 @@ FINAL = {"role": "assistant", "content": "In Oslo it will be -3 degrees and snow
 
 
 def test_read_turn():
-    got = read_turn("Sure. " + block("f", a=1) + "\n<tool_call>\n{not json}\n</tool_call><|im_end|>",
-                    special_tokens=["<|im_end|>"])
+    got = HERMES.read("Sure. " + block("f", a=1) + "\n<tool_call>\n{not json}\n</tool_call><|im_end|>",
+                      ["<|im_end|>"])
     assert (got.content, got.calls, got.attempts, got.invalid) == ("Sure.", [("f", {"a": 1})], 2, 1)
-    assert read_turn("<tool_call>\n{\"name\": \"f\", \"arguments\": {}").attempts == 1  # cut short: invalid
+    assert HERMES.read("<tool_call>\n{\"name\": \"f\", \"arguments\": {}").attempts == 1  # cut short: invalid
 
 
 def test_metrics_by_hand():
@@ -51,6 +52,15 @@ def test_metrics_by_hand():
     assert m["tool_call_recall"] == pytest.approx(2 / 5)
     assert m["final_answer_correct"] == pytest.approx(1 / 2)
     assert m["no_tool_accuracy"] == pytest.approx(3 / 4)          # NO_TOOL x2 and FINAL x2
+
+
+def test_values_compare_as_bfcl_does():
+    turns = [(TIMER, [], block("set_timer", minutes=5.0, label="Tea")),     # 5.0 is 5; case does not count
+             (TIMER, [], block("set_timer", minutes="5", label="tea")),     # a string is not a number
+             (TIMER, [], block("set_timer", minutes=5, label="tea", x=1))]  # an argument more
+    m = tool_metrics(turns)
+    assert m["tool_call_exact_match"] == pytest.approx(1 / 3)
+    assert m["argument_accuracy"] == pytest.approx((2 + 1 + 2) / 6)
 
 
 def test_empty_denominators_are_none():
