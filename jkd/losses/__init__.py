@@ -8,6 +8,9 @@ float32, and work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 
 from jkd.losses._chunked import chunked_soft_distillation_loss
 from jkd.losses._chunked import projected_soft_distillation_loss
+from jkd.losses._cross import cross_tokenizer_divergence
+from jkd.losses._cross import span_log_probs
+from jkd.losses._cross import uld_distance
 from jkd.losses._dkd import decoupled_distillation_loss
 from jkd.losses._features import attention_map
 from jkd.losses._features import attention_transfer_loss
@@ -50,6 +53,9 @@ __all__ = [
     "projected_token_divergence",
     "projected_topk_kl",
     "token_mean",
+    "cross_tokenizer_divergence",
+    "span_log_probs",
+    "uld_distance",
     "attention_map",
     "contrastive_representation_loss",
     "rkd_angle_loss",

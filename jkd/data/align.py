@@ -1,0 +1,186 @@
+"""Two tokenizations of the same text, aligned: the spans where a teacher and a student that do not
+share a vocabulary can be compared.
+
+Both tokenizers cut the same characters into tokens; a *span* is the smallest run of one or more
+tokens of each whose character ranges coincide (``"Hello"`` may be one teacher token and ``"Hel"``
++ ``"lo"`` for the student: one span). :func:`token_spans` walks the two offset lists and closes a
+span wherever both tokenizations end at the same character. Tokens that cover no characters of
+their own (a piece of a character that byte-level BPE splits, which ``tokenizers`` maps to the whole
+character; a token the post-processor adds) join the span they fall in.
+
+:func:`align_conversation` applies it to a conversation each model renders with its own chat
+template: the k-th assistant turn of one rendering is aligned with the k-th of the other, over the
+text both turns share from their start (the turn's end marker, ``<|im_end|>`` for one family and
+``<|eot_id|>`` for another, and anything after the texts part, forms the turn's last span).
+:func:`span_layout` turns the spans into the fixed-shape arrays the cross-tokenizer losses
+(:func:`jkd.losses.cross_tokenizer_divergence`) read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+Span = tuple[int, int, int, int]  # teacher tokens [a0, a1), student tokens [b0, b1): half-open ranges
+
+
+def token_spans(a_offsets: Sequence[Sequence[int]], b_offsets: Sequence[Sequence[int]]) -> list[Span]:
+    """The spans of two tokenizations of one text: ``[(a0, a1, b0, b1)]``, the token ranges of ``a``
+    and ``b`` (half-open) that cover the same characters, in order, covering every token of both.
+
+    ``a_offsets`` / ``b_offsets``: ``[(start, end)]`` character offsets per token, in order (as
+    ``tokenizers`` gives them). Where the two never meet again (texts that differ from some point
+    on), the rest of both forms the last span; a side left with tokens when the other has none
+    joins them to the last span. Where both cut the same characters into the same number of tokens
+    with the same offsets (the bytes of a character, as byte-level BPE writes it), the spans are
+    token for token: a tokenizer aligned with itself gives one-token spans."""
+    a_start, a_end = [int(x) for x, _ in a_offsets], [int(e) for _, e in a_offsets]
+    b_start, b_end = [int(x) for x, _ in b_offsets], [int(e) for _, e in b_offsets]
+    na, nb = len(a_end), len(b_end)
+    spans: list[Span] = []
+    i = j = 0
+    while i < na and j < nb:
+        i0, j0 = i, j
+        ea, eb = a_end[i], b_end[j]
+        i, j = i + 1, j + 1
+        while True:
+            if ea == eb:  # both end here: a cut, unless a later token still covers characters before it
+                while i < na and a_end[i] <= ea:
+                    i += 1
+                while j < nb and b_end[j] <= eb:
+                    j += 1
+                if i < na and a_start[i] < ea:
+                    ea, i = max(ea, a_end[i]), i + 1
+                elif j < nb and b_start[j] < eb:
+                    eb, j = max(eb, b_end[j]), j + 1
+                else:
+                    break
+            elif ea < eb and i < na:
+                ea, i = max(ea, a_end[i]), i + 1
+            elif eb < ea and j < nb:
+                eb, j = max(eb, b_end[j]), j + 1
+            else:  # one side ran out before the two met: the rest is one span
+                i, j = na, nb
+                break
+        if i - i0 == j - j0 > 1 and [tuple(x) for x in a_offsets[i0:i]] == [tuple(x) for x in b_offsets[j0:j]]:
+            spans += [(i0 + k, i0 + k + 1, j0 + k, j0 + k + 1) for k in range(i - i0)]  # token for token
+        else:
+            spans.append((i0, i, j0, j))
+    if (i < na or j < nb) and spans:
+        a0, _, b0, _ = spans.pop()
+        spans.append((a0, na, b0, nb))
+    elif i < na or j < nb:
+        spans.append((i, na, j, nb))
+    return spans
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The half-open ranges of consecutive True entries."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _common_prefix(x: str, y: str) -> int:
+    n = min(len(x), len(y))
+    k = 0
+    while k < n and x[k] == y[k]:
+        k += 1
+    return k
+
+
+def align_turns(teacher_text: str, teacher_offsets: np.ndarray, teacher_mask: np.ndarray,
+                student_text: str, student_offsets: np.ndarray, student_mask: np.ndarray) -> list[Span]:
+    """The spans of a conversation's assistant turns, rendered once per model.
+
+    ``*_text``: the model's rendering; ``*_offsets [T, 2]``: its tokens' character offsets into it;
+    ``*_mask [T]``: its assistant tokens (the ones learned). The k-th run of assistant tokens of one
+    is aligned with the k-th of the other (:func:`token_spans`), over the characters both runs
+    share from their start; past that point the rest of both runs is one span. Token indices are
+    the rows' own. Raises ``ValueError`` when the two renderings have different numbers of
+    assistant turns."""
+    t_runs, s_runs = _runs(teacher_mask), _runs(student_mask)
+    if len(t_runs) != len(s_runs):
+        raise ValueError(f"the teacher's rendering has {len(t_runs)} assistant turns and the student's "
+                         f"{len(s_runs)}; the two chat templates must write the same turns")
+    spans: list[Span] = []
+    for (t0, t1), (s0, s1) in zip(t_runs, s_runs):
+        t_start, s_start = int(teacher_offsets[t0][0]), int(student_offsets[s0][0])
+        t_text = teacher_text[t_start:int(teacher_offsets[t1 - 1][1])]
+        s_text = student_text[s_start:int(student_offsets[s1 - 1][1])]
+        shared = _common_prefix(t_text, s_text)
+        far = max(len(t_text), len(s_text)) + 1  # past the shared text: every end is the same "far"
+
+        def local(offsets, lo, hi, start):
+            return [(s - start, e - start if e - start <= shared else far) for s, e in offsets[lo:hi]]
+        for a0, a1, b0, b1 in token_spans(local(teacher_offsets, t0, t1, t_start),
+                                          local(student_offsets, s0, s1, s_start)):
+            spans.append((t0 + a0, t0 + a1, s0 + b0, s0 + b1))
+    return spans
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanLayout:
+    """One row's spans as fixed-shape arrays (``S`` spans at most, ``Tt`` / ``Ts`` tokens):
+
+    - ``teacher_first`` / ``student_first`` ``[S]`` int32: the position whose logits predict the
+      span's first token (the token before it);
+    - ``teacher_chain`` ``[Tt]`` / ``student_chain`` ``[Ts]`` int32: for a position whose logits
+      predict a later token of a span, that span's index; -1 elsewhere;
+    - ``exact`` ``[S]`` bool: one token on each side, the same token string;
+    - ``where`` ``[S]`` bool: the spans that exist (and are learned).
+    """
+
+    teacher_first: np.ndarray
+    student_first: np.ndarray
+    teacher_chain: np.ndarray
+    student_chain: np.ndarray
+    exact: np.ndarray
+    where: np.ndarray
+
+
+def span_layout(spans: Sequence[Span], *, teacher_ids: np.ndarray, student_ids: np.ndarray,
+                teacher_tokens: Sequence[str | None], student_tokens: Sequence[str | None], max_spans: int,
+                teacher_length: int, student_length: int) -> SpanLayout:
+    """:class:`SpanLayout` of ``spans`` over rows of ``teacher_length`` / ``student_length`` tokens
+    (spans reaching past either, or starting at token 0, which nothing predicts, are left out; so
+    are those past ``max_spans``). ``*_tokens``: each vocabulary id's token string (for ``exact``)."""
+    tf = np.zeros(max_spans, np.int32)
+    sf = np.zeros(max_spans, np.int32)
+    tc = np.full(teacher_length, -1, np.int32)
+    sc = np.full(student_length, -1, np.int32)
+    exact = np.zeros(max_spans, bool)
+    where = np.zeros(max_spans, bool)
+    k = 0
+    for a0, a1, b0, b1 in spans:
+        if k == max_spans or a0 < 1 or b0 < 1 or a1 > teacher_length or b1 > student_length or a1 <= a0 or b1 <= b0:
+            continue
+        tf[k], sf[k] = a0 - 1, b0 - 1
+        tc[a0:a1 - 1] = k
+        sc[b0:b1 - 1] = k
+        if a1 - a0 == 1 and b1 - b0 == 1:
+            t_str, s_str = teacher_tokens[int(teacher_ids[a0])], student_tokens[int(student_ids[b0])]
+            exact[k] = t_str is not None and t_str == s_str
+        where[k] = True
+        k += 1
+    return SpanLayout(tf, sf, tc, sc, exact, where)
+
+
+def id_to_token(vocab: dict[str, int], size: int) -> list[str | None]:
+    """``[size]``: each id's token string (None for ids the vocabulary does not name)."""
+    out: list[str | None] = [None] * size
+    for tok, i in vocab.items():
+        if 0 <= i < size:
+            out[i] = tok
+    return out
+
+
+def shared_tokens(teacher_vocab: dict[str, int], student_vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens both vocabularies hold (the same string): ``(teacher_ids [M], student_ids [M])``,
+    int32, ordered by teacher id."""
+    pairs = sorted((i, student_vocab[tok]) for tok, i in teacher_vocab.items() if tok in student_vocab)
+    t = np.asarray([p[0] for p in pairs], np.int32)
+    s = np.asarray([p[1] for p in pairs], np.int32)
+    return t, s

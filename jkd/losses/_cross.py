@@ -1,0 +1,197 @@
+"""Distillation across tokenizers: a teacher and a student that do not share a vocabulary.
+
+The two models read the same text cut into different tokens; :mod:`jkd.data.align` groups them
+into *spans* (the smallest runs of tokens of each that cover the same characters). Each model's
+distribution for a span is its distribution for the span's first token times the probabilities it
+gives the span's later tokens (chain rule, the "observed" merge of GOLD): over the first token's
+vocabulary, unnormalised, it sums to the probability of the span's own continuation given that it
+starts with that token. Per span:
+
+- :func:`uld_distance` (ULD, Boizard et al. 2024): ``sum_i |sort(q)_i - sort(p)_i|``, the two
+  distributions sorted in decreasing order and the shorter padded with zeros; it needs no token
+  correspondence at all (it is the Wasserstein-1 distance between the two sorted histograms);
+- the hybrid of GOLD: a span that is one token on both sides, with the same token string, is
+  compared by a same-vocabulary divergence (``ForwardKL()``, ``GeneralizedJSD()``, ...) over the
+  tokens both vocabularies hold, each distribution renormalised over them; ULD elsewhere.
+
+On one tokenizer every span is one token with the same string on both sides, every token is
+shared, and the hybrid is the same-vocabulary divergence, token by token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jkd.losses import _common as c
+from jkd.losses._token import Divergence
+
+
+def _merged_row(logits, targets, first, chain, temperature):
+    """``[S, V]``: one row's span log-distributions (see :func:`span_log_probs`)."""
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)  # [T, V]
+    tok = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]  # [T]: log p(next token)
+    inside = chain >= 0
+    later = jax.ops.segment_sum(jnp.where(inside, tok, 0.0), jnp.where(inside, chain, 0),
+                                num_segments=first.shape[0])  # [S]
+    return logp[first] + later[:, None]
+
+
+def span_log_probs(logits: jax.Array, targets: jax.Array, first: jax.Array, chain: jax.Array, *,
+                   temperature: float | jax.Array = 1.0) -> jax.Array:
+    r"""Each span's distribution, in log space (unnormalised).
+
+    .. math::
+        \log m_s(v) = \log \pi_{f_s}(v) + \sum_{n\,:\,\mathrm{chain}_n = s} \log \pi_n(x_{n+1})
+
+    where ``pi_n = softmax(logits_n / T)`` and ``f_s = first[s]``.
+
+    Args:
+      logits: ``[..., T, V]``: the model's logits (position ``n`` predicts token ``n + 1``).
+      targets: ``[..., T]`` int: the token each position predicts (the row shifted by one).
+      first: ``[..., S]`` int: the position that predicts each span's first token.
+      chain: ``[..., T]`` int: for a position that predicts a later token of span ``s``, ``s``;
+        -1 elsewhere.
+      temperature: ``T > 0``.
+
+    Returns:
+      ``[..., S, V]`` float32: for the rows ``[...]``, a log-distribution per span.
+
+    Example:
+      >>> logits = jnp.zeros((2, 4, 5))  # uniform: each token has probability 1/5
+      >>> m = span_log_probs(logits, jnp.zeros((2, 4), int), jnp.array([[0, 1]] * 2), jnp.array([[-1, -1, 1, -1]] * 2))
+      >>> m.shape, round(float(jnp.exp(m[0, 1]).sum()), 4)  # span 1 has two tokens: 1/5 of its mass is left
+      ((2, 2, 5), 0.2)
+
+    References:
+      Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; the span merge of TRL's GOLD
+      trainer (the "observed" strategy).
+    """
+    logits = c.check_floating("logits", logits)
+    dtype = c.compute_dtype(logits)
+    lead = logits.shape[:-2]
+    t, v = logits.shape[-2:]
+    s = first.shape[-1]
+    c.check_positive("temperature", temperature)
+    f = jax.vmap(_merged_row, in_axes=(0, 0, 0, 0, None))
+    out = f(logits.astype(dtype).reshape(-1, t, v), jnp.asarray(targets).reshape(-1, t),
+            jnp.asarray(first).reshape(-1, s), jnp.asarray(chain).reshape(-1, t), jnp.asarray(temperature, dtype))
+    return out.reshape(*lead, s, v)
+
+
+def uld_distance(student_log_probs: jax.Array, teacher_log_probs: jax.Array) -> jax.Array:
+    r"""ULD's distance between two distributions over different vocabularies.
+
+    .. math::
+        \ell = \sum_i \big|\, q_{(i)} - p_{(i)} \big|
+
+    with ``q_(i)`` / ``p_(i)`` the probabilities sorted in decreasing order, the shorter vector
+    padded with zeros.
+
+    Args:
+      student_log_probs: ``[..., Vs]`` log-probabilities (possibly unnormalised; ``-inf`` entries
+        are 0).
+      teacher_log_probs: ``[..., Vt]``.
+
+    Returns:
+      ``[...]`` float32.
+
+    Example:
+      >>> q = jnp.log(jnp.array([0.1, 0.7, 0.2]))
+      >>> p = jnp.log(jnp.array([0.5, 0.05, 0.05, 0.4]))
+      >>> round(float(uld_distance(q, p)), 4)  # (0.7, 0.2, 0.1, 0) against (0.5, 0.4, 0.05, 0.05)
+      0.5
+
+    References:
+      Boizard et al. Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss
+      for LLMs. 2024. https://arxiv.org/abs/2402.12030
+    """
+    dtype = c.compute_dtype(jnp.asarray(student_log_probs), jnp.asarray(teacher_log_probs))
+    q = jnp.exp(jnp.asarray(student_log_probs, dtype))
+    p = jnp.exp(jnp.asarray(teacher_log_probs, dtype))
+    q, p = -jnp.sort(-q, axis=-1), -jnp.sort(-p, axis=-1)
+    width = max(q.shape[-1], p.shape[-1])
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])  # noqa: E731
+    return jnp.sum(jnp.abs(pad(q) - pad(p)), axis=-1)
+
+
+def _first_logits(logits, first):
+    """``[..., S, V]``: the logits at each span's first position."""
+    return jnp.take_along_axis(logits, first[..., None], axis=-2)
+
+
+def cross_tokenizer_divergence(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    student_targets: jax.Array,
+    teacher_targets: jax.Array,
+    student_first: jax.Array,
+    teacher_first: jax.Array,
+    student_chain: jax.Array,
+    teacher_chain: jax.Array,
+    exact: jax.Array | None = None,
+    where: jax.Array | None = None,
+    divergence: Divergence | None = None,
+    shared: tuple[jax.Array, jax.Array] | None = None,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    r"""A teacher-student distance per aligned span, across vocabularies.
+
+    .. math::
+        \ell_s = \begin{cases} D\big(\bar p_s,\ \bar q_s\big) & \text{span } s \text{ exact (hybrid)} \\
+        \sum_i |q_{s(i)} - p_{s(i)}| & \text{otherwise (ULD)} \end{cases}
+
+    with ``p_s`` / ``q_s`` the span distributions of :func:`span_log_probs` and ``bar p_s`` /
+    ``bar q_s`` the next-token distributions restricted to the shared tokens and renormalised.
+
+    ULD (:func:`uld_distance`) between the two models' span distributions
+    (:func:`span_log_probs`); with ``divergence`` the hybrid of GOLD: on the ``exact`` spans (one
+    token on each side, the same token string) ``divergence(p, q)`` between the two next-token
+    distributions restricted to the ``shared`` tokens and renormalised over them.
+
+    Args:
+      student_logits: ``[..., Ts, Vs]``; teacher_logits: ``[..., Tt, Vt]``.
+      student_targets / teacher_targets: ``[..., Ts]`` / ``[..., Tt]`` int, each position's next token.
+      student_first / teacher_first: ``[..., S]`` int; student_chain / teacher_chain: ``[..., Ts]`` /
+        ``[..., Tt]`` int (:class:`jkd.data.align.SpanLayout`).
+      exact: ``[..., S]`` bool (needed with ``divergence``).
+      where: ``[..., S]`` bool, the spans to count: others give 0 and no gradient.
+      divergence: None for ULD on every span, or a same-vocabulary divergence for the hybrid.
+      shared: ``(teacher_ids [M], student_ids [M])``, the tokens both vocabularies hold
+        (:func:`jkd.data.align.shared_tokens`; needed with ``divergence``).
+      temperature: ``T > 0``, for both models.
+
+    Returns:
+      ``[..., S]`` float32 per-span values for the rows ``[...]``; reduce with
+      :func:`jkd.losses.token_mean` over ``where`` (the step's span count as ``num_tokens``).
+
+    Example:
+      >>> s, t = jnp.zeros((6, 7)), jnp.zeros((5, 11))  # student: 6 positions, 7 tokens; teacher: 5, 11
+      >>> v = cross_tokenizer_divergence(s, t, student_targets=jnp.zeros(6, int), teacher_targets=jnp.zeros(5, int),
+      ...     student_first=jnp.array([0, 2]), teacher_first=jnp.array([0, 1]),
+      ...     student_chain=jnp.array([-1, -1, 1, -1, -1, -1]), teacher_chain=jnp.full(5, -1))
+      >>> v.shape
+      (2,)
+
+    References:
+      Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; the GOLD trainer of TRL
+      (Hugging Face, 2025): span alignment and the hybrid with exact-token matches.
+    """
+    if divergence is not None and (shared is None or exact is None):
+        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
+                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+    where = None if where is None else c.check_where(where, student_first.shape)
+    q = span_log_probs(student_logits, student_targets, student_first, student_chain, temperature=temperature)
+    p = span_log_probs(teacher_logits, teacher_targets, teacher_first, teacher_chain, temperature=temperature)
+    values = uld_distance(q, p)
+    if divergence is not None:
+        t_ids, s_ids = (jnp.asarray(x, jnp.int32) for x in shared)
+        dtype = c.compute_dtype(jnp.asarray(student_logits), jnp.asarray(teacher_logits))
+        temp = jnp.asarray(temperature, dtype)
+        s_first = _first_logits(c.check_floating("student_logits", student_logits).astype(dtype), student_first)
+        t_first = _first_logits(c.check_floating("teacher_logits", teacher_logits).astype(dtype), teacher_first)
+        log_q = jax.nn.log_softmax(jnp.take(s_first, s_ids, axis=-1) / temp, axis=-1)
+        log_p = jax.nn.log_softmax(jnp.take(t_first, t_ids, axis=-1) / temp, axis=-1)
+        values = jnp.where(exact, divergence(log_p, log_q), values)
+    return c.mask_output(where, values)
