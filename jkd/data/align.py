@@ -184,3 +184,84 @@ def shared_tokens(teacher_vocab: dict[str, int], student_vocab: dict[str, int]) 
     t = np.asarray([p[0] for p in pairs], np.int32)
     s = np.asarray([p[1] for p in pairs], np.int32)
     return t, s
+
+
+@dataclasses.dataclass
+class AlignedRows:
+    """Conversations tokenized by both models and aligned (:func:`aligned_rows`): per row, the
+    student's ids and learned mask, the teacher's ids, and the spans' :class:`SpanLayout`;
+    ``spans`` / ``exact`` count the kept spans and the exact ones, ``cut`` the learned spans left
+    out because they reach past either row's length."""
+
+    student_ids: list[np.ndarray]
+    student_learn: list[np.ndarray]
+    teacher_ids: list[np.ndarray]
+    layouts: list[SpanLayout]
+    spans: int = 0
+    exact: int = 0
+    cut: int = 0
+
+    def __len__(self) -> int:
+        return len(self.student_ids)
+
+    def batch(self, rows: Sequence[int], *, length: int, teacher_length: int, pad_id: int,
+              teacher_pad_id: int) -> dict[str, np.ndarray]:
+        """Rows ``rows`` as one right-padded batch: the student's ``tokens``, ``loss_mask``,
+        ``attention_mask`` ``[B, length]``, the teacher's ``teacher_tokens`` and
+        ``teacher_attention_mask`` ``[B, teacher_length]``, and the spans (``student_first``,
+        ``teacher_first``, ``span_exact``, ``span_where`` ``[B, length]``; ``student_chain``
+        ``[B, length]``, ``teacher_chain`` ``[B, teacher_length]``)."""
+        def pad(x, n, value, dtype):
+            out = np.full(n, value, dtype)
+            out[:len(x)] = x[:n]
+            return out
+        out: dict[str, list] = {k: [] for k in ("tokens", "loss_mask", "attention_mask", "teacher_tokens",
+                                                "teacher_attention_mask", "student_first", "teacher_first",
+                                                "student_chain", "teacher_chain", "span_exact", "span_where")}
+        for r in rows:
+            s, t, lay = self.student_ids[r], self.teacher_ids[r], self.layouts[r]
+            out["tokens"].append(pad(s, length, pad_id, np.int32))
+            out["loss_mask"].append(pad(self.student_learn[r], length, False, bool))
+            out["attention_mask"].append(pad(np.ones(len(s), bool), length, False, bool))
+            out["teacher_tokens"].append(pad(t, teacher_length, teacher_pad_id, np.int32))
+            out["teacher_attention_mask"].append(pad(np.ones(len(t), bool), teacher_length, False, bool))
+            out["student_first"].append(pad(lay.student_first, length, 0, np.int32))
+            out["teacher_first"].append(pad(lay.teacher_first, length, 0, np.int32))
+            out["student_chain"].append(pad(lay.student_chain, length, -1, np.int32))
+            out["teacher_chain"].append(pad(lay.teacher_chain, teacher_length, -1, np.int32))
+            out["span_exact"].append(pad(lay.exact, length, False, bool))
+            out["span_where"].append(pad(lay.where, length, False, bool))
+        return {k: np.stack(v) for k, v in out.items()}
+
+
+def aligned_rows(teacher, student, conversations: Sequence[dict], *, max_length: int,
+                 teacher_max_length: int | None = None) -> AlignedRows:
+    """Each conversation rendered and tokenized by each model (its own chat template), its assistant
+    turns aligned (:func:`align_turns`), the rows cut at ``max_length`` student tokens and
+    ``teacher_max_length`` teacher tokens (default: the same); conversations left with no learned
+    span are left out. ``teacher`` / ``student``: :class:`jkd.data.tokenizer.Tokenizer`."""
+    from jkd.data.chat import encode_chat
+
+    t_max = teacher_max_length or max_length
+    t_str = id_to_token(teacher.backend.get_vocab(with_added_tokens=True), teacher.vocab_size)
+    s_str = id_to_token(student.backend.get_vocab(with_added_tokens=True), student.vocab_size)
+    out = AlignedRows([], [], [], [])
+    for conv in conversations:
+        t_enc = encode_chat(teacher, conv["messages"], tools=conv.get("tools"))
+        s_enc = encode_chat(student, conv["messages"], tools=conv.get("tools"))
+        _, t_off = teacher.encode_with_offsets(t_enc.text)
+        _, s_off = student.encode_with_offsets(s_enc.text)
+        spans = align_turns(t_enc.text, t_off, t_enc.assistant_mask, s_enc.text, s_off, s_enc.assistant_mask)
+        t_len, s_len = min(len(t_enc.ids), t_max), min(len(s_enc.ids), max_length)
+        lay = span_layout(spans, teacher_ids=t_enc.ids, student_ids=s_enc.ids, teacher_tokens=t_str,
+                          student_tokens=s_str, max_spans=s_len, teacher_length=t_len, student_length=s_len)
+        out.cut += sum(1 for a0, a1, b0, b1 in spans if a1 > t_len or b1 > s_len)
+        if not lay.where.any():
+            continue
+        out.student_ids.append(s_enc.ids[:s_len])
+        out.student_learn.append(s_enc.assistant_mask[:s_len])
+        out.teacher_ids.append(t_enc.ids[:t_len])
+        out.layouts.append(lay)
+        out.spans += int(lay.where.sum())
+        out.exact += int((lay.exact & lay.where).sum())
+    return out

@@ -1,0 +1,115 @@
+"""The train step that distils across tokenizers: the teacher reads its own tokens of the text, the
+student its own, and the loss compares them span by span (:func:`jkd.losses.cross_tokenizer_divergence`).
+
+A batch holds the student's rows as every language-model step has them (``tokens``,
+``loss_mask``, ``attention_mask`` ``[B, Ts]``), the teacher's rows of the same conversations
+(``teacher_tokens``, ``teacher_attention_mask`` ``[B, Tt]``) and the rows' spans
+(:class:`jkd.data.align.SpanLayout`, batched: ``student_first``, ``teacher_first``, ``span_exact``,
+``span_where`` ``[B, S]``, ``student_chain`` ``[B, Ts]``, ``teacher_chain`` ``[B, Tt]``); the
+tokens both vocabularies hold are bound to the step (``shared``), not carried by every batch.
+
+The loss is ``kd_weight`` times the mean over the step's learned spans plus ``ce_weight`` times the
+student's cross-entropy, a mean over its learned tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from jkd.losses import Divergence, cross_tokenizer_divergence, token_mean
+from jkd.train.lm_steps import Batch, _check_weights_and_temperature, _student, apply_gradients, learned_positions
+from jkd.train.state import FrozenModel, TrainState
+
+SPAN_KEYS = ("teacher_tokens", "teacher_attention_mask", "student_first", "teacher_first", "student_chain",
+             "teacher_chain", "span_exact", "span_where")
+
+
+@struct.dataclass
+class CrossTokenizerKD:
+    """Distillation between models with different tokenizers.
+
+    ``divergence=None``: ULD on every span (Boizard et al. 2024); a divergence (``ForwardKL()``,
+    ``GeneralizedJSD()``, ...): GOLD's hybrid, that divergence on the spans that are one token with
+    the same string in both vocabularies (over the tokens both hold), ULD elsewhere.
+    ``ce_weight``: the student's own cross-entropy on the learned tokens beside it."""
+
+    divergence: Divergence | None = struct.field(pytree_node=False, default=None)
+    temperature: float = struct.field(pytree_node=False, default=1.0)
+    kd_weight: float = struct.field(pytree_node=False, default=1.0)
+    ce_weight: float = struct.field(pytree_node=False, default=0.0)
+
+    def __post_init__(self):
+        _check_weights_and_temperature(self)
+
+    @property
+    def name(self) -> str:
+        return "uld" if self.divergence is None else "hybrid"
+
+
+def _logits(model, tokens, attention_mask) -> jax.Array:
+    """``[B, T, V]`` float32 logits (position ``n`` predicts token ``n + 1``)."""
+    return model.logits(model.hidden_states(tokens, attention_mask=attention_mask)).astype(jnp.float32)
+
+
+def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokenizerKD, *,
+                         shared: tuple[Any, Any] | None, num_spans: jax.Array, num_tokens: jax.Array) -> jax.Array:
+    """The step's loss on ``batch``: the span mean over ``num_spans`` and, with ``ce_weight``, the
+    token mean over ``num_tokens``."""
+    s_tokens, s_att = batch["tokens"], batch["attention_mask"].astype(bool)
+    s_logits = _logits(student, s_tokens, s_att)
+    loss = jnp.zeros((), jnp.float32)
+    if objective.kd_weight > 0:
+        t_tokens = batch["teacher_tokens"]
+        t_logits = jax.lax.stop_gradient(_logits(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
+        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731  each position's next token
+        values = cross_tokenizer_divergence(
+            s_logits, t_logits, student_targets=shift(s_tokens), teacher_targets=shift(t_tokens),
+            student_first=batch["student_first"], teacher_first=batch["teacher_first"],
+            student_chain=batch["student_chain"], teacher_chain=batch["teacher_chain"], exact=batch["span_exact"],
+            where=batch["span_where"], divergence=objective.divergence, shared=shared,
+            temperature=objective.temperature)
+        loss = loss + objective.kd_weight * token_mean(values, batch["span_where"], num_tokens=num_spans)
+    if objective.ce_weight > 0:
+        logp = jax.nn.log_softmax(s_logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, s_tokens[:, 1:, None], axis=-1)[..., 0]
+        loss = loss + objective.ce_weight * token_mean(nll, learned_positions(batch), num_tokens=num_tokens)
+    return loss
+
+
+def cross_tokenizer_step(
+    state: TrainState, batch: Batch, objective: CrossTokenizerKD, teacher: FrozenModel | None = None, *,
+    graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
+    shared: tuple[np.ndarray, np.ndarray] | None = None, compute_dtype=None,
+) -> tuple[TrainState, dict[str, Any]]:
+    """One optimizer step of cross-tokenizer distillation (the signature of
+    :func:`jkd.train.lm_steps.token_kd_step`, with the ``shared`` tokens bound: ``(teacher_ids,
+    student_ids)``, :func:`jkd.data.align.shared_tokens`; needed by the hybrid). Returns the new
+    state and ``{"loss", "tokens", "spans"}``."""
+    missing = [k for k in ("attention_mask", *SPAN_KEYS) if k not in batch]
+    if missing:
+        raise ValueError(f"a cross-tokenizer batch needs {', '.join(missing)} (the teacher's rows and the spans: "
+                         "jkd.data.align)")
+    if objective.divergence is not None and shared is None:
+        raise ValueError("the hybrid cross-tokenizer loss needs the shared tokens (shared=(teacher_ids, student_ids))")
+    num_spans = jnp.sum(batch["span_where"], dtype=jnp.int32)
+    num_tokens = jnp.sum(learned_positions(batch), dtype=jnp.int32)
+    teacher_model = None
+    if objective.kd_weight > 0:
+        if teacher is None or teacher_graphdef is None:
+            raise ValueError("CrossTokenizerKD with kd_weight > 0 needs the teacher (teacher, teacher_graphdef)")
+        teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
+    shared = None if shared is None else tuple(jnp.asarray(x, jnp.int32) for x in shared)
+
+    def loss_fn(params):
+        student = _student(graphdef, params, state, compute_dtype)
+        return cross_tokenizer_loss(student, teacher_model, batch, objective, shared=shared, num_spans=num_spans,
+                                    num_tokens=num_tokens)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens, "spans": num_spans}
