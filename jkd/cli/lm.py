@@ -212,11 +212,19 @@ def add_commands(sub) -> None:
     lm_gen.add_argument("--temperature", type=finite, default=0.0, help="0: greedy")
     lm_gen.add_argument("--seed", type=int, default=0)
 
-    lm_exp = lm_sub.add_parser("export", help="a Hugging Face model folder's forward pass as StableHLO "
-                               "(tokens -> logits, any batch and length), with its tokenizer")
+    lm_exp = lm_sub.add_parser("export", help="a Hugging Face model folder as a GGUF file for llama.cpp and the "
+                               "tools built on it (Ollama, LM Studio), or its forward pass as StableHLO (tokens -> "
+                               "logits, any batch and length) with its tokenizer")
     lm_exp.set_defaults(handler=export_command)
     lm_exp.add_argument("model", help="a Hugging Face model folder with its tokenizer")
-    lm_exp.add_argument("--out", required=True, help="the folder to write (model.stablehlo, serving.json, tokenizer)")
+    lm_exp.add_argument("--format", choices=("stablehlo", "gguf"), default="stablehlo")
+    lm_exp.add_argument("--out", required=True, help="stablehlo: the folder to write (model.stablehlo, serving.json, "
+                        "tokenizer); gguf: the .gguf file")
+    lm_exp.add_argument("--quant", choices=("f32", "f16", "q8_0", "q4_0"), default="q8_0",
+                        help="gguf: the weights' type, by llama.cpp's names (q4_0 keeps the embedding and the output "
+                        "head at q8_0)")
+    lm_exp.add_argument("--gguf-pre", help="gguf: llama.cpp's name of the tokenizer's pre-tokenizer when jkd cannot "
+                        "recognise it (e.g. llama-bpe, qwen2)")
 
 
 def demo_command(args) -> int:
@@ -254,6 +262,15 @@ def export_command(args) -> int:
 
     model, tok = _lm_model(args.model)
     out = Path(args.out)
+    if args.format == "gguf":
+        from jkd.models.gguf_io import write_gguf
+
+        if out.is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; name the .gguf file to write")
+        write_gguf(model, tok, out, quant=args.quant, name=Path(args.model).name, pre_tokenizer=args.gguf_pre)
+        print(f"wrote {out} ({args.quant}, {out.stat().st_size / 2**20:.1f} MiB): run it with llama.cpp, e.g. "
+              f"llama-cli -m {out}")
+        return 0
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out.")
     export_lm_stablehlo(model, out)
