@@ -113,7 +113,7 @@ def align_turns(teacher_text: str, teacher_offsets: np.ndarray, teacher_mask: np
         shared = _common_prefix(t_text, s_text)
         far = max(len(t_text), len(s_text)) + 1  # past the shared text: every end is the same "far"
 
-        def local(offsets, lo, hi, start):
+        def local(offsets, lo, hi, start, shared=shared, far=far):
             return [(s - start, e - start if e - start <= shared else far) for s, e in offsets[lo:hi]]
         for a0, a1, b0, b1 in token_spans(local(teacher_offsets, t0, t1, t_start),
                                           local(student_offsets, s0, s1, s_start)):

@@ -11,7 +11,8 @@ template). Llama's query and key rows are reordered as llama.cpp's rotary embedd
 Quantizations, by llama.cpp's names: ``f32``; ``f16``; ``q8_0`` (blocks of 32 weights, one scale:
 every matrix); ``q4_0`` (blocks of 32 4-bit weights: every matrix but the embedding and the output
 head, which stay ``q8_0`` as llama.cpp's own quantizer keeps them at higher precision). Norms and
-biases stay float32; a matrix whose rows are not whole blocks stays ``f16``. The file is written
+biases stay float32; a matrix whose rows are not whole blocks stays ``f16``
+(:func:`jkd.compress.gguf_blocks.tensor_type`, the rule a student trained for the file follows). The file is written
 whole or not at all; a model or tokenizer the format cannot carry is refused, naming what is
 missing, before anything is written. Writing needs the ``gguf`` package (from llama.cpp).
 """
@@ -20,18 +21,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from jkd.compress.gguf_blocks import QUANTS, tensor_type
 from jkd.models.decoder_sharding import hf_name
 from jkd.runtime.atomic import atomic_write
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_BLOCK = 32  # weights per block of q8_0 and q4_0
 
 # The pre-tokenizers llama.cpp knows by name, recognised by their definition in tokenizer.json.
 _GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
@@ -118,22 +117,10 @@ def _vocabulary(tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], quant: str):
-    import gguf
-
-    q = gguf.GGMLQuantizationType
-    if len(shape) == 1 or quant == "f32":
-        return q.F32
-    if quant == "f16" or shape[-1] % _BLOCK:
-        return q.F16
-    if quant == "q4_0" and name not in ("token_embd.weight", "output.weight"):
-        return q.Q4_0
-    return q.Q8_0
-
-
-def gguf_plan(model, quant: str) -> list[tuple[str, str, tuple[int, ...], Any]]:
-    """``[(gguf name, Hugging Face name, shape, GGML type)]`` of ``model``'s tensors at ``quant``
-    (refused, naming why, when llama.cpp could not run the model)."""
+def gguf_plan(model, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """``[(gguf name, Hugging Face name, shape, GGML type name)]`` of ``model``'s tensors at
+    ``quant`` (:func:`jkd.compress.gguf_blocks.tensor_type`; refused, naming why, when llama.cpp
+    could not run the model)."""
     if quant not in QUANTS:
         raise GGUFExportError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     cfg = model.config
@@ -149,7 +136,7 @@ def gguf_plan(model, quant: str) -> list[tuple[str, str, tuple[int, ...], Any]]:
     for path, v in nnx.to_flat_state(state):
         hf = hf_name(path)
         name = gguf_name(hf)
-        plan.append((name, hf, tuple(v.shape), _tensor_type(name, tuple(v.shape), quant)))
+        plan.append((name, hf, tuple(v.shape), tensor_type(name, tuple(v.shape), quant)))
     return plan
 
 
@@ -171,21 +158,21 @@ def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: 
         raise GGUFExportError("the tokenizer has no chat template; llama.cpp's chat needs one in the file")
     arch = ARCHITECTURES[cfg.family]
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-    state = dict((hf_name(p), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    state = {hf_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
 
-    def tensor(hf: str, gguf_type) -> np.ndarray:
+    def tensor(hf: str, kind: str) -> np.ndarray:
         x = np.asarray(jax.device_get(state[hf][...]), np.float32)
         if arch == "llama" and (".q_proj." in hf or ".k_proj." in hf):
             x = rope_pairs_order(x, cfg.num_heads if ".q_proj." in hf else cfg.num_kv_heads)
-        if gguf_type == gguf.GGMLQuantizationType.F32:
+        if kind == "F32":
             return x
-        if gguf_type == gguf.GGMLQuantizationType.F16:
+        if kind == "F16":
             return x.astype(np.float16)
-        return gguf.quants.quantize(x, gguf_type)
+        return gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, kind))
 
     def write(f) -> None:
         w = gguf.GGUFWriter(f.name, arch)
@@ -214,10 +201,9 @@ def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: 
                 getattr(w, f"add_{key}_token_id")(int(tok_id))
         w.add_add_bos_token(False)  # the chat template writes the begin-of-text token where the model wants one
         w.add_chat_template(tokenizer.chat_template)
-        for gname, hf, _, gtype in plan:
-            w.add_tensor(gname, tensor(hf, gtype), raw_dtype=None if gtype in (gguf.GGMLQuantizationType.F32,
-                                                                                gguf.GGMLQuantizationType.F16)
-                         else gtype)
+        for gname, hf, _, kind in plan:
+            w.add_tensor(gname, tensor(hf, kind),
+                         raw_dtype=None if kind in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, kind))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

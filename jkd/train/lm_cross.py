@@ -23,7 +23,13 @@ import optax
 from flax import nnx, struct
 
 from jkd.losses import Divergence, cross_tokenizer_divergence, token_mean
-from jkd.train.lm_steps import Batch, _check_weights_and_temperature, _student, apply_gradients, learned_positions
+from jkd.train.lm_steps import (
+    Batch,
+    _check_weights_and_temperature,
+    _student,
+    apply_gradients,
+    learned_positions,
+)
 from jkd.train.state import FrozenModel, TrainState
 
 SPAN_KEYS = ("teacher_tokens", "teacher_attention_mask", "student_first", "teacher_first", "student_chain",
@@ -67,7 +73,7 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
     if objective.kd_weight > 0:
         t_tokens = batch["teacher_tokens"]
         t_logits = jax.lax.stop_gradient(_logits(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
-        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731  each position's next token
+        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
         values = cross_tokenizer_divergence(
             s_logits, t_logits, student_targets=shift(s_tokens), teacher_targets=shift(t_tokens),
             student_first=batch["student_first"], teacher_first=batch["teacher_first"],
