@@ -72,7 +72,8 @@ def _lm_config(args):
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
         distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective, teacher_answers=args.mode == "sequence",
-                                         through_tools=(args.mode == "on-policy" and args.tools is not None) or None),),
+                                         through_tools=(args.mode == "on-policy" and args.tools is not None) or None,
+                                         quantize=args.quantize),),
         title=f"{args.mode} distillation ({args.loss}) of {args.data}")
     cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
@@ -163,6 +164,9 @@ def add_commands(sub) -> None:
                          help="on-policy: the share of steps on the student's own samples")
     lm_dist.add_argument("--kd-weight", type=finite, default=1.0)
     lm_dist.add_argument("--ce-weight", type=finite, default=0.0)
+    lm_dist.add_argument("--quantize", choices=("q8_0", "q4_0"), help="quantization-aware distillation: the student "
+                         "trains with its weights as a GGUF file of this type holds them (jkd lm export --format gguf "
+                         "--quant), and is measured so; --ptq measures the float student quantized after training")
     lm_dist.add_argument("--max-length", type=int, default=256, help="tokens per sequence (longer ones are cut)")
     lm_dist.add_argument("--max-new-tokens", type=int, default=64)
     lm_dist.add_argument("--batch-size", type=int, default=16, help="rows per step (of --pack-length when packing)")

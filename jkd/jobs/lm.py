@@ -69,6 +69,7 @@ from jkd.evaluate.toolcalls import format_warning
 from jkd.agents.loop import agent_rows
 from jkd.agents.tasks import TASK_SUCCESS_RULE, Task, run_tasks, tasks_from, trajectory_rows
 from jkd.agents.tools import OK, RAISED, REFUSED, TIMED_OUT, Toolbox
+from jkd.compress.gguf_blocks import fake_quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,10 @@ class LMDistillation:
     teacher's distributions on them). On-policy distillation always samples the requests.
     ``all_labels``: the labelled rows are all the labelled conversations (those the teacher saw),
     not the students' ``labelled_subset``.
+    ``quantize`` (``q8_0``, ``q4_0``: llama.cpp's types): quantization-aware distillation, the
+    student's passes see its weights as a GGUF file of that type holds them
+    (:mod:`jkd.compress.gguf_blocks`, straight-through gradients); it is measured so, as
+    ``jkd lm export --format gguf --quant`` will write it.
     ``through_tools`` (with ``OnPolicyKD``, where tools run the calls): the student's samples are
     whole trajectories through the agent loop (its call, the tools' result, its answer; up to
     ``max_turns`` turns), played on the host with its weights of that step, every turn of it scored
@@ -96,6 +101,8 @@ class LMDistillation:
                                        # (None: no; new fields default to None so earlier run folders resume)
     all_labels: bool | None = None     # train on every labelled conversation (the teacher's), not the students'
                                        # subset: what more labels alone give
+    quantize: str | None = None        # q8_0 / q4_0: trained with its weights as that GGUF type holds them (QAT),
+                                       # measured so
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +198,8 @@ class LMExperimentConfig:
     pass_temperature: float = 1.0            # the temperature of those trials
     tool_format: str | None = None           # how the models write tool calls: hermes, llama3_json, mistral or json
                                              # (None: read off the chat template, jkd.agents.formats.detect_format)
+    ptq: str | None = None                   # q8_0 / q4_0: each student also measured with its weights quantized
+                                             # after training, as that GGUF type holds them (a row of its own)
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
@@ -209,6 +218,10 @@ class LMExperimentConfig:
         names = [d.name for d in self.distillations] + [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student and distillation names must be distinct; got {names}.")
+        for quant, where in ((self.ptq, "ptq (--ptq)"),
+                             *((d.quantize, f"{d.name}: quantize") for d in self.distillations)):
+            if quant is not None and quant not in ("q8_0", "q4_0"):
+                raise ValueError(f"{where} must be q8_0 or q4_0 (llama.cpp's block types); got {quant!r}.")
         for d in self.distillations:
             if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD)):
                 raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD or StoredTopKKD; got "
@@ -568,7 +581,7 @@ class LMJob(Job):
 
     def _group(self, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds, optimizer: AdamWConfig,
                teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None,
-               rows_only: bool = False, rollout: Callable | None = None):
+               rows_only: bool = False, rollout: Callable | None = None, quant: str | None = None):
         """The parts of one group's training: ``(graphdef, tx, run, batches)``. ``run`` is the
         jitted vmapped step, one per distinct setting (shared by the memory plan and the training,
         so the step compiled for the plan is the one that trains); ``batches(start)`` yields the
@@ -584,11 +597,11 @@ class LMJob(Job):
         graphdef = split_model(nnx.eval_shape(lambda: self._prepared(Decoder(config, rngs=nnx.Rngs(0)))))[0]
         kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
                 stored_topk_step if isinstance(objective, StoredTopKKD) else token_kd_step)
-        key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind)
+        key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind, quant)
         if key not in self._runs:
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
-                                     compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None)
+                                     compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None, quant=quant)
             if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
                 step = functools.partial(step, micro_batches=cfg.micro_batches)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
@@ -612,21 +625,22 @@ class LMJob(Job):
     def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                        optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
                        init: Decoder | None = None, stored: StoredTopK | None = None,
-                       through_tools: OnPolicyKD | None = None):
+                       through_tools: OnPolicyKD | None = None, quant: str | None = None):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
         ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch.
         ``through_tools``: on-policy through the tools with this objective (``objective`` is then
-        its token-KD step's)."""
+        its token-KD step's). ``quant``: the passes see the weights as that GGUF type holds them."""
         cfg = self.cfg
         tg, tvars = teacher if teacher is not None else (None, None)
         rollout, tally = None, collections.Counter()
         if through_tools is not None:
             rollout = functools.partial(self._rollout_batch, objective=through_tools, seeds=tuple(seeds),
-                                        graphdef=lambda: graphdef, tally=tally)
+                                        graphdef=lambda: graphdef, tally=tally, quant=quant)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout)
+                                                 on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout,
+                                                 quant=quant)
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [self._prepared(model(s)) for s in seeds]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
@@ -735,11 +749,19 @@ class LMJob(Job):
                     steps=cfg.student_steps, seeds=cfg.seeds,
                     optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    init=init if same_start else None, stored=stored, through_tools=objective if through else None)
-                yield Trained(name, role, loss_name, g, params, scfg, {
-                    "student": student.name, "initialisation": start if same_start else "random",
-                    "teacher_signal": online or stored is not None or bool(with_answers),
-                    "all_labels": group.all_labels})
+                    init=init if same_start else None, stored=stored, through_tools=objective if through else None,
+                    quant=group.quantize)
+                info = {"student": student.name, "initialisation": start if same_start else "random",
+                        "teacher_signal": online or stored is not None or bool(with_answers),
+                        "all_labels": group.all_labels}
+                if group.quantize:  # measured as the GGUF file holds it (the float masters go to the checkpoints)
+                    params = [read_back_weights(p, group.quantize) for p in params]
+                    info["quantization"] = f"{group.quantize}, trained for it"
+                yield Trained(name, role, loss_name, g, params, scfg, info)
+                if cfg.ptq and not group.quantize:  # the same weights quantized after training
+                    yield Trained(f"{name} · {cfg.ptq}", role, loss_name, g,
+                                  [read_back_weights(p, cfg.ptq) for p in params], scfg,
+                                  {**info, "quantization": f"{cfg.ptq}, after training"})
 
     def _through_tools(self, name: str, *, quiet: bool = False) -> bool:
         """Whether group ``name``'s on-policy samples go through the tools: it needs tools to run the
@@ -751,7 +773,8 @@ class LMJob(Job):
         return ok
 
     def _rollout_batch(self, state, step: int, given: list[dict], *, objective: OnPolicyKD, seeds: tuple[int, ...],
-                       graphdef, tally: collections.Counter | None = None) -> dict[str, np.ndarray]:
+                       graphdef, tally: collections.Counter | None = None,
+                       quant: str | None = None) -> dict[str, np.ndarray]:
         """Step ``step``'s batch ``[B, K, T]`` of an on-policy group through the tools: for each seed,
         with probability ``student_fraction`` (drawn from the seed and the step), the trajectories
         of ``B`` requests played by that seed's student of this step (sampled per
@@ -764,7 +787,8 @@ class LMJob(Job):
             if np.random.default_rng([seed, 31, step]).random() >= objective.student_fraction:
                 columns.append(given[k])
                 continue
-            model = _as_decoder(graphdef(), jax.tree.map(lambda x: x[k], state.params))
+            params = jax.tree.map(lambda x: x[k], state.params)
+            model = _as_decoder(graphdef(), params if quant is None else read_back_weights(params, quant))
             n, rows = len(self.request_conversations), len(given[k]["tokens"])
             epoch, at = divmod(step * rows, n)
             order = np.random.default_rng([seed, 37, epoch]).permutation(n)
@@ -885,7 +909,8 @@ class LMJob(Job):
                     self._plan_step, name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
                     steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
                     teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    generated=objective.max_new_tokens if on_policy else None, rows_only=through)
+                    generated=objective.max_new_tokens if on_policy else None, rows_only=through,
+                    quant=group.quantize)
         return steps
 
     def _remedies(self) -> dict[str, dict]:
@@ -905,11 +930,12 @@ class LMJob(Job):
         return out
 
     def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,
-                   on_policy_prompts=None, generated: int | None = None, rows_only: bool = False) -> MP.StepMemory | None:
+                   on_policy_prompts=None, generated: int | None = None, rows_only: bool = False,
+                   quant: str | None = None) -> MP.StepMemory | None:
         tg, tvars = teacher if teacher is not None else (None, None)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only)
+                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only, quant=quant)
         batch = next(iter(batches(0)))
         rows, k, length = batch["tokens"].shape
         if isinstance(objective, StoredTopKKD):  # the stored outputs each batch carries
@@ -1040,6 +1066,7 @@ class _Group:
     with_answers: bool = False
     through_tools: bool = False
     all_labels: bool = False
+    quantize: str | None = None
 
 
 def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[_Group]:
@@ -1052,8 +1079,13 @@ def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_voc
         if getattr(objective, "vocab_size", None) is None and vocab != student_vocab:
             objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
         groups.append(_Group(f"{student.name} {d.name}", "distilled", _describe(d), objective, bool(d.teacher_answers),
-                             bool(d.through_tools), bool(d.all_labels)))
+                             bool(d.through_tools), bool(d.all_labels), d.quantize))
     return groups
+
+
+def read_back_weights(params, quant: str):
+    """A student's weights as a GGUF file at ``quant`` holds them (what llama.cpp computes with)."""
+    return jax.jit(lambda p: fake_quantize(p, quant))(params)
 
 
 def _as_decoder(graphdef, params) -> Decoder:
@@ -1110,7 +1142,7 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
     return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat", "memory_limit_gib", "attention",
-             "max_turns", "pass_k", "pass_temperature") + (() if answers else ("max_new_tokens", "tool_format")))
+             "max_turns", "pass_k", "pass_temperature", "ptq") + (() if answers else ("max_new_tokens", "tool_format")))
 
 
 def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,

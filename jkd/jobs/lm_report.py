@@ -86,7 +86,8 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
             by_student.setdefault(e.get("student"), []).append(e)
     for group in by_student.values():
         alone = next((e for e in group if e["role"] == "student_alone"), None)
-        distilled = [e for e in group if e["role"] == "distilled"]
+        quantized = [e for e in group if e.get("quantization")]
+        distilled = [e for e in group if e["role"] == "distilled" and not e.get("quantization")]
         labels_only = [e for e in distilled if not e.get("teacher_signal", True)]
         with_signal = [e for e in distilled if e.get("teacher_signal", True)]
         best = max(with_signal or distilled, key=_headline) if distilled else None
@@ -106,6 +107,13 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
                 tail = ("" if wins else " It does no better than the same start on all the labelled conversations."
                         if base.get("all_labels") else " From the same start, the teacher's signal adds nothing measurable here.")
                 notes.append(f"{e['name']} against {base['name']}: " + "; ".join(parts) + "." + tail)
+        if quantized and distilled:  # what quantizing costs, against the best float setting
+            best_float = max(distilled, key=_headline)
+            for q in quantized:
+                parts = [f"{label} {q[f'{key}_mean']:.4f} vs {best_float[f'{key}_mean']:.4f}"
+                         for key, _, label in METRICS if f"{key}_mean" in q and f"{key}_mean" in best_float]
+                notes.append(f"{q['name']} ({q['quantization']}) against {best_float['name']} in float32: "
+                             + "; ".join(parts) + ".")
         control = next((e for e in labels_only if not e.get("all_labels")), None)
         if control is not None and teacher is not None and with_signal:
             notes += [n for key, label in (("task_success", "task success"), ("tool_call_exact_match", "exact match"))

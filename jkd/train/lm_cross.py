@@ -91,7 +91,7 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
 def cross_tokenizer_step(
     state: TrainState, batch: Batch, objective: CrossTokenizerKD, teacher: FrozenModel | None = None, *,
     graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
-    shared: tuple[np.ndarray, np.ndarray] | None = None, compute_dtype=None,
+    shared: tuple[np.ndarray, np.ndarray] | None = None, compute_dtype=None, quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of cross-tokenizer distillation (the signature of
     :func:`jkd.train.lm_steps.token_kd_step`, with the ``shared`` tokens bound: ``(teacher_ids,
@@ -113,7 +113,7 @@ def cross_tokenizer_step(
     shared = None if shared is None else tuple(jnp.asarray(x, jnp.int32) for x in shared)
 
     def loss_fn(params):
-        student = _student(graphdef, params, state, compute_dtype)
+        student = _student(graphdef, params, state, compute_dtype, quant)
         return cross_tokenizer_loss(student, teacher_model, batch, objective, shared=shared, num_spans=num_spans,
                                     num_tokens=num_tokens)
 

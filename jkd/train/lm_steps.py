@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jkd.compress.gguf_blocks import fake_quantize
 from jkd.losses import Divergence, ForwardKL, GeneralizedJSD, projected_token_divergence, projected_topk_kl
 from jkd.models.sampler import SamplingConfig, default_pad_id, generate_tokens, stop_token_array
 from jkd.train.state import FrozenModel, TrainState
@@ -103,7 +104,11 @@ def in_compute_dtype(params, compute_dtype):
     return jax.tree.map(lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
-def _student(graphdef: nnx.GraphDef, params, state: TrainState, compute_dtype):
+def _student(graphdef: nnx.GraphDef, params, state: TrainState, compute_dtype, quant: str | None = None):
+    """The student of ``params`` as its passes run: its weights as a GGUF file at ``quant`` holds
+    them (quantization-aware training, straight-through gradients; None: as they are), in
+    ``compute_dtype``."""
+    params = fake_quantize(params, quant)
     return nnx.merge(graphdef, in_compute_dtype(params, compute_dtype), state.batch_stats, state.rest)
 
 
@@ -140,11 +145,13 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 def token_kd_step(
     state: TrainState, batch: Batch, objective: TokenKD, teacher: FrozenModel | None = None, *,
     graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
-    micro_batches: int = 1, compute_dtype=None,
+    micro_batches: int = 1, compute_dtype=None, quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of token-level distillation on ``batch`` (``[B, T]`` arrays), with
     ``micro_batches`` rounds of gradient accumulation and the student's passes in ``compute_dtype``
-    (:func:`in_compute_dtype`; None: its parameters' dtype). The signature of the image steps, so the
+    (:func:`in_compute_dtype`; None: its parameters' dtype) and, with ``quant`` (``q8_0``, ``q4_0``),
+    its weights as the GGUF file will hold them (:mod:`jkd.compress.gguf_blocks`: quantization-aware
+    distillation). The signature of the image steps, so the
     runners of :mod:`jkd.train.parallel` and the fit loop (checkpoints, resume) drive it as they
     are: ``run = parallel.single_device(functools.partial(token_kd_step, graphdef=..., ...))``.
 
@@ -158,7 +165,7 @@ def token_kd_step(
         teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
 
     def loss_fn(params, micro):
-        student = _student(graphdef, params, state, compute_dtype)
+        student = _student(graphdef, params, state, compute_dtype, quant)
         return token_kd_loss(student, teacher_model, micro, objective, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -197,7 +204,7 @@ class StoredTopKKD:
 
 def stored_topk_step(
     state: TrainState, batch: Batch, objective: StoredTopKKD, teacher: None = None, *, graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation, teacher_graphdef: None = None, compute_dtype=None,
+    tx: optax.GradientTransformation, teacher_graphdef: None = None, compute_dtype=None, quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step against stored teacher outputs: no teacher forward pass (the student's
     passes in ``compute_dtype``, as in :func:`token_kd_step`). ``batch``
@@ -209,7 +216,7 @@ def stored_topk_step(
     num_tokens = jnp.sum(where, dtype=jnp.int32)
 
     def loss_fn(params):
-        student = _student(graphdef, params, state, compute_dtype)
+        student = _student(graphdef, params, state, compute_dtype, quant)
         ws = student.output_weight()
         ws = ws if objective.vocab_size is None else ws[:objective.vocab_size]
         return projected_topk_kl(next_token_hidden(student, batch), ws,
@@ -277,7 +284,7 @@ def _pad_rows(seqs: Batch, length: int, pad_id: int) -> Batch:
 
 def on_policy_step(
     state: TrainState, batch: Batch, objective: OnPolicyKD, teacher: FrozenModel, *, graphdef: nnx.GraphDef,
-    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype=None,
+    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype=None, quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One GKD step (the student's sampling and passes in ``compute_dtype``, as in
     :func:`token_kd_step`). ``batch`` holds the given sequences (``tokens``, ``loss_mask``,
@@ -294,7 +301,7 @@ def on_policy_step(
         n = jnp.sum(learned_positions(seqs), dtype=jnp.int32)
 
         def loss_fn(params):
-            student = _student(graphdef, params, state, compute_dtype)
+            student = _student(graphdef, params, state, compute_dtype, quant)
             return token_kd_loss(student, teacher_model, seqs, kd, num_tokens=n)
 
         loss, g = jax.value_and_grad(loss_fn)(state.params)
@@ -306,7 +313,7 @@ def on_policy_step(
     # runs both branches, and two gradient computations would cost twice a token-KD step.
     length = max(batch["tokens"].shape[1], batch["prompt_tokens"].shape[1] + objective.max_new_tokens)
 
-    student = _student(graphdef, state.params, state, compute_dtype)
+    student = _student(graphdef, state.params, state, compute_dtype, quant)
     pad = default_pad_id(student.config)
 
     def sampled(_):
