@@ -69,3 +69,18 @@ def test_bad_quantization_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="kd qat: quantize must be q8_0 or q4_0"):
         LX.run(tiny(ptq=None, distillations=(LX.LMDistillation("kd qat", TokenKD(), quantize="int4"),)), tmp_path,
                progress=False)
+
+
+def test_the_edge_experiment_has_a_pulse(tmp_path, capsys):
+    """experiments/edge_gguf at a tiny size: its three rows, and GGUF files of the float and QAT students."""
+    from jkd import cli
+
+    module = cli.load_config_file("experiments/edge_gguf/config.py")
+    cfg = module.get_config()
+    assert cfg.ptq == "q4_0" and [d.quantize for d in cfg.distillations] == [None, "q4_0"]
+    small = tiny(distillations=cfg.distillations, students=(LX.LMStudent("s", teacher_layers=(1,)),))
+    module.main(small, str(tmp_path), progress=False)
+    table = (tmp_path / "gguf.md").read_text()
+    for name, quant in (("s_sequence_kd", "f16"), ("s_sequence_kd", "q4_0"), ("s_sequence_kd__q4_0_aware", "q4_0")):
+        assert f"gguf/{name}.{quant}.gguf" in table and (tmp_path / "gguf" / f"{name}.{quant}.gguf").is_file()
+    assert "s_sequence_kd___q4_0" not in table  # the PTQ row is the float student's q4_0 file
