@@ -1,10 +1,12 @@
-"""Quantization-aware distillation and post-training quantization in the job: the trained-for-it
-student is measured (and saved) as its GGUF file holds it, the float student also quantized after
-training, each a row of the report."""
+"""Quantization-aware distillation and post-training quantization in the job, through the edge
+experiment at a tiny size: the trained-for-it student is measured (and saved) as its GGUF file holds
+it, the float student also quantized after training, each a row of the report; GGUF files of the
+float and QAT students are written."""
 
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -37,12 +39,23 @@ def _params(folder):
     return nnx.state(load_hf(folder), nnx.Param)
 
 
-def test_qat_and_ptq_rows(tmp_path, capsys):
-    summary = LX.run(tiny(), tmp_path, progress=False)
+def test_qat_and_ptq_rows_and_the_edge_experiment(tmp_path):
+    from jkd import cli
+
+    module = cli.load_config_file("experiments/edge_gguf/config.py")
+    cfg = module.get_config()
+    assert cfg.ptq == "q4_0" and [d.quantize for d in cfg.distillations] == [None, "q4_0"]
+    kd = (LX.LMDistillation("kd", TokenKD(kd_weight=1.0, ce_weight=0.0)),
+          LX.LMDistillation("kd qat", TokenKD(kd_weight=1.0, ce_weight=0.0), quantize="q4_0"))
+    module.main(tiny(distillations=kd), str(tmp_path), progress=False)
+    summary = __import__("json").loads((tmp_path / "summary.json").read_text())
     rows = {e["name"]: e for e in summary["models"]}
-    assert {"s kd", "s kd · q4_0", "s kd qat"} <= set(rows)
+    assert {"s kd", "s kd · q4_0", "s kd qat"} <= set(rows) and "quantization" not in rows["s kd"]
     assert rows["s kd · q4_0"]["quantization"] == "q4_0, after training"
     assert rows["s kd qat"]["quantization"] == "q4_0, trained for it" and "s kd qat · q4_0" not in rows
+    notes = " ".join(summary["notes"])
+    assert "s kd · q4_0 (q4_0, after training) against s kd in float32: task success" in notes
+    assert "s kd qat (q4_0, trained for it) against s kd in float32" in notes
     # the measured (and saved) weights are those of the file: quantizing them again changes nothing
     float_w, ptq_w, qat_w = (_params(tmp_path / slug / "seed0") for slug in ("s_kd", "s_kd___q4_0", "s_kd_qat"))
     again = jax.jit(lambda p: fake_quantize(p, "q4_0"))
@@ -57,10 +70,11 @@ def test_qat_and_ptq_rows(tmp_path, capsys):
     # the QAT student trained differently from the float one (its passes saw other weights)
     assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3 for a, b in
                zip(jax.tree.leaves(again(float_w)), jax.tree.leaves(qat_w)))
-    assert "quantization" not in rows["s kd"]
-    notes = " ".join(summary["notes"])
-    assert "s kd · q4_0 (q4_0, after training) against s kd in float32: task success" in notes
-    assert "s kd qat (q4_0, trained for it) against s kd in float32" in notes
+    # the GGUF files: the float student at three types, the QAT one at its own; none for the PTQ row
+    table = (tmp_path / "gguf.md").read_text()
+    for name, quant in (("s_kd", "f16"), ("s_kd", "q8_0"), ("s_kd", "q4_0"), ("s_kd_qat", "q4_0")):
+        assert f"gguf/{name}.{quant}.gguf" in table and (tmp_path / "gguf" / f"{name}.{quant}.gguf").is_file()
+    assert "s_kd___q4_0" not in table
 
 
 def test_bad_quantization_names_are_refused(tmp_path):
@@ -69,18 +83,3 @@ def test_bad_quantization_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="kd qat: quantize must be q8_0 or q4_0"):
         LX.run(tiny(ptq=None, distillations=(LX.LMDistillation("kd qat", TokenKD(), quantize="int4"),)), tmp_path,
                progress=False)
-
-
-def test_the_edge_experiment_has_a_pulse(tmp_path, capsys):
-    """experiments/edge_gguf at a tiny size: its three rows, and GGUF files of the float and QAT students."""
-    from jkd import cli
-
-    module = cli.load_config_file("experiments/edge_gguf/config.py")
-    cfg = module.get_config()
-    assert cfg.ptq == "q4_0" and [d.quantize for d in cfg.distillations] == [None, "q4_0"]
-    small = tiny(distillations=cfg.distillations, students=(LX.LMStudent("s", teacher_layers=(1,)),))
-    module.main(small, str(tmp_path), progress=False)
-    table = (tmp_path / "gguf.md").read_text()
-    for name, quant in (("s_sequence_kd", "f16"), ("s_sequence_kd", "q4_0"), ("s_sequence_kd__q4_0_aware", "q4_0")):
-        assert f"gguf/{name}.{quant}.gguf" in table and (tmp_path / "gguf" / f"{name}.{quant}.gguf").is_file()
-    assert "s_sequence_kd___q4_0" not in table  # the PTQ row is the float student's q4_0 file
