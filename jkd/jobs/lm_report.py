@@ -107,13 +107,16 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
                 tail = ("" if wins else " It does no better than the same start on all the labelled conversations."
                         if base.get("all_labels") else " From the same start, the teacher's signal adds nothing measurable here.")
                 notes.append(f"{e['name']} against {base['name']}: " + "; ".join(parts) + "." + tail)
-        if quantized and distilled:  # what quantizing costs, against the best float setting
-            best_float = max(distilled, key=_headline)
-            for q in quantized:
-                parts = [f"{label} {q[f'{key}_mean']:.4f} vs {best_float[f'{key}_mean']:.4f}"
-                         for key, _, label in METRICS if f"{key}_mean" in q and f"{key}_mean" in best_float]
-                notes.append(f"{q['name']} ({q['quantization']}) against {best_float['name']} in float32: "
-                             + "; ".join(parts) + ".")
+        floats = {e["name"]: e for e in group if not e.get("quantization")}
+        for q in quantized:  # what quantizing costs: after training, against the same weights in float32;
+            # trained for it, against the best float setting with the teacher's signal
+            base = (floats.get(q["name"].rsplit(" · ", 1)[0]) if "after training" in q["quantization"]
+                    else max(with_signal or distilled, key=_headline) if distilled else None)
+            if base is None:
+                continue
+            parts = [f"{label} {q[f'{key}_mean']:.4f} vs {base[f'{key}_mean']:.4f}"
+                     for key, _, label in METRICS if f"{key}_mean" in q and f"{key}_mean" in base]
+            notes.append(f"{q['name']} ({q['quantization']}) against {base['name']} in float32: " + "; ".join(parts) + ".")
         control = next((e for e in labels_only if not e.get("all_labels")), None)
         if control is not None and teacher is not None and with_signal:
             notes += [n for key, label in (("task_success", "task success"), ("tool_call_exact_match", "exact match"))
