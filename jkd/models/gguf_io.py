@@ -73,7 +73,7 @@ def rope_pairs_order(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer ``tokenizer.json`` defines: ``gpt2`` (GPT-2's
+    """llama.cpp's name for the pre-tokenizer ``tokenizer.json`` defines: ``gpt-2`` (GPT-2's
     byte-level split), ``smollm`` (digits one by one, then GPT-2's split). Others are refused with
     what to do."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
@@ -82,7 +82,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     def like(step, want):
         return all(step.get(k) == v for k, v in want.items())
     if len(steps) == 1 and like(steps[0], _GPT2_BYTE_LEVEL):
-        return "gpt2"
+        return "gpt-2"
     if len(steps) == 2 and like(steps[0], _DIGITS) and like(steps[1], _GPT2_BYTE_LEVEL):
         return "smollm"
     raise GGUFExportError(

@@ -156,3 +156,14 @@ def test_jkd_lm_export_writes_a_gguf_file(tmp_path, capsys):
     assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
     assert cli.main(["lm", "export", str(folder), "--format", "gguf", "--out", str(tmp_path)]) == 2
     assert "is a folder; name the .gguf file" in capsys.readouterr().err
+
+
+def test_pre_tokenizers_are_named_as_llama_cpp_names_them():
+    from jkd.models.gguf_io import pre_tokenizer_name
+
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer_name({"pre_tokenizer": gpt2}) == "gpt-2"  # llama.cpp refuses "gpt2" here
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, gpt2]}}) == "smollm"
+    with pytest.raises(GGUFExportError, match="--gguf-pre"):
+        pre_tokenizer_name({"pre_tokenizer": {**gpt2, "use_regex": False}})

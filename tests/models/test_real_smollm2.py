@@ -170,7 +170,7 @@ def test_exported_to_gguf_at_q8_0_and_read_back(real, tmp_path):
     _, model, tok, ref, _ = real
     path = write_gguf(model, tok, tmp_path / "smollm2.q8_0.gguf", quant="q8_0")
     # the folder's tokenizer, as transformers converted it from the original GGUF, splits by GPT-2's rule alone
-    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     tokens, mask, _ = _padded_chats(tok, left=False)
     with torch.no_grad():
