@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-lm test test-fast bench gpu-check lint clean
+.PHONY: demo demo-lm test test-fast bench gpu-check lint docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ bench: $(STAMP)
 # (Qwen2.5-1.5B -> 0.5B, bf16, 8 x 2,048 tokens, cuDNN attention); not yet timed on a device.
 gpu-check:
 	cd benchmarks && python3 lm_gpu_check.py && python3 lm_fused_loss.py && python3 lm_sampler.py
+
+# The documentation site from docs/ (guides, the API reference from the docstrings), warnings as errors.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --select F,E9 jkd tests benchmarks experiments

@@ -27,8 +27,6 @@ from pathlib import Path
 
 from common import write
 
-import numpy as np
-
 from jkd.data.chat import encode_chat
 from jkd.data.tokenizer import Tokenizer
 from jkd.models.gguf_io import write_gguf
