@@ -38,6 +38,7 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # "Attributes:" of a dataclass as fields, not a second description of its members
 nitpicky = False  # references to JAX, flax and optax names are not resolved here (no network)
 
 html_theme = "furo"

@@ -8,6 +8,7 @@ tokenises the text, and labels every token with the role of the message it belon
 can be restricted to what the model must learn (``roles == ASSISTANT``).
 
 How roles are found:
+
 - assistant text: the template's ``{% generation %}`` blocks where it has them (the spans
   ``transformers``' ``return_assistant_tokens_mask`` uses); otherwise, for each assistant message,
   the text between the conversation rendered up to it with a generation prompt and rendered with
@@ -15,6 +16,7 @@ How roles are found:
   included);
 - every other message: the text its rendering adds to the conversation before it (headers
   included); template text outside any message (a trailing generation prompt) is ``OTHER``.
+
 The second method needs a template whose rendering of a conversation's first ``i`` messages is a
 prefix of the whole; templates that rewrite earlier turns (e.g. dropping reasoning) are refused
 unless they mark assistant text with ``{% generation %}``.

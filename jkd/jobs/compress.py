@@ -11,10 +11,10 @@ Out folder (rerunning the same command resumes; each stage is saved once)::
     out/export/                  model.stablehlo, model.onnx, preprocessing.json of the student
     out/export_int8/             model.stablehlo (int8 weights), model.onnx (int8 QDQ, for onnxruntime)
     out/export_structured/       the structured student: model.onnx, and model_int8.onnx (QDQ)
+    out/compress_summary.json, out/compress_report.md
 
 Latency is measured where each row is deployed: jax (XLA, what the StableHLO artifact runs in) for
 the models, onnxruntime for ONNX files; at batch 1 (an edge request) and at batch 128.
-    out/compress_summary.json, out/compress_report.md
 """
 
 from __future__ import annotations

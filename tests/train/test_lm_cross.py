@@ -22,7 +22,7 @@ from jkd.train.state import create_train_state, freeze_model
 from tests.data.test_align import bpe
 from tests.losses.test_cross import log_softmax64, ref_uld
 
-CONVS = toolchat.generate_split("train", 6, seed=3)
+CONVS = [{"messages": c["messages"]} for c in toolchat.generate_split("train", 6, seed=3)]  # no schemas: short rows
 
 
 def decoder(vocab, hidden, layers, seed, scale=1.0):
@@ -42,7 +42,7 @@ def setup(teacher_tok, student_tok, tx):
 
 
 def rows(teacher_tok, student_tok, n=4):
-    r = aligned_rows(teacher_tok, student_tok, CONVS, max_length=640, teacher_max_length=640)
+    r = aligned_rows(teacher_tok, student_tok, CONVS, max_length=256, teacher_max_length=256)
     t_len = max(len(x) for x in r.teacher_ids)
     s_len = max(len(x) for x in r.student_ids)
     return r, r.batch(range(n), length=s_len, teacher_length=t_len, pad_id=0, teacher_pad_id=0)
