@@ -5,7 +5,7 @@ commands run with (the CLI, the benchmarks and the experiments call it); library
 call it first thing, before JAX starts its CPU backend.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def initialize(*, xla_cpu_flags: bool = True) -> dict[str, bool]:

@@ -54,7 +54,8 @@ def test_sequence_mode_runs_the_users_tools(tmp_path, capsys, monkeypatch):
     tools = tmp_path / "tools.py"
     tools.write_text(USER_TOOLS)
     train = _jsonl(tmp_path / "train.jsonl", _conversations(8, 0))
-    test = _jsonl(tmp_path / "test.jsonl", _conversations(2, 1))
+    own = [{"type": "function", "function": {"name": "t", "description": "t", "parameters": {"type": "object"}}}]
+    test = _jsonl(tmp_path / "test.jsonl", [{**c, "tools": own} for c in _conversations(2, 1)])  # short prompts
     unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(4)])
     calls = ["double", "boom", "nap", None]
     seen = {}
