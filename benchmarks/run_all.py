@@ -139,7 +139,8 @@ BENCHMARKS = {
     "lm_kd_step": ("lm_kd_step", _module("lm_kd_step")),
     "lm_vocab_sharded": ("lm_vocab_sharded", None),  # 4 devices: its own process sets them
     "lm_mesh_step": ("lm_mesh_step", None),
-    "lm_gguf_edge": ("lm_gguf_edge", None),  # llama.cpp's speed where llama-cpp-python is installed
+    "lm_gguf_edge": ("lm_gguf_edge", None),
+    "lm_cross_loss": ("lm_cross_loss", _module("lm_cross_loss")),  # llama.cpp's speed where llama-cpp-python is installed
     "many_students": ("many_students_", _many_students),
     "multihost": ("multihost", _module("multihost")),
     "gap_methods": ("gap_methods", _gap_methods),

@@ -9,6 +9,7 @@ float32, and work under ``jax.jit``, ``jax.vmap`` and ``jax.grad``.
 from jkd.losses._chunked import chunked_soft_distillation_loss
 from jkd.losses._chunked import projected_soft_distillation_loss
 from jkd.losses._cross import cross_tokenizer_divergence
+from jkd.losses._cross import projected_cross_tokenizer_divergence
 from jkd.losses._cross import span_log_probs
 from jkd.losses._cross import uld_distance
 from jkd.losses._dkd import decoupled_distillation_loss
@@ -54,6 +55,7 @@ __all__ = [
     "projected_topk_kl",
     "token_mean",
     "cross_tokenizer_divergence",
+    "projected_cross_tokenizer_divergence",
     "span_log_probs",
     "uld_distance",
     "attention_map",

@@ -195,3 +195,122 @@ def cross_tokenizer_divergence(
         log_p = jax.nn.log_softmax(jnp.take(t_first, t_ids, axis=-1) / temp, axis=-1)
         values = jnp.where(exact, divergence(log_p, log_q), values)
     return c.mask_output(where, values)
+
+
+def _rows_in_chunks(fn, rows: jax.Array, chunk: int, *extra: jax.Array) -> jax.Array:
+    """``fn(rows_chunk, *extra_chunks)`` over ``rows [N, ...]`` (and ``extra [N, ...]``) ``chunk``
+    rows at a time, each chunk recomputed in the backward pass (:func:`jax.checkpoint`): what
+    one chunk builds (``[chunk, vocab]`` logits) is the most that exists at once."""
+    n = rows.shape[0]
+    pad = (-n) % chunk
+    padded = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (rows, *extra)]
+    shaped = [x.reshape(-1, chunk, *x.shape[1:]) for x in padded]
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), shaped)
+    return out.reshape(-1, *out.shape[2:])[:n]
+
+
+def _target_log_probs(hidden, weight, targets, temperature, chunk):
+    """``[N]``: ``log softmax(hidden_n @ weight.T / T)[targets_n]``, ``chunk`` rows at a time."""
+    def fn(h, t):
+        logits = jnp.einsum("nd,vd->nv", h, weight, preferred_element_type=jnp.float32) / temperature
+        return jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    return _rows_in_chunks(fn, hidden, chunk, targets)
+
+
+def projected_cross_tokenizer_divergence(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_weight: jax.Array,
+    *,
+    student_targets: jax.Array,
+    teacher_targets: jax.Array,
+    student_first: jax.Array,
+    teacher_first: jax.Array,
+    student_chain: jax.Array,
+    teacher_chain: jax.Array,
+    exact: jax.Array | None = None,
+    where: jax.Array | None = None,
+    divergence: Divergence | None = None,
+    shared: tuple[jax.Array, jax.Array] | None = None,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 128,
+) -> jax.Array:
+    r""":func:`cross_tokenizer_divergence` from the models' last hidden states and output weights,
+    without either model's ``[tokens, vocab]`` logits in memory.
+
+    .. math::
+        \ell_s = \mathrm{ULD}\big(m^{\mathrm{student}}_s,\ m^{\mathrm{teacher}}_s\big)
+        \ \text{or, on exact spans with a divergence,}\ D(\bar p_s, \bar q_s)
+
+    The logits are formed ``chunk_size`` rows at a time: first the log-probability each position
+    gives its next token (the spans' later tokens), then each span's distributions at its first
+    position, sorted for ULD; each chunk is recomputed in the backward pass, so the largest array
+    is ``[chunk_size, vocab]`` per model, whatever the number of tokens.
+
+    Args:
+      student_hidden: ``[B, Ts, D]``; student_weight: ``[Vs, D]`` (``logits = h @ W.T``).
+      teacher_hidden: ``[B, Tt, Dt]``; teacher_weight: ``[Vt, Dt]``.
+      student_targets: ``[B, Ts]``, and the other arguments (``teacher_targets``, the spans'
+        arrays, ``exact``, ``where``, ``divergence``, ``shared``, ``temperature``) as
+        :func:`cross_tokenizer_divergence` takes them.
+      chunk_size: rows of logits formed at once.
+
+    Returns:
+      ``[B, S]`` float32 per-span values for the rows ``[...]`` = ``[B]``, equal to
+      :func:`cross_tokenizer_divergence` of the full logits.
+
+    Example:
+      >>> hs, ws = jnp.zeros((1, 6, 4)), jnp.zeros((7, 4))
+      >>> ht, wt = jnp.zeros((1, 5, 8)), jnp.zeros((11, 8))
+      >>> v = projected_cross_tokenizer_divergence(hs, ws, ht, wt, student_targets=jnp.zeros((1, 6), int),
+      ...     teacher_targets=jnp.zeros((1, 5), int), student_first=jnp.array([[0, 2]]),
+      ...     teacher_first=jnp.array([[0, 1]]), student_chain=jnp.array([[-1, -1, 1, -1, -1, -1]]),
+      ...     teacher_chain=jnp.full((1, 5), -1), chunk_size=2)
+      >>> v.shape
+      (1, 2)
+
+    References:
+      Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; chunking as Levanter's and
+      jkd's fused losses do (:func:`jkd.losses.projected_token_divergence`).
+    """
+    if divergence is not None and (shared is None or exact is None):
+        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
+                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    c.check_positive("temperature", temperature)
+    b, s = student_first.shape
+    where = None if where is None else c.check_where(where, (b, s))
+    temp = jnp.asarray(temperature, jnp.float32)
+    hs, ht = (c.check_floating(n, x) for n, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)))
+    ws, wt = student_weight, teacher_weight
+
+    def chains(hidden, weight, targets, chain):  # [B, S]: the log-probability of each span's later tokens
+        n, t = hidden.shape[0], hidden.shape[1]
+        lp = _target_log_probs(hidden.reshape(n * t, -1), weight, jnp.asarray(targets).reshape(-1), temp,
+                               chunk_size).reshape(n, t)
+        inside = chain >= 0
+        seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]
+        return jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * s)
+
+    q_later = chains(hs, ws, student_targets, jnp.asarray(student_chain))
+    p_later = chains(ht, wt, teacher_targets, jnp.asarray(teacher_chain))
+    gather = lambda h, f: jnp.take_along_axis(h, jnp.asarray(f)[..., None], axis=1).reshape(b * s, -1)  # noqa: E731
+    hs_first, ht_first = gather(hs, student_first), gather(ht, teacher_first)
+    ex = jnp.zeros((b * s,), bool) if exact is None else jnp.asarray(exact).reshape(-1)
+    t_ids, s_ids = (None, None) if shared is None else (jnp.asarray(x, jnp.int32) for x in shared)
+
+    def per_span(h_s, h_t, later_s, later_t, is_exact):
+        ls = jnp.einsum("nd,vd->nv", h_s, ws, preferred_element_type=jnp.float32) / temp
+        lt = jnp.einsum("nd,vd->nv", h_t, wt, preferred_element_type=jnp.float32) / temp
+        values = uld_distance(jax.nn.log_softmax(ls, axis=-1) + later_s[:, None],
+                              jax.nn.log_softmax(lt, axis=-1) + later_t[:, None])
+        if divergence is not None:
+            log_q = jax.nn.log_softmax(jnp.take(ls, s_ids, axis=-1), axis=-1)
+            log_p = jax.nn.log_softmax(jnp.take(lt, t_ids, axis=-1), axis=-1)
+            values = jnp.where(is_exact, divergence(log_p, log_q), values)
+        return values
+
+    values = _rows_in_chunks(per_span, hs_first, chunk_size, ht_first, q_later, p_later, ex).reshape(b, s)
+    return c.mask_output(where, values)

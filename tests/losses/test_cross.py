@@ -177,3 +177,36 @@ def test_jit_vmap_and_bad_input():
         cross_tokenizer_divergence(jnp.asarray(s_logits), jnp.asarray(t_logits), divergence=ForwardKL(), **kw)
     with pytest.raises(ValueError, match="temperature"):
         cross_tokenizer_divergence(jnp.asarray(s_logits), jnp.asarray(t_logits), temperature=0.0, **kw)
+
+
+@pytest.mark.parametrize("divergence", [None, ForwardKL()])
+def test_the_projected_form_equals_the_logits_form_in_values_and_gradients(divergence):
+    """From hidden states and output weights, a few rows of logits at a time: the same values and
+    gradients as the full logits (whose values the float64 references above check)."""
+    from jkd.losses import projected_cross_tokenizer_divergence
+
+    rng = np.random.default_rng(6)
+    b, d_s, d_t, vs, vt = 2, 8, 12, 7, 11
+    hs = jnp.asarray(rng.normal(size=(b, 9, d_s)), jnp.float32)
+    ht = jnp.asarray(rng.normal(size=(b, 8, d_t)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(vs, d_s)), jnp.float32)
+    wt = jnp.asarray(rng.normal(size=(vt, d_t)), jnp.float32)
+    lay = {k: np.stack([v, v]) for k, v in layout().items()}
+    kw = dict(student_targets=rng.integers(0, vs, (b, 9)), teacher_targets=rng.integers(0, vt, (b, 8)),
+              exact=np.stack([EXACT, EXACT]), where=np.array([[True] * 5, [True, True, False, True, False]]),
+              divergence=divergence, shared=(np.array([0, 3, 4, 9], np.int32), np.array([1, 0, 6, 2], np.int32)),
+              temperature=1.5, **lay)
+
+    def full(hs, ws, ht, wt):
+        return cross_tokenizer_divergence(hs @ ws.T, ht @ wt.T, **kw)
+
+    def chunked(hs, ws, ht, wt):
+        return projected_cross_tokenizer_divergence(hs, ws, ht, wt, chunk_size=3, **kw)  # 3 divides neither 18 nor 10
+
+    np.testing.assert_allclose(chunked(hs, ws, ht, wt), full(hs, ws, ht, wt), rtol=1e-5, atol=1e-6)
+    c = jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
+    g_full = jax.grad(lambda *a: jnp.sum(c * full(*a)), argnums=(0, 1, 2, 3))(hs, ws, ht, wt)
+    g_chunk = jax.jit(jax.grad(lambda *a: jnp.sum(c * chunked(*a)), argnums=(0, 1, 2, 3)))(hs, ws, ht, wt)
+    for a, e in zip(g_chunk, g_full):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(g_full[2]).max()) > 0  # the teacher's side has a gradient here (stop it in the step)
