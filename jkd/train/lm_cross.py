@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jkd.losses import Divergence, cross_tokenizer_divergence, token_mean
+from jkd.losses import Divergence, projected_cross_tokenizer_divergence, projected_token_divergence, token_mean
 from jkd.train.lm_steps import (
     Batch,
     _check_weights_and_temperature,
@@ -43,12 +43,14 @@ class CrossTokenizerKD:
     ``divergence=None``: ULD on every span (Boizard et al. 2024); a divergence (``ForwardKL()``,
     ``GeneralizedJSD()``, ...): GOLD's hybrid, that divergence on the spans that are one token with
     the same string in both vocabularies (over the tokens both hold), ULD elsewhere.
-    ``ce_weight``: the student's own cross-entropy on the learned tokens beside it."""
+    ``ce_weight``: the student's own cross-entropy on the learned tokens beside it.
+    ``chunk_size`` rows of either model's logits are formed at a time (bounded memory)."""
 
     divergence: Divergence | None = struct.field(pytree_node=False, default=None)
     temperature: float = struct.field(pytree_node=False, default=1.0)
     kd_weight: float = struct.field(pytree_node=False, default=1.0)
     ce_weight: float = struct.field(pytree_node=False, default=0.0)
+    chunk_size: int = struct.field(pytree_node=False, default=128)
 
     def __post_init__(self):
         _check_weights_and_temperature(self)
@@ -58,33 +60,37 @@ class CrossTokenizerKD:
         return "uld" if self.divergence is None else "hybrid"
 
 
-def _logits(model, tokens, attention_mask) -> jax.Array:
-    """``[B, T, V]`` float32 logits (position ``n`` predicts token ``n + 1``)."""
-    return model.logits(model.hidden_states(tokens, attention_mask=attention_mask)).astype(jnp.float32)
+def _hidden(model, tokens, attention_mask) -> jax.Array:
+    """``[B, T, D]``: the final hidden states (position ``n`` predicts token ``n + 1``)."""
+    return model.hidden_states(tokens, attention_mask=attention_mask)
 
 
 def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokenizerKD, *,
                          shared: tuple[Any, Any] | None, num_spans: jax.Array, num_tokens: jax.Array) -> jax.Array:
     """The step's loss on ``batch``: the span mean over ``num_spans`` and, with ``ce_weight``, the
-    token mean over ``num_tokens``."""
+    token mean over ``num_tokens``; both models' logits are formed ``chunk_size`` rows at a time
+    (:func:`jkd.losses.projected_cross_tokenizer_divergence`, :func:`jkd.losses.projected_token_divergence`)."""
     s_tokens, s_att = batch["tokens"], batch["attention_mask"].astype(bool)
-    s_logits = _logits(student, s_tokens, s_att)
+    hs, ws = _hidden(student, s_tokens, s_att), student.output_weight()
     loss = jnp.zeros((), jnp.float32)
     if objective.kd_weight > 0:
         t_tokens = batch["teacher_tokens"]
-        t_logits = jax.lax.stop_gradient(_logits(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
-        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)
-        values = cross_tokenizer_divergence(
-            s_logits, t_logits, student_targets=shift(s_tokens), teacher_targets=shift(t_tokens),
+        ht = jax.lax.stop_gradient(_hidden(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
+        wt = jax.lax.stop_gradient(teacher.output_weight())
+        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731  each position's next token
+        values = projected_cross_tokenizer_divergence(
+            hs, ws, ht, wt, student_targets=shift(s_tokens), teacher_targets=shift(t_tokens),
             student_first=batch["student_first"], teacher_first=batch["teacher_first"],
             student_chain=batch["student_chain"], teacher_chain=batch["teacher_chain"], exact=batch["span_exact"],
             where=batch["span_where"], divergence=objective.divergence, shared=shared,
-            temperature=objective.temperature)
+            temperature=objective.temperature, chunk_size=objective.chunk_size)
         loss = loss + objective.kd_weight * token_mean(values, batch["span_where"], num_tokens=num_spans)
-    if objective.ce_weight > 0:
-        logp = jax.nn.log_softmax(s_logits[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, s_tokens[:, 1:, None], axis=-1)[..., 0]
-        loss = loss + objective.ce_weight * token_mean(nll, learned_positions(batch), num_tokens=num_tokens)
+    if objective.ce_weight > 0:  # the labels' cross-entropy alone: the fused loss with no divergence term
+        h = hs[:, :-1]
+        loss = loss + projected_token_divergence(
+            h, ws, jnp.zeros(h.shape[:-1] + (1,), h.dtype), jnp.zeros((ws.shape[0], 1), ws.dtype),
+            where=learned_positions(batch), num_tokens=num_tokens, labels=s_tokens[:, 1:], divergence_weight=0.0,
+            label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
     return loss
 
 

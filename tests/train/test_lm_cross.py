@@ -55,11 +55,13 @@ def test_on_one_tokenizer_the_hybrid_step_is_the_token_step():
     r, batch = rows(tok, tok)
     assert r.exact == r.spans  # every span is one token on both sides, the same one
     ids = np.arange(tok.vocab_size, dtype=np.int32)
-    new, m = cross_tokenizer_step(state, batch, CrossTokenizerKD(divergence=ForwardKL()), frozen, graphdef=g,
+    # with the labels' cross-entropy beside it (one tokenizer: a span per learned token, the same denominators)
+    new, m = cross_tokenizer_step(state, batch, CrossTokenizerKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1,
+                                                                 chunk_size=64), frozen, graphdef=g,
                                   teacher_graphdef=tg, tx=tx, shared=(ids, ids))
     plain = {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")}
-    ref, m_ref = token_kd_step(state, plain, TokenKD(divergence=ForwardKL()), frozen, graphdef=g,
-                               teacher_graphdef=tg, tx=tx)
+    ref, m_ref = token_kd_step(state, plain, TokenKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1), frozen,
+                               graphdef=g, teacher_graphdef=tg, tx=tx)
     assert int(m["spans"]) == int(m_ref["tokens"])  # a span per learned token
     np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
