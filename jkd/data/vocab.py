@@ -40,6 +40,7 @@ def shared_vocabulary(teacher: Tokenizer, student: Tokenizer, *, teacher_rows: i
             raise VocabularyMismatchError(
                 f"teacher and student tokenizers differ: teacher vocabulary {nt} tokens ({teacher_rows} model "
                 f"rows), student {ns} tokens ({student_rows} model rows); first difference at id {i}: teacher "
-                f"{tv.get(i)!r}, student {sv.get(i)!r}. Token-level distillation needs one tokenizer; use "
-                "sequence-level distillation (the teacher's text, re-tokenised) across tokenizers")
+                f"{tv.get(i)!r}, student {sv.get(i)!r}. jkd lm distill needs one tokenizer for both; across "
+                "tokenizers, distil from Python with the cross-tokenizer losses (jkd.losses."
+                "cross_tokenizer_divergence, jkd.train.lm_cross) or give a student of the teacher's tokenizer")
     return nt
