@@ -1084,8 +1084,14 @@ def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_voc
 
 
 def read_back_weights(params, quant: str):
-    """A student's weights as a GGUF file at ``quant`` holds them (what llama.cpp computes with)."""
-    return jax.jit(lambda p: fake_quantize(p, quant))(params)
+    """A student's weights as a GGUF file at ``quant`` holds them (what llama.cpp computes with);
+    one compiled function per type (the rollouts of a QAT group call it every step)."""
+    return _read_back(quant)(params)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_back(quant: str):
+    return jax.jit(functools.partial(fake_quantize, quant=quant))
 
 
 def _as_decoder(graphdef, params) -> Decoder:

@@ -115,6 +115,12 @@ def uld_distance(student_log_probs: jax.Array, teacher_log_probs: jax.Array) -> 
     return jnp.sum(jnp.abs(pad(q) - pad(p)), axis=-1)
 
 
+def _check_hybrid(divergence, shared, exact) -> None:
+    if divergence is not None and (shared is None or exact is None):
+        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
+                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+
+
 def _first_logits(logits, first):
     """``[..., S, V]``: the logits at each span's first position."""
     return jnp.take_along_axis(logits, first[..., None], axis=-2)
@@ -178,9 +184,7 @@ def cross_tokenizer_divergence(
       Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; the GOLD trainer of TRL
       (Hugging Face, 2025): span alignment and the hybrid with exact-token matches.
     """
-    if divergence is not None and (shared is None or exact is None):
-        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
-                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+    _check_hybrid(divergence, shared, exact)
     where = None if where is None else c.check_where(where, student_first.shape)
     q = span_log_probs(student_logits, student_targets, student_first, student_chain, temperature=temperature)
     p = span_log_probs(teacher_logits, teacher_targets, teacher_first, teacher_chain, temperature=temperature)
@@ -274,9 +278,7 @@ def projected_cross_tokenizer_divergence(
       Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; chunking as Levanter's and
       jkd's fused losses do (:func:`jkd.losses.projected_token_divergence`).
     """
-    if divergence is not None and (shared is None or exact is None):
-        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
-                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+    _check_hybrid(divergence, shared, exact)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     c.check_positive("temperature", temperature)

@@ -29,6 +29,7 @@ from jkd.train.lm_steps import (
     _student,
     apply_gradients,
     learned_positions,
+    teacher_for,
 )
 from jkd.train.state import FrozenModel, TrainState
 
@@ -111,11 +112,7 @@ def cross_tokenizer_step(
         raise ValueError("the hybrid cross-tokenizer loss needs the shared tokens (shared=(teacher_ids, student_ids))")
     num_spans = jnp.sum(batch["span_where"], dtype=jnp.int32)
     num_tokens = jnp.sum(learned_positions(batch), dtype=jnp.int32)
-    teacher_model = None
-    if objective.kd_weight > 0:
-        if teacher is None or teacher_graphdef is None:
-            raise ValueError("CrossTokenizerKD with kd_weight > 0 needs the teacher (teacher, teacher_graphdef)")
-        teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
+    teacher_model = teacher_for(objective, teacher, teacher_graphdef)
     shared = None if shared is None else tuple(jnp.asarray(x, jnp.int32) for x in shared)
 
     def loss_fn(params):

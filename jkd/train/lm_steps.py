@@ -112,6 +112,16 @@ def _student(graphdef: nnx.GraphDef, params, state: TrainState, compute_dtype, q
     return nnx.merge(graphdef, in_compute_dtype(params, compute_dtype), state.batch_stats, state.rest)
 
 
+def teacher_for(objective, teacher: FrozenModel | None, teacher_graphdef: nnx.GraphDef | None):
+    """The frozen teacher as a model when ``objective.kd_weight > 0`` (refused, naming the
+    objective, when it is missing), else None: a step with no distillation term runs no teacher."""
+    if objective.kd_weight <= 0:
+        return None
+    if teacher is None or teacher_graphdef is None:
+        raise ValueError(f"{type(objective).__name__} with kd_weight > 0 needs the teacher (teacher, teacher_graphdef)")
+    return nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
+
+
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
     """One optimizer update of the student; the step count advances (it is the data position)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -158,11 +168,7 @@ def token_kd_step(
     Returns the new state and ``{"loss", "tokens"}`` (the step's token mean and its count).
     """
     num_tokens = jnp.sum(learned_positions(batch), dtype=jnp.int32)
-    teacher_model = None
-    if objective.kd_weight > 0:
-        if teacher is None or teacher_graphdef is None:
-            raise ValueError("TokenKD with kd_weight > 0 needs the teacher (teacher, teacher_graphdef)")
-        teacher_model = nnx.merge(teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest)
+    teacher_model = teacher_for(objective, teacher, teacher_graphdef)
 
     def loss_fn(params, micro):
         student = _student(graphdef, params, state, compute_dtype, quant)
