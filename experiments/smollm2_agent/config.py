@@ -75,9 +75,12 @@ def tool_template_folder(out: Path) -> Path:
     return out
 
 
-def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-         progress: bool = True) -> None:
-    root = Path(run_dir)
+def fine_tuned_teacher(root: Path, cfg: LX.LMExperimentConfig | None = None, *, force: bool = False,
+                       progress: bool = True) -> Path:
+    """Stages 1 and 2 in ``root``: the SmolLM2 folder with the tool template, fine-tuned on the
+    labelled conversations; returns the teacher's folder (each stage resumes; a finished one is
+    not run again)."""
+    cfg = cfg or get_config()
     root.mkdir(parents=True, exist_ok=True)
     folder = tool_template_folder(root / "folder")
     teacher_cfg = dataclasses.replace(
@@ -85,8 +88,14 @@ def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, forc
         teacher_dir=str(folder), students=(LX.LMStudent("smollm2", from_dir=str(folder)),), include_baseline=True,
         distillations=(), labelled_subset=None, seeds=(0,), student_steps=cfg.teacher_steps,
         student_optimizer=cfg.teacher_optimizer, unlabelled_limit=0)
-    teacher = root / "teacher" / "smollm2_alone" / "seed0"
     if not (root / "teacher" / "summary.json").exists():  # a finished stage is not measured again
         LX.run(teacher_cfg, root / "teacher", resume=True, force=force, progress=progress)
+    return root / "teacher" / "smollm2_alone" / "seed0"
+
+
+def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False,
+         progress: bool = True) -> None:
+    root = Path(run_dir)
+    teacher = fine_tuned_teacher(root, cfg, force=force, progress=progress)
     LX.run(dataclasses.replace(cfg, teacher_dir=str(teacher)), root / "students", resume=True, force=force,
            progress=progress)

@@ -46,7 +46,17 @@ def _lm_config(args):
     cls = getattr(losses, LM_LOSSES[args.loss])
     kw = {"beta": args.beta} if args.loss == "jsd" else {"alpha": args.alpha} if args.loss.startswith("skew") else {}
     divergence = cls(**kw)
-    if args.mode == "on-policy":
+    name = f"{args.mode} {args.loss}"
+    if args.cross_tokenizer is not None:
+        from jkd.train.lm_cross import CrossTokenizerKD
+
+        if args.mode not in ("token", "sequence"):
+            raise ValueError(f"--cross-tokenizer trains on the labelled conversations (--mode token) or with the "
+                             f"teacher's answers too (--mode sequence); got --mode {args.mode}.")
+        objective = CrossTokenizerKD(divergence=None if args.cross_tokenizer == "uld" else divergence,
+                                     temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight)
+        name = f"{args.mode} uld" if args.cross_tokenizer == "uld" else f"{args.mode} hybrid {args.loss}"
+    elif args.mode == "on-policy":
         objective = OnPolicyKD(divergence=divergence, temperature=args.temperature,
                                student_fraction=args.student_fraction, max_new_tokens=args.max_new_tokens)
     elif args.mode == "stored":
@@ -71,10 +81,10 @@ def _lm_config(args):
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pack_length=args.pack_length,
         student_steps=args.steps, teacher_steps=args.teacher_steps, teacher_optimizer=opt, student_optimizer=opt, labelled_subset=None,
         seeds=args.seeds, include_baseline=not args.no_baseline, tools_file=args.tools, tool_timeout_s=args.tool_timeout,
-        distillations=(LX.LMDistillation(f"{args.mode} {args.loss}", objective, teacher_answers=args.mode == "sequence",
+        distillations=(LX.LMDistillation(name, objective, teacher_answers=args.mode == "sequence",
                                          through_tools=(args.mode == "on-policy" and args.tools is not None) or None,
                                          quantize=args.quantize),),
-        title=f"{args.mode} distillation ({args.loss}) of {args.data}")
+        title=f"{name} distillation of {args.data}")
     cfg = dataclasses.replace(cfg, **config_overrides(args, LX.LMExperimentConfig))
     return apply_overrides(cfg, args.set)  # last: --set may change what the flags set
 
@@ -155,6 +165,10 @@ def add_commands(sub) -> None:
                               "(--top-k) computed once and kept in the run folder, no teacher forward per step; "
                               "sequence: the student learns the teacher's answers to --unlabelled; on-policy: "
                               "the student's own samples, scored by the teacher")
+    lm_dist.add_argument("--cross-tokenizer", choices=("uld", "hybrid"), default=None,
+                         help="a student folder with its own tokenizer: uld (the sorted probabilities of each span "
+                              "where the two tokenizations meet) or hybrid (--loss on the spans that are one token "
+                              "with the same string in both, ULD elsewhere)")
     lm_dist.add_argument("--top-k", type=int, default=8, help="stored mode: the teacher's tokens kept per position")
     lm_dist.add_argument("--loss", choices=sorted(LM_LOSSES), default="fkl")
     lm_dist.add_argument("--temperature", type=finite, default=1.0)

@@ -19,7 +19,7 @@ text both turns share from their start (the turn's end marker, ``<|im_end|>`` fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -204,25 +204,36 @@ class AlignedRows:
     def __len__(self) -> int:
         return len(self.student_ids)
 
-    def batch(self, rows: Sequence[int], *, length: int, teacher_length: int, pad_id: int,
-              teacher_pad_id: int) -> dict[str, np.ndarray]:
-        """Rows ``rows`` as one right-padded batch: the student's ``tokens``, ``loss_mask``,
-        ``attention_mask`` ``[B, length]``, the teacher's ``teacher_tokens`` and
-        ``teacher_attention_mask`` ``[B, teacher_length]``, and the spans (``student_first``,
-        ``teacher_first``, ``span_exact``, ``span_where`` ``[B, length]``; ``student_chain``
-        ``[B, length]``, ``teacher_chain`` ``[B, teacher_length]``)."""
+    def cycled(self, n: int) -> "AlignedRows":
+        """``n`` rows, these repeated in order (a stand-in of ``n`` rows with these shapes)."""
+        pick = [i % len(self) for i in range(n)]
+        return AlignedRows(*([getattr(self, f)[i] for i in pick] for f in ("student_ids", "student_learn",
+                                                                           "teacher_ids", "layouts")))
+
+    @property
+    def exact_share(self) -> float:
+        """The share of the kept spans that are exact (one token each side, the same string)."""
+        return self.exact / self.spans if self.spans else 0.0
+
+    def spans_of(self, rows: Sequence[int], *, length: int, teacher_length: int,
+                 teacher_pad_id: int) -> dict[str, np.ndarray]:
+        """What a cross-tokenizer batch holds beyond the student's rows, for rows ``rows``: the
+        teacher's ``teacher_tokens`` and ``teacher_attention_mask`` ``[B, teacher_length]``
+        (right-padded with ``teacher_pad_id``) and the spans (``student_first``, ``teacher_first``,
+        ``span_exact``, ``span_where`` ``[B, length]``; ``student_chain`` ``[B, length]``,
+        ``teacher_chain`` ``[B, teacher_length]``). ``length``: the student's row length."""
         def pad(x, n, value, dtype):
             out = np.full(n, value, dtype)
             out[:len(x)] = x[:n]
             return out
-        out: dict[str, list] = {k: [] for k in ("tokens", "loss_mask", "attention_mask", "teacher_tokens",
-                                                "teacher_attention_mask", "student_first", "teacher_first",
-                                                "student_chain", "teacher_chain", "span_exact", "span_where")}
+        out: dict[str, list] = {k: [] for k in ("teacher_tokens", "teacher_attention_mask", "student_first",
+                                                "teacher_first", "student_chain", "teacher_chain", "span_exact",
+                                                "span_where")}
         for r in rows:
-            s, t, lay = self.student_ids[r], self.teacher_ids[r], self.layouts[r]
-            out["tokens"].append(pad(s, length, pad_id, np.int32))
-            out["loss_mask"].append(pad(self.student_learn[r], length, False, bool))
-            out["attention_mask"].append(pad(np.ones(len(s), bool), length, False, bool))
+            t, lay = self.teacher_ids[r], self.layouts[r]
+            if len(t) > teacher_length or len(lay.student_chain) > length:
+                raise ValueError(f"row {r} holds {len(t)} teacher and {len(lay.student_chain)} student tokens; the "
+                                 f"batch has {teacher_length} and {length}")
             out["teacher_tokens"].append(pad(t, teacher_length, teacher_pad_id, np.int32))
             out["teacher_attention_mask"].append(pad(np.ones(len(t), bool), teacher_length, False, bool))
             out["student_first"].append(pad(lay.student_first, length, 0, np.int32))
@@ -233,21 +244,50 @@ class AlignedRows:
             out["span_where"].append(pad(lay.where, length, False, bool))
         return {k: np.stack(v) for k, v in out.items()}
 
+    def batch(self, rows: Sequence[int], *, length: int, teacher_length: int, pad_id: int,
+              teacher_pad_id: int) -> dict[str, np.ndarray]:
+        """Rows ``rows`` as one right-padded batch: the student's ``tokens``, ``loss_mask`` and
+        ``attention_mask`` ``[B, length]`` (:func:`jkd.data.conversations.padded_rows`) with
+        :meth:`spans_of`."""
+        from jkd.data.conversations import padded_rows
+
+        rows = list(rows)
+        student = padded_rows([self.student_ids[r] for r in rows], [self.student_learn[r] for r in rows],
+                              length=length, pad_id=pad_id)
+        return {**student, **self.spans_of(rows, length=length, teacher_length=teacher_length,
+                                           teacher_pad_id=teacher_pad_id)}
+
+
+def with_spans(batches: Iterator[dict], aligned: AlignedRows, *, teacher_length: int,
+               teacher_pad_id: int) -> Iterator[dict]:
+    """Each batch of the student's rows of ``aligned`` (as :func:`jkd.data.conversations.sequence_batches`
+    gives them, with their ``index``) with the teacher's rows and the spans attached
+    (:meth:`AlignedRows.spans_of`)."""
+    for b in batches:
+        yield {**b, **aligned.spans_of(b["index"], length=b["tokens"].shape[1], teacher_length=teacher_length,
+                                       teacher_pad_id=teacher_pad_id)}
+
 
 def aligned_rows(teacher, student, conversations: Sequence[dict], *, max_length: int,
-                 teacher_max_length: int | None = None) -> AlignedRows:
+                 teacher_max_length: int | None = None,
+                 teacher_conversations: Sequence[dict] | None = None) -> AlignedRows:
     """Each conversation rendered and tokenized by each model (its own chat template), its assistant
     turns aligned (:func:`align_turns`), the rows cut at ``max_length`` student tokens and
     ``teacher_max_length`` teacher tokens (default: the same); conversations left with no learned
-    span are left out. ``teacher`` / ``student``: :class:`jkd.data.tokenizer.Tokenizer`."""
+    span are left out. ``teacher`` / ``student``: :class:`jkd.data.tokenizer.Tokenizer`;
+    ``teacher_conversations``: the same conversations as the teacher's template takes them, where
+    the two tool-call formats write arguments differently (default: ``conversations``)."""
+    if teacher_conversations is not None and len(teacher_conversations) != len(conversations):
+        raise ValueError(f"teacher_conversations has {len(teacher_conversations)} conversations and conversations "
+                         f"{len(conversations)}; give the same conversations for both")
     from jkd.data.chat import encode_chat
 
     t_max = teacher_max_length or max_length
     t_str = id_to_token(teacher.backend.get_vocab(with_added_tokens=True), teacher.vocab_size)
     s_str = id_to_token(student.backend.get_vocab(with_added_tokens=True), student.vocab_size)
     out = AlignedRows([], [], [], [])
-    for conv in conversations:
-        t_enc = encode_chat(teacher, conv["messages"], tools=conv.get("tools"))
+    for conv, t_conv in zip(conversations, teacher_conversations or conversations):
+        t_enc = encode_chat(teacher, t_conv["messages"], tools=t_conv.get("tools"))
         s_enc = encode_chat(student, conv["messages"], tools=conv.get("tools"))
         _, t_off = teacher.encode_with_offsets(t_enc.text)
         _, s_off = student.encode_with_offsets(s_enc.text)

@@ -5,7 +5,7 @@ Checkpoints often pad their embedding past the tokenizer (Qwen2.5's 0.5B has 151
 :func:`shared_vocabulary` checks that the two tokenizers give every id the same token and returns
 how many ids are real; losses then read the first that many logits (or output-weight rows) of each
 model. Two different tokenizers are refused at setup, naming both sizes and the first id whose
-tokens differ.
+tokens differ (:func:`same_tokens` asks the question without raising).
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ def shared_vocabulary(teacher: Tokenizer, student: Tokenizer, *, teacher_rows: i
             raise VocabularyMismatchError(
                 f"teacher and student tokenizers differ: teacher vocabulary {nt} tokens ({teacher_rows} model "
                 f"rows), student {ns} tokens ({student_rows} model rows); first difference at id {i}: teacher "
-                f"{tv.get(i)!r}, student {sv.get(i)!r}. jkd lm distill needs one tokenizer for both; across "
-                "tokenizers, distil from Python with the cross-tokenizer losses (jkd.losses."
-                "cross_tokenizer_divergence, jkd.train.lm_cross) or give a student of the teacher's tokenizer")
+                f"{tv.get(i)!r}, student {sv.get(i)!r}. Token-level losses need one tokenizer for both; across "
+                "tokenizers choose a cross-tokenizer loss (jkd lm distill --cross-tokenizer uld|hybrid; "
+                "jkd.train.lm_cross.CrossTokenizerKD from Python) or give a student of the teacher's tokenizer")
     return nt
+
+
+def same_tokens(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers give every id the same token (one vocabulary)."""
+    return (a.vocab_size == b.vocab_size
+            and a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True))

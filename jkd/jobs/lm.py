@@ -38,7 +38,8 @@ from jkd.data import conversations as C
 from jkd.data import toolchat
 from jkd.data.tokenizer import Tokenizer, train_bpe_tokenizer
 from jkd.data.chat import render_chat
-from jkd.data.vocab import shared_vocabulary
+from jkd.data.align import AlignedRows, aligned_rows, shared_tokens, with_spans
+from jkd.data.vocab import VocabularyMismatchError, same_tokens, shared_vocabulary
 from jkd.jobs.lm_evaluation import BUCKETS, measure
 from jkd.evaluate import report
 from jkd.jobs.lm_report import build_report
@@ -57,6 +58,7 @@ from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.runtime.run_folder import slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, stack_states
 from jkd.train.state import split_model
+from jkd.train.lm_cross import CrossTokenizerKD, cross_tokenizer_step
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import (OnPolicyKD, StoredTopKKD, TokenKD, in_compute_dtype, on_policy_step, stored_topk_step,
                                 token_kd_step)
@@ -66,7 +68,7 @@ from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, t
 from jkd.models.sampler import SamplingConfig, bucket_length, generate
 from jkd.agents.formats import by_name, tool_format_for
 from jkd.evaluate.toolcalls import format_warning
-from jkd.agents.loop import agent_rows
+from jkd.agents.loop import agent_exchanges, exchange_conversations, exchange_rows
 from jkd.agents.tasks import TASK_SUCCESS_RULE, Task, run_tasks, tasks_from, trajectory_rows
 from jkd.agents.tools import OK, RAISED, REFUSED, TIMED_OUT, Toolbox
 from jkd.compress.gguf_blocks import fake_quantize
@@ -76,9 +78,12 @@ from jkd.compress.gguf_blocks import fake_quantize
 class LMDistillation:
     """One distilled-student setting: a display name, its objective and its data.
 
-    ``objective``: :class:`~jkd.train.lm_steps.TokenKD`, :class:`~jkd.train.lm_steps.OnPolicyKD` or
+    ``objective``: :class:`~jkd.train.lm_steps.TokenKD`, :class:`~jkd.train.lm_steps.OnPolicyKD`,
     :class:`~jkd.train.lm_steps.StoredTopKKD` (the teacher's top-k stored once over the labelled
-    conversations, then no teacher forward pass per step).
+    conversations, then no teacher forward pass per step) or
+    :class:`~jkd.train.lm_cross.CrossTokenizerKD` (a student folder with its own tokenizer: ULD or
+    GOLD's hybrid over the spans where the two tokenizations meet; with ``teacher_answers`` on the
+    answered requests too).
     ``teacher_answers``: the unlabelled requests, answered by the teacher, join the labelled
     conversations (sequence-level KD; with ``TokenKD(kd_weight > 0)`` the student also matches the
     teacher's distributions on them). On-policy distillation always samples the requests.
@@ -95,7 +100,7 @@ class LMDistillation:
     """
 
     name: str
-    objective: TokenKD | OnPolicyKD | StoredTopKKD
+    objective: TokenKD | OnPolicyKD | StoredTopKKD | CrossTokenizerKD
     teacher_answers: bool = False
     through_tools: bool | None = None  # on-policy: the student's own trajectories through the tools, many turns
                                        # (None: no; new fields default to None so earlier run folders resume)
@@ -223,9 +228,12 @@ class LMExperimentConfig:
             if quant is not None and quant not in ("q8_0", "q4_0"):
                 raise ValueError(f"{where} must be q8_0 or q4_0 (llama.cpp's block types); got {quant!r}.")
         for d in self.distillations:
-            if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD)):
-                raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD or StoredTopKKD; got "
-                                f"{type(d.objective).__name__}.")
+            if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD, CrossTokenizerKD)):
+                raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD, StoredTopKKD or CrossTokenizerKD; "
+                                f"got {type(d.objective).__name__}.")
+            if isinstance(d.objective, CrossTokenizerKD) and (self.pack_length is not None or d.quantize):
+                raise ValueError(f"{d.name}: cross-tokenizer distillation runs one conversation per row, in float: "
+                                 "it does not combine with packed rows (pack_length, --pack-length) or quantize.")
             if d.all_labels and isinstance(d.objective, StoredTopKKD):
                 raise ValueError(f"{d.name}: stored top-k outputs are kept for the students' labelled subset; "
                                  "all_labels trains on every labelled conversation.")
@@ -365,6 +373,28 @@ class _Data:
     counts: dict
 
 
+@dataclasses.dataclass
+class _View:
+    """The run's conversations as one tokenizer reads them (the teacher's, or a student's own):
+    its pad and end ids, its tool-call format (and the report's line on it), the conversations as
+    its chat template takes them, their encodings, the test turns and tasks."""
+
+    tokenizer: Tokenizer
+    pad_id: int
+    eos_id: int | None
+    tool_format: object
+    tool_format_line: str
+    train: list[dict]
+    labelled: list[dict]
+    test: list[dict]
+    unlabelled: list[dict]
+    train_enc: object
+    labelled_enc: object
+    test_enc: object
+    test_tasks: list
+    test_turns: list = dataclasses.field(default_factory=list)
+
+
 def _offered(convs: list[dict], schemas: list[dict] | None) -> list[dict]:
     """Conversations that name no tools of their own, offered ``schemas`` (None: as they are)."""
     return convs if schemas is None else [c if c.get("tools") else {**c, "tools": schemas} for c in convs]
@@ -477,22 +507,19 @@ class LMJob(Job):
         tok = data.tokenizer
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.eos_id = tok.eos_id
-        self.tool_format, how, warning = tool_format_for(tok, cfg.tool_format, data.train + data.test)
-        if self.tool_format.arguments_as_string:  # the template takes the calls' arguments as JSON strings
-            for split in ("train", "labelled", "test", "unlabelled"):
-                setattr(data, split, [self.tool_format.prepare(c) for c in getattr(data, split)])
-        self.tool_format_line = f"tool calls read in the {self.tool_format.name} format ({how})"
-        echo(self.tool_format_line)
-        if warning is not None:
-            echo("warning: " + warning)
-            self.tool_format_line += f"; warning: {warning}"
-        enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
-        self.train_enc, self.labelled_enc, self.test_enc = enc(data.train), enc(data.labelled), enc(data.test)
+        self.raw = {split: getattr(data, split) for split in ("train", "labelled", "test", "unlabelled")}
+        self.view = view = self._view(tok, "the teacher")  # what the teacher and the students of its tokenizer read
+        for split in ("train", "labelled", "test", "unlabelled"):
+            setattr(data, split, getattr(view, split))
+        self.tool_format, self.tool_format_line = view.tool_format, view.tool_format_line
+        self.train_enc, self.labelled_enc, self.test_enc = view.train_enc, view.labelled_enc, view.test_enc
+        # students of another tokenizer (their own folders) read the conversations through it
+        self.views = {s.name: self._view(own, s.name) for s in cfg.students if (own := self._own_tokenizer(s))}
         # whole tasks in the loop need tools to run the model's calls
         self.test_tasks = tasks_from(data.test) if self.tools is not None else []
         turns = C.assistant_turns(tok, data.test)
-        self.test_turns = [t for t in turns if len(t.prompt) <= cfg.max_length]
-        self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length
+        self.test_turns = self._common_turns(turns)
+        self.skipped_turns = len(turns) - len(self.test_turns)  # prompts longer than max_length (for any tokenizer)
         requests = C.request_prompts(tok, data.unlabelled) if data.unlabelled else []
         kept = [i for i, p in enumerate(requests) if len(p) < cfg.max_length]  # room for an answer
         self.request_prompts = [requests[i] for i in kept]
@@ -509,10 +536,62 @@ class LMJob(Job):
         self.teacher_texts = None
         self.samples: dict[str, list[str]] = {}
         self._stored: dict[tuple[int, int], StoredTopK] = {}  # (k, vocab) -> the teacher's stored top-k
+        self._crossed: dict[tuple, _Cross] = {}  # a cross-tokenizer setting's aligned rows
         kernels = {self.attention_kernel(cfg.dtype), self.attention_kernel(cfg.teacher_dtype)}
         self.echo("attention: " + ", ".join(sorted((k or BlockedAttention()).description for k in kernels)))
         self.plan_memory()  # a plan that does not fit is refused here, before the folder is written
         run.folder.begin()
+
+    def _view(self, tok: Tokenizer, who: str) -> "_View":
+        """The run's conversations as one tokenizer reads them: its tool-call format, the
+        conversations as its template takes them, their encodings and the test tasks."""
+        cfg = self.cfg
+        raw = self.raw
+        fmt, how, warning = tool_format_for(tok, cfg.tool_format, raw["train"] + raw["test"])
+        splits = {k: [fmt.prepare(c) for c in v] if fmt.arguments_as_string else v for k, v in raw.items()}
+        line = f"tool calls read in the {fmt.name} format ({how})"
+        if who != "the teacher":
+            line = f"{who}: " + line
+        self.echo(line)
+        if warning is not None:
+            self.echo("warning: " + warning)
+            line += f"; warning: {warning}"
+        enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
+        return _View(tok, tok.pad_id if tok.pad_id is not None else 0, tok.eos_id, fmt, line, **splits,
+                     train_enc=enc(splits["train"]), labelled_enc=enc(splits["labelled"]), test_enc=enc(splits["test"]),
+                     test_tasks=tasks_from(splits["test"]) if self.tools is not None else [])
+
+    def _own_tokenizer(self, student: LMStudent) -> Tokenizer | None:
+        """The tokenizer of a student folder when it is not the teacher's (None otherwise)."""
+        if student.from_dir is None or not (Path(student.from_dir) / "tokenizer.json").exists():
+            return None
+        own = Tokenizer.from_folder(student.from_dir)
+        if same_tokens(own, self.data.tokenizer):
+            return None
+        needs = [d.name for d in self.cfg.distillations if not _across_tokenizers(d.objective)]
+        if needs:
+            raise VocabularyMismatchError(
+                f"the student in {student.from_dir} has its own tokenizer ({own.vocab_size} tokens; the teacher's has "
+                f"{self.data.tokenizer.vocab_size}), and {', '.join(needs)} compare the two models token by token over "
+                "one vocabulary. Across tokenizers choose a cross-tokenizer loss: --cross-tokenizer uld (the sorted "
+                "probabilities of every span) or --cross-tokenizer hybrid (--loss on the spans that are one token with "
+                "the same string in both, ULD elsewhere); --mode sequence with --kd-weight 0 trains on the teacher's "
+                "answers as text.")
+        self.echo(f"{student.name}: its own tokenizer ({own.vocab_size} tokens; the teacher's has "
+                  f"{self.data.tokenizer.vocab_size}): distilled across tokenizers")
+        return own
+
+    def _common_turns(self, turns: list) -> list:
+        """The test turns every model measures: those whose prompt fits ``max_length`` in every
+        tokenizer of the run (each view keeps its own encoding of them, in the same order)."""
+        cfg = self.cfg
+        key = lambda t: (t.conversation, len(t.context))  # noqa: E731
+        per_view = {id(v): [t for t in (turns if v is self.view else C.assistant_turns(v.tokenizer, v.test))
+                            if len(t.prompt) <= cfg.max_length] for v in (self.view, *self.views.values())}
+        common = set.intersection(*({key(t) for t in kept} for kept in per_view.values()))
+        for v in (self.view, *self.views.values()):
+            v.test_turns = [t for t in per_view[id(v)] if key(t) in common]
+        return self.view.test_turns
 
     def _check_inputs(self, turns: list) -> None:
         """Refuse, before any training, what would stop the run after it: no test turn to measure,
@@ -581,27 +660,39 @@ class LMJob(Job):
 
     def _group(self, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds, optimizer: AdamWConfig,
                teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None,
-               rows_only: bool = False, rollout: Callable | None = None, quant: str | None = None):
+               rows_only: bool = False, rollout: Callable | None = None, quant: str | None = None,
+               pad_id: int | None = None, cross: _Cross | None = None):
         """The parts of one group's training: ``(graphdef, tx, run, batches)``. ``run`` is the
         jitted vmapped step, one per distinct setting (shared by the memory plan and the training,
         so the step compiled for the plan is the one that trains); ``batches(start)`` yields the
         seeds' batches side by side, ``[B, K, ...]``. ``rows_only``: the rows without their prompts
         (a token-KD step on on-policy rows); ``rollout(state, step, given) -> batch``: each step's
-        batch made from the state that trains it (the student's trajectories through the tools)."""
+        batch made from the state that trains it (the student's trajectories through the tools).
+        ``pad_id``: the student's (None: the teacher's tokenizer's). ``cross``: a cross-tokenizer
+        group's aligned rows (they replace ``ids`` and ``learn``) and shared tokens."""
         cfg = self.cfg
         rows_only = rows_only or rollout is not None
-        streams = [_batches(ids, learn, cfg=cfg, pad_id=self.pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
+        pad_id = self.pad_id if pad_id is None else pad_id
+        if cross is not None:
+            ids, learn = cross.aligned.student_ids, cross.aligned.student_learn
+        streams = [_batches(ids, learn, cfg=cfg, pad_id=pad_id, seed=s, prompts=on_policy_prompts) for s in seeds]
         per_epoch, streams = streams[0][1], [s[0] for s in streams]
         if stored is not None:  # each row checked against what was stored for it
             streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
+        if cross is not None:  # each row with the teacher's tokens of its text and the spans
+            streams = [functools.partial(lambda start, f: with_spans(f(start), cross.aligned, teacher_length=cfg.max_length,
+                                                                     teacher_pad_id=self.pad_id), f=f) for f in streams]
         graphdef = split_model(nnx.eval_shape(lambda: self._prepared(Decoder(config, rngs=nnx.Rngs(0)))))[0]
         kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
-                stored_topk_step if isinstance(objective, StoredTopKKD) else token_kd_step)
-        key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind, quant)
+                stored_topk_step if isinstance(objective, StoredTopKKD) else
+                cross_tokenizer_step if isinstance(objective, CrossTokenizerKD) else token_kd_step)
+        key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind, quant, cross and cross.name)
         if key not in self._runs:
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
             step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
                                      compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None, quant=quant)
+            if kind is cross_tokenizer_step:  # the tokens both vocabularies hold, bound to the step
+                step = functools.partial(step, shared=cross.shared)
             if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
                 step = functools.partial(step, micro_batches=cfg.micro_batches)
             # batches [B, K, ...]: column k is seed k's batch (parallel.batch_size counts B rows)
@@ -625,12 +716,14 @@ class LMJob(Job):
     def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
                        optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
                        init: Decoder | None = None, stored: StoredTopK | None = None,
-                       through_tools: OnPolicyKD | None = None, quant: str | None = None):
+                       through_tools: OnPolicyKD | None = None, quant: str | None = None,
+                       pad_id: int | None = None, cross: _Cross | None = None):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
         ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch.
         ``through_tools``: on-policy through the tools with this objective (``objective`` is then
-        its token-KD step's). ``quant``: the passes see the weights as that GGUF type holds them."""
+        its token-KD step's). ``quant``: the passes see the weights as that GGUF type holds them.
+        ``pad_id``, ``cross``: as :meth:`_group`."""
         cfg = self.cfg
         tg, tvars = teacher if teacher is not None else (None, None)
         rollout, tally = None, collections.Counter()
@@ -640,7 +733,7 @@ class LMJob(Job):
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
                                                  on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout,
-                                                 quant=quant)
+                                                 quant=quant, pad_id=pad_id, cross=cross)
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [self._prepared(model(s)) for s in seeds]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
@@ -725,24 +818,34 @@ class LMJob(Job):
                 scfg = init.config
             else:
                 scfg = self.with_vocab(student.config)
+            view = self.views.get(student.name, self.view)  # a student of its own tokenizer reads through it
             # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
-            vocab = shared_vocabulary(data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size,
-                                      student_rows=scfg.vocab_size)
+            vocab = scfg.vocab_size if view is not self.view else shared_vocabulary(
+                data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size, student_rows=scfg.vocab_size)
             for group in _groups(cfg, student, vocab, scfg.vocab_size):
                 name, role, loss_name, objective = group.name, group.role, group.loss, group.objective
                 with_answers, through = group.with_answers, group.through_tools
-                labelled = self.train_enc if group.all_labels else self.labelled_enc
+                labelled = view.train_enc if group.all_labels else view.labelled_enc
                 ids, learn = list(labelled.ids), list(labelled.learn)
                 on_policy = isinstance(objective, OnPolicyKD)
                 through = through and self._through_tools(name)
+                answered = []  # the teacher's answered requests, as conversations
                 if (with_answers or on_policy) and self.request_prompts:
                     if self.answered is None:
                         self.answered = _answered(self, self._answering(teacher), echo)
-                    ids, learn = ids + self.answered[0], learn + self.answered[1]
+                    answered = self.answered[2]
+                    more = (self.answered[:2] if view is self.view
+                            else _encoded(view, answered, max_length=cfg.max_length))
+                    ids, learn = ids + list(more[0]), learn + list(more[1])
+                cross = None
+                if isinstance(objective, CrossTokenizerKD):
+                    cross = self._cross_rows(view, student.name, all_labels=group.all_labels, answered=answered)
+                    ids = cross.aligned.student_ids
                 stored = (self.stored_topk(objective.top_k, vocab)
                           if isinstance(objective, StoredTopKKD) and objective.kd_weight > 0 else None)
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
-                online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
+                online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
+                                                                and objective.kd_weight > 0))
                 same_start = role == "distilled" or start == "student folder"  # the alone: random, or the folder's
                 g, params = self.train_students(
                     name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
@@ -750,10 +853,12 @@ class LMJob(Job):
                     optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
                     init=init if same_start else None, stored=stored, through_tools=objective if through else None,
-                    quant=group.quantize)
+                    quant=group.quantize, pad_id=view.pad_id, cross=cross)
                 info = {"student": student.name, "initialisation": start if same_start else "random",
                         "teacher_signal": online or stored is not None or bool(with_answers),
                         "all_labels": group.all_labels}
+                if cross is not None:
+                    info["cross_tokenizer"] = cross.describe(objective)
                 if group.quantize:  # measured as the GGUF file holds it (the float masters go to the checkpoints)
                     params = [read_back_weights(p, group.quantize) for p in params]
                     info["quantization"] = f"{group.quantize}, trained for it"
@@ -762,6 +867,25 @@ class LMJob(Job):
                     yield Trained(f"{name} · {cfg.ptq}", role, loss_name, g,
                                   [read_back_weights(p, cfg.ptq) for p in params], scfg,
                                   {**info, "quantization": f"{cfg.ptq}, after training"})
+
+    def _cross_rows(self, view: _View, name: str, *, all_labels: bool, answered: list[dict]) -> _Cross:
+        """The labelled conversations (and ``answered``, the teacher's answered requests) tokenized
+        by the teacher and by the student of ``view`` and aligned (:func:`jkd.data.align.aligned_rows`),
+        with the tokens both vocabularies hold; kept per setting."""
+        key = (name, all_labels, len(answered))
+        if key not in self._crossed:
+            split = "train" if all_labels else "labelled"
+            t_convs = getattr(self.view, split) + answered
+            s_convs = getattr(view, split) + _prepared_for(view, answered)
+            t0 = time.perf_counter()
+            aligned = aligned_rows(self.data.tokenizer, view.tokenizer, s_convs, teacher_conversations=t_convs,
+                                   max_length=self.cfg.max_length)
+            shared = shared_tokens(self.data.tokenizer.backend.get_vocab(with_added_tokens=True),
+                                   view.tokenizer.backend.get_vocab(with_added_tokens=True))
+            self._crossed[key] = cross = _Cross(aligned, shared, name)
+            self.echo(f"{name}: {len(aligned)} conversations tokenized by both models and aligned "
+                      f"({time.perf_counter() - t0:.0f} s): {cross.describe()}")
+        return self._crossed[key]
 
     def _through_tools(self, name: str, *, quiet: bool = False) -> bool:
         """Whether group ``name``'s on-policy samples go through the tools: it needs tools to run the
@@ -827,13 +951,18 @@ class LMJob(Job):
     def _student_folder(self, student: LMStudent) -> Decoder:
         """The student of ``student.from_dir``, weights and all (checked by :meth:`_check_student_folder`)."""
         model = load_hf(student.from_dir, mesh=self._local_mesh())
-        self._check_student_folder(Path(student.from_dir), model.config, self.teacher_model.config.vocab_size)
+        own = self.views[student.name].tokenizer if student.name in self.views else None
+        self._check_student_folder(Path(student.from_dir), model.config, self.teacher_model.config.vocab_size, own)
         return model
 
-    def _check_student_folder(self, folder: Path, config: DecoderConfig, teacher_rows: int) -> None:
-        """A student folder's vocabulary against the run's tokenizer, and its positions against the run's."""
+    def _check_student_folder(self, folder: Path, config: DecoderConfig, teacher_rows: int,
+                              own: Tokenizer | None = None) -> None:
+        """A student folder's vocabulary against the run's tokenizer (or ``own``, its tokenizer when
+        it is not the teacher's), and its positions against the run's."""
         tok = self.data.tokenizer
-        if (folder / "tokenizer.json").exists():
+        if own is not None:
+            shared_vocabulary(own, own, teacher_rows=config.vocab_size, student_rows=config.vocab_size)  # its rows
+        elif (folder / "tokenizer.json").exists():
             shared_vocabulary(tok, Tokenizer.from_folder(folder), teacher_rows=teacher_rows,
                               student_rows=config.vocab_size)  # one tokenizer: the same ids
         elif config.vocab_size < tok.vocab_size:
@@ -890,27 +1019,36 @@ class LMJob(Job):
         for student in cfg.students:
             scfg = (student.cut_config(tcfg) if student.teacher_layers
                     else read_config(student.from_dir) if student.from_dir else self.with_vocab(student.config))
+            view = self.views.get(student.name, self.view)
             if student.from_dir:
-                self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size)
-            vocab = shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
+                self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size,
+                                           view.tokenizer if view is not self.view else None)
+            vocab = scfg.vocab_size if view is not self.view else shared_vocabulary(
+                tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
             for group in _groups(cfg, student, vocab, scfg.vocab_size):
                 name, role, objective, with_answers = group.name, group.role, group.objective, group.with_answers
                 on_policy = isinstance(objective, OnPolicyKD)
                 through = group.through_tools and self._through_tools(name, quiet=True)
-                online = role == "distilled" and (on_policy or (isinstance(objective, TokenKD) and objective.kd_weight > 0))
-                labelled = self.train_enc if group.all_labels else self.labelled_enc
+                online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
+                                                                and objective.kd_weight > 0))
+                labelled = view.train_enc if group.all_labels else view.labelled_enc
                 ids, learn = labelled.ids, labelled.learn
-                if (with_answers or on_policy) and self.request_prompts:
+                answers = (with_answers or on_policy) and bool(self.request_prompts)
+                if answers:
                     # the teacher's answers are not there yet: one row per request stands in for each (the same
                     # number of rows: unpacked, the same schedule compiles and training reuses the step)
                     ids = list(ids) + [p[:cfg.max_length] for p in self.request_prompts]
                     learn = list(learn) + [np.ones(min(len(p), cfg.max_length), bool) for p in self.request_prompts]
+                cross = None
+                if isinstance(objective, CrossTokenizerKD):  # the labelled rows aligned, cycled to the same count
+                    cross = self._cross_rows(view, student.name, all_labels=group.all_labels, answered=[])
+                    cross = _Cross(cross.aligned.cycled(len(ids)) if answers else cross.aligned, cross.shared, cross.name)
                 steps[name] = functools.partial(
                     self._plan_step, name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
                     steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
                     teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None,
                     generated=objective.max_new_tokens if on_policy else None, rows_only=through,
-                    quant=group.quantize)
+                    quant=group.quantize, pad_id=view.pad_id, cross=cross)
         return steps
 
     def _remedies(self) -> dict[str, dict]:
@@ -931,11 +1069,13 @@ class LMJob(Job):
 
     def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,
                    on_policy_prompts=None, generated: int | None = None, rows_only: bool = False,
-                   quant: str | None = None) -> MP.StepMemory | None:
+                   quant: str | None = None, pad_id: int | None = None,
+                   cross: _Cross | None = None) -> MP.StepMemory | None:
         tg, tvars = teacher if teacher is not None else (None, None)
         graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
                                                  optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only, quant=quant)
+                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only, quant=quant,
+                                                 pad_id=pad_id, cross=cross)
         batch = next(iter(batches(0)))
         rows, k, length = batch["tokens"].shape
         if isinstance(objective, StoredTopKKD):  # the stored outputs each batch carries
@@ -992,16 +1132,17 @@ class LMJob(Job):
     # ---- measuring and reporting -------------------------------------------------------------------
 
     def measure(self, run: Run, t: Trained) -> list[dict]:
-        cfg, data = self.cfg, self.data
+        cfg = self.cfg
+        view = self.views.get(t.info.get("student"), self.view)  # the tokenizer the model reads
         per_seed = []
         for k, params in enumerate(t.weights):
             model = _as_decoder(t.graphdef, params)
-            m, texts = measure(model, data.tokenizer, self.test_turns, self.test_enc, max_length=cfg.max_length,
-                               max_new_tokens=cfg.max_new_tokens, pad_id=self.pad_id, reference_texts=self.teacher_texts,
-                               tool_format=self.tool_format, tasks=self.test_tasks, tools=self.tools,
+            m, texts = measure(model, view.tokenizer, view.test_turns, view.test_enc, max_length=cfg.max_length,
+                               max_new_tokens=cfg.max_new_tokens, pad_id=view.pad_id, reference_texts=self.teacher_texts,
+                               tool_format=view.tool_format, tasks=view.test_tasks, tools=self.tools,
                                max_turns=cfg.max_turns, pass_k=cfg.pass_k, pass_temperature=cfg.pass_temperature)
             per_seed.append(m)
-            if (warning := format_warning(m, self.tool_format, f"{t.name} (seed {k})")) is not None:
+            if (warning := format_warning(m, view.tool_format, f"{t.name} (seed {k})")) is not None:
                 self.echo("warning: " + warning)
             if k == 0:
                 self.samples[t.name] = texts
@@ -1009,7 +1150,7 @@ class LMJob(Job):
                 self.teacher_texts = texts
             elif run.primary and (run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists()):
                 # written once, and again when a rerun measures with other settings (its positions)
-                save_hf(model, run.path / slug(t.name) / f"seed{k}", tokenizer=data.tokenizer, overwrite=True)
+                save_hf(model, run.path / slug(t.name) / f"seed{k}", tokenizer=view.tokenizer, overwrite=True)
         return per_seed
 
     def entry(self, run: Run, t: Trained, per_seed: list[dict]) -> dict:
@@ -1076,11 +1217,50 @@ def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_voc
               if cfg.include_baseline else [])
     for d in cfg.distillations:
         objective = d.objective
-        if getattr(objective, "vocab_size", None) is None and vocab != student_vocab:
+        if hasattr(objective, "vocab_size") and objective.vocab_size is None and vocab != student_vocab:
             objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
         groups.append(_Group(f"{student.name} {d.name}", "distilled", _describe(d), objective, bool(d.teacher_answers),
                              bool(d.through_tools), bool(d.all_labels), d.quantize))
     return groups
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Cross:
+    """A cross-tokenizer setting's rows: both models' tokenizations aligned, the tokens both
+    vocabularies hold (``(teacher_ids, student_ids)``) and the student's name (its steps' key)."""
+
+    aligned: AlignedRows
+    shared: tuple[np.ndarray, np.ndarray]
+    name: str
+
+    def describe(self, objective: CrossTokenizerKD | None = None) -> str:
+        """The spans in words: how many, the share that is exact, where the rest goes."""
+        a = self.aligned
+        exact, rest = 100 * a.exact_share, 100 * (1 - a.exact_share)
+        if objective is not None and objective.divergence is None:
+            how = f"ULD on all of them ({exact:.1f}% are one token with the same string in both)"
+        else:
+            div = "" if objective is None else f" ({type(objective.divergence).__name__} on them)"
+            how = f"{exact:.1f}% exact, one token with the same string in both{div}; {rest:.1f}% through ULD"
+        cut = f"; {a.cut} spans past --max-length left out" if a.cut else ""
+        return f"{a.spans:,} learned spans, {how}{cut}"
+
+
+def _across_tokenizers(objective) -> bool:
+    """Whether ``objective`` trains a student whose tokenizer is not the teacher's: the
+    cross-tokenizer losses, and the labels (or the teacher's answers) alone."""
+    return isinstance(objective, CrossTokenizerKD) or (isinstance(objective, TokenKD) and objective.kd_weight == 0)
+
+
+def _prepared_for(view: _View, convs: list[dict]) -> list[dict]:
+    """Conversations as ``view``'s chat template takes them (its tool-call format's arguments)."""
+    return [view.tool_format.prepare(c) for c in convs] if view.tool_format.arguments_as_string else convs
+
+
+def _encoded(view: _View, convs: list[dict], *, max_length: int):
+    """``(ids, learn)`` of ``convs`` in ``view``'s tokenizer (those with a learned token)."""
+    enc = C.encode_conversations(view.tokenizer, _prepared_for(view, convs), max_length=max_length)
+    return enc.ids, enc.learn
 
 
 def read_back_weights(params, quant: str):
@@ -1100,9 +1280,10 @@ def _as_decoder(graphdef, params) -> Decoder:
 
 
 def _answered(r: LMJob, teacher: Decoder, echo):
-    """The unlabelled requests with the teacher's answers, as training rows; with the embedded data,
-    through the agent loop (the simulated tools run the teacher's calls, the teacher answers their
-    results)."""
+    """The unlabelled requests with the teacher's answers, ``(ids, learn, conversations)``: training
+    rows in the teacher's tokens and, when a student has its own tokenizer, the same exchanges as
+    conversations (text); with tools, through the agent loop (the tools run the teacher's calls,
+    the teacher answers their results)."""
     cfg = r.cfg
     sampling = SamplingConfig(temperature=cfg.answer_temperature) if cfg.answer_temperature > 0 else SamplingConfig()
     t0 = time.perf_counter()
@@ -1113,19 +1294,22 @@ def _answered(r: LMJob, teacher: Decoder, echo):
 
     def rows():
         first = answer(r.request_prompts, "answers")
-        return (first, *agent_rows(r.data.tokenizer, r.request_conversations, r.request_prompts, first,
-                                   tools=r.tools, answer=lambda prompts: answer(prompts, "answers_after_tools"),
-                                   max_length=cfg.max_length, tool_format=r.tool_format))
+        ex = agent_exchanges(r.data.tokenizer, r.request_conversations, r.request_prompts, first, tools=r.tools,
+                             answer=lambda prompts: answer(prompts, "answers_after_tools"), max_length=cfg.max_length,
+                             tool_format=r.tool_format)
+        text = r.views or any(isinstance(d.objective, CrossTokenizerKD) for d in cfg.distillations)
+        convs = exchange_conversations(ex, r.data.tokenizer, r.tool_format) if text else []
+        return (first, *exchange_rows(ex, max_length=cfg.max_length), ex.counts, convs)
 
     # several processes: process 0 answers and caches them, the others read its cache
-    first, ids, learn, counts = hosts.primary_first(rows, "jkd: teacher answers cached")
+    first, ids, learn, counts, convs = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
     failed = tool_failures(counts, cfg.tool_timeout)
     echo(f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
          f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
          + (f"; of {sum(counts.get(k, 0) for k in (OK, REFUSED, RAISED, TIMED_OUT))} tool calls, {failed}, each "
             "answered by the teacher from the error" if failed else ""))
-    return ids, learn
+    return ids, learn, convs
 
 
 def tool_failures(counts: dict, timeout_s: float) -> str:
@@ -1167,7 +1351,9 @@ def _prompt_slots(r: LMJob) -> int:
 
 def _describe(d: LMDistillation) -> str:
     o = d.objective
-    div = f"stored top-{o.top_k} ForwardKL" if isinstance(o, StoredTopKKD) else type(o.divergence).__name__
+    div = (f"stored top-{o.top_k} ForwardKL" if isinstance(o, StoredTopKKD) else
+           ("ULD" if o.divergence is None else f"hybrid {type(o.divergence).__name__}/ULD")
+           if isinstance(o, CrossTokenizerKD) else type(o.divergence).__name__)
     if isinstance(o, OnPolicyKD):
         return f"on-policy {div} (lambda={o.student_fraction:g}" + (", through the tools)" if d.through_tools else ")")
     parts = []

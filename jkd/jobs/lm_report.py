@@ -122,6 +122,11 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
             notes += [n for key, label in (("task_success", "task success"), ("tool_call_exact_match", "exact match"))
                       if (n := _gap_closed(max(with_signal, key=lambda e: e.get(f"{key}_mean", -1)), control, teacher,
                                            key, label))]
+    crossed = [e for e in entries if e.get("cross_tokenizer")]
+    notes += [f"{e['name']}: {e['cross_tokenizer']}." for e in crossed]
+    if crossed:
+        notes.append("Across tokenizers, test cross-entropy is in nats per token of each model's own tokenizer: "
+                     "compare it between models of one tokenizer only; task success and exact match compare all.")
     return notes
 
 

@@ -63,3 +63,27 @@ def test_without_a_simulator_or_room_nothing_is_carried_on():
     for kw in ({"tools": None, "max_length": 400}, {"tools": toolchat.simulated_tools(), "max_length": 60}):
         ids, learn, counts = agent_rows(TOK, requests, prompts, answers, answer=never, **kw)
         assert counts["continued"] == 0 and len(ids[0]) == min(len(prompts[0]) + len(answers[0]), kw["max_length"])
+
+
+def test_the_exchanges_as_conversations_render_as_their_rows():
+    """What a student of another tokenizer learns from: the exchanges as chat messages, which the
+    teacher's own template renders back into the very rows the teacher's tokens give."""
+    from jkd.agents.loop import agent_exchanges, exchange_conversations, exchange_rows
+
+    requests = [{"messages": [{"role": "user", "content": "tea timer 5 min"}]},
+                {"messages": [{"role": "user", "content": "hi"}]}]
+    prompts = [encode_chat(TOK, r["messages"], add_generation_prompt=True).ids for r in requests]
+    call = {"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}}
+    answers = [_ids("<tool_call>\n" + json.dumps(call) + "\n</tool_call><|im_end|>"), _ids("Hello!<|im_end|>")]
+    ex = agent_exchanges(TOK, requests, prompts, answers, tools=toolchat.simulated_tools(), max_length=400,
+                         answer=lambda ps: [_ids("Your tea timer ends at 09:05.<|im_end|>") for _ in ps])
+    convs = exchange_conversations(ex, TOK)
+    assert convs[1]["messages"] == requests[1]["messages"] + [{"role": "assistant", "content": "Hello!"}]
+    assert [m["role"] for m in convs[0]["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert convs[0]["messages"][1]["tool_calls"][0]["function"] == call
+    ids, learn = exchange_rows(ex, max_length=400)
+    for conv, row, mask in zip(convs, ids, learn):
+        enc = encode_chat(TOK, conv["messages"])  # the template closes the last turn with a newline
+        assert TOK.decode(enc.ids[len(row):]) == "\n" and not enc.assistant_mask[len(row):].any()
+        np.testing.assert_array_equal(enc.ids[:len(row)], row)
+        np.testing.assert_array_equal(enc.assistant_mask[:len(row)], mask)
