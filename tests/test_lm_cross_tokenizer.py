@@ -57,9 +57,17 @@ def test_a_token_level_loss_across_tokenizers_is_refused_with_the_choices(pair, 
     assert "has its own tokenizer (300 tokens; the teacher's has 259)" in err
     assert "--cross-tokenizer uld" in err and "--cross-tokenizer hybrid" in err
     assert not (tmp_path / "run" / "summary.json").exists()
-    for mode in ("on-policy", "stored"):  # the cross-tokenizer losses run on given text only
-        assert cli.main(_argv(pair, "--mode", mode, "--cross-tokenizer", "uld", "--run-dir", str(tmp_path / "r2"))) == 2
-        assert "--cross-tokenizer trains on the labelled conversations" in capsys.readouterr().err
+    # the cross-tokenizer losses run on given text only
+    assert cli.main(_argv(pair, "--mode", "on-policy", "--cross-tokenizer", "uld", "--run-dir", str(tmp_path / "r2"))) == 2
+    assert "--cross-tokenizer trains on the labelled conversations" in capsys.readouterr().err
+    from jkd.cli import build_parser
+    from jkd.cli.lm import _lm_config
+
+    args = build_parser().parse_args(_argv(pair, "--mode", "stored", "--cross-tokenizer", "hybrid", "--loss", "jsd",
+                                           "--ce-weight", "1", "--run-dir", str(tmp_path / "r3")))
+    d = _lm_config(args).distillations[0]
+    assert d.name == "stored hybrid jsd" and d.objective.stored and d.objective.ce_weight == 1.0
+    assert type(d.objective.divergence).__name__ == "GeneralizedJSD" and not d.teacher_answers
 
 
 def test_the_job_distils_across_tokenizers_and_says_how(pair, tmp_path, capsys):
@@ -76,7 +84,7 @@ def test_the_job_distils_across_tokenizers_and_says_how(pair, tmp_path, capsys):
         distillations=(LX.LMDistillation("sequence", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
                        LX.LMDistillation("hybrid", CrossTokenizerKD(ForwardKL(), kd_weight=1.0, ce_weight=0.5),
                                          teacher_answers=True),
-                       LX.LMDistillation("uld", CrossTokenizerKD(None, kd_weight=1.0))))
+                       LX.LMDistillation("uld", CrossTokenizerKD(None, kd_weight=1.0, stored=True))))
     run_dir = tmp_path / "run"
     summary = LX.run(cfg, run_dir, progress=False)
     out = capsys.readouterr().out
@@ -106,6 +114,8 @@ def test_the_job_distils_across_tokenizers_and_says_how(pair, tmp_path, capsys):
         moved = [not np.allclose(a, b) for a, b in zip(jax_leaves(trained), jax_leaves(start))]
         assert any(moved)  # trained from the folder's weights
     losses = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert "own: the teacher's span values stored once (uld): top-259 of" in out  # no teacher in its steps
+    assert len(list((run_dir / "teacher_spans").glob("*.npz"))) == 1
     uld = [r for r in losses if r.get("model") == "own uld" and r.get("event") == "train"]
     assert len(uld) == 2 and all(np.isfinite(r["loss"]) and r["spans"] > 0 for r in uld)  # its steps log their spans
 

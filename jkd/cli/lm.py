@@ -50,11 +50,13 @@ def _lm_config(args):
     if args.cross_tokenizer is not None:
         from jkd.train.lm_cross import CrossTokenizerKD
 
-        if args.mode not in ("token", "sequence"):
-            raise ValueError(f"--cross-tokenizer trains on the labelled conversations (--mode token) or with the "
-                             f"teacher's answers too (--mode sequence); got --mode {args.mode}.")
+        if args.mode == "on-policy":
+            raise ValueError("--cross-tokenizer trains on the labelled conversations (--mode token, or --mode stored: "
+                             "the teacher's span values computed once) or with the teacher's answers too (--mode "
+                             "sequence); got --mode on-policy.")
         objective = CrossTokenizerKD(divergence=None if args.cross_tokenizer == "uld" else divergence,
-                                     temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight)
+                                     temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
+                                     stored=args.mode == "stored")
         name = f"{args.mode} uld" if args.cross_tokenizer == "uld" else f"{args.mode} hybrid {args.loss}"
     elif args.mode == "on-policy":
         objective = OnPolicyKD(divergence=divergence, temperature=args.temperature,

@@ -58,7 +58,7 @@ from jkd.jobs.teacher import SAVED_TEACHER, teacher_source
 from jkd.runtime.run_folder import slug
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, stack_states
 from jkd.train.state import split_model
-from jkd.train.lm_cross import CrossTokenizerKD, cross_tokenizer_step
+from jkd.train.lm_cross import CrossTokenizerKD, cross_tokenizer_step, store_span_teacher
 from jkd.train.lm_sequence import teacher_answers
 from jkd.train.lm_steps import (OnPolicyKD, StoredTopKKD, TokenKD, in_compute_dtype, on_policy_step, stored_topk_step,
                                 token_kd_step)
@@ -837,15 +837,18 @@ class LMJob(Job):
                     more = (self.answered[:2] if view is self.view
                             else _encoded(view, answered, max_length=cfg.max_length))
                     ids, learn = ids + list(more[0]), learn + list(more[1])
-                cross = None
+                cross = stored = None
                 if isinstance(objective, CrossTokenizerKD):
                     cross = self._cross_rows(view, student.name, all_labels=group.all_labels, answered=answered)
                     ids = cross.aligned.student_ids
-                stored = (self.stored_topk(objective.top_k, vocab)
-                          if isinstance(objective, StoredTopKKD) and objective.kd_weight > 0 else None)
+                    if objective.stored and objective.kd_weight > 0:
+                        k = min(scfg.vocab_size, teacher.config.vocab_size)  # the student's gradient stays exact
+                        stored = self.stored_spans(cross, objective, k=k, pad_id=view.pad_id)
+                elif isinstance(objective, StoredTopKKD) and objective.kd_weight > 0:
+                    stored = self.stored_topk(objective.top_k, vocab)
                 echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
                 online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
-                                                                and objective.kd_weight > 0))
+                                                                and objective.kd_weight > 0 and stored is None))
                 same_start = role == "distilled" or start == "student folder"  # the alone: random, or the folder's
                 g, params = self.train_students(
                     name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
@@ -1030,7 +1033,8 @@ class LMJob(Job):
                 on_policy = isinstance(objective, OnPolicyKD)
                 through = group.through_tools and self._through_tools(name, quiet=True)
                 online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
-                                                                and objective.kd_weight > 0))
+                                                                and objective.kd_weight > 0
+                                                                and not getattr(objective, "stored", False)))
                 labelled = view.train_enc if group.all_labels else view.labelled_enc
                 ids, learn = labelled.ids, labelled.learn
                 answers = (with_answers or on_policy) and bool(self.request_prompts)
@@ -1078,8 +1082,10 @@ class LMJob(Job):
                                                  pad_id=pad_id, cross=cross)
         batch = next(iter(batches(0)))
         rows, k, length = batch["tokens"].shape
-        if isinstance(objective, StoredTopKKD):  # the stored outputs each batch carries
-            shape = (rows, k, length - 1, objective.top_k)
+        if isinstance(objective, StoredTopKKD) or getattr(objective, "stored", False):  # the stored outputs
+            teacher_rows = (read_config(self.cfg.teacher_dir) if self.cfg.teacher_dir
+                            else self.with_vocab(self.cfg.teacher)).vocab_size
+            shape = (rows, k, length - 1, getattr(objective, "top_k", None) or min(config.vocab_size, teacher_rows))
             batch = {**batch, VALUES: np.zeros(shape, jnp.bfloat16), INDICES: np.zeros(shape, np.int32)}
         one = jax.eval_shape(lambda: create_train_state(Decoder(config, rngs=nnx.Rngs(0)), tx, seed=0)[1])
         states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(seeds), *x.shape), x.dtype), one)
@@ -1127,6 +1133,31 @@ class LMJob(Job):
             self.echo(f"teacher outputs stored once: top-{k} of {len(out)} conversations x {length - 1} positions "
                       f"in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
         self._stored[(k, vocab)] = out
+        return out
+
+    def stored_spans(self, cross: _Cross, objective: CrossTokenizerKD, *, k: int, pad_id: int) -> StoredTopK:
+        """The teacher's span values for a cross-tokenizer setting's rows, top ``k`` (the student's
+        vocabulary rows: its gradient stays exact), computed once and kept in
+        ``<run>/teacher_spans/`` (reused while the teacher, the loss and the rows are the same)."""
+        tg, tvars = self.frozen_teacher
+        identity = teacher_identity(tvars, self.teacher_model.config)
+        length = self.cfg.max_length
+        path = (self.dir / "teacher_spans" /
+                f"{slug(cross.name)}_{objective.name}_k{k}_n{len(cross.aligned)}_{len(cross.shared[0])}.npz")
+        source = f"{identity} {objective.name} T={objective.temperature:g}"
+        out = StoredTopK.load(path) if path.exists() else None
+        if out is not None and out.source == source and len(out) == len(cross.aligned):
+            return out
+        t0 = time.perf_counter()
+        out = store_span_teacher(tg, tvars, cross.aligned, objective, k=k, length=length, pad_id=pad_id,
+                                 teacher_pad_id=self.pad_id, shared=cross.shared, identity=identity,
+                                 progress=self.progress)
+        if self.primary:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out.save(path)
+        self.echo(f"{cross.name}: the teacher's span values stored once ({objective.name}): top-{k} of {len(out)} "
+                  f"conversations x {length - 1} spans in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, "
+                  f"{time.perf_counter() - t0:.0f} s)")
         return out
 
     # ---- measuring and reporting -------------------------------------------------------------------

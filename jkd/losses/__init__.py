@@ -11,6 +11,8 @@ from jkd.losses._chunked import projected_soft_distillation_loss
 from jkd.losses._cross import cross_tokenizer_divergence
 from jkd.losses._cross import projected_cross_tokenizer_divergence
 from jkd.losses._cross import span_log_probs
+from jkd.losses._cross import stored_cross_tokenizer_divergence
+from jkd.losses._cross import teacher_span_values
 from jkd.losses._cross import uld_distance
 from jkd.losses._dkd import decoupled_distillation_loss
 from jkd.losses._features import attention_map
@@ -56,6 +58,8 @@ __all__ = [
     "token_mean",
     "cross_tokenizer_divergence",
     "projected_cross_tokenizer_divergence",
+    "stored_cross_tokenizer_divergence",
+    "teacher_span_values",
     "span_log_probs",
     "uld_distance",
     "attention_map",

@@ -316,3 +316,132 @@ def projected_cross_tokenizer_divergence(
 
     values = _rows_in_chunks(per_span, hs_first, chunk_size, ht_first, q_later, p_later, ex).reshape(b, s)
     return c.mask_output(where, values)
+
+
+STORED_FLOOR = -1e4  # the log-probability that stands for "no such token" in stored span values (exp gives 0)
+
+
+def teacher_span_values(
+    teacher_logits: jax.Array,
+    *,
+    teacher_targets: jax.Array,
+    teacher_first: jax.Array,
+    teacher_chain: jax.Array,
+    exact: jax.Array | None = None,
+    shared_teacher: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
+    r"""What the teacher contributes to :func:`cross_tokenizer_divergence`, per span, over its
+    vocabulary: the scores a stored teacher keeps the top ``k`` of.
+
+    A span's row is its log-distribution (:func:`span_log_probs`); where ``exact`` (the hybrid),
+    the teacher's next-token log-probabilities renormalised over the ``shared_teacher`` ids, at
+    those ids, and :data:`STORED_FLOOR` elsewhere. Kept as the top ``k >= V_student`` values with
+    their ids, they give :func:`stored_cross_tokenizer_divergence` the student's gradient of the
+    full loss exactly: ULD's sorted vectors agree on every entry the student has, and the teacher's
+    entries past ``k`` add a constant (their mass); the exact spans keep all ``M <= k`` shared
+    tokens.
+
+    Args:
+      teacher_logits: ``[..., Tt, Vt]``; teacher_targets, teacher_first, teacher_chain: as
+        :func:`span_log_probs` takes them.
+      exact: ``[..., S]`` bool, with ``shared_teacher`` ``[M]`` int (the hybrid); None for ULD.
+      temperature: ``T > 0``.
+
+    Returns:
+      ``[..., S, Vt]`` float32.
+    """
+    rows = span_log_probs(teacher_logits, teacher_targets, teacher_first, teacher_chain, temperature=temperature)
+    if exact is None:
+        return rows
+    if shared_teacher is None:
+        raise ValueError("the hybrid's stored values (exact= given) need shared_teacher, the teacher ids of the "
+                         "shared tokens")
+    ids = jnp.asarray(shared_teacher, jnp.int32)
+    first = _first_logits(c.check_floating("teacher_logits", teacher_logits).astype(jnp.float32),
+                          jnp.asarray(teacher_first)) / jnp.asarray(temperature, jnp.float32)
+    shared = jax.nn.log_softmax(jnp.take(first, ids, axis=-1), axis=-1)  # [..., S, M]
+    on_shared = jnp.full(rows.shape, STORED_FLOOR, jnp.float32).at[..., ids].set(shared)
+    return jnp.where(jnp.asarray(exact)[..., None], on_shared, rows)
+
+
+def stored_cross_tokenizer_divergence(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_values: jax.Array,
+    teacher_ids: jax.Array,
+    *,
+    student_targets: jax.Array,
+    student_first: jax.Array,
+    student_chain: jax.Array,
+    exact: jax.Array | None = None,
+    where: jax.Array | None = None,
+    divergence: Divergence | None = None,
+    student_of_teacher: jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 128,
+) -> jax.Array:
+    r""":func:`projected_cross_tokenizer_divergence` against a stored teacher: the top ``k`` of
+    :func:`teacher_span_values` per span, computed once (no teacher pass, no sort over its
+    vocabulary per step).
+
+    .. math::
+        \ell_s = \sum_{i \le k} \big|q_{s(i)} - p_{s(i)}\big| \ \text{(ULD)}
+        \quad\text{or}\quad D(\bar p_s, \bar q_s)\ \text{on exact spans (hybrid)}
+
+    With ``k >= min(V_student, V_teacher)`` (and ``k >= M`` shared tokens) the student's gradient
+    is that of the full loss: a ULD value is the full one less the teacher's mass past its ``k``
+    largest entries (a constant; none when ``k = V_teacher``), an exact span's value is the full
+    one. A smaller ``k`` truncates the teacher (no longer exact).
+
+    Args:
+      student_hidden: ``[B, Ts, D]``; student_weight: ``[Vs, D]``.
+      teacher_values: ``[B, S, k]``, teacher_ids: ``[B, S, k]`` int: the stored top ``k`` of
+        :func:`teacher_span_values` and their teacher ids.
+      student_targets, student_first, student_chain, exact, where, divergence, temperature,
+      chunk_size: as :func:`projected_cross_tokenizer_divergence`.
+      student_of_teacher: ``[Vt]`` int, the student id of each shared teacher id (any value
+        elsewhere); needed with ``divergence``.
+
+    Returns:
+      ``[B, S]`` float32 per-span values.
+    """
+    if divergence is not None and (student_of_teacher is None or exact is None):
+        raise ValueError("the stored hybrid loss (a divergence given) needs student_of_teacher= and exact=")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    c.check_positive("temperature", temperature)
+    b, s = student_first.shape
+    if teacher_values.shape[:2] != (b, s) or teacher_ids.shape != teacher_values.shape:
+        raise ValueError(f"teacher_values and teacher_ids must be [B, S, k] with [B, S] = {(b, s)}; got "
+                         f"{teacher_values.shape} and {teacher_ids.shape}")
+    where = None if where is None else c.check_where(where, (b, s))
+    temp = jnp.asarray(temperature, jnp.float32)
+    hs = c.check_floating("student_hidden", student_hidden)
+    ws = student_weight
+    n, t = hs.shape[0], hs.shape[1]
+    lp = _target_log_probs(hs.reshape(n * t, -1), ws, jnp.asarray(student_targets).reshape(-1), temp,
+                           chunk_size).reshape(n, t)
+    chain = jnp.asarray(student_chain)
+    inside = chain >= 0
+    seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]
+    later = jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * s)
+    h_first = jnp.take_along_axis(hs, jnp.asarray(student_first)[..., None], axis=1).reshape(b * s, -1)
+    tv = jnp.asarray(teacher_values, jnp.float32).reshape(b * s, -1)
+    ti = jnp.asarray(teacher_ids, jnp.int32).reshape(b * s, -1)
+    ex = jnp.zeros((b * s,), bool) if exact is None else jnp.asarray(exact).reshape(-1)
+    to_student = None if student_of_teacher is None else jnp.asarray(student_of_teacher, jnp.int32)
+
+    def per_span(h, later_s, values, ids, is_exact):
+        ls = jnp.einsum("nd,vd->nv", h, ws, preferred_element_type=jnp.float32) / temp
+        out = uld_distance(jax.nn.log_softmax(ls, axis=-1) + later_s[:, None], values)
+        if divergence is not None:
+            real = values > STORED_FLOOR / 2  # the shared tokens (all of them: k >= M)
+            picked = jnp.take_along_axis(ls, jnp.take(to_student, ids, mode="clip"), axis=-1)
+            log_q = jax.nn.log_softmax(jnp.where(real, picked, STORED_FLOOR), axis=-1)
+            log_p = jax.nn.log_softmax(jnp.where(real, values, STORED_FLOOR), axis=-1)
+            out = jnp.where(is_exact, divergence(log_p, log_q), out)
+        return out
+
+    values = _rows_in_chunks(per_span, h_first, chunk_size, later, tv, ti, ex).reshape(b, s)
+    return c.mask_output(where, values)

@@ -22,7 +22,9 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jkd.losses import Divergence, projected_cross_tokenizer_divergence, projected_token_divergence, token_mean
+from jkd.losses import (Divergence, projected_cross_tokenizer_divergence, projected_token_divergence,
+                        stored_cross_tokenizer_divergence, teacher_span_values, token_mean)
+from jkd.losses._cross import STORED_FLOOR
 from jkd.train.lm_steps import (
     Batch,
     _check_weights_and_temperature,
@@ -32,6 +34,7 @@ from jkd.train.lm_steps import (
     teacher_for,
 )
 from jkd.train.state import FrozenModel, TrainState
+from jkd.train.stored import INDICES, VALUES, StoredTopK, store_topk, teacher_identity
 
 SPAN_KEYS = ("teacher_tokens", "teacher_attention_mask", "student_first", "teacher_first", "student_chain",
              "teacher_chain", "span_exact", "span_where")
@@ -45,13 +48,17 @@ class CrossTokenizerKD:
     ``GeneralizedJSD()``, ...): GOLD's hybrid, that divergence on the spans that are one token with
     the same string in both vocabularies (over the tokens both hold), ULD elsewhere.
     ``ce_weight``: the student's own cross-entropy on the learned tokens beside it.
-    ``chunk_size`` rows of either model's logits are formed at a time (bounded memory)."""
+    ``chunk_size`` rows of either model's logits are formed at a time (bounded memory).
+    ``stored``: the teacher's span values computed once (:func:`store_span_teacher`), its top
+    ``k >= min(V_student, V_teacher)`` per span: no teacher pass and no sort over its vocabulary per step, and the
+    student's gradient of the full loss (:func:`jkd.losses.stored_cross_tokenizer_divergence`)."""
 
     divergence: Divergence | None = struct.field(pytree_node=False, default=None)
     temperature: float = struct.field(pytree_node=False, default=1.0)
     kd_weight: float = struct.field(pytree_node=False, default=1.0)
     ce_weight: float = struct.field(pytree_node=False, default=0.0)
     chunk_size: int = struct.field(pytree_node=False, default=128)
+    stored: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         _check_weights_and_temperature(self)
@@ -74,7 +81,18 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
     s_tokens, s_att = batch["tokens"], batch["attention_mask"].astype(bool)
     hs, ws = _hidden(student, s_tokens, s_att), student.output_weight()
     loss = jnp.zeros((), jnp.float32)
-    if objective.kd_weight > 0:
+    if objective.kd_weight > 0 and objective.stored:
+        s = batch["span_where"].shape[1]
+        pad = [(0, 0), (0, s - batch[VALUES].shape[1]), (0, 0)]  # the stored values cover T-1 spans
+        shift = jnp.concatenate([s_tokens[:, 1:], s_tokens[:, -1:]], axis=1)
+        values = stored_cross_tokenizer_divergence(
+            hs, ws, jnp.pad(batch[VALUES].astype(jnp.float32), pad, constant_values=STORED_FLOOR),
+            jnp.pad(batch[INDICES], pad), student_targets=shift, student_first=batch["student_first"],
+            student_chain=batch["student_chain"], exact=batch["span_exact"], where=batch["span_where"],
+            divergence=objective.divergence, student_of_teacher=None if shared is None else _student_of(shared),
+            temperature=objective.temperature, chunk_size=objective.chunk_size)
+        loss = loss + objective.kd_weight * token_mean(values, batch["span_where"], num_tokens=num_spans)
+    elif objective.kd_weight > 0:
         t_tokens = batch["teacher_tokens"]
         ht = jax.lax.stop_gradient(_hidden(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
         wt = jax.lax.stop_gradient(teacher.output_weight())
@@ -95,6 +113,12 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
     return loss
 
 
+def _student_of(shared) -> jax.Array:
+    """``[max teacher id + 1]``: the student id of each shared teacher id (0 elsewhere)."""
+    t_ids, s_ids = shared
+    return jnp.zeros((int(np.max(np.asarray(t_ids), initial=0)) + 1,), jnp.int32).at[t_ids].set(s_ids)
+
+
 def cross_tokenizer_step(
     state: TrainState, batch: Batch, objective: CrossTokenizerKD, teacher: FrozenModel | None = None, *,
     graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
@@ -112,8 +136,11 @@ def cross_tokenizer_step(
         raise ValueError("the hybrid cross-tokenizer loss needs the shared tokens (shared=(teacher_ids, student_ids))")
     num_spans = jnp.sum(batch["span_where"], dtype=jnp.int32)
     num_tokens = jnp.sum(learned_positions(batch), dtype=jnp.int32)
-    teacher_model = teacher_for(objective, teacher, teacher_graphdef)
-    shared = None if shared is None else tuple(jnp.asarray(x, jnp.int32) for x in shared)
+    if objective.stored and objective.kd_weight > 0 and VALUES not in batch:
+        raise ValueError("a stored cross-tokenizer objective reads the teacher's span values from the batch "
+                         f"({VALUES}, {INDICES}: StoredTopK.targets of store_span_teacher's output)")
+    teacher_model = None if objective.stored else teacher_for(objective, teacher, teacher_graphdef)
+    shared = None if shared is None else tuple(np.asarray(x, np.int32) for x in shared)
 
     def loss_fn(params):
         student = _student(graphdef, params, state, compute_dtype, quant)
@@ -122,3 +149,49 @@ def cross_tokenizer_step(
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens, "spans": num_spans}
+
+
+def store_span_teacher(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, aligned, objective: CrossTokenizerKD, *,
+                       k: int, length: int, pad_id: int, teacher_pad_id: int,
+                       shared: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 4,
+                       identity: str | None = None, progress: bool = False) -> StoredTopK:
+    """The teacher's side of ``objective`` for every row of ``aligned`` (:class:`jkd.data.align.AlignedRows`),
+    computed once: per span, the top ``k`` of :func:`jkd.losses.teacher_span_values` (``[N,
+    length - 1, k]``, bfloat16, with their teacher ids), fingerprinted by the student's rows as
+    their batches hold them (``length`` tokens, ``pad_id``), as :class:`~jkd.train.stored.StoredTopK`
+    keeps every stored teacher. ``k`` at least the smaller vocabulary (the student's rows, or the
+    teacher's whole vocabulary) keeps the student's gradient exact. ``identity`` names the teacher (default: a hash of its weights)."""
+    hybrid = objective.divergence is not None
+    if hybrid and shared is None:
+        raise ValueError("the hybrid's stored values need the shared tokens (shared=(teacher_ids, student_ids))")
+    t_ids = None if shared is None else jnp.asarray(shared[0], jnp.int32)
+
+    @jax.jit
+    def scores(params, batch_stats, rest, batch):
+        model = nnx.merge(teacher_graphdef, params, batch_stats, rest)
+        tokens = batch["teacher_tokens"]
+        logits = model(tokens, attention_mask=batch["teacher_attention_mask"].astype(bool))
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        spans = slice(0, length - 1)  # a row of `length` tokens has at most length - 1 spans
+        return teacher_span_values(logits, teacher_targets=targets, teacher_first=batch["teacher_first"][:, spans],
+                                   teacher_chain=batch["teacher_chain"],
+                                   exact=batch["span_exact"][:, spans] if hybrid else None, shared_teacher=t_ids,
+                                   temperature=objective.temperature)
+
+    n = len(aligned)
+
+    def batches():
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            real = np.arange(batch_size) < len(rows)
+            rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])  # one compiled shape
+            b = aligned.batch(rows, length=length, teacher_length=length, pad_id=pad_id,
+                              teacher_pad_id=teacher_pad_id)
+            yield {**b, "index": rows, "mask": real}
+
+    source = identity if identity is not None else teacher_identity(teacher)
+    return store_topk(lambda b: scores(teacher.params, teacher.batch_stats, teacher.rest,
+                                       {key: b[key] for key in ("teacher_tokens", "teacher_attention_mask",
+                                                                "teacher_first", "teacher_chain", "span_exact")}),
+                      batches(), n=n, k=k, key="tokens", progress=progress, total=-(-n // batch_size),
+                      source=f"{source} {objective.name} T={objective.temperature:g}")

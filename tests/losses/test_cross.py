@@ -210,3 +210,58 @@ def test_the_projected_form_equals_the_logits_form_in_values_and_gradients(diver
     for a, e in zip(g_chunk, g_full):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(g_full[2]).max()) > 0  # the teacher's side has a gradient here (stop it in the step)
+
+
+@pytest.mark.parametrize("divergence", [None, ForwardKL()])
+@pytest.mark.parametrize("k", [7, 9, 11])  # k = V_student, more, the whole teacher
+def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergence, k):
+    """The teacher's top k >= V_student span values, stored: on exact spans (the hybrid) the full
+    loss; on ULD spans the full loss less the teacher's mass past its k largest entries, computed
+    here in float64 from the reference span distributions; the student's gradients are the full
+    loss's."""
+    from jkd.losses import projected_cross_tokenizer_divergence, stored_cross_tokenizer_divergence, teacher_span_values
+
+    rng = np.random.default_rng(7)
+    b, d_s, d_t, vs, vt = 2, 8, 12, 7, 11
+    hs = jnp.asarray(rng.normal(size=(b, 9, d_s)), jnp.float32)
+    ht = jnp.asarray(rng.normal(size=(b, 8, d_t)), jnp.float32)
+    ws = jnp.asarray(rng.normal(size=(vs, d_s)), jnp.float32)
+    wt = jnp.asarray(rng.normal(size=(vt, d_t)), jnp.float32)
+    lay = {key: np.stack([v, v]) for key, v in layout().items()}
+    t_tg, s_tg = rng.integers(0, vt, (b, 8)), rng.integers(0, vs, (b, 9))
+    shared = (np.array([0, 3, 4, 9], np.int32), np.array([1, 0, 6, 2], np.int32))
+    exact = np.stack([EXACT, EXACT])
+    where = np.array([[True] * 5, [True, True, False, True, False]])
+    kw = dict(exact=exact, where=where, divergence=divergence, temperature=1.5)
+    scores = teacher_span_values(ht @ wt.T, teacher_targets=t_tg, teacher_first=lay["teacher_first"],
+                                 teacher_chain=lay["teacher_chain"], exact=exact if divergence else None,
+                                 shared_teacher=shared[0], temperature=1.5)
+    values, ids = jax.lax.top_k(scores, k)
+    to_student = np.zeros(vt, np.int32)
+    to_student[shared[0]] = shared[1]
+
+    def stored(hs, ws):
+        return stored_cross_tokenizer_divergence(hs, ws, values, ids, student_targets=s_tg,
+                                                 student_first=lay["student_first"],
+                                                 student_chain=lay["student_chain"], student_of_teacher=to_student,
+                                                 chunk_size=3, **kw)
+
+    def full(hs, ws):
+        return projected_cross_tokenizer_divergence(hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg,
+                                                    shared=shared, chunk_size=3, **lay, **kw)
+
+    # the teacher's mass past its k largest span probabilities, float64, from the reference merge
+    t_log = (np.asarray(ht, np.float64) @ np.asarray(wt, np.float64).T) / 1.5
+    tail = np.zeros((b, 5))
+    for r in range(b):
+        for s_i, sp in enumerate(T_SPANS):
+            row = ref_merged(t_log[r], t_tg[r], [sp], 1.0)[0]
+            tail[r, s_i] = np.sort(np.exp(row))[::-1][k:].sum()
+    uld_spans = ~exact if divergence is not None else np.ones_like(exact)
+    expected = np.asarray(full(hs, ws)) - np.where(uld_spans & where, tail, 0.0)
+    np.testing.assert_allclose(stored(hs, ws), expected, rtol=1e-5, atol=1e-6)
+    c = jnp.asarray(rng.normal(size=(b, 5)), jnp.float32)
+    g_full = jax.grad(lambda *a: jnp.sum(c * full(*a)), argnums=(0, 1))(hs, ws)
+    g_stored = jax.jit(jax.grad(lambda *a: jnp.sum(c * stored(*a)), argnums=(0, 1)))(hs, ws)
+    for a, e in zip(g_stored, g_full):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)

@@ -3,6 +3,8 @@ BPE tokenizers its loss is the float64 reference of the spans the alignment give
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +127,45 @@ def test_bad_batches_and_objectives_are_refused():
                              teacher_graphdef=tg, tx=tx)
     with pytest.raises(ValueError, match="kd_weight and ce_weight are both 0"):
         CrossTokenizerKD(kd_weight=0.0)
+
+
+@pytest.mark.parametrize("divergence", [None, ForwardKL()])
+def test_a_stored_teacher_steps_as_the_online_one(divergence, tmp_path):
+    """The teacher's span values stored once (top k = the student's vocabulary, bfloat16): the
+    step takes no teacher and moves the student as the online step does."""
+    from jkd.data import conversations as C
+    from jkd.train.lm_cross import store_span_teacher
+    from jkd.train.stored import StoredTopK, TeacherOutputMismatch
+
+    teacher_tok, student_tok = bpe(600), bpe(300)
+    tx = optax.sgd(0.5)
+    teacher, g, state, tg, frozen = setup(teacher_tok, student_tok, tx)
+    r = aligned_rows(teacher_tok, student_tok, CONVS, max_length=256)
+    shared = shared_tokens(teacher_tok.backend.get_vocab(with_added_tokens=True),
+                           student_tok.backend.get_vocab(with_added_tokens=True))
+    length = max(max(len(x) for x in r.teacher_ids), max(len(x) for x in r.student_ids))
+    objective = CrossTokenizerKD(divergence=divergence, ce_weight=0.5, chunk_size=64)
+    stored = store_span_teacher(tg, frozen, r, objective, k=student_tok.vocab_size, length=length, pad_id=0,
+                                teacher_pad_id=0, shared=shared, batch_size=3)
+    assert stored.values.shape == (len(r), length - 1, student_tok.vocab_size)
+    rows_ = np.array([4, 1, 0, 5])
+    batch = {**r.batch(rows_, length=length, teacher_length=length, pad_id=0, teacher_pad_id=0), "index": rows_}
+    online, m_online = cross_tokenizer_step(state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx,
+                                            shared=shared)
+    kept = dataclasses.replace(objective, stored=True)
+    new, m = cross_tokenizer_step(state, stored.targets(batch), kept, None, graphdef=g, teacher_graphdef=None,
+                                  tx=tx, shared=shared)
+    assert int(m["spans"]) == int(m_online["spans"])
+    moved = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(online.params), jax.tree.leaves(state.params))]
+    for a, e in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        ref = moved.pop(0)
+        np.testing.assert_allclose(np.asarray(a - e), ref, atol=2e-2 * float(np.abs(ref).max()) + 1e-7)
+    assert float(m["loss"]) <= float(m_online["loss"]) + 1e-6  # less the teacher's mass past k (ULD spans)
+    path = tmp_path / "spans.npz"
+    stored.save(path)
+    again = StoredTopK.load(path)
+    np.testing.assert_array_equal(np.asarray(again.values, np.float32), np.asarray(stored.values, np.float32))
+    with pytest.raises(TeacherOutputMismatch):  # another row under a stored row's id
+        stored.targets({**batch, "index": np.array([5, 1, 0, 4])})
+    with pytest.raises(ValueError, match="reads the teacher's span values"):
+        cross_tokenizer_step(state, batch, kept, None, graphdef=g, teacher_graphdef=None, tx=tx, shared=shared)
