@@ -53,7 +53,8 @@ docs: $(DOCS_STAMP)
 	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check --select F,E9 jkd tests benchmarks experiments
+	$(VENV)/bin/ruff check jkd tests benchmarks experiments
+	$(VENV)/bin/ruff format --check jkd tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -69,8 +69,12 @@ def run(rounds: int = 7, calls: int = 10) -> dict:
         for k, fn in cases.items():
             times[k].append(seconds_per_call(fn, calls))
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    return {"shape": list(SHAPE), "ms": ms, "ratio": ms["flax_batchnorm"] / ms["jkd_batchnorm"],
-            "sum_ratio": ms["reduce_sum_4d"] / ms["ones_dot_sum"]}
+    return {
+        "shape": list(SHAPE),
+        "ms": ms,
+        "ratio": ms["flax_batchnorm"] / ms["jkd_batchnorm"],
+        "sum_ratio": ms["reduce_sum_4d"] / ms["ones_dot_sum"],
+    }
 
 
 if __name__ == "__main__":
@@ -79,5 +83,7 @@ if __name__ == "__main__":
     r = run()
     write("batchnorm", r)
     timings = ", ".join(f"{k} {v:.2f} ms" for k, v in r["ms"].items())
-    print(f"BatchNorm train forward+backward {tuple(r['shape'])}: {timings}; flax / jkd "
-          f"{r['ratio']:.2f}, 4-D sum / dot {r['sum_ratio']:.1f}")
+    print(
+        f"BatchNorm train forward+backward {tuple(r['shape'])}: {timings}; flax / jkd "
+        f"{r['ratio']:.2f}, 4-D sum / dot {r['sum_ratio']:.1f}"
+    )

@@ -43,7 +43,8 @@ def run(tokens=TOKENS, classes=CLASSES, chunk=CHUNK) -> dict:
         del out[name]["output"]
     return {
         "what": f"soft KD value+grad, {tokens} tokens x {classes} classes, f32 logits, chunk {chunk}",
-        "plain": out["plain"], "chunked": out["chunked"],
+        "plain": out["plain"],
+        "chunked": out["chunked"],
         "ratio": out["plain"]["peak_bytes"] / out["chunked"]["peak_bytes"],
         "temp_ratio": out["plain"]["temp_bytes"] / out["chunked"]["temp_bytes"],
         "time_ratio": out["chunked"]["seconds"] / out["plain"]["seconds"],
@@ -57,6 +58,8 @@ if __name__ == "__main__":
     r = run(*(int(a) for a in sys.argv[1:]))
     write("chunked_soft_loss", r)
     gib = 1 << 30
-    print(f"plain: peak {r['plain']['peak_bytes'] / gib:.2f} GiB, {r['plain']['seconds']:.2f} s; "
-          f"chunked: peak {r['chunked']['peak_bytes'] / gib:.2f} GiB, {r['chunked']['seconds']:.2f} s; "
-          f"peak saving x{r['ratio']:.2f}, temporaries x{r['temp_ratio']:.1f}, time ratio {r['time_ratio']:.2f}")
+    print(
+        f"plain: peak {r['plain']['peak_bytes'] / gib:.2f} GiB, {r['plain']['seconds']:.2f} s; "
+        f"chunked: peak {r['chunked']['peak_bytes'] / gib:.2f} GiB, {r['chunked']['seconds']:.2f} s; "
+        f"peak saving x{r['ratio']:.2f}, temporaries x{r['temp_ratio']:.1f}, time ratio {r['time_ratio']:.2f}"
+    )

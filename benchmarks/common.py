@@ -36,8 +36,12 @@ def compiled_footprint(compiled, *args, repeats: int = 3) -> dict:
     the first call's output."""
     output = jax.block_until_ready(compiled(*args))
     best = min(seconds_per_call(lambda: jax.block_until_ready(compiled(*args))) for _ in range(repeats))
-    return {"peak_bytes": peak_bytes(compiled), "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
-            "seconds": best, "output": output}
+    return {
+        "peak_bytes": peak_bytes(compiled),
+        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        "seconds": best,
+        "output": output,
+    }
 
 
 def write(entry: str, result: dict, path: Path = RESULTS) -> None:
@@ -56,7 +60,9 @@ def forget(entries: str, path: Path = RESULTS) -> None:
     if not path.exists():
         return
     data = json.loads(path.read_text())
-    stale = [k for k in data if k == entries or k == entries.rstrip("_") or (entries.endswith("_") and k.startswith(entries))]
+    stale = [
+        k for k in data if k == entries or k == entries.rstrip("_") or (entries.endswith("_") and k.startswith(entries))
+    ]
     if stale:
         for k in stale:
             del data[k]

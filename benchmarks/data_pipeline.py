@@ -26,8 +26,12 @@ BATCH, STEPS, REPEATS = 128, 200, 5
 
 def make_step(spec, teacher_graphdef, student_graphdef, tx):
     view = functools.partial(augment.augment, mean=spec.mean, std=spec.std, crop_padding=2)
-    return jax.jit(functools.partial(train_step, graphdef=student_graphdef, tx=tx, view_fn=view,
-                                     teacher_graphdef=teacher_graphdef), donate_argnums=0)
+    return jax.jit(
+        functools.partial(
+            train_step, graphdef=student_graphdef, tx=tx, view_fn=view, teacher_graphdef=teacher_graphdef
+        ),
+        donate_argnums=0,
+    )
 
 
 def run(data_dir: str | None = None) -> dict:
@@ -81,5 +85,7 @@ if __name__ == "__main__":
 
     r = run(sys.argv[1] if len(sys.argv) > 1 else None)
     write("data_pipeline", r)
-    print(f"pipeline {r['jkd_images_per_s']:.0f} img/s, in memory {r['comparison_images_per_s']:.0f} "
-          f"img/s, ratio {r['ratio']:.3f} (target >= {r['target']})")
+    print(
+        f"pipeline {r['jkd_images_per_s']:.0f} img/s, in memory {r['comparison_images_per_s']:.0f} "
+        f"img/s, ratio {r['ratio']:.3f} (target >= {r['target']})"
+    )

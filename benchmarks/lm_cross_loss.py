@@ -40,35 +40,52 @@ def _layout(rng):
     for k in range(SPANS):
         s_first[k], t_first[k] = si, ti
         s_len, t_len = (2 if k % 5 == 0 else 1), (2 if k % 10 == 3 else 1)
-        s_chain[si + 1:si + s_len], t_chain[ti + 1:ti + t_len] = k, k
+        s_chain[si + 1 : si + s_len], t_chain[ti + 1 : ti + t_len] = k, k
         si, ti = si + s_len, ti + t_len
     assert si < TOKENS and ti < TOKENS
     exact = np.array([k % 5 != 0 and k % 10 != 3 for k in range(SPANS)])
-    return {"student_first": s_first[None], "teacher_first": t_first[None], "student_chain": s_chain[None],
-            "teacher_chain": t_chain[None], "exact": exact[None],
-            "student_targets": rng.integers(0, STUDENT[0], (1, TOKENS)),
-            "teacher_targets": rng.integers(0, TEACHER[0], (1, TOKENS))}
+    return {
+        "student_first": s_first[None],
+        "teacher_first": t_first[None],
+        "student_chain": s_chain[None],
+        "teacher_chain": t_chain[None],
+        "exact": exact[None],
+        "student_targets": rng.integers(0, STUDENT[0], (1, TOKENS)),
+        "teacher_targets": rng.integers(0, TEACHER[0], (1, TOKENS)),
+    }
 
 
 def run() -> dict:
     rng = np.random.default_rng(0)
     kw = _layout(rng)
     shared = (np.arange(0, 40000, dtype=np.int32), np.arange(0, 40000, dtype=np.int32))
-    out = {"teacher": TEACHER, "student": STUDENT, "tokens": TOKENS, "spans": SPANS, "chunk": CHUNK,
-           "device": jax.devices()[0].device_kind}
+    out = {
+        "teacher": TEACHER,
+        "student": STUDENT,
+        "tokens": TOKENS,
+        "spans": SPANS,
+        "chunk": CHUNK,
+        "device": jax.devices()[0].device_kind,
+    }
     k = jax.random.split(jax.random.key(0), 4)
-    args = (jax.random.normal(k[0], (1, TOKENS, STUDENT[1])), jax.random.normal(k[1], STUDENT) / STUDENT[1] ** 0.5,
-            jax.random.normal(k[2], (1, TOKENS, TEACHER[1])), jax.random.normal(k[3], TEACHER) / TEACHER[1] ** 0.5)
+    args = (
+        jax.random.normal(k[0], (1, TOKENS, STUDENT[1])),
+        jax.random.normal(k[1], STUDENT) / STUDENT[1] ** 0.5,
+        jax.random.normal(k[2], (1, TOKENS, TEACHER[1])),
+        jax.random.normal(k[3], TEACHER) / TEACHER[1] ** 0.5,
+    )
     for name, div in (("uld", None), ("hybrid_fkl", losses.ForwardKL())):
         extra = dict(kw, divergence=div, shared=shared)
 
         def full(hs, ws, ht, wt, extra=extra):
             return losses.cross_tokenizer_divergence(
-                jnp.einsum("btd,vd->btv", hs, ws), jax.lax.stop_gradient(jnp.einsum("btd,vd->btv", ht, wt)), **extra).mean()
+                jnp.einsum("btd,vd->btv", hs, ws), jax.lax.stop_gradient(jnp.einsum("btd,vd->btv", ht, wt)), **extra
+            ).mean()
 
         def chunked(hs, ws, ht, wt, extra=extra):
             return losses.projected_cross_tokenizer_divergence(
-                hs, ws, jax.lax.stop_gradient(ht), jax.lax.stop_gradient(wt), chunk_size=CHUNK, **extra).mean()
+                hs, ws, jax.lax.stop_gradient(ht), jax.lax.stop_gradient(wt), chunk_size=CHUNK, **extra
+            ).mean()
 
         fns = {n: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for n, f in (("full", full), ("chunked", chunked))}
         row = {}
@@ -92,14 +109,18 @@ def run() -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"lm_cross_loss ({r['device']}; teacher vocab {r['teacher'][0]:,}, student {r['student'][0]:,}, "
-             f"{r['tokens']} tokens, {r['spans']} spans, chunk {r['chunk']}):"]
+    lines = [
+        f"lm_cross_loss ({r['device']}; teacher vocab {r['teacher'][0]:,}, student {r['student'][0]:,}, "
+        f"{r['tokens']} tokens, {r['spans']} spans, chunk {r['chunk']}):"
+    ]
     for name in ("uld", "hybrid_fkl"):
         x = r[name]
-        lines.append(f"  {name}: peak {x['full_peak_mib']:.0f} -> {x['chunked_peak_mib']:.0f} MiB (x{x['peak_ratio']:.3f}; "
-                     f"temporaries {x['full_temp_mib']:.0f} -> {x['chunked_temp_mib']:.0f} MiB), "
-                     f"time {x['full_seconds']:.2f} -> {x['chunked_seconds']:.2f} s (x{x['time_ratio']:.2f}), "
-                     f"values differ by {x['relative_difference']:.1e}")
+        lines.append(
+            f"  {name}: peak {x['full_peak_mib']:.0f} -> {x['chunked_peak_mib']:.0f} MiB (x{x['peak_ratio']:.3f}; "
+            f"temporaries {x['full_temp_mib']:.0f} -> {x['chunked_temp_mib']:.0f} MiB), "
+            f"time {x['full_seconds']:.2f} -> {x['chunked_seconds']:.2f} s (x{x['time_ratio']:.2f}), "
+            f"values differ by {x['relative_difference']:.1e}"
+        )
     return "\n".join(lines)
 
 

@@ -29,8 +29,16 @@ from jkd.losses import GeneralizedJSD  # noqa: E402
 from jkd.jobs.lm import _decoder  # noqa: E402
 from jkd.models.decoder import Decoder  # noqa: E402
 from jkd.train import create_train_state, freeze_model, parallel, stack_states  # noqa: E402
-from jkd.train.lm_steps import (OnPolicyKD, TokenKD, apply_gradients, learned_positions, on_policy_step,  # noqa: E402
-                                prompt_and_completion, token_kd_loss, token_kd_step)
+from jkd.train.lm_steps import (
+    OnPolicyKD,
+    TokenKD,
+    apply_gradients,
+    learned_positions,
+    on_policy_step,  # noqa: E402
+    prompt_and_completion,
+    token_kd_loss,
+    token_kd_step,
+)
 from jkd.models.sampler import default_pad_id, generate_tokens, stop_token_array  # noqa: E402
 
 CONFIG = dataclasses.replace(_decoder(1024, 128, 4), max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
@@ -79,9 +87,12 @@ def packing() -> dict:
     per_step_packed = float(np.mean([b["segment_ids"].max(axis=1).sum() for b in packed_b]))
     _, state2 = create_train_state(Decoder(CONFIG, rngs=nnx.Rngs(0)), tx, seed=0)
     plain_s, packed_s = _best_per_step([(run, state, plain_b, ce), (run, state2, packed_b, ce)])
-    return {"unpacked_s_per_step": plain_s, "packed_s_per_step": packed_s,
-            "conversations_per_step": {"unpacked": 16, "packed": per_step_packed},
-            "ratio": (plain_s / 16) / (packed_s / per_step_packed)}
+    return {
+        "unpacked_s_per_step": plain_s,
+        "packed_s_per_step": packed_s,
+        "conversations_per_step": {"unpacked": 16, "packed": per_step_packed},
+        "ratio": (plain_s / 16) / (packed_s / per_step_packed),
+    }
 
 
 def _both_branches_step(state, batch, objective, teacher, *, graphdef, teacher_graphdef, tx):
@@ -98,16 +109,25 @@ def _both_branches_step(state, batch, objective, teacher, *, graphdef, teacher_g
         n = jnp.sum(learned_positions(seqs), dtype=jnp.int32)
 
         def loss_fn(params):
-            return token_kd_loss(nnx.merge(graphdef, params, state.batch_stats, state.rest), teacher_model, seqs,
-                                 kd, num_tokens=n)
+            return token_kd_loss(
+                nnx.merge(graphdef, params, state.batch_stats, state.rest), teacher_model, seqs, kd, num_tokens=n
+            )
+
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         return loss, grads
 
     def sampled(_):
         pad = default_pad_id(student.config)
-        new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key,
-                                     stop_token_array(student.config.eos_token_ids),
-                                     max_new_tokens=objective.max_new_tokens, sampling=objective.sampling, pad_id=pad)
+        new, n_new = generate_tokens(
+            student,
+            batch["prompt_tokens"],
+            batch["prompt_lengths"],
+            sample_key,
+            stop_token_array(student.config.eos_token_ids),
+            max_new_tokens=objective.max_new_tokens,
+            sampling=objective.sampling,
+            pad_id=pad,
+        )
         return grads_on(prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], new, n_new, pad_id=pad))
 
     def given(_):
@@ -138,20 +158,31 @@ def on_policy() -> dict:
         return made[0][0], stack_states([m[1] for m in made])
 
     def vmapped(fn, g):
-        return parallel.single_device(jax.vmap(functools.partial(fn, graphdef=g, teacher_graphdef=tg, tx=tx),
-                                               in_axes=(0, 1, None, None)))
+        return parallel.single_device(
+            jax.vmap(functools.partial(fn, graphdef=g, teacher_graphdef=tg, tx=tx), in_axes=(0, 1, None, None))
+        )
 
     jsd = GeneralizedJSD(beta=0.5)
     op = OnPolicyKD(divergence=jsd, student_fraction=0.5, max_new_tokens=48)
     g, st = states()
     given = [{k: b[k] for k in ("tokens", "loss_mask", "attention_mask")} for b in batches]
-    kd_s, op_s, both_s = _best_per_step([
-        (vmapped(token_kd_step, g), st, given, TokenKD(divergence=jsd), frozen),
-        (vmapped(on_policy_step, g), states()[1], batches, op, frozen),
-        (vmapped(_both_branches_step, g), states()[1], batches, op, frozen)])
-    return {"seeds": SEEDS, "token_kd_s": kd_s, "on_policy_s": op_s, "both_branches_s": both_s,
-            "on_policy_cost": op_s / kd_s, "both_branches_cost": both_s / kd_s, "ratio": both_s / op_s,
-            "target": 2.0}
+    kd_s, op_s, both_s = _best_per_step(
+        [
+            (vmapped(token_kd_step, g), st, given, TokenKD(divergence=jsd), frozen),
+            (vmapped(on_policy_step, g), states()[1], batches, op, frozen),
+            (vmapped(_both_branches_step, g), states()[1], batches, op, frozen),
+        ]
+    )
+    return {
+        "seeds": SEEDS,
+        "token_kd_s": kd_s,
+        "on_policy_s": op_s,
+        "both_branches_s": both_s,
+        "on_policy_cost": op_s / kd_s,
+        "both_branches_cost": both_s / kd_s,
+        "ratio": both_s / op_s,
+        "target": 2.0,
+    }
 
 
 def run() -> dict:
@@ -160,11 +191,13 @@ def run() -> dict:
 
 def report(r: dict) -> str:
     p, o = r["packing"], r["on_policy_seeds"]
-    return (f"lm_demo_steps: packed 6x256 vs 16x128 rows, {p['conversations_per_step']['packed']:.1f} vs 16 "
-            f"conversations a step, {p['packed_s_per_step'] * 1e3:.0f} vs {p['unpacked_s_per_step'] * 1e3:.0f} ms: "
-            f"x{p['ratio']:.2f} per conversation; on-policy (3 seeds vmapped, lambda 0.5) "
-            f"{o['on_policy_cost']:.2f}x a token-KD step (target <= 2; with both branches "
-            f"{o['both_branches_cost']:.2f}x)")
+    return (
+        f"lm_demo_steps: packed 6x256 vs 16x128 rows, {p['conversations_per_step']['packed']:.1f} vs 16 "
+        f"conversations a step, {p['packed_s_per_step'] * 1e3:.0f} vs {p['unpacked_s_per_step'] * 1e3:.0f} ms: "
+        f"x{p['ratio']:.2f} per conversation; on-policy (3 seeds vmapped, lambda 0.5) "
+        f"{o['on_policy_cost']:.2f}x a token-KD step (target <= 2; with both branches "
+        f"{o['both_branches_cost']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ from jkd import losses
 FULL = (8192, 151936, 1024)
 CPU_TIMED = (1024, 32768, 512)
 CHUNK = 256
-DIVERGENCES = {"forward_kl": losses.ForwardKL(), "reverse_kl": losses.ReverseKL(),
-               "jsd": losses.GeneralizedJSD(beta=0.5)}
+DIVERGENCES = {
+    "forward_kl": losses.ForwardKL(),
+    "reverse_kl": losses.ReverseKL(),
+    "jsd": losses.GeneralizedJSD(beta=0.5),
+}
 
 
 def _fns(div, chunk=CHUNK):
@@ -39,14 +42,20 @@ def _fns(div, chunk=CHUNK):
     def fused(hs, ws, ht, wt):
         return losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, chunk_size=chunk)
 
-    return {"plain": jax.jit(jax.value_and_grad(plain, argnums=(0, 1))),
-            "fused": jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))}
+    return {
+        "plain": jax.jit(jax.value_and_grad(plain, argnums=(0, 1))),
+        "fused": jax.jit(jax.value_and_grad(fused, argnums=(0, 1))),
+    }
 
 
 def _shapes(tokens, vocab, hidden):
     s = jax.ShapeDtypeStruct
-    return (s((tokens, hidden), jnp.float32), s((vocab, hidden), jnp.float32), s((tokens, hidden), jnp.float32),
-            s((vocab, hidden), jnp.float32))
+    return (
+        s((tokens, hidden), jnp.float32),
+        s((vocab, hidden), jnp.float32),
+        s((tokens, hidden), jnp.float32),
+        s((vocab, hidden), jnp.float32),
+    )
 
 
 def run(timed=None, chunk: int = CHUNK) -> dict:
@@ -55,8 +64,12 @@ def run(timed=None, chunk: int = CHUNK) -> dict:
     out = {"full_size": FULL, "timed_size": timed, "chunk": chunk, "device": jax.devices()[0].device_kind}
     k = jax.random.split(jax.random.key(0), 4)
     t, v, d = timed
-    args = (jax.random.normal(k[0], (t, d)), jax.random.normal(k[1], (v, d)) / d ** 0.5,
-            jax.random.normal(k[2], (t, d)), jax.random.normal(k[3], (v, d)) / d ** 0.5)
+    args = (
+        jax.random.normal(k[0], (t, d)),
+        jax.random.normal(k[1], (v, d)) / d**0.5,
+        jax.random.normal(k[2], (t, d)),
+        jax.random.normal(k[3], (v, d)) / d**0.5,
+    )
     for name, div in DIVERGENCES.items():
         fns = _fns(div, chunk)
         r = {}
@@ -82,9 +95,11 @@ def report(r: dict) -> str:
     lines = [f"lm_fused_loss (chunk {r['chunk']}; peak at {r['full_size']}, time at {r['timed_size']}, {r['device']}):"]
     for name in DIVERGENCES:
         x = r[name]
-        lines.append(f"  {name}: peak {x['fused_peak_gb']:.2f} GB vs {x['plain_peak_gb']:.2f} GB (ratio "
-                     f"{x['peak_ratio']:.3f}, target <= 0.125); time {x['fused_s'] * 1e3:.0f} vs {x['plain_s'] * 1e3:.0f} ms "
-                     f"(ratio {x['time_ratio']:.2f}, target <= 1.2); values differ by {x['value_rel_diff']:.1e}")
+        lines.append(
+            f"  {name}: peak {x['fused_peak_gb']:.2f} GB vs {x['plain_peak_gb']:.2f} GB (ratio "
+            f"{x['peak_ratio']:.3f}, target <= 0.125); time {x['fused_s'] * 1e3:.0f} vs {x['plain_s'] * 1e3:.0f} ms "
+            f"(ratio {x['time_ratio']:.2f}, target <= 1.2); values differ by {x['value_rel_diff']:.1e}"
+        )
     return "\n".join(lines)
 
 

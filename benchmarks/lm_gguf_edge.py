@@ -82,6 +82,7 @@ def measure(folder: Path, label: str, out: Path) -> dict:
     result = {"jkd_float32": jkd_speed(model, prompt), "files": {}}
     try:
         import llama_cpp  # noqa: F401
+
         have = True
     except ImportError:
         have = False
@@ -96,13 +97,19 @@ def measure(folder: Path, label: str, out: Path) -> dict:
         a, b = result["files"]["f16"]["tokens"], result["jkd_float32"]["tokens"]
         same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         result["f16_greedy_tokens_equal_to_jkd"] = f"{same} of {min(len(a), len(b))}"
-    print(f"\n{label}: jkd float32 sampler ttft {result['jkd_float32']['ttft_s'] * 1e3:.1f} ms, "
-          f"{result['jkd_float32']['tokens_per_s']:.1f} tokens/s")
+    print(
+        f"\n{label}: jkd float32 sampler ttft {result['jkd_float32']['ttft_s'] * 1e3:.1f} ms, "
+        f"{result['jkd_float32']['tokens_per_s']:.1f} tokens/s"
+    )
     for quant, e in result["files"].items():
-        speed = (f", llama.cpp ttft {e['ttft_s'] * 1e3:.1f} ms, {e['tokens_per_s']:.1f} tokens/s" if "ttft_s" in e else "")
+        speed = (
+            f", llama.cpp ttft {e['ttft_s'] * 1e3:.1f} ms, {e['tokens_per_s']:.1f} tokens/s" if "ttft_s" in e else ""
+        )
         print(f"  {quant}: {e['size_mib']:.1f} MiB{speed}")
     if "f16_greedy_tokens_equal_to_jkd" in result:
-        print(f"  llama.cpp's greedy tokens at f16 equal jkd's for the first {result['f16_greedy_tokens_equal_to_jkd']}")
+        print(
+            f"  llama.cpp's greedy tokens at f16 equal jkd's for the first {result['f16_greedy_tokens_equal_to_jkd']}"
+        )
     for e in result["files"].values():
         e.pop("tokens", None)
     result["jkd_float32"].pop("tokens", None)

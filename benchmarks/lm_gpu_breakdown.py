@@ -45,9 +45,22 @@ def main(tiny: bool, chunk: int) -> None:
     out["student_forward_backward"] = _best(lambda: body(ss, toks))
     hs = nnx.merge(sg, ss).hidden_states(toks)
     ws, wt = student.output_weight(), teacher.output_weight()
-    loss = jax.jit(jax.grad(lambda h, w: projected_token_divergence(
-        h, w, ht, wt, divergence=ForwardKL(), labels=toks, label_weight=0.5, divergence_weight=0.5,
-        chunk_size=chunk), argnums=(0, 1)))
+    loss = jax.jit(
+        jax.grad(
+            lambda h, w: projected_token_divergence(
+                h,
+                w,
+                ht,
+                wt,
+                divergence=ForwardKL(),
+                labels=toks,
+                label_weight=0.5,
+                divergence_weight=0.5,
+                chunk_size=chunk,
+            ),
+            argnums=(0, 1),
+        )
+    )
     out[f"fused_loss_chunk{chunk}"] = _best(lambda: loss(hs, ws))
     for k, v in out.items():
         print(f"{k}: {v * 1e3:.1f} ms")

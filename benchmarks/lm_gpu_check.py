@@ -49,20 +49,60 @@ from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
 FULL = {  # the shapes of Qwen2.5-1.5B and Qwen2.5-0.5B (config.json of each)
-    "teacher": DecoderConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
-                             num_heads=12, num_kv_heads=2, family="qwen2", tie_embeddings=True,
-                             max_position_embeddings=4096),
-    "student": DecoderConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
-                             num_heads=14, num_kv_heads=2, family="qwen2", tie_embeddings=True,
-                             max_position_embeddings=4096),
-    "batch": 8, "tokens": 2048, "chunk": 2048, "sample_batch": 64, "prompt": 128, "new": 256,
+    "teacher": DecoderConfig(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        family="qwen2",
+        tie_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+    "student": DecoderConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        family="qwen2",
+        tie_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+    "batch": 8,
+    "tokens": 2048,
+    "chunk": 2048,
+    "sample_batch": 64,
+    "prompt": 128,
+    "new": 256,
 }
 TINY = {
-    "teacher": DecoderConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                             num_kv_heads=2, max_position_embeddings=512),
-    "student": DecoderConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                             num_kv_heads=1, max_position_embeddings=512),
-    "batch": 4, "tokens": 128, "chunk": 256, "sample_batch": 4, "prompt": 16, "new": 16,
+    "teacher": DecoderConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+    ),
+    "student": DecoderConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=512,
+    ),
+    "batch": 4,
+    "tokens": 128,
+    "chunk": 256,
+    "sample_batch": 4,
+    "prompt": 16,
+    "new": 16,
 }
 
 
@@ -92,15 +132,20 @@ def _step(s: dict, kernel, *, steps: int) -> dict:
     mask = jnp.ones((b, t), bool).at[:, : t // 8].set(False)
     batch = {"tokens": tokens, "loss_mask": mask}
     kd = TokenKD(kd_weight=0.5, ce_weight=0.5, chunk_size=s["chunk"])
-    run = parallel.single_device(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx,
-                                                   compute_dtype=jnp.bfloat16))
+    run = parallel.single_device(
+        functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx, compute_dtype=jnp.bfloat16)
+    )
     weights = MP.per_device_bytes(state.params)
     t0 = time.perf_counter()
-    plan = MP.compiled_step_memory(run.lower(state, batch, kd, frozen), name="token KD",
-                                   teacher=MP.per_device_bytes(frozen), student=weights,
-                                   optimizer=MP.per_device_bytes(state.opt_state), gradients=weights,
-                                   loss_chunk=MP.fused_loss_chunk(b * (t - 1), s["chunk"], scfg.vocab_size,
-                                                                  with_teacher=True))
+    plan = MP.compiled_step_memory(
+        run.lower(state, batch, kd, frozen),
+        name="token KD",
+        teacher=MP.per_device_bytes(frozen),
+        student=weights,
+        optimizer=MP.per_device_bytes(state.opt_state),
+        gradients=weights,
+        loss_chunk=MP.fused_loss_chunk(b * (t - 1), s["chunk"], scfg.vocab_size, with_teacher=True),
+    )
     state, m = run(state, batch, kd, frozen)
     jax.block_until_ready(m["loss"])
     first = time.perf_counter() - t0
@@ -108,9 +153,15 @@ def _step(s: dict, kernel, *, steps: int) -> dict:
     for _ in range(steps):
         state, m = run(state, batch, kd, frozen)
     jax.block_until_ready(m["loss"])
-    out = {"step_s": (time.perf_counter() - t0) / steps, "first_step_s": first, "loss": float(m["loss"]),
-           "counted": int(learned_positions(batch).sum()), "graphdef": g, "state": state,
-           "plan_peak_bytes": None if plan is None else plan.peak}
+    out = {
+        "step_s": (time.perf_counter() - t0) / steps,
+        "first_step_s": first,
+        "loss": float(m["loss"]),
+        "counted": int(learned_positions(batch).sum()),
+        "graphdef": g,
+        "state": state,
+        "plan_peak_bytes": None if plan is None else plan.peak,
+    }
     stats = jax.local_devices()[0].memory_stats() or {}
     if plan is not None and stats.get("peak_bytes_in_use"):
         out["measured_peak_bytes"] = int(stats["peak_bytes_in_use"])
@@ -123,29 +174,46 @@ def main(tiny: bool, peak_tflops: float, compare_blocked: bool = False) -> dict:
     tcfg, scfg, b, t = s["teacher"], s["student"], s["batch"], s["tokens"]
     steps = 3 if tiny else 10
     fused = FusedAttention("cudnn" if jax.default_backend() == "gpu" else "xla")
-    out = {"device": jax.devices()[0].device_kind, "teacher_parameters": tcfg.num_parameters(),
-           "student_parameters": scfg.num_parameters(), "batch": b, "tokens": t, "attention": fused.description,
-           "peak_tflops": peak_tflops, "target_mfu": 0.4}
+    out = {
+        "device": jax.devices()[0].device_kind,
+        "teacher_parameters": tcfg.num_parameters(),
+        "student_parameters": scfg.num_parameters(),
+        "batch": b,
+        "tokens": t,
+        "attention": fused.description,
+        "peak_tflops": peak_tflops,
+        "target_mfu": 0.4,
+    }
     main_run = _step(s, fused, steps=steps)  # first: the device's peak-memory counter starts here
     flops = _model_flops(tcfg, b, t, main_run["counted"], 2) + _model_flops(scfg, b, t, main_run["counted"], 6)
     out.update({k: v for k, v in main_run.items() if k not in ("graphdef", "state", "counted")})
-    out.update({"model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / main_run["step_s"] / 1e12,
-                "mfu": flops / main_run["step_s"] / 1e12 / peak_tflops})
+    out.update(
+        {
+            "model_tflops_per_step": flops / 1e12,
+            "achieved_tflops": flops / main_run["step_s"] / 1e12,
+            "mfu": flops / main_run["step_s"] / 1e12 / peak_tflops,
+        }
+    )
     g, state = main_run.pop("graphdef"), main_run.pop("state")
     student = nnx.merge(g, state.params, state.batch_stats, state.rest)
     del state, main_run
     try:  # the kernel compared: jkd's blocked XLA attention
         if tiny or compare_blocked:
             blocked = _step(s, BlockedAttention(), steps=steps)
-            out.update({"step_s_blocked_attention": blocked["step_s"],
-                        "mfu_blocked_attention": flops / blocked["step_s"] / 1e12 / peak_tflops})
+            out.update(
+                {
+                    "step_s_blocked_attention": blocked["step_s"],
+                    "mfu_blocked_attention": flops / blocked["step_s"] / 1e12 / peak_tflops,
+                }
+            )
             del blocked
     except Exception as e:  # noqa: BLE001  (a comparison: report why it could not run, keep the rest)
         out["blocked_attention_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     rng = np.random.default_rng(1)
     prompts = rng.integers(0, scfg.vocab_size, (s["sample_batch"], s["prompt"])).tolist()
-    gen = functools.partial(generate, student, prompts, max_new_tokens=s["new"], stop_tokens=[],
-                            sampling=SamplingConfig(temperature=1.0))
+    gen = functools.partial(
+        generate, student, prompts, max_new_tokens=s["new"], stop_tokens=[], sampling=SamplingConfig(temperature=1.0)
+    )
     gen(key=0)
     t0 = time.perf_counter()
     gen(key=1)
@@ -161,14 +229,20 @@ if __name__ == "__main__":
     a = p.parse_args()
     r = main(a.tiny, a.peak_tflops, a.compare_blocked)
     print(json.dumps(r, indent=2))
-    print(f"lm_gpu_check on {r['device']}: token-KD step {r['step_s'] * 1e3:.1f} ms with {r['attention']}, "
-          f"{r['achieved_tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% MFU (target >= 40%); sampler "
-          f"{r['sampler_tokens_per_s']:.0f} tok/s")
+    print(
+        f"lm_gpu_check on {r['device']}: token-KD step {r['step_s'] * 1e3:.1f} ms with {r['attention']}, "
+        f"{r['achieved_tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% MFU (target >= 40%); sampler "
+        f"{r['sampler_tokens_per_s']:.0f} tok/s"
+    )
     if "mfu_blocked_attention" in r:
-        print(f"  with jkd's blocked XLA attention: {r['step_s_blocked_attention'] * 1e3:.1f} ms a step, "
-              f"{100 * r['mfu_blocked_attention']:.1f}% MFU")
+        print(
+            f"  with jkd's blocked XLA attention: {r['step_s_blocked_attention'] * 1e3:.1f} ms a step, "
+            f"{100 * r['mfu_blocked_attention']:.1f}% MFU"
+        )
     elif "blocked_attention_error" in r:
         print(f"  with jkd's blocked XLA attention: could not run: {r['blocked_attention_error']}")
     if "plan_over_measured" in r:
-        print(f"  memory plan {r['plan_peak_bytes'] / 2 ** 30:.1f} GiB vs measured peak "
-              f"{r['measured_peak_bytes'] / 2 ** 30:.1f} GiB ({r['plan_over_measured']:.2f}x)")
+        print(
+            f"  memory plan {r['plan_peak_bytes'] / 2**30:.1f} GiB vs measured peak "
+            f"{r['measured_peak_bytes'] / 2**30:.1f} GiB ({r['plan_over_measured']:.2f}x)"
+        )

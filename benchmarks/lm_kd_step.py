@@ -41,12 +41,25 @@ from jkd.models.sampler import SamplingConfig
 from jkd.train.state import create_train_state, freeze_model
 
 B, T, VOCAB = 8, 256, 8192
-_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
-               pad_token_id=None, tie_word_embeddings=False)
-TEACHER = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=7, num_attention_heads=8,
-               num_key_value_heads=4, **_COMMON)
-STUDENT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, **_COMMON)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    max_position_embeddings=1024,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
+TEACHER = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=7,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    **_COMMON,
+)
+STUDENT = dict(
+    hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, **_COMMON
+)
 LR, KD_RATIO, CHUNKS = 1e-4, 0.5, 8
 # The real pair: SmolLM2-135M-Instruct's 30 blocks and a 6-block student cut from them, 4 x 256.
 CUT_LAYERS, REAL_BATCH = (0, 6, 12, 18, 24, 29), (4, 256)
@@ -106,8 +119,10 @@ def _torch_step_fn(teacher, student, tokens, mask, vocab):
             t_chunks = [teacher.lm_head(c) for c in th.chunk(CHUNKS, dim=1)]
         sh = student.model(input_ids=tokens).last_hidden_state[:, :-1]
         s_chunks = [student.lm_head(c) for c in sh.chunk(CHUNKS, dim=1)]
-        ce = sum(F.cross_entropy(c.float().reshape(-1, vocab), y.reshape(-1), ignore_index=-100, reduction="sum")
-                 for c, y in zip(s_chunks, labels.chunk(CHUNKS, dim=1))) / torch.sum(labels != -100)
+        ce = sum(
+            F.cross_entropy(c.float().reshape(-1, vocab), y.reshape(-1), ignore_index=-100, reduction="sum")
+            for c, y in zip(s_chunks, labels.chunk(CHUNKS, dim=1))
+        ) / torch.sum(labels != -100)
         loss = (1 - KD_RATIO) * ce + KD_RATIO * kd_chunked(s_chunks, t_chunks, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,8 +142,7 @@ def _kd_pair(teacher_t, student_t, teacher, student, batch: int, length: int) ->
     tokens = rng.integers(0, vocab, (batch, length)).astype(np.int32)
     mask = np.ones((batch, length), bool)
     mask[:, : length // 4] = False  # the prompt quarter is not learned
-    torch_step = _torch_step_fn(teacher_t, student_t, torch.tensor(tokens, dtype=torch.long), torch.tensor(mask),
-                                vocab)
+    torch_step = _torch_step_fn(teacher_t, student_t, torch.tensor(tokens, dtype=torch.long), torch.tensor(mask), vocab)
 
     tx = optim._strict_safe(optax.adamw(LR, weight_decay=0.01))
     tg, frozen = freeze_model(teacher)
@@ -147,13 +161,32 @@ def _kd_pair(teacher_t, student_t, teacher, student, batch: int, length: int) ->
     round_ratios = [t / j for t, j in zip(times["torch"], times["jkd"])]
     n_params = lambda m: int(sum(p.numel() for p in m.parameters()))
     tok = batch * length
-    figures = {"teacher_parameters": n_params(teacher_t), "student_parameters": n_params(student_t),
-               "teacher_layers": teacher.config.num_layers, "student_layers": student.config.num_layers,
-               "vocab": vocab, "batch": batch, "tokens": length,
-               "jkd_tokens_per_s": tok / jkd_s, "torch_tokens_per_s": tok / torch_s, "ratio": torch_s / jkd_s,
-               "round_ratios": round_ratios, "median_round_ratio": float(np.median(round_ratios)), "target": 1.2}
-    return figures, {"holder": holder, "data": data, "tokens": tokens, "kd": kd, "g": g, "tg": tg, "tx": tx,
-                     "frozen": frozen, "jkd_s": jkd_s}
+    figures = {
+        "teacher_parameters": n_params(teacher_t),
+        "student_parameters": n_params(student_t),
+        "teacher_layers": teacher.config.num_layers,
+        "student_layers": student.config.num_layers,
+        "vocab": vocab,
+        "batch": batch,
+        "tokens": length,
+        "jkd_tokens_per_s": tok / jkd_s,
+        "torch_tokens_per_s": tok / torch_s,
+        "ratio": torch_s / jkd_s,
+        "round_ratios": round_ratios,
+        "median_round_ratio": float(np.median(round_ratios)),
+        "target": 1.2,
+    }
+    return figures, {
+        "holder": holder,
+        "data": data,
+        "tokens": tokens,
+        "kd": kd,
+        "g": g,
+        "tg": tg,
+        "tx": tx,
+        "frozen": frozen,
+        "jkd_s": jkd_s,
+    }
 
 
 def _small_pair(tmp: str):
@@ -200,10 +233,18 @@ def run() -> dict:
 
     # on-policy: 8 prompts of 128 tokens, 128 sampled tokens each (256-token sequences, as above)
     prompt_len = T // 2
-    op_batch = {**ctx["data"], "prompt_tokens": jnp.asarray(tokens[:, :prompt_len]),
-                "prompt_lengths": jnp.full((B,), prompt_len, jnp.int32)}
-    op = OnPolicyKD(divergence=ctx["kd"].divergence, student_fraction=1.0, max_new_tokens=T - prompt_len,
-                    sampling=SamplingConfig(temperature=1.0), chunk_size=512)
+    op_batch = {
+        **ctx["data"],
+        "prompt_tokens": jnp.asarray(tokens[:, :prompt_len]),
+        "prompt_lengths": jnp.full((B,), prompt_len, jnp.int32),
+    }
+    op = OnPolicyKD(
+        divergence=ctx["kd"].divergence,
+        student_fraction=1.0,
+        max_new_tokens=T - prompt_len,
+        sampling=SamplingConfig(temperature=1.0),
+        chunk_size=512,
+    )
     run_op = parallel.single_device(functools.partial(on_policy_step, graphdef=g, teacher_graphdef=tg, tx=tx))
 
     def op_step():
@@ -214,21 +255,31 @@ def run() -> dict:
     holder.clear()  # the small pair's state is not needed beside the real one
     with tempfile.TemporaryDirectory() as tmp:
         real, _ = _kd_pair(*_smollm2_pair(tmp), *REAL_BATCH)
-    return {**small, "on_policy_s": op_s, "token_kd_s": B * T / small["jkd_tokens_per_s"],
-            "on_policy_cost": op_s * small["jkd_tokens_per_s"] / (B * T), "on_policy_target": 2.0,
-            "smollm2": real, "torch_threads": torch.get_num_threads()}
+    return {
+        **small,
+        "on_policy_s": op_s,
+        "token_kd_s": B * T / small["jkd_tokens_per_s"],
+        "on_policy_cost": op_s * small["jkd_tokens_per_s"] / (B * T),
+        "on_policy_target": 2.0,
+        "smollm2": real,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _pair_line(name: str, r: dict) -> str:
-    return (f"{name} (teacher {r['teacher_parameters'] / 1e6:.1f}M, student {r['student_parameters'] / 1e6:.1f}M, "
-            f"vocabulary {r['vocab']:,}, {r['batch']}x{r['tokens']}): jkd {r['jkd_tokens_per_s']:.0f} tok/s vs "
-            f"PyTorch eager {r['torch_tokens_per_s']:.0f} tok/s: ratio {r['ratio']:.2f} of the best steps, "
-            f"{r['median_round_ratio']:.2f} median of {len(r['round_ratios'])} alternating rounds (target >= 1.2)")
+    return (
+        f"{name} (teacher {r['teacher_parameters'] / 1e6:.1f}M, student {r['student_parameters'] / 1e6:.1f}M, "
+        f"vocabulary {r['vocab']:,}, {r['batch']}x{r['tokens']}): jkd {r['jkd_tokens_per_s']:.0f} tok/s vs "
+        f"PyTorch eager {r['torch_tokens_per_s']:.0f} tok/s: ratio {r['ratio']:.2f} of the best steps, "
+        f"{r['median_round_ratio']:.2f} median of {len(r['round_ratios'])} alternating rounds (target >= 1.2)"
+    )
 
 
 def report(r: dict) -> str:
-    return (_pair_line("lm_kd_step", r) + f"; on-policy step {r['on_policy_s']:.2f} s = {r['on_policy_cost']:.2f}x "
-            "a token-KD step (target <= 2)\n" + _pair_line("lm_kd_step SmolLM2-135M -> 6 blocks", r["smollm2"]))
+    return (
+        _pair_line("lm_kd_step", r) + f"; on-policy step {r['on_policy_s']:.2f} s = {r['on_policy_cost']:.2f}x "
+        "a token-KD step (target <= 2)\n" + _pair_line("lm_kd_step SmolLM2-135M -> 6 blocks", r["smollm2"])
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,15 @@ import numpy as np
 
 from common import write
 
-CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=6, num_heads=16,
-              num_kv_heads=8, family="llama")
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_layers=6,
+    num_heads=16,
+    num_kv_heads=8,
+    family="llama",
+)
 
 _CHILD = """
 import json, resource, sys
@@ -59,8 +66,9 @@ print(json.dumps({"baseline": base, "peak": peak, "after": rss(),
 
 def _child(way: str, folder: str) -> dict:
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _CHILD, way, folder], capture_output=True, text=True,
-                         cwd=root, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, way, folder], capture_output=True, text=True, cwd=root, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -82,8 +90,13 @@ def run() -> dict:
         results = {way: _child(way, folder) for way in ("jkd", "whole_file")}
     bound = model_bytes + 1.5 * largest
     mb = 1e6
-    out = {"parameters": cfg.num_parameters(), "model_mb": model_bytes / mb, "largest_tensor_mb": largest / mb,
-           "bound_mb": bound / mb, "target": "jkd peak above baseline < model + 1.5 x largest tensor"}
+    out = {
+        "parameters": cfg.num_parameters(),
+        "model_mb": model_bytes / mb,
+        "largest_tensor_mb": largest / mb,
+        "bound_mb": bound / mb,
+        "target": "jkd peak above baseline < model + 1.5 x largest tensor",
+    }
     for way, r in results.items():
         out[f"{way}_peak_mb"] = (r["peak"] - r["baseline"]) / mb
         out[f"{way}_loaded_mb"] = r["loaded_bytes"] / mb
@@ -105,17 +118,23 @@ def _real() -> dict:
     model_bytes = sum(t.nbytes for t in checkpoint_tensors(folder).values())
     r = _child("jkd", str(folder))
     peak = r["peak"] - r["baseline"]
-    return {"model_mb": model_bytes / 1e6, "jkd_peak_mb": peak / 1e6, "peak_over_model": peak / model_bytes,
-            "target": 1.05}
+    return {
+        "model_mb": model_bytes / 1e6,
+        "jkd_peak_mb": peak / 1e6,
+        "peak_over_model": peak / model_bytes,
+        "target": 1.05,
+    }
 
 
 def report(r: dict) -> str:
-    return (f"lm_loading ({r['parameters'] / 1e6:.0f}M params, {r['model_mb']:.0f} MB, largest tensor "
-            f"{r['largest_tensor_mb']:.0f} MB): peak above baseline jkd {r['jkd_peak_mb']:.0f} MB vs whole file "
-            f"{r['whole_file_peak_mb']:.0f} MB; bound {r['bound_mb']:.0f} MB "
-            f"({'met' if r['jkd_within_bound'] else 'NOT met'}); SmolLM2-135M-Instruct ({r['smollm2']['model_mb']:.0f} "
-            f"MB): peak {r['smollm2']['jkd_peak_mb']:.0f} MB = {r['smollm2']['peak_over_model']:.3f}x the model "
-            f"(target <= {r['smollm2']['target']})")
+    return (
+        f"lm_loading ({r['parameters'] / 1e6:.0f}M params, {r['model_mb']:.0f} MB, largest tensor "
+        f"{r['largest_tensor_mb']:.0f} MB): peak above baseline jkd {r['jkd_peak_mb']:.0f} MB vs whole file "
+        f"{r['whole_file_peak_mb']:.0f} MB; bound {r['bound_mb']:.0f} MB "
+        f"({'met' if r['jkd_within_bound'] else 'NOT met'}); SmolLM2-135M-Instruct ({r['smollm2']['model_mb']:.0f} "
+        f"MB): peak {r['smollm2']['jkd_peak_mb']:.0f} MB = {r['smollm2']['peak_over_model']:.3f}x the model "
+        f"(target <= {r['smollm2']['target']})"
+    )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,25 @@ MESHES = ((1, 4), (2, 2), (4, 1))
 
 
 def _config(hidden: int, layers: int) -> DecoderConfig:
-    return DecoderConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers,
-                         num_heads=8, num_kv_heads=4, max_position_embeddings=T, tie_embeddings=False)
+    return DecoderConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_layers=layers,
+        num_heads=8,
+        num_kv_heads=4,
+        max_position_embeddings=T,
+        tie_embeddings=False,
+    )
 
 
 def _batch(seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    return {"tokens": rng.integers(0, VOCAB, (B, T)).astype(np.int32), "loss_mask": np.ones((B, T), bool),
-            "attention_mask": np.ones((B, T), bool)}
+    return {
+        "tokens": rng.integers(0, VOCAB, (B, T)).astype(np.int32),
+        "loss_mask": np.ones((B, T), bool),
+        "attention_mask": np.ones((B, T), bool),
+    }
 
 
 def _measure(run) -> dict:
@@ -70,15 +81,23 @@ def _measure(run) -> dict:
             state, metrics = run(state, b, objective, frozen)
         jax.block_until_ready(metrics["loss"])
         best = min(best, (time.perf_counter() - t0) / len(batches))
-    return {"seconds_per_step": best, "tokens_per_s": B * T / best, "peak_bytes_per_device": peak,
-            "loss": float(metrics["loss"])}
+    return {
+        "seconds_per_step": best,
+        "tokens_per_s": B * T / best,
+        "peak_bytes_per_device": peak,
+        "loss": float(metrics["loss"]),
+    }
 
 
 def run() -> dict:
     if jax.device_count() < 4:
         raise RuntimeError(f"needs 4 devices; this process has {jax.device_count()}")
-    out = {"batch": [B, T], "vocab": VOCAB, "device": jax.devices()[0].device_kind,
-           "one_device": _measure(parallel.single_device)}
+    out = {
+        "batch": [B, T],
+        "vocab": VOCAB,
+        "device": jax.devices()[0].device_kind,
+        "one_device": _measure(parallel.single_device),
+    }
     for shape in MESHES:
         mesh = make_mesh(*shape, devices=jax.devices()[:4])
         r = _measure(lambda step: parallel.on_mesh(step, mesh, shardings=tree_shardings))
@@ -88,12 +107,16 @@ def run() -> dict:
 
 
 def report(r: dict) -> str:
-    parts = [f"one device {r['one_device']['tokens_per_s']:.0f} tok/s "
-             f"({r['one_device']['peak_bytes_per_device'] / 2 ** 20:.0f} MiB)"]
+    parts = [
+        f"one device {r['one_device']['tokens_per_s']:.0f} tok/s "
+        f"({r['one_device']['peak_bytes_per_device'] / 2**20:.0f} MiB)"
+    ]
     for shape in MESHES:
         m = r[f"mesh_{shape[0]}x{shape[1]}"]
-        parts.append(f"({shape[0]}, {shape[1]}) {m['tokens_per_s']:.0f} tok/s (x{m['speed_vs_one_device']:.2f}, "
-                     f"{m['peak_bytes_per_device'] / 2 ** 20:.0f} MiB per device)")
+        parts.append(
+            f"({shape[0]}, {shape[1]}) {m['tokens_per_s']:.0f} tok/s (x{m['speed_vs_one_device']:.2f}, "
+            f"{m['peak_bytes_per_device'] / 2**20:.0f} MiB per device)"
+        )
     return "lm_mesh_step: " + "; ".join(parts)
 
 

@@ -42,8 +42,12 @@ def run() -> dict:
     if jax.device_count() < SHARDS:
         raise RuntimeError(f"needs {SHARDS} devices; this process has {jax.device_count()}")
     s = jax.ShapeDtypeStruct
-    args = (s((TOKENS, HIDDEN), jnp.float32), s((VOCAB, HIDDEN), jnp.float32), s((TOKENS, HIDDEN), jnp.float32),
-            s((VOCAB, HIDDEN), jnp.float32))
+    args = (
+        s((TOKENS, HIDDEN), jnp.float32),
+        s((VOCAB, HIDDEN), jnp.float32),
+        s((TOKENS, HIDDEN), jnp.float32),
+        s((VOCAB, HIDDEN), jnp.float32),
+    )
     grad = jax.value_and_grad(_loss, argnums=(0, 1))
     one = jax.jit(grad).lower(*args).compile()
     mesh = make_mesh(1, SHARDS, devices=jax.devices()[:SHARDS])
@@ -51,18 +55,27 @@ def run() -> dict:
     sharded = jax.jit(grad, in_shardings=(rep, rows, rep, rows)).lower(*args).compile()
     gathers = [s for s in all_gather_shapes(sharded.as_text()) if VOCAB in s]
     one_peak, shard_peak = peak_bytes(one), peak_bytes(sharded)
-    return {"size": [TOKENS, VOCAB, HIDDEN], "model_shards": SHARDS, "chunk": CHUNK,
-            "one_device_peak_bytes": one_peak, "sharded_peak_bytes_per_device": shard_peak,
-            "per_device_ratio": shard_peak / one_peak, "target": 1 / 3, "whole_vocab_all_gathers": gathers,
-            "device": jax.devices()[0].device_kind}
+    return {
+        "size": [TOKENS, VOCAB, HIDDEN],
+        "model_shards": SHARDS,
+        "chunk": CHUNK,
+        "one_device_peak_bytes": one_peak,
+        "sharded_peak_bytes_per_device": shard_peak,
+        "per_device_ratio": shard_peak / one_peak,
+        "target": 1 / 3,
+        "whole_vocab_all_gathers": gathers,
+        "device": jax.devices()[0].device_kind,
+    }
 
 
 def report(r: dict) -> str:
-    gib = 2 ** 30
-    return (f"lm_vocab_sharded: peak per device {r['sharded_peak_bytes_per_device'] / gib:.2f} GiB on "
-            f"{r['model_shards']} model shards vs {r['one_device_peak_bytes'] / gib:.2f} GiB on one device "
-            f"(x{r['per_device_ratio']:.3f}, target <= {r['target']:.3f}); all-gathers holding the whole vocabulary: "
-            f"{len(r['whole_vocab_all_gathers'])}")
+    gib = 2**30
+    return (
+        f"lm_vocab_sharded: peak per device {r['sharded_peak_bytes_per_device'] / gib:.2f} GiB on "
+        f"{r['model_shards']} model shards vs {r['one_device_peak_bytes'] / gib:.2f} GiB on one device "
+        f"(x{r['per_device_ratio']:.3f}, target <= {r['target']:.3f}); all-gathers holding the whole vocabulary: "
+        f"{len(r['whole_vocab_all_gathers'])}"
+    )
 
 
 if __name__ == "__main__":

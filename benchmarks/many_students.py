@@ -31,15 +31,26 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequenti
     t_name, s_name, shape, batch = PAIRS[pair]
     tg, teacher = freeze_model(create_model(t_name, num_classes=10, input_shape=shape, seed=100))
     tx = make_optimizer(SGDConfig(learning_rate=0.05, decay_epochs=()), steps_per_epoch=100, total_steps=10_000)
-    made = [create_train_state(create_model(s_name, num_classes=10, input_shape=shape, seed=i), tx, seed=i) for i in range(k)]
+    made = [
+        create_train_state(create_model(s_name, num_classes=10, input_shape=shape, seed=i), tx, seed=i)
+        for i in range(k)
+    ]
     graphdef = made[0][0]
     view = lambda key, images: augment.normalize(images, (0.5,) * shape[-1], (0.25,) * shape[-1])  # noqa: E731
-    one = parallel.single_device(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg))
-    many = parallel.single_device(functools.partial(train_step_many, graphdef=graphdef, tx=tx, view_fn=view,
-                                                    teacher_graphdef=tg, sequential=sequential))
+    one = parallel.single_device(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg)
+    )
+    many = parallel.single_device(
+        functools.partial(
+            train_step_many, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg, sequential=sequential
+        )
+    )
     forward = jax.jit(lambda images: teacher_logits(tg, teacher, view(None, images)))
     rng = np.random.default_rng(0)
-    b = {"image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8), "label": rng.integers(0, 10, batch).astype(np.int32)}
+    b = {
+        "image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
+        "label": rng.integers(0, 10, batch).astype(np.int32),
+    }
     obj = objectives.SoftKD(temperature=4.0, kd_weight=0.9, ce_weight=0.1)
     objs = objectives.stack([obj] * k)
     box = {"single": [m[1] for m in made], "stacked": stack_states([m[1] for m in made])}
@@ -70,10 +81,19 @@ def run(pair: str = "cnn", k: int = 8, rounds: int = 3, steps: int = 2, sequenti
     s = max(med["single"] - t, 1e-9)
     ideal = k * (t + s) / (t + k * s)
     ratio = med["separate"] / med["together"]
-    return {"pair": f"{t_name} -> {k} x {s_name}", "batch": batch, "k": k, "ratio": ratio, "ideal": ideal,
-            "students": "unrolled (sequential)" if sequential else "vmap",
-            "fraction_of_ideal": ratio / ideal, "teacher_forward_ms": 1000 * t, "student_step_ms": 1000 * s,
-            "separate_ms": 1000 * med["separate"], "together_ms": 1000 * med["together"]}
+    return {
+        "pair": f"{t_name} -> {k} x {s_name}",
+        "batch": batch,
+        "k": k,
+        "ratio": ratio,
+        "ideal": ideal,
+        "students": "unrolled (sequential)" if sequential else "vmap",
+        "fraction_of_ideal": ratio / ideal,
+        "teacher_forward_ms": 1000 * t,
+        "student_step_ms": 1000 * s,
+        "separate_ms": 1000 * med["separate"],
+        "together_ms": 1000 * med["together"],
+    }
 
 
 if __name__ == "__main__":
@@ -83,6 +103,9 @@ if __name__ == "__main__":
     sequential = len(sys.argv) > 2 and sys.argv[2] == "sequential"
     r = run(pair, sequential=sequential)
     write(f"many_students_{pair}" + ("_sequential" if sequential else ""), r)
-    print(f"{r['pair']} (batch {r['batch']}, {r['students']}): {r['together_ms']:.0f} ms together vs {r['separate_ms']:.0f} ms separate, "
-          f"speed-up {r['ratio']:.2f} of ideal {r['ideal']:.2f} (t {r['teacher_forward_ms']:.0f} ms, s "
-          f"{r['student_step_ms']:.0f} ms) = {100 * r['fraction_of_ideal']:.0f}%")
+    print(
+        f"{r['pair']} (batch {r['batch']}, {r['students']}): {r['together_ms']:.0f} ms together vs "
+        f"{r['separate_ms']:.0f} ms separate, "
+        f"speed-up {r['ratio']:.2f} of ideal {r['ideal']:.2f} (t {r['teacher_forward_ms']:.0f} ms, s "
+        f"{r['student_step_ms']:.0f} ms) = {100 * r['fraction_of_ideal']:.0f}%"
+    )

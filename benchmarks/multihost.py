@@ -43,20 +43,31 @@ def worker(process_id: int, num_processes: int, port: int) -> None:
 
     from jkd.data import augment
     from jkd.models import create_model
-    from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, objectives, parallel, train_step
+    from jkd.train import (
+        AdamWConfig,
+        create_train_state,
+        freeze_model,
+        make_optimizer,
+        objectives,
+        parallel,
+        train_step,
+    )
 
     shape = (28, 28, 1)
     tg, teacher = freeze_model(create_model("mlp_2x1200", num_classes=10, input_shape=shape, seed=100))
     tx = make_optimizer(AdamWConfig(), steps_per_epoch=100, total_steps=10_000)
     g, state = create_train_state(create_model("mlp_100", num_classes=10, input_shape=shape, seed=0), tx, seed=0)
     view = functools.partial(augment.augment, mean=(0.5,), std=(0.25,), crop_padding=2)
-    run = parallel.on_mesh(functools.partial(train_step, graphdef=g, tx=tx, view_fn=view, teacher_graphdef=tg),
-                           parallel.data_mesh())
+    run = parallel.on_mesh(
+        functools.partial(train_step, graphdef=g, tx=tx, view_fn=view, teacher_graphdef=tg), parallel.data_mesh()
+    )
     teacher = run.place_frozen(teacher)
     rng = np.random.default_rng(0)
     share = slice(process_id * BATCH // num_processes, (process_id + 1) * BATCH // num_processes)
-    batch = {"image": rng.integers(0, 256, (BATCH, *shape), dtype=np.uint8)[share],
-             "label": rng.integers(0, 10, BATCH).astype(np.int32)[share]}
+    batch = {
+        "image": rng.integers(0, 256, (BATCH, *shape), dtype=np.uint8)[share],
+        "label": rng.integers(0, 10, BATCH).astype(np.int32)[share],
+    }
     obj = objectives.SoftKD()
 
     def steps(n):
@@ -79,8 +90,15 @@ def worker(process_id: int, num_processes: int, port: int) -> None:
 def _launch(num_processes: int) -> float:
     port = portpicker.pick_unused_port()
     cmd = [sys.executable, __file__, "--worker"]
-    procs = [subprocess.Popen(cmd + [str(i), str(num_processes), str(port)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1]) for i in range(num_processes)]
+    procs = [
+        subprocess.Popen(
+            cmd + [str(i), str(num_processes), str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for i in range(num_processes)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         if p.returncode:
@@ -95,13 +113,19 @@ def run(repeats: int = 3) -> dict:
         one.append(_launch(1))
         two.append(_launch(2))
     ms1, ms2 = statistics.median(one), statistics.median(two)
-    return {"step": "mlp_2x1200 -> mlp_100, soft KD, global batch 256", "ms_per_step": {"1x4": ms1, "2x2": ms2},
-            "runs_ms": {"1x4": one, "2x2": two}, "ratio": ms1 / ms2}
+    return {
+        "step": "mlp_2x1200 -> mlp_100, soft KD, global batch 256",
+        "ms_per_step": {"1x4": ms1, "2x2": ms2},
+        "runs_ms": {"1x4": one, "2x2": two},
+        "ratio": ms1 / ms2,
+    }
 
 
 def report(r: dict) -> str:
-    return (f"multihost: 2 processes x 2 devices {r['ms_per_step']['2x2']:.1f} ms/step vs 1 process x 4 devices "
-            f"{r['ms_per_step']['1x4']:.1f} ms/step (ratio {r['ratio']:.2f})")
+    return (
+        f"multihost: 2 processes x 2 devices {r['ms_per_step']['2x2']:.1f} ms/step vs 1 process x 4 devices "
+        f"{r['ms_per_step']['1x4']:.1f} ms/step (ratio {r['ratio']:.2f})"
+    )
 
 
 if __name__ == "__main__":

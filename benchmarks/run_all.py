@@ -26,8 +26,10 @@ def _data_pipeline():
 
     r = data_pipeline.run()
     write("data_pipeline", r)
-    print(f"data_pipeline: ratio {r['ratio']:.3f} ({r['jkd_images_per_s']:.0f} vs "
-          f"{r['comparison_images_per_s']:.0f} img/s; target >= {r['target']})")
+    print(
+        f"data_pipeline: ratio {r['ratio']:.3f} ({r['jkd_images_per_s']:.0f} vs "
+        f"{r['comparison_images_per_s']:.0f} img/s; target >= {r['target']})"
+    )
 
 
 def _chunked_soft_loss():
@@ -36,8 +38,10 @@ def _chunked_soft_loss():
 
     c = chunked_loss.run()
     write("chunked_soft_loss", c)
-    print(f"chunked_soft_loss: peak x{c['ratio']:.2f}, temporaries x{c['temp_ratio']:.1f}, "
-          f"time ratio {c['time_ratio']:.2f}")
+    print(
+        f"chunked_soft_loss: peak x{c['ratio']:.2f}, temporaries x{c['temp_ratio']:.1f}, "
+        f"time ratio {c['time_ratio']:.2f}"
+    )
 
 
 def _projected_soft_loss():
@@ -55,8 +59,10 @@ def _batchnorm():
 
     n = batchnorm.run()
     write("batchnorm", n)
-    print(f"batchnorm: jkd {n['ms']['jkd_batchnorm']:.1f} ms vs flax {n['ms']['flax_batchnorm']:.1f} ms "
-          f"(ratio {n['ratio']:.2f})")
+    print(
+        f"batchnorm: jkd {n['ms']['jkd_batchnorm']:.1f} ms vs flax {n['ms']['flax_batchnorm']:.1f} ms "
+        f"(ratio {n['ratio']:.2f})"
+    )
 
 
 def _vs_torch():
@@ -66,8 +72,10 @@ def _vs_torch():
     for pair in vs_torch.PAIRS:
         v = vs_torch.run(pair)
         write(f"vs_torch_{pair}", v)
-        print(f"vs_torch {v['pair']}: ratio {v['ratio']:.2f} ({v['jkd_images_per_s']:.0f} vs "
-              f"{v['comparison_images_per_s']:.0f} img/s), {100 * v['jkd_fraction_of_peak']:.0f}% of matmul peak")
+        print(
+            f"vs_torch {v['pair']}: ratio {v['ratio']:.2f} ({v['jkd_images_per_s']:.0f} vs "
+            f"{v['comparison_images_per_s']:.0f} img/s), {100 * v['jkd_fraction_of_peak']:.0f}% of matmul peak"
+        )
 
 
 def _stored_teacher():
@@ -76,8 +84,10 @@ def _stored_teacher():
 
     s = stored_teacher.run()
     write("stored_teacher", s)
-    print(f"stored_teacher: ratio {s['ratio']:.2f} of ideal {s['ideal']:.2f}; accuracy online "
-          f"{s['online_test_accuracy']:.4f} vs stored {s['stored_test_accuracy']:.4f}")
+    print(
+        f"stored_teacher: ratio {s['ratio']:.2f} of ideal {s['ideal']:.2f}; accuracy online "
+        f"{s['online_test_accuracy']:.4f} vs stored {s['stored_test_accuracy']:.4f}"
+    )
 
 
 def _lm_sampler():
@@ -92,6 +102,7 @@ def _lm_sampler():
 
 def _module(name: str, entry: str | None = None):
     """A benchmark module with ``run()`` and ``report(result)``, written as ``entry``."""
+
     def go():
         import importlib
 
@@ -101,6 +112,7 @@ def _module(name: str, entry: str | None = None):
         r = mod.run()
         write(entry or name, r)
         print(mod.report(r))
+
     return go
 
 
@@ -119,7 +131,9 @@ def _gap_methods():
 
     r = gap_methods.run()
     write("gap_methods", r)
-    print("gap_methods: " + ", ".join(f"{k} x{v:.2f}" for k, v in r["ratio_vs_soft_kd"].items()) + " of soft KD per step")
+    print(
+        "gap_methods: " + ", ".join(f"{k} x{v:.2f}" for k, v in r["ratio_vs_soft_kd"].items()) + " of soft KD per step"
+    )
 
 
 # name -> (the entries it writes: a name or a prefix ending in "_"; what runs it). "runners" is a
@@ -140,7 +154,10 @@ BENCHMARKS = {
     "lm_vocab_sharded": ("lm_vocab_sharded", None),  # 4 devices: its own process sets them
     "lm_mesh_step": ("lm_mesh_step", None),
     "lm_gguf_edge": ("lm_gguf_edge", None),
-    "lm_cross_loss": ("lm_cross_loss", _module("lm_cross_loss")),  # llama.cpp's speed where llama-cpp-python is installed
+    "lm_cross_loss": (
+        "lm_cross_loss",
+        _module("lm_cross_loss"),
+    ),  # llama.cpp's speed where llama-cpp-python is installed
     "many_students": ("many_students_", _many_students),
     "multihost": ("multihost", _module("multihost")),
     "gap_methods": ("gap_methods", _gap_methods),
@@ -165,8 +182,11 @@ def run_each(names: list[str], *, fail: frozenset[str] = frozenset(), results: P
     for name in names:
         entries = BENCHMARKS[name][0]
         common.forget(entries, path)
-        cmd = [sys.executable, "-c", f"raise SystemExit('{name}: failed on purpose (--fail)')"] if name in fail \
+        cmd = (
+            [sys.executable, "-c", f"raise SystemExit('{name}: failed on purpose (--fail)')"]
+            if name in fail
             else _command(name)
+        )
         print(f"== {name}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
@@ -177,8 +197,11 @@ def run_each(names: list[str], *, fail: frozenset[str] = frozenset(), results: P
         if code != 0:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             failures[name] = how
-            common.write(entries.rstrip("_") if entries.endswith("_") else entries,
-                         {"error": f"{name} failed ({how})", "output_tail": tail}, path)
+            common.write(
+                entries.rstrip("_") if entries.endswith("_") else entries,
+                {"error": f"{name} failed ({how})", "output_tail": tail},
+                path,
+            )
             print(f"== {name} FAILED ({how}); recorded in {path}, the others still run", flush=True)
     return failures
 
@@ -186,8 +209,12 @@ def run_each(names: list[str], *, fail: frozenset[str] = frozenset(), results: P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma-separated benchmark names")
-    parser.add_argument("--fail", type=lambda s: frozenset(s.split(",")), default=frozenset(),
-                        help="make these fail at once (checks that one failure leaves the others running)")
+    parser.add_argument(
+        "--fail",
+        type=lambda s: frozenset(s.split(",")),
+        default=frozenset(),
+        help="make these fail at once (checks that one failure leaves the others running)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: run this one here
     args = parser.parse_args(argv)
     if args.one is not None:
@@ -199,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     failures = run_each(names, fail=args.fail)
     if failures:
-        print(f"{len(failures)} of {len(names)} benchmarks failed: "
-              + ", ".join(f"{n} ({h})" for n, h in failures.items()), file=sys.stderr)
+        print(
+            f"{len(failures)} of {len(names)} benchmarks failed: "
+            + ", ".join(f"{n} ({h})" for n, h in failures.items()),
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

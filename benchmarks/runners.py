@@ -29,8 +29,10 @@ from jkd.models import create_model  # noqa: E402
 from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimizer, objectives, parallel, train_step  # noqa: E402
 
 
-PAIRS = {"mlp": ("mlp_2x1200", "mlp_100", {}, (28, 28, 1), 256),
-         "cnn": ("cnn", "cnn", {"width": 16}, (32, 32, 3), 128)}  # BatchNorm: psum-ed under pmap
+PAIRS = {
+    "mlp": ("mlp_2x1200", "mlp_100", {}, (28, 28, 1), 256),
+    "cnn": ("cnn", "cnn", {"width": 16}, (32, 32, 3), 128),
+}  # BatchNorm: psum-ed under pmap
 
 
 def run(pair: str = "mlp", rounds: int = 5, steps: int = 20) -> dict:
@@ -50,7 +52,10 @@ def run(pair: str = "mlp", rounds: int = 5, steps: int = 20) -> dict:
     mesh = parallel.on_mesh(step, parallel.data_mesh(4))
     pmap = parallel.with_pmap(pmap_step, 4)
     rng = np.random.default_rng(0)
-    b = {"image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8), "label": rng.integers(0, 10, batch).astype(np.int32)}
+    b = {
+        "image": rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
+        "label": rng.integers(0, 10, batch).astype(np.int32),
+    }
     obj = objectives.SoftKD()
     copy = lambda s: jax.tree.map(lambda x: x.copy(), s)  # noqa: E731 - each runner donates its own
     box = {"mesh": copy(state), "placed": pmap.place(copy(pmap_state)), "plain": copy(pmap_state)}
@@ -60,6 +65,7 @@ def run(pair: str = "mlp", rounds: int = 5, steps: int = 20) -> dict:
             for _ in range(steps):
                 box[name], m = fn(box[name], b, obj, teacher)
             jax.block_until_ready(m["loss"])
+
         return go
 
     calls = {"mesh": runner("mesh", mesh), "placed": runner("placed", pmap), "plain": runner("plain", pmap)}
@@ -70,9 +76,15 @@ def run(pair: str = "mlp", rounds: int = 5, steps: int = 20) -> dict:
         for name, fn in calls.items():
             times[name].append(seconds_per_call(fn) / steps)
     ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
-    return {"pair": f"{t_name} -> {s_name} {s_options or ''}", "batch": batch, "devices": 4, "ms_per_step": ms,
-            "ratio": ms["placed"] / ms["mesh"],
-            "ratio_before": ms["plain"] / ms["mesh"], "target": 1.1}
+    return {
+        "pair": f"{t_name} -> {s_name} {s_options or ''}",
+        "batch": batch,
+        "devices": 4,
+        "ms_per_step": ms,
+        "ratio": ms["placed"] / ms["mesh"],
+        "ratio_before": ms["plain"] / ms["mesh"],
+        "target": 1.1,
+    }
 
 
 if __name__ == "__main__":
@@ -82,6 +94,9 @@ if __name__ == "__main__":
         r = run(pair)
         write(f"runners_{pair}", r)
         ms = r["ms_per_step"]
-        print(f"{r['pair']}, 4 CPU devices, batch {r['batch']}: mesh {ms['mesh']:.2f} ms/step, pmap placed once {ms['placed']:.2f} "
-              f"(ratio {r['ratio']:.2f}, target <= {r['target']}), pmap re-replicated per step {ms['plain']:.2f} "
-              f"(ratio {r['ratio_before']:.2f})")
+        print(
+            f"{r['pair']}, 4 CPU devices, batch {r['batch']}: mesh {ms['mesh']:.2f} ms/step, pmap "
+            f"placed once {ms['placed']:.2f} "
+            f"(ratio {r['ratio']:.2f}, target <= {r['target']}), pmap re-replicated per step {ms['plain']:.2f} "
+            f"(ratio {r['ratio_before']:.2f})"
+        )

@@ -32,6 +32,7 @@ def _teacher(run_dir="runs/demo/teacher/model"):
         return load_saved_model(run_dir)[:2]
     except FileNotFoundError:  # no demo run: a quickly trained teacher would do; an untrained one is enough for speed
         from jkd.train import freeze_model
+
         return freeze_model(create_model("mlp_2x1200", num_classes=10, input_shape=(28, 28, 1), seed=1))
 
 
@@ -47,11 +48,18 @@ def run() -> dict:
     tg, teacher = _teacher()
     steps_per_epoch = len(train) // BATCH
     total = EPOCHS * steps_per_epoch
-    tx = make_optimizer(AdamWConfig(learning_rate=1e-3, weight_decay=0.0, warmup_epochs=0.0),
-                        steps_per_epoch=steps_per_epoch, total_steps=total)
-    fresh = lambda: create_train_state(create_model("mlp_100", num_classes=10, input_shape=spec.image_shape, seed=0), tx, seed=0)  # noqa: E731
+    tx = make_optimizer(
+        AdamWConfig(learning_rate=1e-3, weight_decay=0.0, warmup_epochs=0.0),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+    )
+    fresh = lambda: create_train_state(
+        create_model("mlp_100", num_classes=10, input_shape=spec.image_shape, seed=0), tx, seed=0
+    )  # noqa: E731
     graphdef, _ = fresh()
-    online = parallel.single_device(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg))
+    online = parallel.single_device(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=tg)
+    )
     offline = parallel.single_device(functools.partial(train_step_stored, graphdef=graphdef, tx=tx, view_fn=view))
     forward = jax.jit(lambda images: teacher_logits(tg, teacher, fixed(images)))
 
@@ -68,7 +76,10 @@ def run() -> dict:
         jax.block_until_ready(m["loss"])
         return state
 
-    soft, stored_soft = objectives.SoftKD(temperature=T, kd_weight=0.9, ce_weight=0.1), objectives.StoredSoftKD(temperature=T, kd_weight=0.9, ce_weight=0.1)
+    soft, stored_soft = (
+        objectives.SoftKD(temperature=T, kd_weight=0.9, ce_weight=0.1),
+        objectives.StoredSoftKD(temperature=T, kd_weight=0.9, ce_weight=0.1),
+    )
     states = {"online": fresh()[1], "stored": fresh()[1]}
     times = {"online": [], "stored": []}
     for e in range(EPOCHS):  # interleaved epochs: the same machine noise for both
@@ -100,12 +111,24 @@ def run() -> dict:
     online_epoch = statistics.median(times["online"][1:])  # the first epoch includes compilation
     stored_epoch = statistics.median(times["stored"][1:])
     ideal = (t + s) / s
-    return {"pair": "mlp_2x1200 -> mlp_100", "batch": BATCH, "epochs": EPOCHS, "k": K, "dataset": spec.name,
-            "online_epoch_s": online_epoch, "stored_epoch_s": stored_epoch, "ratio": online_epoch / stored_epoch,
-            "ideal": ideal, "fraction_of_ideal": (online_epoch / stored_epoch) / ideal,
-            "teacher_forward_ms": 1000 * t, "student_step_ms": 1000 * s, "store_once_s": store_s,
-            "stored_bytes": outputs.nbytes(),
-            "online_test_accuracy": accuracy(states["online"]), "stored_test_accuracy": accuracy(states["stored"])}
+    return {
+        "pair": "mlp_2x1200 -> mlp_100",
+        "batch": BATCH,
+        "epochs": EPOCHS,
+        "k": K,
+        "dataset": spec.name,
+        "online_epoch_s": online_epoch,
+        "stored_epoch_s": stored_epoch,
+        "ratio": online_epoch / stored_epoch,
+        "ideal": ideal,
+        "fraction_of_ideal": (online_epoch / stored_epoch) / ideal,
+        "teacher_forward_ms": 1000 * t,
+        "student_step_ms": 1000 * s,
+        "store_once_s": store_s,
+        "stored_bytes": outputs.nbytes(),
+        "online_test_accuracy": accuracy(states["online"]),
+        "stored_test_accuracy": accuracy(states["stored"]),
+    }
 
 
 if __name__ == "__main__":
@@ -113,8 +136,12 @@ if __name__ == "__main__":
 
     r = run()
     write("stored_teacher", r)
-    print(f"stored teacher outputs: epoch {r['stored_epoch_s'] * 1000:.0f} ms vs online {r['online_epoch_s'] * 1000:.0f} ms, "
-          f"ratio {r['ratio']:.2f} of ideal {r['ideal']:.2f} (t {r['teacher_forward_ms']:.2f} ms, s "
-          f"{r['student_step_ms']:.2f} ms) = {100 * r['fraction_of_ideal']:.0f}%; storing once {r['store_once_s']:.2f} s, "
-          f"{r['stored_bytes'] / 1024:.0f} KB; test accuracy online {100 * r['online_test_accuracy']:.2f} vs stored "
-          f"{100 * r['stored_test_accuracy']:.2f}")
+    print(
+        f"stored teacher outputs: epoch {r['stored_epoch_s'] * 1000:.0f} ms vs online "
+        f"{r['online_epoch_s'] * 1000:.0f} ms, "
+        f"ratio {r['ratio']:.2f} of ideal {r['ideal']:.2f} (t {r['teacher_forward_ms']:.2f} ms, s "
+        f"{r['student_step_ms']:.2f} ms) = {100 * r['fraction_of_ideal']:.0f}%; storing once "
+        f"{r['store_once_s']:.2f} s, "
+        f"{r['stored_bytes'] / 1024:.0f} KB; test accuracy online {100 * r['online_test_accuracy']:.2f} vs stored "
+        f"{100 * r['stored_test_accuracy']:.2f}"
+    )

@@ -40,8 +40,10 @@ def check_formats(formats) -> tuple[str, ...]:
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise ValueError(f"unknown export format {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"expected one or more of: {', '.join(FORMATS)}.")
+        raise ValueError(
+            f"unknown export format {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"expected one or more of: {', '.join(FORMATS)}."
+        )
     return formats
 
 
@@ -60,8 +62,7 @@ def serving_function(graphdef, variables, *, mean, std) -> Callable[[jax.Array],
         if images.dtype != jnp.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 [B, H, W, C]; got {images.dtype} {images.shape}.")
         x = (images.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
-        logits, _, _, _ = apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, x,
-                                      train=False)
+        logits, _, _, _ = apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, x, train=False)
         return logits.astype(jnp.float32)
 
     return serve
@@ -111,7 +112,8 @@ def _import_jax2onnx():
         raise ImportError(
             "ONNX export needs jax2onnx and onnx: `pip install 'jkd[onnx]'` and then "
             "`pip install --no-deps jax2onnx==0.17.1` (its own pins clash with jkd's orbax); "
-            "`make test` and `make demo` install both.") from e
+            "`make test` and `make demo` install both."
+        ) from e
     return to_onnx
 
 
@@ -119,8 +121,13 @@ def export_onnx(serve: Callable, image_shape, path: str | Path, *, name: str = "
     """Convert ``serve`` to ONNX (opset 23) with a symbolic batch dimension ``batch``."""
     to_onnx = _import_jax2onnx()
     with _QuietPlugins():
-        proto = to_onnx(serve, inputs=[_input_spec(image_shape, "batch")], model_name=name,
-                        input_names=["images"], output_names=["logits"])
+        proto = to_onnx(
+            serve,
+            inputs=[_input_spec(image_shape, "batch")],
+            model_name=name,
+            input_names=["images"],
+            output_names=["logits"],
+        )
     _strip_inference_dropout(proto)
     path = Path(path)
     atomic_write(path, proto.SerializeToString())
@@ -141,9 +148,11 @@ def _strip_inference_dropout(proto) -> None:
             continue
         training = node.input[2] if len(node.input) > 2 else ""
         if (training and (training not in constants or bool(constants[training]))) or (
-                len(node.output) > 1 and node.output[1] in used):
-            raise ValueError(f"the exported graph has a Dropout ({node.name}) that may be active; export the "
-                             "model in eval mode.")
+            len(node.output) > 1 and node.output[1] in used
+        ):
+            raise ValueError(
+                f"the exported graph has a Dropout ({node.name}) that may be active; export the model in eval mode."
+            )
         graph.node.remove(node)
         graph.node.insert(index, helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
     still_used = {name for node in graph.node for name in node.input}
@@ -168,8 +177,9 @@ def onnx_session(path: str | Path):
 _INT8_OPS = ("MatMul", "Gemm", "Conv")
 
 
-def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, path: str | Path, *,
-                       min_images: int = 32) -> Path:
+def quantize_onnx_int8(
+    float_path: str | Path, calibration_images: np.ndarray, path: str | Path, *, min_images: int = 32
+) -> Path:
     """An int8 copy of an exported float ONNX model, in the QDQ form onnxruntime runs with its
     integer kernels: weights int8 per output channel (symmetric), activations uint8 with static
     scales from ``calibration_images`` (raw ``uint8 [N, H, W, C]``, the artifact's own input;
@@ -187,12 +197,14 @@ def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, p
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"calibration images must be raw uint8 [N, H, W, C]; got {images.dtype} {images.shape}.")
     if len(images) < min_images:
-        raise ValueError(f"{len(images)} calibration images are too few for static int8 scales; give at least "
-                         f"{min_images} (--calibration-images).")
+        raise ValueError(
+            f"{len(images)} calibration images are too few for static int8 scales; give at least "
+            f"{min_images} (--calibration-images)."
+        )
 
     class _Batches(CalibrationDataReader):
         def __init__(self):
-            self._it = iter([{"images": images[i:i + 128]} for i in range(0, len(images), 128)])
+            self._it = iter([{"images": images[i : i + 128]} for i in range(0, len(images), 128)])
 
         def get_next(self):
             return next(self._it, None)
@@ -209,18 +221,30 @@ def quantize_onnx_int8(float_path: str | Path, calibration_images: np.ndarray, p
             # before it, so that the quantized Conv runs as QLinearConv (without it, measured 0.27x
             # the float model's speed for the cnn: every Conv ran in float between DequantizeLinear).
             quant_pre_process(str(float_path), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(tmp), _Batches(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+            quantize_static(
+                str(pre),
+                str(tmp),
+                _Batches(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
         finally:
             root.setLevel(level)
         graph = onnx.load(str(tmp)).graph
         dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        float_layers = [n.name or n.op_type for n in graph.node if n.op_type in _INT8_OPS
-                        and not all(i in dequantized for i in n.input[:2])]
+        float_layers = [
+            n.name or n.op_type
+            for n in graph.node
+            if n.op_type in _INT8_OPS and not all(i in dequantized for i in n.input[:2])
+        ]
         if float_layers:
-            raise ValueError(f"onnxruntime cannot run these layers of {float_path} in integer form: "
-                             f"{', '.join(float_layers)} (their inputs stay float after quantization); "
-                             "export this model as float ONNX or int8 StableHLO instead.")
+            raise ValueError(
+                f"onnxruntime cannot run these layers of {float_path} in integer form: "
+                f"{', '.join(float_layers)} (their inputs stay float after quantization); "
+                "export this model as float ONNX or int8 StableHLO instead."
+            )
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -235,8 +259,15 @@ def cpu_integer_instructions() -> list[str]:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
-    names = {"avx2": "AVX2", "avx_vnni": "AVX-VNNI", "avx512_vnni": "AVX512-VNNI", "avx512_bw": "AVX512-BW",
-             "avx512bw": "AVX512-BW", "amx_int8": "AMX-INT8", "asimddp": "ARM dot product (SDOT)"}
+    names = {
+        "avx2": "AVX2",
+        "avx_vnni": "AVX-VNNI",
+        "avx512_vnni": "AVX512-VNNI",
+        "avx512_bw": "AVX512-BW",
+        "avx512bw": "AVX512-BW",
+        "amx_int8": "AMX-INT8",
+        "asimddp": "ARM dot product (SDOT)",
+    }
     return sorted({v for k, v in names.items() if k in flags})
 
 
@@ -244,27 +275,39 @@ def preprocessing(meta: dict, formats) -> dict:
     """What a user needs to call the artifact on raw images (written as ``preprocessing.json``)."""
     h, w, c = meta["image_shape"]
     return {
-        "model": meta["model"], "dataset": meta["dataset"], "num_classes": meta["num_classes"],
+        "model": meta["model"],
+        "dataset": meta["dataset"],
+        "num_classes": meta["num_classes"],
         "files": {f: {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE}[f] for f in formats},
-        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", h, w, c],
-                  "range": [0, 255]},
-        "normalization": {"inside_artifact": True, "formula": "(images / 255 - mean) / std",
-                          "mean": list(meta["mean"]), "std": list(meta["std"])},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", meta["num_classes"]],
-                   "note": "unnormalised scores; softmax gives class probabilities"},
+        "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", h, w, c], "range": [0, 255]},
+        "normalization": {
+            "inside_artifact": True,
+            "formula": "(images / 255 - mean) / std",
+            "mean": list(meta["mean"]),
+            "std": list(meta["std"]),
+        },
+        "output": {
+            "name": "logits",
+            "dtype": "float32",
+            "shape": ["batch", meta["num_classes"]],
+            "note": "unnormalised scores; softmax gives class probabilities",
+        },
         **({"quantization": meta["quantization"]} if meta.get("quantization") else {}),
         **({"sparsity": meta["sparsity"]} if meta.get("sparsity") is not None else {}),
     }
 
 
-def check_artifacts(paths: dict[str, Path], graphdef, variables, meta: dict, *, images: int = 8,
-                    seed: int = 0) -> dict[str, float]:
+def check_artifacts(
+    paths: dict[str, Path], graphdef, variables, meta: dict, *, images: int = 8, seed: int = 0
+) -> dict[str, float]:
     """The largest absolute logit difference between each exported artifact (``paths`` from
     :func:`export_model`) and the model in JAX, on ``images`` random raw uint8 images."""
     x = np.random.default_rng(seed).integers(0, 256, (images, *meta["image_shape"]), dtype=np.uint8)
     reference = np.asarray(serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])(x))
-    runs = {"stablehlo": lambda p: np.asarray(load_stablehlo(p)(x)),
-            "onnx": lambda p: onnx_session(p).run(None, {"images": x})[0]}
+    runs = {
+        "stablehlo": lambda p: np.asarray(load_stablehlo(p)(x)),
+        "onnx": lambda p: onnx_session(p).run(None, {"images": x})[0],
+    }
     return {fmt: float(np.max(np.abs(runs[fmt](p) - reference))) for fmt, p in paths.items()}
 
 
@@ -273,16 +316,20 @@ def export_model(graphdef, variables, meta: dict, out_dir: str | Path, formats=F
     ``{format: path}``. ``meta`` is a saved model's meta (image shape, mean, std, classes)."""
     formats = check_formats(formats)
     if "onnx" in formats and meta.get("quantization"):
-        raise ValueError(f"ONNX export of an int8 student ({meta['quantization']}) is not supported: jax2onnx "
-                         "0.17.1 converts nnx.Linear/Conv by their float definition and so drops qwix's int8 "
-                         "arithmetic. Export it with --format stablehlo (int8 weights inside), or export the "
-                         "float student with --int8: int8 ONNX (QDQ) that onnxruntime runs with integer kernels.")
+        raise ValueError(
+            f"ONNX export of an int8 student ({meta['quantization']}) is not supported: jax2onnx "
+            "0.17.1 converts nnx.Linear/Conv by their float definition and so drops qwix's int8 "
+            "arithmetic. Export it with --format stablehlo (int8 weights inside), or export the "
+            "float student with --int8: int8 ONNX (QDQ) that onnxruntime runs with integer kernels."
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     serve = serving_function(graphdef, variables, mean=meta["mean"], std=meta["std"])
     shape = tuple(meta["image_shape"])
-    writers = {"stablehlo": lambda: export_stablehlo(serve, shape, out / STABLEHLO_FILE),
-               "onnx": lambda: export_onnx(serve, shape, out / ONNX_FILE)}
+    writers = {
+        "stablehlo": lambda: export_stablehlo(serve, shape, out / STABLEHLO_FILE),
+        "onnx": lambda: export_onnx(serve, shape, out / ONNX_FILE),
+    }
     paths = {f: writers[f]() for f in formats}
     atomic_write(out / PREPROCESSING_FILE, json.dumps(preprocessing(meta, formats), indent=2).encode())
     return paths
@@ -306,16 +353,26 @@ def export_lm_stablehlo(model, folder: str | Path) -> Path:
 
     batch, length = jax.export.symbolic_shape("batch, length")
     exported = jax.export.export(jax.jit(forward))(
-        jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_))
+        jax.ShapeDtypeStruct((batch, length), jnp.int32), jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+    )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / STABLEHLO_FILE, bytes(exported.serialize()))
     cfg = model.config
-    atomic_write(folder / LM_SERVING_FILE, json.dumps({
-        "inputs": {"tokens": "int32 [batch, length]", "attention_mask": "bool [batch, length] (True: a real token)"},
-        "output": f"float32 logits [batch, length, {cfg.vocab_size}]",
-        "positions": "counted over the real tokens of each row (right or left padding both work)",
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "load": "jax.export.deserialize(open('model.stablehlo', 'rb').read()).call(tokens, attention_mask)",
-    }, indent=2).encode())
+    atomic_write(
+        folder / LM_SERVING_FILE,
+        json.dumps(
+            {
+                "inputs": {
+                    "tokens": "int32 [batch, length]",
+                    "attention_mask": "bool [batch, length] (True: a real token)",
+                },
+                "output": f"float32 logits [batch, length, {cfg.vocab_size}]",
+                "positions": "counted over the real tokens of each row (right or left padding both work)",
+                "max_position_embeddings": cfg.max_position_embeddings,
+                "load": "jax.export.deserialize(open('model.stablehlo', 'rb').read()).call(tokens, attention_mask)",
+            },
+            indent=2,
+        ).encode(),
+    )
     return folder

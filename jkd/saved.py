@@ -20,23 +20,37 @@ class ModelSpec:
     options: tuple[tuple[str, object], ...] = ()
 
     def build(self, num_classes, input_shape, seed, bn_axis_name=None):
-        return create_model(self.name, num_classes=num_classes, input_shape=input_shape, seed=seed,
-                            bn_axis_name=bn_axis_name, **dict(self.options))
-
+        return create_model(
+            self.name,
+            num_classes=num_classes,
+            input_shape=input_shape,
+            seed=seed,
+            bn_axis_name=bn_axis_name,
+            **dict(self.options),
+        )
 
 
 def model_meta(mspec: ModelSpec, spec, role: str) -> dict:
     """What is saved beside a model's variables so that it can be rebuilt and evaluated alone."""
-    return {"model": mspec.name, "options": [list(o) for o in mspec.options], "role": role,
-            "dataset": spec.name, "num_classes": spec.num_classes, "image_shape": list(spec.image_shape),
-            "mean": list(spec.mean), "std": list(spec.std)}
+    return {
+        "model": mspec.name,
+        "options": [list(o) for o in mspec.options],
+        "role": role,
+        "dataset": spec.name,
+        "num_classes": spec.num_classes,
+        "image_shape": list(spec.image_shape),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
 
 
 def _dataset_problems(meta: dict, spec) -> list[str]:
     if meta["num_classes"] != spec.num_classes or tuple(meta["image_shape"]) != tuple(spec.image_shape):
-        return [f"it was trained on {meta['dataset']} ({meta['num_classes']} classes, images "
-                f"{tuple(meta['image_shape'])}) but {spec.name} has {spec.num_classes} classes and images "
-                f"{tuple(spec.image_shape)}"]
+        return [
+            f"it was trained on {meta['dataset']} ({meta['num_classes']} classes, images "
+            f"{tuple(meta['image_shape'])}) but {spec.name} has {spec.num_classes} classes and images "
+            f"{tuple(spec.image_shape)}"
+        ]
     return []
 
 
@@ -56,8 +70,10 @@ def check_saved_model(meta: dict, mspec: ModelSpec, spec, *, where: str, role: s
     if role is not None and meta.get("role") != role:
         problems.append(f"it holds a {meta.get('role')} model, not a {role}")
     if meta["model"] != mspec.name or saved_options != wanted_options:
-        problems.append(f"it holds {meta['model']} {dict(saved_options) or ''} but the config names "
-                        f"{mspec.name} {dict(wanted_options) or ''}".replace("  ", " "))
+        problems.append(
+            f"it holds {meta['model']} {dict(saved_options) or ''} but the config names "
+            f"{mspec.name} {dict(wanted_options) or ''}".replace("  ", " ")
+        )
     problems += _dataset_problems(meta, spec)
     if problems:
         raise ValueError(f"{where} is not the configured model: {'; '.join(problems)}.")
@@ -69,8 +85,10 @@ def load_saved_model(path: str | Path):
 
     path = Path(path).absolute()
     if not (path / "meta").exists():
-        raise FileNotFoundError(f"{path} holds no saved jkd model (expected a folder written by a run, "
-                                "e.g. runs/demo/teacher/model or runs/demo/soft_kd_t_8/seed0).")
+        raise FileNotFoundError(
+            f"{path} holds no saved jkd model (expected a folder written by a run, "
+            "e.g. runs/demo/teacher/model or runs/demo/soft_kd_t_8/seed0)."
+        )
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
         meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     from jkd.train import freeze_model
@@ -81,8 +99,10 @@ def load_saved_model(path: str | Path):
         from jkd.compress import quantization
 
         if meta["quantization"] not in quantization.SCHEMES:
-            raise ValueError(f"{path} holds a model quantized with {meta['quantization']!r}, unknown to this "
-                             f"jkd (known: {', '.join(quantization.SCHEMES)}).")
+            raise ValueError(
+                f"{path} holds a model quantized with {meta['quantization']!r}, unknown to this "
+                f"jkd (known: {', '.join(quantization.SCHEMES)})."
+            )
         sample = jax.numpy.zeros((1, *meta["image_shape"]), jax.numpy.float32)
         model = quantization.quantize(model, sample, quantization.SCHEMES[meta["quantization"]])
     graphdef, template = freeze_model(model)

@@ -11,8 +11,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # speed; benchmarks and jkd's commands keep XLA's defaults. Child processes the tests start
 # inherit the flags. A user's own setting of any of them wins. Only on the jaxlib they were
 # measured on: XLA aborts on a flag it does not know, and a later release may drop one.
-_FAST_COMPILE = ("--xla_backend_optimization_level=1", "--xla_llvm_disable_expensive_passes=true",
-                 "--xla_cpu_use_fusion_emitters=false")
+_FAST_COMPILE = (
+    "--xla_backend_optimization_level=1",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
 if version("jaxlib").startswith("0.10."):
     _flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = " ".join([_flags, *(f for f in _FAST_COMPILE if f.split("=")[0] not in _flags)]).strip()

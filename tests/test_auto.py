@@ -20,11 +20,13 @@ def _digits_npz(path):
 
 @pytest.mark.parametrize(
     "grid,match",
-    [(AutoGrid(losses=("soft", "fitnets")), r"unknown loss\(es\) \['fitnets'\]"),
-     (AutoGrid(temperatures=(1.0, -2.0)), "temperatures must be > 0"),
-     (AutoGrid(temperatures=(0.0,)), "temperatures must be > 0"),
-     (AutoGrid(kd_weights=(0.5, 0.9)), "must include 0"),
-     (AutoGrid(kd_weights=(0.0, 1.5)), r"kd_weights must lie in \[0, 1\]")],
+    [
+        (AutoGrid(losses=("soft", "fitnets")), r"unknown loss\(es\) \['fitnets'\]"),
+        (AutoGrid(temperatures=(1.0, -2.0)), "temperatures must be > 0"),
+        (AutoGrid(temperatures=(0.0,)), "temperatures must be > 0"),
+        (AutoGrid(kd_weights=(0.5, 0.9)), "must include 0"),
+        (AutoGrid(kd_weights=(0.0, 1.5)), r"kd_weights must lie in \[0, 1\]"),
+    ],
 )
 def test_bad_grid_is_refused_before_any_training(grid, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -33,17 +35,34 @@ def test_bad_grid_is_refused_before_any_training(grid, match, tmp_path):
 
 
 def test_cli_refuses_a_bad_grid(tmp_path, capsys):
-    code = cli.main(["distill", "--auto", "--teacher-dir", str(tmp_path / "none"), "--grid-losses", "soft,bogus",
-                     "--run-dir", str(tmp_path / "r")])
+    code = cli.main(
+        [
+            "distill",
+            "--auto",
+            "--teacher-dir",
+            str(tmp_path / "none"),
+            "--grid-losses",
+            "soft,bogus",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2 and "unknown loss(es) ['bogus']" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
 def test_auto_on_an_npz_dataset(tmp_path):
-    cfg = ExperimentConfig(dataset=str(_digits_npz(tmp_path / "digits.npz")), teacher=ModelSpec("mlp", (("hidden", (256, 256)),)),
-                           student=ModelSpec("mlp_30"), teacher_epochs=3, student_epochs=3, batch_size=64,
-                           seeds=(0, 1), eval_every_epochs=1)
+    cfg = ExperimentConfig(
+        dataset=str(_digits_npz(tmp_path / "digits.npz")),
+        teacher=ModelSpec("mlp", (("hidden", (256, 256)),)),
+        student=ModelSpec("mlp_30"),
+        teacher_epochs=3,
+        student_epochs=3,
+        batch_size=64,
+        seeds=(0, 1),
+        eval_every_epochs=1,
+    )
     result = run_auto(cfg, tmp_path / "auto", grid=AutoGrid(temperatures=(1.0, 4.0)), calibrate=True, progress=False)
     choice = result["choice"]
     # The reported choice is the rule applied to the reported validation accuracies.

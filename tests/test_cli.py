@@ -6,8 +6,17 @@ import pytest
 
 from jkd import cli
 
-TINY = ["--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "seeds=(0, 1)",
-        "--set", "eval_every_epochs=1", "--no-progress"]
+TINY = [
+    "--set",
+    "teacher_epochs=1",
+    "--set",
+    "student_epochs=1",
+    "--set",
+    "seeds=(0, 1)",
+    "--set",
+    "eval_every_epochs=1",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +28,59 @@ def demo_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_demo_writes_the_whole_run_folder(demo_dir):
-    for f in ("config.json", "log.jsonl", "summary.json", "report.md", "curves.png", "accuracy_vs_size.png",
-              "confusion_teacher.png", "roc_soft_kd_t_8.png"):
+    for f in (
+        "config.json",
+        "log.jsonl",
+        "summary.json",
+        "report.md",
+        "curves.png",
+        "accuracy_vs_size.png",
+        "confusion_teacher.png",
+        "roc_soft_kd_t_8.png",
+    ):
         assert (demo_dir / f).is_file(), f
     assert list((demo_dir / "tb").rglob("events.out.tfevents.*"))
     summary = json.loads((demo_dir / "summary.json").read_text())
     roles = {m["name"]: m["role"] for m in summary["models"]}
-    assert roles == {"teacher": "teacher", "student alone": "student_alone", "soft KD T=8": "distilled",
-                     "hard KD": "distilled", "DKD": "distilled"}
+    assert roles == {
+        "teacher": "teacher",
+        "student alone": "student_alone",
+        "soft KD T=8": "distilled",
+        "hard KD": "distilled",
+        "DKD": "distilled",
+    }
     for m in summary["models"]:
-        assert {"name", "role", "loss", "test_accuracy_per_seed", "test_accuracy_mean", "test_accuracy_std",
-                "params", "flops", "size_bytes", "latency_ms"} <= set(m)
+        assert {
+            "name",
+            "role",
+            "loss",
+            "test_accuracy_per_seed",
+            "test_accuracy_mean",
+            "test_accuracy_std",
+            "params",
+            "flops",
+            "size_bytes",
+            "latency_ms",
+        } <= set(m)
         assert len(m["test_accuracy_per_seed"]) == (1 if m["role"] == "teacher" else 2)
         assert 0.1 < m["test_accuracy_mean"] <= 1.0  # better than chance after one epoch
     metrics = json.loads((demo_dir / "soft_kd_t_8" / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_loss", "best_test_accuracy", "last_test_accuracy", "precision", "recall",
-                "f1", "macro_f1", "auc_ovr", "macro_auc_ovr", "ece", "teacher_agreement", "params", "flops"):
+    for key in (
+        "test_accuracy",
+        "test_loss",
+        "best_test_accuracy",
+        "last_test_accuracy",
+        "precision",
+        "recall",
+        "f1",
+        "macro_f1",
+        "auc_ovr",
+        "macro_auc_ovr",
+        "ece",
+        "teacher_agreement",
+        "params",
+        "flops",
+    ):
         assert key in metrics, key
     assert len(metrics["f1"]) == 10
     assert (demo_dir / "teacher" / "model").is_dir() and (demo_dir / "soft_kd_t_8" / "ckpt").is_dir()
@@ -62,19 +108,81 @@ def test_evaluate_and_report(demo_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_train_teacher_then_distill(tmp_path):
     t_dir = tmp_path / "t"
-    assert cli.main(["train-teacher", "--model", "mlp", "--model-option", "hidden=(64,)", "--epochs", "1",
-                     "--run-dir", str(t_dir), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train-teacher",
+                "--model",
+                "mlp",
+                "--model-option",
+                "hidden=(64,)",
+                "--epochs",
+                "1",
+                "--run-dir",
+                str(t_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     d_dir = tmp_path / "d"
-    assert cli.main(["distill", "--teacher-dir", str(t_dir / "teacher" / "model"), "--model", "mlp_30",
-                     "--epochs", "1", "--loss", "dkd", "--seeds", "0,1", "--parallel", "mesh", "--devices", "2",
-                     "--run-dir", str(d_dir), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "distill",
+                "--teacher-dir",
+                str(t_dir / "teacher" / "model"),
+                "--model",
+                "mlp_30",
+                "--epochs",
+                "1",
+                "--loss",
+                "dkd",
+                "--seeds",
+                "0,1",
+                "--parallel",
+                "mesh",
+                "--devices",
+                "2",
+                "--run-dir",
+                str(d_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((d_dir / "summary.json").read_text())
     assert [m["name"] for m in summary["models"]] == ["teacher", "student alone", "dkd KD"]
     # Function matching from the command line: crops and mixup on a mesh, no label term.
     f_dir = tmp_path / "f"
-    assert cli.main(["distill", "--teacher-dir", str(t_dir / "teacher" / "model"), "--model", "mlp_30",
-                     "--epochs", "1", "--loss", "fm", "--crop-padding", "2", "--mixup", "0.5", "--no-baseline",
-                     "--parallel", "mesh", "--devices", "2", "--run-dir", str(f_dir), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "distill",
+                "--teacher-dir",
+                str(t_dir / "teacher" / "model"),
+                "--model",
+                "mlp_30",
+                "--epochs",
+                "1",
+                "--loss",
+                "fm",
+                "--crop-padding",
+                "2",
+                "--mixup",
+                "0.5",
+                "--no-baseline",
+                "--parallel",
+                "mesh",
+                "--devices",
+                "2",
+                "--run-dir",
+                str(f_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     config = json.loads((f_dir / "config.json").read_text())
     assert config["distillations"][0]["mixup_alpha"] == 0.5 and config["student_crop_padding"] == 2
     assert json.loads((f_dir / "summary.json").read_text())["models"][1]["loss"] == "FunctionMatching"
@@ -83,17 +191,33 @@ def test_train_teacher_then_distill(tmp_path):
 @pytest.mark.slow
 def test_run_config_file_with_overrides(tmp_path):
     cfg = "experiments/embedded_demo/config.py"
-    assert cli.main(["run", cfg, "--run-dir", str(tmp_path / "r"), *TINY, "--set", "student.name=mlp_30",
-                     "--set", "distillations=()"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                cfg,
+                "--run-dir",
+                str(tmp_path / "r"),
+                *TINY,
+                "--set",
+                "student.name=mlp_30",
+                "--set",
+                "distillations=()",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["mlp_2x1200", "mlp_30"]
 
 
 @pytest.mark.parametrize(
     "argv,message",
-    [(["demo", "--set", "no_such_field=1"], "unknown config field 'no_such_field'"),
-     (["run", "nowhere/config.py"], "no config file at"),
-     (["demo", "--set", "parallel=gpu"], "parallel must be 'single', 'mesh' or 'pmap'")],
+    [
+        (["demo", "--set", "no_such_field=1"], "unknown config field 'no_such_field'"),
+        (["run", "nowhere/config.py"], "no config file at"),
+        (["demo", "--set", "parallel=gpu"], "parallel must be 'single', 'mesh' or 'pmap'"),
+    ],
 )
 def test_bad_arguments(argv, message, tmp_path, capsys):
     try:
@@ -130,22 +254,25 @@ def test_language_model_commands_offer_the_several_hosts_flags(capsys):
     assert "--coordinator" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, code, message", [
-    (["demo", "--set", "parallel=gpu"], 2, "parallel must be"),
-    (["run", "nowhere/config.py"], "jkd: no config file at nowhere/config.py", None),
-    (["train-teacher", "--lr", "-1"], 2, "learning_rate (--lr)"),
-    (["distill", "--teacher-dir", "nowhere"], 2, "nowhere"),
-    (["evaluate", "nowhere"], 2, "nowhere"),
-    (["report", "nowhere"], 2, "nowhere/summary.json does not exist"),
-    (["models"], 0, None),
-    (["compress", "nowhere"], 2, "nowhere does not exist"),
-    (["export", "nowhere"], 2, "nowhere does not exist"),
-    (["lm", "demo", "--set", "answer_temperature=-1"], 2, "answer_temperature must be"),
-    (["lm", "distill", "--data", "nowhere.jsonl", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
-    (["lm", "evaluate", "nowhere", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
-    (["lm", "generate", "nowhere", "--prompt", "hi"], 2, "model folder nowhere: no such folder"),
-    (["lm", "export", "nowhere", "--out", "out"], 2, "model folder nowhere: no such folder"),
-])
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["demo", "--set", "parallel=gpu"], 2, "parallel must be"),
+        (["run", "nowhere/config.py"], "jkd: no config file at nowhere/config.py", None),
+        (["train-teacher", "--lr", "-1"], 2, "learning_rate (--lr)"),
+        (["distill", "--teacher-dir", "nowhere"], 2, "nowhere"),
+        (["evaluate", "nowhere"], 2, "nowhere"),
+        (["report", "nowhere"], 2, "nowhere/summary.json does not exist"),
+        (["models"], 0, None),
+        (["compress", "nowhere"], 2, "nowhere does not exist"),
+        (["export", "nowhere"], 2, "nowhere does not exist"),
+        (["lm", "demo", "--set", "answer_temperature=-1"], 2, "answer_temperature must be"),
+        (["lm", "distill", "--data", "nowhere.jsonl", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
+        (["lm", "evaluate", "nowhere", "--test", "nowhere.jsonl"], 2, "nowhere.jsonl: no such"),
+        (["lm", "generate", "nowhere", "--prompt", "hi"], 2, "model folder nowhere: no such folder"),
+        (["lm", "export", "nowhere", "--out", "out"], 2, "model folder nowhere: no such folder"),
+    ],
+)
 def test_every_command_runs_as_python_m_jkd_cli(argv, code, message, tmp_path, monkeypatch, capsys):
     """`python -m jkd.cli` runs the module as __main__: every command reaches its own code (the
     `lm evaluate|generate|export` functions once sat below the __main__ block: NameError)."""
@@ -170,10 +297,12 @@ def test_export_a_student_and_the_clear_errors(demo_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert {p.name for p in (tmp_path / "e").iterdir()} == {"model.stablehlo", "model.onnx", "preprocessing.json"}
     assert "max |logit difference| vs JAX" in out
-    bad = [([str(demo_dir)], "is a run folder, not a model; give one of its students"),
-           ([str(demo_dir / "teacher" / "model")], "holds the teacher; jkd exports students only"),
-           ([str(student), "--format", "tflite"], "unknown export format 'tflite'"),
-           ([str(tmp_path / "nowhere")], "does not exist")]
+    bad = [
+        ([str(demo_dir)], "is a run folder, not a model; give one of its students"),
+        ([str(demo_dir / "teacher" / "model")], "holds the teacher; jkd exports students only"),
+        ([str(student), "--format", "tflite"], "unknown export format 'tflite'"),
+        ([str(tmp_path / "nowhere")], "does not exist"),
+    ]
     for argv, message in bad:
         assert cli.main(["export", *argv, "--out", str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
@@ -184,15 +313,38 @@ def test_export_a_student_and_the_clear_errors(demo_dir, tmp_path, capsys):
 def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tmp_path, capsys):
     student = demo_dir / "soft_kd_t_8" / "seed0"
     out = tmp_path / "c"
-    argv = ["compress", str(student), "--out", str(out), "--prune-epochs", "2", "--qat-epochs", "1",
-            "--calibration-images", "64", "--no-progress"]
+    argv = [
+        "compress",
+        str(student),
+        "--out",
+        str(out),
+        "--prune-epochs",
+        "2",
+        "--qat-epochs",
+        "1",
+        "--calibration-images",
+        "64",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     summary = json.loads((out / "compress_summary.json").read_text())
     names = [m["name"] for m in summary["models"]]
-    assert names == ["teacher", "student", "pruned 80%", "structured 50%", "PTQ int8 weights",
-                     "PTQ int8 weights+activations (static)", "QAT int8 weights", "pruned 80% + int8 weights",
-                     "exported (stablehlo)", "exported (onnx)", "exported int8 weights (stablehlo)",
-                     "exported int8 (onnx, QDQ)", "structured 50% (onnx)", "structured 50% + int8 (onnx, QDQ)"]
+    assert names == [
+        "teacher",
+        "student",
+        "pruned 80%",
+        "structured 50%",
+        "PTQ int8 weights",
+        "PTQ int8 weights+activations (static)",
+        "QAT int8 weights",
+        "pruned 80% + int8 weights",
+        "exported (stablehlo)",
+        "exported (onnx)",
+        "exported int8 weights (stablehlo)",
+        "exported int8 (onnx, QDQ)",
+        "structured 50% (onnx)",
+        "structured 50% + int8 (onnx, QDQ)",
+    ]
     rows = {m["name"]: m for m in summary["models"]}
     n = sum(v["size"] for v in summary["pruning"]["layers"].values())
     assert summary["pruning"]["prunable_sparsity"] == pytest.approx(int(0.8 * n) / n)  # real zeros, counted
@@ -210,20 +362,27 @@ def test_compress_reports_every_model_resumes_and_refuses_bad_input(demo_dir, tm
     assert cli.main(["export", str(out / "pruned" / "model"), "--out", str(tmp_path / "pe")]) == 0
     assert cli.main(["export", str(out / "int8_static" / "model"), "--out", str(tmp_path / "qe")]) == 2
     assert "ONNX export of an int8 student" in capsys.readouterr().err
-    assert cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")]) == 0
+    assert (
+        cli.main(["export", str(out / "int8_static" / "model"), "--format", "stablehlo", "--out", str(tmp_path / "qe")])
+        == 0
+    )
     # int8 ONNX from the float student, for onnxruntime: QDQ, calibrated on training images.
-    assert cli.main(["export", str(student), "--out", str(tmp_path / "q8"), "--int8", "--calibration-images", "64"]) == 0
+    assert (
+        cli.main(["export", str(student), "--out", str(tmp_path / "q8"), "--int8", "--calibration-images", "64"]) == 0
+    )
     assert "onnx int8 (QDQ):" in capsys.readouterr().out and (tmp_path / "q8" / "model_int8.onnx").is_file()
     assert cli.main(["export", str(student), "--out", str(tmp_path / "q9"), "--int8", "--format", "stablehlo"]) == 2
     assert "--int8 writes an int8 ONNX model" in capsys.readouterr().err and not (tmp_path / "q9").exists()
     # The structured student is a smaller model of the same family, saved like any other.
     assert cli.main(["evaluate", str(out / "structured" / "model")]) == 0
     assert "mlp_100 on jkd_mnist_sample: test accuracy" in capsys.readouterr().out
-    for extra, message in ((["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
-                           (["--structured-width", "1.5"], "the structured width must lie in (0, 1)"),
-                           (["--calibration-images", "8"], "calibration_images must be >= 32"),
-                           (["--sparsity", "0.5"], "holds a run with another configuration (sparsity (--sparsity): 0.8 -> 0.5)"),
-                           (["--format", "tflite"], "unknown export format")):
+    for extra, message in (
+        (["--sparsity", "1.0"], "sparsity must lie in [0, 1)"),
+        (["--structured-width", "1.5"], "the structured width must lie in (0, 1)"),
+        (["--calibration-images", "8"], "calibration_images must be >= 32"),
+        (["--sparsity", "0.5"], "holds a run with another configuration (sparsity (--sparsity): 0.8 -> 0.5)"),
+        (["--format", "tflite"], "unknown export format"),
+    ):
         assert cli.main([*argv, *extra]) == 2
         assert message in capsys.readouterr().err
     assert cli.main(["compress", str(demo_dir / "teacher" / "model"), "--out", str(tmp_path / "t")]) == 2
@@ -239,11 +398,24 @@ def test_one_run_on_any_runner_and_device_count(tmp_path):
 
     from jkd.jobs.image import load_saved_model
 
-    base = ["train-teacher", "--model", "mlp", "--model-option", "hidden=(32,)", "--epochs", "1",
-            "--crop-padding", "2", "--no-progress"]
+    base = [
+        "train-teacher",
+        "--model",
+        "mlp",
+        "--model-option",
+        "hidden=(32,)",
+        "--epochs",
+        "1",
+        "--crop-padding",
+        "2",
+        "--no-progress",
+    ]
     params = {}
-    for name, extra in {"single": [], "mesh2": ["--parallel", "mesh", "--devices", "2"],
-                        "pmap4": ["--parallel", "pmap", "--devices", "4"]}.items():
+    for name, extra in {
+        "single": [],
+        "mesh2": ["--parallel", "mesh", "--devices", "2"],
+        "pmap4": ["--parallel", "pmap", "--devices", "4"],
+    }.items():
         assert cli.main([*base, *extra, "--run-dir", str(tmp_path / name)]) == 0
         _, variables, _ = load_saved_model(tmp_path / name / "teacher" / "model")
         params[name] = [np.asarray(x) for x in __import__("jax").tree.leaves(variables.params)]
@@ -260,8 +432,12 @@ def test_a_new_config_field_is_a_flag_without_touching_the_parser(monkeypatch, t
     from jkd.jobs import lm as LX
     from jkd.cli import lm as lm_commands
 
-    extended = dataclasses.make_dataclass("LMExperimentConfig", [("warmup_knob", int, dataclasses.field(default=3))],
-                                          bases=(LX.LMExperimentConfig,), frozen=True)
+    extended = dataclasses.make_dataclass(
+        "LMExperimentConfig",
+        [("warmup_knob", int, dataclasses.field(default=3))],
+        bases=(LX.LMExperimentConfig,),
+        frozen=True,
+    )
     monkeypatch.setattr(LX, "LMExperimentConfig", extended)
     argv = ["lm", "distill", "--data", "a.jsonl", "--test", "b.jsonl", "--test-limit", "7", "--warmup-knob", "5"]
     args = cli.build_parser().parse_args(argv)
@@ -277,11 +453,12 @@ def test_derived_flags_reach_every_job(capsys):
     """A plain field without a hand-written flag is a flag of every command that runs its job."""
     parser = cli.build_parser()
     for argv, field, value in (
-            (["demo", "--eval-every-epochs", "2"], "eval_every_epochs", 2),
-            (["distill", "--teacher-dir", "t", "--flip", "false"], "flip", False),
-            (["train-teacher", "--val-seed", "4"], "val_seed", 4),
-            (["lm", "demo", "--student-steps", "50", "--seeds", "0,1"], "seeds", (0, 1)),
-            (["compress", "m", "--structured-multiple", "16"], "structured_multiple", 16)):
+        (["demo", "--eval-every-epochs", "2"], "eval_every_epochs", 2),
+        (["distill", "--teacher-dir", "t", "--flip", "false"], "flip", False),
+        (["train-teacher", "--val-seed", "4"], "val_seed", 4),
+        (["lm", "demo", "--student-steps", "50", "--seeds", "0,1"], "seeds", (0, 1)),
+        (["compress", "m", "--structured-multiple", "16"], "structured_multiple", 16),
+    ):
         assert getattr(parser.parse_args(argv), f"config.{field}") == value, argv
     with pytest.raises(SystemExit):
         parser.parse_args(["lm", "demo", "--answer-temperature", "inf"])
@@ -296,7 +473,9 @@ def test_run_takes_a_language_model_config_file(tmp_path, monkeypatch):
     monkeypatch.setattr(LX, "run", lambda cfg, run_dir, **kw: called.update(cfg=cfg, run_dir=run_dir, **kw))
     cfg = tmp_path / "lm.py"
     cfg.write_text("from jkd.jobs.lm import LMExperimentConfig\n\ndef get_config():\n    return LMExperimentConfig()\n")
-    assert cli.main(["run", str(cfg), "--run-dir", str(tmp_path / "r"), "--set", "student_steps=7", "--no-progress"]) == 0
+    assert (
+        cli.main(["run", str(cfg), "--run-dir", str(tmp_path / "r"), "--set", "student_steps=7", "--no-progress"]) == 0
+    )
     assert called["cfg"].student_steps == 7 and called["run_dir"] == str(tmp_path / "r") and called["progress"] is False
     other = tmp_path / "other.py"
     other.write_text("def get_config():\n    return {'steps': 3}\n")

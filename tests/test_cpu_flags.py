@@ -49,19 +49,23 @@ def _fresh_python(code: str) -> str:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JKD_NO_XLA_FLAGS")}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_importing_jkd_changes_nothing_process_wide():
-    code = ("import os, sys, jkd, jkd.losses, jkd.train, jkd.jobs.image; "
-            "print(os.environ.get('XLA_FLAGS'), 'matplotlib.pyplot' in sys.modules)")
+    code = (
+        "import os, sys, jkd, jkd.losses, jkd.train, jkd.jobs.image; "
+        "print(os.environ.get('XLA_FLAGS'), 'matplotlib.pyplot' in sys.modules)"
+    )
     assert _fresh_python(code) == "None False"
 
 
 def test_initialize_sets_the_flag_before_jax_starts():
     assert _fresh_python("import os, jkd; print(jkd.initialize(), os.environ['XLA_FLAGS'])") == (
-        f"{{'xla_cpu_flags': True}} {_cpu_flags.FLAG}")
+        f"{{'xla_cpu_flags': True}} {_cpu_flags.FLAG}"
+    )
 
 
 def test_initialize_after_jax_started_changes_nothing(env):
@@ -89,7 +93,8 @@ t = np.cos(np.arange(40, dtype=np.float32)).reshape(4, 10)
 soft = losses.soft_distillation_loss(s, t, temperature=3.0)
 tg, teacher = H.teacher()
 g, state = H.student()
-state, m = parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP))(state, H.batches(1)[0], objectives.SoftKD(), teacher)
+step = parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP))
+state, m = step(state, H.batches(1)[0], objectives.SoftKD(), teacher)
 result = {"flags": os.environ.get("XLA_FLAGS"), "soft": np.asarray(soft).tolist(), "loss": float(m["loss"]),
           "kernel": np.asarray(state.params["head"]["kernel"][...]).ravel().tolist()}
 """
@@ -107,8 +112,18 @@ def test_losses_and_a_train_step_under_jax_default_flags():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JKD_NO_XLA_FLAGS")}
     env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
-    default = json.loads(subprocess.run([sys.executable, "-c", _STEP + "print(json.dumps(result))"], env=env, capture_output=True, text=True,
-                                        check=True, cwd=root).stdout.strip().splitlines()[-1])
+    default = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", _STEP + "print(json.dumps(result))"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     assert default["flags"] is None  # JAX's defaults there
     scope = {}
     exec(_STEP, scope)

@@ -7,8 +7,17 @@ import tensorflow_datasets as tfds
 
 from jkd import cli
 
-TINY = ["--set", "teacher_epochs=1", "--set", "student_epochs=1", "--set", "seeds=(0,)",
-        "--set", "eval_every_epochs=1", "--no-progress"]
+TINY = [
+    "--set",
+    "teacher_epochs=1",
+    "--set",
+    "student_epochs=1",
+    "--set",
+    "seeds=(0,)",
+    "--set",
+    "eval_every_epochs=1",
+    "--no-progress",
+]
 
 
 def test_source_example_learns_from_the_trained_teacher(tmp_path):
@@ -69,12 +78,30 @@ def test_cifar100_recipe_runs_a_few_steps_on_mock_data(tmp_path):
 
     with tfds.testing.mock_data(num_examples=64):
         spec = load_dataset("cifar100").spec
-        _, frozen = freeze_model(create_model("resnet32x4", num_classes=spec.num_classes, input_shape=spec.image_shape,
-                                              seed=0))
+        _, frozen = freeze_model(
+            create_model("resnet32x4", num_classes=spec.num_classes, input_shape=spec.image_shape, seed=0)
+        )
         save_frozen(tmp_path / "teacher", frozen, model_meta(ModelSpec("resnet32x4"), spec, "teacher"))
-        assert cli.main(["run", "experiments/cifar100_kd/config.py", "--run-dir", str(tmp_path / "run"),
-                         "--set", f"teacher_dir={tmp_path / 'teacher'}", "--set", "student_epochs=1",
-                         "--set", "batch_size=32", "--set", "eval_every_epochs=1", "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "run",
+                    "experiments/cifar100_kd/config.py",
+                    "--run-dir",
+                    str(tmp_path / "run"),
+                    "--set",
+                    f"teacher_dir={tmp_path / 'teacher'}",
+                    "--set",
+                    "student_epochs=1",
+                    "--set",
+                    "batch_size=32",
+                    "--set",
+                    "eval_every_epochs=1",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     tmp_path = tmp_path / "run"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == ["resnet32x4"] + ["resnet8x4"] * 3
@@ -112,8 +139,9 @@ def test_leaderboard_rows_run_and_report_the_gap_they_close(tmp_path):
     rows = {d.name: d for d in cfg.distillations}
     pick = [rows["CRD"], rows["student alone, 160 ep."], rows["function matching, 160 ep."]]
     pick = [dataclasses.replace(d, epochs=2 if d.epochs else None) for d in pick]
-    cfg = dataclasses.replace(cfg, teacher_epochs=1, student_epochs=1, seeds=(0,), eval_every_epochs=1,
-                              distillations=tuple(pick))
+    cfg = dataclasses.replace(
+        cfg, teacher_epochs=1, student_epochs=1, seeds=(0,), eval_every_epochs=1, distillations=tuple(pick)
+    )
     summary = run(cfg, tmp_path, progress=False, echo=lambda *_: None)
     by_name = {m["name"]: m for m in summary["models"]}
     assert by_name["student alone, 160 ep."]["role"] == "student_alone"

@@ -22,8 +22,17 @@ MEAN, STD = (0.1307,), (0.3081,)
 
 
 def _meta(name, **extra):
-    return {"model": name, "options": [], "role": "distilled", "dataset": "jkd_mnist_sample", "num_classes": 10,
-            "image_shape": [28, 28, 1], "mean": list(MEAN), "std": list(STD), **extra}
+    return {
+        "model": name,
+        "options": [],
+        "role": "distilled",
+        "dataset": "jkd_mnist_sample",
+        "num_classes": 10,
+        "image_shape": [28, 28, 1],
+        "mean": list(MEAN),
+        "std": list(STD),
+        **extra,
+    }
 
 
 def _model(name, **options):
@@ -33,8 +42,9 @@ def _model(name, **options):
 def _reference(graphdef, variables, images):
     """The model in eval mode on images normalised by hand (float64 normalisation)."""
     x = ((images.astype(np.float64) / 255.0 - np.asarray(MEAN)) / np.asarray(STD)).astype(np.float32)
-    return np.asarray(apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, jnp.asarray(x),
-                                  train=False)[0])
+    return np.asarray(
+        apply_model(graphdef, variables.params, variables.batch_stats, variables.rest, jnp.asarray(x), train=False)[0]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +61,9 @@ def test_stablehlo_reloads_in_a_fresh_process_with_identical_outputs(tmp_path, t
     script = textwrap.dedent(f"""
         import numpy as np, jax
         from jax import export
-        fn = export.deserialize(bytearray(open({str(paths['stablehlo'])!r}, 'rb').read()))
-        data = np.load({str(tmp_path / 'in.npz')!r})
-        np.savez({str(tmp_path / 'out.npz')!r}, **{{k: np.asarray(fn.call(data[k])) for k in data.files}})
+        fn = export.deserialize(bytearray(open({str(paths["stablehlo"])!r}, 'rb').read()))
+        data = np.load({str(tmp_path / "in.npz")!r})
+        np.savez({str(tmp_path / "out.npz")!r}, **{{k: np.asarray(fn.call(data[k])) for k in data.files}})
     """)  # only jax is imported there: no jkd, no flax model code
     # Same XLA settings as here (jkd adds one CPU flag at import): bitwise identical outputs.
     import os
@@ -77,7 +87,9 @@ def test_onnx_matches_jax_on_the_test_split(tmp_path, test_images, name, options
     graphdef, variables = _model(name, **options)
     paths = E.export_model(graphdef, variables, _meta(name), tmp_path, ("onnx",))
     session = E.onnx_session(paths["onnx"])
-    got = np.concatenate([session.run(None, {"images": test_images[i:i + 250]})[0] for i in range(0, len(test_images), 250)])
+    got = np.concatenate(
+        [session.run(None, {"images": test_images[i : i + 250]})[0] for i in range(0, len(test_images), 250)]
+    )
     want = _reference(graphdef, variables, test_images)
     assert got.shape == want.shape == (len(test_images), 10)
     assert np.max(np.abs(got - want)) < 1e-4
@@ -87,7 +99,14 @@ def test_onnx_matches_jax_on_the_test_split(tmp_path, test_images, name, options
 def test_only_inference_goes_out(tmp_path, test_images):
     """A student with dropout and one with BatchNorm: the artifacts hold no dropout, no
     random-number ops, and give the eval-mode outputs every time."""
-    forbidden_onnx = {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike", "Multinomial"}
+    forbidden_onnx = {
+        "Dropout",
+        "RandomUniform",
+        "RandomUniformLike",
+        "RandomNormal",
+        "RandomNormalLike",
+        "Multinomial",
+    }
     for name, options in (("mlp", {"hidden": (64,), "dropout": 0.5}), ("cnn", {"width": 8})):
         graphdef, variables = _model(name, **options)
         out = tmp_path / name
@@ -104,15 +123,22 @@ def test_only_inference_goes_out(tmp_path, test_images):
         a, b = np.asarray(fn(test_images[:32])), np.asarray(fn(test_images[:32]))
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, _reference(graphdef, variables, test_images[:32]), rtol=1e-5, atol=1e-5)
-        assert not (out / "ckpt").exists() and sorted(p.name for p in out.iterdir()) == sorted([
-            E.ONNX_FILE, E.PREPROCESSING_FILE, E.STABLEHLO_FILE])
+        assert not (out / "ckpt").exists() and sorted(p.name for p in out.iterdir()) == sorted(
+            [E.ONNX_FILE, E.PREPROCESSING_FILE, E.STABLEHLO_FILE]
+        )
 
 
 def test_preprocessing_json_says_how_to_call_it(tmp_path):
     graphdef, variables = _model("mlp", hidden=(16,))
     E.export_model(graphdef, variables, _meta("mlp"), tmp_path, ("stablehlo",))
     pre = json.loads((tmp_path / E.PREPROCESSING_FILE).read_text())
-    assert pre["input"] == {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", 28, 28, 1], "range": [0, 255]}
+    assert pre["input"] == {
+        "name": "images",
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "shape": ["batch", 28, 28, 1],
+        "range": [0, 255],
+    }
     assert pre["normalization"]["inside_artifact"] is True
     assert pre["normalization"]["mean"] == list(MEAN) and pre["normalization"]["std"] == list(STD)
     assert pre["files"] == {"stablehlo": E.STABLEHLO_FILE} and pre["num_classes"] == 10
@@ -123,7 +149,9 @@ def test_an_int8_student_exports_to_stablehlo(tmp_path, test_images):
     with Q.qwix_promotion():
         calib = jnp.asarray((test_images[:64] / 255.0 - MEAN[0]) / STD[0], jnp.float32)
         graphdef, variables = freeze_model(Q.quantize(model, calib, Q.INT8_WEIGHTS))
-        paths = E.export_model(graphdef, variables, _meta("mlp", quantization=Q.INT8_WEIGHTS.name), tmp_path, ("stablehlo",))
+        paths = E.export_model(
+            graphdef, variables, _meta("mlp", quantization=Q.INT8_WEIGHTS.name), tmp_path, ("stablehlo",)
+        )
         got = np.asarray(E.load_stablehlo(paths["stablehlo"])(test_images[:16]))
         want = _reference(graphdef, variables, test_images[:16])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

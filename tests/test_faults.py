@@ -34,8 +34,13 @@ def teacher_dir(tmp_path_factory):
 
 
 def _npz(path, x_train, y_train, x_test=None, y_test=None):
-    np.savez(path, x_train=x_train, y_train=y_train,
-             x_test=x_train[:8] if x_test is None else x_test, y_test=y_train[:8] if y_test is None else y_test)
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=y_train,
+        x_test=x_train[:8] if x_test is None else x_test,
+        y_test=y_train[:8] if y_test is None else y_test,
+    )
     return path
 
 
@@ -46,6 +51,7 @@ def _images(n=40, classes=4, seed=0):
 
 
 # ---- 1. a full disk stops the run with one message, never a hang ----------------------------
+
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
@@ -60,8 +66,23 @@ def test_a_full_disk_stops_within_seconds_and_resume_continues_once_space_is_fre
         pytest.skip("cannot mount a tmpfs here (needs root / CAP_SYS_ADMIN); the simulated ENOSPC tests still run")
     try:
         data = tmp_path / "tfds"
-        cmd = [sys.executable, "-m", "jkd.cli", "train-teacher", "--model", "mlp", "--model-option", "hidden=(64,)",
-               "--epochs", "6", "--no-progress", "--run-dir", str(disk / "run"), "--data-dir", str(data)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "jkd.cli",
+            "train-teacher",
+            "--model",
+            "mlp",
+            "--model-option",
+            "hidden=(64,)",
+            "--epochs",
+            "6",
+            "--no-progress",
+            "--run-dir",
+            str(disk / "run"),
+            "--data-dir",
+            str(data),
+        ]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
         # Before: tensorboardX's writer thread died and the main thread waited forever.
         first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -111,7 +132,6 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, monk
     assert "Traceback" not in err
 
 
-
 def test_a_bare_enospc_from_any_write_still_says_disk_full_and_resume(tmp_path, monkeypatch, capsys):
     """A plain OSError(ENOSPC) from a write jkd does not wrap itself (here: saving the trained
     teacher) reaches the CLI as the same one line (CI once printed a bare 'No space left')."""
@@ -125,7 +145,9 @@ def test_a_bare_enospc_from_any_write_still_says_disk_full_and_resume(tmp_path, 
     err = _err(capsys)
     assert "disk full while writing in" in err and "free" in err and "--resume" in err
 
+
 # ---- 2. NaN pixels are refused like inf ----------------------------------------------------
+
 
 def test_nan_pixels_are_refused_naming_the_split_and_count(tmp_path):
     x, y = _images()
@@ -141,16 +163,31 @@ def test_nan_pixels_are_refused_naming_the_split_and_count(tmp_path):
 
 # ---- 4. the NaN check explains instead of crashing -----------------------------------------
 
+
 @pytest.mark.slow
 def test_an_exploding_run_of_several_students_says_why(teacher_dir, tmp_path, capsys):
-    argv = ["distill", "--teacher-dir", str(teacher_dir), *M, "--seeds", "0,1", "--no-baseline",
-            "--optimizer", "sgd", "--lr", "1e6", "--run-dir", str(tmp_path / "d")]
+    argv = [
+        "distill",
+        "--teacher-dir",
+        str(teacher_dir),
+        *M,
+        "--seeds",
+        "0,1",
+        "--no-baseline",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e6",
+        "--run-dir",
+        str(tmp_path / "d"),
+    ]
     assert cli.main(argv) == 2
     err = _err(capsys)
     assert "non-finite values at step" in err and "learning rate" in err, err
 
 
 # ---- 5. a failed start never blocks the fixed rerun ----------------------------------------
+
 
 @pytest.mark.slow
 def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
@@ -163,8 +200,18 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
             Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(folder / c / f"{i}.png")
     (folder / "a" / "bad.png").write_text("not an image")
     run = str(tmp_path / "run")
-    base = ["train-teacher", *M, "--batch-size", "4", "--dataset", str(folder), "--data-dir", str(tmp_path / "tfds"),
-            "--run-dir", run]
+    base = [
+        "train-teacher",
+        *M,
+        "--batch-size",
+        "4",
+        "--dataset",
+        str(folder),
+        "--data-dir",
+        str(tmp_path / "tfds"),
+        "--run-dir",
+        run,
+    ]
     assert cli.main(base) == 2
     assert "cannot read the image" in _err(capsys)
     (folder / "a" / "bad.png").unlink()
@@ -177,6 +224,7 @@ def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
 
 
 # ---- 6. clear errors for bad files, read-only folders and Ctrl-C ---------------------------
+
 
 @pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
 def test_unreadable_images_name_the_file(tmp_path, content):
@@ -235,36 +283,57 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path, monkeypat
 
 # ---- 7. nonsense settings are refused ------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [
-    (["--temperature", "-2"], "SoftKD.temperature (--temperature) must be a finite number > 0; got -2"),
-    (["--temperature", "0"], "SoftKD.temperature (--temperature) must be a finite number > 0; got 0"),
-    (["--kd-weight", "-1"], "SoftKD.kd_weight (--kd-weight) must be a finite number >= 0; got -1"),
-    (["--kd-weight", "0", "--ce-weight", "0"], "kd_weight and ce_weight are both 0"),
-    (["--weight-decay", "-1"], "weight_decay (--weight-decay) must be a finite number >= 0; got -1"),
-    (["--parallel", "mesh", "--devices", "99"], "devices (--devices) must lie in [1, 4]"),
-    (["--parallel", "mesh", "--devices", "0"], "devices (--devices) must lie in [1, 4]"),
-    (["--parallel", "pmap", "--devices", "5"], "devices (--devices) must lie in [1, 4]"),
-    (["--devices", "2"], "needs parallel 'mesh' or 'pmap'"),
-    (["--model-option", "hidden=abc"], "model option hidden='abc' for 'mlp': expected a tuple of positive integers"),
-    (["--model-option", "hidden=32"], "model option hidden=32 for 'mlp': expected a tuple of positive integers"),
-    (["--model-option", "depth=3"], "model 'mlp' takes no option 'depth'; its options: hidden, dropout"),
-])
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--temperature", "-2"], "SoftKD.temperature (--temperature) must be a finite number > 0; got -2"),
+        (["--temperature", "0"], "SoftKD.temperature (--temperature) must be a finite number > 0; got 0"),
+        (["--kd-weight", "-1"], "SoftKD.kd_weight (--kd-weight) must be a finite number >= 0; got -1"),
+        (["--kd-weight", "0", "--ce-weight", "0"], "kd_weight and ce_weight are both 0"),
+        (["--weight-decay", "-1"], "weight_decay (--weight-decay) must be a finite number >= 0; got -1"),
+        (["--parallel", "mesh", "--devices", "99"], "devices (--devices) must lie in [1, 4]"),
+        (["--parallel", "mesh", "--devices", "0"], "devices (--devices) must lie in [1, 4]"),
+        (["--parallel", "pmap", "--devices", "5"], "devices (--devices) must lie in [1, 4]"),
+        (["--devices", "2"], "needs parallel 'mesh' or 'pmap'"),
+        (
+            ["--model-option", "hidden=abc"],
+            "model option hidden='abc' for 'mlp': expected a tuple of positive integers",
+        ),
+        (["--model-option", "hidden=32"], "model option hidden=32 for 'mlp': expected a tuple of positive integers"),
+        (["--model-option", "depth=3"], "model 'mlp' takes no option 'depth'; its options: hidden, dropout"),
+    ],
+)
 def test_nonsense_settings_are_refused_before_anything_is_written(teacher_dir, tmp_path, capsys, extra, message):
     run = tmp_path / "d"
-    argv = ["distill", "--teacher-dir", str(teacher_dir), "--model", "mlp", "--epochs", "1", "--no-progress",
-            "--run-dir", str(run), *extra]
+    argv = [
+        "distill",
+        "--teacher-dir",
+        str(teacher_dir),
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--run-dir",
+        str(run),
+        *extra,
+    ]
     assert cli.main(argv) == 2
     assert message in _err(capsys)
     assert not run.exists()
 
 
-@pytest.mark.parametrize("argv", [
-    ["distill", "--teacher-dir", "x", "--lr", "nan"],
-    ["distill", "--teacher-dir", "x", "--temperature", "inf"],
-    ["compress", "x", "--kd-weight=-inf"],
-    ["lm", "distill", "--data", "a", "--test", "b", "--temperature", "inf"],
-    ["lm", "distill", "--data", "a", "--test", "b", "--beta", "nan"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["distill", "--teacher-dir", "x", "--lr", "nan"],
+        ["distill", "--teacher-dir", "x", "--temperature", "inf"],
+        ["compress", "x", "--kd-weight=-inf"],
+        ["lm", "distill", "--data", "a", "--test", "b", "--temperature", "inf"],
+        ["lm", "distill", "--data", "a", "--test", "b", "--beta", "nan"],
+    ],
+)
 def test_non_finite_numbers_are_refused_by_every_command(argv, capsys):
     """``--temperature inf`` once trained an LM student on a loss of 0 at every step and exited 0."""
     with pytest.raises(SystemExit) as e:
@@ -305,6 +374,7 @@ def test_bad_seeds_say_what_is_expected(capsys):
 
 # ---- 8. class counts are never changed silently --------------------------------------------
 
+
 def test_labels_1_to_k_are_refused_unless_the_class_count_is_given(tmp_path):
     x, y = _images(classes=4)
     with pytest.raises(ValueError, match=r"makes 5 classes, but classes \[0\] have no training image.*--num-classes"):
@@ -319,12 +389,16 @@ def test_a_negative_label_is_named_with_its_file_split_and_the_range_expected(tm
     x, y = _images(classes=4)
     y = y.copy()
     y[0] = -1  # was numpy's "'list' argument must have no negative elements"
-    with pytest.raises(ValueError, match=r"neg\.npz: y_train holds 1 negative label\(s\) \(the first, -1, at index 0\); "
-                                         r"class labels must lie in 0\.\.K-1"):
+    with pytest.raises(
+        ValueError,
+        match=r"neg\.npz: y_train holds 1 negative label\(s\) \(the first, -1, at index 0\); "
+        r"class labels must lie in 0\.\.K-1",
+    ):
         load_dataset(str(_npz(tmp_path / "neg.npz", x, y)), data_dir=tmp_path / "tfds")
     with pytest.raises(ValueError, match=r"y_test holds 1 negative label.*must lie in 0\.\.3"):
-        user.validate({"train": (x, np.arange(40) % 4), "test": (x[:8], np.array([0, 1, 2, -3, 0, 1, 2, 3]))},
-                      num_classes=4)
+        user.validate(
+            {"train": (x, np.arange(40) % 4), "test": (x[:8], np.array([0, 1, 2, -3, 0, 1, 2, 3]))}, num_classes=4
+        )
 
 
 def test_a_stray_label_in_train_only_is_refused(tmp_path):
@@ -349,6 +423,7 @@ def test_an_empty_class_folder_is_refused(tmp_path, empty):
 
 
 # ---- 9. messages that say what is wrong ----------------------------------------------------
+
 
 def test_a_text_file_named_npz(tmp_path):
     bad = tmp_path / "data.npz"
@@ -379,6 +454,7 @@ def test_mixed_grey_and_colour_images_are_named(tmp_path):
 
 
 # ---- 10. resuming says so; a refused resume names the keys ---------------------------------
+
 
 @pytest.mark.slow
 def test_a_refused_resume_names_the_keys_that_differ(tmp_path, capsys):

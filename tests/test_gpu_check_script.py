@@ -29,12 +29,17 @@ def test_gpu_check_runs_at_tiny_size_with_both_kernels(monkeypatch):
     t, s = lm_gpu_check.TINY["teacher"], lm_gpu_check.TINY["student"]
     counted = 4 * (128 - 128 // 8)  # next-token positions 16..127 of each row
     full = lm_gpu_check._model_flops(t, 4, 128, 4 * 128, 2)
-    np.testing.assert_allclose(full - lm_gpu_check._model_flops(t, 4, 128, counted, 2),
-                               2 * t.vocab_size * t.hidden_size * (4 * 128 - counted))
+    np.testing.assert_allclose(
+        full - lm_gpu_check._model_flops(t, 4, 128, counted, 2), 2 * t.vocab_size * t.hidden_size * (4 * 128 - counted)
+    )
 
     def written_out(c, factor):  # per token: q, k, v, o, the SwiGLU's three, the norms; causal attention
-        layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * \
-            c.intermediate_size + 2 * c.hidden_size + 2 * 128 * c.num_heads * c.head_dim
+        layer = (
+            c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+            + 3 * c.hidden_size * c.intermediate_size
+            + 2 * c.hidden_size
+            + 2 * 128 * c.num_heads * c.head_dim
+        )
         return factor * (4 * 128 * c.num_layers * layer + counted * c.vocab_size * c.hidden_size)
 
     assert r["model_tflops_per_step"] * 1e12 == pytest.approx(written_out(t, 2) + written_out(s, 6))

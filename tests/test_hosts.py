@@ -10,22 +10,36 @@ from jkd.runtime.hosts import Launch, Watchdog, detect
 NONE = {}
 
 
-@pytest.mark.parametrize("flags,environ,expected", [
-    ({}, NONE, None),
-    (dict(coordinator="10.0.0.1:8476", num_processes=4, process_id=2), NONE, Launch("flags", "10.0.0.1:8476", 4, 2)),
-    (dict(coordinator="10.0.0.1:8476", num_processes=1, process_id=0), NONE, None),  # one process: as before
-    ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, Launch("environment", "h:1", 2, 1)),
-    # flags win over the environment
-    (dict(coordinator="a:2", num_processes=2, process_id=0), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "8",
-                                                              "JAX_PROCESS_ID": "5"}, Launch("flags", "a:2", 2, 0)),
-    ({}, {"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}, Launch("SLURM")),
-    ({}, {"SLURM_STEP_NODELIST": "n1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, None),  # srun -n 1
-    ({}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),  # sbatch's shell, not an srun task
-    ({}, {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1", "OMPI_COMM_WORLD_SIZE": "4"}, Launch("Open MPI")),
-    ({}, {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1", "OMPI_COMM_WORLD_SIZE": "1"}, None),
-    ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, Launch("Cloud TPU")),
-    ({}, {"TPU_WORKER_HOSTNAMES": "localhost"}, None),
-])
+@pytest.mark.parametrize(
+    "flags,environ,expected",
+    [
+        ({}, NONE, None),
+        (
+            dict(coordinator="10.0.0.1:8476", num_processes=4, process_id=2),
+            NONE,
+            Launch("flags", "10.0.0.1:8476", 4, 2),
+        ),
+        (dict(coordinator="10.0.0.1:8476", num_processes=1, process_id=0), NONE, None),  # one process: as before
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+            Launch("environment", "h:1", 2, 1),
+        ),
+        # flags win over the environment
+        (
+            dict(coordinator="a:2", num_processes=2, process_id=0),
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "8", "JAX_PROCESS_ID": "5"},
+            Launch("flags", "a:2", 2, 0),
+        ),
+        ({}, {"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}, Launch("SLURM")),
+        ({}, {"SLURM_STEP_NODELIST": "n1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, None),  # srun -n 1
+        ({}, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),  # sbatch's shell, not an srun task
+        ({}, {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1", "OMPI_COMM_WORLD_SIZE": "4"}, Launch("Open MPI")),
+        ({}, {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://h:1", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+        ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, Launch("Cloud TPU")),
+        ({}, {"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ],
+)
 def test_detect(flags, environ, expected):
     assert detect(**flags, environ=environ, on_cloud_tpu_vm=False) == expected
 
@@ -34,15 +48,18 @@ def test_detect_on_a_tpu_vm_lets_jax_ask_the_metadata_server():
     assert detect(environ={}, on_cloud_tpu_vm=True) == Launch("Cloud TPU")
 
 
-@pytest.mark.parametrize("flags,environ,match", [
-    (dict(coordinator="h:1"), NONE, "--num-processes, --process-id are missing"),
-    (dict(num_processes=2, process_id=0), NONE, "--coordinator is missing"),
-    (dict(coordinator="h:1", num_processes=2, process_id=2), NONE, r"--process-id must lie in \[0, 1\]"),
-    (dict(coordinator="h:1", num_processes=0, process_id=0), NONE, "--num-processes must be >= 1"),
-    (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), NONE, "--coordinator must be HOST:PORT"),
-    ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
-    ({}, {"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID are missing"),
-])
+@pytest.mark.parametrize(
+    "flags,environ,match",
+    [
+        (dict(coordinator="h:1"), NONE, "--num-processes, --process-id are missing"),
+        (dict(num_processes=2, process_id=0), NONE, "--coordinator is missing"),
+        (dict(coordinator="h:1", num_processes=2, process_id=2), NONE, r"--process-id must lie in \[0, 1\]"),
+        (dict(coordinator="h:1", num_processes=0, process_id=0), NONE, "--num-processes must be >= 1"),
+        (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), NONE, "--coordinator must be HOST:PORT"),
+        ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
+        ({}, {"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID are missing"),
+    ],
+)
 def test_detect_refuses_a_partial_or_inconsistent_launch(flags, environ, match):
     with pytest.raises(ValueError, match=match):
         detect(**flags, environ=environ, on_cloud_tpu_vm=False)
@@ -153,9 +170,12 @@ def test_one_process_is_unchanged():
     hosts.barrier("no-op for one process")
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["distill", "--auto", "--teacher-dir", "t"], "jkd distill --auto runs on one process"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["distill", "--auto", "--teacher-dir", "t"], "jkd distill --auto runs on one process"),
+    ],
+)
 def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(argv, match, tmp_path, capsys):
     flags = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"]
     assert cli.main(argv + ["--run-dir", str(tmp_path / "r")] + flags) == 2
@@ -166,7 +186,10 @@ def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(argv, ma
 
 def test_a_partial_launch_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["demo", "--run-dir", str(tmp_path / "r"), "--num-processes", "2"]) == 2
-    assert "error: a multi-process run needs all of --coordinator, --num-processes, --process-id" in capsys.readouterr().err
+    assert (
+        "error: a multi-process run needs all of --coordinator, --num-processes, --process-id"
+        in capsys.readouterr().err
+    )
 
 
 def test_an_unexpected_error_waits_for_the_watchdog_to_name_a_lost_peer(monkeypatch):

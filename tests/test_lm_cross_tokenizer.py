@@ -26,9 +26,18 @@ pytestmark = pytest.mark.slow
 
 
 def _folder(path, tok, hidden, seed):
-    cfg = DecoderConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=1,
-                        num_heads=2, num_kv_heads=1, max_position_embeddings=512, eos_token_id=tok.eos_id,
-                        pad_token_id=tok.pad_id, tie_embeddings=True)
+    cfg = DecoderConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        tie_embeddings=True,
+    )
     save_hf(Decoder(cfg, rngs=nnx.Rngs(seed)), path, tokenizer=tok)
     return str(path)
 
@@ -39,16 +48,40 @@ def pair(tmp_path_factory):
     train = _conversations(24, 0)
     byte = byte_tokenizer()
     own = train_bpe_tokenizer([render_chat(byte, c["messages"]) for c in train], vocab_size=300)
-    files = {"train": _jsonl(root / "train.jsonl", train), "test": _jsonl(root / "test.jsonl", _conversations(6, 1)),
-             "unlabelled": _jsonl(root / "u.jsonl", [{"messages": c["messages"][:1]} for c in _conversations(8, 2)])}
+    files = {
+        "train": _jsonl(root / "train.jsonl", train),
+        "test": _jsonl(root / "test.jsonl", _conversations(6, 1)),
+        "unlabelled": _jsonl(root / "u.jsonl", [{"messages": c["messages"][:1]} for c in _conversations(8, 2)]),
+    }
     return root, _folder(root / "teacher", byte, 32, 0), _folder(root / "student", own, 16, 1), files
 
 
 def _argv(pair, *extra):
     root, teacher, student, f = pair
-    return ["lm", "distill", "--teacher", teacher, "--student", student, "--data", f["train"], "--test", f["test"],
-            "--unlabelled", f["unlabelled"], "--steps", "2", "--batch-size", "4", "--max-length", "160",
-            "--max-new-tokens", "8", "--no-progress", *extra]
+    return [
+        "lm",
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--data",
+        f["train"],
+        "--test",
+        f["test"],
+        "--unlabelled",
+        f["unlabelled"],
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "160",
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_a_token_level_loss_across_tokenizers_is_refused_with_the_choices(pair, tmp_path, capsys):
@@ -58,13 +91,28 @@ def test_a_token_level_loss_across_tokenizers_is_refused_with_the_choices(pair, 
     assert "--cross-tokenizer uld" in err and "--cross-tokenizer hybrid" in err
     assert not (tmp_path / "run" / "summary.json").exists()
     # the cross-tokenizer losses run on given text only
-    assert cli.main(_argv(pair, "--mode", "on-policy", "--cross-tokenizer", "uld", "--run-dir", str(tmp_path / "r2"))) == 2
+    assert (
+        cli.main(_argv(pair, "--mode", "on-policy", "--cross-tokenizer", "uld", "--run-dir", str(tmp_path / "r2"))) == 2
+    )
     assert "--cross-tokenizer trains on the labelled conversations" in capsys.readouterr().err
     from jkd.cli import build_parser
     from jkd.cli.lm import _lm_config
 
-    args = build_parser().parse_args(_argv(pair, "--mode", "stored", "--cross-tokenizer", "hybrid", "--loss", "jsd",
-                                           "--ce-weight", "1", "--run-dir", str(tmp_path / "r3")))
+    args = build_parser().parse_args(
+        _argv(
+            pair,
+            "--mode",
+            "stored",
+            "--cross-tokenizer",
+            "hybrid",
+            "--loss",
+            "jsd",
+            "--ce-weight",
+            "1",
+            "--run-dir",
+            str(tmp_path / "r3"),
+        )
+    )
     d = _lm_config(args).distillations[0]
     assert d.name == "stored hybrid jsd" and d.objective.stored and d.objective.ce_weight == 1.0
     assert type(d.objective.divergence).__name__ == "GeneralizedJSD" and not d.teacher_answers
@@ -78,13 +126,26 @@ def test_the_job_distils_across_tokenizers_and_says_how(pair, tmp_path, capsys):
 
     root, teacher, student, f = pair
     cfg = LX.LMExperimentConfig(
-        train_file=f["train"], test_file=f["test"], unlabelled_file=f["unlabelled"], teacher_dir=teacher,
-        students=(LX.LMStudent("own", from_dir=student),), labelled_subset=None, max_length=160, max_new_tokens=8,
-        batch_size=4, student_steps=2, seeds=(0, 1), title="across tokenizers",
-        distillations=(LX.LMDistillation("sequence", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
-                       LX.LMDistillation("hybrid", CrossTokenizerKD(ForwardKL(), kd_weight=1.0, ce_weight=0.5),
-                                         teacher_answers=True),
-                       LX.LMDistillation("uld", CrossTokenizerKD(None, kd_weight=1.0, stored=True))))
+        train_file=f["train"],
+        test_file=f["test"],
+        unlabelled_file=f["unlabelled"],
+        teacher_dir=teacher,
+        students=(LX.LMStudent("own", from_dir=student),),
+        labelled_subset=None,
+        max_length=160,
+        max_new_tokens=8,
+        batch_size=4,
+        student_steps=2,
+        seeds=(0, 1),
+        title="across tokenizers",
+        distillations=(
+            LX.LMDistillation("sequence", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
+            LX.LMDistillation(
+                "hybrid", CrossTokenizerKD(ForwardKL(), kd_weight=1.0, ce_weight=0.5), teacher_answers=True
+            ),
+            LX.LMDistillation("uld", CrossTokenizerKD(None, kd_weight=1.0, stored=True)),
+        ),
+    )
     run_dir = tmp_path / "run"
     summary = LX.run(cfg, run_dir, progress=False)
     out = capsys.readouterr().out
@@ -96,8 +157,9 @@ def test_the_job_distils_across_tokenizers_and_says_how(pair, tmp_path, capsys):
     convs = [json.loads(line) for line in Path(f["train"]).read_text().splitlines()]
     ref = aligned_rows(byte, own, convs, max_length=160)
     assert 0 < ref.exact < ref.spans
-    assert models["own uld"]["cross_tokenizer"].startswith(f"{ref.spans:,} learned spans, ULD on all of them "
-                                                            f"({100 * ref.exact / ref.spans:.1f}% are one token")
+    assert models["own uld"]["cross_tokenizer"].startswith(
+        f"{ref.spans:,} learned spans, ULD on all of them ({100 * ref.exact / ref.spans:.1f}% are one token"
+    )
     hybrid = models["own hybrid"]["cross_tokenizer"]
     assert "% exact, one token with the same string in both (ForwardKL on them)" in hybrid and "through ULD" in hybrid
     assert int(hybrid.split(" learned")[0].replace(",", "")) > ref.spans  # the answered requests joined them

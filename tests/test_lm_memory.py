@@ -14,8 +14,21 @@ from tests.test_lm_stored_mode import distill_argv, pair  # noqa: F401 - the fix
 
 
 def _tiny(root, files, run_dir, *flags):
-    return distill_argv(root, files, run_dir, "--student", "layers=0", "--steps", "2", "--seeds", "0",
-                        "--no-baseline", "--set", "student_optimizer.eps=1e-4", *flags)
+    return distill_argv(
+        root,
+        files,
+        run_dir,
+        "--student",
+        "layers=0",
+        "--steps",
+        "2",
+        "--seeds",
+        "0",
+        "--no-baseline",
+        "--set",
+        "student_optimizer.eps=1e-4",
+        *flags,
+    )
 
 
 def test_a_plan_over_the_memory_limit_is_refused_before_the_run_folder_is_written(pair, tmp_path, capsys):  # noqa: F811
@@ -23,8 +36,10 @@ def test_a_plan_over_the_memory_limit_is_refused_before_the_run_folder_is_writte
     run = tmp_path / "run"
     assert cli.main(_tiny(root, files, run, "--memory-limit-gib", "0.0001")) == 2
     captured = capsys.readouterr()
-    assert "memory plan per device (XLA's compiled memory analysis), against 105 KiB per device (--memory-limit-gib)" \
+    assert (
+        "memory plan per device (XLA's compiled memory analysis), against 105 KiB per device (--memory-limit-gib)"
         in captured.out
+    )
     assert "student layers 0 token fkl" in captured.out
     err = captured.err
     assert "the step 'student layers 0 token fkl' needs" in err and "Nothing was written" in err
@@ -40,12 +55,17 @@ def test_bfloat16_passes_with_float32_master_weights_and_a_bfloat16_teacher(pair
     plans = {}
     # JAX's own XLA attention fails to lower its bfloat16 gradient under the suite's strict dtype
     # promotion (inside JAX): the fused call is named by the float32 run
-    for name, flags in (("f32", ("--attention", "xla")), ("bf16", ("--dtype", "bfloat16", "--teacher-dtype",
-                                                                   "bfloat16"))):
+    for name, flags in (
+        ("f32", ("--attention", "xla")),
+        ("bf16", ("--dtype", "bfloat16", "--teacher-dtype", "bfloat16")),
+    ):
         assert cli.main(_tiny(root, files, tmp_path / name, *flags)) == 0
         out = capsys.readouterr().out
-        assert ("attention: jkd's blocked XLA attention\n" if name == "bf16" else
-                "attention: JAX's fused XLA attention (jax.nn.dot_product_attention, implementation='xla')\n") in out
+        assert (
+            "attention: jkd's blocked XLA attention\n"
+            if name == "bf16"
+            else "attention: JAX's fused XLA attention (jax.nn.dot_product_attention, implementation='xla')\n"
+        ) in out
         row = next(line for line in out.splitlines() if line.strip().startswith("student layers 0 token fkl "))
         plans[name] = row.split()
         config = json.loads((tmp_path / name / "config.json").read_text())

@@ -28,13 +28,38 @@ def test_demo_on_a_2x2_mesh_ends_where_one_device_does(tmp_path, capsys):
     # optax's eps of 1e-8 a component that is mostly rounding (a rare token's embedding) moves by a
     # step of its sign, on whichever device count rounds it so; eps=1e-4 keeps the comparison one of
     # the computation, not of the rounding of near-zero gradients (BUILD_NOTES).
-    tiny = [*TINY, "--set", "students[0].teacher_layers=(1,)", "--set", "students[1].teacher_layers=(0,)",
-            "--set", "test_limit=3", "--set", "student_optimizer.eps=1e-4", "--set", "pass_k=0"]  # weights compared
+    tiny = [
+        *TINY,
+        "--set",
+        "students[0].teacher_layers=(1,)",
+        "--set",
+        "students[1].teacher_layers=(0,)",
+        "--set",
+        "test_limit=3",
+        "--set",
+        "student_optimizer.eps=1e-4",
+        "--set",
+        "pass_k=0",
+    ]  # weights compared
     one = tmp_path / "one"
     assert cli.main(["lm", "demo", "--run-dir", str(one), *tiny]) == 0
     mesh = tmp_path / "mesh"
-    assert cli.main(["lm", "demo", "--run-dir", str(mesh), *tiny, "--mesh", "data=2,model=2",
-                     "--set", f"teacher_dir={one / 'teacher' / 'model'}"]) == 0
+    assert (
+        cli.main(
+            [
+                "lm",
+                "demo",
+                "--run-dir",
+                str(mesh),
+                *tiny,
+                "--mesh",
+                "data=2,model=2",
+                "--set",
+                f"teacher_dir={one / 'teacher' / 'model'}",
+            ]
+        )
+        == 0
+    )
     assert json.loads((mesh / "config.json").read_text())["mesh"] == [2, 2]
     groups = [m["name"] for m in json.loads((one / "summary.json").read_text())["models"][1:]]
     assert len(groups) == 12  # 2 students x (alone, labels, token fkl, token jsd, sequence, on-policy)
@@ -57,9 +82,14 @@ def test_mesh_flag_and_config_refuse_what_cannot_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # the flag's own parser: argparse's usage error
         cli.main(["lm", "demo", "--mesh", "data=two"])
     assert e.value.code == 2 and "expected data=D,model=M" in capsys.readouterr().err
-    bad = [(["--mesh", "data=2,model=3"], "needs 6 devices; this machine has 4"),
-           (["--mesh", "data=4", "--set", "batch_size=6"], "steps of 6 rows, which do not split over the mesh's 4 data shards"),
-           (["--mesh", "data=2,model=2", "--devices", "2"], "devices=2 (--devices) but the mesh")]
+    bad = [
+        (["--mesh", "data=2,model=3"], "needs 6 devices; this machine has 4"),
+        (
+            ["--mesh", "data=4", "--set", "batch_size=6"],
+            "steps of 6 rows, which do not split over the mesh's 4 data shards",
+        ),
+        (["--mesh", "data=2,model=2", "--devices", "2"], "devices=2 (--devices) but the mesh"),
+    ]
     for extra, message in bad:
         code = cli.main(["lm", "demo", "--run-dir", str(tmp_path / "run"), "--no-progress", *extra])
         assert code == 2, extra
@@ -76,8 +106,16 @@ def test_the_teacher_answers_on_the_mesh():
     from jkd.models.decoder_config import DecoderConfig
     from jkd.models.sampler import generate
 
-    config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                           num_kv_heads=2, max_position_embeddings=64, eos_token_id=1)
+    config = DecoderConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+    )
     teacher = Decoder(config, rngs=nnx.Rngs(0))
     nnx.update(teacher, jax.tree.map(lambda x: 8 * x if x.ndim == 2 else x, nnx.state(teacher)))  # peaked
     on_mesh = LMJob(LMExperimentConfig(mesh=(2, 2)))._answering(teacher)

@@ -19,9 +19,27 @@ pytestmark = pytest.mark.slow
 
 
 def _argv(root, files, run_dir, *extra):
-    return distill_argv(root, files, run_dir, "--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2",
-                        "--student", "16x1", "--steps", "8", "--seeds", "0,1", "--no-baseline",
-                        "--set", "student_optimizer.eps=1e-4", *extra)
+    return distill_argv(
+        root,
+        files,
+        run_dir,
+        "--mode",
+        "token",
+        "--kd-weight",
+        "0.8",
+        "--ce-weight",
+        "0.2",
+        "--student",
+        "16x1",
+        "--steps",
+        "8",
+        "--seeds",
+        "0,1",
+        "--no-baseline",
+        "--set",
+        "student_optimizer.eps=1e-4",
+        *extra,
+    )
 
 
 def _weights(folder):
@@ -40,8 +58,7 @@ def test_lm_distill_over_two_processes_survives_a_lost_peer(pair, tmp_path):  # 
     kill_after_checkpoint(argv, two / "student_16x1_token_fkl" / "ckpt" / "2", tmp_path)
     assert not (two / "summary.json").exists()
 
-    outs = _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path,
-                   "resumed")
+    outs = _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path, "resumed")
     assert "process 0 of 2 (flags); 2 local of 4 devices" in outs[0]
     assert "| student 16x1 token fkl |" in outs[0] and "| student 16x1 token fkl |" not in outs[1]
     assert "resumed from the checkpoint of step" in outs[0]
@@ -55,6 +72,7 @@ def test_lm_distill_over_two_processes_survives_a_lost_peer(pair, tmp_path):  # 
         assert m["name"] == n["name"]
         assert n["test_cross_entropy_mean"] == pytest.approx(m["test_cross_entropy_mean"], abs=1e-5)
         for a, b in zip(m["per_seed"], n["per_seed"]):
-            assert {k: v for k, v in a.items() if k not in ("generation_tokens_per_s", "test_cross_entropy")} == \
-                {k: v for k, v in b.items() if k not in ("generation_tokens_per_s", "test_cross_entropy")}
+            assert {k: v for k, v in a.items() if k not in ("generation_tokens_per_s", "test_cross_entropy")} == {
+                k: v for k, v in b.items() if k not in ("generation_tokens_per_s", "test_cross_entropy")
+            }
     assert (two / "samples.md").read_text() == (ref / "samples.md").read_text()

@@ -21,13 +21,23 @@ pytestmark = pytest.mark.slow
 def tiny(**kw) -> LX.LMExperimentConfig:
     cfg = LX.demo_config()
     settings = dict(
-        data_sizes=(("train", 64), ("validation", 4), ("test", 6), ("unlabelled", 24)), vocab_size=400,
-        teacher_steps=2, student_steps=4, labelled_subset=8, batch_size=4, pack_length=None, seeds=(0, 1),
-        max_new_tokens=8, max_length=160, include_baseline=False,
+        data_sizes=(("train", 64), ("validation", 4), ("test", 6), ("unlabelled", 24)),
+        vocab_size=400,
+        teacher_steps=2,
+        student_steps=4,
+        labelled_subset=8,
+        batch_size=4,
+        pack_length=None,
+        seeds=(0, 1),
+        max_new_tokens=8,
+        max_length=160,
+        include_baseline=False,
         teacher=dataclasses.replace(cfg.teacher, hidden_size=32, head_dim=8, intermediate_size=64, num_layers=2),
         students=(LX.LMStudent("s", teacher_layers=(1,)),),
-        distillations=(LX.LMDistillation("through tools", OnPolicyKD(student_fraction=1.0, max_new_tokens=8),
-                                          through_tools=True),))
+        distillations=(
+            LX.LMDistillation("through tools", OnPolicyKD(student_fraction=1.0, max_new_tokens=8), through_tools=True),
+        ),
+    )
     return dataclasses.replace(cfg, **{**settings, **kw})
 
 
@@ -86,9 +96,13 @@ def test_the_student_learns_its_own_call_the_result_and_its_answer(tmp_path, mon
         out = []
         for p in prompts:
             text = tok.decode(p)
-            reply = ("Timer set.<|im_end|>" if "<|im_start|>tool" in text else
-                     "<tool_call>\n" + json.dumps({"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}})
-                     + "\n</tool_call><|im_end|>")
+            reply = (
+                "Timer set.<|im_end|>"
+                if "<|im_start|>tool" in text
+                else "<tool_call>\n"
+                + json.dumps({"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}})
+                + "\n</tool_call><|im_end|>"
+            )
             out.append(tok.encode(reply))
         return Rows(out)
 

@@ -25,26 +25,72 @@ def pair(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stored")
     tok = byte_tokenizer()
-    config = DecoderConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
-                           num_kv_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = DecoderConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     teacher = Decoder(config, rngs=nnx.Rngs(3))
     save_hf(teacher, root / "teacher", tokenizer=tok)
-    files = {"train": _jsonl(root / "train.jsonl", _conversations(16, 0)),
-             "test": _jsonl(root / "test.jsonl", _conversations(3, 1))}
+    files = {
+        "train": _jsonl(root / "train.jsonl", _conversations(16, 0)),
+        "test": _jsonl(root / "test.jsonl", _conversations(3, 1)),
+    }
     return root, files
 
 
 def distill_argv(root, files, run_dir, *flags):
     """`jkd lm distill` of the fixture's pair at tiny sizes, with ``flags``."""
-    return ["lm", "distill", "--teacher", str(root / "teacher"), "--data", files["train"], "--test", files["test"],
-            "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--run-dir", str(run_dir),
-            "--no-progress", *flags]
+    return [
+        "lm",
+        "distill",
+        "--teacher",
+        str(root / "teacher"),
+        "--data",
+        files["train"],
+        "--test",
+        files["test"],
+        "--batch-size",
+        "4",
+        "--max-length",
+        "160",
+        "--max-new-tokens",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+        *flags,
+    ]
 
 
 def _argv(root, files, run_dir, *extra):
-    return distill_argv(root, files, run_dir, "--mode", "stored", "--top-k", "8", "--ce-weight", "0.2", "--student",
-                        "16x1", "--steps", "3", "--seeds", "0,1", "--no-baseline",
-                        "--set", "student_optimizer.eps=1e-4", *extra)
+    return distill_argv(
+        root,
+        files,
+        run_dir,
+        "--mode",
+        "stored",
+        "--top-k",
+        "8",
+        "--ce-weight",
+        "0.2",
+        "--student",
+        "16x1",
+        "--steps",
+        "3",
+        "--seeds",
+        "0,1",
+        "--no-baseline",
+        "--set",
+        "student_optimizer.eps=1e-4",
+        *extra,
+    )
 
 
 def _weights(folder):
@@ -82,16 +128,17 @@ def test_stored_mode_stores_once_resumes_and_runs_on_a_mesh(pair, capsys):
     tokens = np.full((len(ids), 160), tok.pad_id, np.int32)
     mask = np.zeros((len(ids), 160), bool)
     for r, x in enumerate(ids):
-        tokens[r, :len(x)], mask[r, :len(x)] = x, True
+        tokens[r, : len(x)], mask[r, : len(x)] = x, True
     row = int(np.flatnonzero(stored.fingerprints == fingerprints(tokens[:1], mask[:1])[0])[0])
     n = len(ids[0])
     logits = np.asarray(teacher(tokens[:1, :n]), np.float64)[0, :-1]
     log_p = logits - logits.max(-1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
     want_ids = np.argsort(-log_p, axis=-1, kind="stable")[:, :8]
-    np.testing.assert_array_equal(stored.indices[row, :n - 1], want_ids)
-    np.testing.assert_allclose(stored.values[row, :n - 1].astype(np.float64),
-                               np.take_along_axis(log_p, want_ids, -1), rtol=2 ** -7, atol=1e-6)  # bf16
+    np.testing.assert_array_equal(stored.indices[row, : n - 1], want_ids)
+    np.testing.assert_allclose(
+        stored.values[row, : n - 1].astype(np.float64), np.take_along_axis(log_p, want_ids, -1), rtol=2**-7, atol=1e-6
+    )  # bf16
 
     assert cli.main(_argv(root, files, one, "--resume")) == 0  # reused: neither stored nor trained again
     out = capsys.readouterr().out
@@ -107,8 +154,10 @@ def test_stored_mode_stores_once_resumes_and_runs_on_a_mesh(pair, capsys):
 
 def test_stored_mode_refuses_what_it_cannot_do(pair, tmp_path, capsys):
     root, files = pair
-    for extra, message in ((["--loss", "jsd"], "--mode stored trains the forward KL"),
-                           (["--pack-length", "320"], "do not combine with packed rows")):
+    for extra, message in (
+        (["--loss", "jsd"], "--mode stored trains the forward KL"),
+        (["--pack-length", "320"], "do not combine with packed rows"),
+    ):
         assert cli.main(_argv(root, files, tmp_path / "x", *extra)) == 2
         assert message in capsys.readouterr().err
 
@@ -123,8 +172,16 @@ def _student_folder(path, *, vocab, seed=5):
 
     tok = byte_tokenizer()
     ends = dict(eos_token_id=tok.eos_id, pad_token_id=tok.pad_id) if vocab > tok.pad_id else {}
-    config = DecoderConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                           num_kv_heads=1, max_position_embeddings=512, **ends)
+    config = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_position_embeddings=512,
+        **ends,
+    )
     save_hf(Decoder(config, rngs=nnx.Rngs(seed)), path)
     return path
 
@@ -163,13 +220,17 @@ def test_students_cut_from_the_teacher_or_loaded_from_a_folder(pair, tmp_path, c
     # narrower: half the MLP channels, one of the two key/value groups (by activation importance)
     assert cli.main(_short(root, files, tmp_path / "narrow", "layers=0", "--prune-width", "mlp=32,kv_heads=1")) == 0
     assert "MLP 64 -> 32 channels, key/value heads 2 -> 1 (query heads 4 -> 2)" in capsys.readouterr().out
-    saved = json.loads((tmp_path / "narrow" / "student_layers_0_mlp_32_kv_1_token_fkl" / "seed0" / "config.json")
-                       .read_text())
+    saved = json.loads(
+        (tmp_path / "narrow" / "student_layers_0_mlp_32_kv_1_token_fkl" / "seed0" / "config.json").read_text()
+    )
     assert (saved["intermediate_size"], saved["num_key_value_heads"], saved["num_attention_heads"]) == (32, 1, 2)
     models = {m["name"]: m for m in json.loads((tmp_path / "narrow" / "summary.json").read_text())["models"]}
     assert models["student layers 0 mlp 32 kv 1 token fkl"]["initialisation"] == "teacher layers, pruned"
-    assert models["student layers 0 mlp 32 kv 1 alone"]["params"] == models["student layers 0 mlp 32 kv 1 token fkl"][
-        "params"] < cut["params"]
+    assert (
+        models["student layers 0 mlp 32 kv 1 alone"]["params"]
+        == models["student layers 0 mlp 32 kv 1 token fkl"]["params"]
+        < cut["params"]
+    )
     assert cli.main(_short(root, files, tmp_path / "bad3", "16x1", "--prune-width", "mlp=8")) == 2
     assert "--prune-width narrows a student cut from the teacher" in capsys.readouterr().err
 
@@ -177,8 +238,19 @@ def test_students_cut_from_the_teacher_or_loaded_from_a_folder(pair, tmp_path, c
 @pytest.mark.slow
 def test_micro_batches_and_remat_through_the_cli(pair, tmp_path, capsys):
     root, files = pair
-    base = ["--mode", "token", "--kd-weight", "0.8", "--ce-weight", "0.2", "--set", "student_optimizer.eps=1e-4",
-            "--no-baseline", "--batch-size", "4"]
+    base = [
+        "--mode",
+        "token",
+        "--kd-weight",
+        "0.8",
+        "--ce-weight",
+        "0.2",
+        "--set",
+        "student_optimizer.eps=1e-4",
+        "--no-baseline",
+        "--batch-size",
+        "4",
+    ]
     assert cli.main(_short(root, files, tmp_path / "plain", "16x1", *base)) == 0
     assert cli.main(_short(root, files, tmp_path / "lean", "16x1", *base, "--micro-batches", "2", "--remat")) == 0
     config = json.loads((tmp_path / "lean" / "config.json").read_text())

@@ -63,20 +63,61 @@ def test_sequence_mode_runs_the_users_tools(tmp_path, capsys, monkeypatch):
     def answers(teacher, prompts, *, cache_dir, **kw):
         seen[cache_dir.name] = [tok.decode(p) for p in prompts]
         if cache_dir.name == "answers":
-            return [tok.encode(("<tool_call>\n" + json.dumps({"name": c, "arguments": {"x": 3}}) + "\n</tool_call>"
-                                if c else "no call") + "<|im_end|>") for c in calls]
+            return [
+                tok.encode(
+                    (
+                        "<tool_call>\n" + json.dumps({"name": c, "arguments": {"x": 3}}) + "\n</tool_call>"
+                        if c
+                        else "no call"
+                    )
+                    + "<|im_end|>"
+                )
+                for c in calls
+            ]
         return [tok.encode("ok<|im_end|>") for _ in prompts]
 
     monkeypatch.setattr(LX, "teacher_answers", answers)
-    argv = ["lm", "distill", "--teacher", str(tmp_path / "teacher"), "--data", train, "--test", test,
-            "--unlabelled", unl, "--mode", "sequence", "--tools", str(tools), "--tool-timeout", "1",
-            "--student", "16x1", "--steps", "1", "--batch-size", "4", "--max-length", "960", "--max-new-tokens", "4",
-            "--seeds", "0", "--no-baseline", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    argv = [
+        "lm",
+        "distill",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--data",
+        train,
+        "--test",
+        test,
+        "--unlabelled",
+        unl,
+        "--mode",
+        "sequence",
+        "--tools",
+        str(tools),
+        "--tool-timeout",
+        "1",
+        "--student",
+        "16x1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "960",
+        "--max-new-tokens",
+        "4",
+        "--seeds",
+        "0",
+        "--no-baseline",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert f"tools: double, boom, nap from {tools} (stopped after 1 s)" in out
-    assert ("4 requests answered, 3 of them carried on after the tools' results" in out
-            and "of 3 tool calls, 1 raised, 1 stopped after 1 s, each answered by the teacher from the error" in out)
+    assert (
+        "4 requests answered, 3 of them carried on after the tools' results" in out
+        and "of 3 tool calls, 1 raised, 1 stopped after 1 s, each answered by the teacher from the error" in out
+    )
     assert all('"name": "double"' in p for p in seen["answers"])  # the tools offered in every prompt
     after = seen["answers_after_tools"]
     assert '{"y": 6}' in after[0] and "error: RuntimeError: down" in after[1] and "was stopped" in after[2]
@@ -100,13 +141,24 @@ def test_a_llama_format_teacher_runs_the_users_tools(tmp_path, capsys, monkeypat
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok = Tokenizer(backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA31)
     folder = tmp_path / "teacher"
-    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, eos_token_id=[tok.eos_id, tok.token_to_id("<|eom_id|>")])
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=[tok.eos_id, tok.token_to_id("<|eom_id|>")],
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     tok.save(folder)
     tools = tmp_path / "tools.py"
@@ -119,14 +171,49 @@ def test_a_llama_format_teacher_runs_the_users_tools(tmp_path, capsys, monkeypat
     def answers(teacher, prompts, *, cache_dir, **kw):
         seen[cache_dir.name] = [tok.decode(p) for p in prompts]
         if cache_dir.name == "answers":
-            return [tok.encode('{"name": "double", "parameters": {"x": 3}}<|eom_id|>')] * 3 + [tok.encode("hi<|eot_id|>")]
+            return [tok.encode('{"name": "double", "parameters": {"x": 3}}<|eom_id|>')] * 3 + [
+                tok.encode("hi<|eot_id|>")
+            ]
         return [tok.encode("It is 6.<|eot_id|>") for _ in prompts]
 
     monkeypatch.setattr(LX, "teacher_answers", answers)
-    assert cli.main(["lm", "distill", "--teacher", str(folder), "--data", train, "--test", test, "--unlabelled", unl,
-                     "--mode", "sequence", "--tools", str(tools), "--student", "16x1", "--steps", "1",
-                     "--batch-size", "4", "--max-length", "160", "--max-new-tokens", "4", "--seeds", "0",
-                     "--no-baseline", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "lm",
+                "distill",
+                "--teacher",
+                str(folder),
+                "--data",
+                train,
+                "--test",
+                test,
+                "--unlabelled",
+                unl,
+                "--mode",
+                "sequence",
+                "--tools",
+                str(tools),
+                "--student",
+                "16x1",
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "160",
+                "--max-new-tokens",
+                "4",
+                "--seeds",
+                "0",
+                "--no-baseline",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tool calls read in the llama3_json format (read off the chat template)" in out
     assert "4 requests answered, 3 of them carried on after the tools' results" in out
@@ -167,8 +254,11 @@ def test_on_policy_plays_the_students_calls_through_the_users_tools(tmp_path, ca
             text = tok.decode(p)
             played.append(text)
             name = next(n for n in names if f"use {n}" in text)
-            reply = ("answered" if "<|im_start|>tool" in text or name == "none" else
-                     "<tool_call>\n" + json.dumps({"name": name, "arguments": {"x": 3}}) + "\n</tool_call>")
+            reply = (
+                "answered"
+                if "<|im_start|>tool" in text or name == "none"
+                else "<tool_call>\n" + json.dumps({"name": name, "arguments": {"x": 3}}) + "\n</tool_call>"
+            )
             out.append(tok.encode(reply + "<|im_end|>"))
         return Rows(out)
 
@@ -181,15 +271,48 @@ def test_on_policy_plays_the_students_calls_through_the_users_tools(tmp_path, ca
 
     monkeypatch.setattr(LX, "generate", student)
     monkeypatch.setattr(LX.LMJob, "_rollout_batch", recording)
-    argv = ["lm", "distill", "--teacher", str(tmp_path / "teacher"), "--data", train, "--test", test,
-            "--unlabelled", unl, "--mode", "on-policy", "--lambda", "1", "--tools", str(tools),
-            "--tool-timeout", "1", "--student", "16x1", "--steps", "1", "--batch-size", "4", "--max-length", "960",
-            "--max-new-tokens", "4", "--seeds", "0", "--no-baseline", "--run-dir", str(tmp_path / "run"),
-            "--no-progress"]
+    argv = [
+        "lm",
+        "distill",
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--data",
+        train,
+        "--test",
+        test,
+        "--unlabelled",
+        unl,
+        "--mode",
+        "on-policy",
+        "--lambda",
+        "1",
+        "--tools",
+        str(tools),
+        "--tool-timeout",
+        "1",
+        "--student",
+        "16x1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "960",
+        "--max-new-tokens",
+        "4",
+        "--seeds",
+        "0",
+        "--no-baseline",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert ("1 steps played 4 trajectories through the tools, 3 of them calling tools; of 3 tool calls, 1 raised, "
-            "1 stopped after 1 s, each answered by the student from the error") in out
+    assert (
+        "1 steps played 4 trajectories through the tools, 3 of them calling tools; of 3 tool calls, 1 raised, "
+        "1 stopped after 1 s, each answered by the student from the error"
+    ) in out
     after = [t for t in played if "<|im_start|>tool" in t]
     assert len(after) == 3 and all('"name": "double"' in t for t in played)  # the module's tools offered
     assert any('{"y": 6}' in t for t in after) and any("error: RuntimeError: down" in t for t in after)

@@ -26,8 +26,24 @@ ROOT = Path(__file__).resolve().parents[1]
 JKD = [sys.executable, "-c", "import sys; from jkd.cli import main; sys.exit(main())"]
 TEST_IMAGES = 397
 TEACHER = ["train-teacher", "--model", "mlp", "--model-option", "hidden=(64,)", "--epochs", "2", "--lr", "3e-3"]
-STUDENT = ["distill", "--model", "mlp", "--model-option", "hidden=(32,)", "--epochs", "4", "--lr", "3e-3",
-           "--seeds", "0", "--no-baseline", "--loss", "soft", "--temperature", "2"]
+STUDENT = [
+    "distill",
+    "--model",
+    "mlp",
+    "--model-option",
+    "hidden=(32,)",
+    "--epochs",
+    "4",
+    "--lr",
+    "3e-3",
+    "--seeds",
+    "0",
+    "--no-baseline",
+    "--loss",
+    "soft",
+    "--temperature",
+    "2",
+]
 
 
 def _digits(path):
@@ -109,22 +125,29 @@ def test_two_processes_are_one_run_and_survive_a_lost_peer(tmp_path):
 
     # ---- the teacher: 2 processes x 2 devices against 1 process x 4 devices (this process) ----
     assert cli.main(TEACHER + common + ["--parallel", "mesh", "--run-dir", str(ref / "teacher")]) == 0
-    outs = _finish(_start(TEACHER + common + ["--run-dir", str(two / "teacher")], portpicker.pick_unused_port(),
-                          tmp_path, "teacher"), tmp_path, "teacher")
+    outs = _finish(
+        _start(
+            TEACHER + common + ["--run-dir", str(two / "teacher")], portpicker.pick_unused_port(), tmp_path, "teacher"
+        ),
+        tmp_path,
+        "teacher",
+    )
     assert "process 0 of 2 (flags); 2 local of 4 devices" in outs[0]
     assert "| teacher |" in outs[0] and "| teacher |" not in outs[1]  # process 0 alone reports
     for a, b in zip(_leaves(ref / "teacher/teacher/model"), _leaves(two / "teacher/teacher/model")):
         np.testing.assert_allclose(b, a, atol=1e-5)
     # One run folder's files, as one process writes them; the log holds each record once.
     assert _files(two / "teacher") == _files(ref / "teacher")
-    assert read_log(two / "teacher/log.jsonl") .keys() == {"teacher"}
+    assert read_log(two / "teacher/log.jsonl").keys() == {"teacher"}
     lines = (two / "teacher/log.jsonl").read_text().splitlines()
     assert len(lines) == len((ref / "teacher/log.jsonl").read_text().splitlines())
     # Test metrics over every test image, once: the same figures as the 1-process run.
     metrics = json.loads((two / "teacher/teacher/metrics.json").read_text())
     assert np.sum(metrics["per_seed"][0]["confusion_matrix"]) == TEST_IMAGES
-    assert _summary(two / "teacher")["teacher"]["test_accuracy_per_seed"] == \
-        _summary(ref / "teacher")["teacher"]["test_accuracy_per_seed"]
+    assert (
+        _summary(two / "teacher")["teacher"]["test_accuracy_per_seed"]
+        == _summary(ref / "teacher")["teacher"]["test_accuracy_per_seed"]
+    )
 
     # ---- distillation from the reference teacher; process 1 is killed after a checkpoint ----
     distill = STUDENT + common + ["--teacher-dir", str(ref / "teacher/teacher/model")]
@@ -134,10 +157,14 @@ def test_two_processes_are_one_run_and_survive_a_lost_peer(tmp_path):
     assert not (two / "distill/summary.json").exists()
 
     _finish(_start(argv + ["--resume"], portpicker.pick_unused_port(), tmp_path, "resumed"), tmp_path, "resumed")
-    resumed = [r for r in map(json.loads, (two / "distill/log.jsonl").read_text().splitlines()) if r["event"] == "resumed"]
+    resumed = [
+        r for r in map(json.loads, (two / "distill/log.jsonl").read_text().splitlines()) if r["event"] == "resumed"
+    ]
     assert [r["step"] for r in resumed] and 21 <= resumed[-1]["step"] < 84  # not from step 0, not the end
     for a, b in zip(_leaves(ref / "distill/soft_kd/seed0"), _leaves(two / "distill/soft_kd/seed0")):
         np.testing.assert_allclose(b, a, atol=1e-5)
-    assert _summary(two / "distill")["soft KD"]["test_accuracy_per_seed"] == \
-        _summary(ref / "distill")["soft KD"]["test_accuracy_per_seed"]
+    assert (
+        _summary(two / "distill")["soft KD"]["test_accuracy_per_seed"]
+        == _summary(ref / "distill")["soft KD"]["test_accuracy_per_seed"]
+    )
     assert _files(two / "distill") == _files(ref / "distill")

@@ -24,8 +24,11 @@ def _resolves(dotted: str) -> bool:
 
 
 def test_every_dotted_jkd_name_in_the_source_exists():
-    named = {(str(p.relative_to(JKD.parent)), m) for p in sorted(JKD.rglob("*.py"))
-             for m in re.findall(r"\bjkd(?:\.[A-Za-z_]\w*)+", p.read_text())}
+    named = {
+        (str(p.relative_to(JKD.parent)), m)
+        for p in sorted(JKD.rglob("*.py"))
+        for m in re.findall(r"\bjkd(?:\.[A-Za-z_]\w*)+", p.read_text())
+    }
     assert len(named) > 50  # the scan sees the references (docstrings, messages, imports)
     missing = sorted((f, m) for f, m in named if not _resolves(m))
     assert not missing, missing

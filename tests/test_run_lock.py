@@ -21,10 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def hold(folder: Path):
     """Another process that holds ``folder``'s lock until killed (it imports jkd.runtime.run_lock only)."""
-    code = ("import sys, time; from jkd.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(120)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys, time; from jkd.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -54,8 +60,9 @@ def test_a_killed_holders_lock_is_taken_over_with_a_line(held):
     assert json.loads((folder / LOCK_FILE).read_text())["pid"] == proc.pid
     lines = []
     rf = RunFolder(folder, {"a": 1}, echo=lines.append)
-    assert len(lines) == 1 and lines[0].startswith(f"{folder}: taking over the lock left by process {proc.pid} on host "
-                                                   f"{socket.gethostname()} (started ")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"{folder}: taking over the lock left by process {proc.pid} on host {socket.gethostname()} (started "
+    )
     assert lines[0].endswith("which is no longer running.")
     assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
     rf.close()
@@ -85,9 +92,17 @@ def test_force_keeps_the_lock_and_a_closed_folder_can_be_claimed_again(tmp_path)
     assert not (folder / LOCK_FILE).exists()  # released
     forced = RunFolder(folder, {"a": 2}, force=True)
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]  # the old run deleted, the lock still held
-    other = subprocess.run([sys.executable, "-c", "import sys; from jkd.runtime.run_lock import RunLock; "
-                            "RunLock(sys.argv[1]).acquire()", str(folder)], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from jkd.runtime.run_lock import RunLock; RunLock(sys.argv[1]).acquire()",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert other.returncode == 1 and f"process {os.getpid()} on host" in other.stderr
     forced.close()
 
@@ -108,7 +123,9 @@ def test_evaluation_keys_may_change_on_resume_and_training_keys_may_not(tmp_path
     with pytest.raises(FileExistsError, match="pass --resume"):
         RunFolder(folder, new, reusable=reusable)
     with pytest.raises(ConfigMismatchError, match=r"train_file: its contents changed \(fingerprint \"9\" -> \"8\"\)"):
-        RunFolder(folder, {**new, "file_digests": {"test_file": "2", "train_file": "8"}}, resume=True, reusable=reusable)
+        RunFolder(
+            folder, {**new, "file_digests": {"test_file": "2", "train_file": "8"}}, resume=True, reusable=reusable
+        )
 
 
 def test_fingerprints_see_a_file_replaced_in_place_and_ignore_a_copy(tmp_path, monkeypatch):

@@ -46,7 +46,11 @@ def get_config() -> ExperimentConfig:
         eval_every_epochs=10,
         distillations=(
             Distillation("KD", objectives.SoftKD(temperature=4.0, kd_weight=0.9, ce_weight=0.1)),
-            Distillation("DKD", objectives.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, kd_weight=1.0, ce_weight=1.0,
-                                              warmup_epochs=20.0)),
+            Distillation(
+                "DKD",
+                objectives.DKD(
+                    tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, kd_weight=1.0, ce_weight=1.0, warmup_epochs=20.0
+                ),
+            ),
         ),
     )

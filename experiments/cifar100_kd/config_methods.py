@@ -43,6 +43,9 @@ def _on_cifar(d: Distillation) -> Distillation:
 def get_config():
     cfg = _recipe.get_config()
     return dataclasses.replace(
-        cfg, title="CIFAR-100: every method, resnet32x4 -> resnet8x4 (published recipe)",
-        distillations=tuple(_on_cifar(d) for d in _leaderboard.methods(epochs=cfg.student_epochs,
-                                                                       patient=4 * cfg.student_epochs)))
+        cfg,
+        title="CIFAR-100: every method, resnet32x4 -> resnet8x4 (published recipe)",
+        distillations=tuple(
+            _on_cifar(d) for d in _leaderboard.methods(epochs=cfg.student_epochs, patient=4 * cfg.student_epochs)
+        ),
+    )

@@ -44,15 +44,21 @@ def get_config() -> LX.LMExperimentConfig:
     answers = dict(teacher_answers=True)
     return LX.LMExperimentConfig(
         title="SmolLM2-135M-Instruct (fine-tuned, 49,152 tokens) -> a 4-layer student of the data's own BPE "
-              "(1,024 tokens)",
+        "(1,024 tokens)",
         data_sizes=(("train", 1000), ("test", 100), ("unlabelled", 300)),
-        labelled_subset=300, max_length=192, max_new_tokens=64, batch_size=8, student_steps=600, seeds=(0, 1, 2),
+        labelled_subset=300,
+        max_length=192,
+        max_new_tokens=64,
+        batch_size=8,
+        student_steps=600,
+        seeds=(0, 1, 2),
         student_optimizer=AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_steps=20),
         students=(LX.LMStudent("BPE student", from_dir="<built by main>"),),
         distillations=(
             LX.LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), **answers),
-            LX.LMDistillation("hybrid fkl", CrossTokenizerKD(ForwardKL(), kd_weight=1.0, ce_weight=1.0, stored=True),
-                              **answers),
+            LX.LMDistillation(
+                "hybrid fkl", CrossTokenizerKD(ForwardKL(), kd_weight=1.0, ce_weight=1.0, stored=True), **answers
+            ),
             LX.LMDistillation("uld", CrossTokenizerKD(None, kd_weight=1.0, ce_weight=1.0, stored=True), **answers),
         ),
     )
@@ -76,8 +82,12 @@ def student_folder(out: Path, cfg: LX.LMExperimentConfig, *, hidden: int = 128, 
     plain = byte_tokenizer()
     texts = [render_chat(plain, c["messages"]) for c in C.read_conversations(data["train"])]
     tok = train_bpe_tokenizer(texts, vocab_size=1024)
-    config = dataclasses.replace(LX._decoder(tok.vocab_size, hidden, layers), max_position_embeddings=512,
-                                 eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config = dataclasses.replace(
+        LX._decoder(tok.vocab_size, hidden, layers),
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(Decoder(config, rngs=nnx.Rngs(0)), tmp, tokenizer=tok)
@@ -85,8 +95,9 @@ def student_folder(out: Path, cfg: LX.LMExperimentConfig, *, hidden: int = 128, 
     return out
 
 
-def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-         progress: bool = True) -> None:
+def main(
+    cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> None:
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     teacher = cfg.teacher_dir
@@ -96,6 +107,9 @@ def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, forc
 
         teacher = fine_tuned_teacher(SMOLLM2_RUN, progress=progress)
     student = student_folder(root / "student_start", cfg)
-    cfg = dataclasses.replace(cfg, teacher_dir=str(teacher),
-                              students=tuple(dataclasses.replace(s, from_dir=str(student)) for s in cfg.students))
+    cfg = dataclasses.replace(
+        cfg,
+        teacher_dir=str(teacher),
+        students=tuple(dataclasses.replace(s, from_dir=str(student)) for s in cfg.students),
+    )
     LX.run(cfg, root / "run", resume=resume, force=force, progress=progress)

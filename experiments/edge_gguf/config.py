@@ -22,14 +22,21 @@ def get_config() -> LX.LMExperimentConfig:
     cfg = LX.demo_config()
     seq_kd = dict(objective=TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True)
     return dataclasses.replace(
-        cfg, title="The demo's 2-layer student for llama.cpp: float, q4_0 after training, q4_0 trained for it",
-        students=(cfg.students[0],), pass_k=0, ptq="q4_0",
-        distillations=(LX.LMDistillation("sequence KD", **seq_kd),
-                       LX.LMDistillation("sequence KD, q4_0-aware", **seq_kd, quantize="q4_0")))
+        cfg,
+        title="The demo's 2-layer student for llama.cpp: float, q4_0 after training, q4_0 trained for it",
+        students=(cfg.students[0],),
+        pass_k=0,
+        ptq="q4_0",
+        distillations=(
+            LX.LMDistillation("sequence KD", **seq_kd),
+            LX.LMDistillation("sequence KD, q4_0-aware", **seq_kd, quantize="q4_0"),
+        ),
+    )
 
 
-def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-         progress: bool = True) -> None:
+def main(
+    cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> None:
     from jkd.data.tokenizer import Tokenizer
     from jkd.runtime.run_folder import slug
     from jkd.models.gguf_io import write_gguf
@@ -45,8 +52,11 @@ def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, forc
         model, tok = load_hf(folder), Tokenizer.from_folder(folder)
         quants = ("q4_0",) if entry.get("quantization") else ("f16", "q8_0", "q4_0")
         for quant in quants:
-            path = write_gguf(model, tok, root / "gguf" / f"{slug(entry['name'])}.{quant}.gguf", quant=quant,
-                              name=entry["name"])
-            lines.append(f"| {entry['name']} | {path.relative_to(root)} | {quant} | {path.stat().st_size / 2**20:.2f} |")
+            path = write_gguf(
+                model, tok, root / "gguf" / f"{slug(entry['name'])}.{quant}.gguf", quant=quant, name=entry["name"]
+            )
+            lines.append(
+                f"| {entry['name']} | {path.relative_to(root)} | {quant} | {path.stat().st_size / 2**20:.2f} |"
+            )
     (root / "gguf.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

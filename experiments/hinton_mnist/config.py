@@ -23,5 +23,7 @@ def get_config():
         demo_config(),
         title="Hinton et al. 2015: 2x1200 -> 2x800 on MNIST",
         student=ModelSpec("mlp_2x800"),
-        distillations=(Distillation("soft KD T=20", objectives.SoftKD(temperature=20.0, kd_weight=0.9, ce_weight=0.1)),),
+        distillations=(
+            Distillation("soft KD T=20", objectives.SoftKD(temperature=20.0, kd_weight=0.9, ce_weight=0.1)),
+        ),
     )

@@ -16,6 +16,7 @@ def get_config():
         title="Hinton et al. 2015: 2x1200 -> 30 hidden units",
         student=ModelSpec("mlp_30"),
         distillations=tuple(
-            Distillation(f"soft KD T={t:g}", objectives.SoftKD(temperature=t, kd_weight=0.9, ce_weight=0.1)) for t in (2.5, 4.0)
+            Distillation(f"soft KD T={t:g}", objectives.SoftKD(temperature=t, kd_weight=0.9, ce_weight=0.1))
+            for t in (2.5, 4.0)
         ),
     )

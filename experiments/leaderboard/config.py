@@ -35,30 +35,51 @@ def methods(epochs: int = EPOCHS, patient: int = PATIENT, tuned=None) -> tuple[D
     warmup = round(epochs * 20 / 240, 1)
     return (
         Distillation("soft KD T=8", O.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1)),
-        Distillation("soft KD + logit std. T=2", O.SoftKD(temperature=2.0, kd_weight=0.9, ce_weight=0.1, standardize=True)),
+        Distillation(
+            "soft KD + logit std. T=2", O.SoftKD(temperature=2.0, kd_weight=0.9, ce_weight=0.1, standardize=True)
+        ),
         Distillation("hard KD", O.HardKD(kd_weight=0.5, ce_weight=0.5)),
         Distillation("DKD", O.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0)),
-        Distillation(f"DKD + warm-up {warmup:g} ep.", O.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0,
-                                                           warmup_epochs=warmup)),
+        Distillation(
+            f"DKD + warm-up {warmup:g} ep.",
+            O.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=4.0, warmup_epochs=warmup),
+        ),
         Distillation("DKD + logit std.", O.DKD(tckd_weight=1.0, nckd_weight=8.0, temperature=2.0, standardize=True)),
         Distillation("RKD", O.RKD(distance_weight=25.0, angle_weight=50.0)),
         Distillation("SP", O.SP(weight=3000.0)),
         Distillation("CRD", O.CRD(weight=0.8, temperature=0.07)),
         Distillation("function matching", O.FunctionMatching(temperature=1.0), mixup_alpha=1.0),
         Distillation(f"student alone, {patient} ep.", O.CrossEntropy(), epochs=patient),
-        Distillation(f"soft KD T=8, {patient} ep.", O.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1), epochs=patient),
-        Distillation(f"function matching, {patient} ep.", O.FunctionMatching(temperature=1.0), mixup_alpha=1.0,
-                     epochs=patient),
-    ) + ((Distillation(f"student alone, {patient} ep., lr {tuned.learning_rate:g}", O.CrossEntropy(), epochs=patient,
-                       optimizer=tuned),) if tuned is not None else ())
+        Distillation(
+            f"soft KD T=8, {patient} ep.", O.SoftKD(temperature=8.0, kd_weight=0.9, ce_weight=0.1), epochs=patient
+        ),
+        Distillation(
+            f"function matching, {patient} ep.", O.FunctionMatching(temperature=1.0), mixup_alpha=1.0, epochs=patient
+        ),
+    ) + (
+        (
+            Distillation(
+                f"student alone, {patient} ep., lr {tuned.learning_rate:g}",
+                O.CrossEntropy(),
+                epochs=patient,
+                optimizer=tuned,
+            ),
+        )
+        if tuned is not None
+        else ()
+    )
 
 
 def get_config() -> ExperimentConfig:
     base = demo_config()
     return ExperimentConfig(
         title="jkd leaderboard: every method on the embedded MNIST sample",
-        teacher=base.teacher, student=base.student, teacher_epochs=base.teacher_epochs,
-        student_epochs=EPOCHS, student_crop_padding=CROP, seeds=(0, 1, 2),
+        teacher=base.teacher,
+        student=base.student,
+        teacher_epochs=base.teacher_epochs,
+        student_epochs=EPOCHS,
+        student_crop_padding=CROP,
+        seeds=(0, 1, 2),
         eval_every_epochs=EPOCHS,  # the report measures test accuracy once, at the end
         distillations=methods(tuned=dataclasses.replace(base.student_optimizer, learning_rate=3e-3)),
     )

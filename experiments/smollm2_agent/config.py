@@ -40,8 +40,13 @@ def get_config() -> LX.LMExperimentConfig:
     return LX.LMExperimentConfig(
         title="SmolLM2-135M-Instruct (fine-tuned on the tool-use conversations) -> 6 of its 30 blocks",
         data_sizes=(("train", 1000), ("test", 100), ("unlabelled", 300)),
-        labelled_subset=300, max_length=192, max_new_tokens=64, batch_size=8,
-        teacher_steps=150, student_steps=100, seeds=(0, 1, 2),
+        labelled_subset=300,
+        max_length=192,
+        max_new_tokens=64,
+        batch_size=8,
+        teacher_steps=150,
+        student_steps=100,
+        seeds=(0, 1, 2),
         teacher_optimizer=AdamWConfig(learning_rate=1e-4, weight_decay=0.0, warmup_steps=10),
         student_optimizer=AdamWConfig(learning_rate=5e-4, weight_decay=0.0, warmup_steps=10),
         students=(LX.LMStudent("6 blocks", teacher_layers=CUT),),
@@ -50,8 +55,10 @@ def get_config() -> LX.LMExperimentConfig:
             LX.LMDistillation("teacher layers + labels", TokenKD(kd_weight=0.0, ce_weight=1.0)),
             LX.LMDistillation("token KD fkl", TokenKD(divergence=ForwardKL(), kd_weight=1.0, ce_weight=0.0)),
             LX.LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
-            LX.LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
-                                                       max_new_tokens=48)),
+            LX.LMDistillation(
+                "on-policy jsd",
+                OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5, max_new_tokens=48),
+            ),
         ),
     )
 
@@ -75,8 +82,9 @@ def tool_template_folder(out: Path) -> Path:
     return out
 
 
-def fine_tuned_teacher(root: Path, cfg: LX.LMExperimentConfig | None = None, *, force: bool = False,
-                       progress: bool = True) -> Path:
+def fine_tuned_teacher(
+    root: Path, cfg: LX.LMExperimentConfig | None = None, *, force: bool = False, progress: bool = True
+) -> Path:
     """Stages 1 and 2 in ``root``: the SmolLM2 folder with the tool template, fine-tuned on the
     labelled conversations; returns the teacher's folder (each stage resumes; a finished one is
     not run again)."""
@@ -84,18 +92,32 @@ def fine_tuned_teacher(root: Path, cfg: LX.LMExperimentConfig | None = None, *, 
     root.mkdir(parents=True, exist_ok=True)
     folder = tool_template_folder(root / "folder")
     teacher_cfg = dataclasses.replace(
-        cfg, title="SmolLM2-135M-Instruct fine-tuned on the tool-use conversations (the teacher)",
-        teacher_dir=str(folder), students=(LX.LMStudent("smollm2", from_dir=str(folder)),), include_baseline=True,
-        distillations=(), labelled_subset=None, seeds=(0,), student_steps=cfg.teacher_steps,
-        student_optimizer=cfg.teacher_optimizer, unlabelled_limit=0)
+        cfg,
+        title="SmolLM2-135M-Instruct fine-tuned on the tool-use conversations (the teacher)",
+        teacher_dir=str(folder),
+        students=(LX.LMStudent("smollm2", from_dir=str(folder)),),
+        include_baseline=True,
+        distillations=(),
+        labelled_subset=None,
+        seeds=(0,),
+        student_steps=cfg.teacher_steps,
+        student_optimizer=cfg.teacher_optimizer,
+        unlabelled_limit=0,
+    )
     if not (root / "teacher" / "summary.json").exists():  # a finished stage is not measured again
         LX.run(teacher_cfg, root / "teacher", resume=True, force=force, progress=progress)
     return root / "teacher" / "smollm2_alone" / "seed0"
 
 
-def main(cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False,
-         progress: bool = True) -> None:
+def main(
+    cfg: LX.LMExperimentConfig, run_dir: str, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> None:
     root = Path(run_dir)
     teacher = fine_tuned_teacher(root, cfg, force=force, progress=progress)
-    LX.run(dataclasses.replace(cfg, teacher_dir=str(teacher)), root / "students", resume=True, force=force,
-           progress=progress)
+    LX.run(
+        dataclasses.replace(cfg, teacher_dir=str(teacher)),
+        root / "students",
+        resume=True,
+        force=force,
+        progress=progress,
+    )

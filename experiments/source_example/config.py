@@ -74,8 +74,9 @@ def main(cfg: ToyConfig, run_dir, *, resume=False, force=False, progress=True):
 
     # Done right: two logits; train the teacher on the labels first.
     teacher = init(k_teacher, 2)
-    teacher, teacher_loss = train(teacher, lambda p: losses.cross_entropy_loss(linear(p, X), Y).mean(),
-                                  cfg.teacher_steps, cfg.learning_rate)
+    teacher, teacher_loss = train(
+        teacher, lambda p: losses.cross_entropy_loss(linear(p, X), Y).mean(), cfg.teacher_steps, cfg.learning_rate
+    )
     teacher_logits = linear(teacher, X)
     teacher_acc = float(jnp.mean(jnp.argmax(teacher_logits, -1) == Y))
 
@@ -85,9 +86,12 @@ def main(cfg: ToyConfig, run_dir, *, resume=False, force=False, progress=True):
     student, kd_after = train(student, kd, cfg.student_steps, cfg.learning_rate)
     student_logits = linear(student, X)
     result = {
-        "single_unit_loss": float(bug_value), "single_unit_grad_norm": bug_grad_norm,
-        "teacher_train_loss": teacher_loss, "teacher_accuracy": teacher_acc,
-        "student_kd_loss_before": kd_before, "student_kd_loss_after": kd_after,
+        "single_unit_loss": float(bug_value),
+        "single_unit_grad_norm": bug_grad_norm,
+        "teacher_train_loss": teacher_loss,
+        "teacher_accuracy": teacher_acc,
+        "student_kd_loss_before": kd_before,
+        "student_kd_loss_after": kd_after,
         "student_accuracy": float(jnp.mean(jnp.argmax(student_logits, -1) == Y)),
         "teacher_probs_T": jax.nn.softmax(teacher_logits / T).tolist(),
         "student_probs_T": jax.nn.softmax(student_logits / T).tolist(),
@@ -96,8 +100,10 @@ def main(cfg: ToyConfig, run_dir, *, resume=False, force=False, progress=True):
     (Path(run_dir) / "result.json").write_text(json.dumps(result, indent=2))
     print(f"original (1 output unit): loss {bug_value:.4f}, gradient norm {bug_grad_norm:.1e} -> nothing to learn")
     print(f"teacher (2 logits, trained on OR): accuracy {teacher_acc:.2f}")
-    print(f"student, soft KD at T={T:g} only: loss {kd_before:.4f} -> {kd_after:.6f}, "
-          f"accuracy {result['student_accuracy']:.2f}")
+    print(
+        f"student, soft KD at T={T:g} only: loss {kd_before:.4f} -> {kd_after:.6f}, "
+        f"accuracy {result['student_accuracy']:.2f}"
+    )
     for x, pt, ps in zip(X.tolist(), result["teacher_probs_T"], result["student_probs_T"]):
         print(f"  input {x}: teacher p_T = {pt[1]:.3f}, student p_T = {ps[1]:.3f}")
     return result

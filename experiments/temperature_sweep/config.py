@@ -19,5 +19,6 @@ def get_config():
 
 
 def main(cfg, run_dir, *, resume=False, force=False, progress=True):
-    return run_sweep(cfg, run_dir, temperatures=TEMPERATURES, kd_weights=KD_WEIGHTS, resume=resume, force=force,
-                     progress=progress)
+    return run_sweep(
+        cfg, run_dir, temperatures=TEMPERATURES, kd_weights=KD_WEIGHTS, resume=resume, force=force, progress=progress
+    )

@@ -112,9 +112,17 @@ class ToolFormat:
 
     def message(self, calls: Sequence[Call], content: str = "") -> dict:
         """The assistant message making ``calls``, as chat templates take it."""
-        return {"role": "assistant", "content": content, "tool_calls": [
-            {"type": "function", "function": {
-                "name": n, "arguments": json.dumps(a) if self.arguments_as_string else a}} for n, a in calls]}
+        return {
+            "role": "assistant",
+            "content": content,
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": n, "arguments": json.dumps(a) if self.arguments_as_string else a},
+                }
+                for n, a in calls
+            ],
+        }
 
     def prepare(self, conversation: dict) -> dict:
         """``conversation`` with its calls' arguments as the family's templates take them (JSON
@@ -124,8 +132,10 @@ class ToolFormat:
         msgs = []
         for m in conversation["messages"]:
             if m.get("tool_calls"):
-                calls = [(c.get("function", c)["name"], _arguments(c.get("function", c).get("arguments", {})))
-                         for c in m["tool_calls"]]
+                calls = [
+                    (c.get("function", c)["name"], _arguments(c.get("function", c).get("arguments", {})))
+                    for c in m["tool_calls"]
+                ]
                 m = {**m, **{k: v for k, v in self.message(calls).items() if k == "tool_calls"}}
             msgs.append(m)
         return {**conversation, "messages": msgs}
@@ -147,7 +157,7 @@ class _Hermes(ToolFormat):
         for m in self._BLOCK.finditer(text):
             attempts += 1
             got = _json_at(m.group(1), 0)
-            call = _call(got[0]) if got and not m.group(1)[got[1]:].strip() else None
+            call = _call(got[0]) if got and not m.group(1)[got[1] :].strip() else None
             if call is not None:
                 calls.append(call)
         return ParsedTurn(self._BLOCK.sub("", text).strip(), calls, attempts)
@@ -162,7 +172,7 @@ class _Llama3JSON(ToolFormat):
         body = text.strip()
         tagged = body.startswith(self._TAG)
         if tagged:
-            body = body[len(self._TAG):].lstrip()
+            body = body[len(self._TAG) :].lstrip()
         if not tagged and not (body.startswith("{") and '"name"' in body):
             return ParsedTurn(text.strip(), [], 0)
         calls, attempts, pos = [], 0, 0
@@ -192,7 +202,7 @@ class _Mistral(ToolFormat):
         at = text.find(self._TAG)
         if at < 0:
             return ParsedTurn(text.strip(), [], 0)
-        content, rest = text[:at].strip(), text[at + len(self._TAG):]
+        content, rest = text[:at].strip(), text[at + len(self._TAG) :]
         got = _json_at(rest, 0)
         if got is not None and isinstance(got[0], list):  # [TOOL_CALLS][{...}, {...}]
             calls = [_call(c) for c in got[0]]
@@ -220,7 +230,7 @@ class _PlainJSON(ToolFormat):
         if not body.startswith(("{", "[")) or '"name"' not in body:
             return ParsedTurn(text.strip(), [], 0)
         got = _json_at(body, 0)
-        if got is None or body[got[1]:].strip():
+        if got is None or body[got[1] :].strip():
             return ParsedTurn("", [], 1)
         objs = got[0] if isinstance(got[0], list) else [got[0]]
         calls = [_call(o, ("arguments", "parameters")) for o in objs]
@@ -272,9 +282,14 @@ class TemplateFormat(ToolFormat):
 
 # ---- detection ------------------------------------------------------------------------------------
 
-_PROBE_TOOL = {"type": "function", "function": {
-    "name": "jkd_probe", "description": "A probe.", "parameters": {
-        "type": "object", "required": ["jkd_arg"], "properties": {"jkd_arg": {"type": "string"}}}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "jkd_probe",
+        "description": "A probe.",
+        "parameters": {"type": "object", "required": ["jkd_arg"], "properties": {"jkd_arg": {"type": "string"}}},
+    },
+}
 _PROBES: list[Call] = [("jkd_probe", {"jkd_arg": "jkd_value"}), ("jkd_probe_two", {"jkd_arg": "jkd_other"})]
 
 
@@ -283,11 +298,21 @@ def _rendered_turn(tokenizer, calls: Sequence[Call], as_string: bool, chat_templ
     from jkd.data.chat import render_chat
 
     user = [{"role": "user", "content": "jkd probe request"}]
-    msg = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": n, "arguments": json.dumps(a) if as_string else a}} for n, a in calls]}
+    msg = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": n, "arguments": json.dumps(a) if as_string else a}}
+            for n, a in calls
+        ],
+    }
     full = render_chat(tokenizer, user + [msg], tools=[_PROBE_TOOL], chat_template=chat_template)
     head = render_chat(tokenizer, user, tools=[_PROBE_TOOL], add_generation_prompt=True, chat_template=chat_template)
-    return full[len(head):] if full.startswith(head) else full[full.find("jkd probe request") + len("jkd probe request"):]
+    return (
+        full[len(head) :]
+        if full.startswith(head)
+        else full[full.find("jkd probe request") + len("jkd probe request") :]
+    )
 
 
 def detect_format(tokenizer, *, chat_template: str | None = None) -> ToolFormat:
@@ -311,11 +336,13 @@ def detect_format(tokenizer, *, chat_template: str | None = None) -> ToolFormat:
             return learned
     rendered = _rendered_turn(tokenizer, one, False, chat_template)
     if "jkd_probe" not in rendered:
-        raise ToolFormatError(f"the chat template writes no tool calls (an assistant turn with a call renders as "
-                              f"{rendered[:200]!r})")
+        raise ToolFormatError(
+            f"the chat template writes no tool calls (an assistant turn with a call renders as {rendered[:200]!r})"
+        )
     raise ToolFormatError(
         f"the chat template writes tool calls in a form jkd cannot read back ({rendered[:200]!r}); pass "
-        f"--tool-format with one of {', '.join(FORMATS)}")
+        f"--tool-format with one of {', '.join(FORMATS)}"
+    )
 
 
 def _with_string_args(fmt: ToolFormat, as_string: bool) -> ToolFormat:
@@ -340,7 +367,7 @@ def _learn(one: str, two: str, as_string: bool, specials: Sequence[str]) -> Temp
     args_at = one.find(args, name_at)
     if name_at < 0 or args_at < 0:
         return None
-    prefix, infix, suffix = one[:name_at], one[name_at + len("jkd_probe"):args_at], one[args_at + len(args):]
+    prefix, infix, suffix = one[:name_at], one[name_at + len("jkd_probe") : args_at], one[args_at + len(args) :]
     first_end = two.find(args) + len(args) if args in two else -1
     second = two.find("jkd_probe_two")
     between = two[first_end:second] if 0 <= first_end <= second else ""
@@ -352,11 +379,16 @@ def _learn(one: str, two: str, as_string: bool, specials: Sequence[str]) -> Temp
     head = head or prefix.strip()
     if not head.strip():
         return None
-    sep = between[:len(between) - len(head)] if head and between.endswith(head) else between
+    sep = between[: len(between) - len(head)] if head and between.endswith(head) else between
     tail = _common_prefix(sep, suffix)  # what closes a call: the separator's start, the suffix's too
     head = head.lstrip()
-    return TemplateFormat(head=head, infix=infix, tail=tail, arguments_as_string=as_string,
-                          markers=tuple(t for t in specials if t in head + infix + tail))
+    return TemplateFormat(
+        head=head,
+        infix=infix,
+        tail=tail,
+        arguments_as_string=as_string,
+        markers=tuple(t for t in specials if t in head + infix + tail),
+    )
 
 
 def by_name(name: str) -> ToolFormat:
@@ -364,12 +396,15 @@ def by_name(name: str) -> ToolFormat:
     try:
         return FORMATS[name]
     except KeyError:
-        raise ToolFormatError(f"unknown tool-call format {name!r}; the formats are {', '.join(FORMATS)} "
-                              "(or leave it out: it is read off the chat template)") from None
+        raise ToolFormatError(
+            f"unknown tool-call format {name!r}; the formats are {', '.join(FORMATS)} "
+            "(or leave it out: it is read off the chat template)"
+        ) from None
 
 
-def tool_format_for(tokenizer, name: str | None,
-                    conversations: Sequence[dict] = ()) -> tuple[ToolFormat, str, str | None]:
+def tool_format_for(
+    tokenizer, name: str | None, conversations: Sequence[dict] = ()
+) -> tuple[ToolFormat, str, str | None]:
     """The format a run reads tool calls in, how it was chosen, and a warning (or None): ``name``
     when given, else read off ``tokenizer``'s chat template (:func:`detect_format`). A template
     that writes no tool calls gets :data:`PLAIN_JSON`, with a warning when ``conversations`` make
@@ -380,7 +415,10 @@ def tool_format_for(tokenizer, name: str | None,
         return detect_format(tokenizer), "read off the chat template", None
     except ToolFormatError:
         calls = sum(len(m.get("tool_calls") or []) for c in conversations for m in c["messages"])
-        warning = (f"the chat template writes no tool calls, so the {calls} calls in the conversations are left out "
-                   "of what the models read and learn; use a model folder whose chat template renders tool_calls"
-                   if calls else None)
+        warning = (
+            f"the chat template writes no tool calls, so the {calls} calls in the conversations are left out "
+            "of what the models read and learn; use a model folder whose chat template renders tool_calls"
+            if calls
+            else None
+        )
         return PLAIN_JSON, "the chat template writes no tool calls", warning

@@ -43,10 +43,17 @@ class Exchanges:
     counts: dict[str, int]
 
 
-def agent_exchanges(tokenizer: Tokenizer, requests: Sequence[dict], prompts: Sequence[np.ndarray],
-                    answers: Sequence[np.ndarray], *, tools: Toolbox | None,
-                    answer: Callable[[list[np.ndarray]], list[np.ndarray]], max_length: int,
-                    tool_format: ToolFormat = HERMES) -> Exchanges:
+def agent_exchanges(
+    tokenizer: Tokenizer,
+    requests: Sequence[dict],
+    prompts: Sequence[np.ndarray],
+    answers: Sequence[np.ndarray],
+    *,
+    tools: Toolbox | None,
+    answer: Callable[[list[np.ndarray]], list[np.ndarray]],
+    max_length: int,
+    tool_format: ToolFormat = HERMES,
+) -> Exchanges:
     """The teacher's ``answers`` to ``requests`` carried through the loop: an answer that makes
     calls (read in ``tool_format``) has them run by ``tools``; the results (or the error a refused,
     raising or stopped call gives) follow as ``tool`` messages and the teacher answers them
@@ -98,24 +105,38 @@ def exchange_conversations(ex: Exchanges, tokenizer: Tokenizer, tool_format: Too
 
     def turn(tokens) -> dict:
         read = tool_format.read(tokenizer.decode(tokens), specials)
-        return tool_format.message(read.calls, read.content) if read.calls else {"role": "assistant",
-                                                                                 "content": read.content}
+        return (
+            tool_format.message(read.calls, read.content)
+            if read.calls
+            else {"role": "assistant", "content": read.content}
+        )
+
     out = []
     for i, (req, a) in enumerate(zip(ex.requests, ex.answers)):
         msgs = list(req["messages"])
         if i in ex.finals:
-            msgs += [tool_format.message(ex.calls[i], tool_format.read(tokenizer.decode(a), specials).content),
-                     *tool_messages(ex.calls[i], ex.results[i]), turn(ex.finals[i])]
+            msgs += [
+                tool_format.message(ex.calls[i], tool_format.read(tokenizer.decode(a), specials).content),
+                *tool_messages(ex.calls[i], ex.results[i]),
+                turn(ex.finals[i]),
+            ]
         else:
             msgs.append(turn(a))
         out.append({**req, "messages": msgs})
     return out
 
 
-def agent_rows(tokenizer: Tokenizer, requests: Sequence[dict], prompts: Sequence[np.ndarray],
-               answers: Sequence[np.ndarray], *, tools: Toolbox | None,
-               answer: Callable[[list[np.ndarray]], list[np.ndarray]], max_length: int,
-               tool_format: ToolFormat = HERMES) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+def agent_rows(
+    tokenizer: Tokenizer,
+    requests: Sequence[dict],
+    prompts: Sequence[np.ndarray],
+    answers: Sequence[np.ndarray],
+    *,
+    tools: Toolbox | None,
+    answer: Callable[[list[np.ndarray]], list[np.ndarray]],
+    max_length: int,
+    tool_format: ToolFormat = HERMES,
+) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
     """Training rows from the teacher's answers to requests, carried through the agent loop
     (:func:`agent_exchanges`, :func:`exchange_rows`): its row is the whole exchange, learned on
     both assistant turns and never on the tool results.
@@ -123,6 +144,14 @@ def agent_rows(tokenizer: Tokenizer, requests: Sequence[dict], prompts: Sequence
     Returns ``(ids, learn, counts)``: ``counts["continued"]`` rows went through the tools, and
     ``counts[status]`` calls ended with each :class:`~jkd.agents.tools.ToolResult` status.
     """
-    ex = agent_exchanges(tokenizer, requests, prompts, answers, tools=tools, answer=answer, max_length=max_length,
-                         tool_format=tool_format)
+    ex = agent_exchanges(
+        tokenizer,
+        requests,
+        prompts,
+        answers,
+        tools=tools,
+        answer=answer,
+        max_length=max_length,
+        tool_format=tool_format,
+    )
     return (*exchange_rows(ex, max_length=max_length), ex.counts)

@@ -35,7 +35,8 @@ TASK_SUCCESS_RULE = (
     "equal to its default), every one ran, and the "
     "last turn calls nothing, is not empty and states every value of the conversation's tool results that the "
     "reference's final answer states; irrelevance counts the tasks that need no tool, solved by an answer that "
-    "calls none")
+    "calls none"
+)
 
 ANSWERED, UNPARSED, MAX_TURNS, TOO_LONG = "answered", "unparsed call", "max turns", "too long"
 
@@ -60,12 +61,12 @@ def tasks_from(conversations: Sequence[dict]) -> list[Task]:
         last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=None)
         if last_user is None:
             continue
-        after = msgs[last_user + 1:]
+        after = msgs[last_user + 1 :]
         answers = [m for m in after if m["role"] == "assistant"]
         if not answers:
             continue
         calls = [c for m in answers for c in message_calls(m)]
-        out.append(Task(list(msgs[:last_user + 1]), conv.get("tools"), calls, answers[-1].get("content") or ""))
+        out.append(Task(list(msgs[: last_user + 1]), conv.get("tools"), calls, answers[-1].get("content") or ""))
     return out
 
 
@@ -83,8 +84,16 @@ class Trajectory:
     ended: str = ""
 
 
-def run_tasks(generate: Callable[[list[np.ndarray]], list[np.ndarray]], tokenizer: Tokenizer, tasks: Sequence[Task],
-              *, tools: Toolbox | None, tool_format: ToolFormat, max_turns: int, max_length: int) -> list[Trajectory]:
+def run_tasks(
+    generate: Callable[[list[np.ndarray]], list[np.ndarray]],
+    tokenizer: Tokenizer,
+    tasks: Sequence[Task],
+    *,
+    tools: Toolbox | None,
+    tool_format: ToolFormat,
+    max_turns: int,
+    max_length: int,
+) -> list[Trajectory]:
     """Every task played in the loop; ``generate(prompts) -> new token rows`` answers a batch of
     prompts (the model, greedy or sampled). A prompt that would exceed ``max_length`` tokens ends
     its task (``too long``); a turn whose call cannot be parsed ends it (``unparsed call``)."""
@@ -95,8 +104,9 @@ def run_tasks(generate: Callable[[list[np.ndarray]], list[np.ndarray]], tokenize
         prompts, kept = [], []
         for i in going:
             t = tasks[i]
-            ids = encode_chat(tokenizer, t.messages + trajectories[i].messages, tools=t.tools,
-                              add_generation_prompt=True).ids
+            ids = encode_chat(
+                tokenizer, t.messages + trajectories[i].messages, tools=t.tools, add_generation_prompt=True
+            ).ids
             if len(ids) >= max_length:
                 trajectories[i].ended = TOO_LONG
             else:
@@ -168,8 +178,11 @@ def call_matches(got: Call, want: Call, schema: dict | None = None, defaults: di
         defaults = {**{k: p["default"] for k, p in props.items() if "default" in p}, **(defaults or {})}
     defaults = defaults or {}
     for k in set(args) | set(want_args):
-        a, b = (args[k], want_args[k]) if k in args and k in want_args else \
-            (args.get(k, defaults.get(k, _ABSENT)), want_args.get(k, defaults.get(k, _ABSENT)))
+        a, b = (
+            (args[k], want_args[k])
+            if k in args and k in want_args
+            else (args.get(k, defaults.get(k, _ABSENT)), want_args.get(k, defaults.get(k, _ABSENT)))
+        )
         if a is _ABSENT or b is _ABSENT or not same_value(a, b):
             return False
     return True
@@ -195,8 +208,12 @@ def solved(task: Task, traj: Trajectory, defaults: dict[str, dict] | None = None
     return all(v in traj.final for v in stated)
 
 
-def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory], sampled: Sequence[Sequence[Trajectory]] = (),
-                 defaults: dict[str, dict] | None = None) -> dict[str, float | None]:
+def task_metrics(
+    tasks: Sequence[Task],
+    greedy: Sequence[Trajectory],
+    sampled: Sequence[Sequence[Trajectory]] = (),
+    defaults: dict[str, dict] | None = None,
+) -> dict[str, float | None]:
     """Over the greedy trajectories: ``task_success`` (the tasks whose reference calls tools) and
     ``irrelevance`` (the others), as :data:`TASK_SUCCESS_RULE` says; with ``sampled`` (``k``
     lists, one trajectory per task each) ``pass^k`` (the tool tasks solved in all ``k``) and
@@ -209,20 +226,27 @@ def task_metrics(tasks: Sequence[Task], greedy: Sequence[Trajectory], sampled: S
     def share(idx, trajs):
         return float(np.mean([solved(tasks[i], trajs[i], defaults) for i in idx])) if idx else None
 
-    out: dict[str, float | None] = {"task_success": share(tool, greedy), "irrelevance": share(none, greedy),
-                                    "tasks": n, "tool_tasks": len(tool)}
+    out: dict[str, float | None] = {
+        "task_success": share(tool, greedy),
+        "irrelevance": share(none, greedy),
+        "tasks": n,
+        "tool_tasks": len(tool),
+    }
     for reason in (ANSWERED, UNPARSED, MAX_TURNS, TOO_LONG):
         out[f"ended_{reason.replace(' ', '_')}"] = (sum(g.ended == reason for g in greedy) / n) if n else None
     if sampled:
         k = len(sampled)
-        each = np.asarray([[solved(tasks[i], s[i], defaults) for i in tool] for s in sampled], bool).reshape(k, len(tool))
+        each = np.asarray([[solved(tasks[i], s[i], defaults) for i in tool] for s in sampled], bool).reshape(
+            k, len(tool)
+        )
         out[f"pass^{k}"] = float(each.all(axis=0).mean()) if tool else None
         out["sampled_success"] = float(each.mean()) if tool else None
     return out
 
 
-def trajectory_rows(tokenizer: Tokenizer, tasks: Sequence[Task], trajectories: Sequence[Trajectory], *,
-                    max_length: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def trajectory_rows(
+    tokenizer: Tokenizer, tasks: Sequence[Task], trajectories: Sequence[Trajectory], *, max_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Training rows of the model's own trajectories (multi-turn on-policy distillation): each task's
     conversation with the model's turns and the tools' results, as the chat template renders it,
     learned on the model's turns only (never the given conversation, the prompts or the tools'

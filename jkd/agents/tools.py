@@ -46,15 +46,16 @@ class ToolError(ValueError):
 
 # ---- schemas ------------------------------------------------------------------------------------------
 
-_BASIC = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array",
-          Any: None}
+_BASIC = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array", Any: None}
 
 
 def _type_schema(hint, where: str) -> dict:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
-        out = _type_schema(rest[0], where) if len(rest) == 1 else {"type": [_type_schema(a, where)["type"] for a in rest]}
+        out = (
+            _type_schema(rest[0], where) if len(rest) == 1 else {"type": [_type_schema(a, where)["type"] for a in rest]}
+        )
         return {**out, "nullable": True} if len(rest) < len(args) else out
     if origin is typing.Literal:
         kinds = {_BASIC[type(a)] for a in args}
@@ -68,8 +69,10 @@ def _type_schema(hint, where: str) -> dict:
         return {"type": "object"}
     if hint in _BASIC and _BASIC[hint] is not None:
         return {"type": _BASIC[hint]}
-    raise ToolError(f"{where}: the type {hint!r} has no JSON schema; use str, int, float, bool, list[...], dict, "
-                    "Literal[...] or X | None")
+    raise ToolError(
+        f"{where}: the type {hint!r} has no JSON schema; use str, int, float, bool, list[...], dict, "
+        "Literal[...] or X | None"
+    )
 
 
 _SECTION = re.compile(r"^\s*(Args|Arguments|Parameters|Returns|Raises|Yields|Examples?|Notes?):\s*$", re.M)
@@ -103,7 +106,9 @@ def function_schema(fn: Callable) -> dict:
     name = fn.__name__
     description, args = _docstring(fn)
     if not description:
-        raise ToolError(f"tool {name}: it needs a docstring (what the tool does, then 'Args:' with a line per argument)")
+        raise ToolError(
+            f"tool {name}: it needs a docstring (what the tool does, then 'Args:' with a line per argument)"
+        )
     try:
         hints = typing.get_type_hints(fn)
     except Exception as e:  # an annotation that does not evaluate
@@ -116,8 +121,10 @@ def function_schema(fn: Callable) -> dict:
             raise ToolError(f"tool {name}: argument {p.name!r} needs a type hint")
         if p.name not in args:
             raise ToolError(f"tool {name}: argument {p.name!r} needs a line in the docstring's 'Args:' section")
-        properties[p.name] = {**_type_schema(hints[p.name], f"tool {name}, argument {p.name!r}"),
-                              "description": args[p.name]}
+        properties[p.name] = {
+            **_type_schema(hints[p.name], f"tool {name}, argument {p.name!r}"),
+            "description": args[p.name],
+        }
         if p.default is p.empty:
             required.append(p.name)
     parameters = {"type": "object", "properties": properties}
@@ -129,8 +136,11 @@ def function_schema(fn: Callable) -> dict:
 def argument_defaults(fn: Callable) -> dict[str, Any]:
     """``fn``'s optional arguments and their default values (those JSON can hold): what a call that
     leaves one out means, so a judge of calls can accept either."""
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.default is not p.empty and isinstance(p.default, (str, int, float, bool, list, dict, type(None)))}
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is not p.empty and isinstance(p.default, (str, int, float, bool, list, dict, type(None)))
+    }
 
 
 # ---- checking a call against its schema ----------------------------------------------------------------
@@ -143,8 +153,9 @@ def _fits(value, schema: dict) -> bool:
         return bool(schema.get("nullable"))
     kinds = schema.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]
-    if not any(k in _PY and isinstance(value, _PY[k]) and not (isinstance(value, bool) and k != "boolean")
-               for k in kinds):
+    if not any(
+        k in _PY and isinstance(value, _PY[k]) and not (isinstance(value, bool) and k != "boolean") for k in kinds
+    ):
         return False
     if "enum" in schema and value not in schema["enum"]:
         return False
@@ -163,10 +174,14 @@ def check_arguments(schema: dict, arguments: Any) -> str | None:
     missing = [k for k in required if k not in arguments]
     unknown = [k for k in arguments if k not in props]
     if missing or unknown:
-        return (f"{fn['name']}: " + "; ".join(
-            ([f"missing argument(s) {', '.join(missing)}"] if missing else [])
-            + ([f"unknown argument(s) {', '.join(unknown)}"] if unknown else []))
-            + f"; it takes {', '.join(props) or 'no arguments'}")
+        return (
+            f"{fn['name']}: "
+            + "; ".join(
+                ([f"missing argument(s) {', '.join(missing)}"] if missing else [])
+                + ([f"unknown argument(s) {', '.join(unknown)}"] if unknown else [])
+            )
+            + f"; it takes {', '.join(props) or 'no arguments'}"
+        )
     for k, v in arguments.items():
         if not _fits(v, props[k]):
             want = props[k].get("type") + (f" in {props[k]['enum']}" if "enum" in props[k] else "")
@@ -212,6 +227,7 @@ def result_values(content: str) -> list[str]:
                 walk(v)
         elif isinstance(x, (int, float, str)) and not isinstance(x, bool):
             values.append(str(x))
+
     walk(result)
     return values
 
@@ -262,8 +278,11 @@ def _module_functions(path: Path) -> list[Callable]:
         if bad:
             raise ToolError(f"{path}: TOOLS must list functions; {bad[0]!r} is not one")
     else:
-        fns = [f for n, f in vars(module).items() if inspect.isfunction(f) and not n.startswith("_")
-               and f.__module__ == module.__name__]
+        fns = [
+            f
+            for n, f in vars(module).items()
+            if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == module.__name__
+        ]
     if not fns:
         raise ToolError(f"{path}: no tools (define public functions, or list them in TOOLS)")
     return fns
@@ -272,9 +291,15 @@ def _module_functions(path: Path) -> list[Callable]:
 class Toolbox:
     """Tools by name with their schemas; :meth:`call` runs one (never raises, never hangs)."""
 
-    def __init__(self, schemas: Sequence[dict], run: Callable[[str, dict, float | None], tuple[str, str]],
-                 *, timeout_s: float | None = None, source: str = "functions",
-                 defaults: dict[str, dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        schemas: Sequence[dict],
+        run: Callable[[str, dict, float | None], tuple[str, str]],
+        *,
+        timeout_s: float | None = None,
+        source: str = "functions",
+        defaults: dict[str, dict[str, Any]] | None = None,
+    ):
         self.schemas = list(schemas)
         self.defaults = dict(defaults or {})  # {tool: {optional argument: default}}
         self.names = [s["function"]["name"] for s in self.schemas]
@@ -286,9 +311,14 @@ class Toolbox:
         self.source = source
 
     @classmethod
-    def from_functions(cls, functions: Sequence[Callable] | dict[str, Callable], *,
-                       schemas: Sequence[dict] | None = None, timeout_s: float | None = None,
-                       source: str = "functions") -> "Toolbox":
+    def from_functions(
+        cls,
+        functions: Sequence[Callable] | dict[str, Callable],
+        *,
+        schemas: Sequence[dict] | None = None,
+        timeout_s: float | None = None,
+        source: str = "functions",
+    ) -> "Toolbox":
         """Tools that run in this process (a timeout is reported, the call is not stopped):
         functions, or ``{name: function}`` with their ``schemas`` (default: :func:`function_schema`
         of each function)."""
@@ -303,8 +333,14 @@ class Toolbox:
             thread.start()
             thread.join(timeout)
             return box[0] if box else (TIMED_OUT, None)
-        return cls(schemas, run, timeout_s=timeout_s, source=source,
-                   defaults={n: argument_defaults(f) for n, f in by_name.items()})
+
+        return cls(
+            schemas,
+            run,
+            timeout_s=timeout_s,
+            source=source,
+            defaults={n: argument_defaults(f) for n, f in by_name.items()},
+        )
 
     @classmethod
     def from_file(cls, path: str | Path, *, timeout_s: float | None = 30.0) -> "Toolbox":
@@ -314,8 +350,13 @@ class Toolbox:
         functions = _module_functions(path)
         schemas = [function_schema(f) for f in functions]  # refused here, before any run
         worker = _Worker(path)
-        box = cls(schemas, worker.run, timeout_s=timeout_s, source=str(path),
-                  defaults={f.__name__: argument_defaults(f) for f in functions})
+        box = cls(
+            schemas,
+            worker.run,
+            timeout_s=timeout_s,
+            source=str(path),
+            defaults={f.__name__: argument_defaults(f) for f in functions},
+        )
         box._worker = worker
         return box
 
@@ -330,8 +371,9 @@ class Toolbox:
         status, content = self._run(name, arguments, self.timeout_s)
         seconds = time.perf_counter() - t0
         if status == TIMED_OUT:
-            return ToolResult(f"error: {name} did not answer within {self.timeout_s:g} s and was stopped", TIMED_OUT,
-                              seconds)
+            return ToolResult(
+                f"error: {name} did not answer within {self.timeout_s:g} s and was stopped", TIMED_OUT, seconds
+            )
         return ToolResult(content, status, seconds)
 
     def close(self) -> None:

@@ -31,8 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a user (or the machine) got wrong: one line and exit 2. Anything else is a bug of jkd's
 # and keeps its traceback. ImportError counts only when jkd raised it with an install hint.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-                NotADirectoryError, FloatingPointError, ConnectionError)
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FloatingPointError,
+    ConnectionError,
+)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -89,8 +97,11 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         what = str(e) if str(e) else "interrupted"  # RunInterrupted says at which step
         run_dir = getattr(args, "run_dir", None) or getattr(args, "out", None)
         saved = f" Saved progress is kept in {run_dir}:" if run_dir else ""
-        print(f"\njkd {args.command}: {what}.{saved} rerun the same command with --resume to continue "
-              "from the last checkpoint.", file=sys.stderr)
+        print(
+            f"\njkd {args.command}: {what}.{saved} rerun the same command with --resume to continue "
+            "from the last checkpoint.",
+            file=sys.stderr,
+        )
         return 130, what
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs just below
         if not _is_user_error(e):
@@ -100,8 +111,11 @@ def _run_command(args, parser) -> tuple[int, str | None]:
 
             hosts.await_lost_peer()  # a collective broken by a dead peer is reported as that peer's loss
             traceback.print_exc()
-            print(f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
-                  "your input: please report it with the command and the traceback above.", file=sys.stderr)
+            print(
+                f"jkd {args.command}: internal error ({type(e).__name__}). This is a bug in jkd, not in "
+                "your input: please report it with the command and the traceback above.",
+                file=sys.stderr,
+            )
             return 1, f"internal error ({type(e).__name__}: {str(e)[:200]})"
         from jkd.runtime.faults import DiskFullError, disk_full, is_disk_full
 
@@ -113,8 +127,11 @@ def _run_command(args, parser) -> tuple[int, str | None]:
         from jkd.runtime.run_folder import ConfigMismatchError, mismatch_message
 
         # a changed config key is named by its flag too (student_steps (--steps))
-        text = mismatch_message(e.path, e.diff, getattr(args, "config_flag_names", {})) if isinstance(
-            e, ConfigMismatchError) else _message(e)
+        text = (
+            mismatch_message(e.path, e.diff, getattr(args, "config_flag_names", {}))
+            if isinstance(e, ConfigMismatchError)
+            else _message(e)
+        )
         print(f"jkd {args.command}: error: {text}", file=sys.stderr)
         _quiet_on_the_way_out()
         return 2, text
@@ -136,9 +153,11 @@ def _join_processes(args) -> None:
     command = args.command + (f" {args.lm_command}" if args.command == "lm" else "")
     if command not in _MULTI_PROCESS or getattr(args, "auto", False):
         what = "jkd distill --auto" if getattr(args, "auto", False) else f"jkd {command}"
-        raise ValueError(f"{what} runs on one process, but this one was launched as one of several "
-                         f"({launch.source}); run it on one host, without --coordinator/--num-processes/--process-id. "
-                         f"Commands that run over several hosts: {', '.join('jkd ' + c for c in _MULTI_PROCESS)}.")
+        raise ValueError(
+            f"{what} runs on one process, but this one was launched as one of several "
+            f"({launch.source}); run it on one host, without --coordinator/--num-processes/--process-id. "
+            f"Commands that run over several hosts: {', '.join('jkd ' + c for c in _MULTI_PROCESS)}."
+        )
     hosts.start(launch, peer_timeout_s=args.peer_timeout, echo=print)
 
 

@@ -124,24 +124,37 @@ def mesh_spec(text: str) -> tuple[int, int]:
     for part in text.split(","):
         key, _, value = part.partition("=")
         if key.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"expected data=D,model=M with whole numbers >= 1 (e.g. data=2,model=2); "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected data=D,model=M with whole numbers >= 1 (e.g. data=2,model=2); got {text!r}"
+            )
         sizes[key.strip()] = int(value)
     return sizes["data"], sizes["model"]
 
 
 def mesh_flag(p: argparse.ArgumentParser) -> None:
     """``--mesh data=D,model=M``: the ``mesh`` field of a language-model job's config."""
-    p.add_argument("--mesh", dest="config.mesh", type=mesh_spec, default=argparse.SUPPRESS, metavar="data=D,model=M",
-                   help="run the steps on a device mesh: the batch split over D data shards, the decoders' matrices "
-                        "over M model shards (tensor parallel) and the data shards (fully sharded); D x M devices")
+    p.add_argument(
+        "--mesh",
+        dest="config.mesh",
+        type=mesh_spec,
+        default=argparse.SUPPRESS,
+        metavar="data=D,model=M",
+        help="run the steps on a device mesh: the batch split over D data shards, the decoders' matrices "
+        "over M model shards (tensor parallel) and the data shards (fully sharded); D x M devices",
+    )
 
 
 def remat_flag(p: argparse.ArgumentParser) -> None:
     """``--remat``: the ``remat`` field of a language-model job's config."""
-    p.add_argument("--remat", dest="config.remat", action="store_const", const=True, default=argparse.SUPPRESS,
-                   help="recompute each decoder block's activations in the backward pass: memory for about one "
-                        "more forward pass (the same values)")
+    p.add_argument(
+        "--remat",
+        dest="config.remat",
+        action="store_const",
+        const=True,
+        default=argparse.SUPPRESS,
+        help="recompute each decoder block's activations in the backward pass: memory for about one "
+        "more forward pass (the same values)",
+    )
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -157,18 +170,27 @@ def float_list(text: str) -> tuple[float, ...]:
 def run_folder_flags(p: argparse.ArgumentParser, *, run_dir: str, several_hosts: bool = True) -> None:
     p.add_argument("--run-dir", default=run_dir, help=f"run folder (default {run_dir})")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same config)")
-    p.add_argument("--force", action="store_true",
-                   help="delete the run in --run-dir (another config) and start this one")
+    p.add_argument(
+        "--force", action="store_true", help="delete the run in --run-dir (another config) and start this one"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if not several_hosts:  # one process: a launch as several (SLURM, a TPU slice) is still detected and refused
         p.set_defaults(coordinator=None, num_processes=None, process_id=None, peer_timeout=30.0)
         return
     hosts = p.add_argument_group(
-        "several hosts", "one process per host, the same command on each (a TPU slice, SLURM and Open MPI are "
-        "detected without these flags); --batch-size stays the global batch")
-    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="process 0's address (or $JAX_COORDINATOR_ADDRESS)")
+        "several hosts",
+        "one process per host, the same command on each (a TPU slice, SLURM and Open MPI are "
+        "detected without these flags); --batch-size stays the global batch",
+    )
+    hosts.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (or $JAX_COORDINATOR_ADDRESS)"
+    )
     hosts.add_argument("--num-processes", type=int, default=None, help="processes in the run (or $JAX_NUM_PROCESSES)")
     hosts.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1 (or $JAX_PROCESS_ID)")
-    hosts.add_argument("--peer-timeout", type=finite, default=30.0, metavar="SECONDS",
-                       help="stop with an error when another process is silent this long (default 30)")
+    hosts.add_argument(
+        "--peer-timeout",
+        type=finite,
+        default=30.0,
+        metavar="SECONDS",
+        help="stop with an error when another process is silent this long (default 30)",
+    )

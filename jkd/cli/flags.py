@@ -47,8 +47,9 @@ def parse_value(text: str, tp, optional: bool = False, *, name: str = "value") -
         return None
     if typing.get_origin(tp) is tuple:  # 0,1,2 (or as Python writes it: (0, 1, 2))
         item = typing.get_args(tp)[0]
-        return tuple(parse_value(t.strip(), item, name=name) for t in text.strip().strip("()[]").split(",")
-                     if t.strip())
+        return tuple(
+            parse_value(t.strip(), item, name=name) for t in text.strip().strip("()[]").split(",") if t.strip()
+        )
     if tp is bool:
         low = text.strip().lower()
         if low in ("true", "1", "yes"):
@@ -113,9 +114,15 @@ def same_names(*fields: str) -> dict[str, str]:
     return {f: f for f in fields}
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, *, hand_written: dict[str, str] | None = None,
-                     ignored: Collection[str] = (), defaults: dict[str, Any] | None = None,
-                     title: str = "more settings") -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls,
+    *,
+    hand_written: dict[str, str] | None = None,
+    ignored: Collection[str] = (),
+    defaults: dict[str, Any] | None = None,
+    title: str = "more settings",
+) -> None:
     """A ``--field-name`` flag for every derived field of ``cls`` (see the module docstring).
 
     ``hand_written``: the fields the command's own flags (added before this call) set, field ->
@@ -138,10 +145,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, hand_written: dict
         default = (defaults or {}).get(f.name, default)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         helptext = comments.get(f.name, "")
-        group.add_argument(names[f.name], dest=f"config.{f.name}", default=_UNSET,
-                           metavar=("true|false" if tp is bool else tp.__name__.upper() if isinstance(tp, type) else "A,B"),
-                           type=_flag_type(tp, optional, f.name),
-                           help=(helptext + " " if helptext else "") + f"(default: {shown})")
+        group.add_argument(
+            names[f.name],
+            dest=f"config.{f.name}",
+            default=_UNSET,
+            metavar=("true|false" if tp is bool else tp.__name__.upper() if isinstance(tp, type) else "A,B"),
+            type=_flag_type(tp, optional, f.name),
+            help=(helptext + " " if helptext else "") + f"(default: {shown})",
+        )
 
 
 def _flag_type(tp, optional: bool, name: str):
@@ -150,11 +161,13 @@ def _flag_type(tp, optional: bool, name: str):
             return parse_value(text, tp, optional, name=name)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
     convert.__name__ = getattr(tp, "__name__", "value")  # argparse names the type in its error
     return convert
 
 
 def config_overrides(args: argparse.Namespace, cls) -> dict[str, Any]:
     """``{field: value}`` for the derived flags given on the command line."""
-    return {f.name: getattr(args, f"config.{f.name}") for f in dataclasses.fields(cls)
-            if hasattr(args, f"config.{f.name}")}
+    return {
+        f.name: getattr(args, f"config.{f.name}") for f in dataclasses.fields(cls) if hasattr(args, f"config.{f.name}")
+    }

@@ -82,7 +82,7 @@ def magnitude_masks(params, sparsity, *, per_layer: bool = False, prunable=defau
         start = 0
         for i in chosen:
             size = leaves[i].size
-            masks[i] = keep[start:start + size].reshape(leaves[i].shape)
+            masks[i] = keep[start : start + size].reshape(leaves[i].shape)
             start += size
     return jax.tree.unflatten(treedef, masks)
 
@@ -98,8 +98,9 @@ def prune(params, sparsity, *, per_layer: bool = False, prunable=default_prunabl
     return apply_masks(params, masks), masks
 
 
-def polynomial_sparsity(final: float, *, begin_step: int, end_step: int, initial: float = 0.0,
-                        power: int = 3) -> Schedule:
+def polynomial_sparsity(
+    final: float, *, begin_step: int, end_step: int, initial: float = 0.0, power: int = 3
+) -> Schedule:
     """Gradual sparsity (Zhu & Gupta, 2017): ``s_t = s_f + (s_i - s_f) (1 - p)^power`` with
     ``p = clip((t - begin_step) / (end_step - begin_step), 0, 1)``; 0 before ``begin_step``.
 
@@ -125,11 +126,12 @@ def polynomial_sparsity(final: float, *, begin_step: int, end_step: int, initial
 
 class PruningState(NamedTuple):
     count: jax.Array  # int32: updates seen
-    masks: Any        # bool pytree like params
+    masks: Any  # bool pytree like params
 
 
-def magnitude_pruning(schedule: Schedule | float, *, update_every: int = 1, per_layer: bool = False,
-                      prunable=default_prunable) -> optax.GradientTransformation:
+def magnitude_pruning(
+    schedule: Schedule | float, *, update_every: int = 1, per_layer: bool = False, prunable=default_prunable
+) -> optax.GradientTransformation:
     """An optax transform that prunes to ``schedule(step)`` and keeps pruned weights at zero.
 
     Put it last in an ``optax.chain``. At every ``update_every``-th update the masks are
@@ -145,7 +147,9 @@ def magnitude_pruning(schedule: Schedule | float, *, update_every: int = 1, per_
         schedule = lambda step: jnp.float32(target)  # noqa: E731
 
     def init(params):
-        return PruningState(count=jnp.zeros((), jnp.int32), masks=jax.tree.map(lambda x: jnp.ones(x.shape, bool), params))
+        return PruningState(
+            count=jnp.zeros((), jnp.int32), masks=jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
+        )
 
     def update(updates, state, params=None):
         if params is None:
@@ -174,5 +178,8 @@ def sparsity_report(params, prunable=default_prunable) -> dict:
         if prunable(path, x):
             layers[layer_name(path)] = {"zeros": z, "size": int(x.size), "sparsity": z / max(x.size, 1)}
             zeros, size = zeros + z, size + x.size
-    return {"layers": layers, "prunable_sparsity": zeros / max(size, 1),
-            "overall_sparsity": all_zeros / max(all_size, 1)}
+    return {
+        "layers": layers,
+        "prunable_sparsity": zeros / max(size, 1),
+        "overall_sparsity": all_zeros / max(all_size, 1),
+    }

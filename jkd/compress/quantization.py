@@ -60,11 +60,21 @@ def qwix_promotion():
 
 def _rules(scheme: Int8Scheme, rule_cls):
     int8 = jnp.int8
-    conv = rule_cls(module_path=".*", op_names=("conv_general_dilated",), weight_qtype=int8, act_qtype=int8,
-                    act_static_scale=scheme.static)
+    conv = rule_cls(
+        module_path=".*",
+        op_names=("conv_general_dilated",),
+        weight_qtype=int8,
+        act_qtype=int8,
+        act_static_scale=scheme.static,
+    )
     if scheme.activations:
-        dense = rule_cls(module_path=".*", op_names=("dot_general", "einsum"), weight_qtype=int8, act_qtype=int8,
-                         act_static_scale=scheme.static)
+        dense = rule_cls(
+            module_path=".*",
+            op_names=("dot_general", "einsum"),
+            weight_qtype=int8,
+            act_qtype=int8,
+            act_static_scale=scheme.static,
+        )
     else:
         dense = rule_cls(module_path=".*", op_names=("dot_general", "einsum"), weight_qtype=int8)
     return [conv, dense]
@@ -72,8 +82,10 @@ def _rules(scheme: Int8Scheme, rule_cls):
 
 def _check_images(images, what: str):
     if not hasattr(images, "ndim") or images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"{what} must be normalised float images [N, H, W, C]; got "
-                         f"{getattr(images, 'dtype', type(images))} of shape {getattr(images, 'shape', None)}.")
+        raise ValueError(
+            f"{what} must be normalised float images [N, H, W, C]; got "
+            f"{getattr(images, 'dtype', type(images))} of shape {getattr(images, 'shape', None)}."
+        )
 
 
 def quantize(model: nnx.Module, calibration: jax.Array, scheme: Int8Scheme = INT8_WEIGHTS) -> nnx.Module:
@@ -104,8 +116,10 @@ def qat_model(model: nnx.Module, sample: jax.Array, scheme: Int8Scheme = INT8_WE
     """
     _check_images(sample, "sample")
     if scheme.static:
-        raise ValueError("QAT trains with dynamic activation scales; quantize the trained model with "
-                         "INT8_STATIC afterwards to get static ones.")
+        raise ValueError(
+            "QAT trains with dynamic activation scales; quantize the trained model with "
+            "INT8_STATIC afterwards to get static ones."
+        )
     model = nnx.clone(model)
     with qwix_promotion():
         return qwix.quantize_model(model, qwix.QtProvider(_rules(scheme, qwix.QtRule)), sample)

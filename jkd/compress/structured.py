@@ -70,23 +70,42 @@ def _mlp_plan(num_hidden: int) -> Plan:
     groups = []
     for i in range(num_hidden):
         nxt = f"layers/{i + 1}/kernel" if i + 1 < num_hidden else "head/kernel"
-        groups.append(Group(f"hidden{i + 1}",
-                            produce=(Slice("params", f"layers/{i}/kernel", 1), Slice("params", f"layers/{i}/bias", 0)),
-                            consume=(Slice("params", nxt, 0),)))
+        groups.append(
+            Group(
+                f"hidden{i + 1}",
+                produce=(Slice("params", f"layers/{i}/kernel", 1), Slice("params", f"layers/{i}/bias", 0)),
+                consume=(Slice("params", nxt, 0),),
+            )
+        )
     return Plan(tuple(groups), lambda kept: {"hidden": tuple(int(k) for k in kept)})
 
 
 def _cnn_plan() -> Plan:
     def bn(i):
-        return (Slice("params", f"bn{i}/scale", 0), Slice("params", f"bn{i}/bias", 0),
-                Slice("batch_stats", f"bn{i}/mean", 0), Slice("batch_stats", f"bn{i}/var", 0))
+        return (
+            Slice("params", f"bn{i}/scale", 0),
+            Slice("params", f"bn{i}/bias", 0),
+            Slice("batch_stats", f"bn{i}/mean", 0),
+            Slice("batch_stats", f"bn{i}/var", 0),
+        )
 
-    return Plan((
-        Group("conv1", produce=(Slice("params", "conv1/kernel", 3), *bn(1)),
-              consume=(Slice("params", "conv2/kernel", 2),), scale=Slice("params", "bn1/scale", 0)),
-        Group("conv2", produce=(Slice("params", "conv2/kernel", 3), *bn(2)),
-              consume=(Slice("params", "head/kernel", 0),), scale=Slice("params", "bn2/scale", 0)),
-    ), lambda kept: {"channels": tuple(int(k) for k in kept)})
+    return Plan(
+        (
+            Group(
+                "conv1",
+                produce=(Slice("params", "conv1/kernel", 3), *bn(1)),
+                consume=(Slice("params", "conv2/kernel", 2),),
+                scale=Slice("params", "bn1/scale", 0),
+            ),
+            Group(
+                "conv2",
+                produce=(Slice("params", "conv2/kernel", 3), *bn(2)),
+                consume=(Slice("params", "head/kernel", 0),),
+                scale=Slice("params", "bn2/scale", 0),
+            ),
+        ),
+        lambda kept: {"channels": tuple(int(k) for k in kept)},
+    )
 
 
 PRUNABLE_FAMILIES = "the MLPs (mlp, mlp_100, mlp_2x800, ...) and the small CNN (cnn)"
@@ -101,23 +120,31 @@ def plan_for(model: str, variables) -> Plan:
     elif model == "cnn":
         plan = _cnn_plan()
     else:
-        raise ValueError(f"model {model!r} cannot be pruned structurally (yet); the families that can: "
-                         f"{PRUNABLE_FAMILIES}. Use magnitude pruning (--sparsity) for it.")
-    missing = sorted({s.leaf for g in plan.groups for s in (*g.produce, *g.consume)
-                      if s.collection == "params"} - names)
+        raise ValueError(
+            f"model {model!r} cannot be pruned structurally (yet); the families that can: "
+            f"{PRUNABLE_FAMILIES}. Use magnitude pruning (--sparsity) for it."
+        )
+    missing = sorted(
+        {s.leaf for g in plan.groups for s in (*g.produce, *g.consume) if s.collection == "params"} - names
+    )
     if missing or not plan.groups:
-        raise ValueError(f"model {model!r} does not have the layers its family's plan expects "
-                         f"(missing: {', '.join(missing) or 'every hidden layer'}).")
+        raise ValueError(
+            f"model {model!r} does not have the layers its family's plan expects "
+            f"(missing: {', '.join(missing) or 'every hidden layer'})."
+        )
     return plan
 
 
 def check_width(width: float) -> None:
     if not 0.0 < width < 1.0:
-        raise ValueError(f"the structured width must lie in (0, 1) (the fraction of neurons and channels kept "
-                         f"in every layer, e.g. 0.5); got {width}.")
+        raise ValueError(
+            f"the structured width must lie in (0, 1) (the fraction of neurons and channels kept "
+            f"in every layer, e.g. 0.5); got {width}."
+        )
 
 
 # ---- the arrays of a group -----------------------------------------------------------------
+
 
 def _named(params) -> dict[str, jax.Array]:
     """The ``params`` leaves by layer name (``layers/0/kernel``), flattened once per call."""
@@ -126,8 +153,18 @@ def _named(params) -> dict[str, jax.Array]:
 
 def _norms(named: dict, slices) -> jax.Array:
     """Per unit, the L2 norm of all its weights in the ``params`` slices."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.moveaxis(named[s.leaf], s.axis, 0).reshape(
-        named[s.leaf].shape[s.axis], -1).astype(jnp.float32)), axis=1) for s in slices if s.collection == "params"))
+    return jnp.sqrt(
+        sum(
+            jnp.sum(
+                jnp.square(
+                    jnp.moveaxis(named[s.leaf], s.axis, 0).reshape(named[s.leaf].shape[s.axis], -1).astype(jnp.float32)
+                ),
+                axis=1,
+            )
+            for s in slices
+            if s.collection == "params"
+        )
+    )
 
 
 def group_sizes(params, plan: Plan) -> tuple[int, ...]:
@@ -138,8 +175,11 @@ def group_sizes(params, plan: Plan) -> tuple[int, ...]:
 def unit_scores(params, plan: Plan) -> tuple[jax.Array, ...]:
     """One score per unit of each group (``[units]`` float32): what the unit passes on."""
     named = _named(params)
-    return tuple((jnp.abs(named[g.scale.leaf].astype(jnp.float32)) if g.scale is not None else _norms(named, g.produce))
-                 * _norms(named, g.consume) for g in plan.groups)
+    return tuple(
+        (jnp.abs(named[g.scale.leaf].astype(jnp.float32)) if g.scale is not None else _norms(named, g.produce))
+        * _norms(named, g.consume)
+        for g in plan.groups
+    )
 
 
 def kept_count(units: int, width, multiple: int = 1) -> jax.Array:
@@ -149,8 +189,9 @@ def kept_count(units: int, width, multiple: int = 1) -> jax.Array:
     return jnp.minimum(-(-k // multiple) * multiple, units)
 
 
-def unit_masks(params, plan: Plan, width, previous: tuple[jax.Array, ...] | None = None,
-               multiple: int = 1) -> tuple[jax.Array, ...]:
+def unit_masks(
+    params, plan: Plan, width, previous: tuple[jax.Array, ...] | None = None, multiple: int = 1
+) -> tuple[jax.Array, ...]:
     """Bool ``[units]`` per group (True: kept): the ``kept_count(units, width, multiple)`` best scores.
     Units pruned in ``previous`` rank below every other, so with a non-increasing width they stay
     pruned."""
@@ -182,17 +223,21 @@ def apply_unit_masks(params, plan: Plan, masks):
     """``params`` with every pruned unit's producing weights at exactly zero."""
     leaf_masks = _leaf_masks(params, plan, masks)
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.where(leaf_masks[layer_name(p)], x, jnp.zeros((), x.dtype)) if layer_name(p) in leaf_masks else x,
-        params)
+        lambda p, x: (
+            jnp.where(leaf_masks[layer_name(p)], x, jnp.zeros((), x.dtype)) if layer_name(p) in leaf_masks else x
+        ),
+        params,
+    )
 
 
 class UnitPruningState(NamedTuple):
-    count: jax.Array              # int32: updates seen
+    count: jax.Array  # int32: updates seen
     masks: tuple[jax.Array, ...]  # bool [units] per group
 
 
-def unit_pruning(plan: Plan, schedule: Schedule, *, update_every: int = 1,
-                 multiple: int = 1) -> optax.GradientTransformation:
+def unit_pruning(
+    plan: Plan, schedule: Schedule, *, update_every: int = 1, multiple: int = 1
+) -> optax.GradientTransformation:
     """An optax transform (last in the chain) that prunes units to ``1 - schedule(step)`` of each
     group and keeps them at zero: every ``update_every`` updates the masks are recomputed from
     the would-be new parameters; each update makes the new parameters ``mask * (params + update)``."""
@@ -200,8 +245,9 @@ def unit_pruning(plan: Plan, schedule: Schedule, *, update_every: int = 1,
         raise ValueError(f"update_every and multiple must be >= 1; got {update_every}, {multiple}.")
 
     def init(params):
-        return UnitPruningState(jnp.zeros((), jnp.int32),
-                                tuple(jnp.ones((n,), bool) for n in group_sizes(params, plan)))
+        return UnitPruningState(
+            jnp.zeros((), jnp.int32), tuple(jnp.ones((n,), bool) for n in group_sizes(params, plan))
+        )
 
     def update(updates, state, params=None):
         if params is None:
@@ -230,10 +276,12 @@ def shrink(variables, plan: Plan, masks) -> tuple[dict, object]:
             for axis, idx in cuts.get((collection, layer_name(path)), ()):
                 x = jnp.take(x, jnp.asarray(idx), axis=axis)
             return x
+
         return lambda tree: jax.tree_util.tree_map_with_path(one, tree)
 
-    out = dataclasses.replace(variables, params=cut("params")(variables.params),
-                              batch_stats=cut("batch_stats")(variables.batch_stats))
+    out = dataclasses.replace(
+        variables, params=cut("params")(variables.params), batch_stats=cut("batch_stats")(variables.batch_stats)
+    )
     return plan.options(tuple(len(i) for i in kept)), out
 
 

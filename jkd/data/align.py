@@ -91,8 +91,14 @@ def _common_prefix(x: str, y: str) -> int:
     return k
 
 
-def align_turns(teacher_text: str, teacher_offsets: np.ndarray, teacher_mask: np.ndarray,
-                student_text: str, student_offsets: np.ndarray, student_mask: np.ndarray) -> list[Span]:
+def align_turns(
+    teacher_text: str,
+    teacher_offsets: np.ndarray,
+    teacher_mask: np.ndarray,
+    student_text: str,
+    student_offsets: np.ndarray,
+    student_mask: np.ndarray,
+) -> list[Span]:
     """The spans of a conversation's assistant turns, rendered once per model.
 
     ``*_text``: the model's rendering; ``*_offsets [T, 2]``: its tokens' character offsets into it;
@@ -103,20 +109,24 @@ def align_turns(teacher_text: str, teacher_offsets: np.ndarray, teacher_mask: np
     assistant turns."""
     t_runs, s_runs = _runs(teacher_mask), _runs(student_mask)
     if len(t_runs) != len(s_runs):
-        raise ValueError(f"the teacher's rendering has {len(t_runs)} assistant turns and the student's "
-                         f"{len(s_runs)}; the two chat templates must write the same turns")
+        raise ValueError(
+            f"the teacher's rendering has {len(t_runs)} assistant turns and the student's "
+            f"{len(s_runs)}; the two chat templates must write the same turns"
+        )
     spans: list[Span] = []
     for (t0, t1), (s0, s1) in zip(t_runs, s_runs):
         t_start, s_start = int(teacher_offsets[t0][0]), int(student_offsets[s0][0])
-        t_text = teacher_text[t_start:int(teacher_offsets[t1 - 1][1])]
-        s_text = student_text[s_start:int(student_offsets[s1 - 1][1])]
+        t_text = teacher_text[t_start : int(teacher_offsets[t1 - 1][1])]
+        s_text = student_text[s_start : int(student_offsets[s1 - 1][1])]
         shared = _common_prefix(t_text, s_text)
         far = max(len(t_text), len(s_text)) + 1  # past the shared text: every end is the same "far"
 
         def local(offsets, lo, hi, start, shared=shared, far=far):
             return [(s - start, e - start if e - start <= shared else far) for s, e in offsets[lo:hi]]
-        for a0, a1, b0, b1 in token_spans(local(teacher_offsets, t0, t1, t_start),
-                                          local(student_offsets, s0, s1, s_start)):
+
+        for a0, a1, b0, b1 in token_spans(
+            local(teacher_offsets, t0, t1, t_start), local(student_offsets, s0, s1, s_start)
+        ):
             spans.append((t0 + a0, t0 + a1, s0 + b0, s0 + b1))
     return spans
 
@@ -141,9 +151,17 @@ class SpanLayout:
     where: np.ndarray
 
 
-def span_layout(spans: Sequence[Span], *, teacher_ids: np.ndarray, student_ids: np.ndarray,
-                teacher_tokens: Sequence[str | None], student_tokens: Sequence[str | None], max_spans: int,
-                teacher_length: int, student_length: int) -> SpanLayout:
+def span_layout(
+    spans: Sequence[Span],
+    *,
+    teacher_ids: np.ndarray,
+    student_ids: np.ndarray,
+    teacher_tokens: Sequence[str | None],
+    student_tokens: Sequence[str | None],
+    max_spans: int,
+    teacher_length: int,
+    student_length: int,
+) -> SpanLayout:
     """:class:`SpanLayout` of ``spans`` over rows of ``teacher_length`` / ``student_length`` tokens
     (spans reaching past either, or starting at token 0, which nothing predicts, are left out; so
     are those past ``max_spans``). ``*_tokens``: each vocabulary id's token string (for ``exact``)."""
@@ -158,8 +176,8 @@ def span_layout(spans: Sequence[Span], *, teacher_ids: np.ndarray, student_ids: 
         if k == max_spans or a0 < 1 or b0 < 1 or a1 > teacher_length or b1 > student_length or a1 <= a0 or b1 <= b0:
             continue
         tf[k], sf[k] = a0 - 1, b0 - 1
-        tc[a0:a1 - 1] = k
-        sc[b0:b1 - 1] = k
+        tc[a0 : a1 - 1] = k
+        sc[b0 : b1 - 1] = k
         if a1 - a0 == 1 and b1 - b0 == 1:
             t_str, s_str = teacher_tokens[int(teacher_ids[a0])], student_tokens[int(student_ids[b0])]
             exact[k] = t_str is not None and t_str == s_str
@@ -207,33 +225,49 @@ class AlignedRows:
     def cycled(self, n: int) -> "AlignedRows":
         """``n`` rows, these repeated in order (a stand-in of ``n`` rows with these shapes)."""
         pick = [i % len(self) for i in range(n)]
-        return AlignedRows(*([getattr(self, f)[i] for i in pick] for f in ("student_ids", "student_learn",
-                                                                           "teacher_ids", "layouts")))
+        return AlignedRows(
+            *([getattr(self, f)[i] for i in pick] for f in ("student_ids", "student_learn", "teacher_ids", "layouts"))
+        )
 
     @property
     def exact_share(self) -> float:
         """The share of the kept spans that are exact (one token each side, the same string)."""
         return self.exact / self.spans if self.spans else 0.0
 
-    def spans_of(self, rows: Sequence[int], *, length: int, teacher_length: int,
-                 teacher_pad_id: int) -> dict[str, np.ndarray]:
+    def spans_of(
+        self, rows: Sequence[int], *, length: int, teacher_length: int, teacher_pad_id: int
+    ) -> dict[str, np.ndarray]:
         """What a cross-tokenizer batch holds beyond the student's rows, for rows ``rows``: the
         teacher's ``teacher_tokens`` and ``teacher_attention_mask`` ``[B, teacher_length]``
         (right-padded with ``teacher_pad_id``) and the spans (``student_first``, ``teacher_first``,
         ``span_exact``, ``span_where`` ``[B, length]``; ``student_chain`` ``[B, length]``,
         ``teacher_chain`` ``[B, teacher_length]``). ``length``: the student's row length."""
+
         def pad(x, n, value, dtype):
             out = np.full(n, value, dtype)
-            out[:len(x)] = x[:n]
+            out[: len(x)] = x[:n]
             return out
-        out: dict[str, list] = {k: [] for k in ("teacher_tokens", "teacher_attention_mask", "student_first",
-                                                "teacher_first", "student_chain", "teacher_chain", "span_exact",
-                                                "span_where")}
+
+        out: dict[str, list] = {
+            k: []
+            for k in (
+                "teacher_tokens",
+                "teacher_attention_mask",
+                "student_first",
+                "teacher_first",
+                "student_chain",
+                "teacher_chain",
+                "span_exact",
+                "span_where",
+            )
+        }
         for r in rows:
             t, lay = self.teacher_ids[r], self.layouts[r]
             if len(t) > teacher_length or len(lay.student_chain) > length:
-                raise ValueError(f"row {r} holds {len(t)} teacher and {len(lay.student_chain)} student tokens; the "
-                                 f"batch has {teacher_length} and {length}")
+                raise ValueError(
+                    f"row {r} holds {len(t)} teacher and {len(lay.student_chain)} student tokens; the "
+                    f"batch has {teacher_length} and {length}"
+                )
             out["teacher_tokens"].append(pad(t, teacher_length, teacher_pad_id, np.int32))
             out["teacher_attention_mask"].append(pad(np.ones(len(t), bool), teacher_length, False, bool))
             out["student_first"].append(pad(lay.student_first, length, 0, np.int32))
@@ -244,33 +278,48 @@ class AlignedRows:
             out["span_where"].append(pad(lay.where, length, False, bool))
         return {k: np.stack(v) for k, v in out.items()}
 
-    def batch(self, rows: Sequence[int], *, length: int, teacher_length: int, pad_id: int,
-              teacher_pad_id: int) -> dict[str, np.ndarray]:
+    def batch(
+        self, rows: Sequence[int], *, length: int, teacher_length: int, pad_id: int, teacher_pad_id: int
+    ) -> dict[str, np.ndarray]:
         """Rows ``rows`` as one right-padded batch: the student's ``tokens``, ``loss_mask`` and
         ``attention_mask`` ``[B, length]`` (:func:`jkd.data.conversations.padded_rows`) with
         :meth:`spans_of`."""
         from jkd.data.conversations import padded_rows
 
         rows = list(rows)
-        student = padded_rows([self.student_ids[r] for r in rows], [self.student_learn[r] for r in rows],
-                              length=length, pad_id=pad_id)
-        return {**student, **self.spans_of(rows, length=length, teacher_length=teacher_length,
-                                           teacher_pad_id=teacher_pad_id)}
+        student = padded_rows(
+            [self.student_ids[r] for r in rows], [self.student_learn[r] for r in rows], length=length, pad_id=pad_id
+        )
+        return {
+            **student,
+            **self.spans_of(rows, length=length, teacher_length=teacher_length, teacher_pad_id=teacher_pad_id),
+        }
 
 
-def with_spans(batches: Iterator[dict], aligned: AlignedRows, *, teacher_length: int,
-               teacher_pad_id: int) -> Iterator[dict]:
+def with_spans(
+    batches: Iterator[dict], aligned: AlignedRows, *, teacher_length: int, teacher_pad_id: int
+) -> Iterator[dict]:
     """Each batch of the student's rows of ``aligned`` (as :func:`jkd.data.conversations.sequence_batches`
     gives them, with their ``index``) with the teacher's rows and the spans attached
     (:meth:`AlignedRows.spans_of`)."""
     for b in batches:
-        yield {**b, **aligned.spans_of(b["index"], length=b["tokens"].shape[1], teacher_length=teacher_length,
-                                       teacher_pad_id=teacher_pad_id)}
+        yield {
+            **b,
+            **aligned.spans_of(
+                b["index"], length=b["tokens"].shape[1], teacher_length=teacher_length, teacher_pad_id=teacher_pad_id
+            ),
+        }
 
 
-def aligned_rows(teacher, student, conversations: Sequence[dict], *, max_length: int,
-                 teacher_max_length: int | None = None,
-                 teacher_conversations: Sequence[dict] | None = None) -> AlignedRows:
+def aligned_rows(
+    teacher,
+    student,
+    conversations: Sequence[dict],
+    *,
+    max_length: int,
+    teacher_max_length: int | None = None,
+    teacher_conversations: Sequence[dict] | None = None,
+) -> AlignedRows:
     """Each conversation rendered and tokenized by each model (its own chat template), its assistant
     turns aligned (:func:`align_turns`), the rows cut at ``max_length`` student tokens and
     ``teacher_max_length`` teacher tokens (default: the same); conversations left with no learned
@@ -278,8 +327,10 @@ def aligned_rows(teacher, student, conversations: Sequence[dict], *, max_length:
     ``teacher_conversations``: the same conversations as the teacher's template takes them, where
     the two tool-call formats write arguments differently (default: ``conversations``)."""
     if teacher_conversations is not None and len(teacher_conversations) != len(conversations):
-        raise ValueError(f"teacher_conversations has {len(teacher_conversations)} conversations and conversations "
-                         f"{len(conversations)}; give the same conversations for both")
+        raise ValueError(
+            f"teacher_conversations has {len(teacher_conversations)} conversations and conversations "
+            f"{len(conversations)}; give the same conversations for both"
+        )
     from jkd.data.chat import encode_chat
 
     t_max = teacher_max_length or max_length
@@ -293,8 +344,16 @@ def aligned_rows(teacher, student, conversations: Sequence[dict], *, max_length:
         _, s_off = student.encode_with_offsets(s_enc.text)
         spans = align_turns(t_enc.text, t_off, t_enc.assistant_mask, s_enc.text, s_off, s_enc.assistant_mask)
         t_len, s_len = min(len(t_enc.ids), t_max), min(len(s_enc.ids), max_length)
-        lay = span_layout(spans, teacher_ids=t_enc.ids, student_ids=s_enc.ids, teacher_tokens=t_str,
-                          student_tokens=s_str, max_spans=s_len, teacher_length=t_len, student_length=s_len)
+        lay = span_layout(
+            spans,
+            teacher_ids=t_enc.ids,
+            student_ids=s_enc.ids,
+            teacher_tokens=t_str,
+            student_tokens=s_str,
+            max_spans=s_len,
+            teacher_length=t_len,
+            student_length=s_len,
+        )
         out.cut += sum(1 for a0, a1, b0, b1 in spans if a1 > t_len or b1 > s_len)
         if not lay.where.any():
             continue

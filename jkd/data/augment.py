@@ -19,9 +19,7 @@ import jax.numpy as jnp
 def normalize(images: jax.Array, mean, std) -> jax.Array:
     """uint8 ``[..., H, W, C]`` -> float32 ``(x / 255 - mean) / std``, per channel."""
     if images.shape[-1] != len(mean) or len(mean) != len(std):
-        raise ValueError(
-            f"mean/std need one value per channel ({images.shape[-1]}); got {len(mean)} and {len(std)}."
-        )
+        raise ValueError(f"mean/std need one value per channel ({images.shape[-1]}); got {len(mean)} and {len(std)}.")
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 

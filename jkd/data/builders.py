@@ -72,8 +72,6 @@ class JkdMnistSample(_ImageArraysBuilder):
     LOAD_ARRAYS = staticmethod(_load_embedded)
 
 
-
-
 def fingerprint(arrays: Arrays) -> str:
     """A short content hash: user data is prepared again when its content changes."""
     h = hashlib.sha256()
@@ -102,7 +100,9 @@ def prepare_user_arrays(
         "__module__": __name__,
     }
     cls = types.new_class(
-        "UserImages", (_ImageArraysBuilder,), {"skip_registration": True},
+        "UserImages",
+        (_ImageArraysBuilder,),
+        {"skip_registration": True},
         lambda ns: ns.update(attrs),
     )
     builder = cls(data_dir=str(data_dir), file_format="array_record")

@@ -38,8 +38,14 @@ import numpy as np
 from jkd.data.tokenizer import Tokenizer
 
 OTHER, SYSTEM, USER, ASSISTANT, TOOL = 0, 1, 2, 3, 4
-ROLE_NAMES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL,
-              "ipython": TOOL, "function": TOOL}  # Llama 3 calls tool results "ipython"
+ROLE_NAMES = {
+    "system": SYSTEM,
+    "user": USER,
+    "assistant": ASSISTANT,
+    "tool": TOOL,
+    "ipython": TOOL,
+    "function": TOOL,
+}  # Llama 3 calls tool results "ipython"
 
 # Private-use characters that mark {% generation %} blocks during rendering; stripped after.
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -83,7 +89,8 @@ def _environment() -> jinja2.Environment:
     global _ENV
     if _ENV is None:
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+            trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+        )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
@@ -123,8 +130,13 @@ def _render_marked(tpl: jinja2.Template, variables: dict[str, Any]) -> tuple[str
 
 
 def render_chat(
-    tokenizer: Tokenizer, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
-    add_generation_prompt: bool = False, chat_template: str | None = None, **template_kwargs,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    *,
+    tools: Sequence[dict] | None = None,
+    add_generation_prompt: bool = False,
+    chat_template: str | None = None,
+    **template_kwargs,
 ) -> str:
     """The conversation as the chat template writes it (``transformers``' ``tokenize=False``)."""
     tpl = _compile(_template(tokenizer, chat_template))
@@ -136,7 +148,8 @@ def _template(tokenizer: Tokenizer, chat_template: str | None) -> str:
     if template is None:
         raise ChatTemplateError(
             "the tokenizer has no chat template (neither chat_template.jinja nor a 'chat_template' in "
-            "tokenizer_config.json); pass chat_template=... or use jkd.data.tokenizer.byte_tokenizer()")
+            "tokenizer_config.json); pass chat_template=... or use jkd.data.tokenizer.byte_tokenizer()"
+        )
     return template
 
 
@@ -151,8 +164,13 @@ def _check_messages(messages: Sequence[dict]) -> None:
 
 
 def _variables(tokenizer, messages, tools, add_generation_prompt, kwargs) -> dict[str, Any]:
-    return {"messages": list(messages), "tools": list(tools) if tools else None,
-            "add_generation_prompt": add_generation_prompt, **tokenizer.special_tokens, **kwargs}
+    return {
+        "messages": list(messages),
+        "tools": list(tools) if tools else None,
+        "add_generation_prompt": add_generation_prompt,
+        **tokenizer.special_tokens,
+        **kwargs,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +193,7 @@ def _char_roles(tpl, tokenizer, messages, tools, kwargs, full: str, spans) -> np
     prefix_ok = True
     prev = 0
     for i, m in enumerate(messages):
-        upto = _render_marked(tpl, _variables(tokenizer, messages[:i + 1], tools, False, kwargs))[0]
+        upto = _render_marked(tpl, _variables(tokenizer, messages[: i + 1], tools, False, kwargs))[0]
         if not full.startswith(upto) or len(upto) < prev:
             prefix_ok = False
             break
@@ -186,16 +204,17 @@ def _char_roles(tpl, tokenizer, messages, tools, kwargs, full: str, spans) -> np
                 prefix_ok = False
                 break
             # Whitespace the template writes after the turn's end token is never generated.
-            roles[len(head):len(upto.rstrip())] = ASSISTANT
+            roles[len(head) : len(upto.rstrip())] = ASSISTANT
         elif role != ASSISTANT:
-            roles[prev:len(upto)] = role
+            roles[prev : len(upto)] = role
         prev = len(upto)
     if not prefix_ok:
         if not spans:
             raise ChatTemplateError(
                 "this chat template rewrites earlier turns (rendering the first messages is not a prefix "
                 "of the whole conversation), so jkd cannot tell which tokens each message produced; mark "
-                "assistant text with {% generation %}...{% endgeneration %} in the template")
+                "assistant text with {% generation %}...{% endgeneration %} in the template"
+            )
         roles[:] = OTHER
     for s, e in spans:
         roles[s:e] = ASSISTANT
@@ -203,8 +222,13 @@ def _char_roles(tpl, tokenizer, messages, tools, kwargs, full: str, spans) -> np
 
 
 def encode_chat(
-    tokenizer: Tokenizer, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
-    add_generation_prompt: bool = False, chat_template: str | None = None, **template_kwargs,
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    *,
+    tools: Sequence[dict] | None = None,
+    add_generation_prompt: bool = False,
+    chat_template: str | None = None,
+    **template_kwargs,
 ) -> ChatTokens:
     """Render and tokenise a conversation; each token gets the role of the text it starts in.
 

@@ -42,14 +42,17 @@ def _check_message(m, where: str) -> None:
     for j, call in enumerate(m.get("tool_calls") or []):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ConversationError(f"{where}, tool call {j}: expected {{'function': {{'name': ..., 'arguments': ...}}}}")
+            raise ConversationError(
+                f"{where}, tool call {j}: expected {{'function': {{'name': ..., 'arguments': ...}}}}"
+            )
         args = fn.get("arguments", {})
         if isinstance(args, str):
             try:
                 args = json.loads(args)
             except json.JSONDecodeError as e:
-                raise ConversationError(f"{where}, tool call {j} ({fn['name']}): arguments are not JSON ({e.msg}): "
-                                        f"{fn['arguments'][:60]!r}") from None
+                raise ConversationError(
+                    f"{where}, tool call {j} ({fn['name']}): arguments are not JSON ({e.msg}): {fn['arguments'][:60]!r}"
+                ) from None
         if not isinstance(args, dict):
             raise ConversationError(f"{where}, tool call {j} ({fn['name']}): arguments must be a JSON object")
 
@@ -93,8 +96,10 @@ def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]
                 _check_message(m, f"{where}, message {i}")
             roles = [m["role"] for m in msgs]
             if labelled and "assistant" not in roles:
-                raise ConversationError(f"{where}: no assistant turn; labelled data needs at least one "
-                                        "(unlabelled requests go in --unlabelled)")
+                raise ConversationError(
+                    f"{where}: no assistant turn; labelled data needs at least one "
+                    "(unlabelled requests go in --unlabelled)"
+                )
             if not labelled and roles[-1] == "assistant":
                 raise ConversationError(f"{where}: an unlabelled request must end before the assistant's answer")
             out.append({**conv, "messages": [_arguments_read(m) for m in msgs]})
@@ -103,8 +108,10 @@ def read_conversations(path: str | Path, *, labelled: bool = True) -> list[dict]
     return out
 
 
-TRUNCATION_RULE = ("too long: the system prompt and the last turns are kept (earliest turns dropped); if those do "
-                   "not fit, the first max_length tokens; no assistant token left: dropped")
+TRUNCATION_RULE = (
+    "too long: the system prompt and the last turns are kept (earliest turns dropped); if those do "
+    "not fit, the first max_length tokens; no assistant token left: dropped"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +141,7 @@ def _last_turns(tokenizer: Tokenizer, conv: dict, max_length: int):
     if len(enc.ids) <= max_length:
         return enc, False, None
     head = msgs[:1] if msgs[0]["role"] == "system" else []
-    rest = msgs[len(head):]
+    rest = msgs[len(head) :]
     need = int(np.argmax(enc.assistant_mask)) + 1 if enc.assistant_mask.any() else None
     for i in range(1, len(rest)):
         if rest[i]["role"] != "user" or not any(m["role"] == "assistant" for m in rest[i:]):
@@ -168,8 +175,10 @@ def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[dict], *,
 
 def request_prompts(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list[np.ndarray]:
     """Each request (a conversation ending before the assistant's answer) as prompt ids."""
-    return [encode_chat(tokenizer, c["messages"], tools=c.get("tools"), add_generation_prompt=True).ids
-            for c in conversations]
+    return [
+        encode_chat(tokenizer, c["messages"], tools=c.get("tools"), add_generation_prompt=True).ids
+        for c in conversations
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +203,9 @@ def assistant_turns(tokenizer: Tokenizer, conversations: Sequence[dict]) -> list
     return out
 
 
-def padded_rows(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, length: int,
-                pad_id: int) -> dict[str, np.ndarray]:
+def padded_rows(
+    ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, length: int, pad_id: int
+) -> dict[str, np.ndarray]:
     """Sequences as ``[N, length]`` rows: ``tokens`` (``pad_id`` after each), ``loss_mask`` and
     ``attention_mask``; a longer sequence is cut. The one layout of unpacked rows: the training
     batches and the teacher's outputs stored for them use it alike."""
@@ -208,8 +218,16 @@ def padded_rows(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, lengt
     return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": attention}
 
 
-def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, batch_size: int, length: int,
-                     pad_id: int, seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def sequence_batches(
+    ids: Sequence[np.ndarray],
+    learn: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    length: int,
+    pad_id: int,
+    seed: int = 0,
+    start: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless ``[batch_size, length]`` batches (``tokens``, ``loss_mask``, ``attention_mask``, and
     ``index [batch_size]``: the rows' positions in ``ids``) in a shuffled order that depends on
     ``seed`` and the epoch; ``start`` is the data position in batches (the step the fit loop resumes
@@ -221,7 +239,7 @@ def sequence_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, 
     step = start
     while True:
         epoch, j = divmod(step, per_epoch)
-        rows = np.random.default_rng([seed, epoch]).permutation(n)[j * batch_size:(j + 1) * batch_size]
+        rows = np.random.default_rng([seed, epoch]).permutation(n)[j * batch_size : (j + 1) * batch_size]
         batch = padded_rows([ids[i] for i in rows], [learn[i] for i in rows], length=length, pad_id=pad_id)
         yield {**batch, "index": rows.astype(np.int32)}
         step += 1
@@ -245,8 +263,16 @@ def pack_plan(lengths: Sequence[int], *, rows: int, length: int, seed: int, epoc
     return batches
 
 
-def packed_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, rows: int, length: int, pad_id: int,
-                   seed: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def packed_batches(
+    ids: Sequence[np.ndarray],
+    learn: Sequence[np.ndarray],
+    *,
+    rows: int,
+    length: int,
+    pad_id: int,
+    seed: int = 0,
+    start: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless ``[rows, length]`` batches of whole sequences packed side by side (:func:`pack_plan`):
     ``tokens``, ``loss_mask``, ``attention_mask`` and ``segment_ids`` (int32: 1, 2, ... for the
     sequences of a row, 0 for padding), which keep the packed sequences from attending to each
@@ -260,8 +286,10 @@ def packed_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, ro
     if not len(lengths):
         raise ValueError("no sequences to pack")
     if lengths.max() > length:
-        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit in a packed row of {length}; "
-                         f"cut the sequences to at most {length} tokens or raise the packed length")
+        raise ValueError(
+            f"a sequence of {lengths.max()} tokens does not fit in a packed row of {length}; "
+            f"cut the sequences to at most {length} tokens or raise the packed length"
+        )
     epoch, skip = 0, start
     while True:
         plan = pack_plan(lengths, rows=rows, length=length, seed=seed, epoch=epoch)
@@ -273,7 +301,7 @@ def packed_batches(ids: Sequence[np.ndarray], learn: Sequence[np.ndarray], *, ro
                 at = 0
                 for s, i in enumerate(row, start=1):
                     m = len(ids[i])
-                    tokens[r, at:at + m], loss_mask[r, at:at + m], segments[r, at:at + m] = ids[i], learn[i], s
+                    tokens[r, at : at + m], loss_mask[r, at : at + m], segments[r, at : at + m] = ids[i], learn[i], s
                     at += m
             yield {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": segments > 0, "segment_ids": segments}
         skip, epoch = max(skip - len(plan), 0), epoch + 1  # `start` may lie in a later epoch

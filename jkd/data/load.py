@@ -130,7 +130,9 @@ def _user_dataset(kind: str, path: Path, arrays, data_dir: Path, num_classes: in
     arrays, num_classes = user.validate(arrays, num_classes=num_classes, source=str(path))
     tag = f"{path.stem}-{builders.fingerprint(arrays)}"
     builder = builders.prepare_user_arrays(
-        arrays, num_classes=num_classes, data_dir=data_dir / "jkd_user" / kind / tag,
+        arrays,
+        num_classes=num_classes,
+        data_dir=data_dir / "jkd_user" / kind / tag,
         description=f"{kind} dataset prepared from {path}",
     )
     return _dataset(f"{kind}:{path.stem}", builder, _open_splits(builder))
@@ -176,9 +178,7 @@ def load_dataset(
     try:
         builder = tfds.builder(name, data_dir=str(data_dir))
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(
-            f"unknown dataset {name!r}: not a TFDS name, and no .npz file or folder at that path."
-        ) from e
+        raise ValueError(f"unknown dataset {name!r}: not a TFDS name, and no .npz file or folder at that path.") from e
     try:
         splits = _open_splits(builder)
     except (AssertionError, FileNotFoundError, NotImplementedError, KeyError, ValueError) as e:

@@ -142,9 +142,7 @@ def train_batches(
     if start_step < 0 or (total is not None and start_step > total):
         raise ValueError(f"start_step must lie in [0, {total}]; got {start_step}.")
     steps = grain.MapDataset.range(start_step, total if total is not None else 2**62)
-    ds = steps.map(fn).to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    )
+    ds = steps.map(fn).to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     return iter(ds)
 
 
@@ -159,7 +157,7 @@ def eval_batches(data: InMemory | OnDisk, *, batch_size: int) -> Iterator[Batch]
         pad = batch_size - len(idx)
         mask = np.ones(batch_size, bool)
         if pad:
-            mask[len(idx):] = False
+            mask[len(idx) :] = False
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
             idx = np.concatenate([idx, np.zeros(pad, idx.dtype)])

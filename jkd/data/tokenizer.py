@@ -42,9 +42,16 @@ class Tokenizer:
       chat_template: a Jinja chat template as ``transformers`` uses them (or None).
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = None,
-                 eos_token: str | None = None, pad_token: str | None = None,
-                 chat_template: str | None = None, extra_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
+        extra_config: dict[str, Any] | None = None,
+    ):
         self.backend = backend
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
@@ -66,7 +73,8 @@ class Tokenizer:
             found = sorted(p.name for p in folder.iterdir())[:8]
             raise FileNotFoundError(
                 f"{folder}: no tokenizer.json (found {found}); jkd reads fast tokenizers "
-                "(tokenizer.json), not sentencepiece .model files")
+                "(tokenizer.json), not sentencepiece .model files"
+            )
         backend = tokenizers.Tokenizer.from_file(str(path))
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -78,17 +86,27 @@ class Tokenizer:
         if jinja.is_file():
             template = jinja.read_text()
         keep = {k: v for k, v in cfg.items() if k in ("model_max_length", "tokenizer_class", "unk_token")}
-        return cls(backend, bos_token=_token_text(cfg.get("bos_token")),
-                   eos_token=_token_text(cfg.get("eos_token")), pad_token=_token_text(cfg.get("pad_token")),
-                   chat_template=template, extra_config=keep)
+        return cls(
+            backend,
+            bos_token=_token_text(cfg.get("bos_token")),
+            eos_token=_token_text(cfg.get("eos_token")),
+            pad_token=_token_text(cfg.get("pad_token")),
+            chat_template=template,
+            extra_config=keep,
+        )
 
     def save(self, folder: str | Path) -> None:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **self._extra,
-               "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **self._extra,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+        }
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
         if self.chat_template is not None:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
@@ -222,8 +240,13 @@ def byte_tokenizer() -> Tokenizer:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(list(BYTE_SPECIALS))
-    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})
+    return Tokenizer(
+        backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=BYTE_CHAT_TEMPLATE,
+        extra_config={"model_max_length": 1 << 20},
+    )
 
 
 def train_bpe_tokenizer(texts, *, vocab_size: int, split_digits: bool = False) -> Tokenizer:
@@ -235,18 +258,30 @@ def train_bpe_tokenizer(texts, *, vocab_size: int, split_digits: bool = False) -
 
     reserved = 256 + len(BYTE_SPECIALS) + len(TOOL_CALL_TAGS)
     if vocab_size <= reserved:
-        raise ValueError(f"train_bpe_tokenizer: vocab_size must exceed the {reserved} byte, special and tool-call "
-                         f"tokens; got {vocab_size}")
+        raise ValueError(
+            f"train_bpe_tokenizer: vocab_size must exceed the {reserved} byte, special and tool-call "
+            f"tokens; got {vocab_size}"
+        )
     backend = tokenizers.Tokenizer(models.BPE())
     byte_level = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), *byte_level] if split_digits else byte_level)
+        [pre_tokenizers.Digits(individual_digits=True), *byte_level] if split_digits else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TOOL_CALL_TAGS), special_tokens=list(BYTE_SPECIALS),
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(TOOL_CALL_TAGS),
+        special_tokens=list(BYTE_SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(texts, trainer=trainer)
     # <tool_call> and </tool_call> as whole tokens, as Qwen's tokenizers have them (not special, so
     # decoding keeps them).
     backend.add_tokens(list(TOOL_CALL_TAGS))
-    return Tokenizer(backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     chat_template=BYTE_CHAT_TEMPLATE, extra_config={"model_max_length": 1 << 20})
+    return Tokenizer(
+        backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=BYTE_CHAT_TEMPLATE,
+        extra_config={"model_max_length": 1 << 20},
+    )

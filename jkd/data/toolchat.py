@@ -35,59 +35,182 @@ from jkd.runtime.atomic import atomic_write
 
 VERSION = 2
 TODAY = datetime.date(2026, 12, 1)  # every conversation's "today": "tomorrow" is always 2026-12-02
-HOME = "Berlin"                     # the user's city: a flight with no origin starts here
+HOME = "Berlin"  # the user's city: a flight with no origin starts here
 
-CITIES = ("Paris", "London", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Prague", "Dublin",
-          "Athens", "Warsaw")
+CITIES = (
+    "Paris",
+    "London",
+    "Berlin",
+    "Madrid",
+    "Rome",
+    "Vienna",
+    "Oslo",
+    "Lisbon",
+    "Prague",
+    "Dublin",
+    "Athens",
+    "Warsaw",
+)
 CURRENCIES = ("USD", "EUR", "GBP", "CHF", "CAD")
-CURRENCY_NAMES = {"USD": ("dollars", "USD", "US dollars"), "EUR": ("euros", "EUR", "euro"),
-                  "GBP": ("pounds", "GBP", "british pounds"), "CHF": ("swiss francs", "CHF", "francs"),
-                  "CAD": ("canadian dollars", "CAD", "loonies")}
+CURRENCY_NAMES = {
+    "USD": ("dollars", "USD", "US dollars"),
+    "EUR": ("euros", "EUR", "euro"),
+    "GBP": ("pounds", "GBP", "british pounds"),
+    "CHF": ("swiss francs", "CHF", "francs"),
+    "CAD": ("canadian dollars", "CAD", "loonies"),
+}
 RATES = {"USD": 1.0, "EUR": 1.08, "GBP": 1.27, "CHF": 1.13, "CAD": 0.72}  # value of one unit in USD
-AMOUNTS = (5, 10, 12, 15, 20, 25, 30, 40, 45, 50, 60, 75, 80, 90, 100, 120, 150, 200, 250, 300, 400, 500,
-           600, 750, 800, 1000, 1200, 1500, 2000)
+AMOUNTS = (
+    5,
+    10,
+    12,
+    15,
+    20,
+    25,
+    30,
+    40,
+    45,
+    50,
+    60,
+    75,
+    80,
+    90,
+    100,
+    120,
+    150,
+    200,
+    250,
+    300,
+    400,
+    500,
+    600,
+    750,
+    800,
+    1000,
+    1200,
+    1500,
+    2000,
+)
 CONTACTS = ("Anna", "Ben", "Chloe", "David", "Emma", "Felix", "Grace", "Hugo", "Mum", "Dad")
-MESSAGES = ("I am running late", "see you at eight", "call me back", "dinner is ready", "happy birthday",
-            "I will be home soon", "the meeting moved", "thanks for today", "can you buy milk",
-            "I landed safely")
+MESSAGES = (
+    "I am running late",
+    "see you at eight",
+    "call me back",
+    "dinner is ready",
+    "happy birthday",
+    "I will be home soon",
+    "the meeting moved",
+    "thanks for today",
+    "can you buy milk",
+    "I landed safely",
+)
 LABELS = ("pasta", "tea", "laundry", "workout", "oven", "eggs", "nap", "meeting", "bread", "pizza")
-TITLES = ("dentist", "team meeting", "lunch with Sara", "gym", "doctor", "haircut", "yoga class",
-          "project review", "dinner with Tom", "piano lesson")
+TITLES = (
+    "dentist",
+    "team meeting",
+    "lunch with Sara",
+    "gym",
+    "doctor",
+    "haircut",
+    "yoga class",
+    "project review",
+    "dinner with Tom",
+    "piano lesson",
+)
 CONDITIONS = ("sunny", "cloudy", "rainy", "snowy", "windy", "foggy")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "The weather forecast for a city on a date.",
-        "parameters": {"type": "object", "required": ["city", "date"], "properties": {
-            "city": {"type": "string", "enum": list(CITIES)},
-            "date": {"type": "string", "format": "date"}}}}},
-    {"type": "function", "function": {
-        "name": "convert_currency", "description": "Convert an amount of money between currencies.",
-        "parameters": {"type": "object", "required": ["amount", "source", "target"], "properties": {
-            "amount": {"type": "number"},
-            "source": {"type": "string", "enum": list(CURRENCIES)},
-            "target": {"type": "string", "enum": list(CURRENCIES)}}}}},
-    {"type": "function", "function": {
-        "name": "set_timer", "description": "Start a countdown timer.",
-        "parameters": {"type": "object", "required": ["minutes", "label"], "properties": {
-            "minutes": {"type": "integer", "minimum": 1, "maximum": 180},
-            "label": {"type": "string"}}}}},
-    {"type": "function", "function": {
-        "name": "create_event", "description": "Add an event to the calendar.",
-        "parameters": {"type": "object", "required": ["title", "date", "time"], "properties": {
-            "title": {"type": "string"}, "date": {"type": "string", "format": "date"},
-            "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"}}}}},
-    {"type": "function", "function": {
-        "name": "send_message", "description": "Send a text message to a contact.",
-        "parameters": {"type": "object", "required": ["contact", "text"], "properties": {
-            "contact": {"type": "string", "enum": list(CONTACTS)}, "text": {"type": "string"}}}}},
-    {"type": "function", "function": {
-        "name": "search_flights", "description": "Search flights between two cities on a date.",
-        "parameters": {"type": "object", "required": ["origin", "destination", "date"], "properties": {
-            "origin": {"type": "string", "enum": list(CITIES)},
-            "destination": {"type": "string", "enum": list(CITIES)},
-            "date": {"type": "string", "format": "date"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather forecast for a city on a date.",
+            "parameters": {
+                "type": "object",
+                "required": ["city", "date"],
+                "properties": {
+                    "city": {"type": "string", "enum": list(CITIES)},
+                    "date": {"type": "string", "format": "date"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "convert_currency",
+            "description": "Convert an amount of money between currencies.",
+            "parameters": {
+                "type": "object",
+                "required": ["amount", "source", "target"],
+                "properties": {
+                    "amount": {"type": "number"},
+                    "source": {"type": "string", "enum": list(CURRENCIES)},
+                    "target": {"type": "string", "enum": list(CURRENCIES)},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "set_timer",
+            "description": "Start a countdown timer.",
+            "parameters": {
+                "type": "object",
+                "required": ["minutes", "label"],
+                "properties": {
+                    "minutes": {"type": "integer", "minimum": 1, "maximum": 180},
+                    "label": {"type": "string"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "create_event",
+            "description": "Add an event to the calendar.",
+            "parameters": {
+                "type": "object",
+                "required": ["title", "date", "time"],
+                "properties": {
+                    "title": {"type": "string"},
+                    "date": {"type": "string", "format": "date"},
+                    "time": {"type": "string", "pattern": "^[0-2][0-9]:[0-5][0-9]$"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "send_message",
+            "description": "Send a text message to a contact.",
+            "parameters": {
+                "type": "object",
+                "required": ["contact", "text"],
+                "properties": {"contact": {"type": "string", "enum": list(CONTACTS)}, "text": {"type": "string"}},
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_flights",
+            "description": "Search flights between two cities on a date.",
+            "parameters": {
+                "type": "object",
+                "required": ["origin", "destination", "date"],
+                "properties": {
+                    "origin": {"type": "string", "enum": list(CITIES)},
+                    "destination": {"type": "string", "enum": list(CITIES)},
+                    "date": {"type": "string", "format": "date"},
+                },
+            },
+        },
+    },
 ]
 TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
 
@@ -95,6 +218,7 @@ SPLITS = {"train": 3000, "validation": 200, "test": 300, "unlabelled": 3000}
 
 
 # ---- the simulated tools --------------------------------------------------------------------------
+
 
 def _hash(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "little")
@@ -114,8 +238,10 @@ def check_call(name: str, arguments: dict[str, Any]) -> None:
         prop = schema["properties"][key]
         kind = {"string": str, "integer": int, "number": (int, float)}[prop["type"]]
         if not isinstance(value, kind) or isinstance(value, bool) or ("enum" in prop and value not in prop["enum"]):
-            raise ValueError(f"{name}: argument {key}={value!r} is not a valid {prop['type']}"
-                             + (f" in {prop['enum']}" if "enum" in prop else ""))
+            raise ValueError(
+                f"{name}: argument {key}={value!r} is not a valid {prop['type']}"
+                + (f" in {prop['enum']}" if "enum" in prop else "")
+            )
         if prop.get("format") == "date":
             try:
                 datetime.date.fromisoformat(value)
@@ -150,8 +276,9 @@ def simulated_tools():
     :func:`check_call` refuses comes back to the model as its error)."""
     from jkd.agents.tools import Toolbox
 
-    return Toolbox.from_functions({n: (lambda n: lambda **a: execute(n, a))(n) for n in TOOL_NAMES}, schemas=TOOLS,
-                                  source="the simulated tools")
+    return Toolbox.from_functions(
+        {n: (lambda n: lambda **a: execute(n, a))(n) for n in TOOL_NAMES}, schemas=TOOLS, source="the simulated tools"
+    )
 
 
 def final_answer(name: str, arguments: dict[str, Any], result: dict[str, Any]) -> str:
@@ -168,8 +295,10 @@ def final_answer(name: str, arguments: dict[str, Any], result: dict[str, Any]) -
     if name == "send_message":
         return f"Your message to {a['contact']} was delivered."
     if name == "search_flights":
-        return (f"I found {r['flights']} flights from {a['origin']} to {a['destination']} on {a['date']}; "
-                f"the cheapest costs {r['cheapest_eur']} EUR.")
+        return (
+            f"I found {r['flights']} flights from {a['origin']} to {a['destination']} on {a['date']}; "
+            f"the cheapest costs {r['cheapest_eur']} EUR."
+        )
     raise KeyError(name)
 
 
@@ -178,6 +307,7 @@ def _number(x) -> str:
 
 
 # ---- phrasings ------------------------------------------------------------------------------------
+
 
 def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
@@ -191,8 +321,13 @@ def _typos(rng: np.random.Generator, text: str, protect: set[str], rate: float =
             continue
         j = int(rng.integers(1, len(w) - 1))
         kind = int(rng.integers(3))
-        words[i] = (w[:j] + w[j + 1] + w[j] + w[j + 2:] if kind == 0 else
-                    w[:j] + w[j + 1:] if kind == 1 else w[:j] + w[j] + w[j:])
+        words[i] = (
+            w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+            if kind == 0
+            else w[:j] + w[j + 1 :]
+            if kind == 1
+            else w[:j] + w[j] + w[j:]
+        )
     return " ".join(words)
 
 
@@ -238,10 +373,19 @@ def _amount(rng: np.random.Generator) -> int:
 
 def _weather(rng):
     city, (when, date) = _pick(rng, CITIES), _date(rng)
-    t = _pick(rng, ["what's the weather in {city} {when}?", "weather {city} {when}",
-                    "will it rain in {city} {when}?", "how warm is it in {city} {when}?",
-                    "{when}, what is the forecast for {city}?", "tell me the forecast for {city} {when}",
-                    "is it going to be cold in {city} {when}?", "do I need an umbrella in {city} {when}?"])
+    t = _pick(
+        rng,
+        [
+            "what's the weather in {city} {when}?",
+            "weather {city} {when}",
+            "will it rain in {city} {when}?",
+            "how warm is it in {city} {when}?",
+            "{when}, what is the forecast for {city}?",
+            "tell me the forecast for {city} {when}",
+            "is it going to be cold in {city} {when}?",
+            "do I need an umbrella in {city} {when}?",
+        ],
+    )
     return t.format(city=city, when=when), ("get_weather", {"city": city, "date": date}), {city}
 
 
@@ -250,34 +394,73 @@ def _currency(rng):
     src, dst = CURRENCIES[int(src)], CURRENCIES[int(dst)]
     amount = _amount(rng)
     s, d = _pick(rng, CURRENCY_NAMES[src]), _pick(rng, CURRENCY_NAMES[dst])
-    t = _pick(rng, ["convert {a} {s} to {d}", "how much is {a} {s} in {d}?", "{a} {s} in {d} please",
-                    "what are {a} {s} worth in {d}?", "change {a} {s} into {d}",
-                    "I have {a} {s}, how many {d} is that?"])
-    return (t.format(a=_number(amount), s=s, d=d),
-            ("convert_currency", {"amount": amount, "source": src, "target": dst}), set())
+    t = _pick(
+        rng,
+        [
+            "convert {a} {s} to {d}",
+            "how much is {a} {s} in {d}?",
+            "{a} {s} in {d} please",
+            "what are {a} {s} worth in {d}?",
+            "change {a} {s} into {d}",
+            "I have {a} {s}, how many {d} is that?",
+        ],
+    )
+    return (
+        t.format(a=_number(amount), s=s, d=d),
+        ("convert_currency", {"amount": amount, "source": src, "target": dst}),
+        set(),
+    )
 
 
 def _timer(rng):
     (said, minutes), label = _minutes(rng), _pick(rng, LABELS)
-    t = _pick(rng, ["set a timer for {m} for the {l}", "timer {m} {l}", "start a {l} timer for {m}",
-                    "remind me in {m} about the {l}", "countdown of {m} for my {l} please",
-                    "can you time {m} for the {l}?"])
+    t = _pick(
+        rng,
+        [
+            "set a timer for {m} for the {l}",
+            "timer {m} {l}",
+            "start a {l} timer for {m}",
+            "remind me in {m} about the {l}",
+            "countdown of {m} for my {l} please",
+            "can you time {m} for the {l}?",
+        ],
+    )
     return t.format(m=said, l=label), ("set_timer", {"minutes": minutes, "label": label}), {label}
 
 
 def _event(rng):
     title, (when, date), (said, time) = _pick(rng, TITLES), _date(rng), _time(rng)
-    t = _pick(rng, ["add {t} {w} at {h} to my calendar", "put {t} in my calendar {w} at {h}",
-                    "schedule {t} {w} at {h}", "I have {t} {w} at {h}, please save it",
-                    "book {t} at {h} {w}", "create an event: {t}, {w}, {h}"])
-    return (t.format(t=title, w=when, h=said), ("create_event", {"title": title, "date": date, "time": time}),
-            set(title.split()))
+    t = _pick(
+        rng,
+        [
+            "add {t} {w} at {h} to my calendar",
+            "put {t} in my calendar {w} at {h}",
+            "schedule {t} {w} at {h}",
+            "I have {t} {w} at {h}, please save it",
+            "book {t} at {h} {w}",
+            "create an event: {t}, {w}, {h}",
+        ],
+    )
+    return (
+        t.format(t=title, w=when, h=said),
+        ("create_event", {"title": title, "date": date, "time": time}),
+        set(title.split()),
+    )
 
 
 def _message(rng):
     contact, text = _pick(rng, CONTACTS), _pick(rng, MESSAGES)
-    t = _pick(rng, ["text {c}: {x}", "send {c} a message saying {x}", "tell {c} {x}",
-                    "message {c} that {x}", "can you write to {c}: {x}", "let {c} know {x}"])
+    t = _pick(
+        rng,
+        [
+            "text {c}: {x}",
+            "send {c} a message saying {x}",
+            "tell {c} {x}",
+            "message {c} that {x}",
+            "can you write to {c}: {x}",
+            "let {c} know {x}",
+        ],
+    )
     return t.format(c=contact, x=text), ("send_message", {"contact": contact, "text": text}), set(text.split())
 
 
@@ -287,30 +470,64 @@ def _flights(rng):
     while origin == dst:
         dst = _pick(rng, CITIES)
     if origin == HOME and rng.random() < 0.6:  # the origin left implicit: the user's HOME
-        t = _pick(rng, ["find flights to {d} {w}", "any flights to {d} {w}?", "I want to fly to {d} {w}",
-                        "search a flight to {d} {w}"])
+        t = _pick(
+            rng,
+            [
+                "find flights to {d} {w}",
+                "any flights to {d} {w}?",
+                "I want to fly to {d} {w}",
+                "search a flight to {d} {w}",
+            ],
+        )
     else:
-        t = _pick(rng, ["find flights from {o} to {d} {w}", "flights {o} to {d} {w}",
-                        "I need to fly from {o} to {d} {w}", "{w}, is there a flight from {o} to {d}?"])
-    return (t.format(o=origin, d=dst, w=when),
-            ("search_flights", {"origin": origin, "destination": dst, "date": date}), {origin, dst})
+        t = _pick(
+            rng,
+            [
+                "find flights from {o} to {d} {w}",
+                "flights {o} to {d} {w}",
+                "I need to fly from {o} to {d} {w}",
+                "{w}, is there a flight from {o} to {d}?",
+            ],
+        )
+    return (
+        t.format(o=origin, d=dst, w=when),
+        ("search_flights", {"origin": origin, "destination": dst, "date": date}),
+        {origin, dst},
+    )
 
 
-INTENTS: dict[str, Callable] = {"get_weather": _weather, "convert_currency": _currency, "set_timer": _timer,
-                                "create_event": _event, "send_message": _message, "search_flights": _flights}
+INTENTS: dict[str, Callable] = {
+    "get_weather": _weather,
+    "convert_currency": _currency,
+    "set_timer": _timer,
+    "create_event": _event,
+    "send_message": _message,
+    "search_flights": _flights,
+}
 
 NO_TOOL = {
-    "greeting": (["hi", "hello there", "good morning", "hey, how are you?", "hello"],
-                 "Hello! How can I help you today?"),
-    "thanks": (["thanks", "thank you!", "great, thanks a lot", "cheers", "perfect, thank you"],
-               "You are welcome!"),
-    "capabilities": (["what can you do?", "help", "which tools do you have?", "what are you able to do for me?"],
-                     "I can check the weather, convert currencies, set timers, add calendar events, send "
-                     "messages and search flights."),
-    "out_of_scope": (["order me a pizza", "play some music", "what is the meaning of life?",
-                      "book a hotel in Rome", "turn off the lights", "write me a poem"],
-                     "Sorry, I cannot do that. I can check the weather, convert currencies, set timers, add "
-                     "calendar events, send messages and search flights."),
+    "greeting": (
+        ["hi", "hello there", "good morning", "hey, how are you?", "hello"],
+        "Hello! How can I help you today?",
+    ),
+    "thanks": (["thanks", "thank you!", "great, thanks a lot", "cheers", "perfect, thank you"], "You are welcome!"),
+    "capabilities": (
+        ["what can you do?", "help", "which tools do you have?", "what are you able to do for me?"],
+        "I can check the weather, convert currencies, set timers, add calendar events, send "
+        "messages and search flights.",
+    ),
+    "out_of_scope": (
+        [
+            "order me a pizza",
+            "play some music",
+            "what is the meaning of life?",
+            "book a hotel in Rome",
+            "turn off the lights",
+            "write me a poem",
+        ],
+        "Sorry, I cannot do that. I can check the weather, convert currencies, set timers, add "
+        "calendar events, send messages and search flights.",
+    ),
 }
 
 
@@ -319,23 +536,35 @@ def _ambiguous(rng):
     if rng.random() < 0.5:  # "check Oslo tomorrow": the weather (0.6) or flights there (0.4)
         city, (when, date) = _pick(rng, [c for c in CITIES if c != HOME]), _date(rng)
         text = _pick(rng, ["check {c} {w}", "{c} {w}?", "what about {c} {w}", "look up {c} {w}"]).format(c=city, w=when)
-        call = (("get_weather", {"city": city, "date": date}) if rng.random() < 0.6 else
-                ("search_flights", {"origin": HOME, "destination": city, "date": date}))
+        call = (
+            ("get_weather", {"city": city, "date": date})
+            if rng.random() < 0.6
+            else ("search_flights", {"origin": HOME, "destination": city, "date": date})
+        )
         return "check_city", text, call, {city}
     contact, title, (when, date), (said, time) = _pick(rng, CONTACTS), _pick(rng, TITLES), _date(rng), _time(rng)
-    text = _pick(rng, ["{c}, {t} {w} at {h}", "{t} with {c} {w} at {h}",
-                       "note {t} {w} at {h} for {c}"]).format(c=contact, t=title, w=when, h=said)
-    call = (("create_event", {"title": title, "date": date, "time": time}) if rng.random() < 0.5 else
-            ("send_message", {"contact": contact, "text": f"{title} on {date} at {time}"}))
+    text = _pick(rng, ["{c}, {t} {w} at {h}", "{t} with {c} {w} at {h}", "note {t} {w} at {h} for {c}"]).format(
+        c=contact, t=title, w=when, h=said
+    )
+    call = (
+        ("create_event", {"title": title, "date": date, "time": time})
+        if rng.random() < 0.5
+        else ("send_message", {"contact": contact, "text": f"{title} on {date} at {time}"})
+    )
     return "event_or_message", text, call, {contact, *title.split()}
 
 
 def _tool_turns(name: str, args: dict) -> list[dict]:
     result = execute(name, args)
-    return [{"role": "assistant", "content": "",
-             "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]},
-            {"role": "tool", "name": name, "content": json.dumps(result)},
-            {"role": "assistant", "content": final_answer(name, args, result)}]
+    return [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}],
+        },
+        {"role": "tool", "name": name, "content": json.dumps(result)},
+        {"role": "assistant", "content": final_answer(name, args, result)},
+    ]
 
 
 def conversation(rng: np.random.Generator) -> dict:
@@ -345,16 +574,22 @@ def conversation(rng: np.random.Generator) -> dict:
         intent = _pick(rng, list(INTENTS))
         text, (name, args), protect = INTENTS[intent](rng)
         text = _typos(rng, text, protect)
-        return {"messages": [{"role": "user", "content": text}, *_tool_turns(name, args)],
-                "meta": {"kind": "tool", "intent": intent}}
+        return {
+            "messages": [{"role": "user", "content": text}, *_tool_turns(name, args)],
+            "meta": {"kind": "tool", "intent": intent},
+        }
     if u < 0.85:
         intent = _pick(rng, list(NO_TOOL))
         asks, reply = NO_TOOL[intent]
-        return {"messages": [{"role": "user", "content": _pick(rng, asks)}, {"role": "assistant", "content": reply}],
-                "meta": {"kind": "no_tool", "intent": intent}}
+        return {
+            "messages": [{"role": "user", "content": _pick(rng, asks)}, {"role": "assistant", "content": reply}],
+            "meta": {"kind": "no_tool", "intent": intent},
+        }
     intent, text, (name, args), protect = _ambiguous(rng)
-    return {"messages": [{"role": "user", "content": _typos(rng, text, protect)}, *_tool_turns(name, args)],
-            "meta": {"kind": "ambiguous", "intent": intent}}
+    return {
+        "messages": [{"role": "user", "content": _typos(rng, text, protect)}, *_tool_turns(name, args)],
+        "meta": {"kind": "ambiguous", "intent": intent},
+    }
 
 
 def generate_split(split: str, n: int, *, seed: int = 0) -> list[dict]:

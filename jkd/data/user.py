@@ -24,9 +24,7 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} must have shape [N, H, W] or [N, H, W, C] with C in (1, 3, 4); got {x.shape}."
-        )
+        raise ValueError(f"{what} must have shape [N, H, W] or [N, H, W, C] with C in (1, 3, 4); got {x.shape}.")
     if x.dtype == np.uint8:
         return x
     if np.issubdtype(x.dtype, np.floating):
@@ -65,8 +63,7 @@ def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "d
         x = _as_images(x, f"{source}: x_{split}")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(
-                f"{source}: y_{split} must be a 1-D array with one label per image ({len(x)}); "
-                f"got shape {y.shape}."
+                f"{source}: y_{split} must be a 1-D array with one label per image ({len(x)}); got shape {y.shape}."
             )
         if not np.issubdtype(y.dtype, np.integer):
             if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
@@ -85,8 +82,10 @@ def validate(arrays: Arrays, *, num_classes: int | None = None, source: str = "d
         if y.size and int(y.min()) < 0:
             first = int(np.argmax(y < 0))
             expected = f"0..{num_classes - 1}" if num_classes is not None else "0..K-1 (K classes)"
-            raise ValueError(f"{source}: y_{split} holds {int(np.sum(y < 0))} negative label(s) (the first, {int(y[first])}, "
-                             f"at index {first}); class labels must lie in {expected}.")
+            raise ValueError(
+                f"{source}: y_{split} holds {int(np.sum(y < 0))} negative label(s) (the first, {int(y[first])}, "
+                f"at index {first}); class labels must lie in {expected}."
+            )
     if num_classes is None:
         # Inferred: max + 1, and then every class must have training images (labels 1..10
         # would otherwise silently give an 11th class that is never seen).
@@ -130,11 +129,15 @@ def read_npz(path: os.PathLike | str) -> Arrays:
     try:
         f = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz file (numpy.savez/savez_compressed output with "
-                         f"{', '.join(NPZ_KEYS)}): {type(e).__name__}.") from e
+        raise ValueError(
+            f"{path} is not a readable .npz file (numpy.savez/savez_compressed output with "
+            f"{', '.join(NPZ_KEYS)}): {type(e).__name__}."
+        ) from e
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} holds a single array, not a .npz archive; save the splits with "
-                         f"numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...).")
+        raise ValueError(
+            f"{path} holds a single array, not a .npz archive; save the splits with "
+            f"numpy.savez(path, {'=..., '.join(NPZ_KEYS)}=...)."
+        )
     with f:
         missing = [k for k in NPZ_KEYS if k not in f.files]
         if missing:
@@ -147,8 +150,11 @@ def read_npz(path: os.PathLike | str) -> Arrays:
             try:
                 arrays[key] = f[key]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                kind = ("holds Python objects (dtype=object); jkd needs numeric arrays"
-                        if "pickle" in str(e) or "Object arrays" in str(e) else f"cannot be read ({e})")
+                kind = (
+                    "holds Python objects (dtype=object); jkd needs numeric arrays"
+                    if "pickle" in str(e) or "Object arrays" in str(e)
+                    else f"cannot be read ({e})"
+                )
                 raise ValueError(f"{path}: {key} {kind}: images as uint8 or float, labels as integers.") from e
         return {"train": (arrays["x_train"], arrays["y_train"]), "test": (arrays["x_test"], arrays["y_test"])}
 
@@ -158,9 +164,7 @@ def _read_class_folders(root: Path) -> tuple[list[np.ndarray], list[int], list[s
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
-        raise ValueError(
-            f"{root} must hold one sub-folder per class (at least 2); found {classes or 'none'}."
-        )
+        raise ValueError(f"{root} must hold one sub-folder per class (at least 2); found {classes or 'none'}.")
     images, labels, names = [], [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -174,8 +178,9 @@ def _read_class_folders(root: Path) -> tuple[list[np.ndarray], list[int], list[s
                 with Image.open(p) as im:
                     images.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")))
             except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified, truncated, broken
-                raise ValueError(f"cannot read the image {p} ({type(e).__name__}: {e}); fix or remove "
-                                 "that file.") from e
+                raise ValueError(
+                    f"cannot read the image {p} ({type(e).__name__}: {e}); fix or remove that file."
+                ) from e
             labels.append(label)
             names.append(str(p))
     return images, labels, classes, names
@@ -214,9 +219,16 @@ def read_image_folder(path: os.PathLike | str) -> tuple[Arrays, list[str]]:
             rank[idx] = np.arange(len(idx))
         is_test = rank % 5 == 4
         lists = {
-            "train": ([im for im, t in zip(images, is_test) if not t], labels[~is_test],
-                      [f for f, t in zip(files, is_test) if not t]),
-            "test": ([im for im, t in zip(images, is_test) if t], labels[is_test], [f for f, t in zip(files, is_test) if t]),
+            "train": (
+                [im for im, t in zip(images, is_test) if not t],
+                labels[~is_test],
+                [f for f, t in zip(files, is_test) if not t],
+            ),
+            "test": (
+                [im for im, t in zip(images, is_test) if t],
+                labels[is_test],
+                [f for f, t in zip(files, is_test) if t],
+            ),
         }
     arrays = {}
     for split, (images, labels, files) in lists.items():

@@ -32,7 +32,8 @@ def shared_vocabulary(teacher: Tokenizer, student: Tokenizer, *, teacher_rows: i
     for who, rows, n in (("teacher", teacher_rows, nt), ("student", student_rows, ns)):
         if rows < n:
             raise VocabularyMismatchError(
-                f"the {who} model has {rows} vocabulary rows but its tokenizer has {n} tokens")
+                f"the {who} model has {rows} vocabulary rows but its tokenizer has {n} tokens"
+            )
     tv = {i: tok for tok, i in teacher.backend.get_vocab(with_added_tokens=True).items()}
     sv = {i: tok for tok, i in student.backend.get_vocab(with_added_tokens=True).items()}
     for i in range(max(nt, ns)):
@@ -42,11 +43,13 @@ def shared_vocabulary(teacher: Tokenizer, student: Tokenizer, *, teacher_rows: i
                 f"rows), student {ns} tokens ({student_rows} model rows); first difference at id {i}: teacher "
                 f"{tv.get(i)!r}, student {sv.get(i)!r}. Token-level losses need one tokenizer for both; across "
                 "tokenizers choose a cross-tokenizer loss (jkd lm distill --cross-tokenizer uld|hybrid; "
-                "jkd.train.lm_cross.CrossTokenizerKD from Python) or give a student of the teacher's tokenizer")
+                "jkd.train.lm_cross.CrossTokenizerKD from Python) or give a student of the teacher's tokenizer"
+            )
     return nt
 
 
 def same_tokens(a: Tokenizer, b: Tokenizer) -> bool:
     """Whether two tokenizers give every id the same token (one vocabulary)."""
-    return (a.vocab_size == b.vocab_size
-            and a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True))
+    return a.vocab_size == b.vocab_size and a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(
+        with_added_tokens=True
+    )

@@ -86,8 +86,9 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, num_bins: 
     return float(ece)
 
 
-def classification_report(logits: np.ndarray, labels: np.ndarray, num_classes: int,
-                          teacher_logits: np.ndarray | None = None) -> dict[str, object]:
+def classification_report(
+    logits: np.ndarray, labels: np.ndarray, num_classes: int, teacher_logits: np.ndarray | None = None
+) -> dict[str, object]:
     """Everything ``metrics.json`` records about one model's predictions on one split."""
     probs = softmax(logits)
     labels = np.asarray(labels)

@@ -23,8 +23,12 @@ def curves(histories: dict[str, list[dict]], path: Path, *, held_out: str = "tes
     ``train_accuracy``, ``held_out_loss``, ``held_out_accuracy``; ``held_out`` names the split
     those were measured on ("validation" or "test"). Panels with no data are left out.
     """
-    panels = [("train_loss", "train loss"), ("held_out_loss", f"{held_out} loss"),
-              ("train_accuracy", "train accuracy"), ("held_out_accuracy", f"{held_out} accuracy")]
+    panels = [
+        ("train_loss", "train loss"),
+        ("held_out_loss", f"{held_out} loss"),
+        ("train_accuracy", "train accuracy"),
+        ("held_out_accuracy", f"{held_out} accuracy"),
+    ]
     panels = [p for p in panels if any(p[0] in r for recs in histories.values() for r in recs)] or panels[:1]
     rows = 2 if len(panels) > 2 else 1
     cols = 2 if len(panels) > 1 else 1
@@ -60,7 +64,7 @@ def loss_panels(panels: dict[str, dict[str, list[tuple[float, float]]]], path: P
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -72,8 +76,7 @@ def confusion(cm: np.ndarray, path: Path, title: str) -> None:
     ax.imshow(cm, cmap="Blues")
     if cm.shape[0] <= 20:
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > cm.max() / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -97,18 +100,32 @@ def roc(logits: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def accuracy_vs_size(entries: list[dict], path: Path, *, key: str = "test_accuracy",
-                     label: str = "test accuracy (%)") -> None:
+def accuracy_vs_size(
+    entries: list[dict], path: Path, *, key: str = "test_accuracy", label: str = "test accuracy (%)"
+) -> None:
     """Bars of a mean metric in [0, 1] (+- std over seeds, in %) per model, annotated with parameters."""
     names = [e["name"] for e in entries]
     means = [100 * e[f"{key}_mean"] for e in entries]
     stds = [100 * e[f"{key}_std"] for e in entries]
     fig, ax = _subplots(figsize=(max(6, 1.3 * len(entries)), 4.5))
-    bars = ax.bar(range(len(entries)), means, yerr=stds, capsize=4,
-                  color=["#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries])
+    bars = ax.bar(
+        range(len(entries)),
+        means,
+        yerr=stds,
+        capsize=4,
+        color=[
+            "#555" if e["role"] == "teacher" else "#999" if e["role"] == "student_alone" else "#3a7" for e in entries
+        ],
+    )
     for b, e, sd in zip(bars, entries, stds):
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height() + sd + 0.05, f"{e['params'] / 1e6:.2f}M",
-                ha="center", va="bottom", fontsize=8)
+        ax.text(
+            b.get_x() + b.get_width() / 2,
+            b.get_height() + sd + 0.05,
+            f"{e['params'] / 1e6:.2f}M",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(range(len(entries)), names, rotation=20, ha="right", fontsize=8)
     lo = min(means) - 3 * max(max(stds), 0.5)
     ax.set_ylim(max(0.0, lo), min(100.0, max(means) + 3))
@@ -118,15 +135,15 @@ def accuracy_vs_size(entries: list[dict], path: Path, *, key: str = "test_accura
     fig.savefig(path, dpi=110)
 
 
-def heatmap(values: np.ndarray, rows: list[str], cols: list[str], path: Path, *, title: str,
-            row_label: str, col_label: str) -> None:
+def heatmap(
+    values: np.ndarray, rows: list[str], cols: list[str], path: Path, *, title: str, row_label: str, col_label: str
+) -> None:
     """A grid of values (e.g. test accuracy in %) with each cell annotated."""
     values = np.asarray(values, np.float64)
     fig, ax = _subplots(figsize=(1.2 * len(cols) + 2.5, 0.8 * len(rows) + 2))
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     for (i, j), v in np.ndenumerate(values):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if v < values.mean() else "black")
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < values.mean() else "black")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(col_label)

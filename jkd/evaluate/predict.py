@@ -13,8 +13,9 @@ import numpy as np
 from jkd.data import pipeline as P
 
 
-def predict(fn: Callable[[dict], object], source, *, batch_size: int,
-            split: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    fn: Callable[[dict], object], source, *, batch_size: int, split: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """``(logits [..., N, C], labels [N])`` of ``fn`` on every example of ``source``.
 
     Args:

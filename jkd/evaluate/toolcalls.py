@@ -31,8 +31,10 @@ from jkd.agents.formats import FORMATS, HERMES, ParsedTurn, ToolFormat, message_
 from jkd.agents.tasks import call_matches, same_value
 from jkd.agents.tools import result_values
 
-FINAL_ANSWER_RULE = ("a final answer is correct when it calls no tool, is not empty, and states every value of the "
-                     "tool's result that the reference answer states")
+FINAL_ANSWER_RULE = (
+    "a final answer is correct when it calls no tool, is not empty, and states every value of the "
+    "tool's result that the reference answer states"
+)
 
 
 def _result_values(context: Sequence[dict]) -> list[str] | None:
@@ -55,8 +57,9 @@ def _ratio(num: float, den: float) -> float | None:
     return None if den == 0 else num / den
 
 
-def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat = HERMES,
-                 special_tokens: Sequence[str] = ()) -> dict[str, float | None]:
+def tool_metrics(
+    turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat = HERMES, special_tokens: Sequence[str] = ()
+) -> dict[str, float | None]:
     """Metrics of the module docstring over ``(reference message, context messages, generated text)``
     triples, the texts read by ``fmt`` (:meth:`ToolFormat.read`); a metric whose denominator is empty is
     ``None``."""
@@ -109,7 +112,9 @@ def tool_metrics(turns: Sequence[tuple[dict, list[dict], str]], fmt: ToolFormat 
         "tool_call_recall": _ratio(correct_ref, ref_total),
         "final_answer_correct": _ratio(final_ok, final_turns),
         "no_tool_accuracy": _ratio(no_tool_ok, no_tool_turns),
-        "turns": len(turns), "tool_call_turns": n_call_turns, "final_answer_turns": final_turns,
+        "turns": len(turns),
+        "tool_call_turns": n_call_turns,
+        "final_answer_turns": final_turns,
         "tool_call_attempts": attempts,
         **({f"turns_read_as_{name}": n for name, n in others.items() if n} if not attempts else {}),
     }
@@ -120,12 +125,16 @@ def format_warning(metrics: dict, fmt: ToolFormat, model: str) -> str | None:
     parsed, or it began none while its turns read as calls in another format."""
     attempts, calls = metrics.get("tool_call_attempts") or 0, metrics.get("tool_call_turns") or 0
     if attempts and not metrics.get("tool_call_parse_rate"):
-        return (f"{model}: none of the tool calls it began could be parsed in the {fmt.name} format, so every call "
-                "metric is 0: it has not learned to write them, or writes them another way (then name that format "
-                "with --tool-format)")
-    elsewhere = {k[len("turns_read_as_"):]: v for k, v in metrics.items() if k.startswith("turns_read_as_") and v}
+        return (
+            f"{model}: none of the tool calls it began could be parsed in the {fmt.name} format, so every call "
+            "metric is 0: it has not learned to write them, or writes them another way (then name that format "
+            "with --tool-format)"
+        )
+    elsewhere = {k[len("turns_read_as_") :]: v for k, v in metrics.items() if k.startswith("turns_read_as_") and v}
     if calls and not attempts and elsewhere:
         name, n = max(elsewhere.items(), key=lambda kv: kv[1])
-        return (f"{model}: it began no tool call in the {fmt.name} format on {calls} turns that needed one, but "
-                f"{n:g} of its turns read as calls in the {name} format; name that format with --tool-format {name}")
+        return (
+            f"{model}: it began no tool call in the {fmt.name} format on {calls} turns that needed one, but "
+            f"{n:g} of its turns read as calls in the {name} format; name that format with --tool-format {name}"
+        )
     return None

@@ -9,10 +9,20 @@ from jkd.train.checkpoint import Checkpoints
 from jkd.train.loop import LoopConfig, fit
 
 
-def train_group(folder: RunFolder, name: str, run: Callable, state, objective, teacher, *,
-                batches: Callable[[int], Iterator[dict]], config: LoopConfig,
-                evaluate: Callable[[object], dict] | None = None,
-                annotate: Callable[[dict], dict] | None = None, echo: Callable[[str], None] = print):
+def train_group(
+    folder: RunFolder,
+    name: str,
+    run: Callable,
+    state,
+    objective,
+    teacher,
+    *,
+    batches: Callable[[int], Iterator[dict]],
+    config: LoopConfig,
+    evaluate: Callable[[object], dict] | None = None,
+    annotate: Callable[[dict], dict] | None = None,
+    echo: Callable[[str], None] = print,
+):
     """Train ``state`` with ``run`` (:mod:`jkd.train.parallel`) for ``config.num_steps`` steps as
     the group ``name`` of ``folder``, and return the final state.
 
@@ -21,6 +31,7 @@ def train_group(folder: RunFolder, name: str, run: Callable, state, objective, t
     console says from which step). Every record of :func:`jkd.train.loop.fit` (``annotate``\\ d,
     e.g. with the epoch) goes to the folder's log under ``name``.
     """
+
     def log(record: dict) -> None:
         record = annotate(record) if annotate is not None else record
         folder.log(name, record)
@@ -30,8 +41,17 @@ def train_group(folder: RunFolder, name: str, run: Callable, state, objective, t
     folder.mark_started()
     checkpoints = Checkpoints(folder.path / slug(name) / "ckpt")
     try:
-        state, _ = fit(run, state, objective, teacher, batches=batches, checkpoints=checkpoints,
-                       evaluate=evaluate, log=log, config=config)
+        state, _ = fit(
+            run,
+            state,
+            objective,
+            teacher,
+            batches=batches,
+            checkpoints=checkpoints,
+            evaluate=evaluate,
+            log=log,
+            config=config,
+        )
     finally:
         checkpoints.close()
     return state

@@ -60,8 +60,15 @@ from jkd.train import AdamWConfig, create_train_state, freeze_model, make_optimi
 from jkd.train.state import split_model
 from jkd.train.lm_cross import CrossTokenizerKD, cross_tokenizer_step, store_span_teacher
 from jkd.train.lm_sequence import teacher_answers
-from jkd.train.lm_steps import (OnPolicyKD, StoredTopKKD, TokenKD, in_compute_dtype, on_policy_step, stored_topk_step,
-                                token_kd_step)
+from jkd.train.lm_steps import (
+    OnPolicyKD,
+    StoredTopKKD,
+    TokenKD,
+    in_compute_dtype,
+    on_policy_step,
+    stored_topk_step,
+    token_kd_step,
+)
 from jkd.train.loop import LoopConfig
 from jkd.train import memory_plan as MP
 from jkd.train.stored import INDICES, VALUES, StoredTopK, store_sequence_topk, teacher_identity, with_teacher_targets
@@ -103,11 +110,11 @@ class LMDistillation:
     objective: TokenKD | OnPolicyKD | StoredTopKKD | CrossTokenizerKD
     teacher_answers: bool = False
     through_tools: bool | None = None  # on-policy: the student's own trajectories through the tools, many turns
-                                       # (None: no; new fields default to None so earlier run folders resume)
-    all_labels: bool | None = None     # train on every labelled conversation (the teacher's), not the students'
-                                       # subset: what more labels alone give
-    quantize: str | None = None        # q8_0 / q4_0: trained with its weights as that GGUF type holds them (QAT),
-                                       # measured so
+    # (None: no; new fields default to None so earlier run folders resume)
+    all_labels: bool | None = None  # train on every labelled conversation (the teacher's), not the students'
+    # subset: what more labels alone give
+    quantize: str | None = None  # q8_0 / q4_0: trained with its weights as that GGUF type holds them (QAT),
+    # measured so
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,90 +136,110 @@ class LMStudent:
     teacher_layers: tuple[int, ...] | None = None
     from_dir: str | None = None
     width: tuple[int | None, int | None] | None = None  # with teacher_layers: (MLP channels, key/value heads)
-                                                        # kept per layer, by activation importance (Minitron)
+    # kept per layer, by activation importance (Minitron)
 
     def __post_init__(self):
         if sum(x is not None for x in (self.config, self.teacher_layers, self.from_dir)) != 1:
             raise ValueError(f"LMStudent {self.name!r}: give one of config, teacher_layers or from_dir")
         if self.width is not None and self.teacher_layers is None:
-            raise ValueError(f"LMStudent {self.name!r}: width pruning applies to a student cut from the teacher "
-                             "(teacher_layers, --student layers=...)")
+            raise ValueError(
+                f"LMStudent {self.name!r}: width pruning applies to a student cut from the teacher "
+                "(teacher_layers, --student layers=...)"
+            )
 
     def cut_config(self, teacher: DecoderConfig) -> DecoderConfig:
         """The architecture of a student cut from ``teacher`` (its layers, then its width)."""
         mlp, kv = self.width or (None, None)
-        return narrower_config(dataclasses.replace(teacher, num_layers=len(self.teacher_layers)),
-                               intermediate_size=mlp, num_kv_heads=kv)
+        return narrower_config(
+            dataclasses.replace(teacher, num_layers=len(self.teacher_layers)), intermediate_size=mlp, num_kv_heads=kv
+        )
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the dtype and teacher_dtype settings
-ATTENTION = {"blocked": BlockedAttention(), "cudnn": FusedAttention("cudnn"), "xla": FusedAttention("xla"),
-             "splash": SplashAttention()}
+ATTENTION = {
+    "blocked": BlockedAttention(),
+    "cudnn": FusedAttention("cudnn"),
+    "xla": FusedAttention("xla"),
+    "splash": SplashAttention(),
+}
 
 
 def _decoder(vocab: int, hidden: int, layers: int, heads: int = 4, kv_heads: int = 2, mlp: int = 3) -> DecoderConfig:
-    return DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp * hidden, num_layers=layers,
-                         num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=256, tie_embeddings=True)
+    return DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_embeddings=True,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class LMExperimentConfig:
-    train_file: str | None = None            # labelled conversations (.jsonl); None: the embedded ones
-    test_file: str | None = None             # held-out conversations (.jsonl), needed with train_file
-    unlabelled_file: str | None = None       # requests without answers (.jsonl), optional
-    data_seed: int = 0                       # the embedded generator's seed
+    train_file: str | None = None  # labelled conversations (.jsonl); None: the embedded ones
+    test_file: str | None = None  # held-out conversations (.jsonl), needed with train_file
+    unlabelled_file: str | None = None  # requests without answers (.jsonl), optional
+    data_seed: int = 0  # the embedded generator's seed
     data_sizes: tuple[tuple[str, int], ...] = ()  # embedded split sizes overriding toolchat.SPLITS
-    teacher_dir: str | None = None           # a Hugging Face teacher folder (skip teacher training)
+    teacher_dir: str | None = None  # a Hugging Face teacher folder (skip teacher training)
     teacher: DecoderConfig = _decoder(1024, 128, 4)
     students: tuple[LMStudent, ...] = (LMStudent("student 64x2", _decoder(1024, 64, 2)),)
-    vocab_size: int = 1024                   # the BPE trained on the embedded data
-    max_length: int = 128                    # tokens per training sequence (the truncation rule: jkd.data.conversations)
-    batch_size: int = 16                     # rows per step (of max_length, or of pack_length when packing)
-    pack_length: int | None = None           # pack whole conversations into rows of this many tokens (None: one per row)
+    vocab_size: int = 1024  # the BPE trained on the embedded data
+    max_length: int = 128  # tokens per training sequence (the truncation rule: jkd.data.conversations)
+    batch_size: int = 16  # rows per step (of max_length, or of pack_length when packing)
+    pack_length: int | None = None  # pack whole conversations into rows of this many tokens (None: one per row)
     teacher_steps: int = 1000
     student_steps: int = 150
     teacher_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
     student_optimizer: AdamWConfig = AdamWConfig(learning_rate=3e-3, weight_decay=0.0, warmup_epochs=0.1)
-    labelled_subset: int | None = 300        # labelled conversations the students see (None: all)
-    unlabelled_limit: int | None = None      # unlabelled requests used (None: all)
-    test_limit: int | None = None            # test conversations measured (None: all)
+    labelled_subset: int | None = 300  # labelled conversations the students see (None: all)
+    unlabelled_limit: int | None = None  # unlabelled requests used (None: all)
+    test_limit: int | None = None  # test conversations measured (None: all)
     seeds: tuple[int, ...] = (0, 1, 2)
     include_baseline: bool = True
     distillations: tuple[LMDistillation, ...] = ()
     max_new_tokens: int = 64
-    answer_temperature: float = 0.0          # the teacher's answers: 0 greedy
+    answer_temperature: float = 0.0  # the teacher's answers: 0 greedy
     title: str = "language-model distillation"
-    devices: int | None = None               # jit over a mesh of this many devices (data parallel); None: one device
-    mesh: tuple[int, int] | None = None      # (data, model): the decoders' matrices split over model (tensor
-                                             # parallel) and data (fully sharded), the batch over data
-    micro_batches: int | None = None         # token-KD steps in this many rounds of gradient accumulation (None: 1)
-    remat: bool | None = None                # recompute each decoder block in the backward pass (less memory)
-    dtype: str | None = None                 # bfloat16: the passes of training in bfloat16, float32 master weights
-                                             # and optimizer state (None: float32)
-    teacher_dtype: str | None = None         # bfloat16 or float32: the teacher's weights and passes (None: float32)
-    memory_limit_gib: float | None = None    # refuse a run whose planned peak per device is above this (None: the
-                                             # device's memory where JAX reports it)
-    attention: str | None = None             # blocked (jkd's XLA attention), cudnn (cuDNN's flash attention, GPUs,
-                                             # bfloat16), splash (Pallas, TPUs) or xla (jax.nn.dot_product_attention's);
-                                             # None: cudnn on a GPU in bfloat16, splash on one TPU, else blocked
-    tools_file: str | None = None            # a .py module of plain functions the agent loop runs (jkd.agents.tools);
-                                             # None: the simulated tools with the embedded data, else no tools
-    tool_timeout_s: float | None = None      # a tool call running longer is stopped and reported (None: 30 s)
-    max_turns: int = 3                       # measured tasks: the most assistant turns in the loop
-    pass_k: int = 0                          # measured tasks: sampled trials per task for pass^k (0: greedy only)
-    pass_temperature: float = 1.0            # the temperature of those trials
-    tool_format: str | None = None           # how the models write tool calls: hermes, llama3_json, mistral or json
-                                             # (None: read off the chat template, jkd.agents.formats.detect_format)
-    ptq: str | None = None                   # q8_0 / q4_0: each student also measured with its weights quantized
-                                             # after training, as that GGUF type holds them (a row of its own)
+    devices: int | None = None  # jit over a mesh of this many devices (data parallel); None: one device
+    mesh: tuple[int, int] | None = None  # (data, model): the decoders' matrices split over model (tensor
+    # parallel) and data (fully sharded), the batch over data
+    micro_batches: int | None = None  # token-KD steps in this many rounds of gradient accumulation (None: 1)
+    remat: bool | None = None  # recompute each decoder block in the backward pass (less memory)
+    dtype: str | None = None  # bfloat16: the passes of training in bfloat16, float32 master weights
+    # and optimizer state (None: float32)
+    teacher_dtype: str | None = None  # bfloat16 or float32: the teacher's weights and passes (None: float32)
+    memory_limit_gib: float | None = None  # refuse a run whose planned peak per device is above this (None: the
+    # device's memory where JAX reports it)
+    attention: str | None = None  # blocked (jkd's XLA attention), cudnn (cuDNN's flash attention, GPUs,
+    # bfloat16), splash (Pallas, TPUs) or xla (jax.nn.dot_product_attention's);
+    # None: cudnn on a GPU in bfloat16, splash on one TPU, else blocked
+    tools_file: str | None = None  # a .py module of plain functions the agent loop runs (jkd.agents.tools);
+    # None: the simulated tools with the embedded data, else no tools
+    tool_timeout_s: float | None = None  # a tool call running longer is stopped and reported (None: 30 s)
+    max_turns: int = 3  # measured tasks: the most assistant turns in the loop
+    pass_k: int = 0  # measured tasks: sampled trials per task for pass^k (0: greedy only)
+    pass_temperature: float = 1.0  # the temperature of those trials
+    tool_format: str | None = None  # how the models write tool calls: hermes, llama3_json, mistral or json
+    # (None: read off the chat template, jkd.agents.formats.detect_format)
+    ptq: str | None = None  # q8_0 / q4_0: each student also measured with its weights quantized
+    # after training, as that GGUF type holds them (a row of its own)
 
     def validate(self) -> None:
         for field in ("max_length", "batch_size", "teacher_steps", "student_steps", "max_new_tokens", "vocab_size"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1; got {getattr(self, field)}.")
-        if not (isinstance(self.answer_temperature, (int, float)) and math.isfinite(self.answer_temperature)
-                and self.answer_temperature >= 0):
-            raise ValueError(f"answer_temperature must be a finite number >= 0 (0: greedy); got {self.answer_temperature!r}.")
+        if not (
+            isinstance(self.answer_temperature, (int, float))
+            and math.isfinite(self.answer_temperature)
+            and self.answer_temperature >= 0
+        ):
+            raise ValueError(
+                f"answer_temperature must be a finite number >= 0 (0: greedy); got {self.answer_temperature!r}."
+            )
         if self.teacher_dir is not None and not Path(self.teacher_dir).is_dir():
             raise missing_folder(self.teacher_dir, what="the teacher (--teacher)")
         for s in self.students:
@@ -223,73 +250,117 @@ class LMExperimentConfig:
         names = [d.name for d in self.distillations] + [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student and distillation names must be distinct; got {names}.")
-        for quant, where in ((self.ptq, "ptq (--ptq)"),
-                             *((d.quantize, f"{d.name}: quantize") for d in self.distillations)):
+        for quant, where in (
+            (self.ptq, "ptq (--ptq)"),
+            *((d.quantize, f"{d.name}: quantize") for d in self.distillations),
+        ):
             if quant is not None and quant not in ("q8_0", "q4_0"):
                 raise ValueError(f"{where} must be q8_0 or q4_0 (llama.cpp's block types); got {quant!r}.")
         for d in self.distillations:
             if not isinstance(d.objective, (TokenKD, OnPolicyKD, StoredTopKKD, CrossTokenizerKD)):
-                raise TypeError(f"{d.name}: objective must be TokenKD, OnPolicyKD, StoredTopKKD or CrossTokenizerKD; "
-                                f"got {type(d.objective).__name__}.")
+                raise TypeError(
+                    f"{d.name}: objective must be TokenKD, OnPolicyKD, StoredTopKKD or CrossTokenizerKD; "
+                    f"got {type(d.objective).__name__}."
+                )
             if isinstance(d.objective, CrossTokenizerKD) and (self.pack_length is not None or d.quantize):
-                raise ValueError(f"{d.name}: cross-tokenizer distillation runs one conversation per row, in float: "
-                                 "it does not combine with packed rows (pack_length, --pack-length) or quantize.")
+                raise ValueError(
+                    f"{d.name}: cross-tokenizer distillation runs one conversation per row, in float: "
+                    "it does not combine with packed rows (pack_length, --pack-length) or quantize."
+                )
             if d.all_labels and isinstance(d.objective, StoredTopKKD):
-                raise ValueError(f"{d.name}: stored top-k outputs are kept for the students' labelled subset; "
-                                 "all_labels trains on every labelled conversation.")
+                raise ValueError(
+                    f"{d.name}: stored top-k outputs are kept for the students' labelled subset; "
+                    "all_labels trains on every labelled conversation."
+                )
             if d.through_tools and not isinstance(d.objective, OnPolicyKD):
-                raise ValueError(f"{d.name}: through_tools samples the student's trajectories: it needs an OnPolicyKD "
-                                 f"objective; got {type(d.objective).__name__}.")
+                raise ValueError(
+                    f"{d.name}: through_tools samples the student's trajectories: it needs an OnPolicyKD "
+                    f"objective; got {type(d.objective).__name__}."
+                )
             if isinstance(d.objective, StoredTopKKD) and (d.teacher_answers or self.pack_length is not None):
-                raise ValueError(f"{d.name}: stored top-k outputs are kept per labelled conversation, one per row: "
-                                 "they do not combine with packed rows (pack_length, --pack-length) or the "
-                                 "teacher's answers (sequence mode).")
+                raise ValueError(
+                    f"{d.name}: stored top-k outputs are kept per labelled conversation, one per row: "
+                    "they do not combine with packed rows (pack_length, --pack-length) or the "
+                    "teacher's answers (sequence mode)."
+                )
         if not self.students:
             raise ValueError("students must name at least one student.")
         if self.train_file is not None and self.test_file is None:
-            raise ValueError("test_file (--test) is needed with train_file (--data): the metrics are measured "
-                             "on held-out conversations.")
+            raise ValueError(
+                "test_file (--test) is needed with train_file (--data): the metrics are measured "
+                "on held-out conversations."
+            )
         if self.pack_length is not None and self.pack_length < self.max_length:
-            raise ValueError(f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
-                             f"({self.max_length}) tokens.")
+            raise ValueError(
+                f"pack_length ({self.pack_length}) must hold a whole conversation of max_length "
+                f"({self.max_length}) tokens."
+            )
         self._check_devices()
-        if self.memory_limit_gib is not None and not (isinstance(self.memory_limit_gib, (int, float))
-                                                      and math.isfinite(self.memory_limit_gib) and self.memory_limit_gib > 0):
-            raise ValueError(f"memory_limit_gib (--memory-limit-gib) must be a number > 0; got {self.memory_limit_gib!r}.")
+        if self.memory_limit_gib is not None and not (
+            isinstance(self.memory_limit_gib, (int, float))
+            and math.isfinite(self.memory_limit_gib)
+            and self.memory_limit_gib > 0
+        ):
+            raise ValueError(
+                f"memory_limit_gib (--memory-limit-gib) must be a number > 0; got {self.memory_limit_gib!r}."
+            )
         if self.tool_format is not None:
             by_name(self.tool_format)  # an unknown name is refused with the known ones
         if self.tools_file is not None and not Path(self.tools_file).is_file():
-            raise FileNotFoundError(f"{self.tools_file}: no such tools module (--tools takes a .py file of plain "
-                                    "functions with type hints and docstrings)")
+            raise FileNotFoundError(
+                f"{self.tools_file}: no such tools module (--tools takes a .py file of plain "
+                "functions with type hints and docstrings)"
+            )
         for field in ("max_turns", "pass_k"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if field == "max_turns" else 0):
-                raise ValueError(f"{field} (--{field.replace('_', '-')}) must be a whole number >= "
-                                 f"{1 if field == 'max_turns' else 0}; got {value!r}.")
-        if not (isinstance(self.pass_temperature, (int, float)) and math.isfinite(self.pass_temperature)
-                and self.pass_temperature > 0):
-            raise ValueError(f"pass_temperature (--pass-temperature) must be a number > 0; got {self.pass_temperature!r}.")
-        if self.tool_timeout_s is not None and not (isinstance(self.tool_timeout_s, (int, float))
-                                                    and math.isfinite(self.tool_timeout_s) and self.tool_timeout_s > 0):
-            raise ValueError(f"tool_timeout_s (--tool-timeout) must be a number of seconds > 0; got {self.tool_timeout_s!r}.")
+                raise ValueError(
+                    f"{field} (--{field.replace('_', '-')}) must be a whole number >= "
+                    f"{1 if field == 'max_turns' else 0}; got {value!r}."
+                )
+        if not (
+            isinstance(self.pass_temperature, (int, float))
+            and math.isfinite(self.pass_temperature)
+            and self.pass_temperature > 0
+        ):
+            raise ValueError(
+                f"pass_temperature (--pass-temperature) must be a number > 0; got {self.pass_temperature!r}."
+            )
+        if self.tool_timeout_s is not None and not (
+            isinstance(self.tool_timeout_s, (int, float))
+            and math.isfinite(self.tool_timeout_s)
+            and self.tool_timeout_s > 0
+        ):
+            raise ValueError(
+                f"tool_timeout_s (--tool-timeout) must be a number of seconds > 0; got {self.tool_timeout_s!r}."
+            )
         if self.attention not in (None, *ATTENTION):
             raise ValueError(f"attention (--attention) must be one of {', '.join(ATTENTION)}; got {self.attention!r}.")
         for field in ("dtype", "teacher_dtype"):
             if getattr(self, field) not in (None, *DTYPES):
-                raise ValueError(f"{field} (--{field.replace('_', '-')}) must be one of {', '.join(DTYPES)}; got "
-                                 f"{getattr(self, field)!r}.")
+                raise ValueError(
+                    f"{field} (--{field.replace('_', '-')}) must be one of {', '.join(DTYPES)}; got "
+                    f"{getattr(self, field)!r}."
+                )
         if self.micro_batches is not None:
-            if not isinstance(self.micro_batches, int) or self.micro_batches < 1 or self.batch_size % self.micro_batches:
-                raise ValueError(f"micro_batches (--micro-batches) must be a whole number >= 1 that divides batch_size "
-                                 f"({self.batch_size}); got {self.micro_batches!r}.")
+            if (
+                not isinstance(self.micro_batches, int)
+                or self.micro_batches < 1
+                or self.batch_size % self.micro_batches
+            ):
+                raise ValueError(
+                    f"micro_batches (--micro-batches) must be a whole number >= 1 that divides batch_size "
+                    f"({self.batch_size}); got {self.micro_batches!r}."
+                )
             others = [d.name for d in self.distillations if not isinstance(d.objective, TokenKD)]
             if self.micro_batches > 1 and others:
-                raise ValueError(f"micro_batches (--micro-batches) applies to token-KD steps; {', '.join(others)} "
-                                 "run whole batches.")
+                raise ValueError(
+                    f"micro_batches (--micro-batches) applies to token-KD steps; {', '.join(others)} run whole batches."
+                )
         if self.labelled_subset is not None and self.labelled_subset < self.batch_size:
-            raise ValueError(f"labelled_subset ({self.labelled_subset}) must hold at least one batch "
-                             f"({self.batch_size}).")
-
+            raise ValueError(
+                f"labelled_subset ({self.labelled_subset}) must hold at least one batch ({self.batch_size})."
+            )
 
     @property
     def tool_timeout(self) -> float:
@@ -304,31 +375,40 @@ class LMExperimentConfig:
 
     def _check_devices(self) -> None:
         if self.mesh is not None:
-            if (len(self.mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                               for n in self.mesh)):
+            if len(self.mesh) != 2 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.mesh
+            ):
                 raise ValueError(f"mesh (--mesh) must be data=D,model=M with D, M >= 1; got {self.mesh!r}.")
             if self.devices is not None and self.devices != self.mesh[0] * self.mesh[1]:
-                raise ValueError(f"devices={self.devices} (--devices) but the mesh data={self.mesh[0]},model="
-                                 f"{self.mesh[1]} has {self.mesh[0] * self.mesh[1]}; give one of them.")
+                raise ValueError(
+                    f"devices={self.devices} (--devices) but the mesh data={self.mesh[0]},model="
+                    f"{self.mesh[1]} has {self.mesh[0] * self.mesh[1]}; give one of them."
+                )
         shape = self.mesh_shape()
         if jax.process_count() > 1:  # a run of several processes takes one mesh over all their devices
             if shape is not None and shape[0] * shape[1] != jax.device_count():
-                raise ValueError(f"a run over {jax.process_count()} processes uses all {jax.device_count()} devices of "
-                                 f"its hosts; the mesh data={shape[0]},model={shape[1]} has {shape[0] * shape[1]}.")
+                raise ValueError(
+                    f"a run over {jax.process_count()} processes uses all {jax.device_count()} devices of "
+                    f"its hosts; the mesh data={shape[0]},model={shape[1]} has {shape[0] * shape[1]}."
+                )
             shape = shape or (jax.device_count(), 1)
         if shape is None:
             return
         available = jax.device_count()
         if not 1 <= shape[0] * shape[1] <= available:
-            raise ValueError(f"the mesh data={shape[0]},model={shape[1]} needs {shape[0] * shape[1]} devices; this "
-                             f"machine has {available}.")
+            raise ValueError(
+                f"the mesh data={shape[0]},model={shape[1]} needs {shape[0] * shape[1]} devices; this "
+                f"machine has {available}."
+            )
         rows = {self.batch_size}
         if any(isinstance(d.objective, OnPolicyKD) for d in self.distillations) and self.pack_length is not None:
             rows.add(max(self.batch_size * self.pack_length // self.max_length, 1))  # on-policy rows under packing
         for n in sorted(rows):
             if n % shape[0]:
-                raise ValueError(f"batch_size (--batch-size) {self.batch_size} gives steps of {n} rows, which do not "
-                                 f"split over the mesh's {shape[0]} data shards; choose a batch size that does.")
+                raise ValueError(
+                    f"batch_size (--batch-size) {self.batch_size} gives steps of {n} rows, which do not "
+                    f"split over the mesh's {shape[0]} data shards; choose a batch size that does."
+                )
 
 
 def demo_config() -> LMExperimentConfig:
@@ -339,7 +419,10 @@ def demo_config() -> LMExperimentConfig:
     (the control), on all 3,000 labels (what more labels give), and distilled three ways; 3 seeds."""
     return LMExperimentConfig(
         title="jkd lm demo: distilling a tool-using model on the embedded conversations",
-        students=(LMStudent("student 2 layers", teacher_layers=(0, 3)), LMStudent("student 1 layer", teacher_layers=(0,))),
+        students=(
+            LMStudent("student 2 layers", teacher_layers=(0, 3)),
+            LMStudent("student 1 layer", teacher_layers=(0,)),
+        ),
         labelled_subset=100,
         student_steps=100,
         test_limit=150,
@@ -355,13 +438,17 @@ def demo_config() -> LMExperimentConfig:
             LMDistillation("teacher layers + all labels", TokenKD(kd_weight=0.0, ce_weight=1.0), all_labels=True),
             LMDistillation("token KD fkl", TokenKD(divergence=ForwardKL(), kd_weight=1.0, ce_weight=0.0)),
             LMDistillation("sequence KD", TokenKD(kd_weight=0.0, ce_weight=1.0), teacher_answers=True),
-            LMDistillation("on-policy jsd", OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5,
-                                                       max_new_tokens=48), through_tools=True),
+            LMDistillation(
+                "on-policy jsd",
+                OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.5, max_new_tokens=48),
+                through_tools=True,
+            ),
         ),
     )
 
 
 # ---- data ------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _Data:
@@ -412,11 +499,11 @@ def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo, tools: Toolbox | No
     if cfg.tools_file is not None:  # the user's tools, offered where a conversation names none
         train, test, unlabelled = (_offered(x, tools.schemas) for x in (train, test, unlabelled))
     if cfg.unlabelled_limit is not None:
-        unlabelled = unlabelled[:cfg.unlabelled_limit]
+        unlabelled = unlabelled[: cfg.unlabelled_limit]
     if cfg.test_limit is not None:
-        test = test[:cfg.test_limit]
+        test = test[: cfg.test_limit]
     order = np.random.default_rng([cfg.data_seed, 17]).permutation(len(train))
-    labelled = [train[i] for i in order[:cfg.labelled_subset]] if cfg.labelled_subset else train
+    labelled = [train[i] for i in order[: cfg.labelled_subset]] if cfg.labelled_subset else train
     tok_dir = run_dir / "tokenizer"
     if cfg.teacher_dir is not None:
         tokenizer = Tokenizer.from_folder(cfg.teacher_dir)
@@ -428,8 +515,10 @@ def _read_data(cfg: LMExperimentConfig, run_dir: Path, echo, tools: Toolbox | No
         plain = byte_tokenizer()
         tokenizer = train_bpe_tokenizer([render_chat(plain, c["messages"]) for c in train], vocab_size=cfg.vocab_size)
     counts = {"train": len(train), "labelled_subset": len(labelled), "test": len(test), "unlabelled": len(unlabelled)}
-    echo(f"conversations: {len(train)} labelled for the teacher, {len(labelled)} for the students, "
-         f"{len(unlabelled)} unlabelled requests, {len(test)} test")
+    echo(
+        f"conversations: {len(train)} labelled for the teacher, {len(labelled)} for the students, "
+        f"{len(unlabelled)} unlabelled requests, {len(test)} test"
+    )
     return _Data(tokenizer, train, labelled, test, unlabelled, counts)
 
 
@@ -446,12 +535,14 @@ def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, pro
 
         def packed(start):
             return C.packed_batches(ids, learn, rows=rows, length=length, pad_id=pad_id, seed=seed, start=start)
+
         return packed, per_epoch
     rows = cfg.batch_size if cfg.pack_length is None else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1)
 
     def stream(start):
-        for b in C.sequence_batches(ids, learn, batch_size=rows, length=cfg.max_length, pad_id=pad_id,
-                                    seed=seed, start=start):
+        for b in C.sequence_batches(
+            ids, learn, batch_size=rows, length=cfg.max_length, pad_id=pad_id, seed=seed, start=start
+        ):
             if prompts is not None:
                 b = dict(b)
                 first = np.argmax(b["loss_mask"], axis=1)
@@ -460,10 +551,12 @@ def _batches(ids, learn, *, cfg: LMExperimentConfig, pad_id: int, seed: int, pro
                 b["prompt_tokens"] = np.where(j < lengths[:, None], b["tokens"][:, :prompts], pad_id).astype(np.int32)
                 b["prompt_lengths"] = lengths
             yield b
+
     return stream, max(len(ids) // rows, 1)
 
 
 # ---- training ---------------------------------------------------------------------------------------
+
 
 class LMJob(Job):
     """The language-model job's parts for the skeleton (:mod:`jkd.jobs.skeleton`): conversations
@@ -487,8 +580,13 @@ class LMJob(Job):
 
         # the tools the agent loop runs: the user's module (its schemas checked now), or the
         # simulated tools of the embedded data
-        self.tools = (Toolbox.from_file(cfg.tools_file, timeout_s=cfg.tool_timeout) if cfg.tools_file else
-                      toolchat.simulated_tools() if cfg.train_file is None else None)
+        self.tools = (
+            Toolbox.from_file(cfg.tools_file, timeout_s=cfg.tool_timeout)
+            if cfg.tools_file
+            else toolchat.simulated_tools()
+            if cfg.train_file is None
+            else None
+        )
         if cfg.tools_file:
             echo(f"tools: {', '.join(self.tools.names)} from {cfg.tools_file} (stopped after {cfg.tool_timeout:g} s)")
 
@@ -557,9 +655,18 @@ class LMJob(Job):
             self.echo("warning: " + warning)
             line += f"; warning: {warning}"
         enc = lambda convs: C.encode_conversations(tok, convs, max_length=cfg.max_length)  # noqa: E731
-        return _View(tok, tok.pad_id if tok.pad_id is not None else 0, tok.eos_id, fmt, line, **splits,
-                     train_enc=enc(splits["train"]), labelled_enc=enc(splits["labelled"]), test_enc=enc(splits["test"]),
-                     test_tasks=tasks_from(splits["test"]) if self.tools is not None else [])
+        return _View(
+            tok,
+            tok.pad_id if tok.pad_id is not None else 0,
+            tok.eos_id,
+            fmt,
+            line,
+            **splits,
+            train_enc=enc(splits["train"]),
+            labelled_enc=enc(splits["labelled"]),
+            test_enc=enc(splits["test"]),
+            test_tasks=tasks_from(splits["test"]) if self.tools is not None else [],
+        )
 
     def _own_tokenizer(self, student: LMStudent) -> Tokenizer | None:
         """The tokenizer of a student folder when it is not the teacher's (None otherwise)."""
@@ -576,9 +683,12 @@ class LMJob(Job):
                 "one vocabulary. Across tokenizers choose a cross-tokenizer loss: --cross-tokenizer uld (the sorted "
                 "probabilities of every span) or --cross-tokenizer hybrid (--loss on the spans that are one token with "
                 "the same string in both, ULD elsewhere); --mode sequence with --kd-weight 0 trains on the teacher's "
-                "answers as text.")
-        self.echo(f"{student.name}: its own tokenizer ({own.vocab_size} tokens; the teacher's has "
-                  f"{self.data.tokenizer.vocab_size}): distilled across tokenizers")
+                "answers as text."
+            )
+        self.echo(
+            f"{student.name}: its own tokenizer ({own.vocab_size} tokens; the teacher's has "
+            f"{self.data.tokenizer.vocab_size}): distilled across tokenizers"
+        )
         return own
 
     def _common_turns(self, turns: list) -> list:
@@ -586,8 +696,14 @@ class LMJob(Job):
         tokenizer of the run (each view keeps its own encoding of them, in the same order)."""
         cfg = self.cfg
         key = lambda t: (t.conversation, len(t.context))  # noqa: E731
-        per_view = {id(v): [t for t in (turns if v is self.view else C.assistant_turns(v.tokenizer, v.test))
-                            if len(t.prompt) <= cfg.max_length] for v in (self.view, *self.views.values())}
+        per_view = {
+            id(v): [
+                t
+                for t in (turns if v is self.view else C.assistant_turns(v.tokenizer, v.test))
+                if len(t.prompt) <= cfg.max_length
+            ]
+            for v in (self.view, *self.views.values())
+        }
         common = set.intersection(*({key(t) for t in kept} for kept in per_view.values()))
         for v in (self.view, *self.views.values()):
             v.test_turns = [t for t in per_view[id(v)] if key(t) in common]
@@ -601,15 +717,24 @@ class LMJob(Job):
         if not self.test_turns:
             shortest = min((len(t.prompt) for t in turns), default=None)
             raise ValueError(
-                f"no test turn to measure: the prompts before all {len(turns)} assistant turns of {test_name} are longer "
-                f"than --max-length {cfg.max_length}" + (f" (the shortest has {shortest} tokens)" if shortest else "")
-                + "; raise --max-length or give shorter test conversations.")
+                f"no test turn to measure: the prompts before all {len(turns)} assistant turns of "
+                f"{test_name} are longer "
+                f"than --max-length {cfg.max_length}"
+                + (f" (the shortest has {shortest} tokens)" if shortest else "")
+                + "; raise --max-length or give shorter test conversations."
+            )
         on_policy = any(isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-        rows = (cfg.batch_size if cfg.pack_length is None
-                else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1) if on_policy else 1)
+        rows = (
+            cfg.batch_size
+            if cfg.pack_length is None
+            else max(cfg.batch_size * cfg.pack_length // cfg.max_length, 1)
+            if on_policy
+            else 1
+        )
         trained_here = teacher_source(cfg.teacher_dir, self.folder, complete="config.json") is None
-        for what, enc, convs in ([("for the students", self.labelled_enc, data.labelled)]
-                                 + ([("for the teacher", self.train_enc, data.train)] if trained_here else [])):
+        for what, enc, convs in [("for the students", self.labelled_enc, data.labelled)] + (
+            [("for the teacher", self.train_enc, data.train)] if trained_here else []
+        ):
             if len(enc) >= rows:
                 continue
             train_name = cfg.train_file or "the embedded conversations"
@@ -618,35 +743,50 @@ class LMJob(Job):
                 raise ValueError(
                     f"{enc.dropped} of the {len(convs)} conversations {what} ({train_name}) have no assistant token "
                     f"within --max-length {cfg.max_length} (rule: {C.TRUNCATION_RULE}){need}. {len(enc)} remain, "
-                    f"fewer than one batch of {rows}: raise --max-length" + (f" to at least {enc.shortest_dropped}"
-                                                                              if enc.shortest_dropped else "")
-                    + " or lower --batch-size.")
-            raise ValueError(f"{len(enc)} conversations {what} ({train_name}) do not fill one batch of {rows}; "
-                             "lower --batch-size.")
+                    f"fewer than one batch of {rows}: raise --max-length"
+                    + (f" to at least {enc.shortest_dropped}" if enc.shortest_dropped else "")
+                    + " or lower --batch-size."
+                )
+            raise ValueError(
+                f"{len(enc)} conversations {what} ({train_name}) do not fill one batch of {rows}; lower --batch-size."
+            )
         for enc in (self.labelled_enc, self.test_enc):
             if enc.dropped:
-                self.echo(f"note: {enc.dropped} conversations have no assistant token within --max-length "
-                          f"{cfg.max_length} and are left out (rule: {C.TRUNCATION_RULE})")
+                self.echo(
+                    f"note: {enc.dropped} conversations have no assistant token within --max-length "
+                    f"{cfg.max_length} and are left out (rule: {C.TRUNCATION_RULE})"
+                )
         if cfg.teacher_dir is not None:
             positions = read_config(cfg.teacher_dir).max_position_embeddings
             where = f"the teacher's max_position_embeddings ({positions}, in {Path(cfg.teacher_dir) / 'config.json'})"
             if cfg.max_length > positions:
-                raise ValueError(f"--max-length {cfg.max_length} exceeds {where}: the teacher was not made for "
-                                 f"sequences that long. Lower --max-length to at most {positions}.")
+                raise ValueError(
+                    f"--max-length {cfg.max_length} exceeds {where}: the teacher was not made for "
+                    f"sequences that long. Lower --max-length to at most {positions}."
+                )
             if self.positions_needed > positions:
-                raise ValueError(f"measuring needs {self.positions_needed} positions (test prompts of up to "
-                                 f"{cfg.max_length} tokens, padded to {self.positions_needed - cfg.max_new_tokens}, plus "
-                                 f"--max-new-tokens {cfg.max_new_tokens}), more than {where}. Lower --max-new-tokens or "
-                                 "--max-length.")
+                raise ValueError(
+                    f"measuring needs {self.positions_needed} positions (test prompts of up to "
+                    f"{cfg.max_length} tokens, padded to {self.positions_needed - cfg.max_new_tokens}, plus "
+                    f"--max-new-tokens {cfg.max_new_tokens}), more than {where}. Lower --max-new-tokens or "
+                    "--max-length."
+                )
 
     def attention_kernel(self, dtype: str | None):
         """The whole-sequence attention kernel for passes in ``dtype`` (None: float32); None stands
         for the decoder's default, the blocked XLA attention."""
         choice = self.cfg.attention
         shape = self.cfg.mesh_shape()
-        devices = 1 if shape is None and jax.process_count() == 1 else jax.device_count() if shape is None \
+        devices = (
+            1
+            if shape is None and jax.process_count() == 1
+            else jax.device_count()
+            if shape is None
             else shape[0] * shape[1]
-        kernel = ATTENTION[choice] if choice else for_backend(jax.default_backend(), DTYPES[dtype or "float32"], devices)
+        )
+        kernel = (
+            ATTENTION[choice] if choice else for_backend(jax.default_backend(), DTYPES[dtype or "float32"], devices)
+        )
         return None if kernel == BlockedAttention() else kernel
 
     def _prepared(self, model: Decoder) -> Decoder:
@@ -655,13 +795,33 @@ class LMJob(Job):
 
     def with_vocab(self, config: DecoderConfig) -> DecoderConfig:
         slots = max(config.max_position_embeddings, self.positions_needed)
-        return dataclasses.replace(config, vocab_size=self.data.tokenizer.vocab_size, eos_token_id=self.eos_id,
-                                   pad_token_id=self.pad_id, max_position_embeddings=slots)
+        return dataclasses.replace(
+            config,
+            vocab_size=self.data.tokenizer.vocab_size,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            max_position_embeddings=slots,
+        )
 
-    def _group(self, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds, optimizer: AdamWConfig,
-               teacher_graphdef=None, on_policy_prompts: int | None = None, stored: StoredTopK | None = None,
-               rows_only: bool = False, rollout: Callable | None = None, quant: str | None = None,
-               pad_id: int | None = None, cross: _Cross | None = None):
+    def _group(
+        self,
+        config: DecoderConfig,
+        objective,
+        *,
+        ids,
+        learn,
+        steps: int,
+        seeds,
+        optimizer: AdamWConfig,
+        teacher_graphdef=None,
+        on_policy_prompts: int | None = None,
+        stored: StoredTopK | None = None,
+        rows_only: bool = False,
+        rollout: Callable | None = None,
+        quant: str | None = None,
+        pad_id: int | None = None,
+        cross: _Cross | None = None,
+    ):
         """The parts of one group's training: ``(graphdef, tx, run, batches)``. ``run`` is the
         jitted vmapped step, one per distinct setting (shared by the memory plan and the training,
         so the step compiled for the plan is the one that trains); ``batches(start)`` yields the
@@ -680,17 +840,36 @@ class LMJob(Job):
         if stored is not None:  # each row checked against what was stored for it
             streams = [functools.partial(lambda start, f: with_teacher_targets(f(start), stored), f=f) for f in streams]
         if cross is not None:  # each row with the teacher's tokens of its text and the spans
-            streams = [functools.partial(lambda start, f: with_spans(f(start), cross.aligned, teacher_length=cfg.max_length,
-                                                                     teacher_pad_id=self.pad_id), f=f) for f in streams]
+            streams = [
+                functools.partial(
+                    lambda start, f: with_spans(
+                        f(start), cross.aligned, teacher_length=cfg.max_length, teacher_pad_id=self.pad_id
+                    ),
+                    f=f,
+                )
+                for f in streams
+            ]
         graphdef = split_model(nnx.eval_shape(lambda: self._prepared(Decoder(config, rngs=nnx.Rngs(0)))))[0]
-        kind = (on_policy_step if isinstance(objective, OnPolicyKD) else
-                stored_topk_step if isinstance(objective, StoredTopKKD) else
-                cross_tokenizer_step if isinstance(objective, CrossTokenizerKD) else token_kd_step)
+        kind = (
+            on_policy_step
+            if isinstance(objective, OnPolicyKD)
+            else stored_topk_step
+            if isinstance(objective, StoredTopKKD)
+            else cross_tokenizer_step
+            if isinstance(objective, CrossTokenizerKD)
+            else token_kd_step
+        )
         key = (graphdef, teacher_graphdef, optimizer, per_epoch, steps, kind, quant, cross and cross.name)
         if key not in self._runs:
             tx = make_optimizer(optimizer, steps_per_epoch=per_epoch, total_steps=steps)
-            step = functools.partial(kind, graphdef=graphdef, teacher_graphdef=teacher_graphdef, tx=tx,
-                                     compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None, quant=quant)
+            step = functools.partial(
+                kind,
+                graphdef=graphdef,
+                teacher_graphdef=teacher_graphdef,
+                tx=tx,
+                compute_dtype=DTYPES[cfg.dtype] if cfg.dtype == "bfloat16" else None,
+                quant=quant,
+            )
             if kind is cross_tokenizer_step:  # the tokens both vocabularies hold, bound to the step
                 step = functools.partial(step, shared=cross.shared)
             if kind is token_kd_step and (cfg.micro_batches or 1) > 1:
@@ -711,13 +890,29 @@ class LMJob(Job):
                     yield lambda state, step=step, bs=bs: local_rows(rollout(state, step, bs))
                     continue
                 yield local_rows({k: np.stack([b[k] for b in bs], axis=1) for k in bs[0]})
+
         return graphdef, tx, run, batches
 
-    def train_students(self, name: str, config: DecoderConfig, objective, *, ids, learn, steps: int, seeds,
-                       optimizer: AdamWConfig, teacher=None, on_policy_prompts: int | None = None,
-                       init: Decoder | None = None, stored: StoredTopK | None = None,
-                       through_tools: OnPolicyKD | None = None, quant: str | None = None,
-                       pad_id: int | None = None, cross: _Cross | None = None):
+    def train_students(
+        self,
+        name: str,
+        config: DecoderConfig,
+        objective,
+        *,
+        ids,
+        learn,
+        steps: int,
+        seeds,
+        optimizer: AdamWConfig,
+        teacher=None,
+        on_policy_prompts: int | None = None,
+        init: Decoder | None = None,
+        stored: StoredTopK | None = None,
+        through_tools: OnPolicyKD | None = None,
+        quant: str | None = None,
+        pad_id: int | None = None,
+        cross: _Cross | None = None,
+    ):
         """Train ``len(seeds)`` students of ``config`` in one vmapped step, each seed with its own
         initialisation (or all from ``init``) and its own data order; returns ``(graphdef, [params])``.
         ``stored``: the teacher's top-k outputs for the rows ``ids``, attached to every batch.
@@ -728,24 +923,59 @@ class LMJob(Job):
         tg, tvars = teacher if teacher is not None else (None, None)
         rollout, tally = None, collections.Counter()
         if through_tools is not None:
-            rollout = functools.partial(self._rollout_batch, objective=through_tools, seeds=tuple(seeds),
-                                        graphdef=lambda: graphdef, tally=tally, quant=quant)
-        graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
-                                                 optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, stored=stored, rollout=rollout,
-                                                 quant=quant, pad_id=pad_id, cross=cross)
+            rollout = functools.partial(
+                self._rollout_batch,
+                objective=through_tools,
+                seeds=tuple(seeds),
+                graphdef=lambda: graphdef,
+                tally=tally,
+                quant=quant,
+            )
+        graphdef, tx, run, batches = self._group(
+            config,
+            objective,
+            ids=ids,
+            learn=learn,
+            steps=steps,
+            seeds=seeds,
+            optimizer=optimizer,
+            teacher_graphdef=tg,
+            on_policy_prompts=on_policy_prompts,
+            stored=stored,
+            rollout=rollout,
+            quant=quant,
+            pad_id=pad_id,
+            cross=cross,
+        )
         model = (lambda s: init) if init is not None else (lambda s: Decoder(config, rngs=nnx.Rngs(s)))
         models = [self._prepared(model(s)) for s in seeds]
         states = stack_states([create_train_state(m, tx, seed=s)[1] for m, s in zip(models, seeds)])
         states = self.run.train_group(
-            name, run, states, objective, tvars, batches=batches,
-            config=LoopConfig(num_steps=steps, save_every=max(steps // 4, 1), progress=self.progress, label=name,
-                              sync_every=5, unit="seq" if cfg.pack_length is None or on_policy_prompts else "row"))
+            name,
+            run,
+            states,
+            objective,
+            tvars,
+            batches=batches,
+            config=LoopConfig(
+                num_steps=steps,
+                save_every=max(steps // 4, 1),
+                progress=self.progress,
+                label=name,
+                sync_every=5,
+                unit="seq" if cfg.pack_length is None or on_policy_prompts else "row",
+            ),
+        )
         if tally:  # what the students' trajectories did with the tools (this run's steps: not those resumed past)
-            calls, failed = sum(tally[k] for k in (OK, REFUSED, RAISED, TIMED_OUT)), tool_failures(tally, cfg.tool_timeout)
-            self.echo(f"{name}: {tally['steps']} steps played {tally['trajectories']} trajectories through the tools, "
-                      f"{tally['calls_made']} of them calling tools; of {calls} tool calls, "
-                      + (f"{failed}, each answered by the student from the error" if failed else "none failed"))
+            calls, failed = (
+                sum(tally[k] for k in (OK, REFUSED, RAISED, TIMED_OUT)),
+                tool_failures(tally, cfg.tool_timeout),
+            )
+            self.echo(
+                f"{name}: {tally['steps']} steps played {tally['trajectories']} trajectories through the tools, "
+                f"{tally['calls_made']} of them calling tools; of {calls} tool calls, "
+                + (f"{failed}, each answered by the student from the error" if failed else "none failed")
+            )
         params = hosts.gathered(states.params)  # whole on every process: saved and measured there
         return graphdef, [jax.tree.map(lambda x, i=i: x[i], params) for i in range(len(seeds))]
 
@@ -757,8 +987,15 @@ class LMJob(Job):
         set_attention(model, self.attention_kernel(self.cfg.teacher_dtype))
         self.frozen_teacher = tg, tvars = freeze_model(model)
         loss = "(loaded, not trained here)" if self.cfg.teacher_dir else "cross-entropy (all labelled)"
-        return Trained("teacher", "teacher", loss, tg, [tvars.params], model.config,
-                       {"student": None, "initialisation": "random", "teacher_signal": False})
+        return Trained(
+            "teacher",
+            "teacher",
+            loss,
+            tg,
+            [tvars.params],
+            model.config,
+            {"student": None, "initialisation": "random", "teacher_signal": False},
+        )
 
     def _local_mesh(self):
         """The run's mesh when it has one and runs as one process (the teacher is then loaded onto
@@ -766,7 +1003,7 @@ class LMJob(Job):
         shape = self.cfg.mesh_shape()
         if shape is None or jax.process_count() > 1:
             return None
-        return make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+        return make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
 
     def _answering(self, teacher: Decoder) -> Decoder:
         """The teacher that answers the requests: on the run's mesh when it has one (its matrices
@@ -790,9 +1027,16 @@ class LMJob(Job):
     def train_teacher(self, run: Run) -> Trained:
         cfg = self.cfg
         self.echo(f"teacher: training {cfg.teacher_steps} steps on {len(self.train_enc)} conversations")
-        g, params = self.train_students("teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
-                                        ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps,
-                                        seeds=(0,), optimizer=cfg.teacher_optimizer)
+        g, params = self.train_students(
+            "teacher",
+            self.with_vocab(cfg.teacher),
+            TokenKD(kd_weight=0.0, ce_weight=1.0),
+            ids=self.train_enc.ids,
+            learn=self.train_enc.learn,
+            steps=cfg.teacher_steps,
+            seeds=(0,),
+            optimizer=cfg.teacher_optimizer,
+        )
         self.trained_teacher = _as_decoder(g, params[0])  # saved as trained (float32)
         return self._teacher(self.trained_teacher)
 
@@ -820,8 +1064,13 @@ class LMJob(Job):
                 scfg = self.with_vocab(student.config)
             view = self.views.get(student.name, self.view)  # a student of its own tokenizer reads through it
             # one tokenizer (the teacher's); the rows may still differ by padding (Qwen's 151,936 vs 152,064)
-            vocab = scfg.vocab_size if view is not self.view else shared_vocabulary(
-                data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size, student_rows=scfg.vocab_size)
+            vocab = (
+                scfg.vocab_size
+                if view is not self.view
+                else shared_vocabulary(
+                    data.tokenizer, data.tokenizer, teacher_rows=teacher.config.vocab_size, student_rows=scfg.vocab_size
+                )
+            )
             for group in _groups(cfg, student, vocab, scfg.vocab_size):
                 name, role, loss_name, objective = group.name, group.role, group.loss, group.objective
                 with_answers, through = group.with_answers, group.through_tools
@@ -834,8 +1083,9 @@ class LMJob(Job):
                     if self.answered is None:
                         self.answered = _answered(self, self._answering(teacher), echo)
                     answered = self.answered[2]
-                    more = (self.answered[:2] if view is self.view
-                            else _encoded(view, answered, max_length=cfg.max_length))
+                    more = (
+                        self.answered[:2] if view is self.view else _encoded(view, answered, max_length=cfg.max_length)
+                    )
                     ids, learn = ids + list(more[0]), learn + list(more[1])
                 cross = stored = None
                 if isinstance(objective, CrossTokenizerKD):
@@ -846,20 +1096,43 @@ class LMJob(Job):
                         stored = self.stored_spans(cross, objective, k=k, pad_id=view.pad_id)
                 elif isinstance(objective, StoredTopKKD) and objective.kd_weight > 0:
                     stored = self.stored_topk(objective.top_k, vocab)
-                echo(f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps on {len(ids)} sequences")
-                online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
-                                                                and objective.kd_weight > 0 and stored is None))
+                echo(
+                    f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps "
+                    f"on {len(ids)} sequences"
+                )
+                online = role == "distilled" and (
+                    on_policy
+                    or (
+                        isinstance(objective, (TokenKD, CrossTokenizerKD))
+                        and objective.kd_weight > 0
+                        and stored is None
+                    )
+                )
                 same_start = role == "distilled" or start == "student folder"  # the alone: random, or the folder's
                 g, params = self.train_students(
-                    name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
-                    steps=cfg.student_steps, seeds=cfg.seeds,
-                    optimizer=cfg.student_optimizer, teacher=(tg, tvars) if online else None,
+                    name,
+                    scfg,
+                    objective.token_kd() if through else objective,
+                    ids=ids,
+                    learn=learn,
+                    steps=cfg.student_steps,
+                    seeds=cfg.seeds,
+                    optimizer=cfg.student_optimizer,
+                    teacher=(tg, tvars) if online else None,
                     on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    init=init if same_start else None, stored=stored, through_tools=objective if through else None,
-                    quant=group.quantize, pad_id=view.pad_id, cross=cross)
-                info = {"student": student.name, "initialisation": start if same_start else "random",
-                        "teacher_signal": online or stored is not None or bool(with_answers),
-                        "all_labels": group.all_labels}
+                    init=init if same_start else None,
+                    stored=stored,
+                    through_tools=objective if through else None,
+                    quant=group.quantize,
+                    pad_id=view.pad_id,
+                    cross=cross,
+                )
+                info = {
+                    "student": student.name,
+                    "initialisation": start if same_start else "random",
+                    "teacher_signal": online or stored is not None or bool(with_answers),
+                    "all_labels": group.all_labels,
+                }
                 if cross is not None:
                     info["cross_tokenizer"] = cross.describe(objective)
                 if group.quantize:  # measured as the GGUF file holds it (the float masters go to the checkpoints)
@@ -867,9 +1140,15 @@ class LMJob(Job):
                     info["quantization"] = f"{group.quantize}, trained for it"
                 yield Trained(name, role, loss_name, g, params, scfg, info)
                 if cfg.ptq and not group.quantize:  # the same weights quantized after training
-                    yield Trained(f"{name} · {cfg.ptq}", role, loss_name, g,
-                                  [read_back_weights(p, cfg.ptq) for p in params], scfg,
-                                  {**info, "quantization": f"{cfg.ptq}, after training"})
+                    yield Trained(
+                        f"{name} · {cfg.ptq}",
+                        role,
+                        loss_name,
+                        g,
+                        [read_back_weights(p, cfg.ptq) for p in params],
+                        scfg,
+                        {**info, "quantization": f"{cfg.ptq}, after training"},
+                    )
 
     def _cross_rows(self, view: _View, name: str, *, all_labels: bool, answered: list[dict]) -> _Cross:
         """The labelled conversations (and ``answered``, the teacher's answered requests) tokenized
@@ -881,13 +1160,22 @@ class LMJob(Job):
             t_convs = getattr(self.view, split) + answered
             s_convs = getattr(view, split) + _prepared_for(view, answered)
             t0 = time.perf_counter()
-            aligned = aligned_rows(self.data.tokenizer, view.tokenizer, s_convs, teacher_conversations=t_convs,
-                                   max_length=self.cfg.max_length)
-            shared = shared_tokens(self.data.tokenizer.backend.get_vocab(with_added_tokens=True),
-                                   view.tokenizer.backend.get_vocab(with_added_tokens=True))
+            aligned = aligned_rows(
+                self.data.tokenizer,
+                view.tokenizer,
+                s_convs,
+                teacher_conversations=t_convs,
+                max_length=self.cfg.max_length,
+            )
+            shared = shared_tokens(
+                self.data.tokenizer.backend.get_vocab(with_added_tokens=True),
+                view.tokenizer.backend.get_vocab(with_added_tokens=True),
+            )
             self._crossed[key] = cross = _Cross(aligned, shared, name)
-            self.echo(f"{name}: {len(aligned)} conversations tokenized by both models and aligned "
-                      f"({time.perf_counter() - t0:.0f} s): {cross.describe()}")
+            self.echo(
+                f"{name}: {len(aligned)} conversations tokenized by both models and aligned "
+                f"({time.perf_counter() - t0:.0f} s): {cross.describe()}"
+            )
         return self._crossed[key]
 
     def _through_tools(self, name: str, *, quiet: bool = False) -> bool:
@@ -895,13 +1183,24 @@ class LMJob(Job):
         calls and requests to start from (otherwise its samples are single turns, and it says so)."""
         ok = self.tools is not None and bool(self.request_conversations)
         if not ok and not quiet:
-            self.echo(f"{name}: no {'tools' if self.tools is None else 'unlabelled requests'} to play trajectories "
-                      "through; its on-policy samples are single turns")
+            self.echo(
+                f"{name}: no {'tools' if self.tools is None else 'unlabelled requests'} to play trajectories "
+                "through; its on-policy samples are single turns"
+            )
         return ok
 
-    def _rollout_batch(self, state, step: int, given: list[dict], *, objective: OnPolicyKD, seeds: tuple[int, ...],
-                       graphdef, tally: collections.Counter | None = None,
-                       quant: str | None = None) -> dict[str, np.ndarray]:
+    def _rollout_batch(
+        self,
+        state,
+        step: int,
+        given: list[dict],
+        *,
+        objective: OnPolicyKD,
+        seeds: tuple[int, ...],
+        graphdef,
+        tally: collections.Counter | None = None,
+        quant: str | None = None,
+    ) -> dict[str, np.ndarray]:
         """Step ``step``'s batch ``[B, K, T]`` of an on-policy group through the tools: for each seed,
         with probability ``student_fraction`` (drawn from the seed and the step), the trajectories
         of ``B`` requests played by that seed's student of this step (sampled per
@@ -920,16 +1219,32 @@ class LMJob(Job):
             epoch, at = divmod(step * rows, n)
             order = np.random.default_rng([seed, 37, epoch]).permutation(n)
             picks = [order[(at + i) % n] for i in range(rows)]
-            tasks = [Task(self.request_conversations[i]["messages"], self.request_conversations[i].get("tools"), [], "")
-                     for i in picks]
+            tasks = [
+                Task(self.request_conversations[i]["messages"], self.request_conversations[i].get("tools"), [], "")
+                for i in picks
+            ]
             turns = iter(range(cfg.max_turns))
 
             def play(prompts, model=model, seed=seed, turns=turns):
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), next(turns))
-                return generate(model, prompts, max_new_tokens=objective.max_new_tokens, sampling=objective.sampling,
-                                key=key, buckets=BUCKETS).rows()
-            trajectories = run_tasks(play, tok, tasks, tools=self.tools, tool_format=self.tool_format,
-                                     max_turns=cfg.max_turns, max_length=cfg.max_length)
+                return generate(
+                    model,
+                    prompts,
+                    max_new_tokens=objective.max_new_tokens,
+                    sampling=objective.sampling,
+                    key=key,
+                    buckets=BUCKETS,
+                ).rows()
+
+            trajectories = run_tasks(
+                play,
+                tok,
+                tasks,
+                tools=self.tools,
+                tool_format=self.tool_format,
+                max_turns=cfg.max_turns,
+                max_length=cfg.max_length,
+            )
             if tally is not None:
                 tally.update(trajectories=len(trajectories), calls_made=sum(bool(t.calls) for t in trajectories))
                 tally.update(st for t in trajectories for st in t.statuses)
@@ -942,13 +1257,16 @@ class LMJob(Job):
     def _pruned(self, model: Decoder, width: tuple[int | None, int | None]) -> Decoder:
         """``model`` narrowed to ``width`` by activation importance on the first labelled batch."""
         n = min(self.cfg.batch_size, len(self.labelled_enc.ids))
-        rows = C.padded_rows(self.labelled_enc.ids[:n], self.labelled_enc.learn[:n], length=self.cfg.max_length,
-                             pad_id=self.pad_id)
+        rows = C.padded_rows(
+            self.labelled_enc.ids[:n], self.labelled_enc.learn[:n], length=self.cfg.max_length, pad_id=self.pad_id
+        )
         importance = width_importance(model, rows["tokens"], attention_mask=rows["attention_mask"])
         small = prune_width(model, importance, intermediate_size=width[0], num_kv_heads=width[1])
-        self.echo(f"width pruned by activation importance on {n} conversations: MLP {model.config.intermediate_size} -> "
-                  f"{small.config.intermediate_size} channels, key/value heads {model.config.num_kv_heads} -> "
-                  f"{small.config.num_kv_heads} (query heads {model.config.num_heads} -> {small.config.num_heads})")
+        self.echo(
+            f"width pruned by activation importance on {n} conversations: MLP {model.config.intermediate_size} -> "
+            f"{small.config.intermediate_size} channels, key/value heads {model.config.num_kv_heads} -> "
+            f"{small.config.num_kv_heads} (query heads {model.config.num_heads} -> {small.config.num_heads})"
+        )
         return small
 
     def _student_folder(self, student: LMStudent) -> Decoder:
@@ -958,22 +1276,28 @@ class LMJob(Job):
         self._check_student_folder(Path(student.from_dir), model.config, self.teacher_model.config.vocab_size, own)
         return model
 
-    def _check_student_folder(self, folder: Path, config: DecoderConfig, teacher_rows: int,
-                              own: Tokenizer | None = None) -> None:
+    def _check_student_folder(
+        self, folder: Path, config: DecoderConfig, teacher_rows: int, own: Tokenizer | None = None
+    ) -> None:
         """A student folder's vocabulary against the run's tokenizer (or ``own``, its tokenizer when
         it is not the teacher's), and its positions against the run's."""
         tok = self.data.tokenizer
         if own is not None:
             shared_vocabulary(own, own, teacher_rows=config.vocab_size, student_rows=config.vocab_size)  # its rows
         elif (folder / "tokenizer.json").exists():
-            shared_vocabulary(tok, Tokenizer.from_folder(folder), teacher_rows=teacher_rows,
-                              student_rows=config.vocab_size)  # one tokenizer: the same ids
+            shared_vocabulary(
+                tok, Tokenizer.from_folder(folder), teacher_rows=teacher_rows, student_rows=config.vocab_size
+            )  # one tokenizer: the same ids
         elif config.vocab_size < tok.vocab_size:
-            raise ValueError(f"the student in {folder} has {config.vocab_size} vocabulary rows but the "
-                             f"tokenizer has {tok.vocab_size} tokens; give a student of this tokenizer.")
+            raise ValueError(
+                f"the student in {folder} has {config.vocab_size} vocabulary rows but the "
+                f"tokenizer has {tok.vocab_size} tokens; give a student of this tokenizer."
+            )
         if config.max_position_embeddings < self.positions_needed:
-            raise ValueError(f"the student in {folder} holds {config.max_position_embeddings} positions; the run "
-                             f"needs {self.positions_needed} (--max-length plus --max-new-tokens).")
+            raise ValueError(
+                f"the student in {folder} holds {config.max_position_embeddings} positions; the run "
+                f"needs {self.positions_needed} (--max-length plus --max-new-tokens)."
+            )
 
     # ---- the memory plan ---------------------------------------------------------------------------
 
@@ -988,8 +1312,11 @@ class LMJob(Job):
         plans = [p for p in (plan() for plan in steps.values()) if p is not None]
         if not plans:
             return plans
-        limit, source = ((int(cfg.memory_limit_gib * MP.GiB), "--memory-limit-gib") if cfg.memory_limit_gib
-                         else (MP.device_memory(), "the device's memory, as JAX reports it"))
+        limit, source = (
+            (int(cfg.memory_limit_gib * MP.GiB), "--memory-limit-gib")
+            if cfg.memory_limit_gib
+            else (MP.device_memory(), "the device's memory, as JAX reports it")
+        )
         if limit is None:
             source = "the backend does not report its devices' memory; set --memory-limit-gib to check against one"
         self.echo(MP.format_plan(plans, limit=limit, limit_source=source))
@@ -1003,6 +1330,7 @@ class LMJob(Job):
                 return self._planned_steps()[name]()
             finally:
                 self.config = cfg
+
         MP.refuse_if_too_large(plans, limit=limit, limit_source=source, remedies=list(self._remedies()), replan=replan)
         return plans
 
@@ -1010,49 +1338,90 @@ class LMJob(Job):
         """Every group's step by name, as a function that compiles it and returns its plan."""
         cfg, tok = self.cfg, self.data.tokenizer
         tcfg = read_config(cfg.teacher_dir) if cfg.teacher_dir else self.with_vocab(cfg.teacher)
-        teacher = freeze_model(nnx.eval_shape(lambda: set_attention(
-            Decoder(tcfg, dtype=DTYPES[cfg.teacher_dtype or "float32"], rngs=nnx.Rngs(0)),
-            self.attention_kernel(cfg.teacher_dtype))))
+        teacher = freeze_model(
+            nnx.eval_shape(
+                lambda: set_attention(
+                    Decoder(tcfg, dtype=DTYPES[cfg.teacher_dtype or "float32"], rngs=nnx.Rngs(0)),
+                    self.attention_kernel(cfg.teacher_dtype),
+                )
+            )
+        )
         steps = {}
         if teacher_source(cfg.teacher_dir, self.folder, complete="config.json") is None:
             steps["teacher"] = functools.partial(
-                self._plan_step, "teacher", self.with_vocab(cfg.teacher), TokenKD(kd_weight=0.0, ce_weight=1.0),
-                ids=self.train_enc.ids, learn=self.train_enc.learn, steps=cfg.teacher_steps, seeds=(0,),
-                optimizer=cfg.teacher_optimizer, teacher=None)
+                self._plan_step,
+                "teacher",
+                self.with_vocab(cfg.teacher),
+                TokenKD(kd_weight=0.0, ce_weight=1.0),
+                ids=self.train_enc.ids,
+                learn=self.train_enc.learn,
+                steps=cfg.teacher_steps,
+                seeds=(0,),
+                optimizer=cfg.teacher_optimizer,
+                teacher=None,
+            )
         for student in cfg.students:
-            scfg = (student.cut_config(tcfg) if student.teacher_layers
-                    else read_config(student.from_dir) if student.from_dir else self.with_vocab(student.config))
+            scfg = (
+                student.cut_config(tcfg)
+                if student.teacher_layers
+                else read_config(student.from_dir)
+                if student.from_dir
+                else self.with_vocab(student.config)
+            )
             view = self.views.get(student.name, self.view)
             if student.from_dir:
-                self._check_student_folder(Path(student.from_dir), scfg, tcfg.vocab_size,
-                                           view.tokenizer if view is not self.view else None)
-            vocab = scfg.vocab_size if view is not self.view else shared_vocabulary(
-                tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
+                self._check_student_folder(
+                    Path(student.from_dir), scfg, tcfg.vocab_size, view.tokenizer if view is not self.view else None
+                )
+            vocab = (
+                scfg.vocab_size
+                if view is not self.view
+                else shared_vocabulary(tok, tok, teacher_rows=tcfg.vocab_size, student_rows=scfg.vocab_size)
+            )
             for group in _groups(cfg, student, vocab, scfg.vocab_size):
                 name, role, objective, with_answers = group.name, group.role, group.objective, group.with_answers
                 on_policy = isinstance(objective, OnPolicyKD)
                 through = group.through_tools and self._through_tools(name, quiet=True)
-                online = role == "distilled" and (on_policy or (isinstance(objective, (TokenKD, CrossTokenizerKD))
-                                                                and objective.kd_weight > 0
-                                                                and not getattr(objective, "stored", False)))
+                online = role == "distilled" and (
+                    on_policy
+                    or (
+                        isinstance(objective, (TokenKD, CrossTokenizerKD))
+                        and objective.kd_weight > 0
+                        and not getattr(objective, "stored", False)
+                    )
+                )
                 labelled = view.train_enc if group.all_labels else view.labelled_enc
                 ids, learn = labelled.ids, labelled.learn
                 answers = (with_answers or on_policy) and bool(self.request_prompts)
                 if answers:
                     # the teacher's answers are not there yet: one row per request stands in for each (the same
                     # number of rows: unpacked, the same schedule compiles and training reuses the step)
-                    ids = list(ids) + [p[:cfg.max_length] for p in self.request_prompts]
+                    ids = list(ids) + [p[: cfg.max_length] for p in self.request_prompts]
                     learn = list(learn) + [np.ones(min(len(p), cfg.max_length), bool) for p in self.request_prompts]
                 cross = None
                 if isinstance(objective, CrossTokenizerKD):  # the labelled rows aligned, cycled to the same count
                     cross = self._cross_rows(view, student.name, all_labels=group.all_labels, answered=[])
-                    cross = _Cross(cross.aligned.cycled(len(ids)) if answers else cross.aligned, cross.shared, cross.name)
+                    cross = _Cross(
+                        cross.aligned.cycled(len(ids)) if answers else cross.aligned, cross.shared, cross.name
+                    )
                 steps[name] = functools.partial(
-                    self._plan_step, name, scfg, objective.token_kd() if through else objective, ids=ids, learn=learn,
-                    steps=cfg.student_steps, seeds=cfg.seeds, optimizer=cfg.student_optimizer,
-                    teacher=teacher if online else None, on_policy_prompts=_prompt_slots(self) if on_policy else None,
-                    generated=objective.max_new_tokens if on_policy else None, rows_only=through,
-                    quant=group.quantize, pad_id=view.pad_id, cross=cross)
+                    self._plan_step,
+                    name,
+                    scfg,
+                    objective.token_kd() if through else objective,
+                    ids=ids,
+                    learn=learn,
+                    steps=cfg.student_steps,
+                    seeds=cfg.seeds,
+                    optimizer=cfg.student_optimizer,
+                    teacher=teacher if online else None,
+                    on_policy_prompts=_prompt_slots(self) if on_policy else None,
+                    generated=objective.max_new_tokens if on_policy else None,
+                    rows_only=through,
+                    quant=group.quantize,
+                    pad_id=view.pad_id,
+                    cross=cross,
+                )
         return steps
 
     def _remedies(self) -> dict[str, dict]:
@@ -1071,29 +1440,61 @@ class LMJob(Job):
             out["--dtype bfloat16"] = {"dtype": "bfloat16"}
         return out
 
-    def _plan_step(self, name, config, objective, *, ids, learn, steps, seeds, optimizer, teacher,
-                   on_policy_prompts=None, generated: int | None = None, rows_only: bool = False,
-                   quant: str | None = None, pad_id: int | None = None,
-                   cross: _Cross | None = None) -> MP.StepMemory | None:
+    def _plan_step(
+        self,
+        name,
+        config,
+        objective,
+        *,
+        ids,
+        learn,
+        steps,
+        seeds,
+        optimizer,
+        teacher,
+        on_policy_prompts=None,
+        generated: int | None = None,
+        rows_only: bool = False,
+        quant: str | None = None,
+        pad_id: int | None = None,
+        cross: _Cross | None = None,
+    ) -> MP.StepMemory | None:
         tg, tvars = teacher if teacher is not None else (None, None)
-        graphdef, tx, run, batches = self._group(config, objective, ids=ids, learn=learn, steps=steps, seeds=seeds,
-                                                 optimizer=optimizer, teacher_graphdef=tg,
-                                                 on_policy_prompts=on_policy_prompts, rows_only=rows_only, quant=quant,
-                                                 pad_id=pad_id, cross=cross)
+        graphdef, tx, run, batches = self._group(
+            config,
+            objective,
+            ids=ids,
+            learn=learn,
+            steps=steps,
+            seeds=seeds,
+            optimizer=optimizer,
+            teacher_graphdef=tg,
+            on_policy_prompts=on_policy_prompts,
+            rows_only=rows_only,
+            quant=quant,
+            pad_id=pad_id,
+            cross=cross,
+        )
         batch = next(iter(batches(0)))
         rows, k, length = batch["tokens"].shape
         if isinstance(objective, StoredTopKKD) or getattr(objective, "stored", False):  # the stored outputs
-            teacher_rows = (read_config(self.cfg.teacher_dir) if self.cfg.teacher_dir
-                            else self.with_vocab(self.cfg.teacher)).vocab_size
+            teacher_rows = (
+                read_config(self.cfg.teacher_dir) if self.cfg.teacher_dir else self.with_vocab(self.cfg.teacher)
+            ).vocab_size
             shape = (rows, k, length - 1, getattr(objective, "top_k", None) or min(config.vocab_size, teacher_rows))
             batch = {**batch, VALUES: np.zeros(shape, jnp.bfloat16), INDICES: np.zeros(shape, np.int32)}
         one = jax.eval_shape(lambda: create_train_state(Decoder(config, rngs=nnx.Rngs(0)), tx, seed=0)[1])
         states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(seeds), *x.shape), x.dtype), one)
         layout = getattr(run, "state_sharding", None)
-        shard = (lambda tree: layout(tree) if callable(layout) else layout) if layout is not None else (lambda tree: None)
+        shard = (
+            (lambda tree: layout(tree) if callable(layout) else layout) if layout is not None else (lambda tree: None)
+        )
         placed = shard(states)  # the states' shardings: a tree like them, one sharding, or None (one device)
-        per_tree = (lambda part: getattr(placed, part)) if placed is not None and hasattr(placed, "params") \
+        per_tree = (
+            (lambda part: getattr(placed, part))
+            if placed is not None and hasattr(placed, "params")
             else (lambda part: placed)
+        )
         mesh = self.cfg.mesh_shape() or (1, 1)
         local_rows = -(-rows // mesh[0])
         student = MP.per_device_bytes(states.params, per_tree("params"))
@@ -1101,15 +1502,26 @@ class LMJob(Job):
         chunk = getattr(objective, "chunk_size", 1024)
         kv = 0
         if on_policy_prompts is not None:
-            kv = MP.kv_cache_bytes(layers=config.num_layers, rows=local_rows, slots=on_policy_prompts + generated,
-                                   kv_heads=-(-config.num_kv_heads // mesh[1]), head_dim=config.head_dim, seeds=len(seeds))
+            kv = MP.kv_cache_bytes(
+                layers=config.num_layers,
+                rows=local_rows,
+                slots=on_policy_prompts + generated,
+                kv_heads=-(-config.num_kv_heads // mesh[1]),
+                head_dim=config.head_dim,
+                seeds=len(seeds),
+            )
         return MP.compiled_step_memory(
-            run.lower(states, batch, objective, tvars), name=name,
-            teacher=MP.per_device_bytes(tvars, shard(tvars)) if tvars is not None else 0, student=student,
+            run.lower(states, batch, objective, tvars),
+            name=name,
+            teacher=MP.per_device_bytes(tvars, shard(tvars)) if tvars is not None else 0,
+            student=student,
             optimizer=MP.per_device_bytes(states.opt_state, per_tree("opt_state")),
-            gradients=student, kv_cache=kv,
-            loss_chunk=MP.fused_loss_chunk(local_rows * (length - 1), chunk, vocab, seeds=len(seeds),
-                                           with_teacher=tvars is not None))
+            gradients=student,
+            kv_cache=kv,
+            loss_chunk=MP.fused_loss_chunk(
+                local_rows * (length - 1), chunk, vocab, seeds=len(seeds), with_teacher=tvars is not None
+            ),
+        )
 
     def stored_topk(self, k: int, vocab: int) -> StoredTopK:
         """The teacher's top-``k`` next-token log-probabilities over the first ``vocab`` ids at every
@@ -1130,8 +1542,10 @@ class LMJob(Job):
             if self.primary:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 out.save(path)
-            self.echo(f"teacher outputs stored once: top-{k} of {len(out)} conversations x {length - 1} positions "
-                      f"in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, {time.perf_counter() - t0:.1f} s)")
+            self.echo(
+                f"teacher outputs stored once: top-{k} of {len(out)} conversations x {length - 1} positions "
+                f"in bf16 ({out.nbytes() / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
+            )
         self._stored[(k, vocab)] = out
         return out
 
@@ -1142,22 +1556,37 @@ class LMJob(Job):
         tg, tvars = self.frozen_teacher
         identity = teacher_identity(tvars, self.teacher_model.config)
         length = self.cfg.max_length
-        path = (self.dir / "teacher_spans" /
-                f"{slug(cross.name)}_{objective.name}_k{k}_n{len(cross.aligned)}_{len(cross.shared[0])}.npz")
+        path = (
+            self.dir
+            / "teacher_spans"
+            / f"{slug(cross.name)}_{objective.name}_k{k}_n{len(cross.aligned)}_{len(cross.shared[0])}.npz"
+        )
         source = f"{identity} {objective.name} T={objective.temperature:g}"
         out = StoredTopK.load(path) if path.exists() else None
         if out is not None and out.source == source and len(out) == len(cross.aligned):
             return out
         t0 = time.perf_counter()
-        out = store_span_teacher(tg, tvars, cross.aligned, objective, k=k, length=length, pad_id=pad_id,
-                                 teacher_pad_id=self.pad_id, shared=cross.shared, identity=identity,
-                                 progress=self.progress)
+        out = store_span_teacher(
+            tg,
+            tvars,
+            cross.aligned,
+            objective,
+            k=k,
+            length=length,
+            pad_id=pad_id,
+            teacher_pad_id=self.pad_id,
+            shared=cross.shared,
+            identity=identity,
+            progress=self.progress,
+        )
         if self.primary:
             path.parent.mkdir(parents=True, exist_ok=True)
             out.save(path)
-        self.echo(f"{cross.name}: the teacher's span values stored once ({objective.name}): top-{k} of {len(out)} "
-                  f"conversations x {length - 1} spans in bf16 ({out.nbytes() / 2 ** 20:.1f} MiB, "
-                  f"{time.perf_counter() - t0:.0f} s)")
+        self.echo(
+            f"{cross.name}: the teacher's span values stored once ({objective.name}): top-{k} of {len(out)} "
+            f"conversations x {length - 1} spans in bf16 ({out.nbytes() / 2**20:.1f} MiB, "
+            f"{time.perf_counter() - t0:.0f} s)"
+        )
         return out
 
     # ---- measuring and reporting -------------------------------------------------------------------
@@ -1168,10 +1597,22 @@ class LMJob(Job):
         per_seed = []
         for k, params in enumerate(t.weights):
             model = _as_decoder(t.graphdef, params)
-            m, texts = measure(model, view.tokenizer, view.test_turns, view.test_enc, max_length=cfg.max_length,
-                               max_new_tokens=cfg.max_new_tokens, pad_id=view.pad_id, reference_texts=self.teacher_texts,
-                               tool_format=view.tool_format, tasks=view.test_tasks, tools=self.tools,
-                               max_turns=cfg.max_turns, pass_k=cfg.pass_k, pass_temperature=cfg.pass_temperature)
+            m, texts = measure(
+                model,
+                view.tokenizer,
+                view.test_turns,
+                view.test_enc,
+                max_length=cfg.max_length,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_id=view.pad_id,
+                reference_texts=self.teacher_texts,
+                tool_format=view.tool_format,
+                tasks=view.test_tasks,
+                tools=self.tools,
+                max_turns=cfg.max_turns,
+                pass_k=cfg.pass_k,
+                pass_temperature=cfg.pass_temperature,
+            )
             per_seed.append(m)
             if (warning := format_warning(m, view.tool_format, f"{t.name} (seed {k})")) is not None:
                 self.echo("warning: " + warning)
@@ -1179,42 +1620,70 @@ class LMJob(Job):
                 self.samples[t.name] = texts
             if t.role == "teacher":
                 self.teacher_texts = texts
-            elif run.primary and (run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists()):
+            elif run.primary and (
+                run.folder.changed or not (run.path / slug(t.name) / f"seed{k}" / "config.json").exists()
+            ):
                 # written once, and again when a rerun measures with other settings (its positions)
                 save_hf(model, run.path / slug(t.name) / f"seed{k}", tokenizer=view.tokenizer, overwrite=True)
         return per_seed
 
     def entry(self, run: Run, t: Trained, per_seed: list[dict]) -> dict:
         cfg = self.cfg
-        saved = (Path(cfg.teacher_dir) if cfg.teacher_dir else run.path / SAVED_TEACHER) if t.role == "teacher" \
+        saved = (
+            (Path(cfg.teacher_dir) if cfg.teacher_dir else run.path / SAVED_TEACHER)
+            if t.role == "teacher"
             else run.path / slug(t.name) / "seed0"
+        )
         e = {**_entry(t.name, t.role, t.loss, t.model, per_seed, saved), **t.info}
         exact, ce = (e.get(f"{k}_mean") for k in ("tool_call_exact_match", "test_cross_entropy"))
-        self.echo(f"{t.name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
-                  f"cross-entropy {'-' if ce is None else f'{ce:.3f}'}")
+        self.echo(
+            f"{t.name}: test exact match {'-' if exact is None else f'{exact:.3f}'}, "
+            f"cross-entropy {'-' if ce is None else f'{ce:.3f}'}"
+        )
         return e
 
     def report(self, run: Run, entries: list[dict]) -> report.Report:
-        return build_report(run.path, entries, self.samples, self.test_turns, histories=run.folder.read_log(),
-                            title=self.cfg.title, seconds=time.perf_counter() - run.started,
-                            tool_format=self.tool_format, tool_format_line=self.tool_format_line,
-                            tasks_line=self._tasks_line(), counts={
-                                **self.data.counts, "train_truncated": self.train_enc.truncated,
-                                "train_dropped": self.train_enc.dropped, "test_truncated": self.test_enc.truncated,
-                                "test_turns": len(self.test_turns), "test_turns_skipped": self.skipped_turns,
-                                "unlabelled_skipped": self.skipped_requests, "truncation_rule": C.TRUNCATION_RULE})
-
+        return build_report(
+            run.path,
+            entries,
+            self.samples,
+            self.test_turns,
+            histories=run.folder.read_log(),
+            title=self.cfg.title,
+            seconds=time.perf_counter() - run.started,
+            tool_format=self.tool_format,
+            tool_format_line=self.tool_format_line,
+            tasks_line=self._tasks_line(),
+            counts={
+                **self.data.counts,
+                "train_truncated": self.train_enc.truncated,
+                "train_dropped": self.train_enc.dropped,
+                "test_truncated": self.test_enc.truncated,
+                "test_turns": len(self.test_turns),
+                "test_turns_skipped": self.skipped_turns,
+                "unlabelled_skipped": self.skipped_requests,
+                "truncation_rule": C.TRUNCATION_RULE,
+            },
+        )
 
     def _tasks_line(self) -> str:
         cfg = self.cfg
         if not self.test_tasks:
-            return ("Whole tasks in the loop are not measured: no tools run the models' calls (give them with --tools); "
-                    "the metrics are per assistant turn, after the reference conversation.")
-        trials = (f"; pass^{cfg.pass_k}: the share of tasks solved in all of {cfg.pass_k} trials sampled at temperature "
-                  f"{cfg.pass_temperature:g}" if cfg.pass_k else "")
-        return (f"Task success: {len(self.test_tasks)} test conversations played in the loop by each model, greedy, up to "
-                f"{cfg.max_turns} assistant turns, its calls run by the tools ({self.tools.source}); {TASK_SUCCESS_RULE}"
-                f"{trials}.")
+            return (
+                "Whole tasks in the loop are not measured: no tools run the models' calls (give them with --tools); "
+                "the metrics are per assistant turn, after the reference conversation."
+            )
+        trials = (
+            f"; pass^{cfg.pass_k}: the share of tasks solved in all of {cfg.pass_k} trials sampled at temperature "
+            f"{cfg.pass_temperature:g}"
+            if cfg.pass_k
+            else ""
+        )
+        return (
+            f"Task success: {len(self.test_tasks)} test conversations played in the loop by each model, greedy, up to "
+            f"{cfg.max_turns} assistant turns, its calls run by the tools ({self.tools.source}); {TASK_SUCCESS_RULE}"
+            f"{trials}."
+        )
 
 
 def _in_dtype(model: Decoder, dtype) -> Decoder:
@@ -1244,14 +1713,27 @@ class _Group:
 def _groups(cfg: LMExperimentConfig, student: LMStudent, vocab: int, student_vocab: int) -> list[_Group]:
     """The trained groups of one student, in order; a distilled objective covers the ``vocab`` rows
     the teacher and the student share."""
-    groups = ([_Group(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0))]
-              if cfg.include_baseline else [])
+    groups = (
+        [_Group(f"{student.name} alone", "student_alone", "cross-entropy", TokenKD(kd_weight=0.0, ce_weight=1.0))]
+        if cfg.include_baseline
+        else []
+    )
     for d in cfg.distillations:
         objective = d.objective
         if hasattr(objective, "vocab_size") and objective.vocab_size is None and vocab != student_vocab:
             objective = dataclasses.replace(objective, vocab_size=vocab)  # None already means all rows
-        groups.append(_Group(f"{student.name} {d.name}", "distilled", _describe(d), objective, bool(d.teacher_answers),
-                             bool(d.through_tools), bool(d.all_labels), d.quantize))
+        groups.append(
+            _Group(
+                f"{student.name} {d.name}",
+                "distilled",
+                _describe(d),
+                objective,
+                bool(d.teacher_answers),
+                bool(d.through_tools),
+                bool(d.all_labels),
+                d.quantize,
+            )
+        )
     return groups
 
 
@@ -1320,14 +1802,28 @@ def _answered(r: LMJob, teacher: Decoder, echo):
     t0 = time.perf_counter()
 
     def answer(prompts, cache):
-        return teacher_answers(teacher, prompts, cache_dir=r.dir / cache, max_new_tokens=cfg.max_new_tokens,
-                               sampling=sampling, batch_size=64, progress=r.progress)
+        return teacher_answers(
+            teacher,
+            prompts,
+            cache_dir=r.dir / cache,
+            max_new_tokens=cfg.max_new_tokens,
+            sampling=sampling,
+            batch_size=64,
+            progress=r.progress,
+        )
 
     def rows():
         first = answer(r.request_prompts, "answers")
-        ex = agent_exchanges(r.data.tokenizer, r.request_conversations, r.request_prompts, first, tools=r.tools,
-                             answer=lambda prompts: answer(prompts, "answers_after_tools"), max_length=cfg.max_length,
-                             tool_format=r.tool_format)
+        ex = agent_exchanges(
+            r.data.tokenizer,
+            r.request_conversations,
+            r.request_prompts,
+            first,
+            tools=r.tools,
+            answer=lambda prompts: answer(prompts, "answers_after_tools"),
+            max_length=cfg.max_length,
+            tool_format=r.tool_format,
+        )
         text = r.views or any(isinstance(d.objective, CrossTokenizerKD) for d in cfg.distillations)
         convs = exchange_conversations(ex, r.data.tokenizer, r.tool_format) if text else []
         return (first, *exchange_rows(ex, max_length=cfg.max_length), ex.counts, convs)
@@ -1336,19 +1832,31 @@ def _answered(r: LMJob, teacher: Decoder, echo):
     first, ids, learn, counts, convs = hosts.primary_first(rows, "jkd: teacher answers cached")
     full = sum(len(i) >= cfg.max_length for i in ids)
     failed = tool_failures(counts, cfg.tool_timeout)
-    echo(f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
-         f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
-         + (f"; of {sum(counts.get(k, 0) for k in (OK, REFUSED, RAISED, TIMED_OUT))} tool calls, {failed}, each "
-            "answered by the teacher from the error" if failed else ""))
+    echo(
+        f"teacher answers: {len(first)} requests answered, {counts['continued']} of them carried on after the tools' "
+        f"results ({time.perf_counter() - t0:.0f} s; {full} rows at the {cfg.max_length}-token limit, longer ones cut)"
+        + (
+            f"; of {sum(counts.get(k, 0) for k in (OK, REFUSED, RAISED, TIMED_OUT))} tool calls, {failed}, each "
+            "answered by the teacher from the error"
+            if failed
+            else ""
+        )
+    )
     return ids, learn, convs
 
 
 def tool_failures(counts: dict, timeout_s: float) -> str:
     """The failed tool calls of ``counts`` (by status) in words, e.g. ``1 raised, 1 stopped after 1 s``
     (empty when none failed)."""
-    return ", ".join(f"{counts[k]} {label}" for k, label in (
-        (REFUSED, "refused by the tool's schema"), (RAISED, "raised"), (TIMED_OUT, f"stopped after {timeout_s:g} s"))
-        if counts.get(k))
+    return ", ".join(
+        f"{counts[k]} {label}"
+        for k, label in (
+            (REFUSED, "refused by the tool's schema"),
+            (RAISED, "raised"),
+            (TIMED_OUT, f"stopped after {timeout_s:g} s"),
+        )
+        if counts.get(k)
+    )
 
 
 def guarded_inputs(cfg: LMExperimentConfig) -> dict:
@@ -1362,12 +1870,31 @@ def evaluation_keys(cfg: LMExperimentConfig) -> tuple[str, ...]:
     ``resume``) reuses the trained students. ``max_new_tokens`` is one of them unless the teacher's
     answers (sequence-level or on-policy distillation) are generated with it."""
     answers = any(d.teacher_answers or isinstance(d.objective, OnPolicyKD) for d in cfg.distillations)
-    return (("test_file", "test_limit", "file_digests.test_file", "devices", "mesh", "remat", "memory_limit_gib", "attention",
-             "max_turns", "pass_k", "pass_temperature", "ptq") + (() if answers else ("max_new_tokens", "tool_format")))
+    return (
+        "test_file",
+        "test_limit",
+        "file_digests.test_file",
+        "devices",
+        "mesh",
+        "remat",
+        "memory_limit_gib",
+        "attention",
+        "max_turns",
+        "pass_k",
+        "pass_temperature",
+        "ptq",
+    ) + (() if answers else ("max_new_tokens", "tool_format"))
 
 
-def run(cfg: LMExperimentConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-        progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+def run(
+    cfg: LMExperimentConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Carry out ``cfg`` in ``run_dir`` (the job skeleton, :mod:`jkd.jobs.skeleton`); returns the
     summary (also in ``summary.json``). Every input check that can be made before training is made
     before training; a rerun that changes only evaluation settings (:func:`evaluation_keys`) measures
@@ -1382,9 +1909,13 @@ def _prompt_slots(r: LMJob) -> int:
 
 def _describe(d: LMDistillation) -> str:
     o = d.objective
-    div = (f"stored top-{o.top_k} ForwardKL" if isinstance(o, StoredTopKKD) else
-           ("ULD" if o.divergence is None else f"hybrid {type(o.divergence).__name__}/ULD")
-           if isinstance(o, CrossTokenizerKD) else type(o.divergence).__name__)
+    div = (
+        f"stored top-{o.top_k} ForwardKL"
+        if isinstance(o, StoredTopKKD)
+        else ("ULD" if o.divergence is None else f"hybrid {type(o.divergence).__name__}/ULD")
+        if isinstance(o, CrossTokenizerKD)
+        else type(o.divergence).__name__
+    )
     if isinstance(o, OnPolicyKD):
         return f"on-policy {div} (lambda={o.student_fraction:g}" + (", through the tools)" if d.through_tools else ")")
     parts = []
@@ -1392,13 +1923,23 @@ def _describe(d: LMDistillation) -> str:
         parts.append(div if o.kd_weight == 1 else f"{o.kd_weight:g} {div}")
     if o.ce_weight:
         parts.append("CE" if o.ce_weight == 1 else f"{o.ce_weight:g} CE")
-    return (" + ".join(parts) + (" on teacher answers" if d.teacher_answers else "")
-            + (" (all labelled conversations)" if d.all_labels else ""))
+    return (
+        " + ".join(parts)
+        + (" on teacher answers" if d.teacher_answers else "")
+        + (" (all labelled conversations)" if d.all_labels else "")
+    )
 
 
 def _entry(name, role, loss_name, config: DecoderConfig, per_seed: list[dict], saved: Path) -> dict:
     params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(Decoder(config, rngs=nnx.Rngs(0)), nnx.Param)))
     weights = sum(p.stat().st_size for p in saved.glob("*.safetensors"))  # on disk, tokenizer aside
-    e = {"name": name, "role": role, "loss": loss_name, "params": params, "size_bytes": weights,
-         "seeds": len(per_seed), "per_seed": per_seed}
+    e = {
+        "name": name,
+        "role": role,
+        "loss": loss_name,
+        "params": params,
+        "size_bytes": weights,
+        "seeds": len(per_seed),
+        "per_seed": per_seed,
+    }
     return {**e, **mean_std(per_seed)}

@@ -7,8 +7,9 @@ import functools
 from pathlib import Path
 
 
-def evaluate_saved_model(model_dir: str | Path, *, dataset: str | None = None, data_dir: str | None = None,
-                         batch_size: int = 256) -> dict:
+def evaluate_saved_model(
+    model_dir: str | Path, *, dataset: str | None = None, data_dir: str | None = None, batch_size: int = 256
+) -> dict:
     """Test-split metrics of a saved image model (default: on the dataset it was trained on):
     ``model``, ``dataset``, ``test_accuracy``, ``test_loss`` and the classification report."""
     import jax
@@ -25,17 +26,32 @@ def evaluate_saved_model(model_dir: str | Path, *, dataset: str | None = None, d
     check_dataset(meta, ds.spec, where=f"the model in {model_dir}")
     view = functools.partial(augment.normalize, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, view_fn=view))
-    logits, labels = predict(lambda b: fn(variables, b)["logits"], P.reader(ds.split("test"), ds.spec.image_shape),
-                             batch_size=batch_size)
+    logits, labels = predict(
+        lambda b: fn(variables, b)["logits"], P.reader(ds.split("test"), ds.spec.image_shape), batch_size=batch_size
+    )
     rep = M.classification_report(logits, labels, ds.spec.num_classes)
-    return {"model": meta["model"], "dataset": ds.spec.name, "test_accuracy": rep["accuracy"], "test_loss": rep["loss"],
-            **rep}
+    return {
+        "model": meta["model"],
+        "dataset": ds.spec.name,
+        "test_accuracy": rep["accuracy"],
+        "test_loss": rep["loss"],
+        **rep,
+    }
 
 
-def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_length: int = 256,
-                      max_new_tokens: int = 64, tool_format: str | None = None, tools_file: str | None = None,
-                      tool_timeout_s: float = 30.0, max_turns: int = 3, pass_k: int = 0,
-                      pass_temperature: float = 1.0) -> dict:
+def evaluate_saved_lm(
+    model_dir: str | Path,
+    test_file: str | Path,
+    *,
+    max_length: int = 256,
+    max_new_tokens: int = 64,
+    tool_format: str | None = None,
+    tools_file: str | None = None,
+    tool_timeout_s: float = 30.0,
+    max_turns: int = 3,
+    pass_k: int = 0,
+    pass_temperature: float = 1.0,
+) -> dict:
     """Tool-use metrics and cross-entropy of a Hugging Face model folder on test conversations, as a
     run's report measures them (turns whose prompt exceeds ``max_length`` are skipped and counted).
     Calls are read in ``tool_format`` (None: the one the chat template writes); ``warnings`` says
@@ -64,13 +80,30 @@ def evaluate_saved_lm(model_dir: str | Path, test_file: str | Path, *, max_lengt
         raise ValueError(f"every test turn's prompt is longer than --max-length {max_length}; raise it.")
     enc = C.encode_conversations(tok, convs, max_length=max_length)
     try:
-        metrics, _ = measure(model, tok, kept, enc, max_length=max_length, max_new_tokens=max_new_tokens,
-                             pad_id=tok.pad_id if tok.pad_id is not None else 0, tool_format=fmt,
-                             tasks=tasks_from(convs) if tools is not None else (), tools=tools, max_turns=max_turns,
-                             pass_k=pass_k, pass_temperature=pass_temperature)
+        metrics, _ = measure(
+            model,
+            tok,
+            kept,
+            enc,
+            max_length=max_length,
+            max_new_tokens=max_new_tokens,
+            pad_id=tok.pad_id if tok.pad_id is not None else 0,
+            tool_format=fmt,
+            tasks=tasks_from(convs) if tools is not None else (),
+            tools=tools,
+            max_turns=max_turns,
+            pass_k=pass_k,
+            pass_temperature=pass_temperature,
+        )
     finally:
         if tools is not None:
             tools.close()
     warnings = [w for w in (warning, format_warning(metrics, fmt, str(model_dir))) if w]
-    return {**metrics, "test_turns_skipped": len(turns) - len(kept), "conversations_truncated": enc.truncated,
-            "tool_format": fmt.name, "tool_format_chosen": how, "warnings": warnings}
+    return {
+        **metrics,
+        "test_turns_skipped": len(turns) - len(kept),
+        "conversations_truncated": enc.truncated,
+        "tool_format": fmt.name,
+        "tool_format_chosen": how,
+        "warnings": warnings,
+    }

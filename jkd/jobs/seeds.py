@@ -26,12 +26,21 @@ def margin_and_spread(a: dict, b: dict, key: str, *, better: int = 1) -> tuple[f
     spread. None when either lacks the metric."""
     if f"{key}_mean" not in a or f"{key}_mean" not in b:
         return None
-    return (better * (a[f"{key}_mean"] - b[f"{key}_mean"]),
-            max(a[f"{key}_std"], b[f"{key}_std"]))
+    return (better * (a[f"{key}_mean"] - b[f"{key}_mean"]), max(a[f"{key}_std"], b[f"{key}_std"]))
 
 
-def verdict(a: dict, b: dict, key: str, *, label: str, other: str | None = None, better: int = 1,
-            scale: float = 1.0, digits: int = 4, unit: str = "") -> str | None:
+def verdict(
+    a: dict,
+    b: dict,
+    key: str,
+    *,
+    label: str,
+    other: str | None = None,
+    better: int = 1,
+    scale: float = 1.0,
+    digits: int = 4,
+    unit: str = "",
+) -> str | None:
     """The report's sentence on whether ``a`` beats ``b`` on ``key`` by more than the seed spread
     (:func:`margin_and_spread`), with both means, the margin and the spread (times ``scale``, to
     ``digits`` decimals, in ``unit``); ``other`` names ``b`` (default its name). None when either
@@ -40,6 +49,8 @@ def verdict(a: dict, b: dict, key: str, *, label: str, other: str | None = None,
         return None
     margin, spread = found
     f = lambda x: f"{scale * x:.{digits}f}"  # noqa: E731
-    return (f"{a['name']} {'beats' if margin > spread else 'does not beat'} {other or b['name']} on {label} by more "
-            f"than the seed spread: {f(a[f'{key}_mean'])} vs {f(b[f'{key}_mean'])} (margin {scale * margin:+.{digits}f}"
-            f"{unit}, std {f(spread)}{unit})")
+    return (
+        f"{a['name']} {'beats' if margin > spread else 'does not beat'} {other or b['name']} on {label} by more "
+        f"than the seed spread: {f(a[f'{key}_mean'])} vs {f(b[f'{key}_mean'])} (margin {scale * margin:+.{digits}f}"
+        f"{unit}, std {f(spread)}{unit})"
+    )

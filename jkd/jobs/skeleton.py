@@ -65,7 +65,7 @@ class Run:
 
     config: Any
     folder: RunFolder
-    primary: bool                      # process 0: it alone writes, prints and shows progress
+    primary: bool  # process 0: it alone writes, prints and shows progress
     progress: bool
     echo: Callable[[str], None]
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -88,7 +88,7 @@ class Run:
         if shape is not None:
             from jkd.models.decoder_sharding import make_mesh
 
-            mesh = make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+            mesh = make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
             return parallel.on_mesh(step, mesh, shardings=shardings)
         if kind == "mesh" or jax.process_count() > 1:
             return parallel.on_mesh(step, parallel.data_mesh(devices), shardings=shardings)
@@ -176,23 +176,34 @@ class Job:
 
 
 @contextlib.contextmanager
-def open_run(job: Job, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
-             echo: Callable[[str], None] = print, config: dict | None = None) -> Iterator[Run]:
+def open_run(
+    job: Job,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    config: dict | None = None,
+) -> Iterator[Run]:
     """Claim ``run_dir`` for ``job`` (the guard: ``config``, default the job's config with its
     input fingerprints), prepare the job, write ``config.json``; yield the :class:`Run`; release
     the folder at the end, also on failure."""
     job.config.validate()
     primary = hosts.is_primary()
     guard = guarded_config(job.config, job.guarded_inputs()) if config is None else config
-    folder = RunFolder(Path(run_dir), guard, resume=resume, force=force, reusable=job.reusable(), writer=primary,
-                       echo=echo)
+    folder = RunFolder(
+        Path(run_dir), guard, resume=resume, force=force, reusable=job.reusable(), writer=primary, echo=echo
+    )
     try:
         hosts.barrier("jkd: run folder claimed")  # a --force deletion by process 0 is complete
         run = Run(job.config, folder, primary, progress and primary, echo if primary else (lambda *_: None))
         job.run = run
         if folder.changed:
-            run.echo(f"evaluation settings changed ({'; '.join(folder.changed)}): the trained models are reused "
-                     "and measured again")
+            run.echo(
+                f"evaluation settings changed ({'; '.join(folder.changed)}): the trained models are reused "
+                "and measured again"
+            )
         job.prepare(run)  # reads and checks the data before anything is written
         folder.begin()
         yield run
@@ -211,8 +222,15 @@ def get_teacher(job: Job, run: Run) -> Trained:
     return teacher
 
 
-def run_job(job: Job, run_dir: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
-            echo: Callable[[str], None] = print) -> dict:
+def run_job(
+    job: Job,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Carry out ``job`` in ``run_dir`` (the module docstring's seven steps); returns the summary
     (also in ``summary.json``)."""
     with open_run(job, run_dir, resume=resume, force=force, progress=progress, echo=echo) as run:

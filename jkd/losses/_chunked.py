@@ -58,7 +58,8 @@ def chunked_soft_distillation_loss(
     if s.shape != t.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape [..., num_classes]; got "
-            f"{s.shape} and {t.shape}.")
+            f"{s.shape} and {t.shape}."
+        )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
     c.check_positive("temperature", temperature)
@@ -72,7 +73,7 @@ def chunked_soft_distillation_loss(
     mask = jnp.ones((rows,), bool) if where is None else where.reshape(rows)
 
     def prep(x, fill):
-        x = x.reshape((rows,) + x.shape[len(batch_shape):])
+        x = x.reshape((rows,) + x.shape[len(batch_shape) :])
         if pad:  # a copy only when the rows do not divide into chunks
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
         return x.reshape((n_chunks, chunk_size) + x.shape[1:])
@@ -169,10 +170,14 @@ def projected_soft_distillation_loss(
       Hinton et al. 2015, https://arxiv.org/abs/1503.02531. Fusing the output projection into a
       chunked loss: Hsu et al. Liger Kernel, 2024, https://arxiv.org/abs/2410.10989.
     """
-    warnings.warn("jkd.losses.projected_soft_distillation_loss is deprecated: use "
-                  "projected_token_divergence(student_hidden, student_projection.T, teacher_hidden, "
-                  "teacher_projection.T, temperature=T) * T**2 (weights [vocab, d]; masks and other "
-                  "divergences too).", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "jkd.losses.projected_soft_distillation_loss is deprecated: use "
+        "projected_token_divergence(student_hidden, student_projection.T, teacher_hidden, "
+        "teacher_projection.T, temperature=T) * T**2 (weights [vocab, d]; masks and other "
+        "divergences too).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     ws = c.check_floating("student_projection", student_projection)
     wt = c.check_floating("teacher_projection", teacher_projection)
     hs_d, ht_d = jnp.shape(student_hidden)[-1], jnp.shape(teacher_hidden)[-1]
@@ -180,8 +185,10 @@ def projected_soft_distillation_loss(
         raise ValueError(
             "projections must be [d, num_classes] with d the hidden size and the same num_classes; got student "
             f"hidden {jnp.shape(student_hidden)} x projection {ws.shape}, teacher hidden {jnp.shape(teacher_hidden)} "
-            f"x projection {wt.shape}.")
+            f"x projection {wt.shape}."
+        )
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(f"temperature must be a positive Python number; got {temperature!r}.")
-    return temperature ** 2 * projected_token_divergence(
-        student_hidden, ws.T, teacher_hidden, wt.T, temperature=temperature, chunk_size=chunk_size)
+    return temperature**2 * projected_token_divergence(
+        student_hidden, ws.T, teacher_hidden, wt.T, temperature=temperature, chunk_size=chunk_size
+    )

@@ -99,8 +99,7 @@ def check_labels(labels: Any, batch_shape: tuple[int, ...], num_classes: int) ->
         lo, hi = int(concrete.min()), int(concrete.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes; "
-                f"found values in [{lo}, {hi}]."
+                f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes; found values in [{lo}, {hi}]."
             )
     return jnp.broadcast_to(labels, batch_shape)
 

@@ -32,13 +32,15 @@ def _merged_row(logits, targets, first, chain, temperature):
     logp = jax.nn.log_softmax(logits / temperature, axis=-1)  # [T, V]
     tok = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]  # [T]: log p(next token)
     inside = chain >= 0
-    later = jax.ops.segment_sum(jnp.where(inside, tok, 0.0), jnp.where(inside, chain, 0),
-                                num_segments=first.shape[0])  # [S]
+    later = jax.ops.segment_sum(
+        jnp.where(inside, tok, 0.0), jnp.where(inside, chain, 0), num_segments=first.shape[0]
+    )  # [S]
     return logp[first] + later[:, None]
 
 
-def span_log_probs(logits: jax.Array, targets: jax.Array, first: jax.Array, chain: jax.Array, *,
-                   temperature: float | jax.Array = 1.0) -> jax.Array:
+def span_log_probs(
+    logits: jax.Array, targets: jax.Array, first: jax.Array, chain: jax.Array, *, temperature: float | jax.Array = 1.0
+) -> jax.Array:
     r"""Each span's distribution, in log space (unnormalised).
 
     .. math::
@@ -74,8 +76,13 @@ def span_log_probs(logits: jax.Array, targets: jax.Array, first: jax.Array, chai
     s = first.shape[-1]
     c.check_positive("temperature", temperature)
     f = jax.vmap(_merged_row, in_axes=(0, 0, 0, 0, None))
-    out = f(logits.astype(dtype).reshape(-1, t, v), jnp.asarray(targets).reshape(-1, t),
-            jnp.asarray(first).reshape(-1, s), jnp.asarray(chain).reshape(-1, t), jnp.asarray(temperature, dtype))
+    out = f(
+        logits.astype(dtype).reshape(-1, t, v),
+        jnp.asarray(targets).reshape(-1, t),
+        jnp.asarray(first).reshape(-1, s),
+        jnp.asarray(chain).reshape(-1, t),
+        jnp.asarray(temperature, dtype),
+    )
     return out.reshape(*lead, s, v)
 
 
@@ -117,8 +124,10 @@ def uld_distance(student_log_probs: jax.Array, teacher_log_probs: jax.Array) -> 
 
 def _check_hybrid(divergence, shared, exact) -> None:
     if divergence is not None and (shared is None or exact is None):
-        raise ValueError("the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
-                         "jkd.data.align.shared_tokens gives the first, span_layout the second")
+        raise ValueError(
+            "the hybrid loss (a divergence given) needs shared=(teacher_ids, student_ids) and exact=; "
+            "jkd.data.align.shared_tokens gives the first, span_layout the second"
+        )
 
 
 def _first_logits(logits, first):
@@ -215,9 +224,11 @@ def _rows_in_chunks(fn, rows: jax.Array, chunk: int, *extra: jax.Array) -> jax.A
 
 def _target_log_probs(hidden, weight, targets, temperature, chunk):
     """``[N]``: ``log softmax(hidden_n @ weight.T / T)[targets_n]``, ``chunk`` rows at a time."""
+
     def fn(h, t):
         logits = jnp.einsum("nd,vd->nv", h, weight, preferred_element_type=jnp.float32) / temperature
         return jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
     return _rows_in_chunks(fn, hidden, chunk, targets)
 
 
@@ -285,13 +296,16 @@ def projected_cross_tokenizer_divergence(
     b, s = student_first.shape
     where = None if where is None else c.check_where(where, (b, s))
     temp = jnp.asarray(temperature, jnp.float32)
-    hs, ht = (c.check_floating(n, x) for n, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)))
+    hs, ht = (
+        c.check_floating(n, x) for n, x in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden))
+    )
     ws, wt = student_weight, teacher_weight
 
     def chains(hidden, weight, targets, chain):  # [B, S]: the log-probability of each span's later tokens
         n, t = hidden.shape[0], hidden.shape[1]
-        lp = _target_log_probs(hidden.reshape(n * t, -1), weight, jnp.asarray(targets).reshape(-1), temp,
-                               chunk_size).reshape(n, t)
+        lp = _target_log_probs(
+            hidden.reshape(n * t, -1), weight, jnp.asarray(targets).reshape(-1), temp, chunk_size
+        ).reshape(n, t)
         inside = chain >= 0
         seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]
         return jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * s)
@@ -306,8 +320,9 @@ def projected_cross_tokenizer_divergence(
     def per_span(h_s, h_t, later_s, later_t, is_exact):
         ls = jnp.einsum("nd,vd->nv", h_s, ws, preferred_element_type=jnp.float32) / temp
         lt = jnp.einsum("nd,vd->nv", h_t, wt, preferred_element_type=jnp.float32) / temp
-        values = uld_distance(jax.nn.log_softmax(ls, axis=-1) + later_s[:, None],
-                              jax.nn.log_softmax(lt, axis=-1) + later_t[:, None])
+        values = uld_distance(
+            jax.nn.log_softmax(ls, axis=-1) + later_s[:, None], jax.nn.log_softmax(lt, axis=-1) + later_t[:, None]
+        )
         if divergence is not None:
             log_q = jax.nn.log_softmax(jnp.take(ls, s_ids, axis=-1), axis=-1)
             log_p = jax.nn.log_softmax(jnp.take(lt, t_ids, axis=-1), axis=-1)
@@ -355,11 +370,13 @@ def teacher_span_values(
     if exact is None:
         return rows
     if shared_teacher is None:
-        raise ValueError("the hybrid's stored values (exact= given) need shared_teacher, the teacher ids of the "
-                         "shared tokens")
+        raise ValueError(
+            "the hybrid's stored values (exact= given) need shared_teacher, the teacher ids of the shared tokens"
+        )
     ids = jnp.asarray(shared_teacher, jnp.int32)
-    first = _first_logits(c.check_floating("teacher_logits", teacher_logits).astype(jnp.float32),
-                          jnp.asarray(teacher_first)) / jnp.asarray(temperature, jnp.float32)
+    first = _first_logits(
+        c.check_floating("teacher_logits", teacher_logits).astype(jnp.float32), jnp.asarray(teacher_first)
+    ) / jnp.asarray(temperature, jnp.float32)
     shared = jax.nn.log_softmax(jnp.take(first, ids, axis=-1), axis=-1)  # [..., S, M]
     on_shared = jnp.full(rows.shape, STORED_FLOOR, jnp.float32).at[..., ids].set(shared)
     return jnp.where(jnp.asarray(exact)[..., None], on_shared, rows)
@@ -413,15 +430,18 @@ def stored_cross_tokenizer_divergence(
     c.check_positive("temperature", temperature)
     b, s = student_first.shape
     if teacher_values.shape[:2] != (b, s) or teacher_ids.shape != teacher_values.shape:
-        raise ValueError(f"teacher_values and teacher_ids must be [B, S, k] with [B, S] = {(b, s)}; got "
-                         f"{teacher_values.shape} and {teacher_ids.shape}")
+        raise ValueError(
+            f"teacher_values and teacher_ids must be [B, S, k] with [B, S] = {(b, s)}; got "
+            f"{teacher_values.shape} and {teacher_ids.shape}"
+        )
     where = None if where is None else c.check_where(where, (b, s))
     temp = jnp.asarray(temperature, jnp.float32)
     hs = c.check_floating("student_hidden", student_hidden)
     ws = student_weight
     n, t = hs.shape[0], hs.shape[1]
-    lp = _target_log_probs(hs.reshape(n * t, -1), ws, jnp.asarray(student_targets).reshape(-1), temp,
-                           chunk_size).reshape(n, t)
+    lp = _target_log_probs(
+        hs.reshape(n * t, -1), ws, jnp.asarray(student_targets).reshape(-1), temp, chunk_size
+    ).reshape(n, t)
     chain = jnp.asarray(student_chain)
     inside = chain >= 0
     seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]

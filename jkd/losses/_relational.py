@@ -42,8 +42,9 @@ def _batch_features(name_s, student_features, name_t, teacher_features, where):
     s = c.check_floating(name_s, student_features)
     t = c.check_floating(name_t, teacher_features)
     if s.ndim < 2 or t.ndim < 2 or s.shape[0] != t.shape[0]:
-        raise ValueError(f"{name_s} and {name_t} must be [batch, ...] with one batch size; got {s.shape} and "
-                         f"{t.shape}.")
+        raise ValueError(
+            f"{name_s} and {name_t} must be [batch, ...] with one batch size; got {s.shape} and {t.shape}."
+        )
     dtype = c.compute_dtype(s, t)
     s = s.reshape(s.shape[0], -1).astype(dtype)
     t = t.reshape(t.shape[0], -1).astype(dtype)
@@ -103,8 +104,9 @@ def rkd_distance_loss(
       Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019.
       https://arxiv.org/abs/1904.05068
     """
-    s, t, valid, where = _batch_features("student_features", student_features, "teacher_features",
-                                         teacher_features, where)
+    s, t, valid, where = _batch_features(
+        "student_features", student_features, "teacher_features", teacher_features, where
+    )
     pair = _distinct_pairs(valid)
     n_pairs = jnp.maximum(jnp.sum(pair), 1).astype(s.dtype)
     n = jnp.sum(valid).astype(s.dtype)
@@ -152,8 +154,9 @@ def rkd_angle_loss(
       Park, Kim, Lu, Cho. Relational Knowledge Distillation. CVPR 2019.
       https://arxiv.org/abs/1904.05068
     """
-    s, t, valid, where = _batch_features("student_features", student_features, "teacher_features",
-                                         teacher_features, where)
+    s, t, valid, where = _batch_features(
+        "student_features", student_features, "teacher_features", teacher_features, where
+    )
     pair = _distinct_pairs(valid)  # [i, j]: j != i, both valid
     triplet = pair[:, :, None] & pair[:, None, :] & ~jnp.eye(s.shape[0], dtype=bool)[None, :, :]  # [i, j, k]: j != k
     n = jnp.sum(valid).astype(s.dtype)
@@ -204,8 +207,9 @@ def similarity_preserving_loss(
       Tung, Mori. Similarity-Preserving Knowledge Distillation. ICCV 2019.
       https://arxiv.org/abs/1907.09682
     """
-    s, t, valid, where = _batch_features("student_features", student_features, "teacher_features",
-                                         teacher_features, where)
+    s, t, valid, where = _batch_features(
+        "student_features", student_features, "teacher_features", teacher_features, where
+    )
     pair = valid[:, None] & valid[None, :]
     n = jnp.maximum(jnp.sum(valid), 1).astype(s.dtype)
 
@@ -265,11 +269,14 @@ def contrastive_representation_loss(
       Tian, Krishnan, Isola. Contrastive Representation Distillation. ICLR 2020.
       https://arxiv.org/abs/1910.10699
     """
-    s, t, valid, where = _batch_features("student_embeddings", student_embeddings, "teacher_embeddings",
-                                         teacher_embeddings, where)
+    s, t, valid, where = _batch_features(
+        "student_embeddings", student_embeddings, "teacher_embeddings", teacher_embeddings, where
+    )
     if s.shape != t.shape:
-        raise ValueError(f"student_embeddings and teacher_embeddings must have one shape [B, D] (map both with "
-                         f"their heads first); got {s.shape} and {t.shape}.")
+        raise ValueError(
+            f"student_embeddings and teacher_embeddings must have one shape [B, D] (map both with "
+            f"their heads first); got {s.shape} and {t.shape}."
+        )
     c.check_positive("temperature", temperature)
     if (student_memory is None) != (teacher_memory is None):
         raise ValueError("give both student_memory and teacher_memory, or neither.")

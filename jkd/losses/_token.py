@@ -175,8 +175,10 @@ def token_divergence(
       https://arxiv.org/abs/2306.08543
     """
     if not callable(divergence) or not dataclasses.is_dataclass(divergence):
-        raise TypeError(f"divergence must be one of ForwardKL(), ReverseKL(), GeneralizedJSD(beta), "
-                        f"SkewForwardKL(alpha), SkewReverseKL(alpha), TotalVariation(); got {divergence!r}.")
+        raise TypeError(
+            f"divergence must be one of ForwardKL(), ReverseKL(), GeneralizedJSD(beta), "
+            f"SkewForwardKL(alpha), SkewReverseKL(alpha), TotalVariation(); got {divergence!r}."
+        )
     s, t = c.check_logits_pair(student_logits, teacher_logits)
     c.check_positive("temperature", temperature)
     where = c.check_where(where, s.shape[:-1])
@@ -187,7 +189,9 @@ def token_divergence(
     return c.mask_output(where, divergence(log_p, log_q))
 
 
-def token_mean(values: jax.Array, where: jax.Array | None = None, *, num_tokens: jax.Array | int | None = None) -> jax.Array:
+def token_mean(
+    values: jax.Array, where: jax.Array | None = None, *, num_tokens: jax.Array | int | None = None
+) -> jax.Array:
     r"""The token-weighted mean: ``sum(values[where]) / num_tokens``.
 
     .. math::
@@ -297,21 +301,50 @@ def projected_token_divergence(
     if ws.ndim != 2 or wt.ndim != 2 or ws.shape[1] != hs.shape[-1] or wt.shape[1] != ht.shape[-1]:
         raise ValueError(
             "weights must be [vocab, d] with d the hidden size; got student hidden "
-            f"{hs.shape} with weight {ws.shape}, teacher hidden {ht.shape} with weight {wt.shape}.")
+            f"{hs.shape} with weight {ws.shape}, teacher hidden {ht.shape} with weight {wt.shape}."
+        )
     if ws.shape[0] != wt.shape[0]:
-        raise ValueError(f"student and teacher vocabularies differ ({ws.shape[0]} vs {wt.shape[0]} rows); pass the "
-                         "rows both use (jkd.data.vocab.shared_vocabulary gives the count; TokenKD.vocab_size slices "
-                         "them in the train step).")
+        raise ValueError(
+            f"student and teacher vocabularies differ ({ws.shape[0]} vs {wt.shape[0]} rows); pass the "
+            "rows both use (jkd.data.vocab.shared_vocabulary gives the count; TokenKD.vocab_size slices "
+            "them in the train step)."
+        )
     if hs.shape[:-1] != ht.shape[:-1]:
-        raise ValueError(f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}.")
+        raise ValueError(
+            f"student_hidden and teacher_hidden need the same leading shape; got {hs.shape} and {ht.shape}."
+        )
     if not dataclasses.is_dataclass(divergence):
         raise TypeError(f"divergence must be a divergence instance such as ForwardKL(); got {divergence!r}.")
-    return _fused_entry(hs, ws, (ht,), (wt,), _DenseTeacher(divergence), temperature, where, num_tokens, labels,
-                        divergence_weight, label_weight, chunk_size)
+    return _fused_entry(
+        hs,
+        ws,
+        (ht,),
+        (wt,),
+        _DenseTeacher(divergence),
+        temperature,
+        where,
+        num_tokens,
+        labels,
+        divergence_weight,
+        label_weight,
+        chunk_size,
+    )
 
 
-def _fused_entry(hs, ws, t_rows, t_globs, teacher, temperature, where, num_tokens, labels, divergence_weight,
-                 label_weight, chunk_size):
+def _fused_entry(
+    hs,
+    ws,
+    t_rows,
+    t_globs,
+    teacher,
+    temperature,
+    where,
+    num_tokens,
+    labels,
+    divergence_weight,
+    label_weight,
+    chunk_size,
+):
     """Checks shared by the fused losses, rows flattened into chunks, then the custom-VJP pass."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
@@ -334,8 +367,19 @@ def _fused_entry(hs, ws, t_rows, t_globs, teacher, temperature, where, num_token
     dtype = c.compute_dtype(hs, ws)
     denom = jnp.maximum(jnp.asarray(count, dtype), 1)
     weights = (float(divergence_weight), float(label_weight))
-    loss, _ = _fused(layout.prep(hs), ws, tuple(layout.prep(x) for x in t_rows), t_globs, layout.prep(mask, False),
-                     layout.prep(labels), denom, teacher, float(temperature), weights, dtype)
+    loss, _ = _fused(
+        layout.prep(hs),
+        ws,
+        tuple(layout.prep(x) for x in t_rows),
+        t_globs,
+        layout.prep(mask, False),
+        layout.prep(labels),
+        denom,
+        teacher,
+        float(temperature),
+        weights,
+        dtype,
+    )
     return loss
 
 
@@ -369,7 +413,7 @@ class _ChunkLayout:
     def prep(self, x, fill=0):
         """``[..., T, *rest]`` (the batch shape, then per-token features) ->
         ``[chunks, rows, per_row, *rest]``, the last chunk padded with ``fill``."""
-        rest = x.shape[self.batch_ndim:]
+        rest = x.shape[self.batch_ndim :]
         x = x.reshape((self.rows, self.length) + rest)
         if self.order is not None:
             x = jnp.take_along_axis(x, self.order.reshape(self.order.shape + (1,) * len(rest)), axis=1)
@@ -483,8 +527,15 @@ def _no_gradient(tree):
 def _fused_bwd(teacher, temp, weights, dtype, res, cotangents):
     dhs, dws, t_rows, t_globs, denom = res
     g = cotangents[0].astype(dtype)  # the auxiliary output carries no gradient
-    return ((dhs.astype(dtype) * g).astype(dhs.dtype), (dws.astype(dtype) * g).astype(dws.dtype),
-            _no_gradient(t_rows), _no_gradient(t_globs), None, None, jnp.zeros_like(denom))
+    return (
+        (dhs.astype(dtype) * g).astype(dhs.dtype),
+        (dws.astype(dtype) * g).astype(dws.dtype),
+        _no_gradient(t_rows),
+        _no_gradient(t_globs),
+        None,
+        None,
+        jnp.zeros_like(denom),
+    )
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -543,10 +594,24 @@ def projected_topk_kl(
     if ws.ndim != 2 or ws.shape[1] != hs.shape[-1]:
         raise ValueError(f"student_weight must be [vocab, d] with d = {hs.shape[-1]}; got {ws.shape}.")
     if vals.shape != ids.shape or vals.shape[:-1] != hs.shape[:-1]:
-        raise ValueError(f"teacher_topk_logprobs {vals.shape} and teacher_topk_ids {ids.shape} must both be "
-                         f"[..., k] with [...] = {hs.shape[:-1]} (the student's tokens).")
+        raise ValueError(
+            f"teacher_topk_logprobs {vals.shape} and teacher_topk_ids {ids.shape} must both be "
+            f"[..., k] with [...] = {hs.shape[:-1]} (the student's tokens)."
+        )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"teacher_topk_ids must be integer ids; got dtype {ids.dtype}.")
     c.check_labels(ids, ids.shape, ws.shape[0])  # ids inside the student's vocabulary (when concrete)
-    return _fused_entry(hs, ws, (vals, ids.astype(jnp.int32)), (), _TopKTeacher(), temperature, where,
-                        num_tokens, labels, divergence_weight, label_weight, chunk_size)
+    return _fused_entry(
+        hs,
+        ws,
+        (vals, ids.astype(jnp.int32)),
+        (),
+        _TopKTeacher(),
+        temperature,
+        where,
+        num_tokens,
+        labels,
+        divergence_weight,
+        label_weight,
+        chunk_size,
+    )

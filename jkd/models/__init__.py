@@ -8,11 +8,21 @@ decoder, the sampler, feature capture) does not load every model family and the 
 import importlib
 
 _EXPORTS = {
-    "BatchNorm": "jkd.models.batchnorm", "SmallCNN": "jkd.models.cnn", "Decoder": "jkd.models.decoder",
-    "DecoderConfig": "jkd.models.decoder_config", "load_hf": "jkd.models.hf", "save_hf": "jkd.models.hf",
-    "MLP": "jkd.models.mlp", "MobileNetV2": "jkd.models.mobilenet", "CifarResNet": "jkd.models.resnet",
-    "WideResNet": "jkd.models.resnet", "expose": "jkd.models._layers", "call_with_features": "jkd.models._layers",
-    "MODELS": "jkd.models.zoo", "ModelStats": "jkd.models.zoo", "create_model": "jkd.models.zoo",
+    "BatchNorm": "jkd.models.batchnorm",
+    "SmallCNN": "jkd.models.cnn",
+    "Decoder": "jkd.models.decoder",
+    "DecoderConfig": "jkd.models.decoder_config",
+    "load_hf": "jkd.models.hf",
+    "save_hf": "jkd.models.hf",
+    "MLP": "jkd.models.mlp",
+    "MobileNetV2": "jkd.models.mobilenet",
+    "CifarResNet": "jkd.models.resnet",
+    "WideResNet": "jkd.models.resnet",
+    "expose": "jkd.models._layers",
+    "call_with_features": "jkd.models._layers",
+    "MODELS": "jkd.models.zoo",
+    "ModelStats": "jkd.models.zoo",
+    "create_model": "jkd.models.zoo",
     "model_stats": "jkd.models.zoo",
 }
 

@@ -17,8 +17,15 @@ def conv(cin: int, cout: int, kernel: int, stride: int = 1, *, groups: int = 1, 
     """A bias-free ``kernel x kernel`` conv with SAME-style padding (``kernel // 2``)."""
     pad = kernel // 2
     return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups, use_bias=False, kernel_init=he_fan_out, rngs=rngs,
+        cin,
+        cout,
+        (kernel, kernel),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=False,
+        kernel_init=he_fan_out,
+        rngs=rngs,
     )
 
 

@@ -51,8 +51,9 @@ class FusedAttention:
 
     @property
     def description(self) -> str:
-        return {"cudnn": "cuDNN flash attention"}.get(self.implementation, "JAX's fused XLA attention") + \
-            f" (jax.nn.dot_product_attention, implementation={self.implementation!r})"
+        return {"cudnn": "cuDNN flash attention"}.get(
+            self.implementation, "JAX's fused XLA attention"
+        ) + f" (jax.nn.dot_product_attention, implementation={self.implementation!r})"
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, Hkv, hd]
@@ -60,8 +61,9 @@ class FusedAttention:
         # promotion it would fail inside JAX; every input here has one dtype already. (Its bfloat16
         # gradient still fails to lower under strict promotion, inside JAX: use the default there.)
         with jax.numpy_dtype_promotion("standard"):
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
-                                               implementation=self.implementation)
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], implementation=self.implementation
+            )
         return out.astype(v.dtype)
 
 
@@ -71,8 +73,16 @@ def _splash_kernel(length: int, heads: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
@@ -101,7 +111,8 @@ class SplashAttention:
         qh = (q * (1.0 / math.sqrt(hd))).astype(q.dtype).transpose(0, 2, 1, 3)  # [B, H, T, hd]
         kh, vh = (jnp.repeat(x, g, axis=1).astype(q.dtype) for x in (k, v))
         out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=SegmentIds(q=s1, kv=s1)))(
-            qh, kh, vh, segments)
+            qh, kh, vh, segments
+        )
         return out.transpose(0, 2, 1, 3).astype(v.dtype)
 
 

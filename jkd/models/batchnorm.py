@@ -36,8 +36,9 @@ def _dot_sum(x2d: jax.Array) -> jax.Array:
     explicit = spec is not None and len(spec) > 0 and spec[0] is not None
     k = 1 if explicit else next(k for k in (64, 32, 16, 8, 4, 2, 1) if rows % k == 0)
     ones = jnp.ones((rows // k,), x2d.dtype)
-    partial = jax.lax.dot_general(ones, x2d.reshape(rows // k, k, c), (((0,), (0,)), ((), ())),
-                                  precision=jax.lax.Precision.HIGHEST)
+    partial = jax.lax.dot_general(
+        ones, x2d.reshape(rows // k, k, c), (((0,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+    )
     return partial.sum(axis=0)
 
 
@@ -55,8 +56,7 @@ def _total(x: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                     axis_name: str | None = None):
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, axis_name: str | None = None):
     """Training-mode batch normalisation over every axis but the last.
 
     ``x [..., C]``, ``scale [C]``, ``bias [C]`` -> ``(y [..., C], mean [C], var [C])`` with
@@ -107,9 +107,13 @@ class BatchNorm(nnx.BatchNorm):
 
     def _fast(self, x: jax.Array, mask) -> bool:
         return (
-            mask is None and self.axis_index_groups is None
-            and self.axis in (-1, x.ndim - 1) and self.dtype in (None, jnp.float32)
-            and x.dtype == jnp.float32 and self.scale is not None and self.bias is not None
+            mask is None
+            and self.axis_index_groups is None
+            and self.axis in (-1, x.ndim - 1)
+            and self.dtype in (None, jnp.float32)
+            and x.dtype == jnp.float32
+            and self.scale is not None
+            and self.bias is not None
             and self.scale[...].dtype == jnp.float32
         )
 

@@ -18,8 +18,14 @@ class SmallCNN(nnx.Module):
     """
 
     def __init__(
-        self, in_channels: int, num_classes: int, *, width: int = 32, channels: tuple[int, int] | None = None,
-        bn_axis_name: str | None = None, rngs: nnx.Rngs,
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        width: int = 32,
+        channels: tuple[int, int] | None = None,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
         c1, c2 = channels if channels is not None else (width, 2 * width)
         self.conv1 = conv(in_channels, c1, 3, rngs=rngs)

@@ -108,7 +108,8 @@ def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
         high_wl = sc.original_max_position_embeddings / sc.high_freq_factor
         scaled = np.where(wavelength > low_wl, inv / sc.factor, inv)
         smooth = (sc.original_max_position_embeddings / wavelength - sc.low_freq_factor) / (
-            sc.high_freq_factor - sc.low_freq_factor)
+            sc.high_freq_factor - sc.low_freq_factor
+        )
         medium = (wavelength >= high_wl) & (wavelength <= low_wl)
         inv = np.where(medium, (1 - smooth) * scaled / sc.factor + smooth * scaled, scaled)
     return inv.astype(np.float32)
@@ -149,8 +150,10 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, 
     ``0..i``. Equal to :func:`attend` wherever a query sees at least one key; about
     ``(n + 1) / 2n`` of its work for ``n`` blocks."""
     t = q.shape[1]
-    outs = [attend(q[:, s:s + block], k[:, :, :s + block], v[:, :, :s + block], mask[:, s:s + block, :s + block])
-            for s in range(0, t, block)]
+    outs = [
+        attend(q[:, s : s + block], k[:, :, : s + block], v[:, :, : s + block], mask[:, s : s + block, : s + block])
+        for s in range(0, t, block)
+    ]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -232,8 +235,12 @@ class KVCache:
     def create(cls, config: DecoderConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         shape = (batch, config.num_kv_heads, slots, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+        return cls(
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            valid=jnp.zeros((batch, slots), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
 
     @property
     def slots(self) -> int:
@@ -245,8 +252,9 @@ def default_positions(attention_mask: jax.Array | None, segment_ids: jax.Array |
     (so left padding gives the same positions as no padding); ``arange`` otherwise."""
     t = jnp.arange(shape[1], dtype=jnp.int32)
     if segment_ids is not None:
-        starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                                  segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+        starts = jnp.concatenate(
+            [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+        )
         return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
     if attention_mask is not None:
         return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -272,8 +280,7 @@ def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
         raise TypeError(f"{what}: expected integer token ids, got dtype {a.dtype}")
     if a.size and (a.min() < 0 or a.max() >= vocab_size):
         bad = a[(a < 0) | (a >= vocab_size)]
-        raise ValueError(f"{what}: {bad.size} id(s) outside the vocabulary [0, {vocab_size}), "
-                         f"e.g. {int(bad.flat[0])}")
+        raise ValueError(f"{what}: {bad.size} id(s) outside the vocabulary [0, {vocab_size}), e.g. {int(bad.flat[0])}")
 
 
 @functools.partial(nnx.remat, static_argnums=(5,))
@@ -319,8 +326,11 @@ class Decoder(nnx.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if config.tie_embeddings else Linear(
-            config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
 
     @property
     def dtype(self):
@@ -352,8 +362,12 @@ class Decoder(nnx.Module):
         return expose(self, "final", self.norm(x)), (tuple(new_k), tuple(new_v))
 
     def hidden_states(
-        self, tokens: jax.Array, *, positions: jax.Array | None = None,
-        attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """``tokens [B, T]`` -> final hidden states ``[B, T, D]`` (before the output projection).
 
@@ -378,7 +392,11 @@ class Decoder(nnx.Module):
         return self.logits(self.hidden_states(tokens, **kwargs))
 
     def decode(
-        self, tokens: jax.Array, cache: KVCache, *, attention_mask: jax.Array | None = None,
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        *,
+        attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Run ``tokens [B, T]`` after what ``cache`` holds: writes slots ``[index, index + T)``.
@@ -391,7 +409,11 @@ class Decoder(nnx.Module):
         return self.logits(hidden), cache
 
     def decode_hidden(
-        self, tokens: jax.Array, cache: KVCache, *, attention_mask: jax.Array | None = None,
+        self,
+        tokens: jax.Array,
+        cache: KVCache,
+        *,
+        attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """:meth:`decode` before the output projection: ``[B, T, D]`` hidden states and the cache."""

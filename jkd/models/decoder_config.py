@@ -64,8 +64,15 @@ class DecoderConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"DecoderConfig.family: got {self.family!r}, expected one of {FAMILIES}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DecoderConfig.{name}: got {v!r}, expected a positive integer")
@@ -73,25 +80,33 @@ class DecoderConfig:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
                     f"DecoderConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
-                    f"{self.num_heads}; give head_dim explicitly")
+                    f"{self.num_heads}; give head_dim explicitly"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"DecoderConfig.head_dim: got {self.head_dim!r}, expected an even integer >= 2 "
-                             "(rotary embeddings rotate pairs)")
+            raise ValueError(
+                f"DecoderConfig.head_dim: got {self.head_dim!r}, expected an even integer >= 2 "
+                "(rotary embeddings rotate pairs)"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
-                             f"{self.num_kv_heads} (grouped-query attention shares each key/value head "
-                             "among an equal number of query heads)")
+            raise ValueError(
+                f"DecoderConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                f"{self.num_kv_heads} (grouped-query attention shares each key/value head "
+                "among an equal number of query heads)"
+            )
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
             raise ValueError(f"DecoderConfig.rms_norm_eps: got {self.rms_norm_eps}, expected > 0")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ValueError(f"DecoderConfig.rope_theta: got {self.rope_theta}, expected > 0")
         if self.mlp_bias and self.family != "llama":
-            raise ValueError(f"DecoderConfig.mlp_bias: only the llama family has MLP biases, got family "
-                             f"{self.family!r}")
+            raise ValueError(
+                f"DecoderConfig.mlp_bias: only the llama family has MLP biases, got family {self.family!r}"
+            )
         if self.attention_bias and self.family == "qwen2":
-            raise ValueError("DecoderConfig.attention_bias: qwen2 always has q/k/v biases and never an "
-                             "o bias; leave attention_bias False for qwen2")
+            raise ValueError(
+                "DecoderConfig.attention_bias: qwen2 always has q/k/v biases and never an "
+                "o bias; leave attention_bias False for qwen2"
+            )
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for name in ("bos_token_id", "pad_token_id"):
@@ -118,8 +133,14 @@ class DecoderConfig:
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     def num_parameters(self) -> int:
-        d, h, kv, hd, f, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.intermediate_size, self.vocab_size)
+        d, h, kv, hd, f, v = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+        )
         attn = d * hd * (h + 2 * kv) + h * hd * d
         attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
@@ -132,25 +153,87 @@ class DecoderConfig:
 
 # Read into DecoderConfig.
 _READ = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-    "tie_word_embeddings", "attention_bias", "mlp_bias", "max_position_embeddings", "bos_token_id",
-    "eos_token_id", "pad_token_id", "model_type", "architectures", "hidden_act",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "model_type",
+    "architectures",
+    "hidden_act",
 }
 # Irrelevant to the forward pass (training-time, bookkeeping or generation defaults).
 _IGNORED = {
-    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "initializer_range", "use_cache",
-    "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "_attn_implementation",
-    "_attn_implementation_autoset", "bad_words_ids", "chunk_size_feed_forward", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "prefix", "task_specific_params", "torchscript",
-    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "tie_encoder_decoder", "finetuning_task",
-    "cross_attention_hidden_size", "add_cross_attention", "is_decoder", "decoder_start_token_id",
-    "sep_token_id", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
-    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "model_input_names", "unk_token_id",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "initializer_range",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "tokenizer_class",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "bad_words_ids",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "prefix",
+    "task_specific_params",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "pruned_heads",
+    "tie_encoder_decoder",
+    "finetuning_task",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "is_decoder",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "model_input_names",
+    "unk_token_id",
 }
 # Accepted only at the value that means "nothing special".
 _DEFAULT_ONLY = {
@@ -168,6 +251,8 @@ _EXPERTS = {"num_experts", "num_local_experts", "moe_num_experts", "n_routed_exp
 class ConfigWarning(UserWarning):
     """A ``config.json`` key jkd does not know, ignored: the model types jkd reads are those whose
     ``transformers`` classes ignore it too, so it cannot change the reference forward pass."""
+
+
 # Consulted only when use_sliding_window is on (refused above).
 _SLIDING_ONLY = {"sliding_window", "max_window_layers"}
 
@@ -184,14 +269,16 @@ def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]
     if rope_type == "llama3":
         try:
             return theta, Llama3RopeScaling(
-                factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
                 high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            )
         except KeyError as e:
             raise UnsupportedConfigError(f"config.json: llama3 rope scaling lacks {e.args[0]!r}") from None
     raise UnsupportedConfigError(
-        f"config.json: rope_type {rope_type!r} is not supported (jkd's decoder implements 'default' and "
-        "'llama3')")
+        f"config.json: rope_type {rope_type!r} is not supported (jkd's decoder implements 'default' and 'llama3')"
+    )
 
 
 def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
@@ -204,7 +291,8 @@ def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
         arch = cfg.get("architectures")
         raise UnsupportedConfigError(
             f"config.json: model_type {family!r} (architectures {arch}) is not supported; jkd's decoder "
-            f"reads {', '.join(FAMILIES)}")
+            f"reads {', '.join(FAMILIES)}"
+        )
     problems, unknown = [], []
     for key, value in cfg.items():
         if key in _READ or key in _IGNORED or key in _SLIDING_ONLY:
@@ -231,28 +319,40 @@ def from_hf_config(cfg: dict[str, Any]) -> DecoderConfig:
     if family != "llama" and cfg.get("mlp_bias"):
         problems.append(f"mlp_bias=True for {family}")
     if problems:
-        raise UnsupportedConfigError(
-            f"config.json ({family}): unsupported field(s): " + "; ".join(problems))
+        raise UnsupportedConfigError(f"config.json ({family}): unsupported field(s): " + "; ".join(problems))
     if unknown:
-        warnings.warn(f"config.json ({family}): ignored field(s) unknown to jkd: {'; '.join(unknown)} "
-                      f"(transformers' {family} model does not read them either)", ConfigWarning, stacklevel=2)
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in cfg]
+        warnings.warn(
+            f"config.json ({family}): ignored field(s) unknown to jkd: {'; '.join(unknown)} "
+            f"(transformers' {family} model does not read them either)",
+            ConfigWarning,
+            stacklevel=2,
+        )
+    missing = [
+        k
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if k not in cfg
+    ]
     if missing:
         raise UnsupportedConfigError(f"config.json: missing required field(s) {missing}")
     theta, scaling = _rope_from_hf(cfg)
     return DecoderConfig(
-        vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
         num_heads=int(cfg["num_attention_heads"]),
         num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        head_dim=cfg.get("head_dim"), family=family, rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling,
+        head_dim=cfg.get("head_dim"),
+        family=family,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)) if family != "qwen2" else False,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
     )
 
@@ -261,8 +361,7 @@ def to_hf_config(config: DecoderConfig, *, dtype: str = "float32") -> dict[str, 
     """The ``config.json`` dict of ``config`` (read by transformers 4.x and 5.x, vLLM, llama.cpp)."""
     rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling is not None:
-        rope = {"rope_theta": config.rope_theta, "rope_type": "llama3",
-                **dataclasses.asdict(config.rope_scaling)}
+        rope = {"rope_theta": config.rope_theta, "rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[config.family]],
         "model_type": config.family,
@@ -280,11 +379,9 @@ def to_hf_config(config: DecoderConfig, *, dtype: str = "float32") -> dict[str, 
         # transformers 5 reads rope_parameters; 4.x and other converters read these two.
         "rope_parameters": rope,
         "rope_theta": config.rope_theta,
-        "rope_scaling": None if config.rope_scaling is None else {
-            k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_scaling": None if config.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
-        else config.eos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "torch_dtype": dtype,
         "dtype": dtype,

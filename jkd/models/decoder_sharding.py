@@ -22,11 +22,18 @@ DATA, MODEL = "data", "model"
 _RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     ("embed_tokens.weight", (MODEL, DATA)),
     ("lm_head.weight", (MODEL, DATA)),
-    ("q_proj.weight", (MODEL, DATA)), ("k_proj.weight", (MODEL, DATA)), ("v_proj.weight", (MODEL, DATA)),
-    ("gate_proj.weight", (MODEL, DATA)), ("up_proj.weight", (MODEL, DATA)),
-    ("o_proj.weight", (DATA, MODEL)), ("down_proj.weight", (DATA, MODEL)),
-    ("q_proj.bias", (MODEL,)), ("k_proj.bias", (MODEL,)), ("v_proj.bias", (MODEL,)),
-    ("gate_proj.bias", (MODEL,)), ("up_proj.bias", (MODEL,)),
+    ("q_proj.weight", (MODEL, DATA)),
+    ("k_proj.weight", (MODEL, DATA)),
+    ("v_proj.weight", (MODEL, DATA)),
+    ("gate_proj.weight", (MODEL, DATA)),
+    ("up_proj.weight", (MODEL, DATA)),
+    ("o_proj.weight", (DATA, MODEL)),
+    ("down_proj.weight", (DATA, MODEL)),
+    ("q_proj.bias", (MODEL,)),
+    ("k_proj.bias", (MODEL,)),
+    ("v_proj.bias", (MODEL,)),
+    ("gate_proj.bias", (MODEL,)),
+    ("up_proj.bias", (MODEL,)),
 )
 
 
@@ -46,8 +53,7 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The ``PartitionSpec`` of the parameter called ``name`` (HF naming) on ``mesh``."""
     for suffix, axes in _RULES:
         if name.endswith(suffix) and len(axes) == len(shape):
-            spec = [a if a in mesh.shape and size % mesh.shape[a] == 0 else None
-                    for a, size in zip(axes, shape)]
+            spec = [a if a in mesh.shape and size % mesh.shape[a] == 0 else None for a, size in zip(axes, shape)]
             return P(*spec)
     return P()
 
@@ -66,14 +72,17 @@ def parameter_sharding(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> Named
 def decoder_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """A decoder's (abstract) state with each variable's value replaced by its ``NamedSharding``
     (the form ``jax.jit``'s ``out_shardings`` and orbax's restore take)."""
-    return nnx.from_flat_state([(path, v.replace(parameter_sharding(path, tuple(v.shape), mesh)))
-                                for path, v in nnx.to_flat_state(state)])
+    return nnx.from_flat_state(
+        [(path, v.replace(parameter_sharding(path, tuple(v.shape), mesh))) for path, v in nnx.to_flat_state(state)]
+    )
 
 
 def shard_decoder(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Place ``model``'s parameters on ``mesh`` by the rules above (in place; returns it)."""
-    flat = [(path, v.replace(jax.device_put(v[...], parameter_sharding(path, tuple(v.shape), mesh))))
-            for path, v in nnx.to_flat_state(nnx.state(model))]
+    flat = [
+        (path, v.replace(jax.device_put(v[...], parameter_sharding(path, tuple(v.shape), mesh))))
+        for path, v in nnx.to_flat_state(nnx.state(model))
+    ]
     nnx.update(model, nnx.from_flat_state(flat))
     return model
 
@@ -91,6 +100,7 @@ def tree_shardings(tree, mesh: Mesh):
     stacks over seeds, an optimizer's moments): a leaf whose path ends in a decoder parameter's name
     (``...q_proj.weight``) is split by that parameter's rule over its trailing dimensions (leading
     ones, e.g. the seeds' axis, stay whole); everything else is replicated."""
+
     def one(path, x):
         if not hasattr(x, "shape"):
             return x

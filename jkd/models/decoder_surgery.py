@@ -90,12 +90,22 @@ def narrower_config(config, *, intermediate_size: int | None = None, num_kv_head
     with its query heads; None keeps them); ``head_dim`` stays."""
     group = config.num_heads // config.num_kv_heads
     kv = config.num_kv_heads if num_kv_heads is None else num_kv_heads
-    return dataclasses.replace(config, intermediate_size=intermediate_size or config.intermediate_size,
-                               num_kv_heads=kv, num_heads=kv * group, head_dim=config.head_dim)
+    return dataclasses.replace(
+        config,
+        intermediate_size=intermediate_size or config.intermediate_size,
+        num_kv_heads=kv,
+        num_heads=kv * group,
+        head_dim=config.head_dim,
+    )
 
 
-def prune_width(model: Decoder, importance: tuple[np.ndarray, np.ndarray], *, intermediate_size: int | None = None,
-                num_kv_heads: int | None = None) -> Decoder:
+def prune_width(
+    model: Decoder,
+    importance: tuple[np.ndarray, np.ndarray],
+    *,
+    intermediate_size: int | None = None,
+    num_kv_heads: int | None = None,
+) -> Decoder:
     """A copy of ``model`` keeping, in every layer, its ``intermediate_size`` most important MLP
     channels and its ``num_kv_heads`` most important key/value groups with their query heads (in
     their original order; ``importance`` from :func:`width_importance`; None keeps all). The
@@ -104,12 +114,16 @@ def prune_width(model: Decoder, importance: tuple[np.ndarray, np.ndarray], *, in
     f = cfg.intermediate_size if intermediate_size is None else int(intermediate_size)
     g = cfg.num_kv_heads if num_kv_heads is None else int(num_kv_heads)
     if not 1 <= f <= cfg.intermediate_size or not 1 <= g <= cfg.num_kv_heads:
-        raise ValueError(f"prune_width: intermediate_size must lie in [1, {cfg.intermediate_size}] and num_kv_heads in "
-                         f"[1, {cfg.num_kv_heads}]; got {intermediate_size}, {num_kv_heads}")
+        raise ValueError(
+            f"prune_width: intermediate_size must lie in [1, {cfg.intermediate_size}] and num_kv_heads in "
+            f"[1, {cfg.num_kv_heads}]; got {intermediate_size}, {num_kv_heads}"
+        )
     mlp_imp, kv_imp = importance
     if mlp_imp.shape != (cfg.num_layers, cfg.intermediate_size) or kv_imp.shape != (cfg.num_layers, cfg.num_kv_heads):
-        raise ValueError(f"prune_width: importance of shapes {mlp_imp.shape}, {kv_imp.shape} does not fit this model "
-                         f"({cfg.num_layers} layers, {cfg.intermediate_size} channels, {cfg.num_kv_heads} kv heads)")
+        raise ValueError(
+            f"prune_width: importance of shapes {mlp_imp.shape}, {kv_imp.shape} does not fit this model "
+            f"({cfg.num_layers} layers, {cfg.intermediate_size} channels, {cfg.num_kv_heads} kv heads)"
+        )
     group, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     config = narrower_config(cfg, intermediate_size=f, num_kv_heads=g)
     out = nnx.eval_shape(lambda: Decoder(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
@@ -118,7 +132,9 @@ def prune_width(model: Decoder, importance: tuple[np.ndarray, np.ndarray], *, in
     keep_g = [np.sort(np.argsort(-imp, kind="stable")[:g]) for imp in kv_imp]
 
     def rows(groups, per):  # the rows (or columns) of these heads, ``per`` heads to a group
-        return np.concatenate([np.arange((k * per + j) * hd, (k * per + j + 1) * hd) for k in groups for j in range(per)])
+        return np.concatenate(
+            [np.arange((k * per + j) * hd, (k * per + j + 1) * hd) for k in groups for j in range(per)]
+        )
 
     flat = []
     for path, _ in nnx.to_flat_state(nnx.state(out, nnx.Param)):

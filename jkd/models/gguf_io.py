@@ -36,16 +36,28 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _GPT2_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
 _DIGITS = {"type": "Digits", "individual_digits": True}
 
-_LAYER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-          "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-          "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
-          "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
-          "self_attn.o_proj.bias": "attn_output.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
-          "self_attn.k_norm.weight": "attn_k_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-          "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-          "mlp.down_proj.weight": "ffn_down.weight"}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 class GGUFExportError(ValueError):
@@ -81,6 +93,7 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
 
     def like(step, want):
         return all(step.get(k) == v for k, v in want.items())
+
     if len(steps) == 1 and like(steps[0], _GPT2_BYTE_LEVEL):
         return "gpt-2"
     if len(steps) == 2 and like(steps[0], _DIGITS) and like(steps[1], _GPT2_BYTE_LEVEL):
@@ -88,7 +101,8 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     raise GGUFExportError(
         f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:160]}) is not one jkd can name for llama.cpp; name it "
         "with pre_tokenizer= (--gguf-pre), as llama.cpp's convert_hf_to_gguf.py names it for your model family "
-        "(e.g. llama-bpe, qwen2)")
+        "(e.g. llama-bpe, qwen2)"
+    )
 
 
 def _vocabulary(tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
@@ -99,14 +113,17 @@ def _vocabulary(tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise GGUFExportError(f"GGUF export writes byte-level BPE tokenizers (GPT-2's kind: Llama 3, Qwen, SmolLM2); "
-                              f"this one is {model.get('type')} with a {(spec.get('decoder') or {}).get('type')} decoder")
+        raise GGUFExportError(
+            f"GGUF export writes byte-level BPE tokenizers (GPT-2's kind: Llama 3, Qwen, SmolLM2); "
+            f"this one is {model.get('type')} with a {(spec.get('decoder') or {}).get('type')} decoder"
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise GGUFExportError("the tokenizer has no BPE merges; llama.cpp needs them to tokenize")
     if tokenizer.vocab_size > rows:
-        raise GGUFExportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {rows} embedding "
-                              "rows")
+        raise GGUFExportError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {rows} embedding rows"
+        )
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokens = [f"[PAD{i}]" for i in range(rows)]
     types = [int(gguf.TokenType.UNUSED)] * rows
@@ -127,8 +144,10 @@ def gguf_plan(model, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
     if cfg.family not in ARCHITECTURES:
         raise GGUFExportError(f"llama.cpp has no architecture for the {cfg.family!r} family")
     if cfg.rope_scaling is not None:
-        raise GGUFExportError("the model scales its rotary embedding (rope_scaling); jkd's GGUF export does not write "
-                              "llama.cpp's rope_freqs tensor yet")
+        raise GGUFExportError(
+            "the model scales its rotary embedding (rope_scaling); jkd's GGUF export does not write "
+            "llama.cpp's rope_freqs tensor yet"
+        )
     if cfg.mlp_bias:
         raise GGUFExportError("the model has MLP biases, which llama.cpp's llama architecture does not read")
     state = nnx.state(model, nnx.Param)
@@ -140,8 +159,9 @@ def gguf_plan(model, quant: str) -> list[tuple[str, str, tuple[int, ...], str]]:
     return plan
 
 
-def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: str | None = None,
-               pre_tokenizer: str | None = None) -> Path:
+def write_gguf(
+    model, tokenizer, path: str | Path, *, quant: str = "f16", name: str | None = None, pre_tokenizer: str | None = None
+) -> Path:
     """Write ``model`` (a :class:`~jkd.models.decoder.Decoder`) and ``tokenizer`` (a
     :class:`~jkd.data.tokenizer.Tokenizer`) to the GGUF file ``path`` at ``quant`` (one of
     :data:`QUANTS`). ``pre_tokenizer``: llama.cpp's name of the tokenizer's pre-tokenizer
@@ -161,8 +181,12 @@ def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: 
     state = {hf_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[quant]
 
     def tensor(hf: str, kind: str) -> np.ndarray:
         x = np.asarray(jax.device_get(state[hf][...]), np.float32)
@@ -202,8 +226,11 @@ def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: 
         w.add_add_bos_token(False)  # the chat template writes the begin-of-text token where the model wants one
         w.add_chat_template(tokenizer.chat_template)
         for gname, hf, _, kind in plan:
-            w.add_tensor(gname, tensor(hf, kind),
-                         raw_dtype=None if kind in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, kind))
+            w.add_tensor(
+                gname,
+                tensor(hf, kind),
+                raw_dtype=None if kind in ("F32", "F16") else getattr(gguf.GGMLQuantizationType, kind),
+            )
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

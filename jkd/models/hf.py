@@ -47,8 +47,10 @@ def read_config(folder: str | Path) -> DecoderConfig:
     path = folder / "config.json"
     if not path.is_file():
         found = sorted(p.name for p in folder.iterdir())[:8]
-        raise FileNotFoundError(f"{folder}: no config.json (found {found}); expected a Hugging Face model "
-                                "folder with config.json and model.safetensors")
+        raise FileNotFoundError(
+            f"{folder}: no config.json (found {found}); expected a Hugging Face model "
+            "folder with config.json and model.safetensors"
+        )
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -75,8 +77,7 @@ def _with_generation_ends(config: DecoderConfig, folder: Path) -> DecoderConfig:
         return config
     ends = tuple(ends) if isinstance(ends, list) else (ends,)
     if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < config.vocab_size for e in ends):
-        raise ValueError(f"{path}: eos_token_id {ends} must be token ids below the vocabulary size "
-                         f"{config.vocab_size}")
+        raise ValueError(f"{path}: eos_token_id {ends} must be token ids below the vocabulary size {config.vocab_size}")
     return dataclasses.replace(config, eos_token_id=ends[0] if len(ends) == 1 else ends)
 
 
@@ -95,8 +96,9 @@ def checkpoint_tensors(folder: str | Path) -> dict[str, st.TensorInfo]:
     elif (folder / SINGLE).is_file():
         files, weight_map = [SINGLE], None
     else:
-        raise FileNotFoundError(f"{folder}: neither {SINGLE} nor {INDEX} (jkd reads safetensors, not "
-                                "pytorch_model.bin)")
+        raise FileNotFoundError(
+            f"{folder}: neither {SINGLE} nor {INDEX} (jkd reads safetensors, not pytorch_model.bin)"
+        )
     tensors: dict[str, st.TensorInfo] = {}
     for f in files:
         found, _ = st.read_header(folder / f)
@@ -104,8 +106,9 @@ def checkpoint_tensors(folder: str | Path) -> dict[str, st.TensorInfo]:
     if weight_map is not None:
         absent = [n for n in weight_map if n not in tensors]
         if absent:
-            raise CheckpointMismatchError(f"{index} maps {len(absent)} tensor(s) to shards that lack them, "
-                                          f"e.g. {absent[:3]}")
+            raise CheckpointMismatchError(
+                f"{index} maps {len(absent)} tensor(s) to shards that lack them, e.g. {absent[:3]}"
+            )
     return tensors
 
 
@@ -118,16 +121,27 @@ def _match(config: DecoderConfig, expected: dict[str, tuple], tensors: dict[str,
     missing = [n for n in expected if n not in tensors]
     if missing:
         problems.append(f"{len(missing)} missing, e.g. {missing[:3]}")
-    extra = [n for n in tensors if n not in expected and not n.endswith(_UNUSED_SUFFIXES)
-             and not (config.tie_embeddings and n == "lm_head.weight")]
+    extra = [
+        n
+        for n in tensors
+        if n not in expected
+        and not n.endswith(_UNUSED_SUFFIXES)
+        and not (config.tie_embeddings and n == "lm_head.weight")
+    ]
     if extra:
         problems.append(f"{len(extra)} not in a {config.family} model of this config, e.g. {extra[:3]}")
-    shapes = [f"{n} is {list(tensors[n].shape)}, config says {list(s)}" for n, s in expected.items()
-              if n in tensors and tensors[n].shape != s]
+    shapes = [
+        f"{n} is {list(tensors[n].shape)}, config says {list(s)}"
+        for n, s in expected.items()
+        if n in tensors and tensors[n].shape != s
+    ]
     if shapes:
         problems.append(f"{len(shapes)} of another shape: " + "; ".join(shapes[:3]))
-    bad_dtype = [f"{n} ({tensors[n].dtype})" for n in expected if n in tensors
-                 and not np.issubdtype(tensors[n].dtype, np.floating) and tensors[n].dtype.name != "bfloat16"]
+    bad_dtype = [
+        f"{n} ({tensors[n].dtype})"
+        for n in expected
+        if n in tensors and not np.issubdtype(tensors[n].dtype, np.floating) and tensors[n].dtype.name != "bfloat16"
+    ]
     if bad_dtype:
         problems.append(f"non-float tensors (quantised checkpoint?): {bad_dtype[:3]}")
     if problems:
@@ -189,7 +203,12 @@ def _shard_plan(entries: list[tuple[str, tuple, np.dtype]], max_bytes: int) -> l
 
 
 def save_hf(
-    model: Decoder, folder: str | Path, *, tokenizer=None, dtype=None, max_shard_bytes: int = 5 * 2**30,
+    model: Decoder,
+    folder: str | Path,
+    *,
+    tokenizer=None,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
 ) -> Path:
     """Save ``model`` as a Hugging Face folder (``config.json``, ``generation_config.json``,
@@ -223,13 +242,20 @@ def save_hf(
                 st.write_file(tmp / fname, shard, fetch)
                 weight_map.update({e[0]: fname for e in shard})
             total = sum(int(np.prod(e[1])) * e[2].itemsize for e in entries)
-            (tmp / INDEX).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / INDEX).write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         dtype_name = "bfloat16" if out_dtype.name == "bfloat16" else out_dtype.name
         (tmp / "config.json").write_text(json.dumps(to_hf_config(config, dtype=dtype_name), indent=2))
-        gen: dict[str, Any] = {k: v for k, v in (("bos_token_id", config.bos_token_id),
-                                                  ("eos_token_id", config.eos_token_id),
-                                                  ("pad_token_id", config.pad_token_id)) if v is not None}
+        gen: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("bos_token_id", config.bos_token_id),
+                ("eos_token_id", config.eos_token_id),
+                ("pad_token_id", config.pad_token_id),
+            )
+            if v is not None
+        }
         if isinstance(gen.get("eos_token_id"), tuple):
             gen["eos_token_id"] = list(gen["eos_token_id"])
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -15,13 +15,19 @@ from jkd.models.dropout import Dropout
 class MLP(nnx.Module):
     """``[B, H, W, C] -> [B, num_classes]``: flatten, ``hidden`` ReLU layers, linear head.
 
-    Features: ``hidden1``, ``hidden2``, ... (post-ReLU) and ``pooled`` (what the head reads). ``dropout`` applies after each
-    hidden layer in train mode (Hinton et al. trained the 2x1200 teacher with dropout).
+    Features: ``hidden1``, ``hidden2``, ... (post-ReLU) and ``pooled`` (what the head reads).
+    ``dropout`` applies after each hidden layer in train mode (Hinton et al. trained the 2x1200 teacher with dropout).
     """
 
     def __init__(
-        self, in_features: int, hidden: Sequence[int], num_classes: int, *,
-        dropout: float = 0.0, axis_name: str | None = None, rngs: nnx.Rngs,
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        num_classes: int,
+        *,
+        dropout: float = 0.0,
+        axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
         sizes = (in_features, *hidden)
         self.layers = nnx.List([nnx.Linear(m, n, rngs=rngs) for m, n in zip(sizes[:-1], sizes[1:])])

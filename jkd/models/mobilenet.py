@@ -10,7 +10,15 @@ from flax import nnx
 from jkd.models._layers import batch_norm, conv, expose
 
 # (expansion t, channels c, repeats n, stride s) from the paper's Table 2, CIFAR strides.
-CIFAR_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+CIFAR_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _round(c: float, divisor: int = 8) -> int:
@@ -42,8 +50,13 @@ class MobileNetV2(nnx.Module):
     """
 
     def __init__(
-        self, num_classes: int, *, width: float = 1.0, in_channels: int = 3,
-        bn_axis_name: str | None = None, rngs: nnx.Rngs,
+        self,
+        num_classes: int,
+        *,
+        width: float = 1.0,
+        in_channels: int = 3,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
         cin = _round(32 * width)
         self.stem = conv(in_channels, cin, 3, rngs=rngs)

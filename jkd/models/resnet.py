@@ -47,8 +47,14 @@ class CifarResNet(nnx.Module):
     """
 
     def __init__(
-        self, depth: int, num_classes: int, *, widths: Sequence[int] = (16, 16, 32, 64),
-        in_channels: int = 3, bn_axis_name: str | None = None, rngs: nnx.Rngs,
+        self,
+        depth: int,
+        num_classes: int,
+        *,
+        widths: Sequence[int] = (16, 16, 32, 64),
+        in_channels: int = 3,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, ...); got {depth}.")
@@ -101,8 +107,15 @@ class WideResNet(nnx.Module):
     """WRN-depth-k: ``[B, 32, 32, C] -> [B, num_classes]``. Features: ``stage1..3``, ``pooled``."""
 
     def __init__(
-        self, depth: int, widen: int, num_classes: int, *, in_channels: int = 3,
-        dropout: float = 0.0, bn_axis_name: str | None = None, rngs: nnx.Rngs,
+        self,
+        depth: int,
+        widen: int,
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+        bn_axis_name: str | None = None,
+        rngs: nnx.Rngs,
     ):
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, 40, ...); got {depth}.")

@@ -19,9 +19,16 @@ import ml_dtypes
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(bool),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
@@ -54,8 +61,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raise SafetensorsError(f"{path}: {size} bytes, too short for a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > min(_MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{path}: header length {n} does not fit the file ({size} bytes); "
-                                   "not a safetensors file, or truncated")
+            raise SafetensorsError(
+                f"{path}: header length {n} does not fit the file ({size} bytes); not a safetensors file, or truncated"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -69,12 +77,15 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             shape = tuple(int(d) for d in e["shape"])
             start, end = (int(o) for o in e["data_offsets"])
         except KeyError as k:
-            raise SafetensorsError(f"{path}: tensor {name!r} has dtype/field {k} that jkd does not read "
-                                   f"(dtypes: {sorted(DTYPES)})") from None
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} has dtype/field {k} that jkd does not read (dtypes: {sorted(DTYPES)})"
+            ) from None
         if end - start != int(np.prod(shape)) * dtype.itemsize or base + end > size:
-            raise SafetensorsError(f"{path}: tensor {name!r} ({e['dtype']} {list(shape)}) has data offsets "
-                                   f"[{start}, {end}) that do not match its shape or lie past the file's "
-                                   f"end ({size} bytes); truncated file?")
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} ({e['dtype']} {list(shape)}) has data offsets "
+                f"[{start}, {end}) that do not match its shape or lie past the file's "
+                f"end ({size} bytes); truncated file?"
+            )
         tensors[name] = TensorInfo(path, name, dtype, shape, base + start, base + end)
     return tensors, metadata
 
@@ -96,16 +107,23 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return out
 
 
-def write_file(path: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]], fetch,
-               metadata: dict[str, str] | None = None) -> None:
+def write_file(
+    path: str | Path,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+    fetch,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write a safetensors file; ``tensors`` lists ``(name, shape, dtype)`` and ``fetch(name)``
     returns each array when its turn comes (so only one is held at a time)."""
     entries, offset = {}, 0
     order = list(tensors)
     for name, shape, dtype in order:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        entries[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
-                         "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {
+            "dtype": _NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header = {"__metadata__": metadata or {"format": "pt"}, **entries}
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -75,8 +75,15 @@ def sample_logits(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> 
 
 
 def generate_tokens(
-    model: Decoder, tokens: jax.Array, lengths: jax.Array, key: jax.Array, stop_tokens: jax.Array, *,
-    max_new_tokens: int, sampling: SamplingConfig, pad_id: int = 0,
+    model: Decoder,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    key: jax.Array,
+    stop_tokens: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    pad_id: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """The pure core: ``tokens [B, P]`` right-padded prompts of ``lengths [B]`` ->
     ``(new [B, max_new_tokens] int32, new_lengths [B])``.
@@ -106,8 +113,15 @@ def generate_tokens(
         h, cache = model.decode_hidden(tok[:, None], cache, attention_mask=alive[:, None])
         return step + 1, key, model.logits(h[:, 0]), cache, out, done, n
 
-    init = (jnp.zeros((), jnp.int32), key, last, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    init = (
+        jnp.zeros((), jnp.int32),
+        key,
+        last,
+        cache,
+        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+    )
     _, _, _, _, out, _, n = jax.lax.while_loop(cond, body, init)
     return out, n
 
@@ -115,8 +129,9 @@ def generate_tokens(
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "pad_id"))
 def _generate_jit(graphdef, state, tokens, lengths, key, stop_tokens, *, max_new_tokens, sampling, pad_id):
     model = nnx.merge(graphdef, state)
-    return generate_tokens(model, tokens, lengths, key, stop_tokens, max_new_tokens=max_new_tokens,
-                           sampling=sampling, pad_id=pad_id)
+    return generate_tokens(
+        model, tokens, lengths, key, stop_tokens, max_new_tokens=max_new_tokens, sampling=sampling, pad_id=pad_id
+    )
 
 
 def stop_token_array(stop_tokens: Sequence[int]) -> jax.Array:
@@ -159,9 +174,14 @@ def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
 
 def generate(
-    model: Decoder, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(), key: jax.Array | int = 0,
-    stop_tokens: Sequence[int] | None = None, pad_id: int | None = None,
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    key: jax.Array | int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    pad_id: int | None = None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
 ) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
@@ -186,18 +206,28 @@ def generate(
         raise ValueError(f"generate: prompt {int(np.argmin(lengths))} is empty; every prompt needs a token")
     p = bucket_length(int(lengths.max()), buckets)
     if p + max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"generate: {p} prompt slots + {max_new_tokens} new tokens exceed the model's "
-                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+        raise ValueError(
+            f"generate: {p} prompt slots + {max_new_tokens} new tokens exceed the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})"
+        )
     pad = default_pad_id(cfg) if pad_id is None else pad_id
     tokens = np.full((len(prompts), p), pad, np.int32)
     for i, prompt in enumerate(prompts):
-        tokens[i, :len(prompt)] = np.asarray(prompt)
+        tokens[i, : len(prompt)] = np.asarray(prompt)
     check_token_ids(tokens, cfg.vocab_size, "generate: prompts")
     stop_arr = stop_token_array(cfg.eos_token_ids if stop_tokens is None else stop_tokens)
     if isinstance(key, int):
         key = jax.random.key(key)
     graphdef, state = nnx.split(model)
-    out, n = _generate_jit(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                           stop_arr, max_new_tokens=max_new_tokens, sampling=sampling,
-                           pad_id=int(pad))
+    out, n = _generate_jit(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        key,
+        stop_arr,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        pad_id=int(pad),
+    )
     return Generation(tokens=np.asarray(out), lengths=np.asarray(n))

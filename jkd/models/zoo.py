@@ -20,18 +20,22 @@ Factory = Callable[..., nnx.Module]
 
 def _resnet(depth: int, widths=(16, 16, 32, 64)) -> Factory:
     return lambda num_classes, input_shape, rngs, bn_axis_name=None: CifarResNet(
-        depth, num_classes, widths=widths, in_channels=input_shape[-1], bn_axis_name=bn_axis_name, rngs=rngs)
+        depth, num_classes, widths=widths, in_channels=input_shape[-1], bn_axis_name=bn_axis_name, rngs=rngs
+    )
 
 
 def _wrn(depth: int, widen: int) -> Factory:
     return lambda num_classes, input_shape, rngs, bn_axis_name=None, dropout=0.0: WideResNet(
-        depth, widen, num_classes, in_channels=input_shape[-1], dropout=dropout, bn_axis_name=bn_axis_name, rngs=rngs)
+        depth, widen, num_classes, in_channels=input_shape[-1], dropout=dropout, bn_axis_name=bn_axis_name, rngs=rngs
+    )
 
 
 def _mlp(hidden: tuple[int, ...], dropout: float = 0.0) -> Factory:
     def make(num_classes, input_shape, rngs, bn_axis_name=None, hidden=hidden, dropout=dropout):
-        return MLP(math.prod(input_shape), tuple(hidden), num_classes, dropout=dropout, axis_name=bn_axis_name,
-                   rngs=rngs)
+        return MLP(
+            math.prod(input_shape), tuple(hidden), num_classes, dropout=dropout, axis_name=bn_axis_name, rngs=rngs
+        )
+
     return make
 
 
@@ -43,13 +47,15 @@ MODELS: dict[str, Factory] = {
     "mlp_30": _mlp((30,)),
     "mlp": _mlp((256,)),  # options: hidden=(...), dropout=...
     "cnn": lambda num_classes, input_shape, rngs, bn_axis_name=None, width=32, channels=None: SmallCNN(
-        input_shape[-1], num_classes, width=width, channels=channels, bn_axis_name=bn_axis_name, rngs=rngs),
+        input_shape[-1], num_classes, width=width, channels=channels, bn_axis_name=bn_axis_name, rngs=rngs
+    ),
     **{f"resnet{d}": _resnet(d) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _resnet(8, (32, 64, 128, 256)),
     "resnet32x4": _resnet(32, (32, 64, 128, 256)),
     **{f"wrn_{d}_{k}": _wrn(d, k) for d in (16, 40) for k in (1, 2)},
     "mobilenetv2": lambda num_classes, input_shape, rngs, bn_axis_name=None, width=0.5: MobileNetV2(
-        num_classes, width=width, in_channels=input_shape[-1], bn_axis_name=bn_axis_name, rngs=rngs),
+        num_classes, width=width, in_channels=input_shape[-1], bn_axis_name=bn_axis_name, rngs=rngs
+    ),
 }
 
 
@@ -58,15 +64,21 @@ _NOT_OPTIONS = {"num_classes", "input_shape", "rngs", "bn_axis_name"}
 
 def _option_problem(key: str, value) -> str | None:
     if key == "hidden":
-        ok = isinstance(value, (tuple, list)) and value and all(
-            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value)
+        ok = (
+            isinstance(value, (tuple, list))
+            and value
+            and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value)
+        )
         return None if ok else "a tuple of positive integers, e.g. hidden=(256,) or hidden=(512,256)"
     if key == "dropout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
         return None if ok else "a number in [0, 1), e.g. dropout=0.2"
     if key == "channels":
-        ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
+        ok = (
+            isinstance(value, (tuple, list))
+            and len(value) == 2
+            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
+        )
         return None if ok else "two positive integers, e.g. channels=(16, 32)"
     if key == "width":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
@@ -84,16 +96,20 @@ def check_model(name: str, options: dict) -> None:
     accepted = [p for p in inspect.signature(MODELS[name]).parameters if p not in _NOT_OPTIONS]
     for key, value in options.items():
         if key not in accepted:
-            raise ValueError(f"model {name!r} takes no option {key!r}; its options: "
-                             f"{', '.join(accepted) or '(none)'}.")
+            raise ValueError(f"model {name!r} takes no option {key!r}; its options: {', '.join(accepted) or '(none)'}.")
         problem = _option_problem(key, value)
         if problem:
             raise ValueError(f"model option {key}={value!r} for {name!r}: expected {problem}.")
 
 
 def create_model(
-    name: str, *, num_classes: int, input_shape: tuple[int, int, int], seed: int = 0,
-    bn_axis_name: str | None = None, **options,
+    name: str,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    seed: int = 0,
+    bn_axis_name: str | None = None,
+    **options,
 ) -> nnx.Module:
     """Build a model of the zoo by name, e.g. ``create_model("resnet8x4", num_classes=100,
     input_shape=(32, 32, 3))``. ``options`` are the family's size options (``hidden``,

@@ -67,5 +67,6 @@ def missing_folder(path: str | Path, *, what: str) -> FileNotFoundError:
         return FileNotFoundError(
             f"{what} {text}: no such folder. jkd reads local Hugging Face folders and never downloads; "
             f"{text!r} looks like a hub model id: download it first (`huggingface-cli download {text} --local-dir "
-            f"models/{text.split('/')[-1]}`) and give that folder.")
+            f"models/{text.split('/')[-1]}`) and give that folder."
+        )
     return FileNotFoundError(f"{what} {text}: no such folder.")

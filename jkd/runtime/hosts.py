@@ -58,20 +58,25 @@ def _explicit(coordinator, num_processes, process_id, *, names: tuple[str, str, 
         return None
     missing = [n for n in names if n not in given]
     if missing:
-        raise ValueError(f"a multi-process run needs all of {', '.join(names)}; {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} missing (given: {', '.join(given)}).")
+        raise ValueError(
+            f"a multi-process run needs all of {', '.join(names)}; {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (given: {', '.join(given)})."
+        )
     try:
         n, i = int(num_processes), int(process_id)
     except (TypeError, ValueError):
-        raise ValueError(f"{names[1]} and {names[2]} must be integers; got {num_processes!r} and {process_id!r}.") from None
+        raise ValueError(
+            f"{names[1]} and {names[2]} must be integers; got {num_processes!r} and {process_id!r}."
+        ) from None
     if n < 1:
         raise ValueError(f"{names[1]} must be >= 1; got {n}.")
     if not 0 <= i < n:
         raise ValueError(f"{names[2]} must lie in [0, {n - 1}] for {n} processes; got {i}.")
     host, _, port = str(coordinator).rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"{names[0]} must be HOST:PORT (process 0's address, e.g. 10.0.0.1:8476); "
-                         f"got {coordinator!r}.")
+        raise ValueError(
+            f"{names[0]} must be HOST:PORT (process 0's address, e.g. 10.0.0.1:8476); got {coordinator!r}."
+        )
     if n == 1:
         return None  # one process: nothing to join
     return Launch(source, str(coordinator), n, i)
@@ -84,22 +89,40 @@ def _int(environ: Mapping[str, str], key: str) -> int:
         return 0
 
 
-def detect(*, coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-           environ: Mapping[str, str] | None = None, on_cloud_tpu_vm: bool | None = None) -> Launch | None:
+def detect(
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_cloud_tpu_vm: bool | None = None,
+) -> Launch | None:
     """How this process was launched (``None``: one process alone). Flags win over the
     environment; a partial or inconsistent set raises ``ValueError`` naming what is missing."""
     environ = os.environ if environ is None else environ
-    launch = _explicit(coordinator, num_processes, process_id,
-                       names=("--coordinator", "--num-processes", "--process-id"), source="flags")
+    launch = _explicit(
+        coordinator,
+        num_processes,
+        process_id,
+        names=("--coordinator", "--num-processes", "--process-id"),
+        source="flags",
+    )
     if launch is not None or any(v is not None for v in (coordinator, num_processes, process_id)):
         return launch
-    launch = _explicit(environ.get(ENV_COORDINATOR), environ.get(ENV_NUM_PROCESSES), environ.get(ENV_PROCESS_ID),
-                       names=(ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), source="environment")
+    launch = _explicit(
+        environ.get(ENV_COORDINATOR),
+        environ.get(ENV_NUM_PROCESSES),
+        environ.get(ENV_PROCESS_ID),
+        names=(ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID),
+        source="environment",
+    )
     if launch is not None or any(environ.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)):
         return launch
     # Launchers JAX reads by itself (jax._src.clusters): only when they start several processes.
-    if "SLURM_STEP_NODELIST" in environ and _int(environ, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ
-                                                  else "SLURM_NTASKS") > 1:
+    if (
+        "SLURM_STEP_NODELIST" in environ
+        and _int(environ, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in environ else "SLURM_NTASKS") > 1
+    ):
         return Launch("SLURM")
     if "OMPI_MCA_orte_hnp_uri" in environ and _int(environ, "OMPI_COMM_WORLD_SIZE") > 1:
         return Launch("Open MPI")
@@ -143,8 +166,9 @@ def start(launch: Launch | None, *, peer_timeout_s: float = 30.0, echo: Callable
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs and TPUs use their own
     kw = {}
     if launch.coordinator is not None:
-        kw = dict(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                  process_id=launch.process_id)
+        kw = dict(
+            coordinator_address=launch.coordinator, num_processes=launch.num_processes, process_id=launch.process_id
+        )
     try:
         jax.distributed.initialize(**kw, heartbeat_timeout_seconds=int(peer_timeout_s) + 30)
     except Exception as e:  # noqa: BLE001 - reported with what to check
@@ -152,15 +176,19 @@ def start(launch: Launch | None, *, peer_timeout_s: float = 30.0, echo: Callable
         raise ConnectionError(
             f"could not join the run's processes through {where} ({type(e).__name__}: {str(e)[:300]}). "
             "Start the same command on every host, each with its own --process-id (0 is the coordinator), "
-            "and check that process 0's host and port are reachable.") from e
+            "and check that process 0's host and port are reachable."
+        ) from e
     client = _client()
     if client is not None and jax.process_count() > 1:
-        _watchdog = Watchdog(client, jax.process_index(), jax.process_count(), timeout_s=peer_timeout_s,
-                             on_lost=_exit_lost_peer)
+        _watchdog = Watchdog(
+            client, jax.process_index(), jax.process_count(), timeout_s=peer_timeout_s, on_lost=_exit_lost_peer
+        )
         _watchdog.start()
     if echo is not None:
-        echo(f"process {jax.process_index()} of {jax.process_count()} ({launch.source}); "
-             f"{jax.local_device_count()} local of {jax.device_count()} devices")
+        echo(
+            f"process {jax.process_index()} of {jax.process_count()} ({launch.source}); "
+            f"{jax.local_device_count()} local of {jax.device_count()} devices"
+        )
 
 
 def finish(error: str | None = None) -> None:
@@ -223,8 +251,17 @@ class Watchdog(threading.Thread):
 
     PREFIX = "jkd/hosts/"
 
-    def __init__(self, client, process_id: int, num_processes: int, *, timeout_s: float,
-                 on_lost: Callable[[str], None], interval_s: float | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        client,
+        process_id: int,
+        num_processes: int,
+        *,
+        timeout_s: float,
+        on_lost: Callable[[str], None],
+        interval_s: float | None = None,
+        clock=time.monotonic,
+    ):
         super().__init__(name="jkd-watchdog", daemon=True)
         self.client, self.pid, self.n = client, process_id, num_processes
         self.timeout_s, self.on_lost, self.clock = timeout_s, on_lost, clock
@@ -247,18 +284,22 @@ class Watchdog(threading.Thread):
             entries = dict(self.client.key_value_dir_get(self.PREFIX))
         except Exception as e:  # noqa: BLE001 - any failure to reach the store counts
             if now - self._reachable_at >= self.timeout_s:
-                return (f"lost contact with process 0 (the coordinator) for {now - self._reachable_at:.0f} s "
-                        f"({type(e).__name__}: {str(e)[:120]}); it was killed, crashed or its host is gone. "
-                        "This process stops too. Rerun the same command on every host with --resume to continue "
-                        "from the last checkpoint they all completed.")
+                return (
+                    f"lost contact with process 0 (the coordinator) for {now - self._reachable_at:.0f} s "
+                    f"({type(e).__name__}: {str(e)[:120]}); it was killed, crashed or its host is gone. "
+                    "This process stops too. Rerun the same command on every host with --resume to continue "
+                    "from the last checkpoint they all completed."
+                )
             return None
         self._reachable_at = now
         entries = {"/".join(k.split("/")[-2:]): v for k, v in entries.items()}  # "alive/1", "done/0", ...
         for p in list(self._seen):
             failed = entries.get(f"failed/{p}")
             if failed is not None:
-                return (f"process {p} of {self.n} stopped with an error: {failed}. This process stops too; "
-                        "fix the cause and rerun the same command on every host with --resume.")
+                return (
+                    f"process {p} of {self.n} stopped with an error: {failed}. This process stops too; "
+                    "fix the cause and rerun the same command on every host with --resume."
+                )
             if f"done/{p}" in entries:
                 del self._seen[p]
                 continue
@@ -268,9 +309,11 @@ class Watchdog(threading.Thread):
                 self._seen[p] = (beat, now)
             elif now - since >= self.timeout_s:
                 never = " (it never joined the beat)" if last is None else ""
-                return (f"process {p} of {self.n} stopped responding {now - since:.0f} s ago{never}: killed, crashed "
-                        "or its host is gone. This process stops too. Rerun the same command on every host with "
-                        "--resume to continue from the last checkpoint they all completed.")
+                return (
+                    f"process {p} of {self.n} stopped responding {now - since:.0f} s ago{never}: killed, crashed "
+                    "or its host is gone. This process stops too. Rerun the same command on every host with "
+                    "--resume to continue from the last checkpoint they all completed."
+                )
         return None
 
     def run(self) -> None:
@@ -293,6 +336,7 @@ class Watchdog(threading.Thread):
 
 
 # ---- who writes, and data over the processes -------------------------------------------------
+
 
 def process_index() -> int:
     import jax
@@ -320,8 +364,9 @@ def local(tree):
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if not x.is_fully_replicated:
-                raise ValueError(f"an array of shape {x.shape} is sharded over processes; only replicated "
-                                 "arrays have a local copy.")
+                raise ValueError(
+                    f"an array of shape {x.shape} is sharded over processes; only replicated arrays have a local copy."
+                )
             return x.addressable_data(0)
         return x
 

@@ -47,6 +47,7 @@ LOG_FILE = "log.jsonl"
 
 def config_to_json(cfg) -> dict:
     """A config dataclass (nested dataclasses, tuples, callables) as JSON, for the guard."""
+
     def enc(x):
         if dataclasses.is_dataclass(x):
             return {"__type__": type(x).__name__, **{f.name: enc(getattr(x, f.name)) for f in dataclasses.fields(x)}}
@@ -55,6 +56,7 @@ def config_to_json(cfg) -> dict:
         if callable(x):
             return getattr(x, "__name__", repr(x))
         return x
+
     return enc(cfg)
 
 
@@ -121,20 +123,23 @@ def mismatch_message(path: Path, changes: list[tuple[str, Any, Any]], flags: dic
         top = key.split(".")[0].split("[")[0]
         if top == "file_digests" and "." in key:
             name = key.split(".", 1)[1]
-            parts.append(f"{name}{f' ({flags[name]})' if name in flags else ''}: its contents changed "
-                         f"(fingerprint {_shown(old)} -> {_shown(new)})")
+            parts.append(
+                f"{name}{f' ({flags[name]})' if name in flags else ''}: its contents changed "
+                f"(fingerprint {_shown(old)} -> {_shown(new)})"
+            )
         else:
             parts.append(f"{key}{f' ({flags[top]})' if top in flags else ''}: {_shown(old)} -> {_shown(new)}")
     text = "; ".join(parts[:8]) + (f"; (+{len(parts) - 8} more)" if len(parts) > 8 else "")
-    return (f"{path} holds a run with another configuration ({text}). Its results would not be this "
-            "configuration's: choose another --run-dir, or pass --force to delete that run and start this one.")
+    return (
+        f"{path} holds a run with another configuration ({text}). Its results would not be this "
+        "configuration's: choose another --run-dir, or pass --force to delete that run and start this one."
+    )
 
 
 def _started(path: Path) -> bool:
     """Training began here, or in a run folder just below (``--auto``'s search). Folders
     written before the mark existed count as started once they hold a checkpoint folder."""
-    return ((path / STARTED_FILE).exists() or any(path.glob(f"*/{STARTED_FILE}"))
-            or any(path.glob("**/ckpt")))
+    return (path / STARTED_FILE).exists() or any(path.glob(f"*/{STARTED_FILE}")) or any(path.glob("**/ckpt"))
 
 
 def _matches(key: str, names: tuple[str, ...]) -> bool:
@@ -156,8 +161,17 @@ class RunFolder:
     :meth:`close` when done (it releases the lock), also on failure.
     """
 
-    def __init__(self, path: str | Path, config: dict, *, resume: bool = False, force: bool = False,
-                 writer: bool = True, reusable: tuple[str, ...] = (), echo=print):
+    def __init__(
+        self,
+        path: str | Path,
+        config: dict,
+        *,
+        resume: bool = False,
+        force: bool = False,
+        writer: bool = True,
+        reusable: tuple[str, ...] = (),
+        echo=print,
+    ):
         self.path = Path(path)
         self.writer = writer
         self.config = config = json.loads(json.dumps(config))  # tuples -> lists, as read back
@@ -168,8 +182,9 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"{self.path} is a file; --run-dir must be a folder.")
         if self.path.is_dir() and _entries(self.path) and not cfg_path.exists():
-            raise FileExistsError(f"{self.path} exists and is not a jkd run folder (no {CONFIG_FILE}); "
-                                  "choose another --run-dir.")
+            raise FileExistsError(
+                f"{self.path} exists and is not a jkd run folder (no {CONFIG_FILE}); choose another --run-dir."
+            )
         self._lock = RunLock(self.path, echo=echo) if writer else None
         if self._lock is not None:
             try:
@@ -195,8 +210,10 @@ class RunFolder:
         elif kept:
             raise ConfigMismatchError(self.path, kept)
         elif not resume:
-            raise FileExistsError(f"{self.path} holds a run already; pass --resume to continue it, "
-                                  "--force to start it again, or choose another --run-dir.")
+            raise FileExistsError(
+                f"{self.path} holds a run already; pass --resume to continue it, "
+                "--force to start it again, or choose another --run-dir."
+            )
         else:
             self.changed = _lines(changes)
 
@@ -221,8 +238,11 @@ class RunFolder:
         if is_disk_full(e):
             return disk_full(self.path, what=what)
         if isinstance(e, PermissionError):
-            return PermissionError(e.errno, f"cannot write {what} in {self.path}: permission denied "
-                                   "(the folder or a parent is read-only); choose another --run-dir.")
+            return PermissionError(
+                e.errno,
+                f"cannot write {what} in {self.path}: permission denied "
+                "(the folder or a parent is read-only); choose another --run-dir.",
+            )
         return e
 
     def log(self, model: str, record: dict) -> None:
@@ -305,8 +325,11 @@ class _EventWriter:
         event_name = record.get("event", "x")
         for k, v in record.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                self._writer.write_event(event_pb2.Event(
-                    wall_time=time.time(), step=int(record["step"]), summary=summary.scalar(f"{event_name}/{k}", v)))
+                self._writer.write_event(
+                    event_pb2.Event(
+                        wall_time=time.time(), step=int(record["step"]), summary=summary.scalar(f"{event_name}/{k}", v)
+                    )
+                )
         self._writer.flush()
 
     def close(self) -> None:

@@ -40,8 +40,10 @@ class RunFolderBusy(FileExistsError):
 
 def _describe(holder: dict) -> str:
     cmd = " ".join(holder.get("argv") or [])
-    return (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (started "
-            f"{holder.get('started', '?')}{f': {cmd[:120]}' if cmd else ''})")
+    return (
+        f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (started "
+        f"{holder.get('started', '?')}{f': {cmd[:120]}' if cmd else ''})"
+    )
 
 
 def _read(path: Path) -> dict:
@@ -103,10 +105,15 @@ class RunLock:
                 os.close(fd)  # a holder on another host, alive by its heartbeat
                 raise RunFolderBusy(self._busy_message(previous))
             if previous.get("pid") != os.getpid() or previous.get("host") != socket.gethostname():
-                self.echo(f"{self.folder}: taking over the lock left by {_describe(previous)}, which is no longer "
-                          "running.")
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                self.echo(
+                    f"{self.folder}: taking over the lock left by {_describe(previous)}, which is no longer running."
+                )
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "argv": sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
@@ -118,8 +125,10 @@ class RunLock:
 
     def _busy_message(self, holder: dict) -> str:
         who = _describe(holder) if holder else "another process"
-        return (f"{self.folder} is in use by {who}. Two runs in one folder would overwrite each other's "
-                "checkpoints and log: wait for that run to end (or stop it), or choose another --run-dir.")
+        return (
+            f"{self.folder} is in use by {who}. Two runs in one folder would overwrite each other's "
+            "checkpoints and log: wait for that run to end (or stop it), or choose another --run-dir."
+        )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -26,9 +26,24 @@ from jkd.train.steps import unstack_state
 from jkd.train.steps import with_objective_aux
 
 __all__ = [
-    "AdamWConfig", "FrozenModel", "SGDConfig", "TrainState", "apply_model", "create_train_state",
+    "AdamWConfig",
+    "FrozenModel",
+    "SGDConfig",
+    "TrainState",
+    "apply_model",
+    "create_train_state",
     "with_objective_aux",
-    "eval_step", "freeze", "freeze_model", "make_optimizer", "objectives", "parallel",
-    "stack_states", "teacher_logits", "train_step", "train_step_many", "train_step_many_stored",
-    "train_step_stored", "unstack_state",
+    "eval_step",
+    "freeze",
+    "freeze_model",
+    "make_optimizer",
+    "objectives",
+    "parallel",
+    "stack_states",
+    "teacher_logits",
+    "train_step",
+    "train_step_many",
+    "train_step_many_stored",
+    "train_step_stored",
+    "unstack_state",
 ]

@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 
 from jkd.runtime.faults import disk_full, is_disk_full
 
+
 class IncompatibleCheckpointError(ValueError):
     """A checkpoint that reads fine but holds another model or optimizer than the one asked for."""
 
@@ -60,24 +61,39 @@ def compatibility_problems(saved: dict[str, tuple], expected: dict[str, tuple | 
     problems = []
     missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing:
-        problems.append(f"arrays the config needs but the checkpoint lacks: {missing[:limit]}"
-                        + (f" (+{len(missing) - limit} more)" if len(missing) > limit else ""))
+        problems.append(
+            f"arrays the config needs but the checkpoint lacks: {missing[:limit]}"
+            + (f" (+{len(missing) - limit} more)" if len(missing) > limit else "")
+        )
     if extra:
-        problems.append(f"arrays the checkpoint holds but the config does not: {extra[:limit]}"
-                        + (f" (+{len(extra) - limit} more)" if len(extra) > limit else ""))
+        problems.append(
+            f"arrays the checkpoint holds but the config does not: {extra[:limit]}"
+            + (f" (+{len(extra) - limit} more)" if len(extra) > limit else "")
+        )
     params_first = sorted(set(saved) & set(expected), key=lambda k: (not k.startswith("params."), k))
-    shapes = [f"{k}: saved {saved[k]}, config {expected[k]}" for k in params_first
-              if expected[k] is not None and saved[k] != expected[k]]
+    shapes = [
+        f"{k}: saved {saved[k]}, config {expected[k]}"
+        for k in params_first
+        if expected[k] is not None and saved[k] != expected[k]
+    ]
     if shapes:
-        problems.append("shapes differ: " + "; ".join(shapes[:limit])
-                        + (f" (+{len(shapes) - limit} more)" if len(shapes) > limit else ""))
+        problems.append(
+            "shapes differ: "
+            + "; ".join(shapes[:limit])
+            + (f" (+{len(shapes) - limit} more)" if len(shapes) > limit else "")
+        )
     return problems
 
 
 def state_bytes(tree) -> int:
     """Bytes of the arrays in ``tree`` (what one checkpoint of it takes, uncompressed)."""
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                   if hasattr(x, "shape") and not _is_key(x)))
+    return int(
+        sum(
+            np.prod(x.shape) * np.dtype(x.dtype).itemsize
+            for x in jax.tree.leaves(tree)
+            if hasattr(x, "shape") and not _is_key(x)
+        )
+    )
 
 
 def abstract_like(tree, sharding=None):
@@ -86,8 +102,11 @@ def abstract_like(tree, sharding=None):
     Restoring into a different device count: pass the new mesh's replicated sharding, or a
     function ``tree -> tree of shardings`` (a model sharded over a mesh).
     """
+
     def one(x, sharding):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None))
+        return jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None)
+        )
 
     if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
         return jax.tree.map(one, tree, sharding(tree))
@@ -103,8 +122,10 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         policy = cm.LatestN(n=keep_latest)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True, create=True,
+            preservation_policy=policy,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
         )
         self.keep_latest = keep_latest
         self._need_bytes = None
@@ -112,8 +133,10 @@ class Checkpoints:
             # Handlers named up front, so that a fresh process can read a step's metadata
             # (the compatibility check) before restoring anything.
             self._manager = ocp.CheckpointManager(
-                self.directory, options=options,
-                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+                self.directory,
+                options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            )
         except Exception as e:
             if is_disk_full(e):
                 raise disk_full(self.directory, what="creating the checkpoint folder") from e
@@ -172,7 +195,8 @@ class Checkpoints:
             raise IncompatibleCheckpointError(
                 f"checkpoint step {step} in {self.directory} holds another model or optimizer than "
                 f"this configuration builds ({'; '.join(problems)}). Was the model or the optimizer "
-                "changed? Use another --run-dir for the new configuration.")
+                "changed? Use another --run-dir for the new configuration."
+            )
 
     def _set_aside(self, step: int) -> Path:
         if jax.process_index() != 0:
@@ -200,8 +224,12 @@ class Checkpoints:
         for s in candidates:
             try:
                 self.check_compatible(s, abstract_state)
-                out = self._manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                out = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
@@ -212,7 +240,8 @@ class Checkpoints:
                     f"checkpoint step {s} in {self.directory} could not be restored "
                     f"({type(e).__name__}: {str(e)[:200]}); moved to {where} for inspection, "
                     "falling back to an earlier step.",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
                 continue
             return out["state"], out["meta"]
@@ -238,8 +267,9 @@ def save_frozen(directory: str | Path, variables, meta: dict[str, Any]) -> None:
 
         variables = parallel.replicated(variables, parallel.data_mesh())
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        ckpt.save(path, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
+        ckpt.save(
+            path, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta))
+        )
 
 
 def load_frozen(directory: str | Path, abstract_variables):
@@ -248,6 +278,10 @@ def load_frozen(directory: str | Path, abstract_variables):
     if not path.exists():
         raise FileNotFoundError(f"no saved model at {path}.")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-        out = ckpt.restore(path, args=ocp.args.Composite(
-            variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()))
+        out = ckpt.restore(
+            path,
+            args=ocp.args.Composite(
+                variables=ocp.args.StandardRestore(abstract_variables), meta=ocp.args.JsonRestore()
+            ),
+        )
     return out["variables"], out["meta"]

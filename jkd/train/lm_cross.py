@@ -22,8 +22,14 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jkd.losses import (Divergence, projected_cross_tokenizer_divergence, projected_token_divergence,
-                        stored_cross_tokenizer_divergence, teacher_span_values, token_mean)
+from jkd.losses import (
+    Divergence,
+    projected_cross_tokenizer_divergence,
+    projected_token_divergence,
+    stored_cross_tokenizer_divergence,
+    teacher_span_values,
+    token_mean,
+)
 from jkd.losses._cross import STORED_FLOOR
 from jkd.train.lm_steps import (
     Batch,
@@ -36,8 +42,16 @@ from jkd.train.lm_steps import (
 from jkd.train.state import FrozenModel, TrainState
 from jkd.train.stored import INDICES, VALUES, StoredTopK, store_topk, teacher_identity
 
-SPAN_KEYS = ("teacher_tokens", "teacher_attention_mask", "student_first", "teacher_first", "student_chain",
-             "teacher_chain", "span_exact", "span_where")
+SPAN_KEYS = (
+    "teacher_tokens",
+    "teacher_attention_mask",
+    "student_first",
+    "teacher_first",
+    "student_chain",
+    "teacher_chain",
+    "span_exact",
+    "span_where",
+)
 
 
 @struct.dataclass
@@ -73,8 +87,16 @@ def _hidden(model, tokens, attention_mask) -> jax.Array:
     return model.hidden_states(tokens, attention_mask=attention_mask)
 
 
-def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokenizerKD, *,
-                         shared: tuple[Any, Any] | None, num_spans: jax.Array, num_tokens: jax.Array) -> jax.Array:
+def cross_tokenizer_loss(
+    student,
+    teacher,
+    batch: Batch,
+    objective: CrossTokenizerKD,
+    *,
+    shared: tuple[Any, Any] | None,
+    num_spans: jax.Array,
+    num_tokens: jax.Array,
+) -> jax.Array:
     """The step's loss on ``batch``: the span mean over ``num_spans`` and, with ``ce_weight``, the
     token mean over ``num_tokens``; both models' logits are formed ``chunk_size`` rows at a time
     (:func:`jkd.losses.projected_cross_tokenizer_divergence`, :func:`jkd.losses.projected_token_divergence`)."""
@@ -86,11 +108,20 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
         pad = [(0, 0), (0, s - batch[VALUES].shape[1]), (0, 0)]  # the stored values cover T-1 spans
         shift = jnp.concatenate([s_tokens[:, 1:], s_tokens[:, -1:]], axis=1)
         values = stored_cross_tokenizer_divergence(
-            hs, ws, jnp.pad(batch[VALUES].astype(jnp.float32), pad, constant_values=STORED_FLOOR),
-            jnp.pad(batch[INDICES], pad), student_targets=shift, student_first=batch["student_first"],
-            student_chain=batch["student_chain"], exact=batch["span_exact"], where=batch["span_where"],
-            divergence=objective.divergence, student_of_teacher=None if shared is None else _student_of(shared),
-            temperature=objective.temperature, chunk_size=objective.chunk_size)
+            hs,
+            ws,
+            jnp.pad(batch[VALUES].astype(jnp.float32), pad, constant_values=STORED_FLOOR),
+            jnp.pad(batch[INDICES], pad),
+            student_targets=shift,
+            student_first=batch["student_first"],
+            student_chain=batch["student_chain"],
+            exact=batch["span_exact"],
+            where=batch["span_where"],
+            divergence=objective.divergence,
+            student_of_teacher=None if shared is None else _student_of(shared),
+            temperature=objective.temperature,
+            chunk_size=objective.chunk_size,
+        )
         loss = loss + objective.kd_weight * token_mean(values, batch["span_where"], num_tokens=num_spans)
     elif objective.kd_weight > 0:
         t_tokens = batch["teacher_tokens"]
@@ -98,18 +129,38 @@ def cross_tokenizer_loss(student, teacher, batch: Batch, objective: CrossTokeniz
         wt = jax.lax.stop_gradient(teacher.output_weight())
         shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731  each position's next token
         values = projected_cross_tokenizer_divergence(
-            hs, ws, ht, wt, student_targets=shift(s_tokens), teacher_targets=shift(t_tokens),
-            student_first=batch["student_first"], teacher_first=batch["teacher_first"],
-            student_chain=batch["student_chain"], teacher_chain=batch["teacher_chain"], exact=batch["span_exact"],
-            where=batch["span_where"], divergence=objective.divergence, shared=shared,
-            temperature=objective.temperature, chunk_size=objective.chunk_size)
+            hs,
+            ws,
+            ht,
+            wt,
+            student_targets=shift(s_tokens),
+            teacher_targets=shift(t_tokens),
+            student_first=batch["student_first"],
+            teacher_first=batch["teacher_first"],
+            student_chain=batch["student_chain"],
+            teacher_chain=batch["teacher_chain"],
+            exact=batch["span_exact"],
+            where=batch["span_where"],
+            divergence=objective.divergence,
+            shared=shared,
+            temperature=objective.temperature,
+            chunk_size=objective.chunk_size,
+        )
         loss = loss + objective.kd_weight * token_mean(values, batch["span_where"], num_tokens=num_spans)
     if objective.ce_weight > 0:  # the labels' cross-entropy alone: the fused loss with no divergence term
         h = hs[:, :-1]
         loss = loss + projected_token_divergence(
-            h, ws, jnp.zeros(h.shape[:-1] + (1,), h.dtype), jnp.zeros((ws.shape[0], 1), ws.dtype),
-            where=learned_positions(batch), num_tokens=num_tokens, labels=s_tokens[:, 1:], divergence_weight=0.0,
-            label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
+            h,
+            ws,
+            jnp.zeros(h.shape[:-1] + (1,), h.dtype),
+            jnp.zeros((ws.shape[0], 1), ws.dtype),
+            where=learned_positions(batch),
+            num_tokens=num_tokens,
+            labels=s_tokens[:, 1:],
+            divergence_weight=0.0,
+            label_weight=objective.ce_weight,
+            chunk_size=objective.chunk_size,
+        )
     return loss
 
 
@@ -120,9 +171,17 @@ def _student_of(shared) -> jax.Array:
 
 
 def cross_tokenizer_step(
-    state: TrainState, batch: Batch, objective: CrossTokenizerKD, teacher: FrozenModel | None = None, *,
-    graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
-    shared: tuple[np.ndarray, np.ndarray] | None = None, compute_dtype=None, quant: str | None = None,
+    state: TrainState,
+    batch: Batch,
+    objective: CrossTokenizerKD,
+    teacher: FrozenModel | None = None,
+    *,
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef | None,
+    tx: optax.GradientTransformation,
+    shared: tuple[np.ndarray, np.ndarray] | None = None,
+    compute_dtype=None,
+    quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of cross-tokenizer distillation (the signature of
     :func:`jkd.train.lm_steps.token_kd_step`, with the ``shared`` tokens bound: ``(teacher_ids,
@@ -130,37 +189,53 @@ def cross_tokenizer_step(
     state and ``{"loss", "tokens", "spans"}``."""
     missing = [k for k in ("attention_mask", *SPAN_KEYS) if k not in batch]
     if missing:
-        raise ValueError(f"a cross-tokenizer batch needs {', '.join(missing)} (the teacher's rows and the spans: "
-                         "jkd.data.align)")
+        raise ValueError(
+            f"a cross-tokenizer batch needs {', '.join(missing)} (the teacher's rows and the spans: jkd.data.align)"
+        )
     if objective.divergence is not None and shared is None:
         raise ValueError("the hybrid cross-tokenizer loss needs the shared tokens (shared=(teacher_ids, student_ids))")
     num_spans = jnp.sum(batch["span_where"], dtype=jnp.int32)
     num_tokens = jnp.sum(learned_positions(batch), dtype=jnp.int32)
     if objective.stored and objective.kd_weight > 0 and VALUES not in batch:
-        raise ValueError("a stored cross-tokenizer objective reads the teacher's span values from the batch "
-                         f"({VALUES}, {INDICES}: StoredTopK.targets of store_span_teacher's output)")
+        raise ValueError(
+            "a stored cross-tokenizer objective reads the teacher's span values from the batch "
+            f"({VALUES}, {INDICES}: StoredTopK.targets of store_span_teacher's output)"
+        )
     teacher_model = None if objective.stored else teacher_for(objective, teacher, teacher_graphdef)
     shared = None if shared is None else tuple(np.asarray(x, np.int32) for x in shared)
 
     def loss_fn(params):
         student = _student(graphdef, params, state, compute_dtype, quant)
-        return cross_tokenizer_loss(student, teacher_model, batch, objective, shared=shared, num_spans=num_spans,
-                                    num_tokens=num_tokens)
+        return cross_tokenizer_loss(
+            student, teacher_model, batch, objective, shared=shared, num_spans=num_spans, num_tokens=num_tokens
+        )
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens, "spans": num_spans}
 
 
-def store_span_teacher(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, aligned, objective: CrossTokenizerKD, *,
-                       k: int, length: int, pad_id: int, teacher_pad_id: int,
-                       shared: tuple[np.ndarray, np.ndarray] | None = None, batch_size: int = 4,
-                       identity: str | None = None, progress: bool = False) -> StoredTopK:
+def store_span_teacher(
+    teacher_graphdef: nnx.GraphDef,
+    teacher: FrozenModel,
+    aligned,
+    objective: CrossTokenizerKD,
+    *,
+    k: int,
+    length: int,
+    pad_id: int,
+    teacher_pad_id: int,
+    shared: tuple[np.ndarray, np.ndarray] | None = None,
+    batch_size: int = 4,
+    identity: str | None = None,
+    progress: bool = False,
+) -> StoredTopK:
     """The teacher's side of ``objective`` for every row of ``aligned`` (:class:`jkd.data.align.AlignedRows`),
     computed once: per span, the top ``k`` of :func:`jkd.losses.teacher_span_values` (``[N,
     length - 1, k]``, bfloat16, with their teacher ids), fingerprinted by the student's rows as
     their batches hold them (``length`` tokens, ``pad_id``), as :class:`~jkd.train.stored.StoredTopK`
     keeps every stored teacher. ``k`` at least the smaller vocabulary (the student's rows, or the
-    teacher's whole vocabulary) keeps the student's gradient exact. ``identity`` names the teacher (default: a hash of its weights)."""
+    teacher's whole vocabulary) keeps the student's gradient exact. ``identity`` names the teacher
+    (default: a hash of its weights)."""
     hybrid = objective.divergence is not None
     if hybrid and shared is None:
         raise ValueError("the hybrid's stored values need the shared tokens (shared=(teacher_ids, student_ids))")
@@ -173,10 +248,15 @@ def store_span_teacher(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, ali
         logits = model(tokens, attention_mask=batch["teacher_attention_mask"].astype(bool))
         targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         spans = slice(0, length - 1)  # a row of `length` tokens has at most length - 1 spans
-        return teacher_span_values(logits, teacher_targets=targets, teacher_first=batch["teacher_first"][:, spans],
-                                   teacher_chain=batch["teacher_chain"],
-                                   exact=batch["span_exact"][:, spans] if hybrid else None, shared_teacher=t_ids,
-                                   temperature=objective.temperature)
+        return teacher_span_values(
+            logits,
+            teacher_targets=targets,
+            teacher_first=batch["teacher_first"][:, spans],
+            teacher_chain=batch["teacher_chain"],
+            exact=batch["span_exact"][:, spans] if hybrid else None,
+            shared_teacher=t_ids,
+            temperature=objective.temperature,
+        )
 
     n = len(aligned)
 
@@ -185,13 +265,25 @@ def store_span_teacher(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, ali
             rows = np.arange(start, min(start + batch_size, n))
             real = np.arange(batch_size) < len(rows)
             rows = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])  # one compiled shape
-            b = aligned.batch(rows, length=length, teacher_length=length, pad_id=pad_id,
-                              teacher_pad_id=teacher_pad_id)
+            b = aligned.batch(rows, length=length, teacher_length=length, pad_id=pad_id, teacher_pad_id=teacher_pad_id)
             yield {**b, "index": rows, "mask": real}
 
     source = identity if identity is not None else teacher_identity(teacher)
-    return store_topk(lambda b: scores(teacher.params, teacher.batch_stats, teacher.rest,
-                                       {key: b[key] for key in ("teacher_tokens", "teacher_attention_mask",
-                                                                "teacher_first", "teacher_chain", "span_exact")}),
-                      batches(), n=n, k=k, key="tokens", progress=progress, total=-(-n // batch_size),
-                      source=f"{source} {objective.name} T={objective.temperature:g}")
+    return store_topk(
+        lambda b: scores(
+            teacher.params,
+            teacher.batch_stats,
+            teacher.rest,
+            {
+                key: b[key]
+                for key in ("teacher_tokens", "teacher_attention_mask", "teacher_first", "teacher_chain", "span_exact")
+            },
+        ),
+        batches(),
+        n=n,
+        k=k,
+        key="tokens",
+        progress=progress,
+        total=-(-n // batch_size),
+        source=f"{source} {objective.name} T={objective.temperature:g}",
+    )

@@ -46,9 +46,17 @@ def _prompts_key(prompts: Sequence[Sequence[int]]) -> str:
 
 
 def teacher_answers(
-    teacher: Decoder, prompts: Sequence[Sequence[int]], *, cache_dir: str | Path, teacher_id: str | None = None,
-    max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(temperature=1.0), seed: int = 0,
-    batch_size: int = 16, stop_tokens: Sequence[int] | None = None, progress: bool = False,
+    teacher: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    cache_dir: str | Path,
+    teacher_id: str | None = None,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0),
+    seed: int = 0,
+    batch_size: int = 16,
+    stop_tokens: Sequence[int] | None = None,
+    progress: bool = False,
     progress_every_s: float = 10.0,
 ) -> list[np.ndarray]:
     """The teacher's answer to every prompt (token ids, stop token included), cached on disk.
@@ -67,19 +75,31 @@ def teacher_answers(
     """
     if teacher_id is None:
         teacher_id = teacher_identity(freeze_model(teacher)[1], teacher.config)
-    settings = _digest(teacher_id, max_new_tokens, sampling, seed, batch_size,
-                       None if stop_tokens is None else tuple(stop_tokens))
+    settings = _digest(
+        teacher_id, max_new_tokens, sampling, seed, batch_size, None if stop_tokens is None else tuple(stop_tokens)
+    )
     folder = Path(cache_dir) / f"answers-{settings}"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "settings.json", json.dumps({
-        "teacher": teacher_id, "max_new_tokens": max_new_tokens, "sampling": repr(sampling), "seed": seed,
-        "batch_size": batch_size, "stop_tokens": None if stop_tokens is None else list(stop_tokens)}, indent=2))
+    atomic_write(
+        folder / "settings.json",
+        json.dumps(
+            {
+                "teacher": teacher_id,
+                "max_new_tokens": max_new_tokens,
+                "sampling": repr(sampling),
+                "seed": seed,
+                "batch_size": batch_size,
+                "stop_tokens": None if stop_tokens is None else list(stop_tokens),
+            },
+            indent=2,
+        ),
+    )
     n_batches = -(-len(prompts) // batch_size)
     answers: list[np.ndarray] = []
     cached = 0
     t0 = shown = time.perf_counter()
     for i in range(n_batches):
-        chunk = prompts[i * batch_size:(i + 1) * batch_size]
+        chunk = prompts[i * batch_size : (i + 1) * batch_size]
         path = folder / f"batch-{i:05d}.npz"
         key = _prompts_key(chunk)
         if path.exists():
@@ -88,26 +108,48 @@ def teacher_answers(
                     answers.extend(np.split(z["tokens"], np.cumsum(z["lengths"])[:-1]))
                     cached += 1
                     continue
-        out = generate(teacher, chunk, max_new_tokens=max_new_tokens, sampling=sampling,
-                       key=jax.random.fold_in(jax.random.key(seed), i), stop_tokens=stop_tokens)
+        out = generate(
+            teacher,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            key=jax.random.fold_in(jax.random.key(seed), i),
+            stop_tokens=stop_tokens,
+        )
         rows = out.rows()
-        atomic_write(path, lambda f: np.savez(f, prompts=np.asarray(key), lengths=np.asarray([len(r) for r in rows], np.int64),
-                                              tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32)))
+        atomic_write(
+            path,
+            lambda f: np.savez(
+                f,
+                prompts=np.asarray(key),
+                lengths=np.asarray([len(r) for r in rows], np.int64),
+                tokens=np.concatenate(rows) if rows else np.zeros((0,), np.int32),
+            ),
+        )
         answers.extend(rows)
         if progress and i + 1 < n_batches and time.perf_counter() - shown >= progress_every_s:
             shown = time.perf_counter()
             done = i + 1
             rate = (done - cached) / max(time.perf_counter() - t0, 1e-9)
-            print(f"teacher answers: batch {done}/{n_batches} ({cached} from the cache, {rate:.2f} batches/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"teacher answers: batch {done}/{n_batches} ({cached} from the cache, {rate:.2f} batches/s)",
+                file=sys.stderr,
+                flush=True,
+            )
     if progress:
         print(f"teacher answers: batch {n_batches}/{n_batches} ({cached} from the cache)", file=sys.stderr, flush=True)
     return answers
 
 
 def answer_batches(
-    prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], *, batch_size: int, length: int,
-    pad_id: int = 0, start: int = 0, seed: int = 0,
+    prompts: Sequence[Sequence[int]],
+    answers: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    length: int,
+    pad_id: int = 0,
+    start: int = 0,
+    seed: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless ``[batch_size, length]`` batches of prompt + answer, ``loss_mask`` on the answer
     tokens, in a shuffled order that depends on ``seed`` and the epoch; ``start`` is the data

@@ -140,9 +140,19 @@ def token_kd_loss(student, teacher, batch: Batch, objective: TokenKD, *, num_tok
     else:  # no teacher forward pass: width-1 placeholders of the right rank, never read
         ht, wt = jnp.zeros(hs.shape[:-1] + (1,), hs.dtype), jnp.zeros((vocab, 1), ws.dtype)
     return projected_token_divergence(
-        hs, ws[:vocab], ht, wt, divergence=objective.divergence, temperature=objective.temperature,
-        where=learned_positions(batch), num_tokens=num_tokens, labels=batch["tokens"][:, 1:],
-        divergence_weight=objective.kd_weight, label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
+        hs,
+        ws[:vocab],
+        ht,
+        wt,
+        divergence=objective.divergence,
+        temperature=objective.temperature,
+        where=learned_positions(batch),
+        num_tokens=num_tokens,
+        labels=batch["tokens"][:, 1:],
+        divergence_weight=objective.kd_weight,
+        label_weight=objective.ce_weight,
+        chunk_size=objective.chunk_size,
+    )
 
 
 def _split_micro(batch: Batch, micro_batches: int) -> Batch:
@@ -153,9 +163,17 @@ def _split_micro(batch: Batch, micro_batches: int) -> Batch:
 
 
 def token_kd_step(
-    state: TrainState, batch: Batch, objective: TokenKD, teacher: FrozenModel | None = None, *,
-    graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef | None, tx: optax.GradientTransformation,
-    micro_batches: int = 1, compute_dtype=None, quant: str | None = None,
+    state: TrainState,
+    batch: Batch,
+    objective: TokenKD,
+    teacher: FrozenModel | None = None,
+    *,
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef | None,
+    tx: optax.GradientTransformation,
+    micro_batches: int = 1,
+    compute_dtype=None,
+    quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step of token-level distillation on ``batch`` (``[B, T]`` arrays), with
     ``micro_batches`` rounds of gradient accumulation and the student's passes in ``compute_dtype``
@@ -178,6 +196,7 @@ def token_kd_step(
     if micro_batches == 1:
         loss, grads = grad_fn(state.params, batch)
     else:
+
         def accumulate(acc, micro):
             loss_m, g = grad_fn(state.params, micro)
             return jax.tree.map(jnp.add, acc, g), loss_m
@@ -209,8 +228,16 @@ class StoredTopKKD:
 
 
 def stored_topk_step(
-    state: TrainState, batch: Batch, objective: StoredTopKKD, teacher: None = None, *, graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation, teacher_graphdef: None = None, compute_dtype=None, quant: str | None = None,
+    state: TrainState,
+    batch: Batch,
+    objective: StoredTopKKD,
+    teacher: None = None,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    teacher_graphdef: None = None,
+    compute_dtype=None,
+    quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step against stored teacher outputs: no teacher forward pass (the student's
     passes in ``compute_dtype``, as in :func:`token_kd_step`). ``batch``
@@ -224,12 +251,20 @@ def stored_topk_step(
     def loss_fn(params):
         student = _student(graphdef, params, state, compute_dtype, quant)
         ws = student.output_weight()
-        ws = ws if objective.vocab_size is None else ws[:objective.vocab_size]
-        return projected_topk_kl(next_token_hidden(student, batch), ws,
-                                 batch["teacher_topk_values"], batch["teacher_topk_indices"],
-                                 temperature=objective.temperature, where=where, num_tokens=num_tokens,
-                                 labels=batch["tokens"][:, 1:], divergence_weight=objective.kd_weight,
-                                 label_weight=objective.ce_weight, chunk_size=objective.chunk_size)
+        ws = ws if objective.vocab_size is None else ws[: objective.vocab_size]
+        return projected_topk_kl(
+            next_token_hidden(student, batch),
+            ws,
+            batch["teacher_topk_values"],
+            batch["teacher_topk_indices"],
+            temperature=objective.temperature,
+            where=where,
+            num_tokens=num_tokens,
+            labels=batch["tokens"][:, 1:],
+            divergence_weight=objective.kd_weight,
+            label_weight=objective.ce_weight,
+            chunk_size=objective.chunk_size,
+        )
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": num_tokens}
@@ -261,12 +296,22 @@ class OnPolicyKD:
             raise ValueError(f"OnPolicyKD.max_new_tokens must be a positive int; got {self.max_new_tokens!r}")
 
     def token_kd(self) -> TokenKD:
-        return TokenKD(divergence=self.divergence, temperature=self.temperature, vocab_size=self.vocab_size,
-                       chunk_size=self.chunk_size)
+        return TokenKD(
+            divergence=self.divergence,
+            temperature=self.temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=self.chunk_size,
+        )
 
 
-def prompt_and_completion(prompts: jax.Array, prompt_lengths: jax.Array, completions: jax.Array,
-                          completion_lengths: jax.Array, *, pad_id: int = 0) -> Batch:
+def prompt_and_completion(
+    prompts: jax.Array,
+    prompt_lengths: jax.Array,
+    completions: jax.Array,
+    completion_lengths: jax.Array,
+    *,
+    pad_id: int = 0,
+) -> Batch:
     """Join right-padded ``prompts [B, P]`` and ``completions [B, N]`` row by row into a
     ``[B, P + N]`` batch whose ``loss_mask`` marks the completion tokens."""
     b, p = prompts.shape
@@ -284,13 +329,22 @@ def _pad_rows(seqs: Batch, length: int, pad_id: int) -> Batch:
     extra = length - seqs["tokens"].shape[1]
     if extra == 0:
         return seqs
-    return {k: jnp.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "tokens" else False)
-            for k, v in seqs.items()}
+    return {
+        k: jnp.pad(v, ((0, 0), (0, extra)), constant_values=pad_id if k == "tokens" else False) for k, v in seqs.items()
+    }
 
 
 def on_policy_step(
-    state: TrainState, batch: Batch, objective: OnPolicyKD, teacher: FrozenModel, *, graphdef: nnx.GraphDef,
-    teacher_graphdef: nnx.GraphDef, tx: optax.GradientTransformation, compute_dtype=None, quant: str | None = None,
+    state: TrainState,
+    batch: Batch,
+    objective: OnPolicyKD,
+    teacher: FrozenModel,
+    *,
+    graphdef: nnx.GraphDef,
+    teacher_graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    compute_dtype=None,
+    quant: str | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """One GKD step (the student's sampling and passes in ``compute_dtype``, as in
     :func:`token_kd_step`). ``batch`` holds the given sequences (``tokens``, ``loss_mask``,
@@ -323,9 +377,16 @@ def on_policy_step(
     pad = default_pad_id(student.config)
 
     def sampled(_):
-        new, n_new = generate_tokens(student, batch["prompt_tokens"], batch["prompt_lengths"], sample_key,
-                                     stop_token_array(student.config.eos_token_ids),
-                                     max_new_tokens=objective.max_new_tokens, sampling=objective.sampling, pad_id=pad)
+        new, n_new = generate_tokens(
+            student,
+            batch["prompt_tokens"],
+            batch["prompt_lengths"],
+            sample_key,
+            stop_token_array(student.config.eos_token_ids),
+            max_new_tokens=objective.max_new_tokens,
+            sampling=objective.sampling,
+            pad_id=pad,
+        )
         return prompt_and_completion(batch["prompt_tokens"], batch["prompt_lengths"], new, n_new, pad_id=pad)
 
     if objective.student_fraction == 1:
@@ -335,7 +396,8 @@ def on_policy_step(
     else:
         if "attention_mask" not in given:  # the sampled rows carry one: both branches alike
             given = {**given, "attention_mask": jnp.ones(given["tokens"].shape, bool)}
-        seqs = jax.lax.cond(use_student, lambda _: _pad_rows(sampled(None), length, pad),
-                            lambda _: _pad_rows(given, length, pad), None)
+        seqs = jax.lax.cond(
+            use_student, lambda _: _pad_rows(sampled(None), length, pad), lambda _: _pad_rows(given, length, pad), None
+        )
     loss, grads, n = grads_on(seqs)
     return apply_gradients(state, grads, tx), {"loss": loss, "tokens": n, "on_policy": use_student.astype(jnp.int32)}

@@ -32,8 +32,9 @@ class RunInterrupted(KeyboardInterrupt):
         self.step, self.saved_step = step, saved_step
 
     def __str__(self) -> str:
-        saved = (f"the last checkpoint is step {self.saved_step}" if self.saved_step
-                 else "no checkpoint had been saved yet")
+        saved = (
+            f"the last checkpoint is step {self.saved_step}" if self.saved_step else "no checkpoint had been saved yet"
+        )
         return f"interrupted at step {self.step}; {saved}"
 
 
@@ -43,14 +44,14 @@ class LoopConfig:
 
     num_steps: int
     save_every: int = 100
-    eval_every: int = 0          # 0: evaluate only at the end
-    sync_every: int = 10         # block on the device at least this often (CPU collectives
-                                 # hang when >~30 steps are queued, see BUILD_NOTES)
+    eval_every: int = 0  # 0: evaluate only at the end
+    sync_every: int = 10  # block on the device at least this often (CPU collectives
+    # hang when >~30 steps are queued, see BUILD_NOTES)
     progress: bool = True
-    label: str = ""              # shown before the progress line
+    label: str = ""  # shown before the progress line
     progress_every_s: float = 10.0  # when the output is not a terminal: one line this often
-    unit: str = "img"            # what a batch's rows are: the rate shown and logged ("img", "seq", "row");
-                                 # batches with an attention_mask also log tokens_per_s (per student)
+    unit: str = "img"  # what a batch's rows are: the rate shown and logged ("img", "seq", "row");
+    # batches with an attention_mask also log tokens_per_s (per student)
 
 
 def _describe(value) -> str:
@@ -63,8 +64,11 @@ def _describe(value) -> str:
 
 
 def _check_finite(step: int, metrics: dict) -> None:
-    bad = {k: _describe(v) for k, v in metrics.items()
-           if k in ("loss", "grad_norm") and not np.all(np.isfinite(np.asarray(v)))}
+    bad = {
+        k: _describe(v)
+        for k, v in metrics.items()
+        if k in ("loss", "grad_norm") and not np.all(np.isfinite(np.asarray(v)))
+    }
     if bad:
         detail = ", ".join(f"{k} {v}" for k, v in bad.items())
         raise NonFiniteError(
@@ -76,8 +80,11 @@ def _check_finite(step: int, metrics: dict) -> None:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
@@ -105,8 +112,9 @@ class _Progress:
         if getattr(self.stream, "isatty", lambda: False)():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=label or None,
-                            file=self.stream)
+            self.bar = tqdm(
+                total=total, initial=initial, unit="step", dynamic_ncols=True, desc=label or None, file=self.stream
+            )
 
     def update(self, step: int, loss: float, rate: float) -> None:
         if self.bar is not None:
@@ -117,8 +125,12 @@ class _Progress:
         if now - self._last >= self.every_s or step == self.total:
             self._last = now
             label = f"{self.label}: " if self.label else ""
-            print(f"{label}step {step}/{self.total} ({100 * step / self.total:.0f}%), loss {loss:.4f}, "
-                  f"{rate:.0f} {self.unit}/s", file=self.stream, flush=True)
+            print(
+                f"{label}step {step}/{self.total} ({100 * step / self.total:.0f}%), loss {loss:.4f}, "
+                f"{rate:.0f} {self.unit}/s",
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -172,7 +184,11 @@ def fit(
     placed = parallel.place(run, state)  # e.g. replicated onto pmap's devices once, not every step
     teacher = parallel.place_frozen(run, teacher)  # e.g. replicated on the mesh once, not every step
     processes = jax.process_count()  # each process feeds its share of the global batch
-    bar = _Progress(config.num_steps, start, config.label, config.progress_every_s, unit=config.unit) if config.progress else None
+    bar = (
+        _Progress(config.num_steps, start, config.label, config.progress_every_s, unit=config.unit)
+        if config.progress
+        else None
+    )
     step, t0, n_images, n_tokens = start, time.perf_counter(), 0, 0
     rate_key = _RATE_KEYS.get(config.unit, f"{config.unit}_per_s")
     stream = batches(start)
@@ -191,15 +207,21 @@ def fit(
                 n_tokens += int(mask.sum()) * processes // max(mask.size // (mask.shape[0] * mask.shape[-1]), 1)
             last_metrics = metrics
             due_save = checkpoints is not None and (step % config.save_every == 0 or step == config.num_steps)
-            due_eval = evaluate is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.num_steps)
+            due_eval = evaluate is not None and (
+                (config.eval_every and step % config.eval_every == 0) or step == config.num_steps
+            )
             if step % config.sync_every == 0 or due_save or due_eval:
                 metrics = jax.device_get(metrics)  # the synchronisation point
                 _check_finite(step, metrics)  # before anything of this state is saved
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 rate = n_images / elapsed
-                record = {"event": "train", "step": step, rate_key: rate,
-                          **({"tokens_per_s": n_tokens / elapsed} if n_tokens else {}),
-                          **{k: float(np.mean(v)) for k, v in metrics.items()}}
+                record = {
+                    "event": "train",
+                    "step": step,
+                    rate_key: rate,
+                    **({"tokens_per_s": n_tokens / elapsed} if n_tokens else {}),
+                    **{k: float(np.mean(v)) for k, v in metrics.items()},
+                }
                 emit(record)
                 if bar is not None:
                     bar.update(step, record["loss"], rate)
@@ -236,5 +258,3 @@ def fit(
     if last_metrics is not None:
         _check_finite(step, jax.device_get(last_metrics))
     return parallel.fetch(run, placed), history
-
-

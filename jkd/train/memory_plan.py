@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def per_device_bytes(tree, shardings=None) -> int:
@@ -86,18 +86,36 @@ class StepMemory:
         return max(self.temporaries - self.gradients - self.loss_chunk - self.kv_cache, 0)
 
 
-def compiled_step_memory(lowered, *, name: str, teacher: int, student: int, optimizer: int, gradients: int,
-                         loss_chunk: int, kv_cache: int = 0) -> StepMemory | None:
+def compiled_step_memory(
+    lowered,
+    *,
+    name: str,
+    teacher: int,
+    student: int,
+    optimizer: int,
+    gradients: int,
+    loss_chunk: int,
+    kv_cache: int = 0,
+) -> StepMemory | None:
     """``lowered`` (``jit(step).lower(...)``) compiled, and its memory analysis as a :class:`StepMemory`;
     None where the backend gives no analysis. Compiling here costs nothing later: calling the same
     jitted function with arguments of these shapes and shardings reuses the executable."""
     stats = lowered.compile().memory_analysis()
     if stats is None:
         return None
-    return StepMemory(name=name, teacher=teacher, student=student, optimizer=optimizer,
-                      arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
-                      aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
-                      gradients=gradients, loss_chunk=loss_chunk, kv_cache=kv_cache)
+    return StepMemory(
+        name=name,
+        teacher=teacher,
+        student=student,
+        optimizer=optimizer,
+        arguments=int(stats.argument_size_in_bytes),
+        outputs=int(stats.output_size_in_bytes),
+        aliased=int(stats.alias_size_in_bytes),
+        temporaries=int(stats.temp_size_in_bytes),
+        gradients=gradients,
+        loss_chunk=loss_chunk,
+        kv_cache=kv_cache,
+    )
 
 
 def fused_loss_chunk(tokens: int, chunk: int, vocab: int, *, with_teacher: bool, seeds: int = 1) -> int:
@@ -107,18 +125,19 @@ def fused_loss_chunk(tokens: int, chunk: int, vocab: int, *, with_teacher: bool,
     return int(blocks * min(chunk, tokens) * vocab * 4 * seeds)
 
 
-def kv_cache_bytes(*, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int, seeds: int = 1,
-                   itemsize: int = 4) -> int:
+def kv_cache_bytes(
+    *, layers: int, rows: int, slots: int, kv_heads: int, head_dim: int, seeds: int = 1, itemsize: int = 4
+) -> int:
     """Bytes of a decoder's key/value cache for ``rows`` sequences of ``slots`` positions."""
     return int(2 * layers * rows * slots * kv_heads * head_dim * itemsize * seeds)
 
 
 def _mib(n: int) -> str:
-    if n < 2 ** 10:
+    if n < 2**10:
         return f"{n} bytes"
-    if n < 2 ** 20:
-        return f"{n / 2 ** 10:,.0f} KiB"
-    return f"{n / 2 ** 20:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:,.1f} GiB"
+    if n < 2**20:
+        return f"{n / 2**10:,.0f} KiB"
+    return f"{n / 2**20:,.0f} MiB" if n < 10 * GiB else f"{n / GiB:,.1f} GiB"
 
 
 COLUMNS = ("teacher", "student", "optimizer", "gradients", "activations", "loss chunk", "KV cache", "peak")
@@ -128,11 +147,19 @@ def format_plan(plans: Sequence[StepMemory], *, limit: int | None, limit_source:
     """The plan as a table, one row per step, against ``limit`` bytes per device."""
     width = max(len(p.name) for p in plans)
     head = f"  {'step':<{width}}  " + "  ".join(f"{c:>11}" for c in COLUMNS)
-    rows = [f"  {p.name:<{width}}  " + "  ".join(f"{_mib(v):>11}" for v in (
-        p.teacher, p.student, p.optimizer, p.gradients, p.activations, p.loss_chunk, p.kv_cache, p.peak))
-        for p in plans]
-    against = (f"against {_mib(limit)} per device ({limit_source})" if limit is not None
-               else f"no memory limit known ({limit_source})")
+    rows = [
+        f"  {p.name:<{width}}  "
+        + "  ".join(
+            f"{_mib(v):>11}"
+            for v in (p.teacher, p.student, p.optimizer, p.gradients, p.activations, p.loss_chunk, p.kv_cache, p.peak)
+        )
+        for p in plans
+    ]
+    against = (
+        f"against {_mib(limit)} per device ({limit_source})"
+        if limit is not None
+        else f"no memory limit known ({limit_source})"
+    )
     return "\n".join([f"memory plan per device (XLA's compiled memory analysis), {against}:", head, *rows])
 
 
@@ -140,9 +167,14 @@ class MemoryPlanError(ValueError):
     """A step's planned peak exceeds the memory limit; raised before the run folder is written."""
 
 
-def refuse_if_too_large(plans: Sequence[StepMemory], *, limit: int | None, limit_source: str,
-                        remedies: Sequence[str] = (),
-                        replan: Callable[[str, list[str]], StepMemory | None] | None = None) -> None:
+def refuse_if_too_large(
+    plans: Sequence[StepMemory],
+    *,
+    limit: int | None,
+    limit_source: str,
+    remedies: Sequence[str] = (),
+    replan: Callable[[str, list[str]], StepMemory | None] | None = None,
+) -> None:
     """Raise :class:`MemoryPlanError` when a step's peak exceeds ``limit``, naming the step and its
     figures. ``replan(step name, flags)`` compiles that step again with the first 1, 2, ... of
     ``remedies`` (flags) in effect; the message gives each compiled peak, up to the first that fits."""
@@ -154,18 +186,25 @@ def refuse_if_too_large(plans: Sequence[StepMemory], *, limit: int | None, limit
     worst = max(over, key=lambda p: p.peak)
     tried, fits = [], False
     for i in range(len(remedies) if replan is not None else 0):
-        step = replan(worst.name, list(remedies[:i + 1]))
+        step = replan(worst.name, list(remedies[: i + 1]))
         if step is None:
             break
-        tried.append(f"with {' '.join(remedies[:i + 1])}: {_mib(step.peak)}")
+        tried.append(f"with {' '.join(remedies[: i + 1])}: {_mib(step.peak)}")
         if step.peak <= limit:
             fits = True
             break
     found = ("; compiled again " + "; ".join(tried) + (" (fits)" if fits else "")) if tried else ""
-    advice = "" if fits else ("; use a smaller --batch-size or --max-length, a smaller student, or more devices "
-                              "(--mesh data=D,model=M)")
+    advice = (
+        ""
+        if fits
+        else (
+            "; use a smaller --batch-size or --max-length, a smaller student, or more devices (--mesh data=D,model=M)"
+        )
+    )
     raise MemoryPlanError(
         f"the step {worst.name!r} needs {_mib(worst.peak)} per device, more than the {_mib(limit)} available "
         f"({limit_source}): teacher {_mib(worst.teacher)}, student {_mib(worst.student)}, optimizer "
-        f"{_mib(worst.optimizer)}, gradients {_mib(worst.gradients)}, activations {_mib(worst.activations)}, loss chunk "
-        f"{_mib(worst.loss_chunk)}, KV cache {_mib(worst.kv_cache)}. Nothing was written{found}{advice}.")
+        f"{_mib(worst.optimizer)}, gradients {_mib(worst.gradients)}, activations "
+        f"{_mib(worst.activations)}, loss chunk "
+        f"{_mib(worst.loss_chunk)}, KV cache {_mib(worst.kv_cache)}. Nothing was written{found}{advice}."
+    )

@@ -50,7 +50,8 @@ class SoftKD:
         s, t = _standardized(self.standardize, student_logits, teacher_logits)
         kd = losses.soft_distillation_loss(s, t, temperature=self.temperature)
         return losses.distillation_objective(
-            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight
+        )
 
 
 def _standardized(on: bool | None, student_logits, teacher_logits):
@@ -87,7 +88,8 @@ class HardKD:
     def __call__(self, student_logits, teacher_logits, labels) -> jax.Array:
         kd = losses.hard_distillation_loss(student_logits, teacher_logits, label_smoothing=self.label_smoothing)
         return losses.distillation_objective(
-            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight
+        )
 
 
 @struct.dataclass
@@ -113,15 +115,20 @@ class DKD:
     def __call__(self, student_logits, teacher_logits, labels, *, step=None) -> jax.Array:
         s, t = _standardized(self.standardize, student_logits, teacher_logits)
         kd = losses.decoupled_distillation_loss(
-            s, t, labels, tckd_weight=self.tckd_weight, nckd_weight=self.nckd_weight, temperature=self.temperature)
+            s, t, labels, tckd_weight=self.tckd_weight, nckd_weight=self.nckd_weight, temperature=self.temperature
+        )
         weight = self.kd_weight
         w = self.warmup_epochs
         if isinstance(w, (int, float)) and w > 0 and not (self.steps_per_epoch and step is not None):
-            raise ValueError(f"DKD.warmup_epochs={w:g} needs the epoch length (objectives.per_epoch(objective, "
-                             "steps_per_epoch)) and the train step's `step`.")
+            raise ValueError(
+                f"DKD.warmup_epochs={w:g} needs the epoch length (objectives.per_epoch(objective, "
+                "steps_per_epoch)) and the train step's `step`."
+            )
         if w is not None and step is not None and self.steps_per_epoch:
             warmup = jnp.asarray(w, jnp.float32) * self.steps_per_epoch
-            ramp = jnp.where(warmup > 0, jnp.minimum(jnp.asarray(step, jnp.float32) / jnp.maximum(warmup, 1.0), 1.0), 1.0)
+            ramp = jnp.where(
+                warmup > 0, jnp.minimum(jnp.asarray(step, jnp.float32) / jnp.maximum(warmup, 1.0), 1.0), 1.0
+            )
             weight = weight * ramp
         return losses.distillation_objective(student_logits, labels, kd, kd_weight=weight, ce_weight=self.ce_weight)
 
@@ -152,7 +159,8 @@ class StoredSoftKD:
         values, indices = teacher_targets
         kd = losses.topk_soft_distillation_loss(student_logits, values, indices, temperature=self.temperature)
         return losses.distillation_objective(
-            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight)
+            student_logits, labels, kd, kd_weight=self.kd_weight, ce_weight=self.ce_weight
+        )
 
 
 def stack(objectives):
@@ -214,9 +222,11 @@ class RKD(_Wrapper):
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
         s, t = _paired(self.pair, student_features, teacher_features)
-        return (self.base(student_logits, teacher_logits, labels, **step)
-                + self.distance_weight * losses.rkd_distance_loss(s, t)
-                + self.angle_weight * losses.rkd_angle_loss(s, t))
+        return (
+            self.base(student_logits, teacher_logits, labels, **step)
+            + self.distance_weight * losses.rkd_distance_loss(s, t)
+            + self.angle_weight * losses.rkd_angle_loss(s, t)
+        )
 
 
 @struct.dataclass
@@ -231,7 +241,9 @@ class SP(_Wrapper):
 
     def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, **step) -> jax.Array:
         s, t = _paired(self.pair, student_features, teacher_features)
-        return self.base(student_logits, teacher_logits, labels, **step) + self.weight * losses.similarity_preserving_loss(s, t)
+        return self.base(
+            student_logits, teacher_logits, labels, **step
+        ) + self.weight * losses.similarity_preserving_loss(s, t)
 
 
 @struct.dataclass
@@ -262,15 +274,24 @@ class CRD(_Wrapper):
         s_x, t_x = _paired(self.pair, student_features, teacher_features)
         widths = {"student": math.prod(s_x.shape[1:]), "teacher": math.prod(t_x.shape[1:])}
         keys = dict(zip(("student", "teacher"), jax.random.split(key)))
-        params = {w: {"kernel": init(keys[w], (widths[w], self.embed_dim), jnp.float32),
-                      "bias": jnp.zeros((self.embed_dim,), jnp.float32)} for w in widths}
-        memory = {"student": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
-                  "teacher": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
-                  "valid": jnp.zeros((self.memory_size,), bool), "next": jnp.zeros((), jnp.int32)}
+        params = {
+            w: {
+                "kernel": init(keys[w], (widths[w], self.embed_dim), jnp.float32),
+                "bias": jnp.zeros((self.embed_dim,), jnp.float32),
+            }
+            for w in widths
+        }
+        memory = {
+            "student": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
+            "teacher": jnp.zeros((self.memory_size, self.embed_dim), jnp.float32),
+            "valid": jnp.zeros((self.memory_size,), bool),
+            "next": jnp.zeros((), jnp.int32),
+        }
         return {"params": params, "state": memory}
 
-    def __call__(self, student_logits, teacher_logits, labels, student_features, teacher_features, aux_params,
-                 aux_state, **step):
+    def __call__(
+        self, student_logits, teacher_logits, labels, student_features, teacher_features, aux_params, aux_state, **step
+    ):
         def embed(who, x):
             x = x.reshape(x.shape[0], -1).astype(jnp.float32)
             return x @ aux_params[who]["kernel"] + aux_params[who]["bias"]
@@ -278,13 +299,20 @@ class CRD(_Wrapper):
         s_x, t_x = _paired(self.pair, student_features, teacher_features)
         s, t = embed("student", s_x), embed("teacher", t_x)
         crd = losses.contrastive_representation_loss(
-            s, t, student_memory=aux_state["student"], teacher_memory=aux_state["teacher"],
-            memory_valid=aux_state["valid"], temperature=self.temperature)
+            s,
+            t,
+            student_memory=aux_state["student"],
+            teacher_memory=aux_state["teacher"],
+            memory_valid=aux_state["valid"],
+            temperature=self.temperature,
+        )
         rows = (aux_state["next"] + jnp.arange(s.shape[0])) % self.memory_size
-        new_state = {"student": aux_state["student"].at[rows].set(jax.lax.stop_gradient(s)),
-                     "teacher": aux_state["teacher"].at[rows].set(jax.lax.stop_gradient(t)),
-                     "valid": aux_state["valid"].at[rows].set(True),
-                     "next": (aux_state["next"] + s.shape[0]) % self.memory_size}
+        new_state = {
+            "student": aux_state["student"].at[rows].set(jax.lax.stop_gradient(s)),
+            "teacher": aux_state["teacher"].at[rows].set(jax.lax.stop_gradient(t)),
+            "valid": aux_state["valid"].at[rows].set(True),
+            "next": (aux_state["next"] + s.shape[0]) % self.memory_size,
+        }
         return self.base(student_logits, teacher_logits, labels, **step) + self.weight * crd, new_state
 
 
@@ -300,10 +328,15 @@ class TeacherTemperature(_Wrapper):
         return self.base(student_logits, teacher_logits / self.temperature, labels, **step)
 
 
-
-_FLAGS = {"temperature": "--temperature", "kd_weight": "--kd-weight", "ce_weight": "--ce-weight",
-          "tckd_weight": "--tckd-weight", "nckd_weight": "--nckd-weight", "warmup_epochs": "--kd-warmup-epochs",
-          "weight": "--feature-weight"}
+_FLAGS = {
+    "temperature": "--temperature",
+    "kd_weight": "--kd-weight",
+    "ce_weight": "--ce-weight",
+    "tckd_weight": "--tckd-weight",
+    "nckd_weight": "--nckd-weight",
+    "warmup_epochs": "--kd-warmup-epochs",
+    "weight": "--feature-weight",
+}
 
 
 def check_objective(objective) -> None:
@@ -317,8 +350,18 @@ def check_objective(objective) -> None:
     name = type(objective).__name__
     if hasattr(objective, "base"):
         check_objective(objective.base)
-    for field in ("temperature", "kd_weight", "ce_weight", "tckd_weight", "nckd_weight", "weight", "label_smoothing",
-                  "distance_weight", "angle_weight", "warmup_epochs"):
+    for field in (
+        "temperature",
+        "kd_weight",
+        "ce_weight",
+        "tckd_weight",
+        "nckd_weight",
+        "weight",
+        "label_smoothing",
+        "distance_weight",
+        "angle_weight",
+        "warmup_epochs",
+    ):
         v = getattr(objective, field, None)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
@@ -328,5 +371,7 @@ def check_objective(objective) -> None:
             expected = "> 0" if field == "temperature" else ">= 0"
             raise ValueError(f"{name}.{field}{flag} must be a finite number {expected}; got {v:g}.")
     if getattr(objective, "kd_weight", None) == 0 and getattr(objective, "ce_weight", None) == 0:
-        raise ValueError(f"{name}: kd_weight and ce_weight are both 0, so nothing would be learned; give "
-                         "one of them (--kd-weight, --ce-weight) a positive value.")
+        raise ValueError(
+            f"{name}: kd_weight and ce_weight are both 0, so nothing would be learned; give "
+            "one of them (--kd-weight, --ce-weight) a positive value."
+        )

@@ -55,8 +55,12 @@ def check_optimizer(config: OptimizerConfig) -> None:
     if isinstance(config, SGDConfig):
         rules.update(momentum=(lambda v: 0 <= v < 1, "in [0, 1)"), decay_factor=(lambda v: v > 0, "> 0"))
     else:
-        rules.update(warmup_epochs=(lambda v: v >= 0, ">= 0"), end_factor=(lambda v: v >= 0, ">= 0"),
-                     b1=(lambda v: 0 <= v < 1, "in [0, 1)"), b2=(lambda v: 0 <= v < 1, "in [0, 1)"))
+        rules.update(
+            warmup_epochs=(lambda v: v >= 0, ">= 0"),
+            end_factor=(lambda v: v >= 0, ">= 0"),
+            b1=(lambda v: 0 <= v < 1, "in [0, 1)"),
+            b2=(lambda v: 0 <= v < 1, "in [0, 1)"),
+        )
     if isinstance(config, AdamWConfig) and config.eps is not None:
         rules.update(eps=(lambda v: v > 0, "> 0"))
     if isinstance(config, AdamWConfig) and config.warmup_steps is not None:
@@ -114,6 +118,12 @@ def make_optimizer(config: OptimizerConfig, *, steps_per_epoch: int, total_steps
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, config.learning_rate, warmup, total_steps, config.end_factor * config.learning_rate
         )
-        tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=1e-8 if config.eps is None else config.eps,
-                         weight_decay=config.weight_decay, mask=decay_mask)
+        tx = optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=1e-8 if config.eps is None else config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        )
     return _strict_safe(tx)

@@ -79,6 +79,7 @@ def put_global(tree, shardings):
     """``tree``'s arrays placed by ``shardings`` (one sharding for all, or a tree of them matching
     ``tree``), across processes too (each process passes the same values; PRNG keys included).
     Arrays already so placed are kept."""
+
     def one(x, sharding):
         if not isinstance(x, (jax.Array, np.ndarray)):
             return x
@@ -87,8 +88,9 @@ def put_global(tree, shardings):
         # Through host memory: a device's array cannot be sent to other processes' devices, and
         # device_put takes no PRNG keys across processes.
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)), sharding),
-                                            impl=jax.random.key_impl(x))
+            return jax.random.wrap_key_data(
+                jax.device_put(np.asarray(jax.random.key_data(x)), sharding), impl=jax.random.key_impl(x)
+            )
         return jax.device_put(np.asarray(x), sharding)
 
     if isinstance(shardings, jax.sharding.Sharding):
@@ -134,8 +136,9 @@ def on_mesh(step: Callable, mesh: Mesh, *, shardings: Callable | None = None) ->
         key = (jax.tree.structure(state), jax.tree.structure(teacher))
         if key not in compiled:  # the shardings follow the trees (one compilation per state layout)
             st = layout(state)
-            compiled[key] = jax.jit(step, in_shardings=(st, sharded, rep, layout(teacher)), out_shardings=(st, rep),
-                                    donate_argnums=0)
+            compiled[key] = jax.jit(
+                step, in_shardings=(st, sharded, rep, layout(teacher)), out_shardings=(st, rep), donate_argnums=0
+            )
         return compiled[key]
 
     def global_batch(batch):
@@ -176,8 +179,12 @@ def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
 def local_rows(sharding: NamedSharding, n: int) -> np.ndarray:
     """The rows of an ``n``-row global batch that this process feeds under ``sharding`` (those its
     devices hold, in order): pass ``batch[local_rows(...)]`` to a runner of several processes."""
-    starts = sorted({(idx[0].start or 0, n if idx[0].stop is None else idx[0].stop)
-                     for idx in sharding.addressable_devices_indices_map((n,)).values()})
+    starts = sorted(
+        {
+            (idx[0].start or 0, n if idx[0].stop is None else idx[0].stop)
+            for idx in sharding.addressable_devices_indices_map((n,)).values()
+        }
+    )
     return np.concatenate([np.arange(a, b) for a, b in starts])
 
 
@@ -211,12 +218,14 @@ def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
     """
     n = jax.local_device_count() if num_devices is None else num_devices
     if not 1 <= n <= jax.local_device_count():
-        raise ValueError(f"num_devices must lie in [1, {jax.local_device_count()}] (local devices available); "
-                         f"got {n}.")
+        raise ValueError(f"num_devices must lie in [1, {jax.local_device_count()}] (local devices available); got {n}.")
     devices = jax.local_devices()[:n]
     pmapped = jax.pmap(
-        functools.partial(step, axis_name=AXIS), axis_name=AXIS, in_axes=(0, 0, None, None),
-        devices=devices, donate_argnums=0,
+        functools.partial(step, axis_name=AXIS),
+        axis_name=AXIS,
+        in_axes=(0, 0, None, None),
+        devices=devices,
+        donate_argnums=0,
     )
 
     def run(state, batch, objective, teacher=None):
@@ -228,5 +237,6 @@ def with_pmap(step: Callable, num_devices: int | None = None) -> Callable:
         new_state, metrics = pmapped(replicate(state, devices), shards, objective, teacher)
         return unreplicate(new_state), unreplicate(metrics)
 
-    return _with_placement(run, place=lambda state: Replicated(replicate(state, devices)),
-                           fetch=lambda placed: unreplicate(placed.tree))
+    return _with_placement(
+        run, place=lambda state: Replicated(replicate(state, devices)), fetch=lambda placed: unreplicate(placed.tree)
+    )

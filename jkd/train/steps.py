@@ -29,8 +29,14 @@ def teacher_logits(teacher_graphdef, teacher: FrozenModel, view: jax.Array, *, w
     """The frozen teacher's logits on ``view`` (eval mode, no gradient); with
     ``with_features``, ``(logits, features)``."""
     logits, feats, _, _ = apply_model(
-        teacher_graphdef, teacher.params, teacher.batch_stats, teacher.rest, view, train=False,
-        with_features=with_features)
+        teacher_graphdef,
+        teacher.params,
+        teacher.batch_stats,
+        teacher.rest,
+        view,
+        train=False,
+        with_features=with_features,
+    )
     if with_features:
         return jax.lax.stop_gradient((logits, feats))
     return jax.lax.stop_gradient(logits)
@@ -53,11 +59,13 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
     def loss_fn(trainable):
         params, heads = trainable if has_aux else (trainable, None)
         logits, feats, stats, rest = apply_model(
-            graphdef, params, state.batch_stats, state.rest, view, train=True, with_features=with_features)
+            graphdef, params, state.batch_stats, state.rest, view, train=True, with_features=with_features
+        )
         aux_state = None
         if has_aux:
-            per_example, aux_state = objective(logits, t_logits, labels, feats, t_feats, heads, state.aux["state"],
-                                               **extra)
+            per_example, aux_state = objective(
+                logits, t_logits, labels, feats, t_feats, heads, state.aux["state"], **extra
+            )
         elif with_features:
             per_example = objective(logits, t_logits, labels, feats, t_feats, **extra)
         else:
@@ -72,9 +80,14 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
         grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     trained = optax.apply_updates(trainable, updates)
-    params, aux = ((trained[0], {"params": trained[1], "state": aux_state}) if has_aux else (trained, state.aux))
+    params, aux = (trained[0], {"params": trained[1], "state": aux_state}) if has_aux else (trained, state.aux)
     new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=stats, rest=rest, opt_state=opt_state, aux=aux,
+        step=state.step + 1,
+        params=params,
+        batch_stats=stats,
+        rest=rest,
+        opt_state=opt_state,
+        aux=aux,
     )
     metrics = {
         "loss": loss,
@@ -90,15 +103,26 @@ def _update(state: TrainState, view, labels, t_out, objective, *, graphdef, tx, 
     return new_state, metrics
 
 
-def with_objective_aux(state: TrainState, objective, tx: optax.GradientTransformation, *, graphdef,
-                       teacher_graphdef, teacher: FrozenModel, example: jax.Array, seed: int) -> TrainState:
+def with_objective_aux(
+    state: TrainState,
+    objective,
+    tx: optax.GradientTransformation,
+    *,
+    graphdef,
+    teacher_graphdef,
+    teacher: FrozenModel,
+    example: jax.Array,
+    seed: int,
+) -> TrainState:
     """``state`` with the heads and state an objective needs (``objective.has_aux``: CRD), sized
     from the features both models give on ``example`` (a view ``[B, ...]``); the optimizer
     then trains ``(params, heads)`` together. Other objectives: ``state`` unchanged."""
     if not getattr(objective, "has_aux", False):
         return state
-    s_feats = jax.eval_shape(lambda p: apply_model(graphdef, p, state.batch_stats, state.rest, example,
-                                                   train=False, with_features=True)[1], state.params)
+    s_feats = jax.eval_shape(
+        lambda p: apply_model(graphdef, p, state.batch_stats, state.rest, example, train=False, with_features=True)[1],
+        state.params,
+    )
     t_feats = jax.eval_shape(lambda: teacher_logits(teacher_graphdef, teacher, example, with_features=True)[1])
     aux = objective.init_aux(jax.random.fold_in(jax.random.key(seed), 0xC0D), s_feats, t_feats)
     return state.replace(aux=aux, opt_state=tx.init((state.params, aux["params"])))
@@ -125,8 +149,9 @@ def online_targets(teacher_graphdef) -> Targets:
 def stored_targets(view, batch, teacher, objective):
     """``((values, indices), None)``: the stored top-k teacher targets a batch carries."""
     if teacher is not None:
-        raise ValueError("the stored-output steps run without the teacher; pass teacher=None (its outputs are "
-                         "in the batch).")
+        raise ValueError(
+            "the stored-output steps run without the teacher; pass teacher=None (its outputs are in the batch)."
+        )
     return (batch["teacher_topk_values"], batch["teacher_topk_indices"]), None
 
 
@@ -182,8 +207,17 @@ def train_step_stored(
     them as ``(values, indices)`` (e.g. ``objectives.StoredSoftKD``). ``view_fn`` must be the
     fixed view the outputs were stored on; ``teacher`` must be None.
     """
-    return train_step(state, batch, objective, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,
-                      axis_name=axis_name, targets=stored_targets)
+    return train_step(
+        state,
+        batch,
+        objective,
+        teacher,
+        graphdef=graphdef,
+        tx=tx,
+        view_fn=view_fn,
+        axis_name=axis_name,
+        targets=stored_targets,
+    )
 
 
 def train_step_many(
@@ -220,8 +254,17 @@ def train_step_many(
     targets = online_targets(teacher_graphdef) if targets is None else targets
     if per_student_batches:
         columns = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batch)  # [K, B, ...]
-        one = lambda s, b, o: train_step(s, b, o, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,  # noqa: E731
-                                         axis_name=axis_name, targets=targets)
+        one = lambda s, b, o: train_step(
+            s,
+            b,
+            o,
+            teacher,
+            graphdef=graphdef,
+            tx=tx,
+            view_fn=view_fn,  # noqa: E731
+            axis_name=axis_name,
+            targets=targets,
+        )
         return _each_student(one, states, objectives, sequential, columns)
     view = _view(states.rng[0], states.step[0], batch["image"], view_fn, axis_name)
     t_out = targets(view, batch, teacher, objectives)
@@ -243,9 +286,19 @@ def train_step_many_stored(
     per_student_batches: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`train_step_many` from stored teacher outputs (see :func:`train_step_stored`)."""
-    return train_step_many(states, batch, objectives, teacher, graphdef=graphdef, tx=tx, view_fn=view_fn,
-                           axis_name=axis_name, sequential=sequential, per_student_batches=per_student_batches,
-                           targets=stored_targets)
+    return train_step_many(
+        states,
+        batch,
+        objectives,
+        teacher,
+        graphdef=graphdef,
+        tx=tx,
+        view_fn=view_fn,
+        axis_name=axis_name,
+        sequential=sequential,
+        per_student_batches=per_student_batches,
+        targets=stored_targets,
+    )
 
 
 def _each_student(update, states: TrainState, objectives, sequential: bool | None, batches=None):

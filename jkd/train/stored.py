@@ -44,17 +44,26 @@ class TeacherOutputMismatch(ValueError):
 
 def check_fixed_view(*, crop_padding: int = 0, flip: bool = False, mixup: float = 0.0) -> None:
     """Refuse random augmentation: stored teacher outputs are only valid for fixed views."""
-    active = [f"{name}={value}" for name, value, on in (
-        ("crop_padding", crop_padding, crop_padding > 0), ("flip", flip, bool(flip)), ("mixup", mixup, mixup > 0)) if on]
+    active = [
+        f"{name}={value}"
+        for name, value, on in (
+            ("crop_padding", crop_padding, crop_padding > 0),
+            ("flip", flip, bool(flip)),
+            ("mixup", mixup, mixup > 0),
+        )
+        if on
+    ]
     if active:
-        raise ValueError(f"stored teacher outputs need fixed views, but random augmentation is on ({', '.join(active)}); "
-                         "turn it off, or distil online (the teacher then sees each step's augmented view).")
+        raise ValueError(
+            f"stored teacher outputs need fixed views, but random augmentation is on ({', '.join(active)}); "
+            "turn it off, or distil online (the teacher then sees each step's augmented view)."
+        )
 
 
 @functools.lru_cache(maxsize=8)
 def _position_weights(n: int) -> np.ndarray:
     # fixed odd 64-bit weights, one per position: the same on every machine and release
-    return np.random.default_rng(0x6A6B64).integers(0, 2 ** 63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return np.random.default_rng(0x6A6B64).integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 def fingerprints(rows: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -115,43 +124,74 @@ class StoredTopK:
         """``batch`` plus ``teacher_topk_values`` / ``teacher_topk_indices`` for its rows, after
         checking ``source`` (when given) and every row's content against what was stored."""
         if source is not None and source != self.source:
-            raise TeacherOutputMismatch(f"the stored teacher outputs were computed with {self.source!r}, but this "
-                                        f"step uses {source!r}; store them again for it.")
+            raise TeacherOutputMismatch(
+                f"the stored teacher outputs were computed with {self.source!r}, but this "
+                f"step uses {source!r}; store them again for it."
+            )
         if "index" not in batch:
-            raise ValueError("the batch carries no example ids ('index'), needed to find its stored outputs; "
-                             "jkd.data.pipeline.train_batches and the sequence batches add them.")
+            raise ValueError(
+                "the batch carries no example ids ('index'), needed to find its stored outputs; "
+                "jkd.data.pipeline.train_batches and the sequence batches add them."
+            )
         index = np.asarray(batch["index"])
         if index.min(initial=0) < 0 or index.max(initial=0) >= len(self):
-            raise TeacherOutputMismatch(f"example ids {index.min()}..{index.max()} fall outside the {len(self)} "
-                                        "stored examples; were the outputs stored for other data?")
+            raise TeacherOutputMismatch(
+                f"example ids {index.min()}..{index.max()} fall outside the {len(self)} "
+                "stored examples; were the outputs stored for other data?"
+            )
         content = np.asarray(batch[self.key])
         if self.values.ndim == 3 and content.shape[1] != self.values.shape[1] + 1:
-            raise TeacherOutputMismatch(f"the batch's sequences have {content.shape[1]} tokens, the stored outputs "
-                                        f"{self.values.shape[1] + 1}; store them again for this length.")
+            raise TeacherOutputMismatch(
+                f"the batch's sequences have {content.shape[1]} tokens, the stored outputs "
+                f"{self.values.shape[1] + 1}; store them again for this length."
+            )
         mask = batch.get("attention_mask") if self.key == "tokens" else None
         bad = np.flatnonzero(fingerprints(content, mask) != self.fingerprints[index])
         if bad.size:
             raise TeacherOutputMismatch(
                 f"{bad.size} of {len(index)} examples in this batch are not the ones the teacher's outputs were "
                 f"stored for (e.g. example id {int(index[bad[0]])}); the data changed or its order no longer "
-                "matches the ids. Store the teacher outputs again for this data.")
+                "matches the ids. Store the teacher outputs again for this data."
+            )
         return {**batch, VALUES: self.values[index], INDICES: self.indices[index]}
 
     def save(self, path: str | Path) -> None:
         """One ``.npz`` (written to a temporary name, then renamed: never half a file)."""
-        atomic_write(path, lambda f: np.savez(f, values=self.values.view(np.uint16), indices=self.indices,
-                                              fingerprints=self.fingerprints, source=np.asarray(self.source),
-                                              key=np.asarray(self.key)))
+        atomic_write(
+            path,
+            lambda f: np.savez(
+                f,
+                values=self.values.view(np.uint16),
+                indices=self.indices,
+                fingerprints=self.fingerprints,
+                source=np.asarray(self.source),
+                key=np.asarray(self.key),
+            ),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> StoredTopK:
         with np.load(path) as z:
-            return cls(values=z["values"].view(jnp.bfloat16), indices=z["indices"], fingerprints=z["fingerprints"],
-                       source=str(z["source"]), key=str(z["key"]))
+            return cls(
+                values=z["values"].view(jnp.bfloat16),
+                indices=z["indices"],
+                fingerprints=z["fingerprints"],
+                source=str(z["source"]),
+                key=str(z["key"]),
+            )
 
 
-def store_topk(scores: Callable[[dict], jax.Array], batches: Iterable[dict], *, n: int, k: int, source: str,
-               key: str, progress: bool = False, total: int | None = None) -> StoredTopK:
+def store_topk(
+    scores: Callable[[dict], jax.Array],
+    batches: Iterable[dict],
+    *,
+    n: int,
+    k: int,
+    source: str,
+    key: str,
+    progress: bool = False,
+    total: int | None = None,
+) -> StoredTopK:
     """Run ``scores`` once over ``batches`` and keep each example's top ``k``.
 
     ``batches``: dicts with ``index`` ``[B]`` (example ids, every one of ``0..n-1`` once),
@@ -188,8 +228,15 @@ def store_topk(scores: Callable[[dict], jax.Array], batches: Iterable[dict], *, 
     return StoredTopK(values=values, indices=indices, fingerprints=prints, source=source, key=key)
 
 
-def store_teacher_outputs(teacher_logits_fn: Callable[[np.ndarray], jax.Array], data, *, k: int, view: str,
-                          batch_size: int = 256, progress: bool = False) -> StoredTopK:
+def store_teacher_outputs(
+    teacher_logits_fn: Callable[[np.ndarray], jax.Array],
+    data,
+    *,
+    k: int,
+    view: str,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> StoredTopK:
     """A classifier's top-k logits on a fixed view, for every image of ``data`` (in id order).
 
     ``teacher_logits_fn``: uint8 images ``[B, H, W, C]`` -> logits ``[B, C]`` on the fixed
@@ -199,8 +246,16 @@ def store_teacher_outputs(teacher_logits_fn: Callable[[np.ndarray], jax.Array], 
     from jkd.data import pipeline as P  # grain: read only by the image job
 
     n = len(data)
-    return store_topk(lambda b: teacher_logits_fn(b["image"]), P.eval_batches(data, batch_size=batch_size), n=n, k=k,
-                      source=view, key="image", progress=progress, total=-(-n // batch_size))
+    return store_topk(
+        lambda b: teacher_logits_fn(b["image"]),
+        P.eval_batches(data, batch_size=batch_size),
+        n=n,
+        k=k,
+        source=view,
+        key="image",
+        progress=progress,
+        total=-(-n // batch_size),
+    )
 
 
 def _sequence_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict]:
@@ -212,13 +267,25 @@ def _sequence_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[
         pad = batch_size - len(rows)  # one compiled shape for the last, short batch too
         toks = np.concatenate([tokens[rows], np.zeros((pad, t), tokens.dtype)])
         am = np.ones((n, t), bool)[rows] if mask is None else np.asarray(mask[rows], bool)
-        yield {"tokens": toks.astype(np.int32), "attention_mask": np.concatenate([am, np.ones((pad, t), bool)]),
-               "index": np.concatenate([rows, np.zeros(pad, rows.dtype)]), "mask": np.arange(batch_size) < len(rows)}
+        yield {
+            "tokens": toks.astype(np.int32),
+            "attention_mask": np.concatenate([am, np.ones((pad, t), bool)]),
+            "index": np.concatenate([rows, np.zeros(pad, rows.dtype)]),
+            "mask": np.arange(batch_size) < len(rows),
+        }
 
 
-def store_sequence_topk(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, data: dict[str, np.ndarray], *, k: int,
-                        vocab_size: int | None = None, batch_size: int = 32, identity: str | None = None,
-                        progress: bool = False) -> StoredTopK:
+def store_sequence_topk(
+    teacher_graphdef: nnx.GraphDef,
+    teacher: FrozenModel,
+    data: dict[str, np.ndarray],
+    *,
+    k: int,
+    vocab_size: int | None = None,
+    batch_size: int = 32,
+    identity: str | None = None,
+    progress: bool = False,
+) -> StoredTopK:
     """A decoder's top-``k`` next-token log-probabilities at every position of ``data`` (``tokens
     [N, T]``, optional ``attention_mask``), over its first ``vocab_size`` ids (the shared
     vocabulary). ``identity`` names the teacher (default: :func:`teacher_identity` of its
@@ -235,8 +302,14 @@ def store_sequence_topk(teacher_graphdef: nnx.GraphDef, teacher: FrozenModel, da
     n = len(data["tokens"])
     return store_topk(
         lambda b: scores(teacher.params, teacher.batch_stats, teacher.rest, b["tokens"], b["attention_mask"]),
-        _sequence_batches(data, batch_size), n=n, k=k, key="tokens", progress=progress, total=-(-n // batch_size),
-        source=teacher_identity(teacher) if identity is None else identity)
+        _sequence_batches(data, batch_size),
+        n=n,
+        k=k,
+        key="tokens",
+        progress=progress,
+        total=-(-n // batch_size),
+        source=teacher_identity(teacher) if identity is None else identity,
+    )
 
 
 def with_teacher_targets(batches: Iterator[dict], stored: StoredTopK, *, source: str | None = None) -> Iterator[dict]:
@@ -250,7 +323,10 @@ _RENAMED = {"StoredTeacher": "StoredTopK", "image_fingerprints": "fingerprints"}
 
 def __getattr__(name: str):  # the names of earlier releases, kept working with a warning
     if name in _RENAMED:
-        warnings.warn(f"jkd.train.stored.{name} is deprecated; use jkd.train.stored.{_RENAMED[name]}.",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"jkd.train.stored.{name} is deprecated; use jkd.train.stored.{_RENAMED[name]}.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return globals()[_RENAMED[name]]
     raise AttributeError(f"module 'jkd.train.stored' has no attribute {name!r}")

@@ -8,8 +8,17 @@ import json
 import pytest
 from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
-from jkd.agents.formats import (HERMES, LLAMA3_JSON, MISTRAL, PLAIN_JSON, TemplateFormat, ToolFormatError, by_name,
-                                detect_format, tool_format_for)
+from jkd.agents.formats import (
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    PLAIN_JSON,
+    TemplateFormat,
+    ToolFormatError,
+    by_name,
+    detect_format,
+    tool_format_for,
+)
 from jkd.data.chat import render_chat
 from jkd.data.tokenizer import Tokenizer, byte_tokenizer
 from jkd.evaluate.toolcalls import format_warning, tool_metrics
@@ -63,9 +72,24 @@ CUSTOM = """{%- for message in messages %}
 {%- endfor %}
 {%- if add_generation_prompt %}A: {% endif %}"""
 
-SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
-            "<|python_tag|>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = [
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+]
 CORPUS = ['{"name": "add", "arguments": {"a": 5, "b": 33}} {"parameters": 1} what is five plus thirty-three'] * 20
 
 
@@ -74,8 +98,12 @@ def backend():
     b = Backend(models.BPE())
     b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     b.decoder = decoders.ByteLevel()
-    b.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    b.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return b
 
 
@@ -88,17 +116,34 @@ FAMILIES = {  # template, tokens, the format that must be detected
     "llama3_json": (LLAMA31, {}, LLAMA3_JSON),
     "mistral": (MISTRAL_T, dict(bos="<s>", eos="</s>"), MISTRAL),
 }
-ADD = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
-    "type": "object", "required": ["a", "b"], "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "a + b",
+        "parameters": {
+            "type": "object",
+            "required": ["a", "b"],
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+        },
+    },
+}
 CALLS = [("add", {"a": 5, "b": 33})]
 TWO_CALLS = [("add", {"a": 5, "b": 33}), ("mul", {"x": "y", "n": [1, 2.5]})]
 
 
 def conversation(calls, arguments_as_string=False):
-    return [{"role": "user", "content": "what is five plus thirty-three"},
-            {"role": "assistant", "content": "", "tool_calls": [
+    return [
+        {"role": "user", "content": "what is five plus thirty-three"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
                 {"type": "function", "function": {"name": n, "arguments": json.dumps(a) if arguments_as_string else a}}
-                for n, a in calls]}]
+                for n, a in calls
+            ],
+        },
+    ]
 
 
 def turn_text(t: Tokenizer, messages) -> str:
@@ -106,7 +151,7 @@ def turn_text(t: Tokenizer, messages) -> str:
     full = render_chat(t, messages, tools=[ADD])
     head = render_chat(t, messages[:-1], tools=[ADD], add_generation_prompt=True)
     assert full.startswith(head)
-    return full[len(head):]
+    return full[len(head) :]
 
 
 def _hf(t: Tokenizer, path):
@@ -155,7 +200,9 @@ def test_json_string_arguments_reach_each_template_as_it_expects(backend, tmp_pa
     hfq = _hf(q, tmp_path / "q")
     obj = hfq.apply_chat_template(conversation(CALLS), tokenize=False)
     assert '"arguments": {"a": 5, "b": 33}' in obj
-    assert HERMES.prepare({"messages": conversation(CALLS, arguments_as_string=True)})["messages"] == conversation(CALLS)
+    assert HERMES.prepare({"messages": conversation(CALLS, arguments_as_string=True)})["messages"] == conversation(
+        CALLS
+    )
 
 
 def test_a_layout_no_family_writes_is_read_off_the_template(backend):
@@ -186,34 +233,51 @@ def test_a_model_scores_its_own_correct_calls_as_exact_and_garbage_as_unparsed(f
     m = tool_metrics([(ref[1], ref[:1], right)] * 3, fmt, t.special_token_texts)
     assert m["tool_call_exact_match"] == 1.0 and m["tool_call_parse_rate"] == 1.0
     assert format_warning(m, fmt, "model") is None
-    garbage = {"hermes": "<tool_call>\nadd(a=5, b=33)\n</tool_call><|im_end|>",
-               "llama3_json": '<|python_tag|>{"name": "add", "parameters": {"a": 5,<|eom_id|>'}[family]
+    garbage = {
+        "hermes": "<tool_call>\nadd(a=5, b=33)\n</tool_call><|im_end|>",
+        "llama3_json": '<|python_tag|>{"name": "add", "parameters": {"a": 5,<|eom_id|>',
+    }[family]
     g = tool_metrics([(ref[1], ref[:1], garbage)] * 3, fmt, t.special_token_texts)
     assert g["tool_call_exact_match"] == 0.0 and g["tool_call_parse_rate"] == 0.0 and g["tool_call_attempts"] == 3
     assert "none of the tool calls it began could be parsed" in format_warning(g, fmt, "model")
     silent = tool_metrics([(ref[1], ref[:1], "five plus thirty-three is 38")] * 2, fmt, t.special_token_texts)
-    assert silent["tool_call_parse_rate"] is None and format_warning(silent, fmt, "model") is None  # no call: no format issue
+    assert (
+        silent["tool_call_parse_rate"] is None and format_warning(silent, fmt, "model") is None
+    )  # no call: no format issue
     other = {"hermes": LLAMA3_JSON, "llama3_json": HERMES}[family]
-    elsewhere = '{"name": "add", "parameters": {"a": 5, "b": 33}}' if other is LLAMA3_JSON else \
-        '<tool_call>\n{"name": "add", "arguments": {"a": 5, "b": 33}}\n</tool_call>'
+    elsewhere = (
+        '{"name": "add", "parameters": {"a": 5, "b": 33}}'
+        if other is LLAMA3_JSON
+        else '<tool_call>\n{"name": "add", "arguments": {"a": 5, "b": 33}}\n</tool_call>'
+    )
     m = tool_metrics([(ref[1], ref[:1], elsewhere)] * 2, fmt, t.special_token_texts)
     assert m["tool_call_attempts"] == 0  # neither format sees the other's call begin
     assert m[f"turns_read_as_{other.name}"] == 2
-    assert f"2 of its turns read as calls in the {other.name} format; name that format with --tool-format " \
-            f"{other.name}" in format_warning(m, fmt, "model")
+    assert (
+        f"2 of its turns read as calls in the {other.name} format; name that format with --tool-format "
+        f"{other.name}" in format_warning(m, fmt, "model")
+    )
 
 
 def test_each_format_on_hand_written_generations():
-    assert LLAMA3_JSON.parse('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}').calls \
-        == [("a", {"x": 1}), ("b", {})]
+    assert LLAMA3_JSON.parse(
+        '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
+    ).calls == [("a", {"x": 1}), ("b", {})]
     assert LLAMA3_JSON.parse('{"name": "a", "parameters": {"x": 1}} and then some').calls == []
     assert LLAMA3_JSON.parse("It is 38.").attempts == 0
-    assert MISTRAL.parse('[TOOL_CALLS]add[ARGS]{"a": 5}[TOOL_CALLS]mul[ARGS]{"b": 2}</s>').calls == [("add", {"a": 5}), ("mul", {"b": 2})]
-    assert MISTRAL.parse('Sure. [TOOL_CALLS][{"name": "add", "arguments": "{\\"a\\": 5}"}]').calls == [("add", {"a": 5})]
+    assert MISTRAL.parse('[TOOL_CALLS]add[ARGS]{"a": 5}[TOOL_CALLS]mul[ARGS]{"b": 2}</s>').calls == [
+        ("add", {"a": 5}),
+        ("mul", {"b": 2}),
+    ]
+    assert MISTRAL.parse('Sure. [TOOL_CALLS][{"name": "add", "arguments": "{\\"a\\": 5}"}]').calls == [
+        ("add", {"a": 5})
+    ]
     assert MISTRAL.parse('Sure. [TOOL_CALLS][{"name": "add", "arguments": "{\\"a\\": 5}"}]').content == "Sure."
     assert PLAIN_JSON.parse('```json\n{"name": "add", "arguments": {"a": 5}}\n```').calls == [("add", {"a": 5})]
     assert PLAIN_JSON.parse('[{"name": "add", "parameters": {"a": 5}}, {"name": 3}]').attempts == 2
-    got = HERMES.parse('Sure. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{not json}\n</tool_call>')
+    got = HERMES.parse(
+        'Sure. <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{not json}\n</tool_call>'
+    )
     assert (got.content, got.calls, got.attempts) == ("Sure.", [("f", {"a": 1})], 2)
     assert HERMES.parse('<tool_call>\n{"name": "f", "arguments": {}').attempts == 1  # cut short: an invalid call
 

@@ -10,8 +10,20 @@ import pytest
 from jkd.agents.formats import HERMES
 from typing import Literal
 
-from jkd.agents.tasks import (ANSWERED, MAX_TURNS, TOO_LONG, UNPARSED, Task, Trajectory, call_matches, run_tasks,
-                              same_value, solved, task_metrics, tasks_from)
+from jkd.agents.tasks import (
+    ANSWERED,
+    MAX_TURNS,
+    TOO_LONG,
+    UNPARSED,
+    Task,
+    Trajectory,
+    call_matches,
+    run_tasks,
+    same_value,
+    solved,
+    task_metrics,
+    tasks_from,
+)
 from jkd.agents.tools import Toolbox
 from jkd.data import toolchat
 from jkd.data.chat import render_chat
@@ -27,12 +39,13 @@ def reference_turn(conv: dict, k: int) -> str:
     msgs = conv["messages"]
     turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     i = turns[k]
-    full = render_chat(TOK, msgs[:i + 1])
-    return full[len(render_chat(TOK, msgs[:i], add_generation_prompt=True)):].rstrip("\n")
+    full = render_chat(TOK, msgs[: i + 1])
+    return full[len(render_chat(TOK, msgs[:i], add_generation_prompt=True)) :].rstrip("\n")
 
 
 def replaying(edit=lambda text, task, turn: text):
     """A stand-in model answering each prompt with the reference's turn (``edit`` may spoil it)."""
+
     def generate(prompts):
         rows = []
         for p in prompts:
@@ -42,12 +55,17 @@ def replaying(edit=lambda text, task, turn: text):
             turns = sum(m["role"] == "assistant" for m in CONVS[task]["messages"])
             rows.append(TOK.encode(edit(reference_turn(CONVS[task], turn) if turn < turns else "", task, turn)))
         return rows
+
     return generate
 
 
 def play(generate, **kw):
-    return run_tasks(generate, TOK, TASKS, **{"tools": toolchat.simulated_tools(), "tool_format": HERMES,
-                                              "max_turns": 3, "max_length": 4096, **kw})
+    return run_tasks(
+        generate,
+        TOK,
+        TASKS,
+        **{"tools": toolchat.simulated_tools(), "tool_format": HERMES, "max_turns": 3, "max_length": 4096, **kw},
+    )
 
 
 def test_tasks_come_from_the_conversations():
@@ -73,7 +91,7 @@ def test_each_mistake_fails_its_task():
     def spoil(kind):
         def edit(text, task, turn):
             if task == first_tool and turn == 0 and kind == "argument":
-                call = json.loads(text[text.index("{"):text.rindex("}") + 1])
+                call = json.loads(text[text.index("{") : text.rindex("}") + 1])
                 key = next(iter(call["arguments"]))
                 call["arguments"][key] = "wrong"
                 return "<tool_call>\n" + json.dumps(call) + "\n</tool_call><|im_end|>"
@@ -82,14 +100,20 @@ def test_each_mistake_fails_its_task():
             if task == first_tool and turn == 0 and kind == "garbage":
                 return "<tool_call>\nnot json\n</tool_call><|im_end|>"
             if task == no_tool and kind == "call":
-                return '<tool_call>\n{"name": "set_timer", "arguments": {"minutes": 1, "label": "x"}}\n</tool_call><|im_end|>'
+                call = '{"name": "set_timer", "arguments": {"minutes": 1, "label": "x"}}'
+                return "<tool_call>\n" + call + "\n</tool_call><|im_end|>"
             return text
+
         return edit
 
     n_tool = sum(bool(t.calls) for t in TASKS)
     n_none = len(TASKS) - n_tool
-    for kind, task, ended in (("argument", first_tool, ANSWERED), ("answer", first_tool, ANSWERED),
-                              ("garbage", first_tool, UNPARSED), ("call", no_tool, MAX_TURNS)):
+    for kind, task, ended in (
+        ("argument", first_tool, ANSWERED),
+        ("answer", first_tool, ANSWERED),
+        ("garbage", first_tool, UNPARSED),
+        ("call", no_tool, MAX_TURNS),
+    ):
         trajs = play(replaying(spoil(kind)))
         assert [i for i, (t, g) in enumerate(zip(TASKS, trajs)) if not solved(t, g)] == [task], kind
         assert trajs[task].ended == ended, kind
@@ -143,19 +167,22 @@ BOX = Toolbox.from_functions([forecast])
 SCHEMA = BOX.schemas[0]
 
 
-@pytest.mark.parametrize("got, want, ok", [
-    ({"city": "Oslo", "unit": "c"}, {"city": "Oslo"}, True),        # an optional argument given at its default
-    ({"city": "Oslo"}, {"city": "Oslo", "days": 1}, True),          # ... or left out where the reference gives it
-    ({"city": "Oslo", "unit": "f"}, {"city": "Oslo"}, False),       # not at its default
-    ({"city": "Oslo"}, {"city": "Oslo", "days": 2}, False),
-    ({"city": "oslo "}, {"city": "Oslo"}, True),                     # strings as BFCL compares them
-    ({"city": "Oslo", "ratio": 2}, {"city": "Oslo", "ratio": 2.0}, True),   # an integer where a number is asked
-    ({"city": "Oslo", "days": 2.0}, {"city": "Oslo", "days": 2}, False),    # never a number for an integer
-    ({"city": "Oslo", "days": "2"}, {"city": "Oslo", "days": 2}, False),    # nor a string for a number
-    ({"city": "Oslo", "unit": "k"}, {"city": "Oslo", "unit": "k"}, False),  # outside the enum
-    ({"city": "Oslo", "when": 1}, {"city": "Oslo", "when": 1}, False),      # an argument the tool does not take
-    ({"unit": "c"}, {"unit": "c"}, False),                                  # the required one missing
-])
+@pytest.mark.parametrize(
+    "got, want, ok",
+    [
+        ({"city": "Oslo", "unit": "c"}, {"city": "Oslo"}, True),  # an optional argument given at its default
+        ({"city": "Oslo"}, {"city": "Oslo", "days": 1}, True),  # ... or left out where the reference gives it
+        ({"city": "Oslo", "unit": "f"}, {"city": "Oslo"}, False),  # not at its default
+        ({"city": "Oslo"}, {"city": "Oslo", "days": 2}, False),
+        ({"city": "oslo "}, {"city": "Oslo"}, True),  # strings as BFCL compares them
+        ({"city": "Oslo", "ratio": 2}, {"city": "Oslo", "ratio": 2.0}, True),  # an integer where a number is asked
+        ({"city": "Oslo", "days": 2.0}, {"city": "Oslo", "days": 2}, False),  # never a number for an integer
+        ({"city": "Oslo", "days": "2"}, {"city": "Oslo", "days": 2}, False),  # nor a string for a number
+        ({"city": "Oslo", "unit": "k"}, {"city": "Oslo", "unit": "k"}, False),  # outside the enum
+        ({"city": "Oslo", "when": 1}, {"city": "Oslo", "when": 1}, False),  # an argument the tool does not take
+        ({"unit": "c"}, {"unit": "c"}, False),  # the required one missing
+    ],
+)
 def test_calls_are_judged_against_the_schema_as_bfcl_does(got, want, ok):
     assert BOX.defaults == {"forecast": {"unit": "c", "days": 1, "ratio": 1.0}}
     assert call_matches(("forecast", got), ("forecast", want), SCHEMA, BOX.defaults["forecast"]) is ok
@@ -163,22 +190,35 @@ def test_calls_are_judged_against_the_schema_as_bfcl_does(got, want, ok):
 
 
 def test_without_a_schema_calls_compare_by_value_and_defaults_come_from_either():
-    assert call_matches(("f", {"a": 5}), ("f", {"a": 5.0})) and not call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}))
+    assert call_matches(("f", {"a": 5}), ("f", {"a": 5.0})) and not call_matches(
+        ("f", {"a": 5, "b": 1}), ("f", {"a": 5})
+    )
     assert call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}), defaults={"b": 1})
-    with_default = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "default": 1}},
-        "required": ["a"]}}}
+    with_default = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "default": 1}},
+                "required": ["a"],
+            },
+        },
+    }
     assert call_matches(("f", {"a": 5, "b": 1}), ("f", {"a": 5}), with_default)
     assert not call_matches(("f", {"a": 5, "b": 2}), ("f", {"a": 5}), with_default)
 
 
 def test_task_success_judges_each_call_with_its_tools_schema_and_defaults():
-    task = Task([{"role": "user", "content": "Oslo?"}], BOX.schemas, [("forecast", {"city": "Oslo"})],
-                "It is -3 in Oslo.")
+    task = Task(
+        [{"role": "user", "content": "Oslo?"}], BOX.schemas, [("forecast", {"city": "Oslo"})], "It is -3 in Oslo."
+    )
 
     def traj(args):
-        return Trajectory(calls=[("forecast", args)], statuses=["ok"], results=['{"t": -3}'], final="-3 it is",
-                          ended=ANSWERED)
+        return Trajectory(
+            calls=[("forecast", args)], statuses=["ok"], results=['{"t": -3}'], final="-3 it is", ended=ANSWERED
+        )
+
     assert solved(task, traj({"city": "Oslo", "days": 1}), BOX.defaults)
     assert not solved(task, traj({"city": "Oslo", "days": 1}))  # no defaults known: the extra argument counts
     assert not solved(task, traj({"city": "Oslo", "days": 1.0}), BOX.defaults)
@@ -202,6 +242,6 @@ def test_trajectory_rows_learn_the_models_turns_only():
                 assert m["content"] not in learned  # the tools' results are read, never learned
             if m["role"] == "assistant" and m.get("content"):
                 assert m["content"] in learned
-        assert not mask[:len(TOK.encode(render_chat(TOK, conv["messages"][:1], add_generation_prompt=True)))].any()
+        assert not mask[: len(TOK.encode(render_chat(TOK, conv["messages"][:1], add_generation_prompt=True)))].any()
     short, short_learn = trajectory_rows(TOK, TASKS, trajs, max_length=50)
     assert all(len(r) <= 50 and len(m) == len(r) for r, m in zip(short, short_learn))

@@ -19,8 +19,14 @@ from jkd.data.tokenizer import byte_tokenizer
 transformers = pytest.importorskip("transformers")
 
 
-def convert(amount: float, source: Literal["EUR", "USD"], target: str = "EUR", rounded: bool = True,
-            tags: list[str] | None = None, extra: dict | None = None) -> dict:
+def convert(
+    amount: float,
+    source: Literal["EUR", "USD"],
+    target: str = "EUR",
+    rounded: bool = True,
+    tags: list[str] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """Convert money between currencies.
 
     Rates are fixed.
@@ -75,8 +81,12 @@ def test_functions_that_cannot_be_described_are_refused():
     def star(*a: int):
         """Doc."""
 
-    for fn, message in ((nodoc, "tool nodoc: it needs a docstring"), (nohint, "argument 'a' needs a type hint"),
-                        (undescribed, "argument 'b' needs a line in the docstring"), (star, r"\*a / \*\*a")):
+    for fn, message in (
+        (nodoc, "tool nodoc: it needs a docstring"),
+        (nohint, "argument 'a' needs a type hint"),
+        (undescribed, "argument 'b' needs a line in the docstring"),
+        (star, r"\*a / \*\*a"),
+    ):
         with pytest.raises(ToolError, match=message):
             function_schema(fn)
 
@@ -139,11 +149,13 @@ def test_a_tools_module_runs_in_a_worker_that_a_timeout_stops(tools_file):
         assert slow.status == TIMED_OUT and time.perf_counter() - t0 < 30  # stopped, not waited for
         assert "did not answer within 1 s and was stopped" in slow.content
         assert box.call("nap", {"seconds": 0}).content == "awake"  # a fresh worker answers the next call
-        for name, args, why in (("mul", {}, "unknown tool 'mul'; the tools are add, boom, nap"),
-                                ("add", {"a": 1}, "missing argument(s) b; it takes a, b"),
-                                ("add", {"a": 1, "b": 2, "c": 3}, "unknown argument(s) c"),
-                                ("add", {"a": 1.5, "b": 2}, "argument a=1.5 is not a valid integer"),
-                                ("add", {"a": True, "b": 2}, "argument a=true is not a valid integer")):
+        for name, args, why in (
+            ("mul", {}, "unknown tool 'mul'; the tools are add, boom, nap"),
+            ("add", {"a": 1}, "missing argument(s) b; it takes a, b"),
+            ("add", {"a": 1, "b": 2, "c": 3}, "unknown argument(s) c"),
+            ("add", {"a": 1.5, "b": 2}, "argument a=1.5 is not a valid integer"),
+            ("add", {"a": True, "b": 2}, "argument a=true is not a valid integer"),
+        ):
             got = box.call(name, args)
             assert got.status == REFUSED and why in got.content, got.content
     finally:
@@ -164,12 +176,16 @@ def test_a_module_that_cannot_be_used_is_refused(tmp_path):
 def test_the_teachers_calls_run_through_the_users_tools(tools_file):
     tok = byte_tokenizer()
     box = Toolbox.from_file(tools_file, timeout_s=1.0)
-    requests = [{"messages": [{"role": "user", "content": q}], "tools": box.schemas}
-                for q in ("2 + 40?", "ping the service", "sleep a minute")]
+    requests = [
+        {"messages": [{"role": "user", "content": q}], "tools": box.schemas}
+        for q in ("2 + 40?", "ping the service", "sleep a minute")
+    ]
     prompts = [encode_chat(tok, r["messages"], tools=r["tools"], add_generation_prompt=True).ids for r in requests]
     calls = [("add", {"a": 2, "b": 40}), ("boom", {"x": "ping"}), ("nap", {"seconds": 60})]
-    answers = [tok.encode("<tool_call>\n" + json.dumps({"name": n, "arguments": a}) + "\n</tool_call><|im_end|>")
-               for n, a in calls]
+    answers = [
+        tok.encode("<tool_call>\n" + json.dumps({"name": n, "arguments": a}) + "\n</tool_call><|im_end|>")
+        for n, a in calls
+    ]
     seen = []
 
     def answer(prompts):

@@ -46,8 +46,11 @@ def test_the_gradient_passes_straight_through():
 
     def loss(p):
         return sum(jnp.sum(c * x) for c, x in zip(cs, jax.tree.leaves(fake_quantize(p, "q4_0"))))
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
-             for a, b in zip(jax.tree.leaves(fake_quantize(params, "q4_0")), leaves)]
+
+    moved = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(fake_quantize(params, "q4_0")), leaves)
+    ]
     assert max(moved) > 1e-3  # the forward pass does see quantized weights
     for g, c in zip(jax.tree.leaves(jax.grad(loss)(params)), cs):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(c))

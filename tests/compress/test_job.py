@@ -11,11 +11,23 @@ from jkd.jobs.compress import CompressConfig, run_compress
 
 @pytest.mark.slow
 def test_pruned_and_int8_students_keep_their_accuracy_on_the_embedded_default(tmp_path):
-    cfg = dataclasses.replace(X.demo_config(), seeds=(0,), include_baseline=False, distillations=X.demo_config().distillations[:1],
-                              teacher_epochs=10, student_epochs=20, eval_every_epochs=20)
+    cfg = dataclasses.replace(
+        X.demo_config(),
+        seeds=(0,),
+        include_baseline=False,
+        distillations=X.demo_config().distillations[:1],
+        teacher_epochs=10,
+        student_epochs=20,
+        eval_every_epochs=20,
+    )
     X.run(cfg, tmp_path / "run", progress=False, echo=lambda m: None)
-    summary = run_compress(tmp_path / "run" / "soft_kd_t_8" / "seed0", tmp_path / "c",
-                           config=CompressConfig(formats=("onnx",), calibration_images=256), progress=False, echo=lambda m: None)
+    summary = run_compress(
+        tmp_path / "run" / "soft_kd_t_8" / "seed0",
+        tmp_path / "c",
+        config=CompressConfig(formats=("onnx",), calibration_images=256),
+        progress=False,
+        echo=lambda m: None,
+    )
     rows = {m["name"]: m for m in summary["models"]}
     student = rows["student"]["test_accuracy"]
     assert student > 0.93  # a real student, not an untrained one
@@ -38,4 +50,8 @@ def test_pruned_and_int8_students_keep_their_accuracy_on_the_embedded_default(tm
     assert onnx_int8["test_accuracy"] > student - 0.005
     assert rows["structured 50% + int8 (onnx, QDQ)"]["test_accuracy"] > student - 0.015
     for r in summary["models"]:  # every row is timed at batch 1 and 128 in its runtime
-        assert r["latency_ms_batch1"] > 0 and r["latency_ms_batch128"] > 0 and r["runtime"] in ("jax", "jax (StableHLO)", "onnxruntime")
+        assert (
+            r["latency_ms_batch1"] > 0
+            and r["latency_ms_batch128"] > 0
+            and r["runtime"] in ("jax", "jax (StableHLO)", "onnxruntime")
+        )

@@ -14,10 +14,14 @@ from jkd.compress import pruning
 def _params(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
-                 "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
-        "dense": {"kernel": jnp.asarray(rng.normal(size=(36, 10)) * 0.1, jnp.float32),
-                  "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32)},
+        "conv": {
+            "kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        },
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(36, 10)) * 0.1, jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(10,)), jnp.float32),
+        },
     }
 
 
@@ -38,7 +42,7 @@ def _reference_masks(params, sparsity, per_layer):
     flat = keep(np.concatenate([w.ravel() for w in kernels]))
     out, start = {}, 0
     for n, w in zip(names, kernels):
-        out[n] = flat[start:start + w.size].reshape(w.shape)
+        out[n] = flat[start : start + w.size].reshape(w.shape)
         start += w.size
     return out
 
@@ -69,8 +73,10 @@ def test_ties_prune_exactly_the_requested_count():
 
 
 def test_sparsity_report_counts_zeros():
-    params = {"a": {"kernel": jnp.asarray([[0.0, 1.0], [0.0, 0.0]], jnp.float32)},
-              "b": {"bias": jnp.asarray([0.0, 2.0], jnp.float32)}}
+    params = {
+        "a": {"kernel": jnp.asarray([[0.0, 1.0], [0.0, 0.0]], jnp.float32)},
+        "b": {"bias": jnp.asarray([0.0, 2.0], jnp.float32)},
+    }
     report = pruning.sparsity_report(params)
     assert report["layers"] == {"a/kernel": {"zeros": 3, "size": 4, "sparsity": 0.75}}
     assert report["prunable_sparsity"] == 0.75
@@ -95,7 +101,9 @@ def _toy_run(tx, params, steps):
 
     @jax.jit
     def step(params, state):
-        grads = jax.grad(lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target))))(params)
+        grads = jax.grad(
+            lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+        )(params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -136,14 +144,17 @@ def test_transform_with_a_constant_sparsity_and_its_errors():
         tx.update(updates, state)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: pruning.magnitude_masks(_params(), 1.0), r"\[0, 1\)"),
-    (lambda: pruning.magnitude_masks(_params(), -0.1), r"\[0, 1\)"),
-    (lambda: pruning.magnitude_pruning(1.5), r"\[0, 1\)"),
-    (lambda: pruning.magnitude_pruning(0.5, update_every=0), "update_every"),
-    (lambda: pruning.polynomial_sparsity(0.5, begin_step=10, end_step=10), "begin_step < end_step"),
-    (lambda: pruning.polynomial_sparsity(0.5, begin_step=0, end_step=10, initial=0.6), "must not decrease"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: pruning.magnitude_masks(_params(), 1.0), r"\[0, 1\)"),
+        (lambda: pruning.magnitude_masks(_params(), -0.1), r"\[0, 1\)"),
+        (lambda: pruning.magnitude_pruning(1.5), r"\[0, 1\)"),
+        (lambda: pruning.magnitude_pruning(0.5, update_every=0), "update_every"),
+        (lambda: pruning.polynomial_sparsity(0.5, begin_step=10, end_step=10), "begin_step < end_step"),
+        (lambda: pruning.polynomial_sparsity(0.5, begin_step=0, end_step=10, initial=0.6), "must not decrease"),
+    ],
+)
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -154,16 +165,27 @@ def test_pruning_inside_a_distillation_step_of_a_real_model():
     from jkd.train import create_train_state, objectives, train_step
     from jkd.train import freeze_model
 
-    teacher_graphdef, teacher = freeze_model(create_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=1, hidden=(32,)))
+    teacher_graphdef, teacher = freeze_model(
+        create_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=1, hidden=(32,))
+    )
     tx = optax.chain(optax.adam(1e-2), pruning.magnitude_pruning(0.6))
-    graphdef, state = create_train_state(create_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, hidden=(16,)), tx, seed=0)
+    graphdef, state = create_train_state(
+        create_model("mlp", num_classes=10, input_shape=(8, 8, 1), seed=0, hidden=(16,)), tx, seed=0
+    )
     view = lambda key, images: images.astype(jnp.float32) / 255.0  # noqa: E731
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=teacher_graphdef))
+    step = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view, teacher_graphdef=teacher_graphdef)
+    )
     rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8), "label": rng.integers(0, 10, 16).astype(np.int32)}
+    batch = {
+        "image": rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
     with jax.numpy_dtype_promotion("standard"):  # optax's Adam (see jkd.train.optim)
         for _ in range(3):
-            state, metrics = step(state, batch, objectives.SoftKD(temperature=4.0, kd_weight=0.9, ce_weight=0.1), teacher)
+            state, metrics = step(
+                state, batch, objectives.SoftKD(temperature=4.0, kd_weight=0.9, ce_weight=0.1), teacher
+            )
     assert np.isfinite(float(metrics["loss"]))
     report = pruning.sparsity_report(state.params)
     n = 64 * 16 + 16 * 10

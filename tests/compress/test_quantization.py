@@ -67,7 +67,12 @@ def _mlp():
 def _float_weights(model):
     p = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
-    return (f64(p["layers"][0]["kernel"]), f64(p["layers"][0]["bias"]), f64(p["head"]["kernel"]), f64(p["head"]["bias"]))
+    return (
+        f64(p["layers"][0]["kernel"]),
+        f64(p["layers"][0]["bias"]),
+        f64(p["head"]["kernel"]),
+        f64(p["head"]["bias"]),
+    )
 
 
 def _logits(model, x):
@@ -123,8 +128,10 @@ def test_convolutions_quantize_and_stay_close():
     for scheme in Q.SCHEMES.values():
         q = Q.quantize(model, x, scheme)
         _, v = freeze_model(q)
-        stored = {"/".join(str(getattr(k, "key", k)) for k in path): a
-                  for path, a in jax.tree_util.tree_flatten_with_path(v.params)[0]}
+        stored = {
+            "/".join(str(getattr(k, "key", k)) for k in path): a
+            for path, a in jax.tree_util.tree_flatten_with_path(v.params)[0]
+        }
         qvalues = {k: a for k, a in stored.items() if "qvalue" in k}
         assert sorted(k.split("/")[0] for k in qvalues) == ["conv1", "conv2", "head"], scheme.name
         assert all(a.dtype == jnp.int8 for a in qvalues.values()), scheme.name
@@ -141,7 +148,10 @@ def test_qat_trains_through_fake_quantization():
     view = lambda key, images: images.astype(jnp.float32) / 255.0  # noqa: E731
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=view))
     rng = np.random.default_rng(0)
-    batch = {"image": rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8), "label": rng.integers(0, 10, 32).astype(np.int32)}
+    batch = {
+        "image": rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8),
+        "label": rng.integers(0, 10, 32).astype(np.int32),
+    }
     losses = []
     for _ in range(30):
         state, metrics = step(state, batch, objectives.CrossEntropy())

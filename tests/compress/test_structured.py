@@ -21,8 +21,10 @@ def _model(name, seed=0, **options):
     g, v = freeze_model(create_model(name, num_classes=5, input_shape=SHAPE, seed=seed, **options))
     # Non-trivial BatchNorm statistics and scales, so that eval mode is a real test.
     rng = np.random.default_rng(seed + 1)
-    v = v.replace(batch_stats=jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype), v.batch_stats),
-                  params=jax.tree.map(lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), v.params))
+    v = v.replace(
+        batch_stats=jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype), v.batch_stats),
+        params=jax.tree.map(lambda x: x + jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), v.params),
+    )
     return g, v
 
 
@@ -39,11 +41,21 @@ def test_mlp_scores_follow_the_formula():
     p = _leaves(v.params)
     plan = S.plan_for("mlp", v)
     s1, s2 = (np.asarray(s) for s in S.unit_scores(v.params, plan))
-    w1, b1, w2, b2, head = p["layers/0/kernel"], p["layers/0/bias"], p["layers/1/kernel"], p["layers/1/bias"], p["head/kernel"]
+    w1, b1, w2, b2, head = (
+        p["layers/0/kernel"],
+        p["layers/0/bias"],
+        p["layers/1/kernel"],
+        p["layers/1/bias"],
+        p["head/kernel"],
+    )
     for u in range(7):
-        assert s1[u] == pytest.approx(math.sqrt(np.sum(w1[:, u] ** 2) + b1[u] ** 2) * math.sqrt(np.sum(w2[u] ** 2)), rel=1e-5)
+        assert s1[u] == pytest.approx(
+            math.sqrt(np.sum(w1[:, u] ** 2) + b1[u] ** 2) * math.sqrt(np.sum(w2[u] ** 2)), rel=1e-5
+        )
     for u in range(6):
-        assert s2[u] == pytest.approx(math.sqrt(np.sum(w2[:, u] ** 2) + b2[u] ** 2) * math.sqrt(np.sum(head[u] ** 2)), rel=1e-5)
+        assert s2[u] == pytest.approx(
+            math.sqrt(np.sum(w2[:, u] ** 2) + b2[u] ** 2) * math.sqrt(np.sum(head[u] ** 2)), rel=1e-5
+        )
 
 
 def test_cnn_scores_are_the_batchnorm_scale_times_what_reads_the_channel():
@@ -51,16 +63,21 @@ def test_cnn_scores_are_the_batchnorm_scale_times_what_reads_the_channel():
     p = _leaves(v.params)
     s1, s2 = (np.asarray(s) for s in S.unit_scores(v.params, S.plan_for("cnn", v)))
     for c in range(4):
-        assert s1[c] == pytest.approx(abs(p["bn1/scale"][c]) * math.sqrt(np.sum(p["conv2/kernel"][:, :, c, :] ** 2)), rel=1e-5)
+        assert s1[c] == pytest.approx(
+            abs(p["bn1/scale"][c]) * math.sqrt(np.sum(p["conv2/kernel"][:, :, c, :] ** 2)), rel=1e-5
+        )
     for c in range(8):
         assert s2[c] == pytest.approx(abs(p["bn2/scale"][c]) * math.sqrt(np.sum(p["head/kernel"][c] ** 2)), rel=1e-5)
 
 
-@pytest.mark.parametrize("name,options,width,kept", [
-    ("mlp", {"hidden": (7, 6)}, 0.5, (4, 3)),   # ceil(3.5), ceil(3)
-    ("mlp_100", {}, 0.25, (25,)),
-    ("cnn", {"width": 4}, 0.3, (2, 3)),         # ceil(1.2), ceil(2.4)
-])
+@pytest.mark.parametrize(
+    "name,options,width,kept",
+    [
+        ("mlp", {"hidden": (7, 6)}, 0.5, (4, 3)),  # ceil(3.5), ceil(3)
+        ("mlp_100", {}, 0.25, (25,)),
+        ("cnn", {"width": 4}, 0.3, (2, 3)),  # ceil(1.2), ceil(2.4)
+    ],
+)
 def test_masks_keep_the_best_units_and_the_smaller_model_is_the_same_function(name, options, width, kept):
     g, v = _model(name, **options)
     plan = S.plan_for(name, v)
@@ -142,13 +159,21 @@ def test_compress_refuses_a_family_without_a_plan_before_writing_anything(tmp_pa
         _, v = freeze_model(create_model(name, num_classes=10, input_shape=spec.image_shape))
         save_frozen(tmp_path / folder, v, model_meta(ModelSpec(name), spec, role))
     with pytest.raises(ValueError, match=r"'resnet8' cannot be pruned structurally"):
-        run_compress(tmp_path / "s", tmp_path / "out", teacher_dir=tmp_path / "t", config=CompressConfig(),
-                     progress=False, echo=lambda m: None)
+        run_compress(
+            tmp_path / "s",
+            tmp_path / "out",
+            teacher_dir=tmp_path / "t",
+            config=CompressConfig(),
+            progress=False,
+            echo=lambda m: None,
+        )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("units,width,multiple,kept", [
-    (100, 0.5, 8, 56), (64, 0.7, 8, 48), (32, 0.5, 8, 16), (7, 0.5, 8, 7), (100, 0.5, 1, 50), (10, 0.01, 1, 1)])
+@pytest.mark.parametrize(
+    "units,width,multiple,kept",
+    [(100, 0.5, 8, 56), (64, 0.7, 8, 48), (32, 0.5, 8, 16), (7, 0.5, 8, 7), (100, 0.5, 1, 50), (10, 0.01, 1, 1)],
+)
 def test_kept_units_round_up_to_a_multiple_and_never_exceed_the_layer(units, width, multiple, kept):
     assert int(S.kept_count(units, width, multiple)) == kept
 

@@ -12,8 +12,12 @@ from jkd.data.align import align_turns, id_to_token, shared_tokens, span_layout,
 from jkd.data.chat import encode_chat
 from jkd.data.tokenizer import Tokenizer, byte_tokenizer
 
-CORPUS = ["Hello world, the weather in Zürich is 5 °C and snowy.", "naïve café — déjà vu", "tabs\t\tand  spaces   here",
-          "<|im_start|>user\nhello<|im_end|>\n"] * 20
+CORPUS = [
+    "Hello world, the weather in Zürich is 5 °C and snowy.",
+    "naïve café — déjà vu",
+    "tabs\t\tand  spaces   here",
+    "<|im_start|>user\nhello<|im_end|>\n",
+] * 20
 TEXT = "Hello  wörld,\tthe café in Zürich — 5 °C.<|im_end|>\n"
 
 
@@ -21,9 +25,14 @@ def bpe(vocab_size: int, corpus=CORPUS) -> Tokenizer:
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return Tokenizer(backend, eos_token="<|im_end|>", chat_template=byte_tokenizer().chat_template)
 
 
@@ -31,8 +40,11 @@ def clean_cuts(offsets) -> set[int]:
     """The character positions where a tokenization can be cut: after token k, when no token up to k
     ends past it and no later token starts before it."""
     ends = [e for _, e in offsets]
-    return {ends[k] for k in range(len(offsets))
-            if max(ends[:k + 1]) == ends[k] and all(s >= ends[k] for s, _ in offsets[k + 1:])}
+    return {
+        ends[k]
+        for k in range(len(offsets))
+        if max(ends[: k + 1]) == ends[k] and all(s >= ends[k] for s, _ in offsets[k + 1 :])
+    }
 
 
 def brute_force(a, b) -> list[tuple[int, int]]:
@@ -53,8 +65,8 @@ def char_ranges(spans, a, b):
 
 
 def test_hand_worked_spans():
-    a = [(0, 3), (3, 5), (5, 11)]        # "Hel" "lo" " world"
-    b = [(0, 5), (5, 9), (9, 11)]        # "Hello" " wor" "ld"
+    a = [(0, 3), (3, 5), (5, 11)]  # "Hel" "lo" " world"
+    b = [(0, 5), (5, 9), (9, 11)]  # "Hello" " wor" "ld"
     assert token_spans(a, b) == [(0, 2, 0, 1), (2, 3, 1, 3)]
     # a character split in two byte-level tokens (both map to it) stays whole; a zero-width token joins
     a = [(0, 1), (1, 2), (1, 2), (2, 2), (2, 3)]
@@ -89,8 +101,12 @@ def test_a_tokenizer_aligned_with_itself_gives_one_token_spans():
 
 def test_turns_align_on_what_they_share_and_the_rest_is_the_last_span():
     teacher, student = bpe(600), bpe(300)
-    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Zürich: 5 °C,  snowy."},
-            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "De rien — café?"}]
+    msgs = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "Zürich: 5 °C,  snowy."},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "De rien — café?"},
+    ]
     t_enc, s_enc = encode_chat(teacher, msgs), encode_chat(student, msgs)
     _, t_off = teacher.encode_with_offsets(t_enc.text)
     _, s_off = student.encode_with_offsets(s_enc.text)
@@ -99,19 +115,19 @@ def test_turns_align_on_what_they_share_and_the_rest_is_the_last_span():
     assert sorted(i for a0, a1, _, _ in spans for i in range(a0, a1)) == t_learn.tolist()  # every learned token once
     assert sorted(i for _, _, b0, b1 in spans for i in range(b0, b1)) == s_learn.tolist()
     for a0, a1, b0, b1 in spans:  # the same text on both sides
-        assert t_enc.text[t_off[a0][0]:t_off[a1 - 1][1]] == s_enc.text[s_off[b0][0]:s_off[b1 - 1][1]]
+        assert t_enc.text[t_off[a0][0] : t_off[a1 - 1][1]] == s_enc.text[s_off[b0][0] : s_off[b1 - 1][1]]
     # a teacher whose template ends turns with another marker: the marker is the turn's last span
     other = bpe(600)
     other.chat_template = other.chat_template.replace("<|im_end|>", "<|im_start|>")
     o_enc = encode_chat(other, msgs)
     _, o_off = other.encode_with_offsets(o_enc.text)
     spans = align_turns(o_enc.text, o_off, o_enc.assistant_mask, s_enc.text, s_off, s_enc.assistant_mask)
-    last_of_turn = [sp for sp in spans if o_enc.text[o_off[sp[1] - 1][0]:o_off[sp[1] - 1][1]] == "<|im_start|>"]
+    last_of_turn = [sp for sp in spans if o_enc.text[o_off[sp[1] - 1][0] : o_off[sp[1] - 1][1]] == "<|im_start|>"]
     assert len(last_of_turn) == 2
-    assert all(s_enc.text[s_off[b1 - 1][0]:s_off[b1 - 1][1]] == "<|im_end|>" for _, _, _, b1 in last_of_turn)
+    assert all(s_enc.text[s_off[b1 - 1][0] : s_off[b1 - 1][1]] == "<|im_end|>" for _, _, _, b1 in last_of_turn)
     with pytest.raises(ValueError, match="teacher's rendering has 2 assistant turns and the student's 1"):
         one = encode_chat(student, msgs[:2])
-        align_turns(t_enc.text, t_off, t_enc.assistant_mask, one.text, s_off[:len(one.ids)], one.assistant_mask)
+        align_turns(t_enc.text, t_off, t_enc.assistant_mask, one.text, s_off[: len(one.ids)], one.assistant_mask)
 
 
 def test_span_layout_and_shared_tokens():
@@ -125,13 +141,21 @@ def test_span_layout_and_shared_tokens():
     ids_t, off_t = teacher.encode_with_offsets(TEXT)
     ids_s, off_s = student.encode_with_offsets(TEXT)
     spans = token_spans(off_t.tolist(), off_s.tolist())
-    lay = span_layout(spans, teacher_ids=ids_t, student_ids=ids_s, teacher_tokens=t_str, student_tokens=s_str,
-                      max_spans=len(spans) + 3, teacher_length=len(ids_t), student_length=len(ids_s))
+    lay = span_layout(
+        spans,
+        teacher_ids=ids_t,
+        student_ids=ids_s,
+        teacher_tokens=t_str,
+        student_tokens=s_str,
+        max_spans=len(spans) + 3,
+        teacher_length=len(ids_t),
+        student_length=len(ids_s),
+    )
     kept = [sp for sp in spans if sp[0] >= 1 and sp[2] >= 1]  # a span at token 0 has no predicting position
-    assert lay.where.sum() == len(kept) and not lay.where[len(kept):].any()
+    assert lay.where.sum() == len(kept) and not lay.where[len(kept) :].any()
     for k, (a0, a1, b0, b1) in enumerate(kept):
         assert lay.teacher_first[k] == a0 - 1 and lay.student_first[k] == b0 - 1
-        assert (lay.teacher_chain[a0:a1 - 1] == k).all() and (lay.student_chain[b0:b1 - 1] == k).all()
+        assert (lay.teacher_chain[a0 : a1 - 1] == k).all() and (lay.student_chain[b0 : b1 - 1] == k).all()
         assert lay.exact[k] == (a1 - a0 == 1 and b1 - b0 == 1 and t_str[ids_t[a0]] == s_str[ids_s[b0]])
     assert (lay.teacher_chain >= 0).sum() == sum(a1 - a0 - 1 for a0, a1, _, _ in kept)
     assert lay.exact.any() and (lay.where & ~lay.exact).any()  # both kinds on this text

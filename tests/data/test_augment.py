@@ -27,8 +27,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0)))
     offsets = set()
     for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(5) for dx in range(5)
-                if np.array_equal(padded[i, dy:dy + 6, dx:dx + 5], out[i])]
+        hits = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if np.array_equal(padded[i, dy : dy + 6, dx : dx + 5], out[i])
+        ]
         assert hits, f"image {i} is not a crop of its padded original"
         offsets.add(hits[0])
     assert len(offsets) > 1  # offsets really vary
@@ -85,7 +89,7 @@ def test_views_do_not_depend_on_how_the_batch_is_split():
     key = jax.random.key(5)
     view = lambda keys, im: A.augment(keys, im, mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=2, flip=True)  # noqa: E731
     whole = view(A.example_keys(key, 8), x)
-    shards = [view(A.example_keys(key, 2, first), x[first:first + 2]) for first in (0, 2, 4, 6)]
+    shards = [view(A.example_keys(key, 2, first), x[first : first + 2]) for first in (0, 2, 4, 6)]
     np.testing.assert_array_equal(np.asarray(whole), np.concatenate([np.asarray(v) for v in shards]))
     np.testing.assert_array_equal(np.asarray(view(key, x)), np.asarray(whole))  # one key = positions 0..B-1
     assert not np.array_equal(np.asarray(whole[0]), np.asarray(view(A.example_keys(key, 1, 3), x[:1])[0]))

@@ -40,22 +40,44 @@ Environment: ipython
 
 {% endif %}"""
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather of a city on a date",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "date": {"type": "string"}},
-                   "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather of a city on a date",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "date": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 CONVERSATIONS = [
-    [{"role": "system", "content": "You are a helpful agent."},
-     {"role": "user", "content": "What's the weather in Paris on 2024-05-01?"},
-     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-         "name": "get_weather", "arguments": {"city": "Paris", "date": "2024-05-01"}}}]},
-     {"role": "tool", "content": '{"temp_c": 18, "sky": "clear"}'},
-     {"role": "assistant", "content": "It will be 18 °C and clear in Paris."}],
-    [{"role": "user", "content": "hi there"},
-     {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke about tokenizers."},
-     {"role": "assistant", "content": "Why did the BPE merge? It couldn't stand being apart."}],
+    [
+        {"role": "system", "content": "You are a helpful agent."},
+        {"role": "user", "content": "What's the weather in Paris on 2024-05-01?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris", "date": "2024-05-01"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"temp_c": 18, "sky": "clear"}'},
+        {"role": "assistant", "content": "It will be 18 °C and clear in Paris."},
+    ],
+    [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke about tokenizers."},
+        {"role": "assistant", "content": "Why did the BPE merge? It couldn't stand being apart."},
+    ],
 ]
 
 CORPUS = [
@@ -69,23 +91,29 @@ def trained_bpe(specials) -> Backend:
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     backend.train_from_iterator(CORPUS, trainer)
     return backend
 
 
 @pytest.fixture(scope="module")
 def llama_tok():
-    return Tokenizer(trained_bpe(LLAMA_SPECIALS), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                     chat_template=LLAMA_TEMPLATE)
+    return Tokenizer(
+        trained_bpe(LLAMA_SPECIALS), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA_TEMPLATE
+    )
 
 
 @pytest.fixture(scope="module")
 def qwen_tok():
     # The byte tokenizer's template is ChatML with Qwen 2.5's tool-call format.
-    return Tokenizer(trained_bpe(QWEN_SPECIALS), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                     chat_template=byte_tokenizer().chat_template)
+    return Tokenizer(
+        trained_bpe(QWEN_SPECIALS),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=byte_tokenizer().chat_template,
+    )
 
 
 def _hf(tok: Tokenizer, tmp_path):
@@ -100,8 +128,9 @@ def test_ids_and_assistant_mask_equal_transformers(request, which, conv, with_to
     tok = request.getfixturevalue(which)
     ref = _hf(tok, tmp_path)
     messages, tools = CONVERSATIONS[conv], TOOLS if with_tools else None
-    out = ref.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True)
+    out = ref.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     mine = encode_chat(tok, messages, tools=tools)
     assert mine.ids.tolist() == list(out["input_ids"])
     np.testing.assert_array_equal(mine.assistant_mask, np.asarray(out["assistant_masks"], bool))
@@ -129,8 +158,10 @@ def test_roles_of_every_message(qwen_tok):
     assert "You are a helpful agent." in text[SYSTEM] and "get_weather" in text[SYSTEM]
     assert "Paris on 2024-05-01" in text[USER] and "helpful" not in text[USER]
     assert '"temp_c": 18' in text[TOOL] and "Paris on" not in text[TOOL]
-    assert text[ASSISTANT] == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "date": '
-                               '"2024-05-01"}}\n</tool_call><|im_end|>It will be 18 °C and clear in Paris.<|im_end|>')
+    assert text[ASSISTANT] == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "date": '
+        '"2024-05-01"}}\n</tool_call><|im_end|>It will be 18 °C and clear in Paris.<|im_end|>'
+    )
 
 
 @pytest.mark.parametrize("which", ["llama_tok", "qwen_tok"])
@@ -145,8 +176,10 @@ def test_without_generation_blocks_the_prefix_method_finds_the_same_assistant_to
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(qwen_tok):
-    rewriting = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}<|im_start|>{{ m.role }}\n"
-                 "{{ m.content }}<|im_end|>{% endfor %}")
+    rewriting = (
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>{% endfor %}"
+    )
     with pytest.raises(ChatTemplateError, match="rewrites earlier turns.*generation"):
         encode_chat(qwen_tok, CONVERSATIONS[1], chat_template=rewriting)
 
@@ -190,7 +223,7 @@ def test_byte_tokenizer(tmp_path):
     text = "héllo ✓ <|im_start|>user\nok<|im_end|>"
     ids = tok.encode(text)
     head = "héllo ✓ ".encode()
-    assert ids[:len(head)].tolist() == list(head)  # one id per byte, id = byte value
+    assert ids[: len(head)].tolist() == list(head)  # one id per byte, id = byte value
     assert ids[len(head)] == tok.token_to_id("<|im_start|>") == 257
     assert tok.decode(ids) == text
     assert tok.vocab_size == 259 and tok.eos_id == 258 and tok.pad_id == 256

@@ -17,16 +17,25 @@ def _write(path, lines):
     return path
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"messages": [', r"x.jsonl:2: not valid JSON"),
-    ({"text": "hi"}, r"x.jsonl:2: expected an object with a non-empty 'messages' list"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"x.jsonl:2: no assistant turn"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, r"x.jsonl:2, message 0: role 'robot'"),
-    ({"messages": [{"role": "user", "content": 3}, GOOD["messages"][1]]}, r"'content' must be a string"),
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-        {"function": {"name": "f", "arguments": "{city: Paris}"}}]}]},
-     r"x.jsonl:2, message 1, tool call 0 \(f\): arguments are not JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"messages": [', r"x.jsonl:2: not valid JSON"),
+        ({"text": "hi"}, r"x.jsonl:2: expected an object with a non-empty 'messages' list"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"x.jsonl:2: no assistant turn"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, r"x.jsonl:2, message 0: role 'robot'"),
+        ({"messages": [{"role": "user", "content": 3}, GOOD["messages"][1]]}, r"'content' must be a string"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{city: Paris}"}}]},
+                ]
+            },
+            r"x.jsonl:2, message 1, tool call 0 \(f\): arguments are not JSON",
+        ),
+    ],
+)
 def test_bad_lines_are_named(tmp_path, bad, message):
     path = _write(tmp_path / "x.jsonl", [GOOD, bad])
     with pytest.raises(C.ConversationError, match=message):
@@ -36,14 +45,20 @@ def test_bad_lines_are_named(tmp_path, bad, message):
 def test_unlabelled_and_empty_files(tmp_path):
     with pytest.raises(C.ConversationError, match="must end before the assistant"):
         C.read_conversations(_write(tmp_path / "u.jsonl", [GOOD]), labelled=False)
-    assert len(C.read_conversations(_write(tmp_path / "u.jsonl", [{"messages": GOOD["messages"][:1]}]),
-                                    labelled=False)) == 1
+    assert (
+        len(C.read_conversations(_write(tmp_path / "u.jsonl", [{"messages": GOOD["messages"][:1]}]), labelled=False))
+        == 1
+    )
     with pytest.raises(C.ConversationError, match="empty"):
         C.read_conversations(_write(tmp_path / "e.jsonl", ["", ""]))
     with pytest.raises(FileNotFoundError, match="no such conversations file"):
         C.read_conversations(tmp_path / "missing.jsonl")
-    args = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
-        {"function": {"name": "f", "arguments": '{"a": 1}'}}]}]}  # JSON-string arguments are read once
+    args = {
+        "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        ]
+    }  # JSON-string arguments are read once
     got = C.read_conversations(_write(tmp_path / "a.jsonl", [args]))[0]
     assert got["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert got["messages"][0] == args["messages"][0]
@@ -80,8 +95,10 @@ def test_a_long_conversation_keeps_its_system_prompt_and_last_turns():
 def test_dropped_conversations_say_how_long_max_length_must_be():
     tok = byte_tokenizer()
     big = {"role": "system", "content": "s" * 400}  # a long system prompt: no answer within 128 tokens
-    convs = [{"messages": [big, {"role": "user", "content": "q" * k}, {"role": "assistant", "content": "ok"}]}
-             for k in (5, 30)]
+    convs = [
+        {"messages": [big, {"role": "user", "content": "q" * k}, {"role": "assistant", "content": "ok"}]}
+        for k in (5, 30)
+    ]
     enc = C.encode_conversations(tok, convs, max_length=128)
     assert (len(enc), enc.dropped, enc.truncated) == (0, 2, 2)
     # the fewest tokens that keep one: the shorter conversation up to its first answer token
@@ -105,8 +122,14 @@ def test_a_byte_order_mark_and_errors_at_the_end_of_a_line(tmp_path):
 
 def test_turns_and_request_prompts():
     tok = byte_tokenizer()
-    conv = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    conv = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
     turns = C.assistant_turns(tok, [conv])
     assert [t.reference["content"] for t in turns] == ["b", "d"]
     assert tok.decode(turns[1].prompt).endswith("<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n")

@@ -40,9 +40,13 @@ def test_embedded_default_is_prepared_once(embedded, data_dir, monkeypatch):
 
 @pytest.mark.parametrize(
     "name,classes,shape,flip",
-    [("mnist", 10, (28, 28, 1), False), ("fashion_mnist", 10, (28, 28, 1), True),
-     ("cifar10", 10, (32, 32, 3), True), ("cifar100", 100, (32, 32, 3), True),
-     ("imagenette", 10, (160, 160, 3), True)],
+    [
+        ("mnist", 10, (28, 28, 1), False),
+        ("fashion_mnist", 10, (28, 28, 1), True),
+        ("cifar10", 10, (32, 32, 3), True),
+        ("cifar100", 100, (32, 32, 3), True),
+        ("imagenette", 10, (160, 160, 3), True),
+    ],
 )
 def test_tfds_names_offline_with_mock_data(tmp_path, name, classes, shape, flip):
     with tfds.testing.mock_data(num_examples=24):
@@ -118,7 +122,9 @@ def test_image_folder_becomes_tfds(tmp_path):
 
 def test_npz_without_expected_keys(tmp_path):
     path = _npz(tmp_path / "bad.npz", images=np.zeros((2, 4, 4)), labels=np.zeros(2))
-    with pytest.raises(ValueError, match=r"lacks the keys \['x_train', 'y_train', 'x_test', 'y_test'\]; found \['images', 'labels'\]"):
+    with pytest.raises(
+        ValueError, match=r"lacks the keys \['x_train', 'y_train', 'x_test', 'y_test'\]; found \['images', 'labels'\]"
+    ):
         load_dataset(path, data_dir=tmp_path)
 
 
@@ -136,8 +142,13 @@ def test_labels_out_of_range(tmp_path):
 
 def test_empty_split(tmp_path):
     x = np.zeros((4, 4, 4), np.uint8)
-    path = _npz(tmp_path / "e.npz", x_train=x, y_train=np.array([0, 1, 0, 1]),
-                x_test=np.zeros((0, 4, 4), np.uint8), y_test=np.zeros(0, int))
+    path = _npz(
+        tmp_path / "e.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 0, 1]),
+        x_test=np.zeros((0, 4, 4), np.uint8),
+        y_test=np.zeros(0, int),
+    )
     with pytest.raises(ValueError, match="split 'test' is empty"):
         load_dataset(path, data_dir=tmp_path)
 
@@ -151,7 +162,9 @@ def test_mixed_image_sizes(tmp_path):
 def test_mismatched_label_count_and_missing_file(tmp_path):
     x = np.zeros((4, 4, 4), np.uint8)
     path = _npz(tmp_path / "m.npz", x_train=x, y_train=np.array([0, 1, 0]), x_test=x, y_test=np.array([0, 1, 0, 1]))
-    with pytest.raises(ValueError, match=r"y_train must be a 1-D array with one label per image \(4\); got shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"y_train must be a 1-D array with one label per image \(4\); got shape \(3,\)"
+    ):
         load_dataset(path, data_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no .npz file"):
         load_dataset(tmp_path / "absent.npz", data_dir=tmp_path)

@@ -48,7 +48,9 @@ def test_resume_from_step_continues_exactly():
 
 def test_processes_split_each_global_batch():
     glob = _take(P.train_batches(_toy(), batch_size=8, seed=2), 5)
-    parts = [_take(P.train_batches(_toy(), batch_size=8, seed=2, process_index=i, process_count=2), 5) for i in range(2)]
+    parts = [
+        _take(P.train_batches(_toy(), batch_size=8, seed=2, process_index=i, process_count=2), 5) for i in range(2)
+    ]
     for g, p0, p1 in zip(glob, *parts):
         assert len(p0["index"]) == 4
         np.testing.assert_array_equal(np.concatenate([p0["index"], p1["index"]]), g["index"])
@@ -57,7 +59,9 @@ def test_processes_split_each_global_batch():
 def test_on_disk_and_in_memory_give_the_same_stream(embedded):
     src = embedded.split("test")
     mem, disk = P.to_memory(src), P.OnDisk(src)
-    for a, b in zip(_take(P.train_batches(mem, batch_size=32, seed=5), 4), _take(P.train_batches(disk, batch_size=32, seed=5), 4)):
+    for a, b in zip(
+        _take(P.train_batches(mem, batch_size=32, seed=5), 4), _take(P.train_batches(disk, batch_size=32, seed=5), 4)
+    ):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
@@ -72,11 +76,13 @@ def test_eval_batches_cover_everything_once_with_a_mask():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(batch_size=10, seed=0, process_count=4), "divisible by the process count 4"),
-     (dict(batch_size=0, seed=0), "batch_size must be >= 1"),
-     (dict(batch_size=64, seed=0), "exceeds the split's 50 examples"),
-     (dict(batch_size=8, seed=0, process_index=2, process_count=2), r"process_index must lie in \[0, 2\)"),
-     (dict(batch_size=8, seed=0, num_epochs=1, start_step=7), r"start_step must lie in \[0, 6\]")],
+    [
+        (dict(batch_size=10, seed=0, process_count=4), "divisible by the process count 4"),
+        (dict(batch_size=0, seed=0), "batch_size must be >= 1"),
+        (dict(batch_size=64, seed=0), "exceeds the split's 50 examples"),
+        (dict(batch_size=8, seed=0, process_index=2, process_count=2), r"process_index must lie in \[0, 2\)"),
+        (dict(batch_size=8, seed=0, num_epochs=1, start_step=7), r"start_step must lie in \[0, 6\]"),
+    ],
 )
 def test_bad_pipeline_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -118,7 +118,10 @@ def test_trained_bpe_is_deterministic_and_lossless(tmp_path):
     digits = [split.decode([i]) for i in split.encode("amount 20261201")]
     assert digits[-8:] == list("20261201")  # one token per digit
     assert len(a.encode("amount 20261201")) < len(split.encode("amount 20261201"))
-    assert len(a.encode("<tool_call>")) == 1 and a.decode(a.encode("x</tool_call>"), skip_special_tokens=True) == "x</tool_call>"
+    assert (
+        len(a.encode("<tool_call>")) == 1
+        and a.decode(a.encode("x</tool_call>"), skip_special_tokens=True) == "x</tool_call>"
+    )
     a.save(tmp_path)
     again = Tokenizer.from_folder(tmp_path)
     assert list(again.encode(texts[1])) == list(a.encode(texts[1])) and again.eos_token == "<|im_end|>"
@@ -132,9 +135,12 @@ def test_the_simulated_tools_refuse_bad_calls():
     assert toolchat.execute("set_timer", ok) == {"ends_at": "09:05"}
     with pytest.raises(KeyError, match="unknown tool 'order_pizza'"):
         toolchat.execute("order_pizza", {})
-    for bad, message in [({"minutes": 5}, "expected the arguments"), ({**ok, "x": 1}, "expected the arguments"),
-                         ({"minutes": "5", "label": "tea"}, "minutes='5' is not a valid integer"),
-                         ({"minutes": True, "label": "tea"}, "not a valid integer")]:
+    for bad, message in [
+        ({"minutes": 5}, "expected the arguments"),
+        ({**ok, "x": 1}, "expected the arguments"),
+        ({"minutes": "5", "label": "tea"}, "minutes='5' is not a valid integer"),
+        ({"minutes": True, "label": "tea"}, "not a valid integer"),
+    ]:
         with pytest.raises(ValueError, match=message):
             toolchat.execute("set_timer", bad)
     with pytest.raises(ValueError, match="not a valid string in"):

@@ -16,13 +16,18 @@ def test_padding_rows_are_cut_to_the_tokenizer():
 def test_another_tokenizer_is_refused_naming_sizes_and_the_first_difference():
     other = Backend(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(VocabularyMismatchError, match=r"teacher vocabulary 259 tokens \(264 model rows\), student 3 "
-                                                      r"tokens \(8 model rows\); first difference at id 0"):
+    with pytest.raises(
+        VocabularyMismatchError,
+        match=r"teacher vocabulary 259 tokens \(264 model rows\), student 3 "
+        r"tokens \(8 model rows\); first difference at id 0",
+    ):
         shared_vocabulary(byte_tokenizer(), Tokenizer(other), teacher_rows=264, student_rows=8)
 
 
 def test_a_model_smaller_than_its_tokenizer():
-    with pytest.raises(VocabularyMismatchError, match="student model has 200 vocabulary rows but its tokenizer has 259"):
+    with pytest.raises(
+        VocabularyMismatchError, match="student model has 200 vocabulary rows but its tokenizer has 259"
+    ):
         shared_vocabulary(byte_tokenizer(), byte_tokenizer(), teacher_rows=259, student_rows=200)
 
 

@@ -31,7 +31,9 @@ def test_auc_matches_sklearn_including_ties():
     logits, y = _data()
     probs = M.softmax(np.round(logits, 1))  # rounding creates ties
     auc = M.roc_auc_ovr(probs, y)
-    np.testing.assert_allclose(auc["macro"], skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"), rtol=1e-10)
+    np.testing.assert_allclose(
+        auc["macro"], skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"), rtol=1e-10
+    )
     for k in range(5):
         np.testing.assert_allclose(auc["per_class"][k], skm.roc_auc_score(y == k, probs[:, k]), rtol=1e-10)
 
@@ -77,13 +79,18 @@ def test_accuracy_and_loss_of_many_students_by_hand():
     from jkd.evaluate.predict import accuracy_and_loss
 
     labels = np.array([0, 1])
-    logits = np.array([[[2.0, 0.0], [0.0, 0.0]],      # student 0: right, a tie (argmax 0: wrong)
-                       [[0.0, 1.0], [-1.0, 3.0]]])    # student 1: wrong, right
+    logits = np.array(
+        [
+            [[2.0, 0.0], [0.0, 0.0]],  # student 0: right, a tie (argmax 0: wrong)
+            [[0.0, 1.0], [-1.0, 3.0]],
+        ]
+    )  # student 1: wrong, right
     acc, loss = accuracy_and_loss(logits, labels)
     np.testing.assert_array_equal(acc, [0.5, 0.5])
     ce = lambda z, y: -(z[y] - np.log(np.exp(z).sum()))  # noqa: E731
-    np.testing.assert_allclose(loss, [(ce(logits[0, 0], 0) + np.log(2)) / 2,
-                                      (ce(logits[1, 0], 0) + ce(logits[1, 1], 1)) / 2], rtol=1e-12)
+    np.testing.assert_allclose(
+        loss, [(ce(logits[0, 0], 0) + np.log(2)) / 2, (ce(logits[1, 0], 0) + ce(logits[1, 1], 1)) / 2], rtol=1e-12
+    )
 
 
 def test_predict_drops_the_padding_of_the_last_batch():
@@ -92,7 +99,8 @@ def test_predict_drops_the_padding_of_the_last_batch():
 
     images = np.arange(5 * 2 * 2 * 1, dtype=np.uint8).reshape(5, 2, 2, 1)
     data = P.InMemory(images, np.arange(5, dtype=np.int32) % 3)
-    logits, labels = predict(lambda b: np.stack([b["image"][:, 0, 0, 0]] * 3, -1).astype(np.float32), data,
-                             batch_size=2)
+    logits, labels = predict(
+        lambda b: np.stack([b["image"][:, 0, 0, 0]] * 3, -1).astype(np.float32), data, batch_size=2
+    )
     assert logits.shape == (5, 3) and labels.tolist() == [0, 1, 2, 0, 1]
     np.testing.assert_array_equal(logits[:, 0], images[:, 0, 0, 0])

@@ -11,9 +11,11 @@ from jkd.jobs.seeds import margin_and_spread, mean_std
 
 
 def test_mean_and_population_std_over_seeds_by_hand():
-    per_seed = [{"acc": 0.5, "ce": 2.0, "speed": None, "name": "a"},
-                {"acc": 0.7, "ce": 1.0, "speed": 3.0, "name": "b"},
-                {"acc": 0.9, "ce": 3.0, "speed": 5.0, "name": "c"}]
+    per_seed = [
+        {"acc": 0.5, "ce": 2.0, "speed": None, "name": "a"},
+        {"acc": 0.7, "ce": 1.0, "speed": 3.0, "name": "b"},
+        {"acc": 0.9, "ce": 3.0, "speed": 5.0, "name": "c"},
+    ]
     got = mean_std(per_seed)
     assert set(got) == {"acc_mean", "acc_std", "ce_mean", "ce_std"}  # None for one seed: left out; text too
     assert got["acc_mean"] == pytest.approx(0.7) and got["ce_mean"] == pytest.approx(2.0)

@@ -17,8 +17,8 @@ from jkd.runtime.atomic import atomic_write
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
-    scores: tuple[float, ...] = (1.0, 1.5)   # the student alone's scores per seed; distilled: +1
-    broken: bool = False                    # the data are refused
+    scores: tuple[float, ...] = (1.0, 1.5)  # the student alone's scores per seed; distilled: +1
+    broken: bool = False  # the data are refused
     teacher_dir: str | None = None
 
     def validate(self) -> None:
@@ -67,8 +67,11 @@ class ToyJob(Job):
 
     def report(self, run, entries):
         rows = "\n".join(f"| {e['name']} | {e['score_mean']:.2f} |" for e in entries)
-        return report.Report("toy run", "| model | score |\n|---|---|\n" + rows,
-                             [verdict(entries[2], entries[1], "score", label="score") + "."])
+        return report.Report(
+            "toy run",
+            "| model | score |\n|---|---|\n" + rows,
+            [verdict(entries[2], entries[1], "score", label="score") + "."],
+        )
 
 
 def test_the_flow_its_summary_and_report(tmp_path):
@@ -80,8 +83,9 @@ def test_the_flow_its_summary_and_report(tmp_path):
     assert alone["score_mean"] == pytest.approx(1.25) and alone["score_std"] == pytest.approx(0.25)
     assert kd["score_mean"] == pytest.approx(2.25)
     # margin 1.0 against a spread of 0.25: a win, said with both means
-    assert summary["notes"] == ["kd beats alone on score by more than the seed spread: 2.2500 vs 1.2500 "
-                                "(margin +1.0000, std 0.2500)."]
+    assert summary["notes"] == [
+        "kd beats alone on score by more than the seed spread: 2.2500 vs 1.2500 (margin +1.0000, std 0.2500)."
+    ]
     text = (tmp_path / "run" / "report.md").read_text()
     assert text.startswith("# toy run\n\n| model | score |") and "| kd | 2.25 |" in text and "- kd beats alone" in text
     assert report.rewrite(tmp_path / "run") == text  # jkd report: the same page from summary.json

@@ -9,8 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jkd.losses import (ForwardKL, GeneralizedJSD, ReverseKL, cross_tokenizer_divergence, span_log_probs,
-                        token_divergence, uld_distance)
+from jkd.losses import (
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    cross_tokenizer_divergence,
+    span_log_probs,
+    token_divergence,
+    uld_distance,
+)
 
 
 def log_softmax64(x):
@@ -73,13 +80,24 @@ def data(seed=0, vt=11, vs=7):
 def test_span_distributions_and_uld_match_the_float64_reference(temperature):
     t_logits, s_logits, t_tg, s_tg, _ = data()
     lay = layout()
-    q = span_log_probs(jnp.asarray(s_logits, jnp.float32), s_tg, lay["student_first"], lay["student_chain"],
-                       temperature=temperature)
+    q = span_log_probs(
+        jnp.asarray(s_logits, jnp.float32), s_tg, lay["student_first"], lay["student_chain"], temperature=temperature
+    )
     np.testing.assert_allclose(q, ref_merged(s_logits, s_tg, S_SPANS, temperature), rtol=1e-5, atol=1e-5)
-    got = cross_tokenizer_divergence(jnp.asarray(s_logits, jnp.float32), jnp.asarray(t_logits, jnp.float32),
-                                     student_targets=s_tg, teacher_targets=t_tg, temperature=temperature, **lay)
-    want = [ref_uld(a, b) for a, b in zip(ref_merged(s_logits, s_tg, S_SPANS, temperature),
-                                          ref_merged(t_logits, t_tg, T_SPANS, temperature))]
+    got = cross_tokenizer_divergence(
+        jnp.asarray(s_logits, jnp.float32),
+        jnp.asarray(t_logits, jnp.float32),
+        student_targets=s_tg,
+        teacher_targets=t_tg,
+        temperature=temperature,
+        **lay,
+    )
+    want = [
+        ref_uld(a, b)
+        for a, b in zip(
+            ref_merged(s_logits, s_tg, S_SPANS, temperature), ref_merged(t_logits, t_tg, T_SPANS, temperature)
+        )
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # a span of several tokens sums to less than one: the probability of its own continuation
     assert np.exp(np.asarray(q)).sum(-1)[2] < 1 and np.exp(np.asarray(q)).sum(-1)[0] == pytest.approx(1, abs=1e-5)
@@ -97,9 +115,16 @@ def test_uld_by_hand():
 @pytest.mark.parametrize("divergence", [ForwardKL(), ReverseKL(), GeneralizedJSD(beta=0.5)])
 def test_the_hybrid_matches_the_float64_reference(divergence):
     t_logits, s_logits, t_tg, s_tg, shared = data(1)
-    got = cross_tokenizer_divergence(jnp.asarray(s_logits, jnp.float32), jnp.asarray(t_logits, jnp.float32),
-                                     student_targets=s_tg, teacher_targets=t_tg, exact=np.array(EXACT),
-                                     divergence=divergence, shared=shared, **layout())
+    got = cross_tokenizer_divergence(
+        jnp.asarray(s_logits, jnp.float32),
+        jnp.asarray(t_logits, jnp.float32),
+        student_targets=s_tg,
+        teacher_targets=t_tg,
+        exact=np.array(EXACT),
+        divergence=divergence,
+        shared=shared,
+        **layout(),
+    )
     qm, pm = ref_merged(s_logits, s_tg, S_SPANS, 1.0), ref_merged(t_logits, t_tg, T_SPANS, 1.0)
     want = []
     for k, ex in enumerate(EXACT):
@@ -127,10 +152,20 @@ def test_on_one_tokenizer_the_hybrid_is_the_same_vocabulary_divergence():
     ids = np.arange(13, dtype=np.int32)
     where = np.array([[True] * 5, [True, True, True, False, False]])
     for div in (ForwardKL(), GeneralizedJSD(beta=0.3)):
-        got = cross_tokenizer_divergence(s_logits, t_logits, student_targets=targets, teacher_targets=targets,
-                                         student_first=first, teacher_first=first, student_chain=chain,
-                                         teacher_chain=chain, exact=np.ones((2, 5), bool), where=where,
-                                         divergence=div, shared=(ids, ids))
+        got = cross_tokenizer_divergence(
+            s_logits,
+            t_logits,
+            student_targets=targets,
+            teacher_targets=targets,
+            student_first=first,
+            teacher_first=first,
+            student_chain=chain,
+            teacher_chain=chain,
+            exact=np.ones((2, 5), bool),
+            where=where,
+            divergence=div,
+            shared=(ids, ids),
+        )
         want = token_divergence(s_logits[:, :5], t_logits[:, :5], divergence=div, where=where)
         np.testing.assert_array_equal(got, want)
 
@@ -140,10 +175,19 @@ def test_masked_spans_give_zero_and_no_gradient():
     where = np.array([True, False, True, False, False])
 
     def loss(s):
-        v = cross_tokenizer_divergence(s, jnp.asarray(t_logits, jnp.float32), student_targets=s_tg,
-                                       teacher_targets=t_tg, exact=np.array(EXACT), where=where,
-                                       divergence=ForwardKL(), shared=shared, **layout())
+        v = cross_tokenizer_divergence(
+            s,
+            jnp.asarray(t_logits, jnp.float32),
+            student_targets=s_tg,
+            teacher_targets=t_tg,
+            exact=np.array(EXACT),
+            where=where,
+            divergence=ForwardKL(),
+            shared=shared,
+            **layout(),
+        )
         return v.sum(), v
+
     (_, v), g = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(s_logits, jnp.float32))
     assert (np.asarray(v)[~where] == 0).all() and (np.asarray(v)[where] > 0).all()
     # spans 0 and 2 read student positions 0 and 2, 3, 4 (first and chain); no other row gets a gradient
@@ -158,11 +202,28 @@ def test_gradients_match_finite_differences(divergence):
     t_logits, s_logits, t_tg, s_tg, shared = data(4, vt=6, vs=5)
     shared = (np.array([0, 3, 4], np.int32), np.array([1, 0, 2], np.int32))
     with jax.enable_x64():
+
         def f(s, t):
-            return cross_tokenizer_divergence(s, t, student_targets=s_tg, teacher_targets=t_tg, exact=np.array(EXACT),
-                                              divergence=divergence, shared=shared, temperature=1.5, **layout())
-        check_grads(f, (jnp.asarray(s_logits, jnp.float64), jnp.asarray(t_logits, jnp.float64)), order=1,
-                    modes=["rev"], atol=1e-5, rtol=1e-5)
+            return cross_tokenizer_divergence(
+                s,
+                t,
+                student_targets=s_tg,
+                teacher_targets=t_tg,
+                exact=np.array(EXACT),
+                divergence=divergence,
+                shared=shared,
+                temperature=1.5,
+                **layout(),
+            )
+
+        check_grads(
+            f,
+            (jnp.asarray(s_logits, jnp.float64), jnp.asarray(t_logits, jnp.float64)),
+            order=1,
+            modes=["rev"],
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_jit_vmap_and_bad_input():
@@ -171,7 +232,8 @@ def test_jit_vmap_and_bad_input():
     kw = dict(student_targets=s_tg, teacher_targets=t_tg, **lay)
     one = cross_tokenizer_divergence(jnp.asarray(s_logits), jnp.asarray(t_logits), **kw)
     batched = jax.jit(jax.vmap(lambda s, t: cross_tokenizer_divergence(s, t, **kw)))(
-        jnp.stack([jnp.asarray(s_logits)] * 2), jnp.stack([jnp.asarray(t_logits)] * 2))
+        jnp.stack([jnp.asarray(s_logits)] * 2), jnp.stack([jnp.asarray(t_logits)] * 2)
+    )
     np.testing.assert_allclose(batched[1], one, rtol=1e-6)
     with pytest.raises(ValueError, match="hybrid loss .* needs shared="):
         cross_tokenizer_divergence(jnp.asarray(s_logits), jnp.asarray(t_logits), divergence=ForwardKL(), **kw)
@@ -192,10 +254,16 @@ def test_the_projected_form_equals_the_logits_form_in_values_and_gradients(diver
     ws = jnp.asarray(rng.normal(size=(vs, d_s)), jnp.float32)
     wt = jnp.asarray(rng.normal(size=(vt, d_t)), jnp.float32)
     lay = {k: np.stack([v, v]) for k, v in layout().items()}
-    kw = dict(student_targets=rng.integers(0, vs, (b, 9)), teacher_targets=rng.integers(0, vt, (b, 8)),
-              exact=np.stack([EXACT, EXACT]), where=np.array([[True] * 5, [True, True, False, True, False]]),
-              divergence=divergence, shared=(np.array([0, 3, 4, 9], np.int32), np.array([1, 0, 6, 2], np.int32)),
-              temperature=1.5, **lay)
+    kw = dict(
+        student_targets=rng.integers(0, vs, (b, 9)),
+        teacher_targets=rng.integers(0, vt, (b, 8)),
+        exact=np.stack([EXACT, EXACT]),
+        where=np.array([[True] * 5, [True, True, False, True, False]]),
+        divergence=divergence,
+        shared=(np.array([0, 3, 4, 9], np.int32), np.array([1, 0, 6, 2], np.int32)),
+        temperature=1.5,
+        **lay,
+    )
 
     def full(hs, ws, ht, wt):
         return cross_tokenizer_divergence(hs @ ws.T, ht @ wt.T, **kw)
@@ -233,22 +301,37 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
     exact = np.stack([EXACT, EXACT])
     where = np.array([[True] * 5, [True, True, False, True, False]])
     kw = dict(exact=exact, where=where, divergence=divergence, temperature=1.5)
-    scores = teacher_span_values(ht @ wt.T, teacher_targets=t_tg, teacher_first=lay["teacher_first"],
-                                 teacher_chain=lay["teacher_chain"], exact=exact if divergence else None,
-                                 shared_teacher=shared[0], temperature=1.5)
+    scores = teacher_span_values(
+        ht @ wt.T,
+        teacher_targets=t_tg,
+        teacher_first=lay["teacher_first"],
+        teacher_chain=lay["teacher_chain"],
+        exact=exact if divergence else None,
+        shared_teacher=shared[0],
+        temperature=1.5,
+    )
     values, ids = jax.lax.top_k(scores, k)
     to_student = np.zeros(vt, np.int32)
     to_student[shared[0]] = shared[1]
 
     def stored(hs, ws):
-        return stored_cross_tokenizer_divergence(hs, ws, values, ids, student_targets=s_tg,
-                                                 student_first=lay["student_first"],
-                                                 student_chain=lay["student_chain"], student_of_teacher=to_student,
-                                                 chunk_size=3, **kw)
+        return stored_cross_tokenizer_divergence(
+            hs,
+            ws,
+            values,
+            ids,
+            student_targets=s_tg,
+            student_first=lay["student_first"],
+            student_chain=lay["student_chain"],
+            student_of_teacher=to_student,
+            chunk_size=3,
+            **kw,
+        )
 
     def full(hs, ws):
-        return projected_cross_tokenizer_divergence(hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg,
-                                                    shared=shared, chunk_size=3, **lay, **kw)
+        return projected_cross_tokenizer_divergence(
+            hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg, shared=shared, chunk_size=3, **lay, **kw
+        )
 
     # the teacher's mass past its k largest span probabilities, float64, from the reference merge
     t_log = (np.asarray(ht, np.float64) @ np.asarray(wt, np.float64).T) / 1.5

@@ -9,8 +9,11 @@ import pytest
 from jkd import losses as L
 
 # Functions only: the divergences (ForwardKL(), ...) are typed values taken by the losses.
-PUBLIC = [getattr(L, n) for n in L.__all__
-          if inspect.isfunction(getattr(L, n)) and n not in ("attention_map", "teacher_topk", "standardize_logits")]
+PUBLIC = [
+    getattr(L, n)
+    for n in L.__all__
+    if inspect.isfunction(getattr(L, n)) and n not in ("attention_map", "teacher_topk", "standardize_logits")
+]
 # The one loss that returns the mean, by design: its gradients are formed in the same pass
 # as the value, which needs the reduction inside (see its docstring).
 REDUCED = ("projected_soft_distillation_loss", "projected_token_divergence", "projected_topk_kl", "token_mean")

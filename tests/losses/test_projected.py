@@ -25,7 +25,7 @@ def _reference(hs, ws, ht, wt, T):
     p = _softmax(ht.reshape(-1, ht.shape[-1]) @ wt / T)
     q = _softmax(hs2 @ ws / T)
     n = len(p)
-    loss = np.mean(T ** 2 * np.sum(p * (np.log(p) - np.log(q)), -1))
+    loss = np.mean(T**2 * np.sum(p * (np.log(p) - np.log(q)), -1))
     ds = T * (q - p) / n
     return loss, (ds @ ws.T).reshape(hs.shape), hs2.T @ ds
 
@@ -58,16 +58,21 @@ def test_equals_the_unfused_loss():
     plain = jnp.mean(losses.soft_distillation_loss(hs @ ws, ht @ wt, temperature=4.0))
     fused = losses.projected_soft_distillation_loss(hs, ws, ht, wt, temperature=4.0, chunk_size=6)
     np.testing.assert_allclose(float(fused), float(plain), rtol=1e-5)
-    assert float(losses.projected_soft_distillation_loss(hs, ws, hs, ws, temperature=2.0, chunk_size=7)) == pytest.approx(0.0, abs=1e-6)
+    assert float(
+        losses.projected_soft_distillation_loss(hs, ws, hs, ws, temperature=2.0, chunk_size=7)
+    ) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("args, kw, match", [
-    (((4, 3), (5, 10), (4, 3), (3, 10)), {}, "projections must be"),
-    (((4, 3), (3, 10), (4, 3), (3, 12)), {}, "projections must be"),
-    (((4, 3), (3, 10), (5, 3), (3, 10)), {}, "same leading shape"),
-    (((4, 3), (3, 10), (4, 3), (3, 10)), {"chunk_size": 0}, "chunk_size"),
-    (((4, 3), (3, 10), (4, 3), (3, 10)), {"temperature": 0.0}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "args, kw, match",
+    [
+        (((4, 3), (5, 10), (4, 3), (3, 10)), {}, "projections must be"),
+        (((4, 3), (3, 10), (4, 3), (3, 12)), {}, "projections must be"),
+        (((4, 3), (3, 10), (5, 3), (3, 10)), {}, "same leading shape"),
+        (((4, 3), (3, 10), (4, 3), (3, 10)), {"chunk_size": 0}, "chunk_size"),
+        (((4, 3), (3, 10), (4, 3), (3, 10)), {"temperature": 0.0}, "temperature"),
+    ],
+)
 def test_bad_input(args, kw, match):
     arrays = [jnp.ones(s) for s in args]
     with pytest.raises(ValueError, match=match):

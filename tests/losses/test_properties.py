@@ -27,10 +27,9 @@ LOSSES = {
     "dkd": lambda s, t, y, w=None: L.decoupled_distillation_loss(s, t, y, where=w),
     "ce": lambda s, t, y, w=None: L.cross_entropy_loss(s, y, label_smoothing=0.1, where=w),
     "objective": lambda s, t, y, w=None: L.distillation_objective(
-        s, y, L.soft_distillation_loss(s, t, temperature=4.0, where=w),
-        kd_weight=0.9, ce_weight=0.1, where=w),
-    "topk": lambda s, t, y, w=None: L.topk_soft_distillation_loss(
-        s, *L.teacher_topk(t, 3), temperature=2.0, where=w),
+        s, y, L.soft_distillation_loss(s, t, temperature=4.0, where=w), kd_weight=0.9, ce_weight=0.1, where=w
+    ),
+    "topk": lambda s, t, y, w=None: L.topk_soft_distillation_loss(s, *L.teacher_topk(t, 3), temperature=2.0, where=w),
     "kl_metric": lambda s, t, y, w=None: L.teacher_student_kl(s, t, where=w),
     "hint": lambda s, t, y, w=None: L.hint_loss(s, t, where=w),
 }
@@ -85,7 +84,10 @@ def test_topk_with_all_classes_equals_soft():
     vals, idx = L.teacher_topk(t, C)
     np.testing.assert_allclose(
         L.topk_soft_distillation_loss(s, vals, idx, temperature=3.0),
-        L.soft_distillation_loss(s, t, temperature=3.0), rtol=1e-5, atol=1e-6)
+        L.soft_distillation_loss(s, t, temperature=3.0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_topk_accepts_bf16_storage():
@@ -238,7 +240,9 @@ def test_chunked_soft_loss_reference_and_bf16():
     s, t, _ = _pair(17, shape=(10, 30))
     ref = [R.soft_kd(a, b, 2.0) for a, b in zip(np.asarray(s), np.asarray(t))]
     np.testing.assert_allclose(L.chunked_soft_distillation_loss(s, t, temperature=2.0, chunk_size=4), ref, rtol=1e-5)
-    out = L.chunked_soft_distillation_loss(s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), temperature=2.0, chunk_size=4)
+    out = L.chunked_soft_distillation_loss(
+        s.astype(jnp.bfloat16), t.astype(jnp.bfloat16), temperature=2.0, chunk_size=4
+    )
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         L.chunked_soft_distillation_loss(s, t, chunk_size=0)

@@ -68,9 +68,7 @@ def test_decoupled_distillation(shape, alpha, beta, temperature):
     rng = np.random.default_rng(4)
     s, t = _logits(rng, shape), _logits(rng, shape)
     y = rng.integers(0, shape[-1], shape[:-1])
-    got = L.decoupled_distillation_loss(
-        s, t, y, tckd_weight=alpha, nckd_weight=beta, temperature=temperature
-    )
+    got = L.decoupled_distillation_loss(s, t, y, tckd_weight=alpha, nckd_weight=beta, temperature=temperature)
     ref = R.per_example(lambda a, b, c: R.dkd(a, b, c[0], alpha, beta, temperature), s, t, y[..., None])
     _assert_close(got, ref)
 
@@ -97,7 +95,9 @@ def test_distillation_objective(kd_weight, ce_weight):
     got = L.distillation_objective(s, y, kd, kd_weight=kd_weight, ce_weight=ce_weight)
     ref = R.per_example(
         lambda a, b, c: kd_weight * R.soft_kd(a, b, 4.0) + ce_weight * R.cross_entropy(a, c[0]),
-        s, t, y[..., None],
+        s,
+        t,
+        y[..., None],
     )
     _assert_close(got, ref)
 
@@ -135,9 +135,7 @@ def test_topk_soft_distillation(k, temperature):
     order = np.argsort(-t, axis=-1)[..., :k]  # reference top-k, independent of lax.top_k
     np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), np.sort(order, -1))
     got = L.topk_soft_distillation_loss(s, vals, idx, temperature=temperature)
-    ref = R.per_example(
-        lambda a, b, i: R.topk_soft_kd(a, b[i], i, temperature), s, t, order
-    )
+    ref = R.per_example(lambda a, b, i: R.topk_soft_kd(a, b[i], i, temperature), s, t, order)
     _assert_close(got, ref)
 
 
@@ -159,9 +157,7 @@ def test_soft_hand_worked():
     got = L.soft_distillation_loss(jnp.array([0.0, 0.0]), jnp.array([np.log(3.0), 0.0]))
     np.testing.assert_allclose(float(got), 0.75 * np.log(1.5) + 0.25 * np.log(0.5), rtol=1e-6)
     # The same logits doubled at T = 2 give the same distributions: loss = 4 * 0.130812.
-    got2 = L.soft_distillation_loss(
-        jnp.array([0.0, 0.0]), jnp.array([2 * np.log(3.0), 0.0]), temperature=2.0
-    )
+    got2 = L.soft_distillation_loss(jnp.array([0.0, 0.0]), jnp.array([2 * np.log(3.0), 0.0]), temperature=2.0)
     np.testing.assert_allclose(float(got2), 4 * float(got), rtol=1e-6)
 
 
@@ -176,8 +172,12 @@ def test_dkd_hand_worked():
     # Teacher [ln 2, ln 1, ln 1] -> p = [1/2, 1/4, 1/4]: b_t = [1/2, 1/2], p_hat_t = [1/2, 1/2].
     # TCKD = 1/2 ln(3/2) + 1/2 ln(3/4); NCKD = 0.
     got = L.decoupled_distillation_loss(
-        jnp.zeros(3), jnp.array([np.log(2.0), 0.0, 0.0]), jnp.array(0),
-        tckd_weight=1.0, nckd_weight=8.0, temperature=1.0,
+        jnp.zeros(3),
+        jnp.array([np.log(2.0), 0.0, 0.0]),
+        jnp.array(0),
+        tckd_weight=1.0,
+        nckd_weight=8.0,
+        temperature=1.0,
     )
     np.testing.assert_allclose(float(got), 0.5 * np.log(1.5) + 0.5 * np.log(0.75), rtol=1e-5)
 

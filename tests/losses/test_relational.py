@@ -47,10 +47,12 @@ def ref_rkd_angle(s, t):
 
 def ref_sp(s, t):
     """Tung & Mori eq. 2-4: row-normalised Gram matrices, squared Frobenius over b^2."""
+
     def g(x):
         x = x.reshape(len(x), -1)
         gram = x @ x.T
         return gram / np.linalg.norm(gram, axis=1, keepdims=True)
+
     n = len(s)
     return np.sum((g(s) - g(t)) ** 2, axis=1) / n
 
@@ -70,10 +72,18 @@ def ref_crd(s, t, mem_s, mem_t, tau):
 
 def test_rkd_distance_and_angle_match_the_paper():
     s, t = _feats(0), _feats(1, d=9)  # widths may differ
-    np.testing.assert_allclose(L.rkd_distance_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
-                               ref_rkd_distance(s, t), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(L.rkd_angle_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
-                               ref_rkd_angle(s, t), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        L.rkd_distance_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
+        ref_rkd_distance(s, t),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        L.rkd_angle_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
+        ref_rkd_angle(s, t),
+        rtol=1e-4,
+        atol=1e-6,
+    )
     # Scaled features keep their relations: the losses vanish.
     assert np.max(np.asarray(L.rkd_distance_loss(jnp.asarray(3 * t), jnp.asarray(t)))) < 1e-6
     assert np.max(np.asarray(L.rkd_angle_loss(jnp.asarray(3 * t + 1), jnp.asarray(t)))) < 1e-6
@@ -81,22 +91,34 @@ def test_rkd_distance_and_angle_match_the_paper():
 
 def test_similarity_preserving_matches_the_paper_for_maps_of_any_shape():
     s, t = np.random.default_rng(2).normal(size=(B, 3, 3, 2)), _feats(3, d=7)
-    np.testing.assert_allclose(L.similarity_preserving_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
-                               ref_sp(s, t), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        L.similarity_preserving_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)),
+        ref_sp(s, t),
+        rtol=1e-4,
+        atol=1e-7,
+    )
 
 
 def test_crd_matches_infonce_with_memory_negatives():
     s, t = _feats(4, d=8), _feats(5, d=8)
     ms, mt = _feats(6, b=10, d=8), _feats(7, b=10, d=8)
-    got = L.contrastive_representation_loss(*(jnp.asarray(x, jnp.float32) for x in (s, t)),
-                                             student_memory=jnp.asarray(ms, jnp.float32),
-                                             teacher_memory=jnp.asarray(mt, jnp.float32), temperature=0.5)
+    got = L.contrastive_representation_loss(
+        *(jnp.asarray(x, jnp.float32) for x in (s, t)),
+        student_memory=jnp.asarray(ms, jnp.float32),
+        teacher_memory=jnp.asarray(mt, jnp.float32),
+        temperature=0.5,
+    )
     np.testing.assert_allclose(got, ref_crd(s, t, ms, mt, 0.5), rtol=1e-4)
     # Unfilled memory rows are no negatives: half the memory marked empty equals passing half.
     valid = np.arange(10) < 5
-    half = L.contrastive_representation_loss(jnp.asarray(s), jnp.asarray(t), student_memory=jnp.asarray(ms),
-                                             teacher_memory=jnp.asarray(mt), memory_valid=jnp.asarray(valid),
-                                             temperature=0.5)
+    half = L.contrastive_representation_loss(
+        jnp.asarray(s),
+        jnp.asarray(t),
+        student_memory=jnp.asarray(ms),
+        teacher_memory=jnp.asarray(mt),
+        memory_valid=jnp.asarray(valid),
+        temperature=0.5,
+    )
     np.testing.assert_allclose(half, ref_crd(s, t, ms[:5], mt[:5], 0.5), rtol=1e-4)
 
 
@@ -105,15 +127,19 @@ def test_standardize_logits_is_the_z_score_with_sample_std():
     want = (z - z.mean(1, keepdims=True)) / (1e-7 + z.std(1, ddof=1, keepdims=True))
     np.testing.assert_allclose(L.standardize_logits(jnp.asarray(z, jnp.float32)), want, rtol=1e-5, atol=1e-5)
     # Shift and scale of a model's logits no longer matter to the KD term.
-    a = L.soft_distillation_loss(L.standardize_logits(jnp.asarray(z)), L.standardize_logits(jnp.asarray(2 * z + 7)),
-                                 temperature=2.0)
+    a = L.soft_distillation_loss(
+        L.standardize_logits(jnp.asarray(z)), L.standardize_logits(jnp.asarray(2 * z + 7)), temperature=2.0
+    )
     assert float(jnp.max(jnp.abs(a))) < 1e-5
     g = jax.grad(lambda x: jnp.sum(L.standardize_logits(x)))(jnp.ones((2, 5)))  # constant logits: finite
     assert np.all(np.isfinite(g))
 
 
-@pytest.mark.parametrize("loss", [L.rkd_distance_loss, L.rkd_angle_loss, L.similarity_preserving_loss,
-                                  L.contrastive_representation_loss], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "loss",
+    [L.rkd_distance_loss, L.rkd_angle_loss, L.similarity_preserving_loss, L.contrastive_representation_loss],
+    ids=lambda f: f.__name__,
+)
 def test_masked_examples_leave_every_relation(loss):
     """A masked row is neither an anchor nor a partner: the rest equals the sub-batch alone,
     even with NaN garbage in the masked row, and the garbage gets exactly zero gradient."""

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from jkd import losses
-from jkd.losses import (ForwardKL, GeneralizedJSD, ReverseKL, SkewForwardKL, SkewReverseKL, TotalVariation,
-                        token_divergence, token_mean)
+from jkd.losses import (
+    ForwardKL,
+    GeneralizedJSD,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TotalVariation,
+    token_divergence,
+    token_mean,
+)
 
 
 def _log_softmax(x):
@@ -52,9 +60,14 @@ def reference(name, s, t, T=1.0, beta=0.5, alpha=0.1):
     raise ValueError(name)
 
 
-CASES = [("forward", ForwardKL()), ("reverse", ReverseKL()), ("jsd", GeneralizedJSD(beta=0.5)),
-         ("skew_forward", SkewForwardKL(alpha=0.1)), ("skew_reverse", SkewReverseKL(alpha=0.1)),
-         ("tv", TotalVariation())]
+CASES = [
+    ("forward", ForwardKL()),
+    ("reverse", ReverseKL()),
+    ("jsd", GeneralizedJSD(beta=0.5)),
+    ("skew_forward", SkewForwardKL(alpha=0.1)),
+    ("skew_reverse", SkewReverseKL(alpha=0.1)),
+    ("tv", TotalVariation()),
+]
 
 
 def _logits(seed, shape=(3, 4, 17), scale=3.0):
@@ -94,8 +107,9 @@ def test_jsd_limits_are_forward_and_reverse_kl():
 def test_skew_limits():
     s, t = _logits(3)
     for div, at0 in ((SkewForwardKL, "forward"), (SkewReverseKL, "reverse")):
-        np.testing.assert_allclose(np.asarray(token_divergence(s, t, divergence=div(alpha=0.0))),
-                                   reference(at0, s, t), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(token_divergence(s, t, divergence=div(alpha=0.0))), reference(at0, s, t), rtol=2e-5, atol=1e-6
+        )
         np.testing.assert_allclose(np.asarray(token_divergence(s, t, divergence=div(alpha=1.0))), 0.0, atol=1e-6)
 
 
@@ -130,11 +144,13 @@ def test_gradients_numerically(name, div):
     """The divergences use plain autodiff; check it against finite differences anyway (float64),
     away from TV's kinks."""
     from jax.test_util import check_grads
+
     s, t = _logits(5, shape=(2, 7), scale=1.0)
     with jax.enable_x64():
         f = lambda a, b: token_divergence(a, b, divergence=div, temperature=1.5)  # noqa: E731
-        check_grads(f, (jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)), order=1,
-                    modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(
+            f, (jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)), order=1, modes=["rev"], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_token_mean_counts_tokens_not_sequences():
@@ -166,8 +182,12 @@ def test_exported():
 
 def _hidden(seed, rows=(3, 5)):
     rng = np.random.default_rng(seed)
-    return (rng.normal(size=(*rows, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32),
-            rng.normal(size=(*rows, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32))
+    return (
+        rng.normal(size=(*rows, 8)).astype(np.float32),
+        rng.normal(size=(40, 8)).astype(np.float32),
+        rng.normal(size=(*rows, 6)).astype(np.float32),
+        rng.normal(size=(40, 6)).astype(np.float32),
+    )
 
 
 @pytest.mark.parametrize("name, div", CASES)
@@ -175,33 +195,46 @@ def test_projected_against_float64_reference(name, div):
     hs, ws, ht, wt = _hidden(7)
     where = (np.arange(15).reshape(3, 5) % 4) != 0
     hs[~where] = np.nan  # what masked rows hold must not matter
-    got = losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, temperature=2.0, where=where,
-                                            chunk_size=4)
+    got = losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, temperature=2.0, where=where, chunk_size=4)
     s = np.asarray(hs, np.float64) @ ws.T.astype(np.float64)
     t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
     want = reference(name, s[where], t[where], T=2.0).sum() / where.sum()
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
-    halved = losses.projected_token_divergence(hs, ws, ht, wt, divergence=div, temperature=2.0, where=where,
-                                               chunk_size=4, num_tokens=2 * int(where.sum()))
+    halved = losses.projected_token_divergence(
+        hs, ws, ht, wt, divergence=div, temperature=2.0, where=where, chunk_size=4, num_tokens=2 * int(where.sum())
+    )
     np.testing.assert_allclose(float(halved), want / 2, rtol=2e-5)
 
 
-@pytest.mark.parametrize("div", [ForwardKL(), ReverseKL(), GeneralizedJSD(beta=0.3), SkewForwardKL(alpha=0.2)],
-                         ids=lambda d: type(d).__name__)
+@pytest.mark.parametrize(
+    "div",
+    [ForwardKL(), ReverseKL(), GeneralizedJSD(beta=0.3), SkewForwardKL(alpha=0.2)],
+    ids=lambda d: type(d).__name__,
+)
 def test_projected_custom_gradient_numerically(div):
     """The fused loss's custom VJP against finite differences (float64), teacher frozen."""
     from jax.test_util import check_grads
+
     hs, ws, ht, wt = _hidden(8, rows=(2, 3))
     where = np.array([[True, False, True], [True, True, False]])
     with jax.enable_x64():
         args = [jnp.asarray(x, jnp.float64) for x in (hs, ws)]
         f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
-            a, b, jnp.asarray(ht, jnp.float64), jnp.asarray(wt, jnp.float64), divergence=div,
-            temperature=1.5, where=jnp.asarray(where), chunk_size=4)
+            a,
+            b,
+            jnp.asarray(ht, jnp.float64),
+            jnp.asarray(wt, jnp.float64),
+            divergence=div,
+            temperature=1.5,
+            where=jnp.asarray(where),
+            chunk_size=4,
+        )
         check_grads(f, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
-        gt = jax.grad(lambda c_: losses.projected_token_divergence(
-            args[0], args[1], c_, jnp.asarray(wt, jnp.float64), divergence=div, chunk_size=4))(
-            jnp.asarray(ht, jnp.float64))
+        gt = jax.grad(
+            lambda c_: losses.projected_token_divergence(
+                args[0], args[1], c_, jnp.asarray(wt, jnp.float64), divergence=div, chunk_size=4
+            )
+        )(jnp.asarray(ht, jnp.float64))
         assert (np.asarray(gt) == 0).all()  # the teacher is frozen
 
 
@@ -210,21 +243,48 @@ def test_projected_with_labels_mixes_in_the_cross_entropy():
     labels = np.random.default_rng(9).integers(0, 40, (3, 5))
     where = np.ones((3, 5), bool)
     where[2, 3:] = False
-    got = losses.projected_token_divergence(hs, ws, ht, wt, divergence=ReverseKL(), temperature=2.0, where=where,
-                                            labels=labels, divergence_weight=0.7, label_weight=0.3, chunk_size=4)
+    got = losses.projected_token_divergence(
+        hs,
+        ws,
+        ht,
+        wt,
+        divergence=ReverseKL(),
+        temperature=2.0,
+        where=where,
+        labels=labels,
+        divergence_weight=0.7,
+        label_weight=0.3,
+        chunk_size=4,
+    )
     s = np.asarray(hs, np.float64) @ ws.T.astype(np.float64)
     t = np.asarray(ht, np.float64) @ wt.T.astype(np.float64)
     ce = -np.take_along_axis(_log_softmax(s), labels[..., None], -1)[..., 0]  # temperature 1
     want = (0.7 * reference("reverse", s, t, T=2.0) + 0.3 * ce)[where].sum() / where.sum()
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
     from jax.test_util import check_grads
+
     with jax.enable_x64():
         f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
-            a, b, jnp.asarray(ht, jnp.float64), jnp.asarray(wt, jnp.float64), divergence=ReverseKL(),
-            temperature=2.0, where=jnp.asarray(where), labels=jnp.asarray(labels), divergence_weight=0.7,
-            label_weight=0.3, chunk_size=4)
-        check_grads(f, [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)], order=1, modes=["rev"],
-                    atol=1e-6, rtol=1e-6)
+            a,
+            b,
+            jnp.asarray(ht, jnp.float64),
+            jnp.asarray(wt, jnp.float64),
+            divergence=ReverseKL(),
+            temperature=2.0,
+            where=jnp.asarray(where),
+            labels=jnp.asarray(labels),
+            divergence_weight=0.7,
+            label_weight=0.3,
+            chunk_size=4,
+        )
+        check_grads(
+            f,
+            [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)],
+            order=1,
+            modes=["rev"],
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 9, 36, 1000])
@@ -242,8 +302,18 @@ def test_projected_with_ragged_masks_against_float64_value_and_gradient(chunk_si
     hs[~where] = np.nan
     T, w_d, w_y = 2.0, 0.6, 0.4
     f = lambda a, b: losses.projected_token_divergence(  # noqa: E731
-        a, b, ht, wt, divergence=ForwardKL(), temperature=T, where=where, labels=labels, divergence_weight=w_d,
-        label_weight=w_y, chunk_size=chunk_size)
+        a,
+        b,
+        ht,
+        wt,
+        divergence=ForwardKL(),
+        temperature=T,
+        where=where,
+        labels=labels,
+        divergence_weight=w_d,
+        label_weight=w_y,
+        chunk_size=chunk_size,
+    )
     value, (dh, dw) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(hs), jnp.asarray(ws))
     h64 = np.where(where[..., None], hs, 0.0).astype(np.float64)
     s = h64 @ ws.T.astype(np.float64)
@@ -253,8 +323,14 @@ def test_projected_with_ragged_masks_against_float64_value_and_gradient(chunk_si
     want = ((w_d * reference("forward", s, t, T=T) + w_y * ce) * where).sum() / n
     np.testing.assert_allclose(float(value), want, rtol=2e-5)
     onehot = np.eye(40)[labels]
-    ds = (w_d * (np.exp(_log_softmax(s / T)) - np.exp(_log_softmax(t / T))) / T
-          + w_y * (np.exp(_log_softmax(s)) - onehot)) * where[..., None] / n
+    ds = (
+        (
+            w_d * (np.exp(_log_softmax(s / T)) - np.exp(_log_softmax(t / T))) / T
+            + w_y * (np.exp(_log_softmax(s)) - onehot)
+        )
+        * where[..., None]
+        / n
+    )
     np.testing.assert_allclose(np.asarray(dh), ds @ ws.astype(np.float64), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(dw), np.einsum("btv,btd->vd", ds, h64), rtol=1e-4, atol=1e-7)
     assert not np.asarray(dh)[~where].any()  # masked tokens: exactly zero gradient
@@ -265,11 +341,13 @@ def test_projected_skips_chunks_without_counted_tokens():
     counted positions are sorted to the front of each row, so a masked prompt costs no products."""
     hs, ws, ht, wt = _hidden(22, rows=(2, 8))
     where = np.arange(8)[None] >= np.array([[6], [2]])
-    jaxpr = jax.make_jaxpr(lambda a: losses.projected_token_divergence(
-        a, ws, ht, wt, where=where, chunk_size=4))(jnp.asarray(hs))
+    jaxpr = jax.make_jaxpr(lambda a: losses.projected_token_divergence(a, ws, ht, wt, where=where, chunk_size=4))(
+        jnp.asarray(hs)
+    )
     assert "cond[" in str(jaxpr)
     # the layout alone: rows sorted, counted first; a chunk of 2 positions x 2 rows
     from jkd.losses._token import _ChunkLayout
+
     layout = _ChunkLayout.of((2, 8), 4, jnp.asarray(where))
     chunks = np.asarray(layout.prep(jnp.asarray(where), False))
     assert chunks.shape == (4, 2, 2)
@@ -288,8 +366,9 @@ def test_projected_topk_against_float64_reference():
     where = np.ones((3, 5), bool)
     where[1, :2] = False
     T = 1.5
-    got = losses.projected_topk_kl(hs, ws, jnp.asarray(vals, jnp.bfloat16).astype(jnp.float32), ids, temperature=T,
-                                   where=where, chunk_size=4)
+    got = losses.projected_topk_kl(
+        hs, ws, jnp.asarray(vals, jnp.bfloat16).astype(jnp.float32), ids, temperature=T, where=where, chunk_size=4
+    )
     # reference: p~ = softmax(vals / T) over the k ids, q = softmax(s / T) over the vocabulary
     vals_b = np.asarray(jnp.asarray(vals, jnp.bfloat16).astype(jnp.float32), np.float64)
     lp = _log_softmax(vals_b / T)
@@ -306,12 +385,28 @@ def test_projected_topk_with_the_whole_vocabulary_is_the_forward_kl():
     dense = losses.projected_token_divergence(hs, ws, ht, wt, divergence=ForwardKL(), temperature=2.0, chunk_size=4)
     np.testing.assert_allclose(float(full), float(dense), rtol=1e-5)
     from jax.test_util import check_grads
+
     with jax.enable_x64():
-        f = lambda a, b: losses.projected_topk_kl(  # noqa: E731
-            a, b, jnp.asarray(lp[..., :7], jnp.float64), jnp.asarray(ids[..., :7]), temperature=2.0,
-            labels=jnp.asarray(ids[..., 3]), label_weight=0.5, chunk_size=4)
-        check_grads(f, [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)], order=1, modes=["rev"],
-                    atol=1e-6, rtol=1e-6)
+        f = (
+            lambda a, b: losses.projected_topk_kl(  # noqa: E731
+                a,
+                b,
+                jnp.asarray(lp[..., :7], jnp.float64),
+                jnp.asarray(ids[..., :7]),
+                temperature=2.0,
+                labels=jnp.asarray(ids[..., 3]),
+                label_weight=0.5,
+                chunk_size=4,
+            )
+        )
+        check_grads(
+            f,
+            [jnp.asarray(hs, jnp.float64), jnp.asarray(ws, jnp.float64)],
+            order=1,
+            modes=["rev"],
+            atol=1e-6,
+            rtol=1e-6,
+        )
     with pytest.raises(ValueError, match=r"must lie in \[0, 39\]"):
         losses.projected_topk_kl(hs, ws, lp[..., :3], ids[..., :3] + 38)
 
@@ -324,6 +419,8 @@ def test_projected_in_bfloat16_stays_close_to_float32():
     bf16 = losses.projected_token_divergence(*args, divergence=GeneralizedJSD(beta=0.5), chunk_size=4)
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(float(bf16), float(f32), rtol=3e-2)
-    g = jax.grad(lambda a, b: losses.projected_token_divergence(a, b, args[2], args[3], chunk_size=4), (0, 1))(*args[:2])
+    g = jax.grad(lambda a, b: losses.projected_token_divergence(a, b, args[2], args[3], chunk_size=4), (0, 1))(
+        *args[:2]
+    )
     assert g[0].dtype == jnp.bfloat16 and g[1].dtype == jnp.bfloat16
     assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in g)

@@ -27,9 +27,11 @@ def whole_vocab_gathers(hlo: str) -> list[tuple[int, ...]]:
 
 
 def test_all_gather_shapes_reads_both_forms():
-    text = ("  %ag = f32[8,96]{1,0} all-gather(f32[4,96]{1,0} %p), dimensions={0}\n"
-            "  %s = (f32[4,48]{1,0}, f32[8,48]{1,0}) all-gather-start(f32[4,48]{1,0} %q)\n"
-            "  %r = f32[96]{0} all-reduce(f32[96]{0} %x)\n")
+    text = (
+        "  %ag = f32[8,96]{1,0} all-gather(f32[4,96]{1,0} %p), dimensions={0}\n"
+        "  %s = (f32[4,48]{1,0}, f32[8,48]{1,0}) all-gather-start(f32[4,48]{1,0} %q)\n"
+        "  %r = f32[96]{0} all-reduce(f32[96]{0} %x)\n"
+    )
     assert all_gather_shapes(text) == [(8, 96), (4, 48), (8, 48)]
 
 
@@ -39,12 +41,26 @@ def _inputs():
     where = jnp.asarray(rng.random((B, T)) < 0.7)
     values = jnp.asarray(-np.sort(rng.random((B, T, K)) * 4, axis=-1), jnp.float32)
     ids = jnp.asarray(np.stack([rng.permutation(V)[:K] for _ in range(B * T)]).reshape(B, T, K), jnp.int32)
-    return dict(hs=f(B, T, D_S), ws=0.5 * f(V, D_S), ht=f(B, T, D_T), wt=0.5 * f(V, D_T), where=where,
-                labels=jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32), values=values, ids=ids)
+    return dict(
+        hs=f(B, T, D_S),
+        ws=0.5 * f(V, D_S),
+        ht=f(B, T, D_T),
+        wt=0.5 * f(V, D_T),
+        where=where,
+        labels=jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32),
+        values=values,
+        ids=ids,
+    )
 
 
-DIVERGENCES = [losses.ForwardKL(), losses.ReverseKL(), losses.GeneralizedJSD(beta=0.3),
-               losses.SkewForwardKL(alpha=0.1), losses.SkewReverseKL(alpha=0.1), losses.TotalVariation()]
+DIVERGENCES = [
+    losses.ForwardKL(),
+    losses.ReverseKL(),
+    losses.GeneralizedJSD(beta=0.3),
+    losses.SkewForwardKL(alpha=0.1),
+    losses.SkewReverseKL(alpha=0.1),
+    losses.TotalVariation(),
+]
 
 
 def _check(fn, args, specs, mesh):
@@ -67,9 +83,19 @@ def test_dense_teacher_with_the_vocabulary_split(shape, divergence):
     x = _inputs()
 
     def loss(hs, ws, ht, wt):
-        return losses.projected_token_divergence(hs, ws, ht, wt, divergence=divergence, temperature=2.0,
-                                                 where=x["where"], labels=x["labels"], divergence_weight=0.7,
-                                                 label_weight=0.3, chunk_size=16)
+        return losses.projected_token_divergence(
+            hs,
+            ws,
+            ht,
+            wt,
+            divergence=divergence,
+            temperature=2.0,
+            where=x["where"],
+            labels=x["labels"],
+            divergence_weight=0.7,
+            label_weight=0.3,
+            chunk_size=16,
+        )
 
     rows = P("model", "data") if shape[0] > 1 else P("model", None)
     _check(loss, (x["hs"], x["ws"], x["ht"], x["wt"]), (P("data"), rows, P("data"), rows), make_mesh(*shape))
@@ -80,8 +106,17 @@ def test_top_k_teacher_with_the_vocabulary_split(shape):
     x = _inputs()
 
     def loss(hs, ws):
-        return losses.projected_topk_kl(hs, ws, x["values"], x["ids"], temperature=1.5, where=x["where"],
-                                        labels=x["labels"], label_weight=0.2, chunk_size=16)
+        return losses.projected_topk_kl(
+            hs,
+            ws,
+            x["values"],
+            x["ids"],
+            temperature=1.5,
+            where=x["where"],
+            labels=x["labels"],
+            label_weight=0.2,
+            chunk_size=16,
+        )
 
     rows = P("model", "data") if shape[0] > 1 else P("model", None)
     _check(loss, (x["hs"], x["ws"]), (P("data"), rows), make_mesh(*shape))
@@ -99,8 +134,16 @@ def test_the_training_step_on_a_2x2_mesh_never_gathers_the_vocabulary():
     from jkd.train.state import create_train_state, freeze_model
 
     def config(hidden, layers):
-        return DecoderConfig(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                             num_heads=4, num_kv_heads=2, max_position_embeddings=64, tie_embeddings=False)
+        return DecoderConfig(
+            vocab_size=V,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_layers=layers,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=64,
+            tie_embeddings=False,
+        )
 
     tg, frozen = freeze_model(Decoder(config(32, 2), rngs=nnx.Rngs(1)))
     tx = optax.sgd(0.1)
@@ -108,8 +151,11 @@ def test_the_training_step_on_a_2x2_mesh_never_gathers_the_vocabulary():
     step = functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx)
     run = parallel.on_mesh(step, make_mesh(2, 2), shardings=tree_shardings)
     rng = np.random.default_rng(0)
-    batch = {"tokens": rng.integers(0, V, (8, 20)).astype(np.int32), "loss_mask": rng.random((8, 20)) < 0.8,
-             "attention_mask": np.ones((8, 20), bool)}
+    batch = {
+        "tokens": rng.integers(0, V, (8, 20)).astype(np.int32),
+        "loss_mask": rng.random((8, 20)) < 0.8,
+        "attention_mask": np.ones((8, 20), bool),
+    }
     state, frozen = run.place(state), run.place_frozen(frozen)
     objective = TokenKD(divergence=losses.GeneralizedJSD(beta=0.5), ce_weight=0.5, chunk_size=32)
     new, metrics = run(state, batch, objective, frozen)

@@ -17,10 +17,10 @@ def _inputs(t, seed=0):
     k = jnp.asarray(rng.standard_normal((b, kv, t, hd)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((b, kv, t, hd)), jnp.float32)
     real = np.ones((b, t), bool)
-    real[1, t - 17:] = False  # right padding
+    real[1, t - 17 :] = False  # right padding
     real[2, :9] = False  # left padding
     seg = np.ones((b, t), np.int32)
-    seg[0, t // 3:] = 2  # row 0: two packed sequences
+    seg[0, t // 3 :] = 2  # row 0: two packed sequences
     i = np.arange(t)
     mask = (i[None, :] <= i[:, None])[None] & real[:, None, :] & (seg[:, :, None] == seg[:, None, :])
     return q, k, v, jnp.asarray(mask), real
@@ -40,8 +40,9 @@ def test_blocks_equal_one_attention(t, block):
         return jnp.sum(fn(q, k, v) * w)
 
     g_full = jax.grad(lambda *a: loss(lambda q, k, v: attend(q, k, v, mask), *a), argnums=(0, 1, 2))(q, k, v)
-    g_blk = jax.grad(lambda *a: loss(lambda q, k, v: attend_causal(q, k, v, mask, block=block), *a),
-                     argnums=(0, 1, 2))(q, k, v)
+    g_blk = jax.grad(lambda *a: loss(lambda q, k, v: attend_causal(q, k, v, mask, block=block), *a), argnums=(0, 1, 2))(
+        q, k, v
+    )
     for a, b in zip(g_blk, g_full):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=1e-5)  # gradients up to ~150
 
@@ -76,8 +77,10 @@ def test_each_kernel_matches_float64_attention_with_gradients(kernel, t):
     out = fn(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out)[real], _attention64(q, k, v, np.asarray(mask))[real], atol=2e-6)
     w = jnp.asarray(np.random.default_rng(2).standard_normal(out.shape) * real[:, :, None, None], jnp.float32)
-    grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
-             for f in (fn, BlockedAttention())]
+    grads = [
+        jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
+        for f in (fn, BlockedAttention())
+    ]
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert max(float(jnp.abs(g).max()) for g in grads[0]) > 1e-2
@@ -92,8 +95,15 @@ def test_a_decoder_with_the_fused_kernel_equals_the_default():
     from jkd.models.decoder import Decoder, set_attention
     from jkd.models.decoder_config import DecoderConfig
 
-    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=128)
+    cfg = DecoderConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=128,
+    )
     plain = Decoder(cfg, rngs=nnx.Rngs(0))
     fused = set_attention(nnx.clone(plain), FusedAttention("xla"))
     assert nnx.graphdef(fused) != nnx.graphdef(plain)  # the kernel is part of the graph definition
@@ -104,6 +114,7 @@ def test_a_decoder_with_the_fused_kernel_equals_the_default():
 
     def loss(model):
         return jnp.sum(model(tokens, attention_mask=real, segment_ids=seg) * real[..., None].astype(jnp.float32))
+
     (lp, gp), (lf, gf) = (nnx.value_and_grad(loss)(m) for m in (plain, fused))
     np.testing.assert_allclose(float(lf), float(lp), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gp)):
@@ -127,5 +138,6 @@ def test_the_splash_kernel_takes_the_blocked_path_off_its_block_unit():
     from jkd.models.attention import BlockedAttention, SplashAttention
 
     q, k, v, mask, real = _inputs(40)  # not a multiple of 128
-    np.testing.assert_array_equal(np.asarray(SplashAttention(interpret=True)(q, k, v, mask)),
-                                  np.asarray(BlockedAttention()(q, k, v, mask)))
+    np.testing.assert_array_equal(
+        np.asarray(SplashAttention(interpret=True)(q, k, v, mask)), np.asarray(BlockedAttention()(q, k, v, mask))
+    )

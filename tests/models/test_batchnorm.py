@@ -34,8 +34,12 @@ def _data(shape, seed=0):
     rng = np.random.default_rng(seed)
     c = shape[-1]
     x = (rng.standard_normal(shape) * rng.uniform(0.5, 4, c) + rng.uniform(-3, 3, c)).astype(np.float32)
-    return x, rng.uniform(0.5, 2, c).astype(np.float32), rng.standard_normal(c).astype(np.float32), \
-        rng.standard_normal(shape).astype(np.float32)
+    return (
+        x,
+        rng.uniform(0.5, 2, c).astype(np.float32),
+        rng.standard_normal(c).astype(np.float32),
+        rng.standard_normal(shape).astype(np.float32),
+    )
 
 
 # rows split by 1, 16, 8, 8, 64 in channel_sum

@@ -97,8 +97,9 @@ def test_packed_sequences_equal_separate_sequences(saved):
     a, b = rng.integers(0, 128, 9), rng.integers(0, 128, 7)
     packed = np.concatenate([a, b, [0, 0]])[None]
     seg = np.array([[1] * 9 + [2] * 7 + [0, 0]])
-    out = np.asarray(model(jnp.asarray(packed, jnp.int32), segment_ids=jnp.asarray(seg),
-                           attention_mask=jnp.asarray(seg > 0)))
+    out = np.asarray(
+        model(jnp.asarray(packed, jnp.int32), segment_ids=jnp.asarray(seg), attention_mask=jnp.asarray(seg > 0))
+    )
     for seq, sl in ((a, slice(0, 9)), (b, slice(9, 16))):
         n = len(seq)
         ref = hf_logits(ref_model, seq[None], np.ones((1, n), bool), np.arange(n)[None])
@@ -137,8 +138,12 @@ def test_bfloat16_load(saved):
 
 def test_reader_agrees_with_the_safetensors_package(tmp_path):
     from safetensors.torch import save_file
-    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.randn(7, dtype=torch.float16),
-               "c": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+
+    tensors = {
+        "a": torch.randn(3, 5, dtype=torch.bfloat16),
+        "b": torch.randn(7, dtype=torch.float16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+    }
     save_file(tensors, tmp_path / "x.safetensors")
     infos, _ = st.read_header(tmp_path / "x.safetensors")
     for name, t in tensors.items():
@@ -148,15 +153,16 @@ def test_reader_agrees_with_the_safetensors_package(tmp_path):
 
 def test_writer_is_read_by_the_safetensors_package(tmp_path):
     from safetensors.numpy import load_file
+
     arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "v": np.ones(5, np.float16)}
-    st.write_file(tmp_path / "y.safetensors", [(k, v.shape, v.dtype) for k, v in arrays.items()],
-                  arrays.__getitem__)
+    st.write_file(tmp_path / "y.safetensors", [(k, v.shape, v.dtype) for k, v in arrays.items()], arrays.__getitem__)
     back = load_file(tmp_path / "y.safetensors")
     for k, v in arrays.items():
         np.testing.assert_array_equal(back[k], v)
 
 
 # ---- bad input ------------------------------------------------------------------------------
+
 
 def _copy(saved, fam, tmp_path):
     dst = tmp_path / fam
@@ -176,16 +182,19 @@ def test_folder_without_config(tmp_path):
         hf.load_hf(tmp_path)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "model_type 'gpt2'.*llama, qwen2, qwen3"),
-    (dict(use_sliding_window=True), "use_sliding_window=True"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type 'yarn'"),
-    (dict(moe_num_experts=8), "moe_num_experts=8 \\(a mixture of experts"),
-    (dict(num_experts=8), "num_experts=8 \\(a mixture of experts"),
-    (dict(rope_interleaved=True), "rope_interleaved=True \\(supported: False\\)"),
-    (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="gpt2", architectures=["GPT2LMHeadModel"]), "model_type 'gpt2'.*llama, qwen2, qwen3"),
+        (dict(use_sliding_window=True), "use_sliding_window=True"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope_type 'yarn'"),
+        (dict(moe_num_experts=8), "moe_num_experts=8 \\(a mixture of experts"),
+        (dict(num_experts=8), "num_experts=8 \\(a mixture of experts"),
+        (dict(rope_interleaved=True), "rope_interleaved=True \\(supported: False\\)"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
+    ],
+)
 def test_unsupported_config_fields_are_named(saved, tmp_path, change, message):
     folder = _copy(saved, "qwen3", tmp_path)
     _edit_config(folder, **change)
@@ -201,16 +210,20 @@ def test_unknown_keys_load_with_one_warning_and_generation_ends_are_read(saved, 
 
     folder = _copy(saved, "llama", tmp_path)
     before = np.asarray(hf.load_hf(folder)(jnp.asarray([[3, 5, 7, 9]])))
-    _edit_config(folder, is_llama_config=True, rope_interleaved=False, unk_token_id=0, _model_name_or_path="x",
-                 eos_token_id=None)
+    _edit_config(
+        folder, is_llama_config=True, rope_interleaved=False, unk_token_id=0, _model_name_or_path="x", eos_token_id=None
+    )
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5], "bos_token_id": 1}))
-    with pytest.warns(ConfigWarning, match=r"unknown to jkd: is_llama_config=True; _model_name_or_path='x' "
-                                           r"\(transformers' llama model does not read them either\)") as caught:
+    with pytest.warns(
+        ConfigWarning,
+        match=r"unknown to jkd: is_llama_config=True; _model_name_or_path='x' "
+        r"\(transformers' llama model does not read them either\)",
+    ) as caught:
         model = hf.load_hf(folder)
     assert len(caught) == 1
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray([[3, 5, 7, 9]]))), before)
     assert model.config.eos_token_ids == (2, 5)
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 10 ** 6}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
     with pytest.warns(ConfigWarning), pytest.raises(ValueError, match="must be token ids below the vocabulary"):
         hf.load_hf(folder)
 
@@ -228,7 +241,9 @@ def test_missing_and_extra_tensors(saved, tmp_path):
     with pytest.raises(hf.CheckpointMismatchError, match=r"missing, e.g. \['model.layers.2"):
         hf.load_hf(folder)
     _edit_config(folder, num_hidden_layers=1)
-    with pytest.raises(hf.CheckpointMismatchError, match=r"not in a llama model of this config, e.g. \['model.layers.1"):
+    with pytest.raises(
+        hf.CheckpointMismatchError, match=r"not in a llama model of this config, e.g. \['model.layers.1"
+    ):
         hf.load_hf(folder)
 
 
@@ -274,8 +289,18 @@ def test_save_refuses_a_non_empty_folder_and_leaves_nothing_half_written(saved, 
 
 
 def test_unknown_fields_in_a_config_dict_are_refused_before_any_file_is_read():
-    cfg = json.loads(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
-                                 "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                 "quantization_config": {"quant_method": "gptq"}}))
+    cfg = json.loads(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 8,
+                "hidden_size": 8,
+                "intermediate_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "quantization_config": {"quant_method": "gptq"},
+            }
+        )
+    )
     with pytest.raises(UnsupportedConfigError, match="quantization_config"):
         from_hf_config(cfg)

@@ -27,8 +27,17 @@ from jkd.models.sampler import generate
 from jkd.train.state import create_train_state
 
 # Every side divisible by 4 (and by 8 where the 8-device mesh splits it).
-CONFIG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=8, family="qwen2", max_position_embeddings=128)
+CONFIG = DecoderConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    family="qwen2",
+    max_position_embeddings=128,
+)
 
 
 def _tokens(batch: int = 4):
@@ -71,16 +80,25 @@ def test_generation_on_a_sharded_model_equals_one_device():
 def test_load_hf_places_each_tensor_with_its_sharding(tmp_path):
     pytest.importorskip("torch")
     from tests.lm_reference import build_hf_model
-    build_hf_model("qwen2", tmp_path, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=64)
+
+    build_hf_model(
+        "qwen2",
+        tmp_path,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
     plain = hf.load_hf(tmp_path)
     mesh = make_mesh(2, 2)
     sharded = hf.load_hf(tmp_path, mesh=mesh)
     want = decoder_shardings(nnx.state(plain), mesh)
     for (path, v), (_, s) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(want)):
         assert v[...].sharding.is_equivalent_to(s.get_raw_value(), v[...].ndim), path
-    np.testing.assert_allclose(np.asarray(_forward(*nnx.split(sharded), _tokens())),
-                               np.asarray(plain(_tokens())), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(_forward(*nnx.split(sharded), _tokens())), np.asarray(plain(_tokens())), atol=1e-5, rtol=0
+    )
 
 
 def test_train_state_checkpoint_restores_onto_another_mesh(tmp_path):
@@ -131,8 +149,9 @@ _EIGHT = textwrap.dedent("""
 def test_eight_devices():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", _EIGHT], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EIGHT], capture_output=True, text=True, env=env, cwd=root, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     for shape, r in res.items():

@@ -51,9 +51,14 @@ def _hooked_inputs(ref, tokens, mask, pos):
     def record(name):
         def hook(module, args, out):  # returns None: the output stays the module's
             seen[name] = args[0].detach()
+
         return hook
-    hooks = [m.register_forward_hook(record(name))
-             for name, m in ref.named_modules() if name.endswith(("mlp.down_proj", "self_attn.o_proj"))]
+
+    hooks = [
+        m.register_forward_hook(record(name))
+        for name, m in ref.named_modules()
+        if name.endswith(("mlp.down_proj", "self_attn.o_proj"))
+    ]
     hf_logits(ref, tokens, mask, pos)
     for h in hooks:
         h.remove()
@@ -78,14 +83,20 @@ def test_width_importance_and_pruning_against_transformers(tmp_path, family):
     for i in range(cfg.num_layers):
         down = seen[f"model.layers.{i}.mlp.down_proj"].double().numpy()[mask]
         np.testing.assert_allclose(mlp[i], np.abs(down).mean(0), rtol=1e-4)
-        heads = seen[f"model.layers.{i}.self_attn.o_proj"].double().numpy()[mask].reshape(-1, cfg.num_kv_heads, group, hd)
+        heads = (
+            seen[f"model.layers.{i}.self_attn.o_proj"].double().numpy()[mask].reshape(-1, cfg.num_kv_heads, group, hd)
+        )
         np.testing.assert_allclose(kv[i], np.linalg.norm(heads, axis=-1).sum(-1).mean(0), rtol=1e-4)
     small = prune_width(model, (mlp, kv), intermediate_size=cfg.intermediate_size // 2, num_kv_heads=1)
-    assert (small.config.intermediate_size, small.config.num_kv_heads, small.config.num_heads, small.config.head_dim) \
-        == (cfg.intermediate_size // 2, 1, group, hd)
+    assert (
+        small.config.intermediate_size,
+        small.config.num_kv_heads,
+        small.config.num_heads,
+        small.config.head_dim,
+    ) == (cfg.intermediate_size // 2, 1, group, hd)
     with torch.no_grad():  # the reference: the dropped units zeroed where their outputs are read
         for i, layer in enumerate(ref.model.layers):
-            dropped_f = np.argsort(-mlp[i], kind="stable")[cfg.intermediate_size // 2:]
+            dropped_f = np.argsort(-mlp[i], kind="stable")[cfg.intermediate_size // 2 :]
             layer.mlp.down_proj.weight[:, torch.tensor(dropped_f)] = 0
             dropped_g = np.argsort(-kv[i], kind="stable")[1:]
             cols = [c for k in dropped_g for c in range(k * group * hd, (k + 1) * group * hd)]

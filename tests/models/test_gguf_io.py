@@ -24,8 +24,11 @@ from jkd.models.decoder_config import DecoderConfig, Llama3RopeScaling  # noqa: 
 from jkd.models.gguf_io import GGUFExportError, rope_pairs_order, write_gguf  # noqa: E402
 
 CONVS = toolchat.generate_split("train", 40, seed=0)
-TOK = train_bpe_tokenizer([render_chat(byte_tokenizer(), c["messages"], tools=c.get("tools")) for c in CONVS],
-                          vocab_size=400, split_digits=True)
+TOK = train_bpe_tokenizer(
+    [render_chat(byte_tokenizer(), c["messages"], tools=c.get("tools")) for c in CONVS],
+    vocab_size=400,
+    split_digits=True,
+)
 FAMILIES = {
     "llama": dict(family="llama", tie_embeddings=True),
     "qwen2": dict(family="qwen2"),  # q/k/v biases, its own head
@@ -34,12 +37,26 @@ FAMILIES = {
 
 
 def model(family: str, seed: int = 0) -> Decoder:
-    cfg = DecoderConfig(vocab_size=416, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=512, eos_token_id=TOK.eos_id, **FAMILIES[family])
+    cfg = DecoderConfig(
+        vocab_size=416,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=TOK.eos_id,
+        **FAMILIES[family],
+    )
     m = Decoder(cfg, rngs=nnx.Rngs(seed))
     # biases and norms away from their initial 0 / 1, so that a misplaced one shows
-    nnx.update(m, jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)) if x.ndim == 1 else x,
-                               nnx.state(m, nnx.Param)))
+    nnx.update(
+        m,
+        jax.tree.map(
+            lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)) if x.ndim == 1 else x,
+            nnx.state(m, nnx.Param),
+        ),
+    )
     return m
 
 
@@ -49,20 +66,23 @@ def padded_chats(n=3):
     tokens = np.zeros((n, width), np.int64)
     mask = np.zeros((n, width), bool)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)], mask[i, :len(r)] = r, True
+        tokens[i, : len(r)], mask[i, : len(r)] = r, True
     return tokens, mask
 
 
 def read_back(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def both_logits(m, path):
     tokens, mask = padded_chats()
     ours = np.asarray(m(jnp.asarray(tokens, jnp.int32), attention_mask=jnp.asarray(mask)))
     with torch.no_grad():
-        theirs = read_back(path)(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+        theirs = read_back(path)(
+            torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))
+        ).logits.numpy()
     return ours, theirs, tokens, mask
 
 
@@ -71,13 +91,16 @@ def test_f16_logits_read_back_by_transformers(family, tmp_path):
     m = model(family)
     path = write_gguf(m, TOK, tmp_path / f"{family}.gguf", quant="f16")
     ours, theirs, _, mask = both_logits(m, path)
-    np.testing.assert_allclose(theirs[mask][:, :TOK.vocab_size], ours[mask][:, :TOK.vocab_size], atol=1e-2)
+    np.testing.assert_allclose(theirs[mask][:, : TOK.vocab_size], ours[mask][:, : TOK.vocab_size], atol=1e-2)
     assert np.abs(ours[mask]).max() > 0.3  # logits of a size where a misplaced tensor would show
 
 
 def cross_entropy(logits, tokens, mask):
-    lp = logits[:, :-1] - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    lp = (
+        logits[:, :-1]
+        - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits[:, :-1].max(-1, keepdims=True)
+    )
     nll = -np.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0]
     return float(nll[mask[:, 1:]].mean())
 
@@ -121,8 +144,12 @@ def test_what_gguf_cannot_carry_is_refused_and_nothing_written(tmp_path):
     from jkd.data.tokenizer import Tokenizer
 
     out = tmp_path / "x.gguf"
-    scaled = dataclasses.replace(model("llama").config, rope_scaling=Llama3RopeScaling(
-        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256))
+    scaled = dataclasses.replace(
+        model("llama").config,
+        rope_scaling=Llama3RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+        ),
+    )
     with pytest.raises(GGUFExportError, match="rope_scaling"):
         write_gguf(Decoder(scaled, rngs=nnx.Rngs(0)), TOK, out)
     word = Backend(tmodels.WordLevel({"a": 0, "<|im_end|>": 1}, unk_token="a"))

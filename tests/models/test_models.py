@@ -13,9 +13,18 @@ CIFAR = (32, 32, 3)
 # Parameter counts for CIFAR-100 published with the distillation benchmarks (Tian et al.,
 # CRD, ICLR 2020, and its model zoo), which use 1x1-conv shortcuts.
 PUBLISHED_PARAMS_M = {
-    "resnet8": 0.08, "resnet20": 0.28, "resnet32": 0.47, "resnet44": 0.67, "resnet56": 0.86,
-    "resnet110": 1.74, "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn_16_2": 0.70,
-    "wrn_40_1": 0.57, "wrn_40_2": 2.26, "mobilenetv2": 0.81,
+    "resnet8": 0.08,
+    "resnet20": 0.28,
+    "resnet32": 0.47,
+    "resnet44": 0.67,
+    "resnet56": 0.86,
+    "resnet110": 1.74,
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "wrn_40_2": 2.26,
+    "mobilenetv2": 0.81,
 }
 
 
@@ -45,7 +54,9 @@ def _resnet_macs(depth, widths, num_classes, hw=32, cin=3):
     return macs + c * num_classes
 
 
-@pytest.mark.parametrize("name,depth,widths", [("resnet20", 20, (16, 16, 32, 64)), ("resnet8x4", 8, (32, 64, 128, 256))])
+@pytest.mark.parametrize(
+    "name,depth,widths", [("resnet20", 20, (16, 16, 32, 64)), ("resnet8x4", 8, (32, 64, 128, 256))]
+)
 def test_flops_match_a_hand_count(name, depth, widths):
     m = create_model(name, num_classes=100, input_shape=CIFAR)
     assert model_stats(m, CIFAR).flops == 2 * _resnet_macs(depth, widths, 100)
@@ -94,19 +105,22 @@ def test_every_registered_name_builds():
         model = nnx.eval_shape(lambda: create_model(name, num_classes=10, input_shape=shape))
         model.eval()
         graphdef, state = nnx.split(model)
-        logits = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state,
-                                jax.ShapeDtypeStruct((2, *shape), jnp.float32))
+        logits = jax.eval_shape(
+            lambda st, x: nnx.merge(graphdef, st)(x), state, jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+        )
         assert logits.shape == (2, 10) and logits.dtype == jnp.float32, name
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(name="resnet9"), "unknown model 'resnet9'"),
-     (dict(name="resnet8", num_classes=1), "num_classes must be >= 2"),
-     (dict(name="resnet8", input_shape=(32, 32)), r"input_shape must be \(H, W, C\)"),
-     (dict(name="cnn", depth=3), "model 'cnn' takes no option 'depth'; its options: width"),
-     (dict(name="mlp", hidden=64), r"model option hidden=64 for 'mlp': expected a tuple of positive integers"),
-     (dict(name="mlp", dropout=1.5), r"model option dropout=1.5 for 'mlp': expected a number in \[0, 1\)")],
+    [
+        (dict(name="resnet9"), "unknown model 'resnet9'"),
+        (dict(name="resnet8", num_classes=1), "num_classes must be >= 2"),
+        (dict(name="resnet8", input_shape=(32, 32)), r"input_shape must be \(H, W, C\)"),
+        (dict(name="cnn", depth=3), "model 'cnn' takes no option 'depth'; its options: width"),
+        (dict(name="mlp", hidden=64), r"model option hidden=64 for 'mlp': expected a tuple of positive integers"),
+        (dict(name="mlp", dropout=1.5), r"model option dropout=1.5 for 'mlp': expected a number in \[0, 1\)"),
+    ],
 )
 def test_bad_model_arguments(kwargs, match):
     args = dict(num_classes=10, input_shape=CIFAR) | kwargs

@@ -18,8 +18,12 @@ transformers = pytest.importorskip("transformers")
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And another?"}],
+    [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "And another?"},
+    ],
     [{"role": "user", "content": "Write a haiku about the sea."}],
     [{"role": "user", "content": "How many legs does a spider have?"}],
 ]
@@ -37,8 +41,7 @@ def real():
     with pytest.warns(ConfigWarning, match="_model_name_or_path"):
         model = hf.load_hf(folder)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return (folder, model, Tokenizer.from_folder(folder), ref,
-            transformers.AutoTokenizer.from_pretrained(folder))
+    return (folder, model, Tokenizer.from_folder(folder), ref, transformers.AutoTokenizer.from_pretrained(folder))
 
 
 def test_the_real_config_is_read(real):
@@ -56,10 +59,12 @@ def test_chat_template_renders_as_apply_chat_template(real, generation_prompt):
     _, _, tok, _, ref_tok = real
     for messages in CONVERSATIONS:
         mine = encode_chat(tok, messages, add_generation_prompt=generation_prompt)
-        assert mine.text == ref_tok.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=generation_prompt)
-        want = ref_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                           return_dict=True)["input_ids"]
+        assert mine.text == ref_tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        want = ref_tok.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True
+        )["input_ids"]
         assert mine.ids.tolist() == list(want)
 
 
@@ -78,8 +83,15 @@ def _padded_chats(tok, *, left: bool):
 
 def _hf_logits(model, tokens, mask, positions):
     with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                     position_ids=torch.tensor(positions)).logits.double().numpy()
+        return (
+            model(
+                input_ids=torch.tensor(tokens),
+                attention_mask=torch.tensor(mask.astype(np.int64)),
+                position_ids=torch.tensor(positions),
+            )
+            .logits.double()
+            .numpy()
+        )
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
@@ -91,8 +103,9 @@ def test_logits_match_transformers_on_padded_chat_batches(real, left):
     tokens, mask, positions = _padded_chats(tok, left=left)
     mine = np.asarray(model(jnp.asarray(tokens, jnp.int32), attention_mask=jnp.asarray(mask))).astype(np.float64)
     ref32 = _hf_logits(ref, tokens, mask, positions)
-    ref64 = _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval(),
-                       tokens, mask, positions)
+    ref64 = _hf_logits(
+        transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval(), tokens, mask, positions
+    )
     assert np.abs(ref64).max() > 10  # real logits, not a degenerate comparison
     err_mine, err_ref = np.abs(mine - ref64)[mask].max(), np.abs(ref32 - ref64)[mask].max()
     assert err_mine <= 2 * err_ref + 1e-5, (err_mine, err_ref)
@@ -108,19 +121,21 @@ def test_greedy_generation_equals_transformers_generate(real):
     from jkd.models.sampler import generate
 
     _, model, tok, ref, ref_tok = real
-    prompts = [encode_chat(tok, m, add_generation_prompt=True).ids.tolist()
-               for m in CONVERSATIONS if m[-1]["role"] == "user"]
+    prompts = [
+        encode_chat(tok, m, add_generation_prompt=True).ids.tolist() for m in CONVERSATIONS if m[-1]["role"] == "user"
+    ]
     out = generate(model, prompts, max_new_tokens=24)
     ended = 0
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
-            want = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                pad_token_id=2)[0, len(prompt):].tolist()
-        mine = out.tokens[i][:out.lengths[i]].tolist()
+            want = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=2)[
+                0, len(prompt) :
+            ].tolist()
+        mine = out.tokens[i][: out.lengths[i]].tolist()
         assert mine == want, (ref_tok.decode(mine), ref_tok.decode(want))
         ended += want[-1] == 2
     assert ended >= 2  # rows stop at <|im_end|> on their own, as transformers' do
-    assert "Paris" in ref_tok.decode(out.tokens[0][:out.lengths[0]])
+    assert "Paris" in ref_tok.decode(out.tokens[0][: out.lengths[0]])
 
 
 @pytest.mark.slow
@@ -138,10 +153,37 @@ def test_distill_with_the_real_teacher_and_a_student_cut_from_it(real, tmp_path)
     test = _jsonl(tmp_path / "test.jsonl", _conversations(2, 1))
     run = tmp_path / "run"
     with pytest.warns(ConfigWarning, match="_model_name_or_path"):
-        assert cli.main(["lm", "distill", "--teacher", str(folder), "--student", "layers=0,29", "--data", train,
-                         "--test", test, "--batch-size", "2", "--max-length", "96", "--max-new-tokens", "4",
-                         "--steps", "2", "--seeds", "0", "--no-baseline", "--run-dir", str(run),
-                         "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "lm",
+                    "distill",
+                    "--teacher",
+                    str(folder),
+                    "--student",
+                    "layers=0,29",
+                    "--data",
+                    train,
+                    "--test",
+                    test,
+                    "--batch-size",
+                    "2",
+                    "--max-length",
+                    "96",
+                    "--max-new-tokens",
+                    "4",
+                    "--steps",
+                    "2",
+                    "--seeds",
+                    "0",
+                    "--no-baseline",
+                    "--run-dir",
+                    str(run),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     summary = json.loads((run / "summary.json").read_text())
     student_entry = summary["models"][1]
     assert student_entry["params"] == 35_392_320  # embeddings (tied) + 2 of 30 blocks + final norm
@@ -156,7 +198,10 @@ def test_distill_with_the_real_teacher_and_a_student_cut_from_it(real, tmp_path)
     tokens, mask, positions = _padded_chats(tok, left=False)
     mine = np.asarray(student(jnp.asarray(tokens, jnp.int32), attention_mask=jnp.asarray(mask)))
     want = _hf_logits(ref, tokens, mask, positions)
-    assert np.abs(mine - want)[mask].max() <= 1e-5 * np.abs(want).max(), (np.abs(mine - want)[mask].max(), np.abs(want).max())
+    assert np.abs(mine - want)[mask].max() <= 1e-5 * np.abs(want).max(), (
+        np.abs(mine - want)[mask].max(),
+        np.abs(want).max(),
+    )
 
 
 def test_exported_to_gguf_at_q8_0_and_read_back(real, tmp_path):
@@ -174,12 +219,15 @@ def test_exported_to_gguf_at_q8_0_and_read_back(real, tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     tokens, mask, _ = _padded_chats(tok, left=False)
     with torch.no_grad():
-        a, b = (m(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
-                for m in (ref, back))
+        a, b = (
+            m(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+            for m in (ref, back)
+        )
 
     def ce(logits):
         lp = torch.log_softmax(torch.tensor(logits[:, :-1]), -1).numpy()
         return float(-np.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0][mask[:, 1:]].mean())
+
     assert abs(ce(b) - ce(a)) < 0.01 * ce(a)
     assert (a[mask].argmax(-1) == b[mask].argmax(-1)).mean() >= 0.95
     assert np.abs(a[mask] - b[mask]).max() < 0.05 * np.abs(a[mask]).max()

@@ -15,8 +15,16 @@ from jkd.models.decoder_config import DecoderConfig
 from jkd.models import sampler
 from jkd.models.sampler import SamplingConfig, filter_logits, generate, sample_logits
 
-CONFIG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                       num_kv_heads=2, family="qwen3", max_position_embeddings=256)
+CONFIG = DecoderConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    family="qwen3",
+    max_position_embeddings=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,7 @@ def _greedy_by_full_forward(model, prompt, n, width=32):
     for _ in range(n):
         padded = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)
         seq.append(int(jnp.argmax(_full_forward(graphdef, state, padded)[len(seq) - 1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_with_cache_equals_argmax_of_the_full_forward(model):
@@ -106,14 +114,14 @@ def _expected(logits: np.ndarray, temperature: float, top_k: int | None, top_p: 
     return p
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [
-    (1.0, None, None), (0.5, None, None), (2.0, 3, None), (1.0, None, 0.7), (1.5, 5, 0.8)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, None, None), (0.5, None, None), (2.0, 3, None), (1.0, None, 0.7), (1.5, 5, 0.8)]
+)
 def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     n = 40_000
-    draws = np.asarray(jax.jit(lambda k: sample_logits(jnp.broadcast_to(logits, (n, 8)), k, cfg))(
-        jax.random.key(0)))
+    draws = np.asarray(jax.jit(lambda k: sample_logits(jnp.broadcast_to(logits, (n, 8)), k, cfg))(jax.random.key(0)))
     counts = np.bincount(draws, minlength=8)
     p = _expected(logits, temperature, top_k, top_p)
     assert (counts[p == 0] == 0).all(), "a filtered-out token was drawn"

@@ -26,8 +26,9 @@ def train(pid: int, nproc: int) -> list[np.ndarray]:
     stream = P.train_batches(dataset(), batch_size=16, seed=3, process_index=pid, process_count=nproc)
     for _ in range(6):
         state, metrics = run(state, next(stream), objectives.SoftKD(), teacher)
-    return [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)] + \
-        [np.asarray(metrics["loss"].addressable_data(0))]
+    return [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)] + [
+        np.asarray(metrics["loss"].addressable_data(0))
+    ]
 
 
 if __name__ == "__main__":

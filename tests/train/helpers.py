@@ -25,11 +25,15 @@ def batches(n, batch_size=16, seed=0):
 
 
 def tx(lr=0.1, weight_decay=5e-4):
-    return make_optimizer(SGDConfig(learning_rate=lr, weight_decay=weight_decay, decay_epochs=()), steps_per_epoch=10, total_steps=100)
+    return make_optimizer(
+        SGDConfig(learning_rate=lr, weight_decay=weight_decay, decay_epochs=()), steps_per_epoch=10, total_steps=100
+    )
 
 
 def teacher(bn_axis_name=None):
-    return freeze_model(create_model("cnn", num_classes=4, input_shape=SHAPE, seed=0, width=8, bn_axis_name=bn_axis_name))
+    return freeze_model(
+        create_model("cnn", num_classes=4, input_shape=SHAPE, seed=0, width=8, bn_axis_name=bn_axis_name)
+    )
 
 
 def student(seed=1, bn_axis_name=None, optimizer=None, state_seed=0):
@@ -38,11 +42,15 @@ def student(seed=1, bn_axis_name=None, optimizer=None, state_seed=0):
 
 
 def step_fn(graphdef, teacher_graphdef=None, view_fn=NORMALIZE_ONLY, optimizer=None, step=train_step):
-    return functools.partial(step, graphdef=graphdef, tx=optimizer or tx(), view_fn=view_fn, teacher_graphdef=teacher_graphdef)
+    return functools.partial(
+        step, graphdef=graphdef, tx=optimizer or tx(), view_fn=view_fn, teacher_graphdef=teacher_graphdef
+    )
 
 
 def max_abs_diff(a, b):
     import jax
 
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )

@@ -43,8 +43,16 @@ def main(ckpt_dir, out, sleep_s=0.0):
             print(f"resumed {record['step']}", flush=True)
 
     ckpts = Checkpoints(ckpt_dir)
-    state, _ = fit(run, state, objectives.SoftKD(), teacher, batches=batches, checkpoints=ckpts, log=log,
-                   config=LoopConfig(num_steps=NUM_STEPS, save_every=4, sync_every=2, progress=False))
+    state, _ = fit(
+        run,
+        state,
+        objectives.SoftKD(),
+        teacher,
+        batches=batches,
+        checkpoints=ckpts,
+        log=log,
+        config=LoopConfig(num_steps=NUM_STEPS, save_every=4, sync_every=2, progress=False),
+    )
     ckpts.close()
     np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 

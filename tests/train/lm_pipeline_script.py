@@ -32,10 +32,26 @@ from jkd.models.sampler import SamplingConfig  # noqa: E402
 from jkd.train.state import create_train_state, freeze_model  # noqa: E402
 
 VOCAB = 40
-TEACHER = DecoderConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=64, eos_token_id=1)
-STUDENT = DecoderConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                        num_kv_heads=1, max_position_embeddings=64, eos_token_id=1)
+TEACHER = DecoderConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=64,
+    eos_token_id=1,
+)
+STUDENT = DecoderConfig(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    max_position_embeddings=64,
+    eos_token_id=1,
+)
 
 
 def main(mode: str, run_dir: Path) -> None:
@@ -47,8 +63,16 @@ def main(mode: str, run_dir: Path) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, VOCAB, int(n)).tolist() for n in rng.integers(3, 9, 48)]
     if mode == "sequence":
-        answers = teacher_answers(teacher, prompts, cache_dir=run_dir / "answers", teacher_id="script-teacher",
-                                  max_new_tokens=12, batch_size=8, progress=True, progress_every_s=0.0)
+        answers = teacher_answers(
+            teacher,
+            prompts,
+            cache_dir=run_dir / "answers",
+            teacher_id="script-teacher",
+            max_new_tokens=12,
+            batch_size=8,
+            progress=True,
+            progress_every_s=0.0,
+        )
         step = functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx)
         objective = TokenKD(kd_weight=0.0, ce_weight=1.0, chunk_size=64)
 
@@ -56,8 +80,9 @@ def main(mode: str, run_dir: Path) -> None:
             return answer_batches(prompts, answers, batch_size=8, length=24, start=start)
     else:
         step = functools.partial(on_policy_step, graphdef=g, teacher_graphdef=tg, tx=tx)
-        objective = OnPolicyKD(student_fraction=0.5, max_new_tokens=8, sampling=SamplingConfig(temperature=1.0),
-                               chunk_size=64)
+        objective = OnPolicyKD(
+            student_fraction=0.5, max_new_tokens=8, sampling=SamplingConfig(temperature=1.0), chunk_size=64
+        )
 
         def batches(start):
             for b in answer_batches(prompts, [[] for _ in prompts], batch_size=8, length=24, start=start):
@@ -74,8 +99,16 @@ def main(mode: str, run_dir: Path) -> None:
         elif "step" in record:
             print(f"step {record['step']}", flush=True)
 
-    state, _ = fit(run, state, objective, frozen, batches=batches, checkpoints=Checkpoints(run_dir / "ckpt", async_save=False),
-                   config=LoopConfig(num_steps=8, save_every=2, sync_every=1, progress=False), log=log)
+    state, _ = fit(
+        run,
+        state,
+        objective,
+        frozen,
+        batches=batches,
+        checkpoints=Checkpoints(run_dir / "ckpt", async_save=False),
+        config=LoopConfig(num_steps=8, save_every=2, sync_every=1, progress=False),
+        log=log,
+    )
     leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
     np.savez(run_dir / "final.npz", *leaves)
     print("done", flush=True)

@@ -23,10 +23,24 @@ from jkd.train.lm_steps import TokenKD, token_kd_step
 from jkd.train.state import create_train_state, freeze_model, split_model
 
 B, T, V = 4, 256, 8192
-TEACHER = DecoderConfig(vocab_size=V, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8,
-                        num_kv_heads=4, max_position_embeddings=512)
-STUDENT = DecoderConfig(vocab_size=V, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=512)
+TEACHER = DecoderConfig(
+    vocab_size=V,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    max_position_embeddings=512,
+)
+STUDENT = DecoderConfig(
+    vocab_size=V,
+    hidden_size=256,
+    intermediate_size=688,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=512,
+)
 
 
 def _resident() -> int:
@@ -50,10 +64,14 @@ def main() -> None:
     objective = TokenKD(kd_weight=1.0, ce_weight=0.5)
     params = MP.per_device_bytes(state_abstract.params)
     plan = MP.compiled_step_memory(
-        run.lower(state_abstract, batch, objective, teacher_abstract), name="token KD",
-        teacher=MP.per_device_bytes(teacher_abstract), student=params,
-        optimizer=MP.per_device_bytes(state_abstract.opt_state), gradients=params,
-        loss_chunk=MP.fused_loss_chunk(B * (T - 1), 1024, V, with_teacher=True))
+        run.lower(state_abstract, batch, objective, teacher_abstract),
+        name="token KD",
+        teacher=MP.per_device_bytes(teacher_abstract),
+        student=params,
+        optimizer=MP.per_device_bytes(state_abstract.opt_state),
+        gradients=params,
+        loss_chunk=MP.fused_loss_chunk(B * (T - 1), 1024, V, with_teacher=True),
+    )
     _, teacher = freeze_model(Decoder(TEACHER, rngs=nnx.Rngs(1)))
     _, state = create_train_state(Decoder(STUDENT, rngs=nnx.Rngs(2)), tx, seed=0)
     jax.block_until_ready((teacher, state))
@@ -64,8 +82,11 @@ def main() -> None:
     state, metrics = run(state, batch, objective, teacher)
     jax.block_until_ready(metrics)
     measured = _high_water() - before + MP.per_device_bytes((teacher, state)) + sum(v.nbytes for v in batch.values())
-    print(json.dumps({"plan": plan.peak, "measured": measured, "arguments": plan.arguments,
-                      "temporaries": plan.temporaries}))
+    print(
+        json.dumps(
+            {"plan": plan.peak, "measured": measured, "arguments": plan.arguments, "temporaries": plan.temporaries}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,16 @@ def test_two_processes_train_identically(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "tests.train.distributed_run"]
     port = str(portpicker.pick_unused_port())
-    procs = [subprocess.Popen(cmd + [str(i), "2", port, str(tmp_path / f"p{i}.npz")], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            cmd + [str(i), "2", port, str(tmp_path / f"p{i}.npz")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     ref = train(0, 1)  # one process, 4 devices (this one), while the two run
     for p in procs:
         out, _ = p.communicate(timeout=240)

@@ -18,8 +18,9 @@ MIXED = functools.partial(augment.augment, mean=(0.5,), std=(0.25,), crop_paddin
 
 def _with_aux(state, objective, g, tg, teacher):
     example = H.NORMALIZE_ONLY(jax.random.key(0), np.zeros((2, *H.SHAPE), np.uint8))
-    return with_objective_aux(state, objective, H.tx(), graphdef=g, teacher_graphdef=tg, teacher=teacher,
-                              example=example, seed=0)
+    return with_objective_aux(
+        state, objective, H.tx(), graphdef=g, teacher_graphdef=tg, teacher=teacher, example=example, seed=0
+    )
 
 
 def _train(runner, state, objective, teacher, data):
@@ -31,11 +32,15 @@ def _train(runner, state, objective, teacher, data):
 CRD_SMALL = objectives.CRD(embed_dim=8, memory_size=24)  # batch 16: the memory wraps on the 2nd step
 
 
-@pytest.mark.parametrize("objective,view", [
-    (objectives.FunctionMatching(), MIXED),
-    (CRD_SMALL, H.NORMALIZE_ONLY),
-    (objectives.RKD(distance_weight=1.0, angle_weight=2.0), H.NORMALIZE_ONLY),
-], ids=["function-matching-mixup", "crd", "rkd"])
+@pytest.mark.parametrize(
+    "objective,view",
+    [
+        (objectives.FunctionMatching(), MIXED),
+        (CRD_SMALL, H.NORMALIZE_ONLY),
+        (objectives.RKD(distance_weight=1.0, angle_weight=2.0), H.NORMALIZE_ONLY),
+    ],
+    ids=["function-matching-mixup", "crd", "rkd"],
+)
 def test_batch_level_objectives_on_a_4_device_mesh_equal_one_device(objective, view):
     """Mixup partners, relations (RKD; SP builds its Gram matrix the same way) and CRD's negatives
     span the *global* batch on a mesh: the 4-device run ends where one device does (per-device
@@ -46,8 +51,13 @@ def test_batch_level_objectives_on_a_4_device_mesh_equal_one_device(objective, v
     step = H.step_fn(g, tg, view_fn=view)
     one, _ = _train(parallel.single_device(step), _with_aux(s1, objective, g, tg, teacher), objective, teacher, data)
     _, s4 = H.student()
-    four, _ = _train(parallel.on_mesh(step, parallel.data_mesh(4)), _with_aux(s4, objective, g, tg, teacher),
-                     objective, teacher, data)
+    four, _ = _train(
+        parallel.on_mesh(step, parallel.data_mesh(4)),
+        _with_aux(s4, objective, g, tg, teacher),
+        objective,
+        teacher,
+        data,
+    )
     assert H.max_abs_diff(one.params, four.params) < 1e-5
     if objective is CRD_SMALL:
         assert H.max_abs_diff(one.aux, four.aux) < 1e-5
@@ -63,7 +73,9 @@ def test_crd_negatives_of_the_whole_batch_differ_from_each_shards_own():
     rng = np.random.default_rng(0)
     s, t = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32), jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
     whole = losses.contrastive_representation_loss(s, t)
-    shards = jnp.concatenate([losses.contrastive_representation_loss(s[i:i + 4], t[i:i + 4]) for i in range(0, 16, 4)])
+    shards = jnp.concatenate(
+        [losses.contrastive_representation_loss(s[i : i + 4], t[i : i + 4]) for i in range(0, 16, 4)]
+    )
     assert float(jnp.max(jnp.abs(whole - shards))) > 0.1
 
 
@@ -77,8 +89,10 @@ def test_crd_heads_train_and_the_memory_fills_with_the_batch_embeddings():
     view = H.NORMALIZE_ONLY(jax.random.key(0), b["image"])  # NORMALIZE_ONLY draws nothing
     _, t_feats = teacher_logits(tg, teacher, view, with_features=True)
     heads = jax.tree.map(np.array, s.aux["params"])  # copies: the step donates the state
-    want_t = (np.asarray(t_feats["pooled"], np.float64).reshape(16, -1) @ heads["teacher"]["kernel"]
-              + heads["teacher"]["bias"])
+    want_t = (
+        np.asarray(t_feats["pooled"], np.float64).reshape(16, -1) @ heads["teacher"]["kernel"]
+        + heads["teacher"]["bias"]
+    )
     new, _ = parallel.single_device(H.step_fn(g, tg))(s, b, obj, teacher)
     np.testing.assert_allclose(new.aux["state"]["teacher"][:16], want_t, rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(new.aux["state"]["valid"]) == (np.arange(24) < 16))
@@ -103,8 +117,9 @@ def test_dkd_warmup_ramps_the_distillation_weight_from_zero():
     assert wrapped.takes_step
     np.testing.assert_allclose(wrapped(s, t, y, step=jnp.int32(0)), ce, rtol=1e-6)
     # So does a feature objective around it (RKD here, with its own terms weighted 0).
-    rkd = objectives.per_epoch(objectives.RKD(base=objectives.DKD(warmup_epochs=2.0), distance_weight=0.0,
-                                              angle_weight=0.0), 10)
+    rkd = objectives.per_epoch(
+        objectives.RKD(base=objectives.DKD(warmup_epochs=2.0), distance_weight=0.0, angle_weight=0.0), 10
+    )
     feats = {"pooled": s}
     assert rkd.takes_step and not objectives.RKD().takes_step
     np.testing.assert_allclose(rkd(s, t, y, feats, feats, step=jnp.int32(0)), ce, rtol=1e-6)
@@ -134,9 +149,15 @@ def _fit_crd(ckpt_dir, num_steps):
     state = _with_aux(state, CRD_SMALL, g, tg, teacher)
     ckpts = Checkpoints(ckpt_dir)
     try:
-        return fit(parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP)), state, CRD_SMALL, teacher,
-                   batches=lambda s: P.train_batches(dataset(), batch_size=16, seed=3, start_step=s),
-                   checkpoints=ckpts, config=LoopConfig(num_steps=num_steps, save_every=3, sync_every=3, progress=False))
+        return fit(
+            parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP)),
+            state,
+            CRD_SMALL,
+            teacher,
+            batches=lambda s: P.train_batches(dataset(), batch_size=16, seed=3, start_step=s),
+            checkpoints=ckpts,
+            config=LoopConfig(num_steps=num_steps, save_every=3, sync_every=3, progress=False),
+        )
     finally:
         ckpts.close()
 

@@ -28,8 +28,16 @@ CONVS = [{"messages": c["messages"]} for c in toolchat.generate_split("train", 6
 
 
 def decoder(vocab, hidden, layers, seed, scale=1.0):
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                        num_heads=2, num_kv_heads=1, family="llama", max_position_embeddings=1024)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_heads=2,
+        num_kv_heads=1,
+        family="llama",
+        max_position_embeddings=1024,
+    )
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     if scale != 1.0:  # a peaked teacher
         nnx.update(model, jax.tree.map(lambda x: x * scale if x.ndim == 2 else x, nnx.state(model)))
@@ -58,12 +66,26 @@ def test_on_one_tokenizer_the_hybrid_step_is_the_token_step():
     assert r.exact == r.spans  # every span is one token on both sides, the same one
     ids = np.arange(tok.vocab_size, dtype=np.int32)
     # with the labels' cross-entropy beside it (one tokenizer: a span per learned token, the same denominators)
-    new, m = cross_tokenizer_step(state, batch, CrossTokenizerKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1,
-                                                                 chunk_size=64), frozen, graphdef=g,
-                                  teacher_graphdef=tg, tx=tx, shared=(ids, ids))
+    new, m = cross_tokenizer_step(
+        state,
+        batch,
+        CrossTokenizerKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1, chunk_size=64),
+        frozen,
+        graphdef=g,
+        teacher_graphdef=tg,
+        tx=tx,
+        shared=(ids, ids),
+    )
     plain = {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")}
-    ref, m_ref = token_kd_step(state, plain, TokenKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1), frozen,
-                               graphdef=g, teacher_graphdef=tg, tx=tx)
+    ref, m_ref = token_kd_step(
+        state,
+        plain,
+        TokenKD(divergence=ForwardKL(), kd_weight=0.9, ce_weight=0.1),
+        frozen,
+        graphdef=g,
+        teacher_graphdef=tg,
+        tx=tx,
+    )
     assert int(m["spans"]) == int(m_ref["tokens"])  # a span per learned token
     np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref.params)):
@@ -76,24 +98,30 @@ def test_across_tokenizers_the_loss_is_the_float64_reference_and_it_learns():
     teacher, g, state, tg, frozen = setup(teacher_tok, student_tok, tx)
     r, batch = rows(teacher_tok, student_tok)
     assert 0 < r.exact < r.spans  # both kinds of span
-    t_shared, s_shared = shared_tokens(teacher_tok.backend.get_vocab(with_added_tokens=True),
-                                       student_tok.backend.get_vocab(with_added_tokens=True))
+    t_shared, s_shared = shared_tokens(
+        teacher_tok.backend.get_vocab(with_added_tokens=True), student_tok.backend.get_vocab(with_added_tokens=True)
+    )
     student = nnx.merge(g, state.params, state.batch_stats, state.rest)
-    s_logits = np.asarray(student(jnp.asarray(batch["tokens"]), attention_mask=jnp.asarray(batch["attention_mask"])),
-                          np.float64)
-    t_logits = np.asarray(teacher(jnp.asarray(batch["teacher_tokens"]),
-                                  attention_mask=jnp.asarray(batch["teacher_attention_mask"])), np.float64)
+    s_logits = np.asarray(
+        student(jnp.asarray(batch["tokens"]), attention_mask=jnp.asarray(batch["attention_mask"])), np.float64
+    )
+    t_logits = np.asarray(
+        teacher(jnp.asarray(batch["teacher_tokens"]), attention_mask=jnp.asarray(batch["teacher_attention_mask"])),
+        np.float64,
+    )
     # the reference walks each span as the alignment states it: its tokens on each side, in order
     values = []
     for b in range(4):
         lay = r.layouts[b]
         for k in np.flatnonzero(lay.where):
+
             def merged(logits, ids, first, chain):
                 lp = log_softmax64(logits)
                 out = lp[first[k]].copy()
                 for n in np.flatnonzero(chain == k):
                     out += lp[n, ids[n + 1]]
                 return out
+
             q = merged(s_logits[b], batch["tokens"][b], lay.student_first, lay.student_chain)
             p = merged(t_logits[b], batch["teacher_tokens"][b], lay.teacher_first, lay.teacher_chain)
             if lay.exact[k]:
@@ -103,8 +131,11 @@ def test_across_tokenizers_the_loss_is_the_float64_reference_and_it_learns():
             else:
                 values.append(ref_uld(q, p))
     objective = CrossTokenizerKD(divergence=ForwardKL())
-    step = jax.jit(lambda s, bt: cross_tokenizer_step(s, bt, objective, frozen, graphdef=g, teacher_graphdef=tg,
-                                                      tx=tx, shared=(t_shared, s_shared)))
+    step = jax.jit(
+        lambda s, bt: cross_tokenizer_step(
+            s, bt, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx, shared=(t_shared, s_shared)
+        )
+    )
     state, m = step(state, batch)
     assert int(m["spans"]) == len(values)
     np.testing.assert_allclose(float(m["loss"]), np.mean(values), rtol=1e-4)
@@ -120,11 +151,19 @@ def test_bad_batches_and_objectives_are_refused():
     _, g, state, tg, frozen = setup(tok, tok, tx)
     _, batch = rows(tok, tok, n=2)
     with pytest.raises(ValueError, match="needs teacher_tokens"):
-        cross_tokenizer_step(state, {k: v for k, v in batch.items() if k != "teacher_tokens"}, CrossTokenizerKD(),
-                             frozen, graphdef=g, teacher_graphdef=tg, tx=tx)
+        cross_tokenizer_step(
+            state,
+            {k: v for k, v in batch.items() if k != "teacher_tokens"},
+            CrossTokenizerKD(),
+            frozen,
+            graphdef=g,
+            teacher_graphdef=tg,
+            tx=tx,
+        )
     with pytest.raises(ValueError, match="needs the shared tokens"):
-        cross_tokenizer_step(state, batch, CrossTokenizerKD(divergence=ForwardKL()), frozen, graphdef=g,
-                             teacher_graphdef=tg, tx=tx)
+        cross_tokenizer_step(
+            state, batch, CrossTokenizerKD(divergence=ForwardKL()), frozen, graphdef=g, teacher_graphdef=tg, tx=tx
+        )
     with pytest.raises(ValueError, match="kd_weight and ce_weight are both 0"):
         CrossTokenizerKD(kd_weight=0.0)
 
@@ -133,7 +172,6 @@ def test_bad_batches_and_objectives_are_refused():
 def test_a_stored_teacher_steps_as_the_online_one(divergence, tmp_path):
     """The teacher's span values stored once (top k = the student's vocabulary, bfloat16): the
     step takes no teacher and moves the student as the online step does."""
-    from jkd.data import conversations as C
     from jkd.train.lm_cross import store_span_teacher
     from jkd.train.stored import StoredTopK, TeacherOutputMismatch
 
@@ -141,20 +179,33 @@ def test_a_stored_teacher_steps_as_the_online_one(divergence, tmp_path):
     tx = optax.sgd(0.5)
     teacher, g, state, tg, frozen = setup(teacher_tok, student_tok, tx)
     r = aligned_rows(teacher_tok, student_tok, CONVS, max_length=256)
-    shared = shared_tokens(teacher_tok.backend.get_vocab(with_added_tokens=True),
-                           student_tok.backend.get_vocab(with_added_tokens=True))
+    shared = shared_tokens(
+        teacher_tok.backend.get_vocab(with_added_tokens=True), student_tok.backend.get_vocab(with_added_tokens=True)
+    )
     length = max(max(len(x) for x in r.teacher_ids), max(len(x) for x in r.student_ids))
     objective = CrossTokenizerKD(divergence=divergence, ce_weight=0.5, chunk_size=64)
-    stored = store_span_teacher(tg, frozen, r, objective, k=student_tok.vocab_size, length=length, pad_id=0,
-                                teacher_pad_id=0, shared=shared, batch_size=3)
+    stored = store_span_teacher(
+        tg,
+        frozen,
+        r,
+        objective,
+        k=student_tok.vocab_size,
+        length=length,
+        pad_id=0,
+        teacher_pad_id=0,
+        shared=shared,
+        batch_size=3,
+    )
     assert stored.values.shape == (len(r), length - 1, student_tok.vocab_size)
     rows_ = np.array([4, 1, 0, 5])
     batch = {**r.batch(rows_, length=length, teacher_length=length, pad_id=0, teacher_pad_id=0), "index": rows_}
-    online, m_online = cross_tokenizer_step(state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx,
-                                            shared=shared)
+    online, m_online = cross_tokenizer_step(
+        state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx, shared=shared
+    )
     kept = dataclasses.replace(objective, stored=True)
-    new, m = cross_tokenizer_step(state, stored.targets(batch), kept, None, graphdef=g, teacher_graphdef=None,
-                                  tx=tx, shared=shared)
+    new, m = cross_tokenizer_step(
+        state, stored.targets(batch), kept, None, graphdef=g, teacher_graphdef=None, tx=tx, shared=shared
+    )
     assert int(m["spans"]) == int(m_online["spans"])
     moved = [np.asarray(a - b) for a, b in zip(jax.tree.leaves(online.params), jax.tree.leaves(state.params))]
     for a, e in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):

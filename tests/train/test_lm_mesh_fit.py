@@ -25,8 +25,15 @@ def _stream(start):
 
 def _fit(run, state, frozen, steps, checkpoints=None):
     objective = TokenKD(vocab_size=VOCAB, ce_weight=0.2, chunk_size=32)
-    return fit(run, state, objective, frozen, batches=_stream, checkpoints=checkpoints,
-               config=LoopConfig(num_steps=steps, save_every=2, progress=False))
+    return fit(
+        run,
+        state,
+        objective,
+        frozen,
+        batches=_stream,
+        checkpoints=checkpoints,
+        config=LoopConfig(num_steps=steps, save_every=2, progress=False),
+    )
 
 
 def test_sharded_fit_equals_one_device_and_resumes_on_another_mesh(tmp_path):
@@ -36,6 +43,7 @@ def test_sharded_fit_equals_one_device_and_resumes_on_another_mesh(tmp_path):
 
     def fresh():  # the same initial state again (the runners donate theirs)
         return _setup(tx)[1]
+
     one, _ = _fit(parallel.single_device(step), fresh(), frozen, 4)
 
     mesh = make_mesh(2, 2)
@@ -50,8 +58,9 @@ def test_sharded_fit_equals_one_device_and_resumes_on_another_mesh(tmp_path):
     _fit(parallel.on_mesh(step, mesh, shardings=tree_shardings), fresh(), frozen, 2, first)
     first.close()
     again = Checkpoints(tmp_path / "ckpt", async_save=False)
-    resumed, history = _fit(parallel.on_mesh(step, make_mesh(4, 1), shardings=tree_shardings),
-                            fresh(), frozen, 4, again)
+    resumed, history = _fit(
+        parallel.on_mesh(step, make_mesh(4, 1), shardings=tree_shardings), fresh(), frozen, 4, again
+    )
     again.close()
     assert history[0] == {"event": "resumed", "step": 2}
     assert int(resumed.step) == 4
@@ -73,13 +82,18 @@ def test_remat_and_micro_batches_give_the_same_step():
     objective = TokenKD(vocab_size=VOCAB, ce_weight=0.2, chunk_size=32)
     batch = _batch(0)
     plain, m0 = jax.jit(functools.partial(token_kd_step, graphdef=g, teacher_graphdef=tg, tx=tx))(
-        state, batch, objective, frozen)
+        state, batch, objective, frozen
+    )
     gr, st = create_train_state(set_remat(Decoder(STUDENT, rngs=nnx.Rngs(0))), tx, seed=0)
     assert gr != g  # the recomputation is part of the compiled program
-    for graphdef, s, micro in ((gr, st, 1), (g, _setup(tx)[1], 4), (gr, create_train_state(
-            set_remat(Decoder(STUDENT, rngs=nnx.Rngs(0))), tx, seed=0)[1], 4)):
-        step = jax.jit(functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx,
-                                         micro_batches=micro))
+    for graphdef, s, micro in (
+        (gr, st, 1),
+        (g, _setup(tx)[1], 4),
+        (gr, create_train_state(set_remat(Decoder(STUDENT, rngs=nnx.Rngs(0))), tx, seed=0)[1], 4),
+    ):
+        step = jax.jit(
+            functools.partial(token_kd_step, graphdef=graphdef, teacher_graphdef=tg, tx=tx, micro_batches=micro)
+        )
         other, m = step(s, batch, objective, frozen)
         np.testing.assert_allclose(float(m["loss"]), float(m0["loss"]), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(other.params)):

@@ -19,16 +19,22 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNB
 
 
 def _run(mode, run_dir):
-    done = subprocess.run([sys.executable, str(SCRIPT), mode, str(run_dir)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), mode, str(run_dir)], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
 def _kill_after(mode, run_dir, pattern):
     """Start the run, SIGKILL it as soon as a line matches ``pattern``; returns what it printed."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), mode, str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)

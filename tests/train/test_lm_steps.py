@@ -16,16 +16,39 @@ from jkd.models.decoder import Decoder
 from jkd.models.decoder_config import DecoderConfig
 from jkd.models.decoder_sharding import batch_sharding, make_mesh
 from jkd.train import optim
-from jkd.train.lm_steps import (OnPolicyKD, TokenKD, learned_positions, on_policy_step, prompt_and_completion,
-                                token_kd_loss, token_kd_step)
+from jkd.train.lm_steps import (
+    OnPolicyKD,
+    TokenKD,
+    learned_positions,
+    on_policy_step,
+    prompt_and_completion,
+    token_kd_loss,
+    token_kd_step,
+)
 from jkd.models.sampler import SamplingConfig, generate
 from jkd.train.state import create_train_state, freeze_model
 
 VOCAB = 48  # the shared vocabulary; the teacher's embedding has 4 padding rows beyond it
-TEACHER = DecoderConfig(vocab_size=VOCAB + 4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                        num_kv_heads=2, family="qwen2", max_position_embeddings=64)
-STUDENT = DecoderConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
-                        num_kv_heads=1, family="llama", max_position_embeddings=64)
+TEACHER = DecoderConfig(
+    vocab_size=VOCAB + 4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    family="qwen2",
+    max_position_embeddings=64,
+)
+STUDENT = DecoderConfig(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    family="llama",
+    max_position_embeddings=64,
+)
 
 
 def _batch(seed=0, b=8, t=24):
@@ -37,8 +60,11 @@ def _batch(seed=0, b=8, t=24):
     attention = np.arange(t)[None] < lengths[:, None]
     loss_mask = attention & (np.arange(t)[None] >= lengths[:, None] // 3)
     tokens[~attention] = 0
-    return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(attention),
-            "loss_mask": jnp.asarray(loss_mask)}
+    return {
+        "tokens": jnp.asarray(tokens),
+        "attention_mask": jnp.asarray(attention),
+        "loss_mask": jnp.asarray(loss_mask),
+    }
 
 
 def _setup(tx, seed=0):
@@ -52,8 +78,10 @@ def _setup(tx, seed=0):
 
 def _step(tx, objective, micro_batches=1):
     def step(state, batch, frozen, g, tg):
-        return token_kd_step(state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx,
-                             micro_batches=micro_batches)
+        return token_kd_step(
+            state, batch, objective, frozen, graphdef=g, teacher_graphdef=tg, tx=tx, micro_batches=micro_batches
+        )
+
     return jax.jit(step, static_argnums=(3, 4))
 
 
@@ -69,8 +97,9 @@ def test_loss_is_the_token_mean_of_the_whole_batch():
     tx = optax.sgd(0.1)
     g, state, tg, frozen = _setup(tx)
     batch = _batch()
-    objective = TokenKD(divergence=ForwardKL(), temperature=2.0, kd_weight=0.8, ce_weight=0.2, vocab_size=VOCAB,
-                        chunk_size=16)
+    objective = TokenKD(
+        divergence=ForwardKL(), temperature=2.0, kd_weight=0.8, ce_weight=0.2, vocab_size=VOCAB, chunk_size=16
+    )
     _, metrics = _step(tx, objective)(state, batch, frozen, g, tg)
     student = nnx.merge(g, state.params, state.batch_stats, state.rest)
     teacher = nnx.merge(tg, frozen.params, frozen.batch_stats, frozen.rest)
@@ -88,10 +117,14 @@ def test_loss_is_the_token_mean_of_the_whole_batch():
     assert abs(per_sequence_means - want) > 1e-3 * abs(want)  # the two means really differ here
 
 
-@pytest.mark.parametrize("objective", [
-    TokenKD(divergence=ForwardKL(), vocab_size=VOCAB, ce_weight=0.5, chunk_size=16),
-    TokenKD(divergence=GeneralizedJSD(beta=0.3), vocab_size=VOCAB, chunk_size=64),
-], ids=["forward_kl+ce", "jsd"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        TokenKD(divergence=ForwardKL(), vocab_size=VOCAB, ce_weight=0.5, chunk_size=16),
+        TokenKD(divergence=GeneralizedJSD(beta=0.3), vocab_size=VOCAB, chunk_size=64),
+    ],
+    ids=["forward_kl+ce", "jsd"],
+)
 def test_four_micro_batches_equal_one_batch(objective):
     tx = optax.sgd(0.5)
     g, state, tg, frozen = _setup(tx)
@@ -145,11 +178,20 @@ def test_bad_objectives():
     with pytest.raises(ValueError, match="needs the teacher"):
         token_kd_step(state, _batch(), TokenKD(), None, graphdef=g, teacher_graphdef=None, tx=tx)
     with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
-        token_kd_step(state, _batch(), TokenKD(kd_weight=0.0, ce_weight=1.0), None, graphdef=g,
-                      teacher_graphdef=None, tx=tx, micro_batches=3)
+        token_kd_step(
+            state,
+            _batch(),
+            TokenKD(kd_weight=0.0, ce_weight=1.0),
+            None,
+            graphdef=g,
+            teacher_graphdef=None,
+            tx=tx,
+            micro_batches=3,
+        )
 
 
 # ---- on-policy distillation (GKD) -----------------------------------------------------------
+
 
 def _with_prompts(batch):
     """The batch plus its prompts: each row's tokens before its first learned token."""
@@ -161,10 +203,14 @@ def _with_prompts(batch):
 
 
 def test_prompt_and_completion_join_rows():
-    out = prompt_and_completion(jnp.array([[5, 6, 0], [7, 0, 0]]), jnp.array([2, 1]),
-                                jnp.array([[1, 2], [3, 4]]), jnp.array([1, 2]), pad_id=9)
+    out = prompt_and_completion(
+        jnp.array([[5, 6, 0], [7, 0, 0]]), jnp.array([2, 1]), jnp.array([[1, 2], [3, 4]]), jnp.array([1, 2]), pad_id=9
+    )
     assert np.asarray(out["tokens"]).tolist() == [[5, 6, 1, 9, 9], [7, 3, 4, 9, 9]]
-    assert np.asarray(out["loss_mask"]).tolist() == [[False, False, True, False, False], [False, True, True, False, False]]
+    assert np.asarray(out["loss_mask"]).tolist() == [
+        [False, False, True, False, False],
+        [False, True, True, False, False],
+    ]
     assert np.asarray(out["attention_mask"]).sum(1).tolist() == [3, 3]
 
 
@@ -179,7 +225,8 @@ def test_on_policy_with_fraction_0_is_token_kd():
     obj = OnPolicyKD(divergence=GeneralizedJSD(beta=0.5), student_fraction=0.0, vocab_size=VOCAB, chunk_size=32)
     a, ma = _on_policy(tx, obj, g, tg)(state, batch, frozen)
     b, _ = _step(tx, TokenKD(divergence=GeneralizedJSD(beta=0.5), vocab_size=VOCAB, chunk_size=32))(
-        state, {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")}, frozen, g, tg)
+        state, {k: batch[k] for k in ("tokens", "loss_mask", "attention_mask")}, frozen, g, tg
+    )
     assert int(ma["on_policy"]) == 0
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -191,11 +238,19 @@ def test_on_policy_with_fraction_1_trains_on_the_students_greedy_continuations()
     tx = optax.sgd(0.5)
     g, state, tg, frozen = _setup(tx)
     batch = _with_prompts(_batch(5))
-    obj = OnPolicyKD(divergence=ForwardKL(), student_fraction=1.0, max_new_tokens=6,
-                     sampling=SamplingConfig(temperature=0.0), vocab_size=VOCAB, chunk_size=32)
+    obj = OnPolicyKD(
+        divergence=ForwardKL(),
+        student_fraction=1.0,
+        max_new_tokens=6,
+        sampling=SamplingConfig(temperature=0.0),
+        vocab_size=VOCAB,
+        chunk_size=32,
+    )
     _, metrics = _on_policy(tx, obj, g, tg)(state, batch, frozen)
     student = nnx.merge(g, state.params, state.batch_stats, state.rest)
-    prompts = [np.asarray(batch["prompt_tokens"])[i, :n].tolist() for i, n in enumerate(np.asarray(batch["prompt_lengths"]))]
+    prompts = [
+        np.asarray(batch["prompt_tokens"])[i, :n].tolist() for i, n in enumerate(np.asarray(batch["prompt_lengths"]))
+    ]
     gen = generate(student, prompts, max_new_tokens=6, stop_tokens=[], pad_id=0)
     rows = [p + r.tolist() for p, r in zip(prompts, gen.rows())]
     width = max(map(len, rows))
@@ -247,12 +302,18 @@ def test_on_policy_mixed_under_vmap_equals_each_seeds_own_branch():
     draws = [int(step(s, batch, frozen)[1]["on_policy"]) for s in states]
     pick = [draws.index(0), draws.index(1)]  # one seed on the given rows, one on its samples
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *[states[i] for i in pick])
-    run = jax.jit(jax.vmap(lambda s, b, f: on_policy_step(s, b, mixed, f, graphdef=g, teacher_graphdef=tg, tx=tx),
-                           in_axes=(0, None, None)))
+    run = jax.jit(
+        jax.vmap(
+            lambda s, b, f: on_policy_step(s, b, mixed, f, graphdef=g, teacher_graphdef=tg, tx=tx),
+            in_axes=(0, None, None),
+        )
+    )
     both, metrics = run(stacked, batch, frozen)
     assert np.asarray(metrics["on_policy"]).tolist() == [0, 1]
     for k, (i, fraction) in enumerate(zip(pick, (0.0, 1.0))):
-        alone, m = _on_policy(tx, dataclasses.replace(mixed, student_fraction=fraction), g, tg)(states[i], batch, frozen)
+        alone, m = _on_policy(tx, dataclasses.replace(mixed, student_fraction=fraction), g, tg)(
+            states[i], batch, frozen
+        )
         assert int(m["tokens"]) == int(metrics["tokens"][k])
         np.testing.assert_allclose(float(metrics["loss"][k]), float(m["loss"]), rtol=1e-5)
         for x, y in zip(jax.tree.leaves(both.params), jax.tree.leaves(alone.params)):
@@ -263,6 +324,7 @@ def test_sharded_teacher_and_student_on_a_2x2_mesh_equal_one_device():
     """Teacher and student split by the decoder's partition rules over ('data', 'model'), the
     batch over 'data': the step's parameters equal one device's."""
     from jkd.models.decoder_sharding import shard_decoder
+
     tx = optax.sgd(0.5)
     objective = TokenKD(vocab_size=VOCAB, ce_weight=0.2, chunk_size=16)
     g, state, tg, frozen = _setup(tx)
@@ -295,17 +357,21 @@ def test_packed_rows_give_the_loss_and_gradient_of_one_sequence_per_row():
     for m in learn:
         m[0] = True
     t = 32
-    plain = {"tokens": np.zeros((6, t), np.int32), "loss_mask": np.zeros((6, t), bool), "attention_mask": np.zeros((6, t), bool)}
+    plain = {
+        "tokens": np.zeros((6, t), np.int32),
+        "loss_mask": np.zeros((6, t), bool),
+        "attention_mask": np.zeros((6, t), bool),
+    }
     for r, (s, m) in enumerate(zip(seqs, learn)):
-        plain["tokens"][r, :len(s)], plain["loss_mask"][r, :len(s)], plain["attention_mask"][r, :len(s)] = s, m, True
+        plain["tokens"][r, : len(s)], plain["loss_mask"][r, : len(s)], plain["attention_mask"][r, : len(s)] = s, m, True
     packed = {k: np.zeros((3, t), v.dtype) for k, v in plain.items()}
     packed["segment_ids"] = np.zeros((3, t), np.int32)
     for r in range(3):
         at = 0
         for s_id, i in enumerate((2 * r, 2 * r + 1), start=1):
             n = lengths[i]
-            packed["tokens"][r, at:at + n], packed["loss_mask"][r, at:at + n] = seqs[i], learn[i]
-            packed["attention_mask"][r, at:at + n], packed["segment_ids"][r, at:at + n] = True, s_id
+            packed["tokens"][r, at : at + n], packed["loss_mask"][r, at : at + n] = seqs[i], learn[i]
+            packed["attention_mask"][r, at : at + n], packed["segment_ids"][r, at : at + n] = True, s_id
             at += n
     one, m1 = _step(tx, objective)(state, plain, frozen, g, tg)
     two, m2 = _step(tx, objective)(state, packed, frozen, g, tg)
@@ -325,8 +391,12 @@ def test_mixed_precision_keeps_float32_master_weights_and_runs_the_passes_in_bfl
     batch = _batch(3)
 
     def step(compute_dtype):
-        return jax.jit(lambda s, b, f: token_kd_step(s, b, objective, f, graphdef=g, teacher_graphdef=tg, tx=tx,
-                                                     compute_dtype=compute_dtype))
+        return jax.jit(
+            lambda s, b, f: token_kd_step(
+                s, b, objective, f, graphdef=g, teacher_graphdef=tg, tx=tx, compute_dtype=compute_dtype
+            )
+        )
+
     mixed, m_mixed = step(jnp.bfloat16)(state, batch, frozen)
     full, m_full = step(None)(state, batch, frozen)
     assert {x.dtype for x in jax.tree.leaves(mixed.params)} == {jnp.dtype(jnp.float32)}
@@ -340,8 +410,12 @@ def test_mixed_precision_keeps_float32_master_weights_and_runs_the_passes_in_bfl
     assert float(m_mixed["loss"]) == pytest.approx(float(want), rel=1e-6)
     assert float(m_mixed["loss"]) == pytest.approx(float(m_full["loss"]), rel=2e-2)
     assert float(m_mixed["loss"]) != float(m_full["loss"])
-    diffs = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(mixed.params),
-                                                                       jax.tree.leaves(full.params))]
-    moves = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(full.params),
-                                                                       jax.tree.leaves(state.params))]
+    diffs = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(mixed.params), jax.tree.leaves(full.params))
+    ]
+    moves = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(state.params))
+    ]
     assert 0 < max(diffs) < 0.05 * max(moves)

@@ -32,10 +32,20 @@ def test_whole_vocabulary_stored_equals_online_distillation():
     data = _data(8)
     stored = store_sequence_topk(tg, frozen, data, k=VOCAB, vocab_size=VOCAB, batch_size=8)
     batch = stored.targets(_rows(data, np.arange(8)))
-    online, m_on = jax.jit(lambda s, b: token_kd_step(s, b, TokenKD(vocab_size=VOCAB, ce_weight=0.3, chunk_size=32),
-                                                      frozen, graphdef=g, teacher_graphdef=tg, tx=tx))(state, batch)
-    offline, m_off = jax.jit(lambda s, b: stored_topk_step(s, b, StoredTopKKD(ce_weight=0.3, chunk_size=32),
-                                                           graphdef=g, tx=tx))(state, batch)
+    online, m_on = jax.jit(
+        lambda s, b: token_kd_step(
+            s,
+            b,
+            TokenKD(vocab_size=VOCAB, ce_weight=0.3, chunk_size=32),
+            frozen,
+            graphdef=g,
+            teacher_graphdef=tg,
+            tx=tx,
+        )
+    )(state, batch)
+    offline, m_off = jax.jit(
+        lambda s, b: stored_topk_step(s, b, StoredTopKKD(ce_weight=0.3, chunk_size=32), graphdef=g, tx=tx)
+    )(state, batch)
     np.testing.assert_allclose(float(m_off["loss"]), float(m_on["loss"]), rtol=1e-2)  # bf16 storage
     for a, b, s0 in zip(jax.tree.leaves(offline.params), jax.tree.leaves(online.params), jax.tree.leaves(state.params)):
         step = np.abs(np.asarray(b) - np.asarray(s0)).max()

@@ -29,12 +29,20 @@ def _fit(ckpt_dir, num_steps, optimizer=None, runner=None, save_every=4):
     data = dataset()
     tg, teacher = H.teacher()
     g, state = H.student(optimizer=optimizer)
-    run = runner(g, tg) if runner else parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP, optimizer=optimizer))
+    run = (
+        runner(g, tg) if runner else parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP, optimizer=optimizer))
+    )
     ckpts = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
     try:
-        return fit(run, state, objectives.SoftKD(), teacher,
-                   batches=lambda s: P.train_batches(data, batch_size=16, seed=3, start_step=s),
-                   checkpoints=ckpts, config=LoopConfig(num_steps=num_steps, save_every=save_every, sync_every=2, progress=False))
+        return fit(
+            run,
+            state,
+            objectives.SoftKD(),
+            teacher,
+            batches=lambda s: P.train_batches(data, batch_size=16, seed=3, start_step=s),
+            checkpoints=ckpts,
+            config=LoopConfig(num_steps=num_steps, save_every=save_every, sync_every=2, progress=False),
+        )
     finally:
         if ckpts is not None:
             ckpts.close()
@@ -93,8 +101,9 @@ def test_sigkill_at_any_moment_then_resume(tmp_path):
     assert not never.exists(), "the run finished before it was killed"
     second = max(_steps(ckpt))
     out = tmp_path / "resumed.npz"
-    done = subprocess.run(cmd + [str(ckpt), str(out)], check=True, cwd=ROOT, env=env, timeout=300,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        cmd + [str(ckpt), str(out)], check=True, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True
+    )
     assert f"resumed {second}" in done.stdout and second >= first + 8
     a, b = np.load(ref), np.load(out)
     for k in a.files:
@@ -157,7 +166,10 @@ def test_a_checkpoint_of_another_model_is_refused_not_skipped(tmp_path):
     ckpts = Checkpoints(tmp_path)
     wider = create_model("cnn", num_classes=4, input_shape=H.SHAPE, seed=1, width=6)
     _, other = create_train_state(wider, H.tx(), seed=0)
-    with pytest.raises(IncompatibleCheckpointError, match=r"shapes differ: params\.bn1\.bias\.value: saved \(4,\), config \(6,\);.*\(\+14 more\)"):
+    with pytest.raises(
+        IncompatibleCheckpointError,
+        match=r"shapes differ: params\.bn1\.bias\.value: saved \(4,\), config \(6,\);.*\(\+14 more\)",
+    ):
         ckpts.restore(abstract_like(other))
     assert ckpts.steps() == [4] and not ckpts.unreadable_directory.exists()  # nothing was moved
     ckpts.close()
@@ -220,8 +232,15 @@ def test_ctrl_c_finishes_the_save_in_flight_and_says_where_it_stopped(tmp_path):
 
     ckpts = Checkpoints(tmp_path)
     with pytest.raises(RunInterrupted) as e:
-        fit(run, state, objectives.SoftKD(), teacher, batches=batches, checkpoints=ckpts,
-            config=LoopConfig(num_steps=20, save_every=4, sync_every=2, progress=False))
+        fit(
+            run,
+            state,
+            objectives.SoftKD(),
+            teacher,
+            batches=batches,
+            checkpoints=ckpts,
+            config=LoopConfig(num_steps=20, save_every=4, sync_every=2, progress=False),
+        )
     assert (e.value.step, e.value.saved_step) == (10, 8) and "interrupted at step 10" in str(e.value)
     assert ckpts.steps() == [4, 8]
     ckpts.close()
@@ -295,8 +314,14 @@ def test_the_logged_rate_names_its_unit_and_language_model_rows_count_tokens():
     def run(state, batch, objective, teacher):
         return state + 1, {"loss": jnp.float32(0.5)}
 
-    _, history = fit(run, jnp.float32(0), None, None, batches=batches,
-                     config=LoopConfig(num_steps=2, sync_every=2, progress=False, unit="seq"))
+    _, history = fit(
+        run,
+        jnp.float32(0),
+        None,
+        None,
+        batches=batches,
+        config=LoopConfig(num_steps=2, sync_every=2, progress=False, unit="seq"),
+    )
     rec = next(r for r in history if r.get("event") == "train")
     assert "images_per_s" not in rec and rec["sequences_per_s"] > 0
     # over the same seconds: 4 tokens per sequence and per student (5 and 3 in the two students' rows)
@@ -311,9 +336,11 @@ def test_a_batch_made_from_the_state_sees_the_state_of_its_step(tmp_path):
 
     def batches(start):
         for b in P.train_batches(data, batch_size=16, seed=3, start_step=start):
+
             def made(state, b=b):
                 seen.append(int(state.step))
                 return b
+
             yield made
 
     def go(steps):
@@ -321,8 +348,15 @@ def test_a_batch_made_from_the_state_sees_the_state_of_its_step(tmp_path):
         run = parallel.single_device(H.step_fn(g, tg, view_fn=H.CROP_FLIP))
         ckpts = Checkpoints(tmp_path)
         try:
-            return fit(run, state, objectives.SoftKD(), teacher, batches=batches, checkpoints=ckpts,
-                       config=LoopConfig(num_steps=steps, save_every=3, sync_every=2, progress=False))
+            return fit(
+                run,
+                state,
+                objectives.SoftKD(),
+                teacher,
+                batches=batches,
+                checkpoints=ckpts,
+                config=LoopConfig(num_steps=steps, save_every=3, sync_every=2, progress=False),
+            )
         finally:
             ckpts.close()
 

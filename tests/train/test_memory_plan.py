@@ -30,8 +30,19 @@ def test_bytes_per_device_follow_the_shardings():
 
 
 def _plan(**kw):
-    base = dict(name="student token fkl", teacher=500, student=100, optimizer=200, arguments=810, outputs=300,
-                aliased=300, temporaries=700, gradients=100, loss_chunk=100, kv_cache=0)
+    base = dict(
+        name="student token fkl",
+        teacher=500,
+        student=100,
+        optimizer=200,
+        arguments=810,
+        outputs=300,
+        aliased=300,
+        temporaries=700,
+        gradients=100,
+        loss_chunk=100,
+        kv_cache=0,
+    )
     return MP.StepMemory(**{**base, **kw})
 
 
@@ -50,14 +61,16 @@ def test_a_plan_over_the_limit_is_refused_with_the_flags_that_fit():
     def replan(name, flags):  # as if compiled again: each flag takes 300 bytes off
         asked.append((name, flags))
         return _plan(temporaries=700 - 300 * len(flags))
-    with pytest.raises(MP.MemoryPlanError, match=r"'student token fkl' needs 1 KiB .* \(a test\).* Nothing was "
-                                                 r"written; compiled again with --a: 1 KiB; with --a --b: 910 bytes"):
-        MP.refuse_if_too_large([plan], limit=1000, limit_source="a test", remedies=["--a", "--b", "--c"],
-                               replan=replan)
+
+    with pytest.raises(
+        MP.MemoryPlanError,
+        match=r"'student token fkl' needs 1 KiB .* \(a test\).* Nothing was "
+        r"written; compiled again with --a: 1 KiB; with --a --b: 910 bytes",
+    ):
+        MP.refuse_if_too_large([plan], limit=1000, limit_source="a test", remedies=["--a", "--b", "--c"], replan=replan)
     assert asked == [("student token fkl", ["--a"]), ("student token fkl", ["--a", "--b"])]  # stops once it fits
     with pytest.raises(MP.MemoryPlanError, match=r"with --a --b --c: 610 bytes; use a smaller --batch-size"):
-        MP.refuse_if_too_large([plan], limit=100, limit_source="a test", remedies=["--a", "--b", "--c"],
-                               replan=replan)
+        MP.refuse_if_too_large([plan], limit=100, limit_source="a test", remedies=["--a", "--b", "--c"], replan=replan)
 
 
 @pytest.mark.slow
@@ -66,8 +79,14 @@ def test_the_plan_is_within_20_percent_of_the_measured_peak():
     fresh process: XLA's planned peak against the resident memory the step reached."""
     script = Path(__file__).with_name("memory_peak_script.py")
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=root, check=True,
-                         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)})
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)},
+    )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["temporaries"] > r["arguments"] / 2  # the step's own buffers are a real part of it
     assert abs(r["measured"] / r["plan"] - 1) <= 0.2, r

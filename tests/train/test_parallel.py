@@ -65,7 +65,11 @@ def test_pmap_equals_one_device(view):
 def test_batch_not_divisible_by_devices(wrap):
     tg, teacher = H.teacher()
     g, s = H.student()
-    runner = parallel.on_mesh(H.step_fn(g, tg), parallel.data_mesh(4)) if wrap == "mesh" else parallel.with_pmap(H.step_fn(g, tg), 4)
+    runner = (
+        parallel.on_mesh(H.step_fn(g, tg), parallel.data_mesh(4))
+        if wrap == "mesh"
+        else parallel.with_pmap(H.step_fn(g, tg), 4)
+    )
     with pytest.raises(ValueError, match="batch size 18 is not divisible"):
         runner(s, H.batches(1, batch_size=18)[0], objectives.SoftKD(), teacher)
 
@@ -84,8 +88,9 @@ def test_dropout_draws_the_same_masks_on_one_device_and_under_pmap():
     from jkd.train import create_train_state, train_step
 
     def model(axis_name=None):
-        m = create_model("mlp", num_classes=4, input_shape=H.SHAPE, seed=0, hidden=(32, 32), dropout=0.5,
-                         bn_axis_name=axis_name)
+        m = create_model(
+            "mlp", num_classes=4, input_shape=H.SHAPE, seed=0, hidden=(32, 32), dropout=0.5, bn_axis_name=axis_name
+        )
         return create_train_state(m, H.tx(), seed=0)
 
     data = H.batches(3)
@@ -99,8 +104,9 @@ def test_dropout_draws_the_same_masks_on_one_device_and_under_pmap():
         results[name] = state
     assert H.max_abs_diff(results["one"].params, results["pmap"].params) < 1e-5
     # Dropout was active: the same model without it ends elsewhere.
-    g, state = create_train_state(create_model("mlp", num_classes=4, input_shape=H.SHAPE, seed=0, hidden=(32, 32)),
-                                  H.tx(), seed=0)
+    g, state = create_train_state(
+        create_model("mlp", num_classes=4, input_shape=H.SHAPE, seed=0, hidden=(32, 32)), H.tx(), seed=0
+    )
     run = parallel.single_device(functools.partial(train_step, graphdef=g, tx=H.tx(), view_fn=H.CROP_FLIP))
     for b in data:
         state, _ = run(state, b, objectives.CrossEntropy(), None)

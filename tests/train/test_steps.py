@@ -9,7 +9,14 @@ import optax
 import pytest
 
 from jkd.train import (
-    AdamWConfig, SGDConfig, make_optimizer, objectives, parallel, stack_states, train_step_many, unstack_state,
+    AdamWConfig,
+    SGDConfig,
+    make_optimizer,
+    objectives,
+    parallel,
+    stack_states,
+    train_step_many,
+    unstack_state,
 )
 from jkd.train.state import apply_model
 from tests.train import helpers as H
@@ -35,10 +42,12 @@ def test_teacher_is_frozen_data():
     before = jax.tree.map(np.asarray, teacher)
     step = H.step_fn(g, tg)
     b = H.batches(1)[0]
+
     # No gradient reaches the teacher through the distillation loss.
     def loss_wrt_teacher(t):
         _, m = step(state, b, objectives.SoftKD(), t)
         return m["loss"]
+
     grads = jax.jit(jax.grad(loss_wrt_teacher))(teacher)
     assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(grads))
     parallel.single_device(step)(state, b, objectives.SoftKD(), teacher)
@@ -88,7 +97,9 @@ def test_many_students_equal_separate_runs(sequential):
     g, _ = H.student()
     many = stack_states([H.student(seed=s)[1] for s in seeds])
     objs = objectives.stack([objectives.SoftKD(temperature=T) for T in temps])
-    run_many = jax.jit(H.step_fn(g, tg, view_fn=H.CROP_FLIP, step=functools.partial(train_step_many, sequential=sequential)))
+    run_many = jax.jit(
+        H.step_fn(g, tg, view_fn=H.CROP_FLIP, step=functools.partial(train_step_many, sequential=sequential))
+    )
     for b in data:
         many, metrics = run_many(many, b, objs, teacher)
     assert metrics["loss"].shape == (3,)
@@ -125,7 +136,9 @@ def test_independent_students_equal_separate_runs_on_their_own_data(sequential):
 
 
 def test_sgd_weight_decay_skips_biases_and_batchnorm():
-    opt = make_optimizer(SGDConfig(learning_rate=0.1, weight_decay=0.5, momentum=0.0, decay_epochs=()), steps_per_epoch=1, total_steps=1)
+    opt = make_optimizer(
+        SGDConfig(learning_rate=0.1, weight_decay=0.5, momentum=0.0, decay_epochs=()), steps_per_epoch=1, total_steps=1
+    )
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "scale": jnp.ones(2)}
     updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -144,12 +157,18 @@ def _lr_sequence(opt, n):
 
 
 def test_sgd_step_decay_schedule():
-    opt = make_optimizer(SGDConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0, decay_epochs=(2, 3)), steps_per_epoch=2, total_steps=8)
+    opt = make_optimizer(
+        SGDConfig(learning_rate=0.1, momentum=0.0, weight_decay=0.0, decay_epochs=(2, 3)),
+        steps_per_epoch=2,
+        total_steps=8,
+    )
     np.testing.assert_allclose(_lr_sequence(opt, 8), [0.1] * 4 + [0.01] * 2 + [0.001] * 2, rtol=1e-5)
 
 
 def test_adamw_warmup_then_cosine():
-    opt = make_optimizer(AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=1.0), steps_per_epoch=4, total_steps=20)
+    opt = make_optimizer(
+        AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=1.0), steps_per_epoch=4, total_steps=20
+    )
     lrs = _lr_sequence(opt, 20)  # Adam with a constant gradient: the step is the learning rate
     assert lrs[0] == pytest.approx(0.0, abs=1e-6) and lrs[4] == pytest.approx(1.0, rel=1e-3)
     assert np.all(np.diff(lrs[:5]) > 0) and np.all(np.diff(lrs[5:]) < 0)
@@ -172,26 +191,33 @@ def test_feature_distillation_objective(feature_loss):
     tg, teacher = H.teacher()
     g, state = H.student()  # width 4 vs the teacher's 8: attention maps still compare
     if feature_loss == "attention":
-        obj = objectives.FeatureKD(objectives.SoftKD(), weight=100.0, pairs=(("block1", "block1"), ("block2", "block2")))
+        obj = objectives.FeatureKD(
+            objectives.SoftKD(), weight=100.0, pairs=(("block1", "block1"), ("block2", "block2"))
+        )
     else:  # hint between equal shapes: the student against a teacher of its own width
         from jkd.models import create_model
         from jkd.train import freeze_model
 
         tg, teacher = freeze_model(create_model("cnn", num_classes=4, input_shape=H.SHAPE, seed=5, width=4))
-        obj = objectives.FeatureKD(objectives.SoftKD(), weight=2.0, pairs=(("pooled", "pooled"),), feature_loss=L.hint_loss)
+        obj = objectives.FeatureKD(
+            objectives.SoftKD(), weight=2.0, pairs=(("pooled", "pooled"),), feature_loss=L.hint_loss
+        )
     b = H.batches(1)[0]
     _, m = H.step_fn(g, tg)(state, b, obj, teacher)
     # Independent recomputation of the same loss from the two forward passes.
     view = H.NORMALIZE_ONLY(jax.random.fold_in(state.rng, state.step), b["image"])
     s, sf, _, _ = apply_model(g, state.params, state.batch_stats, state.rest, view, train=True, with_features=True)
-    t, tf, _, _ = apply_model(tg, teacher.params, teacher.batch_stats, teacher.rest, view, train=False, with_features=True)
+    t, tf, _, _ = apply_model(
+        tg, teacher.params, teacher.batch_stats, teacher.rest, view, train=False, with_features=True
+    )
     # float64 formulas from the papers (tests/losses/reference.py), one example at a time:
     # SoftKD() = 0.9 T^2 KL + 0.1 CE at T = 4, plus the weighted feature terms.
     from tests.losses import reference as R
 
     s, t, labels = np.asarray(s), np.asarray(t), np.asarray(b["label"])
-    logit_term = np.array([0.9 * R.soft_kd(s[i], t[i], 4.0) + 0.1 * R.cross_entropy(s[i], labels[i])
-                           for i in range(len(s))])
+    logit_term = np.array(
+        [0.9 * R.soft_kd(s[i], t[i], 4.0) + 0.1 * R.cross_entropy(s[i], labels[i]) for i in range(len(s))]
+    )
     feature_term = np.zeros(len(s))
     for a, c in obj.pairs:
         ref = R.attention_transfer if feature_loss == "attention" else R.hint
@@ -231,8 +257,11 @@ def test_eval_step_masked_sums_match_numpy():
 
 def test_adamw_warmup_in_steps():
     """warmup_steps counts optimizer steps, whatever the epoch's length; a bad value is refused by name."""
-    opt = make_optimizer(AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=5.0, warmup_steps=3),
-                         steps_per_epoch=4, total_steps=20)
+    opt = make_optimizer(
+        AdamWConfig(learning_rate=1.0, weight_decay=0.0, warmup_epochs=5.0, warmup_steps=3),
+        steps_per_epoch=4,
+        total_steps=20,
+    )
     lrs = _lr_sequence(opt, 6)  # Adam with a constant gradient: the step is the learning rate
     np.testing.assert_allclose(lrs[:4], [0, 1 / 3, 2 / 3, 1], atol=1e-3)
     assert lrs[5] < lrs[4] < lrs[3]

@@ -10,7 +10,15 @@ import pytest
 from jkd.data import augment
 from jkd.data import pipeline as P
 from jkd.models import create_model
-from jkd.train import create_train_state, freeze_model, objectives, stored, teacher_logits, train_step, train_step_stored
+from jkd.train import (
+    create_train_state,
+    freeze_model,
+    objectives,
+    stored,
+    teacher_logits,
+    train_step,
+    train_step_stored,
+)
 from jkd.train.optim import SGDConfig, make_optimizer
 
 SHAPE = (8, 8, 1)
@@ -43,7 +51,7 @@ def test_fingerprints_tell_images_apart():
     # the rule, written out with Python integers: sum of (x_j + 1) * w_j modulo 2^64
     w = [int(v) for v in stored._position_weights(int(np.prod(SHAPE)))]
     row = [int(v) for v in data.images[3].reshape(-1)]
-    assert int(fp[3]) == sum((x + 1) * wj for x, wj in zip(row, w)) % 2 ** 64
+    assert int(fp[3]) == sum((x + 1) * wj for x, wj in zip(row, w)) % 2**64
     assert all(wj % 2 == 1 for wj in w) and len(set(w)) == len(w)
 
 
@@ -79,7 +87,7 @@ def test_stored_outputs_are_the_teachers_top_k_by_example_id():
     np.testing.assert_array_equal(out.indices, order)
     want = np.take_along_axis(logits, order, axis=1)
     assert out.values.dtype == jnp.bfloat16
-    np.testing.assert_allclose(out.values.astype(np.float64), want, rtol=2 ** -8)  # bf16: 8 bits of mantissa
+    np.testing.assert_allclose(out.values.astype(np.float64), want, rtol=2**-8)  # bf16: 8 bits of mantissa
     assert out.nbytes() == 53 * (3 * 2 + 3 * 4 + 8)
 
 
@@ -129,16 +137,23 @@ def test_stored_step_with_all_classes_equals_online_distillation():
     same maths without the teacher's forward pass."""
     data = _data(32)
     tg, teacher, fn = _teacher()
-    tx = make_optimizer(SGDConfig(learning_rate=0.1, weight_decay=0.0, decay_epochs=()), steps_per_epoch=2, total_steps=4)
-    graphdef, state = create_train_state(create_model("mlp", num_classes=10, input_shape=SHAPE, seed=0, hidden=(16,)), tx, seed=0)
+    tx = make_optimizer(
+        SGDConfig(learning_rate=0.1, weight_decay=0.0, decay_epochs=()), steps_per_epoch=2, total_steps=4
+    )
+    graphdef, state = create_train_state(
+        create_model("mlp", num_classes=10, input_shape=SHAPE, seed=0, hidden=(16,)), tx, seed=0
+    )
     online = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, view_fn=_view, teacher_graphdef=tg))
     offline = jax.jit(functools.partial(train_step_stored, graphdef=graphdef, tx=tx, view_fn=_view))
     a, b = state, jax.tree.map(jnp.copy, state)
     for batch in list(P.train_batches(data, batch_size=16, seed=0, num_epochs=2)):
         values, indices = jax.lax.top_k(fn(batch["image"]), 10)
         a, ma = online(a, batch, objectives.SoftKD(temperature=3.0), teacher)
-        b, mb = offline(b, {**batch, "teacher_topk_values": values, "teacher_topk_indices": indices},
-                        objectives.StoredSoftKD(temperature=3.0))
+        b, mb = offline(
+            b,
+            {**batch, "teacher_topk_values": values, "teacher_topk_indices": indices},
+            objectives.StoredSoftKD(temperature=3.0),
+        )
         np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
         assert float(ma["agreement"]) == float(mb["agreement"])
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -151,8 +166,15 @@ def test_a_run_with_stored_teacher_outputs(tmp_path):
 
     from jkd.jobs import image as X
 
-    cfg = dataclasses.replace(X.demo_config(), teacher_epochs=1, student_epochs=2, seeds=(0, 1), eval_every_epochs=2,
-                              distillations=X.demo_config().distillations[:1], store_teacher_topk=4)
+    cfg = dataclasses.replace(
+        X.demo_config(),
+        teacher_epochs=1,
+        student_epochs=2,
+        seeds=(0, 1),
+        eval_every_epochs=2,
+        distillations=X.demo_config().distillations[:1],
+        store_teacher_topk=4,
+    )
     messages = []
     summary = X.run(cfg, tmp_path / "r", progress=False, echo=messages.append)
     assert any("teacher outputs stored once: top-4 of" in m for m in messages)
