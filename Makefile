@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 # Where a GPU is lent: its image already holds JAX with CUDA, flax, optax, orbax, transformers and
-# PyTorch (no venv, no network); grain travels as a wheel (BUILD_NOTES). The LM check is at real shapes
+# PyTorch (no venv, no network); grain travels as a wheel (the device has no network). The LM check is at real shapes
 # (Qwen2.5-1.5B -> 0.5B, bf16, 8 x 2,048 tokens, cuDNN attention); not yet timed on a device.
 gpu-check:
 	cd benchmarks && python3 lm_gpu_check.py && python3 lm_fused_loss.py && python3 lm_sampler.py

@@ -1,7 +1,7 @@
 """The prepared accelerator check for language-model distillation (run where a GPU is lent).
 
 Runs with what the GPU image holds (JAX with CUDA, flax, optax, orbax; the project's own files;
-grain's wheel carried, see BUILD_NOTES) and reports:
+grain's wheel carried: the device has no network) and reports:
 
 1. The token-KD step's model FLOPs utilisation at real shapes, as ``jkd lm distill --dtype bfloat16
    --teacher-dtype bfloat16`` runs it: a Qwen2.5-1.5B-shaped teacher in bfloat16 and a

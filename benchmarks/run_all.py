@@ -2,7 +2,7 @@
 the CNN comparisons dominate).
 
 Each benchmark runs in a process of its own, so one that fails, or that XLA aborts (the
-4-device runners on a machine whose cores other processes hold, see BUILD_NOTES), is recorded in
+4-device runners on a machine whose cores other processes hold), is recorded in
 results.json as ``{"error": ..., "output_tail": ...}`` and the others still run; its entries from
 an earlier run are removed first, so an old figure is never read as this run's. The exit code is
 1 when any benchmark failed.

@@ -2,7 +2,7 @@
 
 jaxlib 0.10 lets YNNPACK take over convolutions and element-wise fusions on the CPU; for the
 CIFAR ResNets that makes a forward pass ~1.45x slower than XLA's own kernels (resnet32x4,
-batch 64, 2 cores: 0.95 s vs 0.65 s; ``benchmarks/vs_torch.py`` and BUILD_NOTES). Keeping
+batch 64, 2 cores: 0.95 s vs 0.65 s; ``benchmarks/vs_torch.py``). Keeping
 YNNPACK for dots only (``individual_dot``) restores the convolutions and leaves the MLPs'
 matmuls as they were. The flag is added to ``XLA_FLAGS`` only where it is known (jaxlib 0.10
 and 0.11), only if the user set no YNNPACK flag of their own, and ``JKD_NO_XLA_FLAGS=1``

@@ -65,3 +65,11 @@ def test_every_public_loss_is_in_the_api_reference():
     for name in losses.__all__:
         obj = getattr(losses, name)
         assert (obj.__doc__ or "").strip(), f"jkd.losses.{name} has no docstring"
+
+
+def test_the_cross_tokenizer_guide_example_runs():
+    scope = _run(_block(GUIDES / "language-models.md", "## Across tokenizers"), "language-models.md")
+    rows, metrics = scope["rows"], scope["metrics"]
+    assert 0 < rows.exact < rows.spans  # both kinds of span, on two real BPE tokenizations
+    assert int(metrics["spans"]) > 0 and float(metrics["loss"]) > 0
+    assert scope["student_tok"].vocab_size == 400 and scope["teacher_tok"].vocab_size == 259

@@ -8,8 +8,8 @@ Commands:
 
 Paper (full MNIST, 60k train, 10k test, errors): teacher 67; student 2x800 alone 146;
 distilled at T=20: 74. On the embedded sample (4,000 train / 1,000 test) the student is data-
-starved, so absolute figures are lower; expected ~2 min on a 2-core CPU. Measured figures are in
-BUILD_NOTES.md.
+starved, so absolute figures are lower; expected ~2 min on a 2-core CPU. Measured figures: docs/guides/images.md
+("The experiments, measured").
 """
 
 import dataclasses

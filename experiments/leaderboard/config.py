@@ -4,8 +4,8 @@ Command: `jkd run experiments/leaderboard/config.py` (run folder runs/leaderboar
 Expected: ~11-13 min on a 2-core CPU. The report's table gives each method's test accuracy
 (mean +- std over 3 seeds, each with its own initialisation, data order and augmentation), the
 fraction of the teacher-student gap it closes (against this run's teacher and student alone)
-and its training time per epoch relative to the student alone. Figures in README.md and
-BUILD_NOTES.md.
+and its training time per epoch relative to the student alone. Figures in
+docs/guides/images.md.
 
 Protocol: the demo's teacher (MLP 2x1200, 20 epochs) and student (784-100-10); every method
 trains 40 epochs (the demo's schedule) on the same view, random crops of +-2 pixels, except

@@ -16,7 +16,7 @@ Stages, each a `jkd lm` run folder of its own under the experiment's (each resum
    the same start trained on the labels alone (the control), token KD (forward KL), sequence-level
    KD (the teacher's answers) and on-policy distillation (JSD, lambda 0.5).
 
-`get_config()` holds the sizes; the CPU figures and the time are in BUILD_NOTES. For a GPU, raise
+`get_config()` holds the sizes; the CPU figures and the time are in docs/guides/real-scale.md. For a GPU, raise
 ``student_steps``, ``seeds`` and the data sizes with ``--set`` and add ``--set dtype=bfloat16
 --set teacher_dtype=bfloat16``.
 """

@@ -3,7 +3,7 @@
 Command: `jkd run experiments/temperature_sweep/config.py` (run folder runs/temperature_sweep).
 Expected: ~1-2 min on a 2-core CPU (teacher 20 epochs, then 12 students x 40 epochs in one
 step that shares the teacher's forward). Writes sweep.json and sweep_heatmap.png; the
-figures measured here are in BUILD_NOTES.md. kd_weight 0 is the student alone.
+figures measured here are in docs/guides/images.md. kd_weight 0 is the student alone.
 """
 
 import dataclasses

@@ -428,7 +428,7 @@ def demo_config() -> LMExperimentConfig:
         test_limit=150,
         pass_k=3,  # each test task also played 3 times sampled at temperature 1: pass^3
         # whole conversations packed into 6 rows of 256 tokens: ~17 a step (as 16 unpacked rows of
-        # 128 held) in 3/4 of the token slots (BUILD_NOTES)
+        # 128 held) in 3/4 of the token slots (docs/guides/benchmarks.md)
         pack_length=256,
         batch_size=6,
         distillations=(
@@ -628,7 +628,7 @@ class LMJob(Job):
         self._check_inputs(turns)
         # jitted steps by what they close over: groups that differ only in data, seeds' values or
         # initialisation (a student alone, from the teacher's layers, on the teacher's answers)
-        # share one compilation (BUILD_NOTES)
+        # share one compilation
         self._runs: dict = {}
         self.answered = None
         self.teacher_texts = None

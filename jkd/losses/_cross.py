@@ -415,8 +415,9 @@ def stored_cross_tokenizer_divergence(
       student_hidden: ``[B, Ts, D]``; student_weight: ``[Vs, D]``.
       teacher_values: ``[B, S, k]``, teacher_ids: ``[B, S, k]`` int: the stored top ``k`` of
         :func:`teacher_span_values` and their teacher ids.
-      student_targets, student_first, student_chain, exact, where, divergence, temperature,
-      chunk_size: as :func:`projected_cross_tokenizer_divergence`.
+      student_targets: ``[B, Ts]``, and ``student_first``, ``student_chain``, ``exact``,
+        ``where``, ``divergence``, ``temperature``, ``chunk_size`` as
+        :func:`projected_cross_tokenizer_divergence` takes them.
       student_of_teacher: ``[Vt]`` int, the student id of each shared teacher id (any value
         elsewhere); needed with ``divergence``.
 

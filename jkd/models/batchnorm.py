@@ -2,7 +2,7 @@
 
 XLA's CPU backend reduces an activation over its batch and spatial axes ~20x slower than it
 multiplies it by a vector of ones (64 x 32 x 32 x 64 floats: 11.5 ms against 0.5 ms on a 2-core
-machine; no XLA flag changes that; ``benchmarks/batchnorm.py``, BUILD_NOTES "issue 6").
+machine; no XLA flag changes that; ``benchmarks/batchnorm.py``).
 Training-mode BatchNorm does four such reductions per layer (mean and variance forward; the sums
 of ``g`` and ``g * x_hat`` backward), which made them 40% of a resnet8x4 train step.
 :func:`batch_norm_train` computes the same function with a hand-written backward whose every

@@ -43,7 +43,7 @@ def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
     transposed copy the CPU's matrix product needs is of ``x`` (shared by the projections that
     read it) rather than of ``dy`` with the backward's element-wise work fused into a transposed
     walk. The student's forward + backward on the CPU: 389 -> 340 ms and 442 -> 395 ms
-    (BUILD_NOTES). Differentiable in reverse mode only.
+    (``benchmarks/lm_kd_step.py``). Differentiable in reverse mode only.
     """
     return jnp.einsum("...i,oi->...o", x, weight)
 
@@ -131,7 +131,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
     The ``G = H / Hkv`` query heads that share a key/value head are stacked into one
     ``[B, Hkv, G*T, hd]`` operand, so both products are plain batched matrix products (1.4x faster
-    forward and backward on the CPU than a 5-d einsum, BUILD_NOTES).
+    forward and backward on the CPU than a 5-d einsum, ``benchmarks/lm_kd_step.py``).
     """
     b, t, h, hd = q.shape
     kv = k.shape[1]

@@ -46,7 +46,7 @@ class LoopConfig:
     save_every: int = 100
     eval_every: int = 0  # 0: evaluate only at the end
     sync_every: int = 10  # block on the device at least this often (CPU collectives
-    # hang when >~30 steps are queued, see BUILD_NOTES)
+    # hang when >~30 steps are queued)
     progress: bool = True
     label: str = ""  # shown before the progress line
     progress_every_s: float = 10.0  # when the output is not a terminal: one line this often
