@@ -281,7 +281,7 @@ def test_the_projected_form_equals_the_logits_form_in_values_and_gradients(diver
 
 
 @pytest.mark.parametrize("divergence", [None, ForwardKL()])
-@pytest.mark.parametrize("k", [7, 9, 11])  # k = V_student, more, the whole teacher
+@pytest.mark.parametrize("k", [7, 11])  # k = V_student, the whole teacher
 def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergence, k):
     """The teacher's top k >= V_student span values, stored: on exact spans (the hybrid) the full
     loss; on ULD spans the full loss less the teacher's mass past its k largest entries, computed

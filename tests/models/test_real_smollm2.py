@@ -231,3 +231,34 @@ def test_exported_to_gguf_at_q8_0_and_read_back(real, tmp_path):
     assert abs(ce(b) - ce(a)) < 0.01 * ce(a)
     assert (a[mask].argmax(-1) == b[mask].argmax(-1)).mean() >= 0.95
     assert np.abs(a[mask] - b[mask]).max() < 0.05 * np.abs(a[mask]).max()
+
+
+def test_spans_between_its_tokenizer_and_a_byte_tokenizer(real):
+    """SmolLM2's real tokenizer (its own pre-tokenizer, ChatML specials) against jkd's byte
+    tokenizer: the spans are the smallest runs that cover the same characters (a brute-force walk
+    over the offsets), on text with non-ASCII characters, whitespace runs and special tokens; whole
+    tool-use conversations, each rendered by its own template, align with every learned token in a
+    span."""
+    import copy
+
+    from jkd.data import toolchat
+    from jkd.data.align import aligned_rows, token_spans
+    from jkd.data.tokenizer import BYTE_CHAT_TEMPLATE, byte_tokenizer
+    from tests.data.test_align import brute_force, char_ranges
+
+    smol = copy.copy(real[2])
+    smol.chat_template = BYTE_CHAT_TEMPLATE  # jkd's tool-call template over SmolLM2's ChatML tokens
+    byte = byte_tokenizer()
+    for text in ("Zürich:  5 °C\t\tdéjà vu — naïve", "<|im_start|>user\nhi<|im_end|>\n", "x = [1, 2]  # 12345"):
+        _, a = smol.encode_with_offsets(text)
+        _, b = byte.encode_with_offsets(text)
+        spans = token_spans(a.tolist(), b.tolist())
+        assert char_ranges(spans, a.tolist(), b.tolist()) == brute_force(a.tolist(), b.tolist())
+    convs = toolchat.generate_split("train", 6, seed=5)
+    rows = aligned_rows(smol, byte, convs, max_length=4096)
+    assert len(rows) == 6 and 0 < rows.exact < rows.spans and rows.cut == 0
+    for lay, learn in zip(rows.layouts, rows.student_learn):
+        covered = np.zeros(len(learn), bool)  # every learned student token but the first is in a span
+        covered[lay.student_first[lay.where] + 1] = True
+        covered[np.flatnonzero(lay.student_chain >= 0) + 1] = True
+        assert covered[1:][learn[1:]].all()
