@@ -232,6 +232,19 @@ def _target_log_probs(hidden, weight, targets, temperature, chunk):
     return _rows_in_chunks(fn, hidden, chunk, targets)
 
 
+def _later_log_probs(hidden, weight, targets, chain, spans: int, temperature, chunk: int) -> jax.Array:
+    """``[B * S]``: per span, the log-probability the model gives the span's later tokens
+    (``hidden [B, T, D]``, ``targets`` and ``chain`` ``[B, T]``), ``chunk`` rows of logits at a time."""
+    n, t = hidden.shape[0], hidden.shape[1]
+    lp = _target_log_probs(
+        hidden.reshape(n * t, -1), weight, jnp.asarray(targets).reshape(-1), temperature, chunk
+    ).reshape(n, t)
+    chain = jnp.asarray(chain)
+    inside = chain >= 0
+    seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * spans)[:, None]
+    return jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * spans)
+
+
 def projected_cross_tokenizer_divergence(
     student_hidden: jax.Array,
     student_weight: jax.Array,
@@ -301,17 +314,8 @@ def projected_cross_tokenizer_divergence(
     )
     ws, wt = student_weight, teacher_weight
 
-    def chains(hidden, weight, targets, chain):  # [B, S]: the log-probability of each span's later tokens
-        n, t = hidden.shape[0], hidden.shape[1]
-        lp = _target_log_probs(
-            hidden.reshape(n * t, -1), weight, jnp.asarray(targets).reshape(-1), temp, chunk_size
-        ).reshape(n, t)
-        inside = chain >= 0
-        seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]
-        return jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * s)
-
-    q_later = chains(hs, ws, student_targets, jnp.asarray(student_chain))
-    p_later = chains(ht, wt, teacher_targets, jnp.asarray(teacher_chain))
+    q_later = _later_log_probs(hs, ws, student_targets, student_chain, s, temp, chunk_size)
+    p_later = _later_log_probs(ht, wt, teacher_targets, teacher_chain, s, temp, chunk_size)
     gather = lambda h, f: jnp.take_along_axis(h, jnp.asarray(f)[..., None], axis=1).reshape(b * s, -1)  # noqa: E731
     hs_first, ht_first = gather(hs, student_first), gather(ht, teacher_first)
     ex = jnp.zeros((b * s,), bool) if exact is None else jnp.asarray(exact).reshape(-1)
@@ -439,14 +443,7 @@ def stored_cross_tokenizer_divergence(
     temp = jnp.asarray(temperature, jnp.float32)
     hs = c.check_floating("student_hidden", student_hidden)
     ws = student_weight
-    n, t = hs.shape[0], hs.shape[1]
-    lp = _target_log_probs(
-        hs.reshape(n * t, -1), ws, jnp.asarray(student_targets).reshape(-1), temp, chunk_size
-    ).reshape(n, t)
-    chain = jnp.asarray(student_chain)
-    inside = chain >= 0
-    seg = jnp.where(inside, chain, 0) + (jnp.arange(n) * s)[:, None]
-    later = jax.ops.segment_sum(jnp.where(inside, lp, 0.0).reshape(-1), seg.reshape(-1), num_segments=n * s)
+    later = _later_log_probs(hs, ws, student_targets, student_chain, s, temp, chunk_size)
     h_first = jnp.take_along_axis(hs, jnp.asarray(student_first)[..., None], axis=1).reshape(b * s, -1)
     tv = jnp.asarray(teacher_values, jnp.float32).reshape(b * s, -1)
     ti = jnp.asarray(teacher_ids, jnp.int32).reshape(b * s, -1)
