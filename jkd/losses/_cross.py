@@ -353,6 +353,14 @@ def teacher_span_values(
     r"""What the teacher contributes to :func:`cross_tokenizer_divergence`, per span, over its
     vocabulary: the scores a stored teacher keeps the top ``k`` of.
 
+    .. math::
+        r_s(v) = \begin{cases} \log \bar p_{f_s}(v) & v \text{ shared, span } s \text{ exact (hybrid)} \\
+        \log m_s(v) & \text{otherwise} \end{cases}
+
+    with ``m_s`` the span distribution of :func:`span_log_probs` and ``bar p`` the next-token
+    distribution renormalised over the shared tokens (:data:`STORED_FLOOR` at the other ids of an
+    exact span).
+
     A span's row is its log-distribution (:func:`span_log_probs`); where ``exact`` (the hybrid),
     the teacher's next-token log-probabilities renormalised over the ``shared_teacher`` ids, at
     those ids, and :data:`STORED_FLOOR` elsewhere. Kept as the top ``k >= V_student`` values with
@@ -368,7 +376,18 @@ def teacher_span_values(
       temperature: ``T > 0``.
 
     Returns:
-      ``[..., S, Vt]`` float32.
+      ``[..., S, Vt]`` float32: for the rows ``[...]``, a row of scores per span.
+
+    Example:
+      >>> logits = jnp.zeros((4, 5))  # uniform: each token 1/5
+      >>> r = teacher_span_values(logits, teacher_targets=jnp.zeros(4, int), teacher_first=jnp.array([0, 1]),
+      ...                         teacher_chain=jnp.array([-1, -1, 1, -1]))
+      >>> r.shape, round(float(jnp.exp(r[1]).sum()), 4)  # span 1 has two tokens
+      ((2, 5), 0.2)
+
+    References:
+      Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; the GOLD trainer of TRL
+      (Hugging Face, 2025).
     """
     rows = span_log_probs(teacher_logits, teacher_targets, teacher_first, teacher_chain, temperature=temperature)
     if exact is None:
@@ -426,7 +445,20 @@ def stored_cross_tokenizer_divergence(
         elsewhere); needed with ``divergence``.
 
     Returns:
-      ``[B, S]`` float32 per-span values.
+      ``[B, S]`` float32 per-span values for the rows ``[...]`` = ``[B]``.
+
+    Example:
+      >>> hs, ws = jnp.zeros((1, 6, 4)), jnp.zeros((7, 4))  # a uniform student over 7 tokens
+      >>> values = jnp.log(jnp.array([[[0.5, 0.3, 0.2] + [1e-9] * 4] * 2]))  # the teacher's sorted top 7
+      >>> v = stored_cross_tokenizer_divergence(hs, ws, values, jnp.zeros((1, 2, 7), int),
+      ...     student_targets=jnp.zeros((1, 6), int), student_first=jnp.array([[0, 2]]),
+      ...     student_chain=jnp.full((1, 6), -1), chunk_size=4)
+      >>> v.shape, round(float(v[0, 0]), 4)  # |0.5-1/7| + |0.3-1/7| + |0.2-1/7| + 4 x 1/7
+      ((1, 2), 1.1429)
+
+    References:
+      Boizard et al. 2024 (ULD), https://arxiv.org/abs/2402.12030; storing a teacher's outputs
+      once as :mod:`jkd.train.stored` does.
     """
     if divergence is not None and (student_of_teacher is None or exact is None):
         raise ValueError("the stored hybrid loss (a divergence given) needs student_of_teacher= and exact=")
