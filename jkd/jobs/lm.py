@@ -475,11 +475,17 @@ class _View:
     labelled: list[dict]
     test: list[dict]
     unlabelled: list[dict]
-    train_enc: object
+    encode: Callable[[list[dict]], object]  # conversations -> their encodings in this tokenizer
     labelled_enc: object
     test_enc: object
     test_tasks: list
     test_turns: list = dataclasses.field(default_factory=list)
+
+    @functools.cached_property
+    def train_enc(self):
+        """The whole ``train`` split encoded: read by the teacher trained here and by ``all_labels``
+        groups only, so a student's view encodes it when first asked."""
+        return self.encode(self.train)
 
 
 def _offered(convs: list[dict], schemas: list[dict] | None) -> list[dict]:
@@ -662,7 +668,7 @@ class LMJob(Job):
             fmt,
             line,
             **splits,
-            train_enc=enc(splits["train"]),
+            encode=enc,
             labelled_enc=enc(splits["labelled"]),
             test_enc=enc(splits["test"]),
             test_tasks=tasks_from(splits["test"]) if self.tools is not None else [],
@@ -986,6 +992,7 @@ class LMJob(Job):
         self.teacher_model = model = _in_dtype(model, DTYPES[self.cfg.teacher_dtype or "float32"])
         set_attention(model, self.attention_kernel(self.cfg.teacher_dtype))
         self.frozen_teacher = tg, tvars = freeze_model(model)
+        self._teacher_identity = None  # hashed once, on first use (every teacher weight is read)
         loss = "(loaded, not trained here)" if self.cfg.teacher_dir else "cross-entropy (all labelled)"
         return Trained(
             "teacher",
@@ -1523,6 +1530,14 @@ class LMJob(Job):
             ),
         )
 
+    @property
+    def teacher_identity(self) -> str:
+        """The frozen teacher's identity (:func:`jkd.train.stored.teacher_identity`): a hash of all
+        its weights, computed once per job and shared by every stored-teacher group."""
+        if self._teacher_identity is None:
+            self._teacher_identity = teacher_identity(self.frozen_teacher[1], self.teacher_model.config)
+        return self._teacher_identity
+
     def stored_topk(self, k: int, vocab: int) -> StoredTopK:
         """The teacher's top-``k`` next-token log-probabilities over the first ``vocab`` ids at every
         position of the labelled conversations (as their batches hold them: ``max_length`` tokens,
@@ -1531,7 +1546,7 @@ class LMJob(Job):
         if (k, vocab) in self._stored:
             return self._stored[(k, vocab)]
         tg, tvars = self.frozen_teacher
-        identity = teacher_identity(tvars, self.teacher_model.config)
+        identity = self.teacher_identity
         path = self.dir / "teacher_topk" / f"top{k}_vocab{vocab}.npz"
         out = StoredTopK.load(path) if path.exists() else None
         if out is None or out.source != identity or len(out) != len(self.labelled_enc.ids):
@@ -1554,7 +1569,7 @@ class LMJob(Job):
         vocabulary rows: its gradient stays exact), computed once and kept in
         ``<run>/teacher_spans/`` (reused while the teacher, the loss and the rows are the same)."""
         tg, tvars = self.frozen_teacher
-        identity = teacher_identity(tvars, self.teacher_model.config)
+        identity = self.teacher_identity
         length = self.cfg.max_length
         path = (
             self.dir

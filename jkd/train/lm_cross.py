@@ -87,6 +87,11 @@ def _hidden(model, tokens, attention_mask) -> jax.Array:
     return model.hidden_states(tokens, attention_mask=attention_mask)
 
 
+def _next_tokens(tokens: jax.Array) -> jax.Array:
+    """``[B, T]`` -> ``[B, T]``: each position's next token (the last repeats; it is never learned)."""
+    return jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+
 def cross_tokenizer_loss(
     student,
     teacher,
@@ -106,13 +111,12 @@ def cross_tokenizer_loss(
     if objective.kd_weight > 0 and objective.stored:
         s = batch["span_where"].shape[1]
         pad = [(0, 0), (0, s - batch[VALUES].shape[1]), (0, 0)]  # the stored values cover T-1 spans
-        shift = jnp.concatenate([s_tokens[:, 1:], s_tokens[:, -1:]], axis=1)
         values = stored_cross_tokenizer_divergence(
             hs,
             ws,
             jnp.pad(batch[VALUES].astype(jnp.float32), pad, constant_values=STORED_FLOOR),
             jnp.pad(batch[INDICES], pad),
-            student_targets=shift,
+            student_targets=_next_tokens(s_tokens),
             student_first=batch["student_first"],
             student_chain=batch["student_chain"],
             exact=batch["span_exact"],
@@ -127,14 +131,13 @@ def cross_tokenizer_loss(
         t_tokens = batch["teacher_tokens"]
         ht = jax.lax.stop_gradient(_hidden(teacher, t_tokens, batch["teacher_attention_mask"].astype(bool)))
         wt = jax.lax.stop_gradient(teacher.output_weight())
-        shift = lambda x: jnp.concatenate([x[:, 1:], x[:, -1:]], axis=1)  # noqa: E731  each position's next token
         values = projected_cross_tokenizer_divergence(
             hs,
             ws,
             ht,
             wt,
-            student_targets=shift(s_tokens),
-            teacher_targets=shift(t_tokens),
+            student_targets=_next_tokens(s_tokens),
+            teacher_targets=_next_tokens(t_tokens),
             student_first=batch["student_first"],
             teacher_first=batch["teacher_first"],
             student_chain=batch["student_chain"],
@@ -246,7 +249,7 @@ def store_span_teacher(
         model = nnx.merge(teacher_graphdef, params, batch_stats, rest)
         tokens = batch["teacher_tokens"]
         logits = model(tokens, attention_mask=batch["teacher_attention_mask"].astype(bool))
-        targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        targets = _next_tokens(tokens)
         spans = slice(0, length - 1)  # a row of `length` tokens has at most length - 1 spans
         return teacher_span_values(
             logits,
