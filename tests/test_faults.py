@@ -90,7 +90,7 @@ def test_a_full_disk_stops_within_seconds_and_resume_continues_once_space_is_fre
         lines = [ln for ln in first.stderr.splitlines() if ln.startswith("jkd train-teacher: error")]
         assert len(lines) == 1 and "disk full" in lines[0] and "--resume" in lines[0], first.stderr[-2000:]
         # No traceback of jkd's. (orbax's tensorstore callbacks may still print "Event loop is
-        # closed" from their own threads once its writer failed: BUILD_NOTES, known limits.)
+        # closed" from their own threads once its writer failed: BUILD_NOTES, "Measuring on this machine".)
         assert str(ROOT / "jkd") not in first.stderr
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)

@@ -27,7 +27,7 @@ def test_demo_on_a_2x2_mesh_ends_where_one_device_does(tmp_path, capsys):
     # rounding noise from a KD loss). Adam divides each gradient by its own size plus eps: with
     # optax's eps of 1e-8 a component that is mostly rounding (a rare token's embedding) moves by a
     # step of its sign, on whichever device count rounds it so; eps=1e-4 keeps the comparison one of
-    # the computation, not of the rounding of near-zero gradients (BUILD_NOTES).
+    # the computation, not of the rounding of near-zero gradients (docs/guides/design.md, "Numerics").
     tiny = [
         *TINY,
         "--set",

@@ -92,7 +92,7 @@ def kill_after_checkpoint(argv, checkpoint: Path, tmp: Path) -> str:
     if procs[0].returncode == -signal.SIGABRT and "gloo::EnforceNotMet" in survivor:
         # gloo's TCP transport can abort the survivor itself (a C++ std::terminate on the killed
         # peer's half-sent message, on gloo's own thread) before jkd's watchdog reports the
-        # silence: not catchable from Python (BUILD_NOTES, known limits). The resume must hold.
+        # silence: not catchable from Python (docs/limits.md). The resume must hold.
         return survivor
     assert procs[0].returncode == 3, survivor[-3000:]
     assert "jkd: error: process 1 of 2 stopped responding" in survivor and "--resume" in survivor
