@@ -41,7 +41,9 @@ def shrunk(code: str) -> str:
 
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-WRAPPER = 'jkd() { if [ "$1 $2" = "lm distill" ]; then command jkd "$@" ' + TINY_DISTILL + '; else command jkd "$@"; fi; }\n'
+WRAPPER = (  # a shell function standing in for `jkd`: the shrunk flags after the page's own
+    'jkd() { if [ "$1 $2" = "lm distill" ]; then command jkd "$@" ' + TINY_DISTILL + '; else command jkd "$@"; fi; }\n'
+)
 
 
 def run_page(path: Path, cwd: Path) -> list[str]:
