@@ -77,16 +77,16 @@ def test_the_language_model_tutorial_runs_as_written(tmp_path):
     # step 3 and 4: the two settings the text names, measured, with a verdict line
     run = tmp_path / "runs/tutorial"
     models = {m["name"]: m for m in json.loads((run / "summary.json").read_text())["models"]}
-    assert {"student layers 0,3 (teacher layers + labels)", "student layers 0,3 sequence KD"} <= set(models)
+    assert {"student layers 0,3 alone", "student layers 0,3 sequence fkl"} <= set(models)
     report = (run / "report.md").read_text()
     for column in ("exact match", "tool name", "arguments", "final answer", "test CE", "agrees w/ teacher"):
         assert column in report, column
     assert "by more than the seed spread" in report and (run / "samples.md").is_file()
     assert "8 unlabelled requests" in report  # the shrunk requests, answered by the teacher
     # step 6 and 7: the folder the text names, measured again and exported
-    student = run / "student_layers_0_3_sequence_kd/seed0"
+    student = run / "student_layers_0_3_sequence_fkl/seed0"
     assert (student / "config.json").is_file()
-    assert "exact_match" in json.loads((run / "evaluate.json").read_text())
+    assert "tool_call_exact_match" in json.loads((run / "evaluate.json").read_text())
     assert (run / "student.gguf").read_bytes()[:4] == b"GGUF"
     # step 5: another setting in the same folder is refused, naming what differs as the text shows it
     command = next(code for kind, code in blocks(page) if "--run-dir runs/tutorial\n" in code + "\n")
