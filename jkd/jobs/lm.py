@@ -1104,7 +1104,9 @@ class LMJob(Job):
                 elif isinstance(objective, StoredTopKKD) and objective.kd_weight > 0:
                     stored = self.stored_topk(objective.top_k, vocab)
                 echo(
-                    f"{name}: {len(cfg.seeds)} seeds in one vmapped step, {cfg.student_steps} steps "
+                    f"{name}: "
+                    + (f"{len(cfg.seeds)} seeds in one vmapped step" if len(cfg.seeds) > 1 else "one seed")
+                    + f", {cfg.student_steps} steps "
                     f"on {len(ids)} sequences"
                 )
                 online = role == "distilled" and (

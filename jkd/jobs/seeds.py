@@ -10,8 +10,9 @@ import numpy as np
 
 def mean_std(per_seed: Sequence[dict]) -> dict[str, float]:
     """``{key}_mean`` and ``{key}_std`` (population std) for every key that is a number in every
-    seed's metrics (a metric that is None or missing for some seed is left out)."""
-    out: dict[str, float] = {}
+    seed's metrics (a metric that is None or missing for some seed is left out), and
+    ``seed_count``: how many seeds the spread is over."""
+    out: dict[str, float] = {"seed_count": len(per_seed)}
     for key in per_seed[0]:
         values = [m.get(key) for m in per_seed]
         if all(isinstance(v, (int, float)) for v in values):
@@ -44,11 +45,18 @@ def verdict(
     """The report's sentence on whether ``a`` beats ``b`` on ``key`` by more than the seed spread
     (:func:`margin_and_spread`), with both means, the margin and the spread (times ``scale``, to
     ``digits`` decimals, in ``unit``); ``other`` names ``b`` (default its name). None when either
-    lacks the metric. No final full stop: the caller may go on."""
+    lacks the metric. With one seed on either side there is no spread to judge by, and the sentence
+    says so instead of a verdict. No final full stop: the caller may go on."""
     if (found := margin_and_spread(a, b, key, better=better)) is None:
         return None
     margin, spread = found
     f = lambda x: f"{scale * x:.{digits}f}"  # noqa: E731
+    if min(a.get("seed_count", 2), b.get("seed_count", 2)) < 2:
+        return (
+            f"{a['name']} against {other or b['name']} on {label}: {f(a[f'{key}_mean'])} vs {f(b[f'{key}_mean'])} "
+            f"(margin {scale * margin:+.{digits}f}{unit}); one seed, so no seed spread to judge the margin by "
+            "(--seeds 0,1,2 gives one)"
+        )
     return (
         f"{a['name']} {'beats' if margin > spread else 'does not beat'} {other or b['name']} on {label} by more "
         f"than the seed spread: {f(a[f'{key}_mean'])} vs {f(b[f'{key}_mean'])} (margin {scale * margin:+.{digits}f}"
