@@ -197,8 +197,20 @@ def replicate(tree, devices):
 
 
 def unreplicate(tree):
-    """Device 0's copy of a pmapped tree."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """Device 0's copy of a pmapped tree, as arrays on the first device.
+
+    Each leaf's first row is read from the shard that holds it, with no computation across the
+    devices: ``x[0]`` on a leaf split over the devices compiles a program on all of them (a
+    collective per leaf), and on CPU devices dozens of those queued behind a step deadlock XLA's
+    rendezvous."""
+
+    def first(x):
+        if not isinstance(x, jax.Array) or len(x.addressable_shards) < 2:
+            return x[0]
+        shard = next(s for s in x.addressable_shards if (s.index[0].start or 0) == 0)
+        return shard.data[0]
+
+    return jax.tree.map(first, tree)
 
 
 class Replicated:

@@ -112,3 +112,20 @@ def test_dropout_draws_the_same_masks_on_one_device_and_under_pmap():
         state, _ = run(state, b, objectives.CrossEntropy(), None)
     plain = state
     assert H.max_abs_diff(results["one"].params, plain.params) > 1e-3
+
+
+def test_unreplicate_reads_device_0s_copy_without_a_program_over_the_devices():
+    """``x[0]`` on a leaf split over 4 devices compiles a 4-device program (a collective per leaf;
+    dozens queued behind a step once deadlocked XLA's CPU rendezvous): the first copy is read from
+    the shard that holds it, and stays on the first device."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    devices = jax.local_devices()[:4]
+    tree = {"w": jnp.arange(12.0).reshape(3, 4), "step": jnp.asarray(7)}
+    stacked = parallel.replicate(tree, devices)
+    assert len(_devices_of(stacked)) == 4
+    back = parallel.unreplicate(stacked)
+    assert _devices_of(back) == {devices[0]}
+    np.testing.assert_array_equal(back["w"], tree["w"])
+    assert int(back["step"]) == 7
