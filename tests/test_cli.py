@@ -480,3 +480,28 @@ def test_run_takes_a_language_model_config_file(tmp_path, monkeypatch):
     other = tmp_path / "other.py"
     other.write_text("def get_config():\n    return {'steps': 3}\n")
     assert cli.main(["run", str(other), "--run-dir", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize(
+    "flags, name, reads_teacher",
+    [
+        ([], "token fkl", True),
+        (["--kd-weight", "0", "--ce-weight", "1"], "labels only", False),
+        (
+            ["--mode", "sequence", "--kd-weight", "0", "--ce-weight", "1", "--unlabelled", "u.jsonl"],
+            "sequence CE",
+            False,
+        ),
+        (["--mode", "sequence", "--unlabelled", "u.jsonl"], "sequence fkl", True),
+        (["--mode", "on-policy", "--loss", "jsd", "--unlabelled", "u.jsonl"], "on-policy jsd", True),
+    ],
+)
+def test_a_distillation_is_named_for_what_the_student_learns(flags, name, reads_teacher):
+    """With --kd-weight 0 no loss reads the teacher's distributions: the setting is not named after
+    a divergence it does not train."""
+    from jkd.cli.lm import _lm_config
+
+    args = cli.build_parser().parse_args(["lm", "distill", "--data", "d.jsonl", "--test", "t.jsonl", *flags])
+    (d,) = _lm_config(args).distillations
+    assert d.name == name
+    assert (getattr(d.objective, "kd_weight", 1.0) > 0) == reads_teacher

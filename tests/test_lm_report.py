@@ -193,3 +193,18 @@ def test_fields_added_to_the_lm_config_keep_earlier_run_folders_resumable():
     changes = config_changes(old, new)
     assert {c[0] for c in changes} == {"max_turns", "pass_k", "pass_temperature"}
     assert all(c[0] in LX.evaluation_keys(cfg) for c in changes)
+
+
+def test_a_different_start_without_its_control_is_said():
+    """A student cut from the teacher against the student alone (a random start): the report says
+    the difference mixes the start and the teacher's signal, and how to run the control; with the
+    control in the report, or one start for both, it says nothing of the kind."""
+    alone = {**entry("s alone", "student_alone", 0.0, 0.8, signal=False), "initialisation": "random"}
+    seq = {**entry("s seq", "distilled", 0.5, 0.09, signal=True), "initialisation": "teacher layers"}
+    notes = verdicts([alone, seq])
+    mixed = [n for n in notes if "starts from a random initialisation" in n]
+    assert len(mixed) == 1 and "from the teacher's blocks" in mixed[0] and "--kd-weight 0" in mixed[0]
+    control = {**entry("s labels only", "distilled", 0.5, 0.09, signal=False), "initialisation": "teacher layers"}
+    assert not [n for n in verdicts([alone, control, seq]) if "starts from a random" in n]
+    folder = {**alone, "initialisation": "student folder"}
+    assert not [n for n in verdicts([folder, {**seq, "initialisation": "student folder"}]) if "starts from" in n]

@@ -84,6 +84,11 @@ def test_the_language_model_tutorial_runs_as_written(tmp_path):
         assert column in report, column
     assert "by more than the seed spread" in report and (run / "samples.md").is_file()
     assert "8 unlabelled requests" in report  # the shrunk requests, answered by the teacher
+    assert "starts from a random initialisation" in report  # the two starts differ: the report says so
+    # step 5: the same start on the labels alone
+    control = json.loads((tmp_path / "runs/tutorial_control/summary.json").read_text())["models"]
+    assert [m["name"] for m in control if m["role"] != "teacher"] == ["student layers 0,3 labels only"]
+    assert control[1]["initialisation"] == "teacher layers" and not control[1]["teacher_signal"]
     # step 6 and 7: the folder the text names, measured again and exported
     student = run / "student_layers_0_3_sequence_fkl/seed0"
     assert (student / "config.json").is_file()

@@ -64,7 +64,10 @@ def _lm_config(args):
     cls = getattr(losses, LM_LOSSES[args.loss])
     kw = {"beta": args.beta} if args.loss == "jsd" else {"alpha": args.alpha} if args.loss.startswith("skew") else {}
     divergence = cls(**kw)
+    # named for what the student learns: with --kd-weight 0 no loss reads the teacher's distributions
     name = f"{args.mode} {args.loss}"
+    if args.kd_weight == 0 and args.mode != "on-policy":
+        name = "sequence CE" if args.mode == "sequence" else "labels only"
     if args.cross_tokenizer is not None:
         from jkd.train.lm_cross import CrossTokenizerKD
 
@@ -81,7 +84,8 @@ def _lm_config(args):
             ce_weight=args.ce_weight,
             stored=args.mode == "stored",
         )
-        name = f"{args.mode} uld" if args.cross_tokenizer == "uld" else f"{args.mode} hybrid {args.loss}"
+        if args.kd_weight != 0:
+            name = f"{args.mode} uld" if args.cross_tokenizer == "uld" else f"{args.mode} hybrid {args.loss}"
     elif args.mode == "on-policy":
         objective = OnPolicyKD(
             divergence=divergence,

@@ -88,6 +88,14 @@ def _headline(e: dict) -> float:
     return e.get("task_success_mean", e.get("tool_call_exact_match_mean", -1))
 
 
+# a student's start in words (the job's "initialisation" of a trained group)
+STARTS = {
+    "teacher layers": "the teacher's blocks",
+    "teacher layers, pruned": "the teacher's blocks, narrowed",
+    "student folder": "the student folder's weights",
+}
+
+
 def verdicts(entries: Sequence[dict]) -> list[str]:
     """For each student size: does its best setting with the teacher's signal beat it alone by more
     than the seed spread, on task success and exact match (higher is better) and on test
@@ -110,6 +118,14 @@ def verdicts(entries: Sequence[dict]) -> list[str]:
         best = max(with_signal or distilled, key=_headline) if distilled else None
         if alone is not None and best is not None:
             notes += [n for key, better, label in METRICS if (n := _compare(best, alone, key, better, label))]
+            start = best.get("initialisation", "random")
+            if start != alone.get("initialisation", "random") and not labels_only:
+                notes.append(
+                    f"{alone['name']} starts from a random initialisation and {best['name']} from "
+                    f"{STARTS.get(start, start)}, so their difference is the start and the teacher's signal "
+                    "together. The same start on the labels alone separates them: jkd lm distill --mode token "
+                    "--kd-weight 0 --ce-weight 1 with the same --student."
+                )
         for base in labels_only:
             for e in with_signal:
                 parts, wins = [], 0
