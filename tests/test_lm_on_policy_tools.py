@@ -14,6 +14,7 @@ import pytest
 import jkd.jobs.lm as LX
 from jkd.data import toolchat
 from jkd.train.lm_steps import OnPolicyKD
+from tests.scripted import scripted_generate
 
 pytestmark = pytest.mark.slow
 
@@ -84,32 +85,20 @@ def test_the_student_learns_its_own_call_the_result_and_its_answer(tmp_path, mon
         box.call = lambda name, args: calls.append((name, args)) or call(name, args)
         return box
 
-    class Rows:
-        def __init__(self, rows):
-            self._rows = rows
-
-        def rows(self):
-            return self._rows
-
-    def fake_generate(model, prompts, *, max_new_tokens, sampling, key, buckets):
-        tok = fake_generate.tok
-        out = []
-        for p in prompts:
-            text = tok.decode(p)
-            reply = (
-                "Timer set.<|im_end|>"
-                if "<|im_start|>tool" in text
-                else "<tool_call>\n"
-                + json.dumps({"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}})
-                + "\n</tool_call><|im_end|>"
-            )
-            out.append(tok.encode(reply))
-        return Rows(out)
+    fake_generate = scripted_generate(
+        lambda text: (
+            "Timer set.<|im_end|>"
+            if "<|im_start|>tool" in text
+            else "<tool_call>\n"
+            + json.dumps({"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}})
+            + "\n</tool_call><|im_end|>"
+        )
+    )
 
     real_rollout = LX.LMJob._rollout_batch
 
     def recording(self, state, step, given, **kw):
-        fake_generate.tok = self.data.tokenizer
+        fake_generate.tokenizer = self.data.tokenizer
         batch = real_rollout(self, state, step, given, **kw)
         rows.append((self.data.tokenizer, batch, len(calls)))
         return batch

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from jkd import cli
+from tests.scripted import scripted_generate
 from tests.test_lm_experiment import _conversations, _jsonl, _save_teacher
 
 pytestmark = pytest.mark.slow
@@ -241,26 +242,12 @@ def test_on_policy_plays_the_students_calls_through_the_users_tools(tmp_path, ca
     unl = _jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": f"use {n}"}]} for n in names])
     played = []
 
-    class Rows:
-        def __init__(self, rows):
-            self._rows = rows
-
-        def rows(self):
-            return self._rows
-
-    def student(model, prompts, *, max_new_tokens, sampling, key, buckets):
-        out = []
-        for p in prompts:
-            text = tok.decode(p)
-            played.append(text)
-            name = next(n for n in names if f"use {n}" in text)
-            reply = (
-                "answered"
-                if "<|im_start|>tool" in text or name == "none"
-                else "<tool_call>\n" + json.dumps({"name": name, "arguments": {"x": 3}}) + "\n</tool_call>"
-            )
-            out.append(tok.encode(reply + "<|im_end|>"))
-        return Rows(out)
+    def reply(text):
+        played.append(text)
+        name = next(n for n in names if f"use {n}" in text)
+        if "<|im_start|>tool" in text or name == "none":
+            return "answered<|im_end|>"
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": {"x": 3}}) + "\n</tool_call><|im_end|>"
 
     batches = []
     real = LX.LMJob._rollout_batch
@@ -269,7 +256,7 @@ def test_on_policy_plays_the_students_calls_through_the_users_tools(tmp_path, ca
         batches.append(batch := real(self, *a, **kw))
         return batch
 
-    monkeypatch.setattr(LX, "generate", student)
+    monkeypatch.setattr(LX, "generate", scripted_generate(reply, tok))
     monkeypatch.setattr(LX.LMJob, "_rollout_batch", recording)
     argv = [
         "lm",
