@@ -437,7 +437,8 @@ def stored_cross_tokenizer_divergence(
     Args:
       student_hidden: ``[B, Ts, D]``; student_weight: ``[Vs, D]``.
       teacher_values: ``[B, S, k]``, teacher_ids: ``[B, S, k]`` int: the stored top ``k`` of
-        :func:`teacher_span_values` and their teacher ids.
+        :func:`teacher_span_values` and their teacher ids; without ``divergence`` (ULD reads the
+        sorted values only) ``teacher_ids`` may be ``[B, S, 0]``.
       student_targets: ``[B, Ts]``, and ``student_first``, ``student_chain``, ``exact``,
         ``where``, ``divergence``, ``temperature``, ``chunk_size`` as
         :func:`projected_cross_tokenizer_divergence` takes them.
@@ -466,11 +467,14 @@ def stored_cross_tokenizer_divergence(
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     c.check_positive("temperature", temperature)
     b, s = student_first.shape
-    if teacher_values.shape[:2] != (b, s) or teacher_ids.shape != teacher_values.shape:
+    with_ids = teacher_ids.shape == teacher_values.shape
+    if teacher_values.shape[:2] != (b, s) or not (with_ids or teacher_ids.shape == (b, s, 0)):
         raise ValueError(
-            f"teacher_values and teacher_ids must be [B, S, k] with [B, S] = {(b, s)}; got "
-            f"{teacher_values.shape} and {teacher_ids.shape}"
+            f"teacher_values and teacher_ids must be [B, S, k] with [B, S] = {(b, s)} (teacher_ids [B, S, 0] for "
+            f"ULD alone); got {teacher_values.shape} and {teacher_ids.shape}"
         )
+    if divergence is not None and not with_ids:
+        raise ValueError("the stored hybrid loss reads the teacher ids of its exact spans: teacher_ids [B, S, k]")
     where = None if where is None else c.check_where(where, (b, s))
     temp = jnp.asarray(temperature, jnp.float32)
     hs = c.check_floating("student_hidden", student_hidden)
@@ -478,7 +482,6 @@ def stored_cross_tokenizer_divergence(
     later = _later_log_probs(hs, ws, student_targets, student_chain, s, temp, chunk_size)
     h_first = jnp.take_along_axis(hs, jnp.asarray(student_first)[..., None], axis=1).reshape(b * s, -1)
     tv = jnp.asarray(teacher_values, jnp.float32).reshape(b * s, -1)
-    ti = jnp.asarray(teacher_ids, jnp.int32).reshape(b * s, -1)
     ex = jnp.zeros((b * s,), bool) if exact is None else jnp.asarray(exact).reshape(-1)
     to_student = None if student_of_teacher is None else jnp.asarray(student_of_teacher, jnp.int32)
 
@@ -493,5 +496,10 @@ def stored_cross_tokenizer_divergence(
             out = jnp.where(is_exact, divergence(log_p, log_q), out)
         return out
 
-    values = _rows_in_chunks(per_span, h_first, chunk_size, later, tv, ti, ex).reshape(b, s)
+    if with_ids:
+        ti = jnp.asarray(teacher_ids, jnp.int32).reshape(b * s, -1)
+        values = _rows_in_chunks(per_span, h_first, chunk_size, later, tv, ti, ex)
+    else:  # ULD alone: no ids stored
+        values = _rows_in_chunks(lambda h, l, v, e: per_span(h, l, v, None, e), h_first, chunk_size, later, tv, ex)
+    values = values.reshape(b, s)
     return c.mask_output(where, values)

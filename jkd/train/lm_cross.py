@@ -233,12 +233,12 @@ def store_span_teacher(
     progress: bool = False,
 ) -> StoredTopK:
     """The teacher's side of ``objective`` for every row of ``aligned`` (:class:`jkd.data.align.AlignedRows`),
-    computed once: per span, the top ``k`` of :func:`jkd.losses.teacher_span_values` (``[N,
-    length - 1, k]``, bfloat16, with their teacher ids), fingerprinted by the student's rows as
-    their batches hold them (``length`` tokens, ``pad_id``), as :class:`~jkd.train.stored.StoredTopK`
-    keeps every stored teacher. ``k`` at least the smaller vocabulary (the student's rows, or the
-    teacher's whole vocabulary) keeps the student's gradient exact. ``identity`` names the teacher
-    (default: a hash of its weights)."""
+    computed once: per span, the top ``k`` of :func:`jkd.losses.teacher_span_values` (``[N, length - 1,
+    k]``, bfloat16, with their teacher ids for the hybrid; ULD reads the values only), fingerprinted
+    by the student's rows as their batches hold them (``length`` tokens, ``pad_id``), as
+    :class:`~jkd.train.stored.StoredTopK` keeps every stored teacher. ``k`` at least the smaller
+    vocabulary (the student's rows, or the teacher's whole vocabulary) keeps the student's gradient
+    exact. ``identity`` names the teacher (default: a hash of its weights)."""
     hybrid = objective.divergence is not None
     if hybrid and shared is None:
         raise ValueError("the hybrid's stored values need the shared tokens (shared=(teacher_ids, student_ids))")
@@ -289,4 +289,5 @@ def store_span_teacher(
         progress=progress,
         total=-(-n // batch_size),
         source=f"{source} {objective.name} T={objective.temperature:g}",
+        with_indices=hybrid,  # ULD reads the sorted values only
     )

@@ -100,12 +100,13 @@ def teacher_identity(teacher: FrozenModel, config: Any = None) -> str:
 class StoredTopK:
     """A teacher's top-k outputs for examples ``0..N-1``.
 
-    ``values``: bfloat16 ``[N, k]`` (a classifier) or ``[N, T-1, k]`` (a decoder, one per
-    next-token position), largest first; ``indices``: int32, the same shape, their class or token
-    ids; ``fingerprints``: uint64 ``[N]`` (:func:`fingerprints`) of the content they were computed
-    on; ``source``: what they were computed with (a view's name, a teacher's identity), checked
-    where they are used; ``key``: the batch entry that content is (``"image"``, ``"tokens"``; for
-    tokens the batch's ``attention_mask``, when it has one, marks the real ones).
+    ``values``: bfloat16 ``[N, k]`` (a classifier) or ``[N, T-1, k]`` (a decoder, one per next-token
+    position), largest first; ``indices``: int32, the same shape, their class or token ids (a last
+    axis of 0 where only the values are read); ``fingerprints``: uint64 ``[N]``
+    (:func:`fingerprints`) of the content they were computed on; ``source``: what they were computed
+    with (a view's name, a teacher's identity), checked where they are used; ``key``: the batch
+    entry that content is (``"image"``, ``"tokens"``; for tokens the batch's ``attention_mask``,
+    when it has one, marks the real ones).
     """
 
     values: np.ndarray
@@ -191,13 +192,15 @@ def store_topk(
     key: str,
     progress: bool = False,
     total: int | None = None,
+    with_indices: bool = True,
 ) -> StoredTopK:
     """Run ``scores`` once over ``batches`` and keep each example's top ``k``.
 
     ``batches``: dicts with ``index`` ``[B]`` (example ids, every one of ``0..n-1`` once),
     ``mask`` ``[B]`` (the real rows of a padded batch), the content under ``key`` and, for tokens,
     an optional ``attention_mask``; ``scores(batch) -> [B, ..., C]``. ``total``: the number of
-    batches, for the progress bar.
+    batches, for the progress bar. ``with_indices=False`` keeps the values only (indices with a last
+    axis of 0), for a loss that reads the sorted values alone.
     """
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int (classes or tokens kept per position); got {k!r}.")
@@ -215,11 +218,12 @@ def store_topk(
         v, i = topk(s)
         if values is None:
             values = np.zeros((n, *v.shape[1:]), jnp.bfloat16)
-            indices = np.zeros((n, *v.shape[1:]), np.int32)
+            indices = np.zeros((n, *v.shape[1:-1], v.shape[-1] if with_indices else 0), np.int32)
         real = np.asarray(b["mask"], bool)
         rows = np.asarray(b["index"])[real]
         values[rows] = np.asarray(v.astype(jnp.bfloat16))[real]
-        indices[rows] = np.asarray(i)[real]
+        if with_indices:
+            indices[rows] = np.asarray(i)[real]
         content = np.asarray(b[key])[real]
         am = b.get("attention_mask") if key == "tokens" else None
         prints[rows] = fingerprints(content, None if am is None else np.asarray(am)[real])

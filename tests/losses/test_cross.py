@@ -333,6 +333,20 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
             hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg, shared=shared, chunk_size=3, **lay, **kw
         )
 
+    def with_ids(hs, ws, teacher_ids):
+        return stored_cross_tokenizer_divergence(
+            hs,
+            ws,
+            values,
+            teacher_ids,
+            student_targets=s_tg,
+            student_first=lay["student_first"],
+            student_chain=lay["student_chain"],
+            student_of_teacher=to_student,
+            chunk_size=3,
+            **kw,
+        )
+
     # the teacher's mass past its k largest span probabilities, float64, from the reference merge
     t_log = (np.asarray(ht, np.float64) @ np.asarray(wt, np.float64).T) / 1.5
     tail = np.zeros((b, 5))
@@ -348,3 +362,10 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
     g_stored = jax.jit(jax.grad(lambda *a: jnp.sum(c * stored(*a)), argnums=(0, 1)))(hs, ws)
     for a, e in zip(g_stored, g_full):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+    # ULD reads the sorted values only: stored without ids ([B, S, 0]) it is the same loss
+    no_ids = ids[..., :0]
+    if divergence is None:
+        np.testing.assert_allclose(stored(hs, ws), with_ids(hs, ws, no_ids), rtol=0, atol=0)
+    else:
+        with pytest.raises(ValueError, match="reads the teacher ids of its exact spans"):
+            with_ids(hs, ws, no_ids)

@@ -168,11 +168,11 @@ def test_bad_batches_and_objectives_are_refused():
         CrossTokenizerKD(kd_weight=0.0)
 
 
-def test_a_stored_teacher_steps_as_the_online_one(tmp_path):
+@pytest.mark.parametrize("divergence", [ForwardKL(), None], ids=["hybrid", "uld"])
+def test_a_stored_teacher_steps_as_the_online_one(tmp_path, divergence):
     """The teacher's span values stored once (top k = the student's vocabulary, bfloat16): the
-    step takes no teacher and moves the student as the online step does (the hybrid: its exact
-    spans and its ULD spans; the loss-level test covers ULD alone)."""
-    divergence = ForwardKL()
+    step takes no teacher and moves the student as the online step does, for the hybrid (its exact
+    spans and its ULD spans) and for ULD alone, whose values are stored without their ids."""
     from jkd.train.lm_cross import store_span_teacher
     from jkd.train.stored import StoredTopK, TeacherOutputMismatch
 
@@ -198,6 +198,7 @@ def test_a_stored_teacher_steps_as_the_online_one(tmp_path):
         batch_size=3,
     )
     assert stored.values.shape == (len(r), length - 1, student_tok.vocab_size)
+    assert stored.indices.shape == stored.values.shape[:2] + ((student_tok.vocab_size,) if divergence else (0,))
     rows_ = np.array([4, 1, 0, 5])
     batch = {**r.batch(rows_, length=length, teacher_length=length, pad_id=0, teacher_pad_id=0), "index": rows_}
     online, m_online = cross_tokenizer_step(
