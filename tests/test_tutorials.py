@@ -47,9 +47,9 @@ WRAPPER = (  # a shell function standing in for `jkd`: the shrunk flags after th
 )
 
 
-def run_page(path: Path, cwd: Path) -> list[str]:
-    """Run every block of ``path`` in ``cwd``; returns each bash block's output."""
-    outputs, here = [], Path.cwd()
+def run_page(path: Path, cwd: Path) -> None:
+    """Run every block of ``path`` in ``cwd``."""
+    here = Path.cwd()
     for kind, code in blocks(path):
         code = shrunk(code)
         if kind == "python":
@@ -63,8 +63,6 @@ def run_page(path: Path, cwd: Path) -> list[str]:
             ["bash", "-e", "-c", WRAPPER + code], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
         )
         assert done.returncode == 0, f"{path.name}:\n{code}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        outputs.append(done.stdout + done.stderr)
-    return outputs
 
 
 @pytest.mark.slow

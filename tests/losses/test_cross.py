@@ -314,26 +314,7 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
     to_student = np.zeros(vt, np.int32)
     to_student[shared[0]] = shared[1]
 
-    def stored(hs, ws):
-        return stored_cross_tokenizer_divergence(
-            hs,
-            ws,
-            values,
-            ids,
-            student_targets=s_tg,
-            student_first=lay["student_first"],
-            student_chain=lay["student_chain"],
-            student_of_teacher=to_student,
-            chunk_size=3,
-            **kw,
-        )
-
-    def full(hs, ws):
-        return projected_cross_tokenizer_divergence(
-            hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg, shared=shared, chunk_size=3, **lay, **kw
-        )
-
-    def with_ids(hs, ws, teacher_ids):
+    def stored(hs, ws, teacher_ids=ids):
         return stored_cross_tokenizer_divergence(
             hs,
             ws,
@@ -345,6 +326,11 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
             student_of_teacher=to_student,
             chunk_size=3,
             **kw,
+        )
+
+    def full(hs, ws):
+        return projected_cross_tokenizer_divergence(
+            hs, ws, ht, wt, student_targets=s_tg, teacher_targets=t_tg, shared=shared, chunk_size=3, **lay, **kw
         )
 
     # the teacher's mass past its k largest span probabilities, float64, from the reference merge
@@ -365,7 +351,7 @@ def test_a_stored_teacher_gives_the_students_gradient_of_the_full_loss(divergenc
     # ULD reads the sorted values only: stored without ids ([B, S, 0]) it is the same loss
     no_ids = ids[..., :0]
     if divergence is None:
-        np.testing.assert_allclose(stored(hs, ws), with_ids(hs, ws, no_ids), rtol=0, atol=0)
+        np.testing.assert_allclose(stored(hs, ws), stored(hs, ws, no_ids), rtol=0, atol=0)
     else:
         with pytest.raises(ValueError, match="reads the teacher ids of its exact spans"):
-            with_ids(hs, ws, no_ids)
+            stored(hs, ws, no_ids)
